@@ -1,0 +1,85 @@
+/*
+ * migrator tracking fast path: pagemap decoding, PAGEMAP_SCAN walks, userfaultfd set-up and
+ * per-page hashing.  Small, boring loops and syscalls; Python owns every policy decision.
+ *
+ * Conventions: functions return >= 0 on success and -errno on failure.  No global state: callers
+ * pass every buffer in.  Bitmaps are LSB-first: page i is bit (i % 8) of byte (i / 8).
+ */
+#ifndef MIGRATOR_TRACK_H
+#define MIGRATOR_TRACK_H
+#include <stdint.h>
+
+struct mg_page_region {          /* layout of the kernel's struct page_region */
+    uint64_t start;
+    uint64_t end;                /* exclusive */
+    uint64_t categories;
+};
+
+/* --- pagemap (8-byte entries) ------------------------------------------------------------- */
+/* Read npages entries starting at virtual address vaddr into out.  Returns entries read. */
+int64_t mg_pagemap_read(int pagemap_fd, uint64_t vaddr, uint64_t npages, uint64_t page_size,
+                        uint64_t *out);
+/* For each entry i with (entry & mask) == want, set bit (bit_offset + i) in bitmap.
+ * Returns the number of bits set by this call. */
+int64_t mg_pagemap_match(const uint64_t *entries, uint64_t n, uint64_t mask, uint64_t want,
+                         uint8_t *bitmap, uint64_t bit_offset);
+/* Read pagemap for [vaddr, vaddr + npages pages) in windows through buf (buf_entries long) and
+ * set bitmap bits of the pages whose entry matches (entry & mask) == want.  Returns bits set. */
+int64_t mg_pagemap_match_range(int pagemap_fd, uint64_t vaddr, uint64_t npages,
+                               uint64_t page_size, uint64_t mask, uint64_t want,
+                               uint64_t *buf, uint64_t buf_entries, uint8_t *bitmap);
+
+/* --- PAGEMAP_SCAN ioctl ------------------------------------------------------------------- */
+/* One ioctl.  Returns the number of regions filled; *walk_end receives where the walk stopped. */
+int64_t mg_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t flags,
+                        uint64_t category_inverted, uint64_t category_mask,
+                        uint64_t category_anyof_mask, uint64_t return_mask, uint64_t max_pages,
+                        struct mg_page_region *vec, uint64_t vec_len, uint64_t *walk_end);
+/* Walk [start, end) to the end, continuing from walk_end whenever vec fills, and set the bitmap
+ * bits (page index relative to start) of every reported page.  Returns pages reported. */
+int64_t mg_pagemap_scan_bitmap(int pagemap_fd, uint64_t start, uint64_t end, uint64_t flags,
+                               uint64_t category_mask, uint64_t return_mask,
+                               uint64_t page_size, struct mg_page_region *vec, uint64_t vec_len,
+                               uint8_t *bitmap, uint64_t *ioctl_calls);
+
+/* --- userfaultfd, pidfd ------------------------------------------------------------------- */
+/* Guest side: create a userfaultfd in the calling process (the mm it tracks).  Returns the fd. */
+int mg_uffd_create(void);
+/* Tracker side. */
+int mg_pidfd_open(int pid);
+int mg_pidfd_getfd(int pidfd, int target_fd);
+int mg_uffd_api(int uffd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
+int mg_uffd_register_wp(int uffd, uint64_t start, uint64_t len);
+int mg_uffd_unregister(int uffd, uint64_t start, uint64_t len);
+int mg_uffd_writeprotect(int uffd, uint64_t start, uint64_t len, int protect);
+
+/* --- hashing (XXH3-64, one hash per page) ------------------------------------------------- */
+/* Hash npages pages of memory at addr into hashes. */
+void mg_hash_mem_pages(const uint8_t *addr, uint64_t npages, uint64_t page_size,
+                       uint64_t *hashes);
+/* Ledger sweep: pread npages pages from fd at byte offset, in chunks through buf (buf_len
+ * bytes, a multiple of page_size), hash each page, compare with hashes[i]; where different, store
+ * the new hash and set bit (bit_offset + i) in bitmap (bitmap may be NULL).  Pages that read short
+ * (end of object) hash as zero pages.  Returns the number of changed pages. */
+int64_t mg_sweep_fd(int fd, uint64_t offset, uint64_t npages, uint64_t page_size,
+                    uint8_t *buf, uint64_t buf_len, uint64_t *hashes, uint8_t *bitmap,
+                    uint64_t bit_offset);
+/* Same for memory of a (possibly) other process, read with process_vm_readv.  Pages that cannot
+ * be read (unmapped) are skipped with their hash left unchanged; the count of those goes to
+ * *unreadable. */
+int64_t mg_sweep_remote(int pid, uint64_t vaddr, uint64_t npages, uint64_t page_size,
+                        uint8_t *buf, uint64_t buf_len, uint64_t *hashes, uint8_t *bitmap,
+                        uint64_t bit_offset, uint64_t *unreadable);
+/* Pages [first, first + n) are holes (read as zero): compare with the zero-page hash as above. */
+int64_t mg_sweep_hole(uint64_t n, uint64_t zero_hash, uint64_t *hashes, uint8_t *bitmap,
+                      uint64_t bit_offset);
+uint64_t mg_hash_zero_page(uint64_t page_size);
+
+/* --- bitmaps -------------------------------------------------------------------------------- */
+/* Emit runs of set bits as (start, end) pairs into runs (max_runs pairs), beginning the search
+ * at *pos; *pos is advanced past the last emitted run.  Returns runs emitted. */
+int64_t mg_bitmap_runs(const uint8_t *bitmap, uint64_t nbits, uint64_t *pos, uint64_t *runs,
+                       uint64_t max_runs);
+int64_t mg_bitmap_count(const uint8_t *bitmap, uint64_t nbytes);
+
+#endif

@@ -1,0 +1,24 @@
+"""Errors a user can cause or meet: each carries a message that names the problem.
+
+The CLI prints these as one line (no traceback); anything else is a bug and keeps its traceback.
+"""
+
+
+class MigratorError(Exception):
+    """Base of every error the engine reports to a user."""
+
+
+class UnsupportedError(MigratorError):
+    """The kernel (or the target) lacks a mechanism the request needs."""
+
+
+class TargetGoneError(MigratorError):
+    """The process being tracked or migrated exited."""
+
+
+class RegionError(MigratorError):
+    """A region selection matched nothing, or a tracked mapping changed shape."""
+
+
+class UsageError(MigratorError):
+    """A bad value on the command line or in a file (size, rate, address range, ...)."""

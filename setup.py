@@ -1,0 +1,8 @@
+"""Build glue: setuptools takes cffi_modules only through setup(); everything else is in pyproject.toml."""
+from setuptools import setup
+
+setup(
+    cffi_modules=[
+        "csrc/build_track.py:ffi",
+    ],
+)

@@ -1,0 +1,33 @@
+"""Shared test helpers.
+
+Tests run against the real kernel.  A test that needs root, swap or a kernel feature calls
+require(): outside CI it skips with the reason printed; under CI=true it fails, because CI must
+prove the feature, not silently pass without it.
+"""
+
+import os
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip (outside CI) or fail (CI=true) when condition is false."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required for this test under CI=true: {reason}")
+    print(f"SKIP: {reason}")
+    pytest.skip(reason)
+
+
+def swap_active() -> bool:
+    with open("/proc/swaps") as f:
+        return len(f.read().strip().splitlines()) > 1
+
+
+@pytest.fixture
+def root():
+    require(os.geteuid() == 0, "needs root (CAP_SYS_ADMIN for map_files, pidfd_getfd)")
+
