@@ -551,63 +551,32 @@ def run_command(kname: str, cmd: list[str], **kw) -> RunResult:
 # ---------------------------------------------------------------------------------------------
 # the matrix
 
-# stand-in until `migrator probe --json` exists: the same shape, found by exercising the kernel
-STANDIN_PROBE = r'''
-import json, mmap, os, struct, sys
-def soft_dirty():
-    m = mmap.mmap(-1, 16 * 4096)
-    m[0] = 1
-    with open("/proc/self/clear_refs", "w") as f: f.write("4")
-    import ctypes
-    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
-    m[4 * 4096] = 1
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(base // 4096 * 8); ents = struct.unpack("16Q", f.read(16 * 8))
-    bits = [(e >> 55) & 1 for e in ents]
-    return bits[4] == 1 and bits[0] == 0
-def uffd_wp_async():
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(323, os.O_CLOEXEC | os.O_NONBLOCK)
-    if fd < 0: return False
-    try:
-        import fcntl
-        api = struct.pack("QQQ", 0xAA, 1 << 15, 0)
-        buf = bytearray(api)
-        fcntl.ioctl(fd, 0xC018AA3F, buf)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-def pagemap_scan():
-    import fcntl, ctypes
-    m = mmap.mmap(-1, 4096); m[0] = 1
-    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
-    arg = struct.pack("12Q", 96, 0, base, base + 4096, 0, 0, 0, 0, 0, 0, 0, 0)
-    try:
-        with open("/proc/self/pagemap", "rb") as f:
-            fcntl.ioctl(f.fileno(), 0xC0606610, bytearray(arg))
-        return True
-    except OSError:
-        return False
-f = {"soft_dirty": soft_dirty(), "uffd_wp_async": uffd_wp_async(), "pagemap_scan": pagemap_scan()}
-t = (["writeprotect"] if f["uffd_wp_async"] and f["pagemap_scan"] else []) + (["softdirty"] if f["soft_dirty"] else [])
-print(json.dumps({"kernel": {"release": os.uname().release}, "features": f, "trackers": t,
-                  "auto": t[0] if t else "fullhash", "standin": True}))
-'''
+DEFAULT_TESTS = ["tests/kernels/test_kernel_facts.py", "tests/test_track*.py"]
 
-DEFAULT_TESTS = ["tests/test_track*.py"]
+
+def expand_tests(patterns: list[str], cwd: str) -> list[str]:
+    """Test paths for the patterns (globs relative to cwd, '::' node ids kept).  A pattern that
+    matches nothing is an error: a selection must not shrink to nothing and pass."""
+    import glob
+    out = []
+    for pat in patterns:
+        path = pat.split("::", 1)[0]
+        hits = sorted(glob.glob(path, root_dir=cwd)) if glob.has_magic(path) else (
+            [path] if os.path.exists(os.path.join(cwd, path)) else [])
+        if not hits:
+            raise VMError(f"test selection {pat!r} matches nothing in {cwd}")
+        out += hits if glob.has_magic(path) else [pat]
+    return out
 
 
 def matrix_script(python: str, probe: str, tests: list[str], pytest_args: list[str]) -> list[str]:
     """The command run on every kernel: the probe (JSON to $MIGRATOR_VM_OUT/probe.json), then
     pytest on the chosen tests.  Exit status: pytest's, or 3 when the probe failed."""
     if probe == "standin":
-        probe_cmd = f"{shlex.quote(python)} -c {shlex.quote(STANDIN_PROBE)}"
+        probe_cmd = f"{shlex.quote(python)} {shlex.quote(str(REPO / 'tests/kernels/rawprobe.py'))}"
     else:
         probe_cmd = f"{shlex.quote(python)} -m migrator probe --json"
-    sel = " ".join(tests)   # globs expand inside, in the project directory
+    sel = " ".join(map(shlex.quote, tests))
     script = f"""
 echo "== uname: $(uname -r)"
 {probe_cmd} > "$MIGRATOR_VM_OUT/probe.json"; prc=$?
@@ -729,6 +698,11 @@ def main(argv: list[str] | None = None) -> int:
                   accel=a.accel, stream=stream)
     if a.matrix:
         t0 = time.monotonic()
+        try:
+            a.tests = expand_tests(a.tests, a.cwd)
+        except VMError as e:
+            log(f"error: {e}")
+            return 125
         kernels = names or list(KERNELS)
         results = []
         for name in kernels:
