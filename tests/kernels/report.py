@@ -151,6 +151,7 @@ class KernelResult:
     tests: PytestSummary | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    output_tail: str = ""
 
     @property
     def ok(self) -> bool:

@@ -60,16 +60,18 @@ class KernelClass:
     package_re: str | None
     # what `migrator probe` must find on this class of kernel (feature name -> present)
     expect: dict = dataclasses.field(default_factory=dict)
+    # the tracker `auto` must choose here (the best exact one); None: not checked
+    auto: str | None = None
 
 
 KERNELS: dict[str, KernelClass] = {k.name: k for k in [
     KernelClass("host", "this machine's kernel, run directly (no soft-dirty)", None,
-                {"soft_dirty": False, "uffd_wp_async": True, "pagemap_scan": True}),
+                {"soft_dirty": False, "uffd_wp_async": True, "pagemap_scan": True}, "writeprotect"),
     KernelClass("debian-6.12", "Debian 12 backport/security 6.12: soft-dirty, uffd-wp async, "
                 "PAGEMAP_SCAN", r"linux-image-6\.12\.\d+\+deb12-amd64",
-                {"soft_dirty": True, "uffd_wp_async": True, "pagemap_scan": True}),
+                {"soft_dirty": True, "uffd_wp_async": True, "pagemap_scan": True}, "writeprotect"),
     KernelClass("debian-6.1", "Debian 12 6.1: soft-dirty only", r"linux-image-6\.1\.0-\d+-amd64",
-                {"soft_dirty": True, "uffd_wp_async": False, "pagemap_scan": False}),
+                {"soft_dirty": True, "uffd_wp_async": False, "pagemap_scan": False}, "softdirty"),
 ]}
 
 # modules that must be loaded from the initramfs to reach the 9p shares (those built into a
@@ -421,14 +423,14 @@ def accel_args(accel: str) -> list[str]:
 
 
 def qemu_command(k: UnpackedKernel, initramfs: Path, out_dir: Path, *, mem: str, smp: int,
-                 accel: str) -> list[str]:
+                 accel: str, cpu: str = "max") -> list[str]:
     def share(tag: str, path: Path, ro: bool) -> list[str]:
         fs = f"local,id={tag},path={path},security_model=none,multidevs=remap"
         return ["-fsdev", fs + (",readonly=on" if ro else ""),
                 "-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}"]
 
     return [
-        "qemu-system-x86_64", "-machine", "q35", *accel_args(accel), "-cpu", "max",
+        "qemu-system-x86_64", "-machine", "q35", *accel_args(accel), "-cpu", cpu,
         "-m", mem, "-smp", str(smp), "-nodefaults", "-no-user-config", "-display", "none",
         "-no-reboot", "-nic", "none",
         "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
@@ -443,7 +445,7 @@ def qemu_command(k: UnpackedKernel, initramfs: Path, out_dir: Path, *, mem: str,
 
 def run_in_vm(kname: str, cmd: list[str], *, cwd: str, env: dict[str, str], timeout: float,
               boot_timeout: float = 180, mem: str = "2G", smp: int = 2, accel: str = "auto",
-              zram: str = "1G", package: str | None = None, stream=sys.stdout,
+              zram: str = "1G", package: str | None = None, cpu: str = "max", stream=sys.stdout,
               keep_out: bool = False) -> RunResult:
     k = KERNELS[kname]
     t0 = time.monotonic()
@@ -458,7 +460,7 @@ def run_in_vm(kname: str, cmd: list[str], *, cwd: str, env: dict[str, str], time
              .replace("@TIMEOUT@", str(int(max(10, timeout - 15))))
              .replace("@ZRAM@", zram).replace("@CMD@", shlex.join(cmd)))
     (out_dir / "guest.sh").write_text(guest)
-    qcmd = qemu_command(kernel, initramfs, out_dir, mem=mem, smp=smp, accel=accel)
+    qcmd = qemu_command(kernel, initramfs, out_dir, mem=mem, smp=smp, accel=accel, cpu=cpu)
     log(f"{inner}: booting ({' '.join(accel_args(accel))})")
     t_start = time.monotonic()
     proc = subprocess.Popen(qcmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -591,50 +593,81 @@ exit $trc
 
 
 def run_matrix(kernels: list[str], *, python: str, probe: str, tests: list[str],
-               pytest_args: list[str], timeout: float, **kw) -> list[report.KernelResult]:
-    results = []
+               pytest_args: list[str], timeout: float, log_dir: Path | None = None,
+               packages: dict[str, str] | None = None, jobs: int = 1,
+               **kw) -> list[report.KernelResult]:
+    """Probe + tests on each kernel class in turn.  Every kernel gets a row; a kernel that could
+    not be fetched, prepared or booted gets a failing one."""
     cmd = matrix_script(python, probe, tests, pytest_args)
-    for name in kernels:
+
+    def one(name: str) -> report.KernelResult:
         kr = report.KernelResult(name)
         t0 = time.monotonic()
         try:
-            res = run_command(name, cmd, timeout=timeout, keep_out=True, **kw)
+            res = run_command(name, cmd, timeout=timeout, keep_out=True,
+                              package=(packages or {}).get(name), **kw)
         except VMError as e:
-            kr.status = f"{'fetch' if 'apt' in str(e) or 'dpkg' in str(e) else 'prepare'} failed: {e}"
+            kr.status = f"not run: {e}"
             kr.seconds = time.monotonic() - t0
             log(f"{name}: {kr.status}")
-            results.append(kr)
-            continue
-        kr.release = res.release
-        kr.seconds = res.seconds
-        if res.boot_seconds is not None:
-            kr.notes.append(f"boot {res.boot_seconds:.1f}s")
-        if res.rc is None:
-            kr.status = res.failure or "no result"
-        probe_file = res.out_dir / "probe.json" if res.out_dir else None
-        if probe_file and probe_file.exists() and probe_file.read_text().strip():
-            try:
-                kr.probe = report.parse_probe(probe_file.read_text())
-                errs = report.expectation_errors(kr.probe, KERNELS[name].expect)
-                if errs:
-                    kr.notes.extend(errs)
-                    if kr.status == "ok":
-                        kr.status = "probe mismatch"
-            except (ValueError, json.JSONDecodeError) as e:
-                kr.notes.append(f"probe output unreadable: {e}")
-                if kr.status == "ok":
-                    kr.status = "probe unreadable"
-        elif kr.status == "ok":
-            kr.status = "probe failed"
-        kr.tests = report.parse_pytest_summary(res.output)
-        if kr.status == "ok" and kr.tests is None:
-            kr.status = f"no pytest summary (exit status {res.rc})"
-        elif kr.status == "ok" and res.rc not in (0, None) and kr.tests.failed == 0:
-            kr.status = f"exit status {res.rc}"
-        if res.out_dir:
+            return kr
+        except Exception as e:          # a bug here must still give the kernel a failing row
+            kr.status = f"runner error: {type(e).__name__}: {e}"
+            kr.seconds = time.monotonic() - t0
+            log(f"{name}: {kr.status}")
+            return kr
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            (log_dir / f"{name}.log").write_text(res.console or res.output)
+        judge(kr, res, KERNELS[name])
+        kr.output_tail = res.output[-6000:] if res.output else res.console[-6000:]
+        if res.out_dir and res.out_dir.exists():
             shutil.rmtree(res.out_dir, ignore_errors=True)
-        results.append(kr)
-    return results
+        return kr
+
+    if jobs <= 1:
+        return [one(name) for name in kernels]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(one, kernels))
+
+
+def judge(kr: report.KernelResult, res: RunResult, k: KernelClass) -> None:
+    """Fill kr from one run: the probe's row (held against the class), pytest's counts, and the
+    first reason the kernel fails, if any."""
+    kr.release = res.release
+    kr.seconds = res.seconds
+    if res.boot_seconds is not None:
+        kr.notes.append(f"boot {res.boot_seconds:.1f}s")
+    problems = []
+    if res.rc is None:
+        problems.append(res.failure or "no result")
+    probe_file = res.out_dir / "probe.json" if res.out_dir else None
+    text = probe_file.read_text().strip() if probe_file and probe_file.exists() else ""
+    if text:
+        try:
+            kr.probe = report.parse_probe(text)
+        except (ValueError, json.JSONDecodeError) as e:
+            problems.append(f"probe output unreadable: {e}")
+    else:
+        problems.append("probe printed nothing")
+    if kr.probe is not None:
+        errs = report.expectation_errors(kr.probe, k.expect)
+        if k.auto is not None and kr.probe.auto != k.auto:
+            errs.append(f"auto: probe chose {kr.probe.auto}, expected {k.auto}")
+        if kr.probe.release and res.release and kr.probe.release != res.release:
+            errs.append(f"probe ran on {kr.probe.release}, not {res.release}")
+        kr.notes.extend(errs)
+        if errs:
+            problems.append("probe mismatch")
+    kr.tests = report.parse_pytest_summary(res.output)
+    if kr.tests is None:
+        problems.append(f"no pytest summary (exit status {res.rc})")
+    elif res.rc not in (0, None) and kr.tests.failed == 0:
+        problems.append(f"exit status {res.rc}")
+    if problems:
+        kr.status = problems[0]
+        kr.notes.extend(problems[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -659,6 +692,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smp", type=int, default=2)
     ap.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="tcg",
                     help="tcg (default: what CI has), kvm, or auto (kvm when usable)")
+    ap.add_argument("--jobs", "-j", type=int, default=1,
+                    help="(matrix) kernels run at the same time (default: %(default)s)")
+    ap.add_argument("--log-dir", default=None,
+                    help="(matrix) write each kernel's console (or output) to DIR/KERNEL.log")
+    ap.add_argument("--cpu", default="max", help="qemu -cpu model (default: %(default)s)")
     ap.add_argument("--quiet", "-q", action="store_true", help="do not stream the guest's console")
     ap.add_argument("cmd", nargs="*", help="command to run (after --)")
     a = ap.parse_args(argv)
@@ -695,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     common = dict(cwd=a.cwd, env=env, boot_timeout=a.boot_timeout, mem=a.mem, smp=a.smp,
-                  accel=a.accel, stream=stream)
+                  accel=a.accel, cpu=a.cpu, stream=stream)
     if a.matrix:
         t0 = time.monotonic()
         try:
@@ -704,11 +742,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"error: {e}")
             return 125
         kernels = names or list(KERNELS)
-        results = []
-        for name in kernels:
-            results += run_matrix([name], python=a.python, probe=a.probe, tests=a.tests,
-                                  pytest_args=a.pytest_arg, timeout=a.timeout,
-                                  package=pins.get(name), **common)
+        results = run_matrix(kernels, python=a.python, probe=a.probe, tests=a.tests,
+                             pytest_args=a.pytest_arg, timeout=a.timeout, packages=pins, jobs=a.jobs,
+                             log_dir=Path(a.log_dir) if a.log_dir else None, **common)
+        if stream is None:     # quiet: show what failed, at least
+            for r in results:
+                if not r.ok and r.output_tail:
+                    print(f"\n----- {r.name}: end of its output -----")
+                    print(r.output_tail.rstrip())
         print()
         print(f"kernel matrix ({time.monotonic() - t0:.0f}s, tests: {' '.join(a.tests)})")
         print(report.render_table(results))
@@ -724,7 +765,12 @@ def main(argv: list[str] | None = None) -> int:
     except VMError as e:
         log(f"error: {e}")
         return 125
+    if stream is None:
+        sys.stdout.write(res.output)
+        sys.stdout.flush()
     if res.rc is None:
+        if stream is None and res.console:
+            sys.stderr.write(res.console[-4000:] + "\n")
         log(f"{names[0]}: {res.failure}")
         return 125
     log(f"{names[0]} ({res.release}): exit status {res.rc}, "
