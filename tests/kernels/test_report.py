@@ -85,10 +85,45 @@ def test_probe_objects():
 
 
 def test_probe_tracker_objects_in_a_list():
-    row = report.parse_probe({"trackers": [{"name": "writeprotect", "usable": True},
-                                           {"name": "softdirty", "usable": False}]})
+    row = report.parse_probe({"features": {}, "trackers": [{"name": "writeprotect", "usable": True},
+                                                           {"name": "softdirty", "usable": False}]})
     assert row.trackers == ["writeprotect"]
     assert row.release is None and row.auto is None and row.features == {}
+    assert row.derived is False
+
+
+def _flat(**supported):
+    return {k: {"supported": v, "detail": f"{k} detail"} for k, v in supported.items()}
+
+
+def test_probe_flat_shape_of_migrator_probe():
+    """`migrator probe --json` as it is: one {"supported", "detail"} object per feature."""
+    doc = _flat(soft_dirty=True, pagemap_scan=False, uffd_wp_async_anon=False,
+                uffd_wp_async_shmem=False, pidfd_getfd=True, map_files=True, swap_active=True,
+                thp=False)
+    row = report.parse_probe(json.dumps(doc, indent=2))
+    assert row.features == {"soft_dirty": True, "pagemap_scan": False, "uffd_wp_async_anon": False,
+                            "uffd_wp_async_shmem": False, "pidfd_getfd": True, "map_files": True,
+                            "swap_active": True, "thp": False}
+    assert row.release is None
+    assert (row.trackers, row.auto, row.derived) == (["soft-dirty", "hash"], "soft-dirty", True)
+
+
+@pytest.mark.parametrize("sd, wp, pidfd, trackers", [
+    (True, True, True, ["wp", "soft-dirty", "hash"]),
+    (False, True, True, ["wp", "hash"]),
+    (True, True, False, ["soft-dirty", "hash"]),     # wp needs pidfd_getfd too
+    (True, False, True, ["soft-dirty", "hash"]),
+    (False, False, False, ["hash"]),
+])
+def test_derived_trackers(sd, wp, pidfd, trackers):
+    feats = {"soft_dirty": sd, "uffd_wp_async_anon": wp, "pagemap_scan": wp, "pidfd_getfd": pidfd}
+    assert report.derive_trackers(feats) == (trackers, trackers[0])
+
+
+def test_probe_without_features_is_unreadable():
+    with pytest.raises(ValueError):
+        report.parse_probe({"usage": "migrator probe [--json]"})
 
 
 def test_probe_not_an_object():
@@ -99,18 +134,27 @@ def test_probe_not_an_object():
 
 
 def test_expectations():
-    row = report.ProbeRow(features={"soft_dirty": True, "uffd_wp_async": True})
-    assert report.expectation_errors(row, {"soft_dirty": True, "uffd_wp_async": True}) == []
+    row = report.ProbeRow(features={"soft_dirty": True, "uffd_wp_async_anon": True})
+    assert report.expectation_errors(row, {"soft_dirty": True, "uffd_wp_async_anon": True}) == []
     assert report.expectation_errors(row, {"soft_dirty": False, "pagemap_scan": False}) == [
         "soft_dirty: probe says yes, this kernel does not have it",
         "pagemap_scan: not reported by the probe (expected no)",
     ]
+    assert report.expectation_errors(row, {"soft_dirty": True, "pagemap_scan": False},
+                                     strict=False) == []
 
 
-def test_every_kernel_class_states_the_three_features():
+def test_kernel_classes():
+    keys = {"soft_dirty", "pagemap_scan", "uffd_wp_async_anon", "uffd_wp_async_shmem",
+            "pidfd_getfd", "map_files", "swap_active"}
     for k in vmrun.KERNELS.values():
-        assert set(k.expect) == {"soft_dirty", "uffd_wp_async", "pagemap_scan"}, k.name
+        assert set(k.expect) == keys, k.name
+        # the class's auto choice follows from its features by make_tracker's rule
+        assert report.derive_trackers(k.expect)[1] == k.auto, k.name
     assert vmrun.KERNELS["host"].package_re is None
+    assert [k.auto for k in vmrun.KERNELS.values()] == ["wp", "wp", "soft-dirty"]
+    assert [k.expect["soft_dirty"] for k in vmrun.KERNELS.values()] == [False, True, True]
+    assert [k.expect["pagemap_scan"] for k in vmrun.KERNELS.values()] == [True, True, False]
 
 
 # --- the table ------------------------------------------------------------------------------
