@@ -352,7 +352,7 @@ if [ -e /sys/block/zram0 ]; then
 fi
 echo "$M swap $(tail -n +2 /proc/swaps | wc -l) device(s)"
 @ENV@
-cd @CWD@ || { echo 127 > $OUT/rc; echo o > /proc/sysrq-trigger; sleep 30; }
+cd @CWD@ || { echo "$M cannot enter @CWD@"; echo 127 > $OUT/rc; echo o > /proc/sysrq-trigger; sleep 30; }
 echo "$M start"
 { timeout -k 5 @TIMEOUT@ @CMD@; echo $? > $OUT/rc.tmp; } 2>&1 | tee $OUT/output.log
 mv $OUT/rc.tmp $OUT/rc
@@ -361,6 +361,10 @@ sync
 echo o > /proc/sysrq-trigger
 sleep 30
 """
+
+
+# directories of this machine's root that the guest covers with an empty tmpfs of its own
+GUEST_TMPFS = ["/tmp", "/run", "/var/tmp", "/dev", "/proc", "/sys"]
 
 
 def build_initramfs(k: UnpackedKernel) -> Path:
@@ -457,6 +461,11 @@ def run_in_vm(kname: str, cmd: list[str], *, cwd: str, env: dict[str, str], time
               zram: str = "1G", package: str | None = None, cpu: str = "max", stream=sys.stdout,
               keep_out: bool = False) -> RunResult:
     k = KERNELS[kname]
+    for path in [cwd] + [c for c in cmd[:1] if c.startswith("/")]:
+        hidden = [d for d in GUEST_TMPFS if path == d or path.startswith(d + "/")]
+        if hidden:
+            raise VMError(f"{path} is under {hidden[0]}, which the guest covers with its own tmpfs: "
+                          "run from a directory elsewhere")
     t0 = time.monotonic()
     kernel = fetch_kernel(resolve_package(k, package))
     initramfs = build_initramfs(kernel)
