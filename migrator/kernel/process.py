@@ -1,0 +1,45 @@
+"""Process state from /proc/PID/stat: exists, stopped, waiting for a stop."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..errors import TargetGoneError
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state (R, S, D, T, t, Z, ...).  Raises TargetGoneError if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetGoneError(f"process {pid} exited") from None
+
+
+def process_exists(pid: int) -> bool:
+    """True while pid is a live (not zombie) process."""
+    try:
+        return process_state(pid) not in ("Z", "X")
+    except TargetGoneError:
+        return False
+
+
+def is_stopped(pid: int) -> bool:
+    return process_state(pid) in ("T", "t")
+
+
+def wait_stopped(pid: int, timeout_s: float = 5.0) -> None:
+    """Wait until pid is stopped (after SIGSTOP).  Raises TargetGoneError on exit or timeout."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.0001
+    while True:
+        st = process_state(pid)
+        if st in ("T", "t"):
+            return
+        if st in ("Z", "X"):
+            raise TargetGoneError(f"process {pid} exited")
+        if time.monotonic() > deadline:
+            raise TargetGoneError(f"process {pid} did not stop within {timeout_s} s (state {st})")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.005)
