@@ -43,3 +43,12 @@ def wait_stopped(pid: int, timeout_s: float = 5.0) -> None:
             raise TargetGoneError(f"process {pid} did not stop within {timeout_s} s (state {st})")
         time.sleep(delay)
         delay = min(delay * 2, 0.005)
+
+
+def vsize(pid: int) -> int:
+    """Size of the process's address space (bytes): changes on most mmap/munmap/mremap."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[20])
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetGoneError(f"process {pid} exited") from None

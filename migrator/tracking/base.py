@@ -73,7 +73,9 @@ class Tracker(abc.ABC):
     def begin(self) -> None: ...
 
     @abc.abstractmethod
-    def collect(self) -> DirtyPages: ...
+    def collect(self, final: bool = False) -> DirtyPages:
+        """Pages written since the previous collect (or begin).  final=True: the last collect
+        of a migration, target paused: do every check, however costly."""
 
     def end(self) -> None:
         """Disarm; safe to call twice and after the target exited."""

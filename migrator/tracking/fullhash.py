@@ -15,7 +15,7 @@ from ..errors import TargetGoneError
 from ..kernel.maps import Region, read_maps
 from ..kernel.native import PAGE_SIZE, check, ffi, lib
 from .base import DirtyPages, Tracker
-from .layout import diff_layout, pages_of, vma_identities
+from .layout import unmapped_events
 from .pageset import PageSet
 
 READ_BUFFER = 256 * 1024
@@ -28,7 +28,6 @@ class FullHashTracker(Tracker):
         super().__init__(pid, regions)
         self._hashes = {r.name: ffi.new("uint64_t[]", max(r.npages, 1)) for r in regions}
         self._buf = ffi.new("uint8_t[]", READ_BUFFER)
-        self._layout: dict[str, dict] = {}
         self.unreadable_pages = 0
 
     def _sweep(self, r: Region, bitmap) -> int:
@@ -45,24 +44,17 @@ class FullHashTracker(Tracker):
         return n
 
     def begin(self) -> None:
-        maps = read_maps(self.pid)
+        read_maps(self.pid)             # fails clearly if the process is gone
         for r in self.regions:
             self._sweep(r, ffi.NULL)
-            self._layout[r.name] = vma_identities(maps, r)
 
-    def collect(self) -> DirtyPages:
+    def collect(self, final: bool = False) -> DirtyPages:
         t0 = time.perf_counter()
         out = DirtyPages(pages={})
         maps = read_maps(self.pid)
         for r in self.regions:
             s = PageSet(r.npages)
-            now = vma_identities(maps, r)
-            if now.keys() != self._layout[r.name].keys():
-                new_ranges, events = diff_layout(r, self._layout[r.name], now)
-                out.events.extend(events)
-                for a, b in pages_of(r, new_ranges, PAGE_SIZE):
-                    s.add_range(a, b)
-                self._layout[r.name] = now
+            out.events.extend(unmapped_events(r, maps))   # new mappings show up as content
             self._sweep(r, ffi.from_buffer(s.bits))
             out.pages[r.name] = s
         out.cost_s = time.perf_counter() - t0

@@ -1,35 +1,44 @@
-"""Watching the VMAs under tracked regions between collects (munmap, mremap, new mappings)."""
+"""Watching the mappings under tracked regions between collects (munmap, mremap, new mappings)."""
 
 from __future__ import annotations
 
-from ..kernel.maps import Mapping, Region, mappings_in
+from collections.abc import Callable
+
+from ..kernel.maps import Mapping, Region, RegionKind, mappings_in
 from .base import RegionEvent
 
 
-def vma_identities(maps: list[Mapping], region: Region) -> dict[tuple, Mapping]:
-    return {m.identity: m for m in mappings_in(maps, region.start, region.end)}
+def same_backing(region: Region) -> Callable[[Mapping], bool]:
+    """A test for 'this VMA still maps the region's memory at the right place'."""
+    if region.kind == RegionKind.SHARED or region.inode:
+        def match(m: Mapping) -> bool:
+            return ((m.dev, m.inode) == (region.dev, region.inode)
+                    and m.offset - (m.start - region.start) == region.offset)
+    else:
+        def match(m: Mapping) -> bool:
+            return m.inode == 0 and m.kind == region.kind
+    return match
 
 
-def diff_layout(region: Region, before: dict[tuple, Mapping], after: dict[tuple, Mapping]
-                ) -> tuple[list[tuple[int, int]], list[RegionEvent]]:
-    """Compare the VMAs under region.  Returns (byte ranges now covered by VMAs that were not there
-    before, clipped to the region) and the events to report.  Ranges no longer mapped are events
-    ("unmapped"): those pages cannot be read any more."""
-    new_ranges: list[tuple[int, int]] = []
-    events: list[RegionEvent] = []
-    for ident, m in after.items():
-        if ident not in before:
-            a, b = max(m.start, region.start), min(m.end, region.end)
-            new_ranges.append((a, b))
-            events.append(RegionEvent(region.name, "remapped",
-                                      f"new mapping {a:#x}-{b:#x} ({m.path or 'anonymous'}): all its pages reported"))
-    covered = sorted((max(m.start, region.start), min(m.end, region.end)) for m in after.values())
+def coverage_gaps(region: Region, covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Byte ranges of region not inside any of the covered ranges."""
+    gaps = []
     pos = region.start
-    for a, b in covered + [(region.end, region.end)]:
+    for a, b in sorted(covered) + [(region.end, region.end)]:
+        a, b = max(a, region.start), min(b, region.end)
         if a > pos:
-            events.append(RegionEvent(region.name, "unmapped", f"{pos:#x}-{a:#x} is no longer mapped"))
+            gaps.append((pos, a))
         pos = max(pos, b)
-    return new_ranges, events
+    return gaps
+
+
+def unmapped_events(region: Region, maps: list[Mapping]) -> list[RegionEvent]:
+    """An 'unmapped' event for each part of region no longer mapped to its memory."""
+    match = same_backing(region)
+    covered = [(m.start, m.end) for m in mappings_in(maps, region.start, region.end) if match(m)]
+    return [RegionEvent(region.name, "unmapped",
+                        f"{a:#x}-{b:#x} is no longer mapped to the region's memory")
+            for a, b in coverage_gaps(region, covered)]
 
 
 def pages_of(region: Region, ranges: list[tuple[int, int]], page_size: int) -> list[tuple[int, int]]:

@@ -20,7 +20,7 @@ from ..kernel.maps import Region, RegionKind, read_maps
 from ..kernel.native import PAGE_SIZE, check, ffi, lib
 from ..kernel.shmem import data_extents, open_object
 from .base import DirtyPages, Tracker
-from .layout import diff_layout, vma_identities
+from .layout import unmapped_events
 from .pageset import PageSet
 
 SWEEP_BUFFER = 256 * 1024     # bytes read per pread: small enough to stay in L2
@@ -140,26 +140,19 @@ class LedgerTracker(Tracker):
         self._own_registry = registry is None
         self.registry = registry or LedgerRegistry()
         self._since: dict[str, int] = {}
-        self._layout: dict[str, dict] = {}
 
     def begin(self) -> None:
-        maps = read_maps(self.pid)
         for r in self.regions:
             led = self.registry.ledger_for(self.pid, r)
             self._since[r.name] = led.generation
-            self._layout[r.name] = vma_identities(maps, r)
 
-    def collect(self) -> DirtyPages:
+    def collect(self, final: bool = False) -> DirtyPages:
         t0 = time.perf_counter()
         out = DirtyPages(pages={})
         maps = read_maps(self.pid)      # raises TargetGoneError when the process exited
         swept: set[int] = set()
         for r in self.regions:
-            now = vma_identities(maps, r)
-            if now.keys() != self._layout[r.name].keys():
-                _, events = diff_layout(r, self._layout[r.name], now)
-                out.events.extend(events)
-                self._layout[r.name] = now
+            out.events.extend(unmapped_events(r, maps))
             led = self.registry.ledger_for(self.pid, r)
             if id(led) not in swept:
                 try:

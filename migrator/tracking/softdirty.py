@@ -67,7 +67,7 @@ class SoftDirtyTracker(Tracker):
         self.pagemap = Pagemap(self.pid)
         clear_soft_dirty(self.pid)
 
-    def collect(self) -> DirtyPages:
+    def collect(self, final: bool = False) -> DirtyPages:
         assert self.pagemap is not None, "collect() before begin()"
         t0 = time.perf_counter()
         out = DirtyPages(pages={})

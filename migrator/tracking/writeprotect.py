@@ -19,13 +19,14 @@ import errno
 import time
 
 from ..errors import UnsupportedError
-from ..kernel.maps import Region, read_maps
+from ..kernel.maps import Region
 from ..kernel.native import PAGE_SIZE
-from ..kernel.pagemap import (DEFAULT_VEC_LEN, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC,
-                              PM_SCAN_WP_MATCHING, Pagemap)
+from ..kernel.pagemap import (DEFAULT_VEC_LEN, PAGE_IS_WPALLOWED, PAGE_IS_WRITTEN,
+                              PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, Pagemap)
+from ..kernel.process import vsize
 from ..kernel.uffd import Userfaultfd
-from .base import DirtyPages, Tracker
-from .layout import diff_layout, pages_of, vma_identities
+from .base import DirtyPages, RegionEvent, Tracker
+from .layout import coverage_gaps, pages_of
 from .pageset import PageSet
 
 
@@ -33,24 +34,23 @@ class WriteProtectTracker(Tracker):
     name = "wp"
 
     def __init__(self, pid: int, regions: list[Region], *, uffd_fd: int | None = None,
-                 vec_len: int = DEFAULT_VEC_LEN, check_layout: bool = True):
+                 vec_len: int = DEFAULT_VEC_LEN):
         super().__init__(pid, regions)
         self.uffd_fd = uffd_fd
         self.vec_len = vec_len
-        self.check_layout = check_layout
         self.uffd: Userfaultfd | None = None
         self.pagemap: Pagemap | None = None
-        self._layout: dict[str, dict] = {}
+        self._vsize = -1
+        self.layout_checks = 0
 
     def begin(self) -> None:
         self.uffd = Userfaultfd.take(self.pid, self.uffd_fd)
         try:
             self.uffd.api()
             self.pagemap = Pagemap(self.pid, self.vec_len)
-            maps = read_maps(self.pid)
+            self._vsize = vsize(self.pid)
             for r in self.regions:
                 self._arm(r.start, r.end, r.name)
-                self._layout[r.name] = vma_identities(maps, r)
         except BaseException:
             self.end()
             raise
@@ -67,29 +67,63 @@ class WriteProtectTracker(Tracker):
             raise
         self.uffd.writeprotect(start, end - start, True)
 
-    def collect(self) -> DirtyPages:
+    def _check_layout(self, r: Region, dirty: PageSet, events: list[RegionEvent]) -> None:
+        """Find the parts of r that are unmapped (event) or mapped by a VMA not registered with
+        our userfaultfd (a new mapping: register it, report all its pages)."""
+        assert self.pagemap is not None
+        self.layout_checks += 1
+        covered, fresh = [], []
+        pos = r.start
+        while pos < r.end:
+            found, walk_end = self.pagemap.scan_regions(pos, r.end, return_mask=PAGE_IS_WPALLOWED)
+            for a, b, cat in found:
+                covered.append((a, b))
+                if not cat & PAGE_IS_WPALLOWED:
+                    fresh.append((a, b))
+            if walk_end <= pos:
+                break
+            pos = walk_end
+        for a, b in coverage_gaps(r, covered):
+            events.append(RegionEvent(r.name, "unmapped", f"{a:#x}-{b:#x} is no longer mapped"))
+        for a, b in fresh:
+            events.append(RegionEvent(r.name, "remapped",
+                                      f"new mapping at {a:#x}-{b:#x}: all its pages reported"))
+            self._arm(a, b, r.name)
+        for a, b in pages_of(r, fresh, PAGE_SIZE):
+            dirty.add_range(a, b)
+
+    def _scan(self, r: Region, s: PageSet) -> None:
+        assert self.pagemap is not None
+        self.pagemap.scan(r.start, r.end, s.bits, flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                          category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN)
+
+    def collect(self, final: bool = False) -> DirtyPages:
+        """Pages written since the previous collect.  Mapping changes are looked for when the
+        target's address space size changed, when the scan meets an unregistered mapping, and
+        always when final is true."""
         assert self.pagemap is not None, "collect() before begin()"
         t0 = time.perf_counter()
         out = DirtyPages(pages={})
-        maps = read_maps(self.pid) if self.check_layout else None
+        size_now = vsize(self.pid)
+        layout_changed = final or size_now != self._vsize
+        self._vsize = size_now
         for r in self.regions:
-            bits = bytearray((r.npages + 7) // 8)
-            extra: list[tuple[int, int]] = []
-            if maps is not None:
-                now = vma_identities(maps, r)
-                if now.keys() != self._layout[r.name].keys():
-                    new_ranges, events = diff_layout(r, self._layout[r.name], now)
-                    out.events.extend(events)
-                    for a, b in new_ranges:
-                        self._arm(a, b, r.name)       # track the new mapping from now on
-                    extra = pages_of(r, new_ranges, PAGE_SIZE)
-                    self._layout[r.name] = now
-            self.pagemap.scan(r.start, r.end, bits,
-                              flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-                              category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN)
-            s = PageSet(r.npages, bits)
-            for a, b in extra:
-                s.add_range(a, b)
+            s = PageSet(r.npages)
+            if layout_changed:
+                self._check_layout(r, s, out.events)
+            try:
+                self._scan(r, s)
+            except OSError as e:
+                if e.errno != errno.EPERM:
+                    raise
+                # A VMA in the range is not registered: a new mapping replaced part of the
+                # region.  The failed walk may already have re-protected written pages before
+                # it stopped, so their report is lost: report the whole region instead.
+                s.add_range(0, r.npages)
+                out.events.append(RegionEvent(r.name, "remapped",
+                                              "a mapping under the region changed: whole region reported"))
+                self._check_layout(r, s, out.events)
+                self._scan(r, s)
             out.pages[r.name] = s
         out.cost_s = time.perf_counter() - t0
         return self._account(out)
