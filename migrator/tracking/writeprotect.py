@@ -23,7 +23,7 @@ from ..kernel.maps import Region
 from ..kernel.native import PAGE_SIZE
 from ..kernel.pagemap import (DEFAULT_VEC_LEN, PAGE_IS_WPALLOWED, PAGE_IS_WRITTEN,
                               PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, Pagemap)
-from ..kernel.process import vsize
+from ..kernel.process import StatReader
 from ..kernel.uffd import Userfaultfd
 from .base import DirtyPages, RegionEvent, Tracker
 from .layout import coverage_gaps, pages_of
@@ -41,6 +41,7 @@ class WriteProtectTracker(Tracker):
         self.uffd: Userfaultfd | None = None
         self.pagemap: Pagemap | None = None
         self._vsize = -1
+        self._stat: StatReader | None = None
         self.layout_checks = 0
 
     def begin(self) -> None:
@@ -48,7 +49,8 @@ class WriteProtectTracker(Tracker):
         try:
             self.uffd.api()
             self.pagemap = Pagemap(self.pid, self.vec_len)
-            self._vsize = vsize(self.pid)
+            self._stat = StatReader(self.pid)
+            self._vsize = self._stat.vsize()
             for r in self.regions:
                 self._arm(r.start, r.end, r.name)
         except BaseException:
@@ -104,7 +106,8 @@ class WriteProtectTracker(Tracker):
         assert self.pagemap is not None, "collect() before begin()"
         t0 = time.perf_counter()
         out = DirtyPages(pages={})
-        size_now = vsize(self.pid)
+        assert self._stat is not None
+        size_now = self._stat.vsize()
         layout_changed = final or size_now != self._vsize
         self._vsize = size_now
         for r in self.regions:
@@ -141,3 +144,6 @@ class WriteProtectTracker(Tracker):
         if self.pagemap is not None:
             self.pagemap.close()
             self.pagemap = None
+        if self._stat is not None:
+            self._stat.close()
+            self._stat = None
