@@ -42,3 +42,24 @@ def test_probe_table():
 def test_unknown_command_is_a_usage_error():
     p = run("frobnicate")
     assert p.returncode == 2 and "invalid choice" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_track_and_regions_commands_on_a_real_process():
+    """`migrator regions` lists the memfd by name; `migrator track` reports exactly the pages the
+    child wrote between collects (the ledger counts content changes)."""
+    from child import Child
+    c = Child("--shm-pages", "32", "--anon-pages", "8")
+    try:
+        p = run("regions", "--pid", str(c.pid))
+        assert p.returncode == 0
+        assert any(l.split()[-1] == "test-shm" and " shared " in l for l in p.stdout.splitlines())
+        p = subprocess.Popen([sys.executable, "-m", "migrator", "track", "--pid", str(c.pid),
+                              "--region", "test-shm", "--json", "--interval", "0.01", "--count", "1"],
+                             stdout=subprocess.PIPE, text=True)
+        assert json.loads(p.stdout.readline())["pages"] == {"test-shm": 0}
+        p.wait(timeout=30)
+        bad = run("track", "--pid", str(c.pid), "--region", "no-such-region")
+        assert bad.returncode == 2
+        assert bad.stderr.strip() == "migrator: error: no mapping matches 'no-such-region' (try `migrator regions --pid PID` to list them)"
+    finally:
+        c.exit()
