@@ -6,6 +6,7 @@ printed as one line, never as a traceback.
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..errors import MigratorError
@@ -33,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     except MigratorError as e:
         print(f"migrator: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:             # output piped into head & co.: not an error
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
     except KeyboardInterrupt:
         print("migrator: interrupted", file=sys.stderr)
         return 130
