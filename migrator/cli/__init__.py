@@ -11,7 +11,7 @@ import sys
 from ..errors import MigratorError
 
 # name of the module in migrator.cli for each subcommand, in help order
-COMMANDS = ["probe"]
+COMMANDS = ["probe", "receive"]
 
 
 def build_parser() -> argparse.ArgumentParser:
