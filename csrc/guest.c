@@ -161,6 +161,7 @@ int64_t mg_workload_init(struct mg_workload *w, uint64_t seed)
     w->cursor = 0;
     w->tokens = 0;
     w->last_t = 0;
+    w->resumed_seen = w->ctl ? w->ctl->resumed : 0;
     return (int64_t)total;
 }
 
@@ -225,10 +226,15 @@ int64_t mg_run(struct mg_workload *w, double seconds)
         w->last_t = t;
     while (!__atomic_load_n(&c->stop, __ATOMIC_RELAXED)) {
         double rate = c->rate;
-        uint64_t n;
+        uint64_t n, ep = __atomic_load_n(&c->resumed, __ATOMIC_RELAXED);
         t = mg_now();
         if (t >= end)
             break;
+        if (ep != w->resumed_seen) {                /* resumed after a pause: no catch-up */
+            w->resumed_seen = ep;
+            w->last_t = t;
+            w->tokens = 0;
+        }
         if (rate < 0) {
             n = 64;                                 /* unlimited: small batches */
             w->last_t = t;

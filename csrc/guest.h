@@ -55,7 +55,7 @@ struct mg_ctl {
     int64_t pid;
     uint64_t seq;                /* last sequence number used */
     uint64_t extra;              /* pager: pages of its ranges not present (pagemap) after its last round */
-    uint64_t pad;
+    uint64_t resumed;            /* bumped by a controller before SIGCONT: restart pacing */
 };
 
 /* --- write loops ---------------------------------------------------------------------------- */
@@ -85,6 +85,7 @@ struct mg_workload {
     uint64_t cursor;             /* sweep position */
     uint64_t total;              /* pages in all targets (set by mg_workload_init) */
     double tokens, last_t;
+    uint64_t resumed_seen;
 };
 
 /* Compute totals and seed the generator.  Returns total pages or -EINVAL. */

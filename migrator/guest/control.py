@@ -132,8 +132,12 @@ def pause_group(pgid: int, pids: list[int]) -> None:
             time.sleep(0.0005)
 
 
-def resume_group(pgid: int) -> None:
-    """SIGCONT the process group."""
+def resume_group(pgid: int, block: ControlBlock | None = None) -> None:
+    """SIGCONT the process group; with the control block, first tell every writer to restart
+    its pacing from now (no catch-up burst for the time it was stopped)."""
+    if block is not None:
+        for name in SLOTS:
+            block.slot(name).resumed += 1
     try:
         os.killpg(pgid, signal.SIGCONT)
     except ProcessLookupError:

@@ -85,7 +85,7 @@ class Guest:
         self.paused = True
 
     def resume(self) -> None:
-        resume_group(self.pgid)
+        resume_group(self.pgid, self._ctl)
         self.paused = False
 
     def stats(self) -> GuestStatistics:
