@@ -108,10 +108,14 @@ class Pagemap:
                      return_mask: int, max_pages: int = 0) -> tuple[list[tuple[int, int, int]], int]:
         """One PAGEMAP_SCAN call: ([(start, end, categories)], walk_end)."""
         walk_end = ffi.new("uint64_t *")
-        n = check(lib.mg_pagemap_scan(self.fd, start, end, flags, category_inverted,
-                                      category_mask, category_anyof_mask, return_mask, max_pages,
-                                      self._vec, self.vec_len, walk_end),
-                  "ioctl(PAGEMAP_SCAN)", pid=self.pid)
+        try:
+            n = check(lib.mg_pagemap_scan(self.fd, start, end, flags, category_inverted,
+                                          category_mask, category_anyof_mask, return_mask, max_pages,
+                                          self._vec, self.vec_len, walk_end),
+                      "ioctl(PAGEMAP_SCAN)", pid=self.pid)
+        except OSError as e:
+            self._gone_check(e)
+            raise
         self.ioctl_calls += 1
         return [(self._vec[i].start, self._vec[i].end, self._vec[i].categories) for i in range(n)], walk_end[0]
 

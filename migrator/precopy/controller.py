@@ -19,7 +19,7 @@ from ..kernel.process import process_exists
 from ..tracking.base import DirtyPages, Tracker
 from ..tracking.choose import make_tracker
 from ..tracking.pageset import PageSet
-from ..transport import RegionSpec, connect_sender, region_digest
+from ..transport import RegionSpec, connect_sender
 from .pause import Pauser, Throttle
 from .report import MigrationReport, RoundStats
 from .source import SourceMemory
@@ -46,6 +46,9 @@ class MigrationTarget:
     writers: list[int] = field(default_factory=list)
     cgroup: str | None = None
     uffd_fd: int | None = None
+
+
+NONCONVERGENCE_RATIO = 0.95     # dirtied / previously sent at or above this: no progress
 
 
 def _runs(dirty: dict[str, PageSet]) -> dict[str, list[tuple[int, int]]]:
@@ -155,6 +158,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
     limit_s = policy.downtime_limit_ms / 1000
     hot_rounds = 0
     round_no = 0
+    prev_sent = _count(first)
     pending: dict[str, PageSet] = {}
     while True:
         round_no += 1
@@ -177,7 +181,10 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         forced = policy.force_switchover is not None and policy.force_switchover.is_set()
         if expected_s <= limit_s or round_no >= policy.max_rounds or forced:
             break
-        if dirty_rate * PAGE_SIZE >= bandwidth:
+        # Not converging: the pages dirtied while the previous round was sent are (nearly) as many
+        # as that round sent, i.e. the dirty rate is at or above the bandwidth.  (Counting pages,
+        # not rates: a dirty set cannot grow past the memory size, so a rate saturates.)
+        if n >= NONCONVERGENCE_RATIO * prev_sent:
             hot_rounds += 1
         else:
             hot_rounds = 0
@@ -187,17 +194,20 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                 hot_rounds = policy.nonconvergence_rounds - 1   # next step after one more hot round
             elif not policy.auto_converge:
                 rep.status = "not-converged"
-                rep.reason = (f"dirty rate {dirty_rate * PAGE_SIZE / 1e6:.1f} MB/s stayed at or above the "
-                              f"bandwidth {bandwidth / 1e6:.1f} MB/s for {hot_rounds} rounds; "
+                rep.reason = (f"not converging: for {hot_rounds} rounds the guest dirtied pages as fast as "
+                              f"they were sent ({dirty_rate * PAGE_SIZE / 1e6:.1f} MB/s dirtied, "
+                              f"{bandwidth / 1e6:.1f} MB/s bandwidth, {n} pages still dirty); "
                               "enable --auto-converge or raise --max-bandwidth; the guest keeps running")
                 return
         st = await sender.send_pages(_runs(pending), source, round_no)
         await sender.end_round(round_no)
         account(round_no, n, st, dirty.cost_s, dirty_rate, expected_s * 1000)
+        prev_sent = max(n, 1)
         pending = {}
 
     # stop-and-copy
-    throttle.percent = 0
+    with trio.CancelScope(shield=True):
+        await throttle.stop()        # its last SIGCONT must come before our SIGSTOP
     t_pause = time.monotonic()
     with trio.CancelScope(shield=True):
         await trio.to_thread.run_sync(pauser.pause)
@@ -208,14 +218,19 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             _merge(pending, final)
             nfinal = _count(pending)
             rep.final_dirty_pages = nfinal
-            st = await sender.send_pages(_runs(pending), source, round_no)
-            await sender.end_round(round_no)
+            digests: dict[str, str] = {}
+
+            async def digest_all() -> None:
+                # the source is paused: its digests can be computed while the last pages go out
+                for r in regions:
+                    digests[r.name] = await trio.to_thread.run_sync(source.digest, r.name)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(digest_all)
+                st = await sender.send_pages(_runs(pending), source, round_no)
+                await sender.end_round(round_no)
             account(round_no, nfinal, st, final.cost_s, rep.dirty_pages_rate, rep.expected_downtime_ms, final=True)
             t_verify = time.monotonic()
-            digests = {}
-            for r in regions:
-                spec = RegionSpec(r.name, r.start, r.end)
-                digests[r.name] = await trio.to_thread.run_sync(region_digest, source, spec, PAGE_SIZE)
             result = await sender.finish(digests)
             rep.verify_ms = (time.monotonic() - t_verify) * 1000
     except trio.TooSlowError:

@@ -92,6 +92,9 @@ class Throttle:
         self.pids = list(pids)
         self.period_s = period_s
         self.percent = 0
+        self._scope = trio.CancelScope()
+        self._done = trio.Event()
+        self._started = False
 
     def step_up(self) -> int:
         self.percent = self.INITIAL if self.percent == 0 else min(self.MAX, self.percent + self.STEP)
@@ -104,19 +107,29 @@ class Throttle:
             except ProcessLookupError:
                 pass
 
+    async def stop(self) -> None:
+        """End the duty cycle and wait until the processes have been let go (SIGCONT), so that
+        a pause that follows cannot be undone by a late SIGCONT."""
+        self._scope.cancel()
+        if self._started:
+            await self._done.wait()
+
     async def run(self) -> None:
-        """Duty-cycle until cancelled; always leaves the processes running."""
+        """Duty-cycle until stop() or cancellation; always leaves the processes running."""
+        self._started = True
         try:
-            while True:
-                if self.percent <= 0:
-                    await trio.sleep(self.period_s)
-                    continue
-                self._signal(signal.SIGSTOP)
-                await trio.sleep(self.period_s * self.percent / 100)
-                self._signal(signal.SIGCONT)
-                await trio.sleep(self.period_s * (100 - self.percent) / 100)
+            with self._scope:
+                while True:
+                    if self.percent <= 0:
+                        await trio.sleep(self.period_s)
+                        continue
+                    self._signal(signal.SIGSTOP)
+                    await trio.sleep(self.period_s * self.percent / 100)
+                    self._signal(signal.SIGCONT)
+                    await trio.sleep(self.period_s * (100 - self.percent) / 100)
         finally:
             self._signal(signal.SIGCONT)
+            self._done.set()
 
 
 def state_of(pid: int) -> str:

@@ -40,21 +40,15 @@ def region_digest(reader: PageReader, region: RegionSpec, page_size: int = 4096)
 
 
 def file_digest(path: str | os.PathLike, size: int) -> str:
-    """Digest of the first `size` bytes of an image file (zeros past its end)."""
-    h = xxhash.xxh3_128()
-    left = size
-    buf = bytearray(min(CHUNK_BYTES, max(size, 1)))
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while left:
-            n = f.readinto(view[:min(len(buf), left)])
-            if not n:
-                break
-            h.update(view[:n])
-            left -= n
-    zeros = bytes(min(CHUNK_BYTES, left))
-    while left:
-        n = min(len(zeros), left)
-        h.update(zeros[:n] if n < len(zeros) else zeros)
-        left -= n
-    return h.hexdigest()
+    """Digest of the first `size` bytes of an image file (zeros past its end), read in C."""
+    from .._track_c import ffi, lib
+    out = ffi.new("uint64_t[2]")
+    buf = ffi.new("uint8_t[]", CHUNK_BYTES)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        r = lib.mg_digest_fd(fd, 0, size, buf, CHUNK_BYTES, out)
+    finally:
+        os.close(fd)
+    if r < 0:
+        raise OSError(-r, f"reading {os.fspath(path)}: {os.strerror(-r)}")
+    return f"{out[0]:016x}{out[1]:016x}"

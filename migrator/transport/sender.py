@@ -110,34 +110,39 @@ class _ZeroScan:
         data_runs: list[int] = []
         zero_runs: list[int] = []
         parts: list[Any] = []
+        read_runs = getattr(reader, "read_runs", None)
+        if read_runs is not None:
+            # one call for the whole batch, into a fresh buffer (a snapshot: hash == what is sent)
+            whole = read_runs(name, pieces)
+        else:
+            whole = b"".join(bytes(reader.read(name, first, n)) for first, n in pieces)
+        total = sum(n for _, n in pieces)
+        if len(whole) != total * ps:
+            raise MigratorError(f"page reader returned {len(whole)} bytes for {total} pages "
+                                f"of region {name!r}")
+        view = memoryview(whole)
+        zp = self.zero_page
+        base = 0
         for first, n in pieces:
-            raw = reader.read(name, first, n)
-            buf = raw if type(raw) is bytes else bytes(raw)  # a snapshot: hash == what is sent
-            if len(buf) != n * ps:
-                raise MigratorError(f"page reader returned {len(buf)} bytes for {n} pages "
-                                    f"of region {name!r} at page {first}")
-            if self.zeros.startswith(buf):          # all zero (memcmp against a zero block)
+            if self.zeros.startswith(view[base * ps:(base + n) * ps]):   # all zero (memcmp)
                 _add_run(zero_runs, first, n)
+                base += n
                 continue
-            zp = self.zero_page
             i = 0
-            view = None
             while i < n:
-                is_zero = buf.startswith(zp, i * ps)
+                is_zero = whole.startswith(zp, (base + i) * ps)
                 j = i + 1
-                while j < n and buf.startswith(zp, j * ps) == is_zero:
+                while j < n and whole.startswith(zp, (base + j) * ps) == is_zero:
                     j += 1
                 if is_zero:
                     _add_run(zero_runs, first + i, j - i)
                 else:
                     _add_run(data_runs, first + i, j - i)
-                    if i == 0 and j == n:
-                        parts.append(buf)
-                    else:
-                        view = view or memoryview(buf)
-                        parts.append(view[i * ps:j * ps])
+                    parts.append(view[(base + i) * ps:(base + j) * ps])
                 i = j
-        data: Any = parts[0] if len(parts) == 1 else b"".join(parts)
+            base += n
+        data: Any = (whole if len(parts) == 1 and len(parts[0]) == len(whole)
+                     else parts[0] if len(parts) == 1 else b"".join(parts))
         pages_normal = len(data) // ps
         digest = wire.batch_digest(region, round_no, data_runs, zero_runs, [data])
         head = wire.encode_batch(region, round_no, data_runs, zero_runs, len(data), digest)
