@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -39,13 +40,28 @@ class MigrationPolicy:
     verify_timeout_s: float = 60.0
 
 
+class SourcePauser(Protocol):
+    """What stops the source for the switch-over (signals, a cgroup freezer, QMP stop/cont).
+    pause() returns once the source can no longer write; both are blocking calls."""
+
+    paused: bool
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
 @dataclass
 class MigrationTarget:
+    """What to migrate: regions (selectors) of process pid.  writers/cgroup are paused with it;
+    `pauser` replaces the default (SIGSTOP of pid + writers, or the cgroup's freezer)."""
+
     pid: int
     regions: list[str]                    # selectors
     writers: list[int] = field(default_factory=list)
     cgroup: str | None = None
     uffd_fd: int | None = None
+    pauser: SourcePauser | None = None
 
 
 NONCONVERGENCE_RATIO = 0.95     # dirtied / previously sent at or above this: no progress
@@ -84,7 +100,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
     tracker = make_tracker(target.pid, regions, policy.tracker, uffd_fd=target.uffd_fd)
     rep.tracker = tracker.name
     source = SourceMemory(target.pid, regions)
-    pauser = Pauser([target.pid, *target.writers], target.cgroup)
+    pauser = target.pauser or Pauser([target.pid, *target.writers], target.cgroup)
     throttle = Throttle([target.pid, *target.writers])
     specs = [RegionSpec(r.name, r.start, r.end) for r in regions]
     try:
@@ -126,7 +142,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
 
 
 async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, source: SourceMemory,
-               sender, regions: list[Region], pauser: Pauser, throttle: Throttle,
+               sender, regions: list[Region], pauser: SourcePauser, throttle: Throttle,
                progress, target: MigrationTarget) -> None:
     rep.status = "active"
 
