@@ -193,7 +193,7 @@ def test_pattern_is_exactly_the_seeded_sequence(kind):
     with start_guest(spec) as g:
         wait_for(lambda: g.stats().writers["vcpu"].pages > 1500, "writes")
         st, stats = paused_stamps(g, "guest-ram")
-        hot = tuple(g.info["workload"]["hot"])
+        hot = tuple(g.info["workload"]["hot"] or (0, 0))
     n = len(st)
     last = stats.writers["vcpu"].last_seq
     expect = Model(kind, 1234, WRITER_VCPU, n, hot, 0.9).last_writes(last)
@@ -323,3 +323,40 @@ def test_cli_guest_then_verify(tmp_path):
     assert r.returncode == 1 and [(f["page"], f["status"]) for f in out["findings"]] == [(5, "corrupt")]
     r = run_cli("verify", str(tmp_path / "bad"), "--expected", str(tmp_path / "good"))
     assert r.returncode == 1 and "page 5: corrupt" in r.stdout
+
+
+def test_uffd_lets_a_tracker_see_the_vcpu_writes():
+    """The guest's userfaultfd (created in its mm) taken with pidfd_getfd, registered for async
+    write-protect: PAGEMAP_SCAN reports exactly the pages the vcpu wrote."""
+    from migrator._track_c import ffi, lib
+
+    spec = GuestSpec(shared_ram=4 * M, anon_ram=4 * M, target="anon",
+                     workload=WorkloadSpec("sweep", 0), uffd=True)
+    with start_guest(spec) as g:
+        an = g.region("anon")
+        pidfd = lib.mg_pidfd_open(g.pid)
+        uffd = lib.mg_pidfd_getfd(pidfd, g.uffd_fd)
+        assert pidfd >= 0 and uffd >= 0
+        pm = os.open(f"/proc/{g.pid}/pagemap", os.O_RDONLY)
+        try:
+            wp_async, wp_unpopulated = 1 << 15, 1 << 13
+            assert lib.mg_uffd_api(uffd, wp_async | wp_unpopulated, ffi.NULL, ffi.NULL) == 0
+            assert lib.mg_uffd_register_wp(uffd, an.start, an.size) == 0
+            assert lib.mg_uffd_writeprotect(uffd, an.start, an.size, 1) == 0
+            vec = ffi.new("struct mg_page_region[]", 256)
+            written = 1 << 1
+
+            def scan() -> int:
+                bm = ffi.new("uint8_t[]", an.size // PS // 8)
+                return lib.mg_pagemap_scan_bitmap(pm, an.start, an.end, 1, written, written, PS,
+                                                  vec, 256, bm, ffi.NULL)
+
+            assert scan() == 0
+            g.set_rate(200 * PS)
+            wait_for(lambda: g.stats().writers["vcpu"].pages >= 20, "writes")
+            g.pause()
+            assert scan() == g.stats().writers["vcpu"].pages
+        finally:
+            os.close(pm)
+            os.close(uffd)
+            os.close(pidfd)

@@ -52,8 +52,9 @@ class GuestStatistics:
 class Guest:
     """A running guest.  Use as a context manager: leaving it stops the guest."""
 
-    def __init__(self, info: dict, proc: subprocess.Popen | None = None) -> None:
+    def __init__(self, info: dict, proc: subprocess.Popen | None = None, log=None) -> None:
         self.info = info
+        self._log = log                 # the guest's stderr (a temporary file), when we started it
         self.pid: int = info["pid"]
         self.pgid: int = info.get("pgid", info["pid"])
         self.page_size: int = info["page_size"]
@@ -122,12 +123,19 @@ class Guest:
                 status = self._proc.wait()
         else:
             deadline = time.monotonic() + STOP_WAIT
-            while os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
+            while _alive(self.pid) and time.monotonic() < deadline:
                 time.sleep(0.01)
         if self._ctl is not None:
             self._ctl.close()
             self._ctl = None
         return status
+
+    def log(self) -> str:
+        """What the guest and its writers printed on stderr so far ('' if not started by us)."""
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
 
     def __enter__(self) -> "Guest":
         return self
@@ -182,6 +190,15 @@ class Guest:
             os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    """True while pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def changed_pages(before: array, after: array) -> bytes:
     """One byte a page: 1 where the two hash arrays differ."""
     if len(before) != len(after):
@@ -212,8 +229,7 @@ def start_guest(spec: GuestSpec) -> Guest:
         err.seek(0)
         msg = err.read().decode(errors="replace").strip().splitlines()
         raise MigratorError(f"the guest failed to start: {msg[-1] if msg else f'status {proc.returncode}'}")
-    err.close()
-    return Guest(json.loads(line), proc)
+    return Guest(json.loads(line), proc, err)
 
 
 def _read_line(proc: subprocess.Popen, wait: float) -> str:

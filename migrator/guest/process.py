@@ -16,7 +16,7 @@ import time
 from typing import TextIO
 
 from ..errors import MigratorError, UnsupportedError, UsageError
-from ._native import PAGE_SIZE, ffi, lib
+from ._native import PAGE_SIZE, ffi
 from .control import ControlBlock
 from .spec import GuestSpec, Layout, PageoutRange
 from .stamp import REGION_ANON, REGION_SHARED, WRITER_VCPU
@@ -61,9 +61,12 @@ def _spawn_writer(cfg: dict, fds: tuple[int, ...]) -> subprocess.Popen:
 
 
 def run_guest(spec: GuestSpec, out: TextIO = sys.stdout, *, die_with_parent: bool = False) -> int:
-    """Be the guest: returns the exit status once stopped (SIGTERM/SIGINT or control block)."""
-    if die_with_parent:
-        lib.mg_set_pdeathsig(signal.SIGTERM)
+    """Be the guest: returns the exit status once stopped (SIGTERM/SIGINT or control block).
+
+    die_with_parent: stop when the parent process exits (checked every RUN_CHUNK seconds; not
+    PR_SET_PDEATHSIG, which fires when the parent *thread* exits, e.g. a worker thread).
+    """
+    parent = os.getppid() if die_with_parent else None
     if os.getpgrp() != os.getpid():
         os.setpgid(0, 0)                  # own process group: pause = killpg(SIGSTOP)
     ps = PAGE_SIZE
@@ -138,12 +141,16 @@ def run_guest(spec: GuestSpec, out: TextIO = sys.stdout, *, die_with_parent: boo
                 "uffd_fd": uffd, "ctl_fd": ctl.fd,
                 "workload": {"kind": spec.workload.kind, "rate": spec.workload.rate,
                              "seed": spec.workload.seed, "target": spec.target,
-                             "pages": loop.total, "hot": list(loop.hot)}}
+                             "pages": loop.total,
+                             "hot": list(loop.hot) if spec.workload.kind == "hotcold" else None}}
         out.write(json.dumps(info) + "\n")
         out.flush()
         status = 0
         while not stopping and not vslot.stop:
             loop.run(RUN_CHUNK)
+            if parent is not None and os.getppid() != parent:
+                print("migrator guest: parent exited: stopping", file=sys.stderr)
+                stopping = True
             for kind, p in children.items():
                 if p.poll() is not None:
                     print(f"migrator guest: the {kind} writer exited with status {p.returncode}",
