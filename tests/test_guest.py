@@ -212,7 +212,7 @@ def test_pattern_is_exactly_the_seeded_sequence(kind):
         assert hot_frac > 20 * cold_frac
 
 
-def test_checker_on_real_memory_flipped_byte_and_stale_page():
+def test_checker_on_real_memory_flipped_byte_and_stale_page(tmp_path):
     spec = GuestSpec(shared_ram=8 * M, anon_ram=0, workload=WorkloadSpec("random", 40e6, seed=9))
     with start_guest(spec) as g:
         g.pause()
@@ -222,7 +222,8 @@ def test_checker_on_real_memory_flipped_byte_and_stale_page():
         wait_for(lambda: g.stats().writers["vcpu"].pages > c + 500, "writes")
         g.pause()
         final = g.read_region("guest-ram")
-    assert verify_image(final, "guest-ram", final).counts == {"ok": 2048}
+        assert g.save_region("guest-ram", tmp_path / "final") == len(final)
+    assert verify_image(final, "guest-ram", tmp_path / "final").counts == {"ok": 2048}
     old = [i for i in range(2048) if before[i * PS:(i + 1) * PS] != final[i * PS:(i + 1) * PS]]
     stale_page, flip_page = old[len(old) // 2], 77
     img = bytearray(final)
@@ -289,6 +290,8 @@ def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
     (["guest", "--workload", "bursty"], "migrator: error: unknown workload 'bursty'"),
     (["guest", "--shared-ram", "1M", "--tail", "2M"], "migrator: error: a never-touched tail"),
     (["guest", "--pager-interval", "x"], "migrator: error: bad number 'x'"),
+    (["guest", "--pager-interval", "1", "--pageout", "disk:0:4M"], "migrator: error: pageout range names"),
+    (["guest", "--anon-ram", "1M", "--pageout", "anon:0:2M"], "migrator: error: pageout range anon:0"),
 ])
 def test_cli_bad_input_is_one_line(args, message):
     r = run_cli(*args)

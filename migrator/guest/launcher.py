@@ -176,6 +176,14 @@ class Guest:
         finally:
             os.close(fd)
 
+    def save_region(self, name: str, path: str | os.PathLike) -> int:
+        """Write the region's memory to a raw file (for `migrator verify --expected`).
+        Returns bytes written."""
+        data = self.read_region(name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return len(data)
+
     def page_hashes(self, name: str) -> array:
         """XXH3-64 of every page of the region, read from outside (array of unsigned 64-bit)."""
         fd, off, r = self._open_region(name)

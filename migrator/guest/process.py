@@ -114,6 +114,7 @@ def run_guest(spec: GuestSpec, out: TextIO = sys.stdout, *, die_with_parent: boo
                               address=anon_at))
     loop = WriteLoop(spec.workload, targets, vslot, WRITER_VCPU)
 
+    pageout = _pager_ranges(spec, regions) if spec.pager_interval is not None else []
     base = {"guest_pid": os.getpid(), "ctl_fd": ctl.fd, "memfd": memfd,
             "shared_size": lay.shared_pages * ps}
     children: dict[str, subprocess.Popen] = {}
@@ -123,7 +124,7 @@ def run_guest(spec: GuestSpec, out: TextIO = sys.stdout, *, die_with_parent: boo
                                             "workload": ws.__dict__}, (memfd, ctl.fd))
     if spec.pager_interval is not None:
         children["pager"] = _spawn_writer({**base, "kind": "pager", "interval": spec.pager_interval,
-                                           "ranges": _pager_ranges(spec, regions)}, (ctl.fd,))
+                                           "ranges": pageout}, (ctl.fd,))
     try:
         _wait_ready(ctl, children)
         vslot.pid = os.getpid()
