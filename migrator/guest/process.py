@@ -54,6 +54,19 @@ def _pager_ranges(spec: GuestSpec, regions: list[dict]) -> list[list[int]]:
     return out
 
 
+def _check_fits(nbytes: int) -> None:
+    """MigratorError if populating nbytes cannot fit in available memory plus free swap."""
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            info[k] = int(v.split()[0]) * 1024
+    room = info.get("MemAvailable", 0) + info.get("SwapFree", 0)
+    if nbytes > room:
+        raise MigratorError(f"the guest's populated memory ({nbytes} bytes) does not fit: "
+                            f"{room} bytes available (memory + free swap)")
+
+
 def _spawn_writer(cfg: dict, fds: tuple[int, ...]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "migrator.guest.writers", json.dumps(cfg)],
@@ -71,21 +84,26 @@ def run_guest(spec: GuestSpec, out: TextIO = sys.stdout, *, die_with_parent: boo
         os.setpgid(0, 0)                  # own process group: pause = killpg(SIGSTOP)
     ps = PAGE_SIZE
     lay = Layout.of(spec, ps)
+    _check_fits((lay.shared_tail[0] + lay.anon_populated[1]) * ps)
     uffd = None
     if spec.uffd:
         from .._track_c import lib as track_lib
         uffd = track_lib.mg_uffd_create()
         if uffd < 0:
             raise UnsupportedError(f"userfaultfd: {os.strerror(-uffd)}")
-    memfd = os.memfd_create(spec.name, os.MFD_CLOEXEC)
-    os.ftruncate(memfd, lay.shared_pages * ps)
-    shared = mmap.mmap(memfd, lay.shared_pages * ps, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    shared_at = _address(shared)
-    anon = anon_at = None
-    if lay.anon_pages:
-        anon = mmap.mmap(-1, lay.anon_pages * ps, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                         mmap.PROT_READ | mmap.PROT_WRITE)
-        anon_at = _address(anon)
+    try:
+        memfd = os.memfd_create(spec.name, os.MFD_CLOEXEC)
+        os.ftruncate(memfd, lay.shared_pages * ps)
+        shared = mmap.mmap(memfd, lay.shared_pages * ps, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        shared_at = _address(shared)
+        anon = anon_at = None
+        if lay.anon_pages:
+            anon = mmap.mmap(-1, lay.anon_pages * ps, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+            anon_at = _address(anon)
+    except OSError as e:
+        raise MigratorError(f"cannot create the guest's memory ({lay.shared_pages * ps} bytes "
+                            f"shared, {lay.anon_pages * ps} bytes anon): {e.strerror}") from None
     pop_shared = lay.shared_tail[0]
     populate(Target(npages=pop_shared, first_index=0, region=REGION_SHARED, address=shared_at), ps)
     if anon_at is not None and lay.anon_populated[1]:
