@@ -193,7 +193,7 @@ def test_pattern_is_exactly_the_seeded_sequence(kind):
     with start_guest(spec) as g:
         wait_for(lambda: g.stats().writers["vcpu"].pages > 1500, "writes")
         st, stats = paused_stamps(g, "guest-ram")
-        hot = tuple(g.info["workload"]["hot"])
+        hot = tuple(g.info["workload"]["hot"] or (0, 0))
     n = len(st)
     last = stats.writers["vcpu"].last_seq
     expect = Model(kind, 1234, WRITER_VCPU, n, hot, 0.9).last_writes(last)
@@ -212,7 +212,7 @@ def test_pattern_is_exactly_the_seeded_sequence(kind):
         assert hot_frac > 20 * cold_frac
 
 
-def test_checker_on_real_memory_flipped_byte_and_stale_page():
+def test_checker_on_real_memory_flipped_byte_and_stale_page(tmp_path):
     spec = GuestSpec(shared_ram=8 * M, anon_ram=0, workload=WorkloadSpec("random", 40e6, seed=9))
     with start_guest(spec) as g:
         g.pause()
@@ -222,7 +222,8 @@ def test_checker_on_real_memory_flipped_byte_and_stale_page():
         wait_for(lambda: g.stats().writers["vcpu"].pages > c + 500, "writes")
         g.pause()
         final = g.read_region("guest-ram")
-    assert verify_image(final, "guest-ram", final).counts == {"ok": 2048}
+        assert g.save_region("guest-ram", tmp_path / "final") == len(final)
+    assert verify_image(final, "guest-ram", tmp_path / "final").counts == {"ok": 2048}
     old = [i for i in range(2048) if before[i * PS:(i + 1) * PS] != final[i * PS:(i + 1) * PS]]
     stale_page, flip_page = old[len(old) // 2], 77
     img = bytearray(final)
@@ -289,6 +290,8 @@ def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
     (["guest", "--workload", "bursty"], "migrator: error: unknown workload 'bursty'"),
     (["guest", "--shared-ram", "1M", "--tail", "2M"], "migrator: error: a never-touched tail"),
     (["guest", "--pager-interval", "x"], "migrator: error: bad number 'x'"),
+    (["guest", "--pager-interval", "1", "--pageout", "disk:0:4M"], "migrator: error: pageout range names"),
+    (["guest", "--anon-ram", "1M", "--pageout", "anon:0:2M"], "migrator: error: pageout range anon:0"),
 ])
 def test_cli_bad_input_is_one_line(args, message):
     r = run_cli(*args)
@@ -323,3 +326,40 @@ def test_cli_guest_then_verify(tmp_path):
     assert r.returncode == 1 and [(f["page"], f["status"]) for f in out["findings"]] == [(5, "corrupt")]
     r = run_cli("verify", str(tmp_path / "bad"), "--expected", str(tmp_path / "good"))
     assert r.returncode == 1 and "page 5: corrupt" in r.stdout
+
+
+def test_uffd_lets_a_tracker_see_the_vcpu_writes():
+    """The guest's userfaultfd (created in its mm) taken with pidfd_getfd, registered for async
+    write-protect: PAGEMAP_SCAN reports exactly the pages the vcpu wrote."""
+    from migrator._track_c import ffi, lib
+
+    spec = GuestSpec(shared_ram=4 * M, anon_ram=4 * M, target="anon",
+                     workload=WorkloadSpec("sweep", 0), uffd=True)
+    with start_guest(spec) as g:
+        an = g.region("anon")
+        pidfd = lib.mg_pidfd_open(g.pid)
+        uffd = lib.mg_pidfd_getfd(pidfd, g.uffd_fd)
+        assert pidfd >= 0 and uffd >= 0
+        pm = os.open(f"/proc/{g.pid}/pagemap", os.O_RDONLY)
+        try:
+            wp_async, wp_unpopulated = 1 << 15, 1 << 13
+            assert lib.mg_uffd_api(uffd, wp_async | wp_unpopulated, ffi.NULL, ffi.NULL) == 0
+            assert lib.mg_uffd_register_wp(uffd, an.start, an.size) == 0
+            assert lib.mg_uffd_writeprotect(uffd, an.start, an.size, 1) == 0
+            vec = ffi.new("struct mg_page_region[]", 256)
+            written = 1 << 1
+
+            def scan() -> int:
+                bm = ffi.new("uint8_t[]", an.size // PS // 8)
+                return lib.mg_pagemap_scan_bitmap(pm, an.start, an.end, 1, written, written, PS,
+                                                  vec, 256, bm, ffi.NULL)
+
+            assert scan() == 0
+            g.set_rate(200 * PS)
+            wait_for(lambda: g.stats().writers["vcpu"].pages >= 20, "writes")
+            g.pause()
+            assert scan() == g.stats().writers["vcpu"].pages
+        finally:
+            os.close(pm)
+            os.close(uffd)
+            os.close(pidfd)

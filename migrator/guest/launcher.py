@@ -52,8 +52,9 @@ class GuestStatistics:
 class Guest:
     """A running guest.  Use as a context manager: leaving it stops the guest."""
 
-    def __init__(self, info: dict, proc: subprocess.Popen | None = None) -> None:
+    def __init__(self, info: dict, proc: subprocess.Popen | None = None, log=None) -> None:
         self.info = info
+        self._log = log                 # the guest's stderr (a temporary file), when we started it
         self.pid: int = info["pid"]
         self.pgid: int = info.get("pgid", info["pid"])
         self.page_size: int = info["page_size"]
@@ -122,12 +123,19 @@ class Guest:
                 status = self._proc.wait()
         else:
             deadline = time.monotonic() + STOP_WAIT
-            while os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
+            while _alive(self.pid) and time.monotonic() < deadline:
                 time.sleep(0.01)
         if self._ctl is not None:
             self._ctl.close()
             self._ctl = None
         return status
+
+    def log(self) -> str:
+        """What the guest and its writers printed on stderr so far ('' if not started by us)."""
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
 
     def __enter__(self) -> "Guest":
         return self
@@ -168,6 +176,14 @@ class Guest:
         finally:
             os.close(fd)
 
+    def save_region(self, name: str, path: str | os.PathLike) -> int:
+        """Write the region's memory to a raw file (for `migrator verify --expected`).
+        Returns bytes written."""
+        data = self.read_region(name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return len(data)
+
     def page_hashes(self, name: str) -> array:
         """XXH3-64 of every page of the region, read from outside (array of unsigned 64-bit)."""
         fd, off, r = self._open_region(name)
@@ -180,6 +196,15 @@ class Guest:
             return hashes
         finally:
             os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    """True while pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def changed_pages(before: array, after: array) -> bytes:
@@ -212,8 +237,7 @@ def start_guest(spec: GuestSpec) -> Guest:
         err.seek(0)
         msg = err.read().decode(errors="replace").strip().splitlines()
         raise MigratorError(f"the guest failed to start: {msg[-1] if msg else f'status {proc.returncode}'}")
-    err.close()
-    return Guest(json.loads(line), proc)
+    return Guest(json.loads(line), proc, err)
 
 
 def _read_line(proc: subprocess.Popen, wait: float) -> str:

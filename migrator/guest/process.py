@@ -16,7 +16,7 @@ import time
 from typing import TextIO
 
 from ..errors import MigratorError, UnsupportedError, UsageError
-from ._native import PAGE_SIZE, ffi, lib
+from ._native import PAGE_SIZE, ffi
 from .control import ControlBlock
 from .spec import GuestSpec, Layout, PageoutRange
 from .stamp import REGION_ANON, REGION_SHARED, WRITER_VCPU
@@ -54,6 +54,19 @@ def _pager_ranges(spec: GuestSpec, regions: list[dict]) -> list[list[int]]:
     return out
 
 
+def _check_fits(nbytes: int) -> None:
+    """MigratorError if populating nbytes cannot fit in available memory plus free swap."""
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            info[k] = int(v.split()[0]) * 1024
+    room = info.get("MemAvailable", 0) + info.get("SwapFree", 0)
+    if nbytes > room:
+        raise MigratorError(f"the guest's populated memory ({nbytes} bytes) does not fit: "
+                            f"{room} bytes available (memory + free swap)")
+
+
 def _spawn_writer(cfg: dict, fds: tuple[int, ...]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "migrator.guest.writers", json.dumps(cfg)],
@@ -61,28 +74,36 @@ def _spawn_writer(cfg: dict, fds: tuple[int, ...]) -> subprocess.Popen:
 
 
 def run_guest(spec: GuestSpec, out: TextIO = sys.stdout, *, die_with_parent: bool = False) -> int:
-    """Be the guest: returns the exit status once stopped (SIGTERM/SIGINT or control block)."""
-    if die_with_parent:
-        lib.mg_set_pdeathsig(signal.SIGTERM)
+    """Be the guest: returns the exit status once stopped (SIGTERM/SIGINT or control block).
+
+    die_with_parent: stop when the parent process exits (checked every RUN_CHUNK seconds; not
+    PR_SET_PDEATHSIG, which fires when the parent *thread* exits, e.g. a worker thread).
+    """
+    parent = os.getppid() if die_with_parent else None
     if os.getpgrp() != os.getpid():
         os.setpgid(0, 0)                  # own process group: pause = killpg(SIGSTOP)
     ps = PAGE_SIZE
     lay = Layout.of(spec, ps)
+    _check_fits((lay.shared_tail[0] + lay.anon_populated[1]) * ps)
     uffd = None
     if spec.uffd:
         from .._track_c import lib as track_lib
         uffd = track_lib.mg_uffd_create()
         if uffd < 0:
             raise UnsupportedError(f"userfaultfd: {os.strerror(-uffd)}")
-    memfd = os.memfd_create(spec.name, os.MFD_CLOEXEC)
-    os.ftruncate(memfd, lay.shared_pages * ps)
-    shared = mmap.mmap(memfd, lay.shared_pages * ps, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    shared_at = _address(shared)
-    anon = anon_at = None
-    if lay.anon_pages:
-        anon = mmap.mmap(-1, lay.anon_pages * ps, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                         mmap.PROT_READ | mmap.PROT_WRITE)
-        anon_at = _address(anon)
+    try:
+        memfd = os.memfd_create(spec.name, os.MFD_CLOEXEC)
+        os.ftruncate(memfd, lay.shared_pages * ps)
+        shared = mmap.mmap(memfd, lay.shared_pages * ps, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        shared_at = _address(shared)
+        anon = anon_at = None
+        if lay.anon_pages:
+            anon = mmap.mmap(-1, lay.anon_pages * ps, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+            anon_at = _address(anon)
+    except OSError as e:
+        raise MigratorError(f"cannot create the guest's memory ({lay.shared_pages * ps} bytes "
+                            f"shared, {lay.anon_pages * ps} bytes anon): {e.strerror}") from None
     pop_shared = lay.shared_tail[0]
     populate(Target(npages=pop_shared, first_index=0, region=REGION_SHARED, address=shared_at), ps)
     if anon_at is not None and lay.anon_populated[1]:
@@ -111,6 +132,7 @@ def run_guest(spec: GuestSpec, out: TextIO = sys.stdout, *, die_with_parent: boo
                               address=anon_at))
     loop = WriteLoop(spec.workload, targets, vslot, WRITER_VCPU)
 
+    pageout = _pager_ranges(spec, regions) if spec.pager_interval is not None else []
     base = {"guest_pid": os.getpid(), "ctl_fd": ctl.fd, "memfd": memfd,
             "shared_size": lay.shared_pages * ps}
     children: dict[str, subprocess.Popen] = {}
@@ -120,7 +142,7 @@ def run_guest(spec: GuestSpec, out: TextIO = sys.stdout, *, die_with_parent: boo
                                             "workload": ws.__dict__}, (memfd, ctl.fd))
     if spec.pager_interval is not None:
         children["pager"] = _spawn_writer({**base, "kind": "pager", "interval": spec.pager_interval,
-                                           "ranges": _pager_ranges(spec, regions)}, (ctl.fd,))
+                                           "ranges": pageout}, (ctl.fd,))
     try:
         _wait_ready(ctl, children)
         vslot.pid = os.getpid()
@@ -138,12 +160,16 @@ def run_guest(spec: GuestSpec, out: TextIO = sys.stdout, *, die_with_parent: boo
                 "uffd_fd": uffd, "ctl_fd": ctl.fd,
                 "workload": {"kind": spec.workload.kind, "rate": spec.workload.rate,
                              "seed": spec.workload.seed, "target": spec.target,
-                             "pages": loop.total, "hot": list(loop.hot)}}
+                             "pages": loop.total,
+                             "hot": list(loop.hot) if spec.workload.kind == "hotcold" else None}}
         out.write(json.dumps(info) + "\n")
         out.flush()
         status = 0
         while not stopping and not vslot.stop:
             loop.run(RUN_CHUNK)
+            if parent is not None and os.getppid() != parent:
+                print("migrator guest: parent exited: stopping", file=sys.stderr)
+                stopping = True
             for kind, p in children.items():
                 if p.poll() is not None:
                     print(f"migrator guest: the {kind} writer exited with status {p.returncode}",

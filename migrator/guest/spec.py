@@ -58,7 +58,15 @@ class GuestSpec:
             raise UsageError(f"bad memfd name {self.name!r}")
         if self.pager_interval is not None and self.pager_interval <= 0:
             raise UsageError(f"pager interval {self.pager_interval} must be > 0 seconds")
-        Layout.of(self)       # raises on sizes that do not fit
+        lay = Layout.of(self)       # raises on sizes that do not fit
+        sizes = {self.name: lay.shared_pages, "shared": lay.shared_pages, "anon": lay.anon_pages}
+        for pr in self.pager_ranges:
+            if pr.region not in sizes or (pr.region == "anon" and not lay.anon_pages):
+                raise UsageError(f"pageout range names region {pr.region!r}: expected "
+                                 f"{self.name}, shared or anon")
+            if pr.offset < 0 or pr.length < 0 or pr.offset + pr.length > sizes[pr.region] * PAGE_SIZE:
+                raise UsageError(f"pageout range {pr.region}:{pr.offset}:{pr.length} is outside "
+                                 f"the region ({sizes[pr.region] * PAGE_SIZE} bytes)")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
