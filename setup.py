@@ -4,5 +4,6 @@ from setuptools import setup
 setup(
     cffi_modules=[
         "csrc/build_track.py:ffi",
+        "csrc/build_guest.py:ffi",
     ],
 )

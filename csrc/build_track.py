@@ -1,4 +1,5 @@
-"""cffi out-of-line API build of the tracking fast path (csrc/track.c) into migrator._track_c."""
+"""cffi out-of-line API build of the tracking and memory-I/O fast path (csrc/track.c, csrc/memio.c)
+into migrator._track_c."""
 import os
 import re
 
@@ -23,10 +24,11 @@ if not os.path.exists("/usr/include/xxhash.h"):
 
 ffi = FFI()
 ffi.cdef(_cdef_from_header(os.path.join(HERE, "track.h")))
+ffi.cdef(_cdef_from_header(os.path.join(HERE, "memio.h")))
 ffi.set_source(
     "migrator._track_c",
-    '#include "track.h"',
-    sources=[os.path.relpath(os.path.join(HERE, "track.c"), ROOT)],
+    '#include "track.h"\n#include "memio.h"',
+    sources=[os.path.relpath(os.path.join(HERE, c), ROOT) for c in ("track.c", "memio.c")],
     include_dirs=[os.path.relpath(HERE, ROOT)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
 )

@@ -229,7 +229,8 @@ uint64_t mg_hash_zero_page(uint64_t page_size)
 
 /* Compare freshly read pages in buf with stored hashes; returns pages changed. */
 static int64_t compare_pages(const uint8_t *buf, uint64_t n, uint64_t page_size,
-                             uint64_t *hashes, uint8_t *bitmap, uint64_t bit_offset)
+                             uint64_t *hashes, uint8_t *bitmap, uint64_t bit_offset,
+                             uint32_t *gens, uint32_t gen)
 {
     int64_t changed = 0;
     for (uint64_t i = 0; i < n; i++) {
@@ -238,6 +239,8 @@ static int64_t compare_pages(const uint8_t *buf, uint64_t n, uint64_t page_size,
             hashes[i] = h;
             if (bitmap)
                 bit_set(bitmap, bit_offset + i);
+            if (gens)
+                gens[i] = gen;
             changed++;
         }
     }
@@ -246,7 +249,7 @@ static int64_t compare_pages(const uint8_t *buf, uint64_t n, uint64_t page_size,
 
 int64_t mg_sweep_fd(int fd, uint64_t offset, uint64_t npages, uint64_t page_size,
                     uint8_t *buf, uint64_t buf_len, uint64_t *hashes, uint8_t *bitmap,
-                    uint64_t bit_offset)
+                    uint64_t bit_offset, uint32_t *gens, uint32_t gen)
 {
     uint64_t chunk = buf_len / page_size;
     int64_t changed = 0;
@@ -259,7 +262,8 @@ int64_t mg_sweep_fd(int fd, uint64_t offset, uint64_t npages, uint64_t page_size
             return got;
         if ((uint64_t)got < n * page_size)   /* past the end of the object: zeros */
             memset(buf + got, 0, n * page_size - (uint64_t)got);
-        changed += compare_pages(buf, n, page_size, hashes + done, bitmap, bit_offset + done);
+        changed += compare_pages(buf, n, page_size, hashes + done, bitmap, bit_offset + done,
+                                 gens ? gens + done : NULL, gen);
         done += n;
     }
     return changed;
@@ -284,7 +288,7 @@ int64_t mg_sweep_remote(int pid, uint64_t vaddr, uint64_t npages, uint64_t page_
             return -errno;
         uint64_t ok_pages = r < 0 ? 0 : (uint64_t)r / page_size;
         changed += compare_pages(buf, ok_pages, page_size, hashes + done, bitmap,
-                                 bit_offset + done);
+                                 bit_offset + done, NULL, 0);
         if (ok_pages < n) {
             /* the first unreadable page: skip it, continue after it */
             bad++;
@@ -299,7 +303,7 @@ int64_t mg_sweep_remote(int pid, uint64_t vaddr, uint64_t npages, uint64_t page_
 }
 
 int64_t mg_sweep_hole(uint64_t n, uint64_t zero_hash, uint64_t *hashes, uint8_t *bitmap,
-                      uint64_t bit_offset)
+                      uint64_t bit_offset, uint32_t *gens, uint32_t gen)
 {
     int64_t changed = 0;
     for (uint64_t i = 0; i < n; i++) {
@@ -307,10 +311,24 @@ int64_t mg_sweep_hole(uint64_t n, uint64_t zero_hash, uint64_t *hashes, uint8_t 
             hashes[i] = zero_hash;
             if (bitmap)
                 bit_set(bitmap, bit_offset + i);
+            if (gens)
+                gens[i] = gen;
             changed++;
         }
     }
     return changed;
+}
+
+int64_t mg_gens_since(const uint32_t *gens, uint64_t n, uint32_t since, uint8_t *bitmap)
+{
+    int64_t count = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (gens[i] > since) {
+            bit_set(bitmap, i);
+            count++;
+        }
+    }
+    return count;
 }
 
 int64_t mg_bitmap_runs(const uint8_t *bitmap, uint64_t nbits, uint64_t *pos, uint64_t *runs,

@@ -59,11 +59,12 @@ void mg_hash_mem_pages(const uint8_t *addr, uint64_t npages, uint64_t page_size,
                        uint64_t *hashes);
 /* Ledger sweep: pread npages pages from fd at byte offset, in chunks through buf (buf_len
  * bytes, a multiple of page_size), hash each page, compare with hashes[i]; where different, store
- * the new hash and set bit (bit_offset + i) in bitmap (bitmap may be NULL).  Pages that read short
+ * the new hash, set bit (bit_offset + i) in bitmap (bitmap may be NULL) and gens[i] = gen (gens may
+ * be NULL).  Pages that read short
  * (end of object) hash as zero pages.  Returns the number of changed pages. */
 int64_t mg_sweep_fd(int fd, uint64_t offset, uint64_t npages, uint64_t page_size,
                     uint8_t *buf, uint64_t buf_len, uint64_t *hashes, uint8_t *bitmap,
-                    uint64_t bit_offset);
+                    uint64_t bit_offset, uint32_t *gens, uint32_t gen);
 /* Same for memory of a (possibly) other process, read with process_vm_readv.  Pages that cannot
  * be read (unmapped) are skipped with their hash left unchanged; the count of those goes to
  * *unreadable. */
@@ -72,7 +73,9 @@ int64_t mg_sweep_remote(int pid, uint64_t vaddr, uint64_t npages, uint64_t page_
                         uint64_t bit_offset, uint64_t *unreadable);
 /* Pages [first, first + n) are holes (read as zero): compare with the zero-page hash as above. */
 int64_t mg_sweep_hole(uint64_t n, uint64_t zero_hash, uint64_t *hashes, uint8_t *bitmap,
-                      uint64_t bit_offset);
+                      uint64_t bit_offset, uint32_t *gens, uint32_t gen);
+/* Set bit i of bitmap for every i < n with gens[i] > since.  Returns bits set. */
+int64_t mg_gens_since(const uint32_t *gens, uint64_t n, uint32_t since, uint8_t *bitmap);
 uint64_t mg_hash_zero_page(uint64_t page_size);
 
 /* --- bitmaps -------------------------------------------------------------------------------- */

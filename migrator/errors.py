@@ -22,3 +22,15 @@ class RegionError(MigratorError):
 
 class UsageError(MigratorError):
     """A bad value on the command line or in a file (size, rate, address range, ...)."""
+
+
+class TransportError(MigratorError):
+    """The migration stream failed: peer gone, refused, or reported an error."""
+
+
+class ProtocolError(TransportError):
+    """A peer sent bytes that break the wire protocol (bad frame, bad field, out-of-range page)."""
+
+
+class AuthError(TransportError):
+    """The peer could not prove it holds the pre-shared key (or we could not)."""

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the test suite (after scripts/setup.sh).
+# Set everything up (scripts/setup.sh) and run the test suite.  Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup.sh
 exec .venv/bin/python -m pytest tests "$@"

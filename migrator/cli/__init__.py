@@ -6,12 +6,13 @@ printed as one line, never as a traceback.
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..errors import MigratorError
 
 # name of the module in migrator.cli for each subcommand, in help order
-COMMANDS = ["probe"]
+COMMANDS = ["probe", "regions", "track", "guest", "verify", "receive", "migrate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     except MigratorError as e:
         print(f"migrator: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:             # output piped into head & co.: not an error
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
     except KeyboardInterrupt:
         print("migrator: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,83 @@
+"""`migrator migrate`: live pre-copy migration of a running process's memory to a receiver."""
+
+import argparse
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("migrate", help="live-migrate a running process's memory to a receiver",
+                       description="Pre-copy migration: send every populated page, then round after "
+                                   "round the pages written since, until the rest fits the downtime "
+                                   "limit; then pause the process (and its writers), send the last "
+                                   "pages and verify. Exit status 0 only for a completed, verified "
+                                   "migration; on failure the process is resumed.")
+    p.add_argument("--pid", type=int, required=True, help="process to migrate")
+    p.add_argument("--region", action="append", required=True, metavar="SEL",
+                   help="mapping name, START-END in hex, or kind:anon|shared|file; repeatable")
+    p.add_argument("--to", required=True, metavar="HOST:PORT", help="the receiver")
+    p.add_argument("--key-file", metavar="F", help="pre-shared key (as given to migrator receive)")
+    p.add_argument("--tls-ca", metavar="PEM", help="use TLS, verifying the receiver with this CA")
+    p.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS",
+                   help="allowed pause, ms (default 300)")
+    p.add_argument("--max-bandwidth", metavar="RATE", help="cap, e.g. 100MB/s (default: none)")
+    p.add_argument("--max-rounds", type=int, default=30, metavar="N", help="default 30")
+    p.add_argument("--auto-converge", action="store_true",
+                   help="throttle the guest when it dirties memory faster than the link")
+    p.add_argument("--writers", default="", metavar="PID,PID,...",
+                   help="other processes writing the guest's memory: paused with it")
+    p.add_argument("--cgroup", metavar="PATH", help="freeze this cgroup (v1 freezer) for the switch-over")
+    p.add_argument("--tracker", default="auto", choices=["auto", "wp", "soft-dirty", "hash"])
+    p.add_argument("--channels", type=int, default=1, metavar="N", help="parallel TCP connections")
+    p.add_argument("--json", metavar="FILE", help="write the JSON report here ('-' for stdout)")
+    p.set_defaults(handler=run)
+
+
+def _progress_printer():
+    from ..units import format_bytes
+
+    def show(rs) -> None:
+        what = "stop-and-copy" if rs.stop_and_copy else f"round {rs.round}"
+        print(f"{what:>14}: {rs.pages_sent:>8} pages ({format_bytes(rs.bytes)}) in {rs.duration_ms:7.1f} ms"
+              f"  {rs.bandwidth_mbps:8.0f} Mbit/s  dirty {rs.dirty_rate_pps * 4096 / 1e6:7.1f} MB/s"
+              f"  expected downtime {rs.expected_downtime_ms:7.1f} ms"
+              + (f"  throttle {rs.throttle_percent}%" if rs.throttle_percent else ""),
+              file=sys.stderr, flush=True)
+    return show
+
+
+def run(args: argparse.Namespace) -> int:
+    import trio
+
+    from ..errors import UsageError
+    from ..precopy.controller import MigrationPolicy, MigrationTarget, migrate
+    from ..transport import client_ssl_context, load_key, parse_listen
+    from ..units import parse_rate
+
+    host, port = parse_listen(args.to)
+    key = load_key(args.key_file) if args.key_file else None
+    try:
+        writers = [int(x) for x in args.writers.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"bad --writers {args.writers!r}: expected PID,PID,...") from None
+    policy = MigrationPolicy(
+        downtime_limit_ms=args.downtime_limit,
+        max_bandwidth=parse_rate(args.max_bandwidth) if args.max_bandwidth else None,
+        max_rounds=args.max_rounds, auto_converge=args.auto_converge, tracker=args.tracker,
+        channels=args.channels)
+    if args.max_rounds < 1:
+        raise UsageError("--max-rounds must be at least 1")
+    target = MigrationTarget(pid=args.pid, regions=args.region, writers=writers, cgroup=args.cgroup)
+    ssl_ctx = client_ssl_context(args.tls_ca) if args.tls_ca else None
+    progress = _progress_printer() if sys.stderr.isatty() else None
+    report = trio.run(lambda: migrate(target, host, port, key=key, policy=policy,
+                                      ssl_context=ssl_ctx, progress=progress))
+    print(report.summary(), file=sys.stderr)
+    if args.json:
+        text = json.dumps(report.to_json(), indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    return 0 if report.status == "completed" else 1

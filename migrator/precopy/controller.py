@@ -1,0 +1,279 @@
+"""The pre-copy controller: round 0 sends every populated page, each later round the pages written
+since the previous collect, until the rest fits the downtime limit; then stop-and-copy: pause, a
+final exact collect, send, verify the digests with the receiver.  On success the source stays
+paused (QEMU's postmigrate); on any failure it is resumed and the report says why."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from ..errors import MigratorError, UsageError
+from ..kernel.maps import Region, read_maps, select_regions
+from ..kernel.native import PAGE_SIZE
+from ..kernel.process import process_exists
+from ..tracking.base import DirtyPages, Tracker
+from ..tracking.choose import make_tracker
+from ..tracking.pageset import PageSet
+from ..transport import RegionSpec, connect_sender
+from .pause import Pauser, Throttle
+from .report import MigrationReport, RoundStats
+from .source import SourceMemory
+
+
+@dataclass
+class MigrationPolicy:
+    downtime_limit_ms: float = 300.0      # QEMU's default
+    max_bandwidth: float | None = None    # bytes/s, enforced by the sender
+    max_rounds: int = 30
+    auto_converge: bool = False
+    tracker: str = "auto"
+    channels: int = 1
+    nonconvergence_rounds: int = 3        # rounds of dirty rate >= bandwidth before acting
+    min_round_s: float = 0.0              # wait at least this long between collects
+    force_switchover: trio.Event | None = None
+    verify_timeout_s: float = 60.0
+
+
+class SourcePauser(Protocol):
+    """What stops the source for the switch-over (signals, a cgroup freezer, QMP stop/cont).
+    pause() returns once the source can no longer write; both are blocking calls."""
+
+    paused: bool
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
+@dataclass
+class MigrationTarget:
+    """What to migrate: regions (selectors) of process pid.  writers/cgroup are paused with it;
+    `pauser` replaces the default (SIGSTOP of pid + writers, or the cgroup's freezer)."""
+
+    pid: int
+    regions: list[str]                    # selectors
+    writers: list[int] = field(default_factory=list)
+    cgroup: str | None = None
+    uffd_fd: int | None = None
+    pauser: SourcePauser | None = None
+
+
+NONCONVERGENCE_RATIO = 0.95     # dirtied / previously sent at or above this: no progress
+
+
+def _runs(dirty: dict[str, PageSet]) -> dict[str, list[tuple[int, int]]]:
+    return {name: list(s.runs()) for name, s in dirty.items() if s}
+
+
+def _count(d: dict[str, PageSet]) -> int:
+    return sum(len(s) for s in d.values())
+
+
+def _merge(into: dict[str, PageSet], more: DirtyPages) -> None:
+    for name, s in more.pages.items():
+        if name in into:
+            into[name].update(s)
+        else:
+            into[name] = s
+
+
+async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes | None,
+                  policy: MigrationPolicy | None = None, ssl_context=None,
+                  progress: Callable[[RoundStats], None] | None = None) -> MigrationReport:
+    """Live-migrate the selected regions of a running process to a receiver at host:port.
+
+    Returns the report (status completed, failed or not-converged); raises MigratorError only for
+    problems found before anything was sent (bad selection, unsupported tracker, no receiver)."""
+    policy = policy or MigrationPolicy()
+    if policy.channels < 1:
+        raise UsageError("channels must be at least 1")
+    rep = MigrationReport(downtime_limit_ms=policy.downtime_limit_ms)
+    t_start = time.monotonic()
+    regions: list[Region] = select_regions(read_maps(target.pid), target.regions)
+    rep.regions = [r.to_json() for r in regions]
+    tracker = make_tracker(target.pid, regions, policy.tracker, uffd_fd=target.uffd_fd)
+    rep.tracker = tracker.name
+    source = SourceMemory(target.pid, regions)
+    pauser = target.pauser or Pauser([target.pid, *target.writers], target.cgroup)
+    throttle = Throttle([target.pid, *target.writers])
+    specs = [RegionSpec(r.name, r.start, r.end) for r in regions]
+    try:
+        tracker.begin()
+        try:
+            async with connect_sender(host, port, key=key, regions=specs, channels=policy.channels,
+                                      page_size=PAGE_SIZE, max_bandwidth=policy.max_bandwidth,
+                                      ssl_context=ssl_context) as sender:
+                rep.setup_time_ms = (time.monotonic() - t_start) * 1000
+                try:
+                    async with trio.open_nursery() as nursery:
+                        if policy.auto_converge:
+                            nursery.start_soon(throttle.run)
+                        try:
+                            await _run(rep, policy, tracker, source, sender, regions, pauser,
+                                       throttle, progress, target)
+                        finally:
+                            nursery.cancel_scope.cancel()
+                except BaseExceptionGroup as eg:
+                    raise _leaf(eg) from None
+        except MigratorError as e:
+            if rep.status in ("setup", "active"):
+                rep.status, rep.reason = "failed", str(e)
+            if not rep.reason:
+                rep.reason = str(e)
+    finally:
+        if pauser.paused and rep.status != "completed":
+            with trio.CancelScope(shield=True):
+                pauser.resume()
+        rep.source_state = "paused" if pauser.paused else ("running" if process_exists(target.pid) else "exited")
+        rep.throttle_percent = throttle.percent
+        rep.tracker_detail = tracker.statistics().detail
+        tracker.end()
+        source.close()
+        rep.total_time_ms = (time.monotonic() - t_start) * 1000
+        if rep.total_time_ms > 0:
+            rep.mbps = rep.transferred_bytes * 8 / (rep.total_time_ms / 1000) / 1e6
+    return rep
+
+
+async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, source: SourceMemory,
+               sender, regions: list[Region], pauser: SourcePauser, throttle: Throttle,
+               progress, target: MigrationTarget) -> None:
+    rep.status = "active"
+
+    def account(round_no: int, dirtied: int, st, tracker_s: float, dirty_rate: float,
+                expected_ms: float, final: bool = False) -> RoundStats:
+        rs = RoundStats(round=round_no, pages_dirtied=dirtied,
+                        pages_sent=st.pages_normal + st.pages_zero, pages_zero=st.pages_zero,
+                        bytes=st.bytes, duration_ms=st.duration * 1000, tracker_ms=tracker_s * 1000,
+                        bandwidth_mbps=st.bytes * 8 / st.duration / 1e6 if st.duration > 0 else 0.0,
+                        dirty_rate_pps=dirty_rate, expected_downtime_ms=expected_ms,
+                        throttle_percent=throttle.percent, stop_and_copy=final)
+        rep.per_round.append(rs)
+        rep.rounds = len(rep.per_round)
+        rep.transferred_bytes += st.bytes
+        rep.pages_normal += st.pages_normal
+        rep.pages_zero += st.pages_zero
+        if progress:
+            progress(rs)
+        return rs
+
+    # round 0: every populated page
+    first = {r.name: await trio.to_thread.run_sync(source.populated, r) for r in regions}
+    last_collect = time.monotonic()
+    st = await sender.send_pages(_runs(first), source, 0)
+    await sender.end_round(0)
+    account(0, _count(first), st, 0.0, 0.0, 0.0)
+
+    bandwidth = max(sender.statistics().bandwidth, 1.0)     # bytes/s
+    limit_s = policy.downtime_limit_ms / 1000
+    hot_rounds = 0
+    round_no = 0
+    prev_sent = _count(first)
+    pending: dict[str, PageSet] = {}
+    while True:
+        round_no += 1
+        if policy.min_round_s:
+            await trio.sleep(max(0.0, policy.min_round_s - (time.monotonic() - last_collect)))
+        dirty = await trio.to_thread.run_sync(tracker.collect)
+        now = time.monotonic()
+        _check_events(dirty)
+        elapsed = max(now - last_collect, 1e-6)
+        last_collect = now
+        pending = dirty.pages
+        n = _count(pending)
+        dirty_rate = n / elapsed                           # pages/s
+        rep.dirty_pages_rate = dirty_rate
+        bandwidth = max(sender.statistics().bandwidth, 1.0)
+        rep.bandwidth_bytes_per_s = bandwidth
+        expected_s = n * PAGE_SIZE / bandwidth
+        rep.expected_downtime_ms = expected_s * 1000
+        rep.remaining_bytes = n * PAGE_SIZE
+        forced = policy.force_switchover is not None and policy.force_switchover.is_set()
+        if expected_s <= limit_s or round_no >= policy.max_rounds or forced:
+            break
+        # Not converging: the pages dirtied while the previous round was sent are (nearly) as many
+        # as that round sent, i.e. the dirty rate is at or above the bandwidth.  (Counting pages,
+        # not rates: a dirty set cannot grow past the memory size, so a rate saturates.)
+        if n >= NONCONVERGENCE_RATIO * prev_sent:
+            hot_rounds += 1
+        else:
+            hot_rounds = 0
+        if hot_rounds >= policy.nonconvergence_rounds:
+            if policy.auto_converge and throttle.percent < Throttle.MAX:
+                throttle.step_up()
+                hot_rounds = policy.nonconvergence_rounds - 1   # next step after one more hot round
+            elif not policy.auto_converge:
+                rep.status = "not-converged"
+                rep.reason = (f"not converging: for {hot_rounds} rounds the guest dirtied pages as fast as "
+                              f"they were sent ({dirty_rate * PAGE_SIZE / 1e6:.1f} MB/s dirtied, "
+                              f"{bandwidth / 1e6:.1f} MB/s bandwidth, {n} pages still dirty); "
+                              "enable --auto-converge or raise --max-bandwidth; the guest keeps running")
+                return
+        st = await sender.send_pages(_runs(pending), source, round_no)
+        await sender.end_round(round_no)
+        account(round_no, n, st, dirty.cost_s, dirty_rate, expected_s * 1000)
+        prev_sent = max(n, 1)
+        pending = {}
+
+    # stop-and-copy
+    with trio.CancelScope(shield=True):
+        await throttle.stop()        # its last SIGCONT must come before our SIGSTOP
+    t_pause = time.monotonic()
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(pauser.pause)
+    try:
+        with trio.fail_after(policy.verify_timeout_s):
+            final = await trio.to_thread.run_sync(lambda: tracker.collect(final=True))
+            _check_events(final)
+            _merge(pending, final)
+            nfinal = _count(pending)
+            rep.final_dirty_pages = nfinal
+            digests: dict[str, str] = {}
+
+            async def digest_all() -> None:
+                # the source is paused: its digests can be computed while the last pages go out
+                for r in regions:
+                    digests[r.name] = await trio.to_thread.run_sync(source.digest, r.name)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(digest_all)
+                st = await sender.send_pages(_runs(pending), source, round_no)
+                await sender.end_round(round_no)
+            account(round_no, nfinal, st, final.cost_s, rep.dirty_pages_rate, rep.expected_downtime_ms, final=True)
+            t_verify = time.monotonic()
+            result = await sender.finish(digests)
+            rep.verify_ms = (time.monotonic() - t_verify) * 1000
+    except trio.TooSlowError:
+        raise MigratorError(f"stop-and-copy did not finish within {policy.verify_timeout_s} s") from None
+    rep.downtime_ms = (time.monotonic() - t_pause) * 1000
+    rep.remaining_bytes = 0
+    if not result.complete:
+        bad = [n for n, v in result.regions.items() if not v.verified]
+        raise MigratorError(f"receiver could not verify region(s) {', '.join(bad)}: {result.message}")
+    rep.status = "completed"
+
+
+def _leaf(eg: BaseExceptionGroup) -> BaseException:
+    """The error to report from a group: the first MigratorError, else the first leaf."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            leaves.append(e)
+    walk(eg)
+    return next((e for e in leaves if isinstance(e, MigratorError)), leaves[0] if leaves else eg)
+
+
+def _check_events(d: DirtyPages) -> None:
+    for e in d.events:
+        if e.what == "unmapped":
+            raise MigratorError(f"region {e.region} changed under the migration: {e.detail}")

@@ -1,0 +1,70 @@
+"""Migration statistics, per round and overall, in QEMU's query-migrate vocabulary where it fits."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RoundStats:
+    """One pre-copy round (round 0 sends every populated page; the last one is stop-and-copy)."""
+
+    round: int
+    pages_dirtied: int          # pages the collect before this round reported
+    pages_sent: int             # pages_normal + pages_zero sent in this round
+    pages_zero: int
+    bytes: int                  # bytes on the wire
+    duration_ms: float          # sending time
+    tracker_ms: float           # cost of the collect that found the pages
+    bandwidth_mbps: float       # megabits/s of this round
+    dirty_rate_pps: float       # pages dirtied per second since the previous collect
+    expected_downtime_ms: float
+    throttle_percent: int = 0
+    stop_and_copy: bool = False
+
+
+@dataclass
+class MigrationReport:
+    status: str = "setup"               # completed, failed, not-converged
+    reason: str = ""
+    total_time_ms: float = 0.0
+    setup_time_ms: float = 0.0
+    downtime_ms: float = 0.0            # pause to verified
+    expected_downtime_ms: float = 0.0   # the estimate when stop-and-copy was decided
+    transferred_bytes: int = 0
+    remaining_bytes: int = 0
+    pages_normal: int = 0
+    pages_zero: int = 0
+    dirty_pages_rate: float = 0.0       # pages/s, last measured
+    rounds: int = 0
+    mbps: float = 0.0                   # megabits/s over the whole migration
+    throttle_percent: int = 0
+    tracker: str = ""
+    tracker_detail: str = ""
+    downtime_limit_ms: float = 0.0
+    bandwidth_bytes_per_s: float = 0.0  # measured, used for the expected downtime
+    final_dirty_pages: int = 0
+    verify_ms: float = 0.0
+    source_state: str = ""              # paused (postmigrate) or running
+    regions: list[dict] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    per_round: list[RoundStats] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, float):
+                d[k] = round(v, 3)
+        d["per_round"] = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                          for r in d["per_round"]]
+        return d
+
+    def summary(self) -> str:
+        lines = [f"migration {self.status}" + (f": {self.reason}" if self.reason else ""),
+                 f"  total {self.total_time_ms:.0f} ms, downtime {self.downtime_ms:.1f} ms "
+                 f"(expected {self.expected_downtime_ms:.1f} ms, limit {self.downtime_limit_ms:.0f} ms), "
+                 f"setup {self.setup_time_ms:.0f} ms",
+                 f"  {self.rounds} rounds, {self.transferred_bytes / 1e6:.1f} MB sent "
+                 f"({self.pages_normal} pages + {self.pages_zero} zero pages), {self.mbps:.0f} Mbit/s",
+                 f"  tracker {self.tracker}, throttle {self.throttle_percent} %, source {self.source_state}"]
+        return "\n".join(lines)

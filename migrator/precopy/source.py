@@ -1,0 +1,100 @@
+"""Reading the source's memory: the page reader the sender calls, and the populated pages that
+round 0 sends.  Shared regions are read from the memory object itself (map_files: the page cache,
+without touching the target's page tables); private regions through /proc/PID/mem."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import MigratorError, TargetGoneError
+from ..kernel.maps import Region, RegionKind
+from ..kernel.native import PAGE_SIZE, check, ffi, lib
+from ..kernel.pagemap import PM_PRESENT, PM_SWAP, Pagemap
+from ..kernel.shmem import data_extents, open_object
+from ..tracking.pageset import PageSet
+
+DIGEST_BUFFER = 1 << 20
+
+
+class SourceMemory:
+    """Blocking reads of the tracked regions of a running (or paused) process."""
+
+    def __init__(self, pid: int, regions: list[Region]):
+        self.pid = pid
+        self.regions = {r.name: r for r in regions}
+        self._fds: dict[str, int] = {}
+        try:
+            self._mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise TargetGoneError(f"process {pid} does not exist (or exited)") from None
+        except PermissionError:
+            raise MigratorError(f"cannot open /proc/{pid}/mem: permission denied (run as root)") from None
+        for r in regions:
+            if r.kind == RegionKind.SHARED:
+                self._fds[r.name] = open_object(pid, r)
+
+    def _where(self, region_name: str) -> tuple[int, int, bool]:
+        """(fd, byte position of page 0, is the memory object itself) for a region."""
+        r = self.regions[region_name]
+        fd = self._fds.get(region_name)
+        if fd is not None:
+            return fd, r.offset, True
+        return self._mem, r.start, False
+
+    def _failed(self, region_name: str, err: OSError) -> MigratorError:
+        if not os.path.exists(f"/proc/{self.pid}/mem"):
+            return TargetGoneError(f"process {self.pid} exited")
+        return MigratorError(f"reading region {region_name}: {err.strerror}")
+
+    def read_runs(self, region_name: str, runs: list[tuple[int, int]]) -> bytearray:
+        """The pages of runs [(first_page, npages), ...] of a region, one after the other, read
+        in one C call."""
+        fd, base, is_object = self._where(region_name)
+        total = sum(n for _, n in runs)
+        out = bytearray(total * PAGE_SIZE)
+        flat = ffi.new("uint64_t[]", [x for run in runs for x in run] or [0])
+        try:
+            check(lib.mg_read_runs(fd, base, flat, len(runs), PAGE_SIZE, ffi.from_buffer(out),
+                                   int(is_object)), "pread", pid=self.pid)
+        except OSError as e:
+            raise self._failed(region_name, e) from None
+        return out
+
+    def read(self, region_name: str, first_page: int, npages: int) -> bytearray:
+        """npages pages of a region from page first_page."""
+        return self.read_runs(region_name, [(first_page, npages)])
+
+    def digest(self, region_name: str) -> str:
+        """XXH3-128 of the region's bytes (as migrator.transport.region_digest computes it),
+        read in C: 32 hex digits."""
+        r = self.regions[region_name]
+        fd, base, _ = self._where(region_name)
+        out = ffi.new("uint64_t[2]")
+        buf = ffi.new("uint8_t[]", DIGEST_BUFFER)
+        try:
+            check(lib.mg_digest_fd(fd, base, r.size, buf, DIGEST_BUFFER, out), "pread", pid=self.pid)
+        except OSError as e:
+            raise self._failed(region_name, e) from None
+        return f"{out[0]:016x}{out[1]:016x}"
+
+    def populated(self, region: Region) -> PageSet:
+        """The pages of region that hold data: allocated object pages (swapped ones included) for
+        shared memory; present or swapped pages for private memory."""
+        s = PageSet(region.npages)
+        fd = self._fds.get(region.name)
+        if fd is not None:
+            for a, b in data_extents(fd, region.offset, region.offset + region.size):
+                s.add_range((a - region.offset) // PAGE_SIZE, (b - region.offset + PAGE_SIZE - 1) // PAGE_SIZE)
+            return s
+        with Pagemap(self.pid) as pm:
+            pm.match(region.start, region.npages, PM_PRESENT, PM_PRESENT, s.bits)
+            pm.match(region.start, region.npages, PM_SWAP, PM_SWAP, s.bits)
+        return s
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self._mem >= 0:
+            os.close(self._mem)
+            self._mem = -1

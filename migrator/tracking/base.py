@@ -1,0 +1,104 @@
+"""The tracker interface and what a collect returns."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+from ..kernel.maps import Region
+from .pageset import PageSet
+
+
+@dataclass(frozen=True)
+class RegionEvent:
+    """Something that happened to a tracked region's mappings between two collects."""
+
+    region: str
+    what: str      # "remapped" (a VMA under it was replaced: all its pages reported), "unmapped"
+    detail: str
+
+
+@dataclass
+class DirtyPages:
+    """Result of one collect: region name -> pages written since the previous collect."""
+
+    pages: dict[str, PageSet]
+    events: list[RegionEvent] = field(default_factory=list)
+    cost_s: float = 0.0          # wall time the collect took (seconds)
+
+    def count(self) -> int:
+        """Total dirty pages across regions."""
+        return sum(len(s) for s in self.pages.values())
+
+    def merge(self, other: "DirtyPages") -> None:
+        for name, s in other.pages.items():
+            if name in self.pages:
+                self.pages[name].update(s)
+            else:
+                self.pages[name] = s
+        self.events.extend(other.events)
+        self.cost_s += other.cost_s
+
+
+@dataclass(frozen=True)
+class TrackerStatistics:
+    """Debug figures of a tracker (like trio's *Statistics objects)."""
+
+    name: str
+    collects: int
+    pages_reported: int
+    tracked_pages: int
+    memory_bytes: int            # tracker-side memory for per-page state
+    last_cost_s: float
+    detail: str = ""
+
+
+class Tracker(abc.ABC):
+    """Reports, per collect, the pages of its regions written since the previous collect.
+
+    begin() arms tracking (after it, every write is seen by the next collect); collect() returns
+    the written pages and re-arms atomically where the mechanism allows; end() disarms and frees.
+    """
+
+    name: str = "tracker"
+
+    def __init__(self, pid: int, regions: list[Region]):
+        self.pid = pid
+        self.regions = list(regions)
+        self._collects = 0
+        self._reported = 0
+        self._last_cost = 0.0
+
+    @abc.abstractmethod
+    def begin(self) -> None: ...
+
+    @abc.abstractmethod
+    def collect(self, final: bool = False) -> DirtyPages:
+        """Pages written since the previous collect (or begin).  final=True: the last collect
+        of a migration, target paused: do every check, however costly."""
+
+    def end(self) -> None:
+        """Disarm; safe to call twice and after the target exited."""
+
+    def memory_bytes(self) -> int:
+        return 0
+
+    def statistics(self) -> TrackerStatistics:
+        return TrackerStatistics(
+            name=self.name, collects=self._collects, pages_reported=self._reported,
+            tracked_pages=sum(r.npages for r in self.regions), memory_bytes=self.memory_bytes(),
+            last_cost_s=self._last_cost,
+        )
+
+    def _account(self, result: DirtyPages) -> DirtyPages:
+        self._collects += 1
+        self._reported += result.count()
+        self._last_cost = result.cost_s
+        return result
+
+    def __enter__(self) -> "Tracker":
+        self.begin()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end()

@@ -1,0 +1,61 @@
+"""Composite tracker (the default): a PTE-based tracker for private memory, the shmem ledger for
+shared memory.  The PTE tracker is exact for private memory (every write goes through the
+target's page tables); for shared objects PTE information can be lost (swap-out, other mappers,
+pwrite, fallocate), so they go to the ledger, which looks at the contents.  The union is exact for
+every write path."""
+
+from __future__ import annotations
+
+import time
+
+from ..kernel.maps import Region, RegionKind
+from .base import DirtyPages, Tracker, TrackerStatistics
+from .ledger import LedgerRegistry, LedgerTracker
+
+
+def is_shared(r: Region) -> bool:
+    return r.kind == RegionKind.SHARED
+
+
+class CompositeTracker(Tracker):
+    def __init__(self, pid: int, regions: list[Region], private: Tracker | None,
+                 registry: LedgerRegistry | None = None):
+        super().__init__(pid, regions)
+        shared = [r for r in regions if is_shared(r)]
+        self.private = private
+        self.ledger = LedgerTracker(pid, shared, registry) if shared else None
+        self.name = "+".join([p.name for p in (private, self.ledger) if p is not None]) or "none"
+
+    def parts(self) -> list[Tracker]:
+        return [p for p in (self.private, self.ledger) if p is not None]
+
+    def begin(self) -> None:
+        started: list[Tracker] = []
+        try:
+            for p in self.parts():
+                p.begin()
+                started.append(p)
+        except BaseException:
+            for p in started:
+                p.end()
+            raise
+
+    def collect(self, final: bool = False) -> DirtyPages:
+        t0 = time.perf_counter()
+        out = DirtyPages(pages={})
+        for p in self.parts():
+            out.merge(p.collect(final))
+        out.cost_s = time.perf_counter() - t0
+        return self._account(out)
+
+    def end(self) -> None:
+        for p in self.parts():
+            p.end()
+
+    def memory_bytes(self) -> int:
+        return sum(p.memory_bytes() for p in self.parts())
+
+    def statistics(self) -> TrackerStatistics:
+        base = super().statistics()
+        detail = "; ".join(f"{p.name}: {', '.join(r.name for r in p.regions)}" for p in self.parts())
+        return TrackerStatistics(**{**base.__dict__, "detail": detail})

@@ -1,0 +1,173 @@
+"""The central shmem dirty ledger: page-cache content hashes per shared memory object.
+
+For shared memory the page tables are not the truth: a swapped-out or zapped shmem page loses its
+PTE, and writes through another process's mapping or by write/pwrite/fallocate never touch the
+target's PTEs.  The ledger looks at the object itself: one ShmemLedger per object (keyed by
+device + inode, not per process), holding an XXH3-64 hash and a change generation per page
+(12 bytes a page).  A sweep preads the object's data extents (SEEK_DATA/SEEK_HOLE; holes count as
+zero pages) through /proc/PID/map_files, without touching any process's page tables, and bumps
+the generation of every page whose hash changed.  Each consumer (a LedgerTracker of one process)
+remembers the generation it last saw, so several trackers can share one ledger.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..errors import TargetGoneError
+from ..kernel.maps import Region, RegionKind, read_maps
+from ..kernel.native import PAGE_SIZE, check, ffi, lib
+from ..kernel.shmem import data_extents, open_object
+from .base import DirtyPages, Tracker
+from .layout import unmapped_events
+from .pageset import PageSet
+
+SWEEP_BUFFER = 256 * 1024     # bytes read per pread: small enough to stay in L2
+
+
+class ShmemLedger:
+    """Hashes and change generations of object pages [first_page, end_page) of one shmem object."""
+
+    def __init__(self, key: tuple[int, int, int], fd: int, first_page: int, end_page: int):
+        self.key = key
+        self.fd = fd
+        self.first_page = first_page
+        self.end_page = end_page
+        n = end_page - first_page
+        self.hashes = ffi.new("uint64_t[]", max(n, 1))
+        self.gens = ffi.new("uint32_t[]", max(n, 1))
+        self.generation = 0
+        self.sweeps = 0
+        self.last_sweep_s = 0.0
+        self.bytes_read = 0
+        self._buf = ffi.new("uint8_t[]", SWEEP_BUFFER)
+        self._zero = lib.mg_hash_zero_page(PAGE_SIZE)
+
+    @property
+    def npages(self) -> int:
+        return self.end_page - self.first_page
+
+    def memory_bytes(self) -> int:
+        return self.npages * 12 + SWEEP_BUFFER
+
+    def sweep(self) -> int:
+        """Hash every page of the object range; returns how many changed since the last sweep."""
+        t0 = time.perf_counter()
+        self.generation += 1
+        g = self.generation
+        lo, hi = self.first_page * PAGE_SIZE, self.end_page * PAGE_SIZE
+        changed = 0
+        pos = lo
+        for a, b in data_extents(self.fd, lo, hi) + [(hi, hi)]:
+            if a > pos:    # hole [pos, a): reads as zeros
+                i = (pos - lo) // PAGE_SIZE
+                changed += lib.mg_sweep_hole((a - pos) // PAGE_SIZE, self._zero, self.hashes + i,
+                                             ffi.NULL, 0, self.gens + i, g)
+            if b > a:
+                i = (a - lo) // PAGE_SIZE
+                n = (b - a) // PAGE_SIZE
+                changed += check(lib.mg_sweep_fd(self.fd, a, n, PAGE_SIZE, self._buf, SWEEP_BUFFER,
+                                                 self.hashes + i, ffi.NULL, 0, self.gens + i, g),
+                                 "pread shmem object")
+                self.bytes_read += b - a
+            pos = max(pos, b)
+        self.sweeps += 1
+        self.last_sweep_s = time.perf_counter() - t0
+        return changed
+
+    def changed_since(self, since: int, first_page: int, npages: int) -> PageSet:
+        """Object pages [first_page, first_page + npages) changed in a sweep after generation
+        `since`, as a PageSet indexed from first_page."""
+        if first_page < self.first_page or first_page + npages > self.end_page:
+            raise ValueError("range outside the ledger")
+        s = PageSet(npages)
+        lib.mg_gens_since(self.gens + (first_page - self.first_page), npages, since, ffi.from_buffer(s.bits))
+        return s
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class LedgerRegistry:
+    """The ledgers of one migration (or one host), one per shared object."""
+
+    def __init__(self) -> None:
+        self._ledgers: dict[tuple[int, int, int], ShmemLedger] = {}
+
+    def ledger_for(self, pid: int, region: Region) -> ShmemLedger:
+        """The ledger of region's object, created (and swept once) on first use; grown when a
+        later region reaches beyond it."""
+        first = region.offset // PAGE_SIZE
+        end = first + region.npages
+        led = self._ledgers.get(region.object_key)
+        if led is not None and led.first_page <= first and end <= led.end_page:
+            return led
+        if led is not None:
+            first, end = min(first, led.first_page), max(end, led.end_page)
+            led.close()
+        fd = open_object(pid, region)
+        led = ShmemLedger(region.object_key, fd, first, end)
+        led.sweep()
+        self._ledgers[region.object_key] = led
+        return led
+
+    def ledgers(self) -> list[ShmemLedger]:
+        return list(self._ledgers.values())
+
+    def close(self) -> None:
+        for led in self._ledgers.values():
+            led.close()
+        self._ledgers.clear()
+
+
+class LedgerTracker(Tracker):
+    """Tracker for shared regions of one process, backed by a (shared) LedgerRegistry.
+
+    Every collect sweeps each object once and reports the pages whose contents changed since this
+    tracker's previous collect, whatever wrote them.
+    """
+
+    name = "ledger"
+
+    def __init__(self, pid: int, regions: list[Region], registry: LedgerRegistry | None = None):
+        super().__init__(pid, regions)
+        for r in regions:
+            if r.kind != RegionKind.SHARED and not r.inode:
+                raise ValueError(f"region {r.name} is not backed by a shared object")
+        self._own_registry = registry is None
+        self.registry = registry or LedgerRegistry()
+        self._since: dict[str, int] = {}
+
+    def begin(self) -> None:
+        for r in self.regions:
+            led = self.registry.ledger_for(self.pid, r)
+            self._since[r.name] = led.generation
+
+    def collect(self, final: bool = False) -> DirtyPages:
+        t0 = time.perf_counter()
+        out = DirtyPages(pages={})
+        maps = read_maps(self.pid)      # raises TargetGoneError when the process exited
+        swept: set[int] = set()
+        for r in self.regions:
+            out.events.extend(unmapped_events(r, maps))
+            led = self.registry.ledger_for(self.pid, r)
+            if id(led) not in swept:
+                try:
+                    led.sweep()
+                except OSError as e:
+                    raise TargetGoneError(f"shared object of region {r.name} unreadable: {e}") from None
+                swept.add(id(led))
+            out.pages[r.name] = led.changed_since(self._since[r.name], r.offset // PAGE_SIZE, r.npages)
+            self._since[r.name] = led.generation
+        out.cost_s = time.perf_counter() - t0
+        return self._account(out)
+
+    def memory_bytes(self) -> int:
+        return sum(led.memory_bytes() for led in self.registry.ledgers())
+
+    def end(self) -> None:
+        if self._own_registry:
+            self.registry.close()

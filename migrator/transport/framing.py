@@ -1,0 +1,140 @@
+"""Frames over a trio stream: buffered reading (straight into a reused buffer for page data),
+writing, and turning connection failures into TransportError.  All parsing is delegated to
+wire.py."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import trio
+
+from ..errors import ProtocolError, TransportError
+from . import wire
+
+_CHUNK = 256 << 10
+
+
+class PeerClosed(TransportError):
+    """The peer closed the connection at a frame boundary."""
+
+
+class FrameStream:
+    """One connection: send and receive whole frames."""
+
+    def __init__(self, stream: trio.abc.Stream, peer: str = "peer"):
+        self.stream = stream
+        self.peer = peer
+        self._buf = bytearray()
+        self._pos = 0
+        self._data = bytearray()
+        # plain TCP: page data goes straight from the socket into our buffer with recv_into
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self.bytes_sent = 0
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def send(self, msg: wire.Message) -> None:
+        await self.send_raw(wire.encode(msg))
+
+    async def send_raw(self, head: bytes, data: Any = None) -> None:
+        try:
+            await self.stream.send_all(head)
+            if data is not None and len(data):
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            raise TransportError(f"connection to {self.peer} lost while sending ({e or 'closed'})") from None
+        self.bytes_sent += len(head) + (len(data) if data is not None else 0)
+
+    async def send_error(self, message: str) -> None:
+        """Best effort: tell the peer why we give up (it may be gone already)."""
+        with trio.move_on_after(2):
+            try:
+                await self.send(wire.Error(message))
+            except TransportError:
+                pass
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def _receive_some(self, n: int) -> bytes:
+        try:
+            return await self.stream.receive_some(max(n, _CHUNK))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            raise TransportError(f"connection to {self.peer} lost ({e or 'closed'})") from None
+
+    async def _read_exact(self, n: int, what: str, at_boundary: bool = False) -> bytes:
+        while len(self._buf) - self._pos < n:
+            chunk = await self._receive_some(n - (len(self._buf) - self._pos))
+            if not chunk:
+                have = len(self._buf) - self._pos
+                if at_boundary and have == 0:
+                    raise PeerClosed(f"{self.peer} closed the connection")
+                raise ProtocolError(f"truncated frame: {self.peer} went away in the middle of "
+                                    f"{what} ({have} of {n} bytes)")
+            if self._pos:
+                del self._buf[:self._pos]
+                self._pos = 0
+            self._buf += chunk
+        out = bytes(self._buf[self._pos:self._pos + n])
+        self._pos += n
+        return out
+
+    async def _read_into(self, view: memoryview, what: str) -> None:
+        n = len(view)
+        have = min(len(self._buf) - self._pos, n)
+        view[:have] = self._buf[self._pos:self._pos + have]
+        self._pos += have
+        got = have
+        while got < n:
+            if self._sock is not None:
+                try:
+                    k = await self._sock.recv_into(view[got:], n - got)
+                except OSError as e:
+                    raise TransportError(f"connection to {self.peer} lost ({e})") from None
+                if k == 0:
+                    raise ProtocolError(f"truncated frame: {self.peer} went away in the middle of "
+                                        f"{what} ({got} of {n} bytes)")
+                got += k
+            else:
+                chunk = await self._receive_some(n - got)
+                if not chunk:
+                    raise ProtocolError(f"truncated frame: {self.peer} went away in the middle of "
+                                        f"{what} ({got} of {n} bytes)")
+                take = min(len(chunk), n - got)
+                view[got:got + take] = chunk[:take]
+                got += take
+                if take < len(chunk):  # (receive_some never returns more than asked, but be safe)
+                    self._buf = bytearray(chunk[take:])
+                    self._pos = 0
+
+    async def receive(self, page_size: int | None = None) -> wire.Message:
+        """The next frame, validated.  A Batch's data is a memoryview of a buffer that the next
+        receive() reuses: consume it first.  An ERROR frame raises TransportError."""
+        t, meta_len, data_len = wire.parse_header(
+            await self._read_exact(wire.HEADER_SIZE, "a frame header", at_boundary=True))
+        meta = await self._read_exact(meta_len, f"a {t.name} frame")
+        msg = wire.decode(t, meta, data_len, page_size)
+        if isinstance(msg, wire.Batch):
+            if len(self._data) < data_len:
+                self._data = bytearray(data_len)
+            view = memoryview(self._data)[:data_len]
+            await self._read_into(view, "a BATCH frame's page data")
+            wire.check_digest(msg, view)
+            msg = dataclasses.replace(msg, data=view)
+        elif isinstance(msg, wire.Error):
+            raise TransportError(f"{self.peer} reported: {msg.message}")
+        return msg
+
+    async def expect(self, kind: type, page_size: int | None = None) -> Any:
+        msg = await self.receive(page_size)
+        if not isinstance(msg, kind):
+            raise ProtocolError(f"unexpected {type(msg).__name__.upper()} from {self.peer} "
+                                f"(expected {kind.__name__.upper()})")
+        return msg

@@ -1,0 +1,209 @@
+"""Destination images: one raw file per source region (byte offset = page offset in the region)
+and manifest.json, always replaced atomically.  Pages are written where they belong as batches
+arrive (pwrite), so memory stays bounded: besides the files, 4 bytes per page of bookkeeping.
+
+Each page keeps a stamp: 2 * (round + 1) + has_data (0 = never written, reads as zeros).  A copy
+from round r is applied only if the page's stamp is from round r or older, so a page resent in a
+later round is never overwritten by an older copy that arrives late on another channel.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..errors import MigratorError
+from .digest import file_digest
+from .wire import Batch, RegionSpec
+
+MANIFEST = "manifest.json"
+_ZERO_WRITE = 1 << 20
+
+
+def image_name(index: int, name: str) -> str:
+    """A safe file name for region #index: its name with anything odd replaced."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:100] or "region"
+    return f"{index:03d}-{safe}.img"
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    name: str
+    verified: bool
+    source_digest: str
+    dest_digest: str
+
+
+class _Image:
+    def __init__(self, path: str, region: RegionSpec, page_size: int):
+        self.path = path
+        self.region = region
+        self.npages = region.size // page_size
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.ftruncate(self.fd, region.size)
+        # anonymous mapping: zero pages on demand, so a huge region costs only what is touched
+        self._map = mmap.mmap(-1, 4 * self.npages)
+        self.stamps = memoryview(self._map).cast("I")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.stamps.release()
+        self._map.close()
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data)
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+class ImageSet:
+    """The images of one session in out_dir, with the manifest describing them."""
+
+    def __init__(self, out_dir: str, regions: Sequence[RegionSpec], page_size: int, session: str):
+        self.out_dir = out_dir
+        self.regions = list(regions)
+        self.page_size = page_size
+        self.session = session
+        self.names = [image_name(i, r.name) for i, r in enumerate(self.regions)]
+        self.status = ["receiving"] * len(self.regions)
+        self.digests: list[str | None] = [None] * len(self.regions)
+        self.complete = False
+        self.error: str | None = None
+        self._images: list[_Image] = []
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            # first the manifest (so an earlier 'complete' never survives), then the files
+            self.write_manifest()
+            for name, region in zip(self.names, self.regions):
+                self._images.append(_Image(os.path.join(out_dir, name), region, page_size))
+        except OSError as e:
+            self.close()
+            raise MigratorError(f"cannot create images in {out_dir!r}: {e.strerror}") from None
+        self.pages_written = 0
+        self.pages_zeroed = 0
+        self.pages_stale = 0
+
+    @property
+    def region_pages(self) -> list[int]:
+        return [r.size // self.page_size for r in self.regions]
+
+    def write_manifest(self) -> None:
+        write_json_atomic(os.path.join(self.out_dir, MANIFEST), {
+            "complete": self.complete,
+            "session": self.session,
+            "page_size": self.page_size,
+            "error": self.error,
+            "regions": [
+                {"name": r.name, "start": r.start, "end": r.end, "size": r.size,
+                 "image": name, "digest": digest, "status": status}
+                for r, name, digest, status in zip(self.regions, self.names, self.digests, self.status)
+            ],
+        })
+
+    def apply(self, batch: Batch) -> None:
+        """Write a validated batch (wire.check_batch passed) into its image."""
+        img = self._images[batch.region]
+        ps = self.page_size
+        stamps = img.stamps
+        limit = 2 * (batch.round_no + 1) + 1   # stamps <= limit are from this round or older
+        new_data = 2 * (batch.round_no + 1) + 1
+        new_zero = new_data - 1
+        data = batch.data
+        off = 0
+        try:
+            for first, count in batch.data_runs:
+                end = first + count
+                if max(stamps[first:end]) <= limit:
+                    _pwrite_all(img.fd, data[off:off + count * ps], first * ps)
+                    stamps[first:end] = array.array("I", [new_data]) * count
+                    self.pages_written += count
+                else:  # some pages already hold a newer copy: write page by page
+                    for i in range(count):
+                        p = first + i
+                        if stamps[p] <= limit:
+                            _pwrite_all(img.fd, data[off + i * ps:off + (i + 1) * ps], p * ps)
+                            stamps[p] = new_data
+                            self.pages_written += 1
+                        else:
+                            self.pages_stale += 1
+                off += count * ps
+            for first, count in batch.zero_runs:
+                end = first + count
+                if max(stamps[first:end]) <= 1:  # never held data: already zeros (a hole)
+                    stamps[first:end] = array.array("I", [new_zero]) * count
+                    self.pages_zeroed += count
+                    continue
+                p = first
+                while p < end:
+                    s = stamps[p]
+                    if s > limit:
+                        self.pages_stale += 1
+                        p += 1
+                        continue
+                    q = p
+                    while q < end and stamps[q] <= limit and (stamps[q] & 1) == (s & 1) \
+                            and q - p < _ZERO_WRITE // ps:
+                        q += 1
+                    if s & 1:  # held data: zero it on disk
+                        _pwrite_all(img.fd, bytes((q - p) * ps), p * ps)
+                    stamps[p:q] = array.array("I", [new_zero]) * (q - p)
+                    self.pages_zeroed += q - p
+                    p = q
+        except OSError as e:
+            raise MigratorError(f"writing image {self.names[batch.region]!r}: {e.strerror}") from None
+
+    def verify(self, source_digests: Sequence[str]) -> list[Verdict]:
+        """Flush the images, digest them and compare (blocking: run it in a thread)."""
+        out = []
+        for i, (img, src) in enumerate(zip(self._images, source_digests)):
+            os.fsync(img.fd)
+            got = file_digest(img.path, img.region.size)
+            self.digests[i] = got
+            self.status[i] = "verified" if got == src else "mismatch"
+            out.append(Verdict(img.region.name, got == src, src, got))
+        self.complete = all(v.verified for v in out)
+        if not self.complete:
+            bad = [v.name for v in out if not v.verified]
+            self.error = f"digest mismatch in {', '.join(bad)}"
+        self.write_manifest()
+        return out
+
+    def fail(self, reason: str) -> None:
+        """Mark the session failed on disk (never complete)."""
+        self.complete = False
+        self.error = reason
+        self.status = ["failed" if s == "receiving" else s for s in self.status]
+        try:
+            self.write_manifest()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for img in self._images:
+            img.close()
+        self._images = []

@@ -1,0 +1,306 @@
+"""The destination side: accept authenticated senders, write their pages into images, verify.
+
+One session at a time.  Channel 0 of a session authenticates, declares the regions (SETUP) and
+finally ends the migration (END); channels 1..N-1 join it by session id, each authenticated on
+its own.  Any error on any channel fails the whole session: every channel gets an ERROR frame and
+is closed, and the manifest says complete=false with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import trio
+
+from ..errors import MigratorError, ProtocolError, TransportError, UsageError
+from . import wire
+from .auth import check_listen_policy, server_handshake
+from .framing import FrameStream, PeerClosed
+from .images import ImageSet
+
+HANDSHAKE_TIMEOUT = 10.0
+MAX_PENDING_CONNECTIONS = 64
+DRAIN_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class SessionOutcome:
+    """How one session ended."""
+
+    session: str
+    peer: str
+    complete: bool
+    error: str | None
+    regions: int
+    bytes_received: int
+    pages_written: int
+    pages_zeroed: int
+    pages_stale: int
+    channels: int
+    duration: float
+
+
+@dataclass
+class _Session:
+    sid: bytes
+    peer: str
+    channels: int = 1
+    images: ImageSet | None = None
+    joined: set[int] = field(default_factory=set)
+    closed: set[int] = field(default_factory=set)
+    scopes: list[trio.CancelScope] = field(default_factory=list)
+    error: str | None = None
+    done: bool = False
+    started: float = field(default_factory=time.monotonic)
+    bytes_received: int = 0
+    verdict_sent: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.sid.hex()[:12]
+
+
+class Receiver:
+    """Per-connection handler (`handle_stream`) plus the session bookkeeping.
+
+    Args:
+        out_dir: folder for the images and manifest.json.
+        key: pre-shared key, or None (then the caller must listen on loopback only).
+        ssl_context: server-side TLS context, or None for plain TCP.
+        log: called with one line per session (and per rejected connection).
+        on_session_end: called with each SessionOutcome once it is final.
+    """
+
+    def __init__(self, out_dir: str, *, key: bytes | None, ssl_context=None,
+                 log: Callable[[str], None] | None = None,
+                 on_session_end: Callable[[SessionOutcome], None] | None = None):
+        self.out_dir = out_dir
+        self.key = key
+        self.ssl_context = ssl_context
+        self.log = log or (lambda line: None)
+        self.on_session_end = on_session_end
+        self.outcomes: list[SessionOutcome] = []
+        self.session_ended = trio.Event()
+        self._active: _Session | None = None
+        self._pending = 0
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def _fail(self, s: _Session, reason: str) -> None:
+        if s.done:
+            return
+        s.error = reason
+        if s.images is not None:
+            s.images.fail(reason)
+        for scope in s.scopes:
+            scope.cancel()
+        self._end(s, complete=False)
+
+    def _end(self, s: _Session, complete: bool) -> None:
+        s.done = True
+        if self._active is s:
+            self._active = None
+        im = s.images
+        out = SessionOutcome(
+            session=s.sid.hex(), peer=s.peer, complete=complete, error=s.error,
+            regions=len(im.regions) if im else 0, bytes_received=s.bytes_received,
+            pages_written=im.pages_written if im else 0, pages_zeroed=im.pages_zeroed if im else 0,
+            pages_stale=im.pages_stale if im else 0, channels=s.channels,
+            duration=time.monotonic() - s.started)
+        if im is not None:
+            im.close()
+        self.outcomes.append(out)
+        mib = out.bytes_received / (1 << 20)
+        if complete:
+            self.log(f"session {s.name} from {s.peer}: complete, {out.regions} region(s) verified, "
+                     f"{mib:.1f} MiB over {out.channels} channel(s) in {out.duration:.2f} s")
+        else:
+            self.log(f"session {s.name} from {s.peer}: FAILED: {s.error}")
+        self.session_ended.set()
+        self.session_ended = trio.Event()
+        if self.on_session_end is not None:
+            self.on_session_end(out)
+
+    # -- connections -------------------------------------------------------------------------
+
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one accepted connection to its end; never raises for a peer's misbehaviour."""
+        peer = _peer_name(stream)
+        if self._pending >= MAX_PENDING_CONNECTIONS:
+            self.log(f"connection from {peer}: rejected: too many connections")
+            await trio.aclose_forcefully(stream)
+            return
+        self._pending += 1
+        fs = FrameStream(stream, f"sender {peer}")
+        session: _Session | None = None
+        try:
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    if self.ssl_context is not None:
+                        stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
+                        fs = FrameStream(stream, f"sender {peer}")
+                        try:
+                            await stream.do_handshake()
+                        except trio.BrokenResourceError as e:
+                            raise TransportError(f"TLS handshake failed: {e.__cause__ or e}") from None
+                    who = await server_handshake(fs, self.key)
+                    if who.channel == 0:
+                        if self._active is not None:
+                            raise TransportError("receiver busy with another migration")
+                        session = self._active = _Session(who.session, peer)
+                        await fs.send(wire.Welcome())
+                        setup = await fs.expect(wire.Setup)
+                        session.channels = setup.channels
+                        session.images = ImageSet(self.out_dir, setup.regions, setup.page_size,
+                                                  session.sid.hex())
+                        session.joined.add(0)
+                        await fs.send(wire.SetupOk(tuple(session.images.names)))
+                        self.log(f"session {session.name} from {peer}: {len(setup.regions)} region(s), "
+                                 f"{sum(r.size for r in setup.regions) / (1 << 20):.1f} MiB, "
+                                 f"page size {setup.page_size}, {setup.channels} channel(s)")
+                    else:
+                        s = self._active
+                        if s is None or s.sid != who.session or s.images is None:
+                            raise ProtocolError(f"channel {who.channel} names no active session")
+                        if who.channel >= s.channels or who.channel in s.joined:
+                            raise ProtocolError(f"channel {who.channel} is not expected in session {s.name}")
+                        s.joined.add(who.channel)
+                        session = s
+                        await fs.send(wire.Welcome())
+            except trio.TooSlowError:
+                raise TransportError("handshake timed out") from None
+            finally:
+                self._pending -= 1
+            await self._serve_channel(fs, session, who.channel)
+        except MigratorError as e:
+            if session is None:
+                self.log(f"connection from {peer}: rejected: {e}")
+                await _refuse(fs, str(e))
+            else:
+                self._fail(session, str(e))
+        except trio.Cancelled:
+            if session is not None and not session.done:
+                self._fail(session, "receiver shutting down")
+            raise
+        finally:
+            if session is not None and session.error is not None and not session.verdict_sent:
+                await _refuse(fs, session.error)
+            await fs.aclose()
+
+    async def _serve_channel(self, fs: FrameStream, s: _Session, channel: int) -> None:
+        with trio.CancelScope() as scope:
+            s.scopes.append(scope)
+            if s.done:
+                return
+            images = s.images
+            assert images is not None
+            region_pages = images.region_pages
+            ps = images.page_size
+            while True:
+                try:
+                    msg = await fs.receive(ps)
+                except PeerClosed:
+                    raise TransportError(f"sender disconnected on channel {channel} "
+                                         f"before the end of the migration") from None
+                if isinstance(msg, wire.Batch):
+                    wire.check_batch(msg, region_pages)
+                    images.apply(msg)
+                    s.bytes_received += len(msg.data)
+                elif isinstance(msg, wire.RoundEnd):
+                    await fs.send(wire.RoundAck(msg.round_no))
+                elif isinstance(msg, wire.Close) and channel != 0:
+                    s.closed.add(channel)
+                    await fs.send(wire.Closed())
+                    return
+                elif isinstance(msg, wire.End) and channel == 0:
+                    await self._finish(fs, s, msg)
+                    return
+                else:
+                    raise ProtocolError(f"unexpected {type(msg).__name__.upper()} on channel {channel}")
+
+    async def _finish(self, fs: FrameStream, s: _Session, end: wire.End) -> None:
+        images = s.images
+        assert images is not None
+        if len(end.digests) != len(images.regions):
+            raise ProtocolError(f"END carries {len(end.digests)} digests for {len(images.regions)} regions")
+        open_channels = sorted(set(range(1, s.channels)) - s.closed)
+        if open_channels:
+            raise ProtocolError(f"END while channel(s) {open_channels} still open")
+        verdicts = await trio.to_thread.run_sync(images.verify, list(end.digests))
+        complete = images.complete
+        if not complete:
+            s.error = images.error
+        await fs.send(wire.Result(complete, tuple(v.verified for v in verdicts),
+                                  tuple(v.dest_digest for v in verdicts), images.error or ""))
+        s.verdict_sent = True
+        self._end(s, complete=complete)
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    except (AttributeError, OSError):
+        return "peer"
+
+
+async def _refuse(fs: FrameStream, reason: str) -> None:
+    """Tell the peer why, then drain what it still sends for a moment so that closing does not
+    reset the connection before it reads the reason."""
+    with trio.CancelScope(shield=True):
+        await fs.send_error(reason)
+        with trio.move_on_after(1.0):
+            try:
+                if isinstance(fs.stream, trio.SocketStream):
+                    await fs.stream.send_eof()
+                left = DRAIN_BYTES
+                while left > 0:
+                    chunk = await fs.stream.receive_some(1 << 20)
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [::1]:PORT) → (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"bad address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:7000")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host:
+        raise UsageError(f"bad address {text!r}: no host (use 0.0.0.0 or :: for all, with a key)")
+    return host, int(port)
+
+
+async def serve(listen_host: str, port: int, out_dir: str, *, key: bytes | None,
+                once: bool = False, ssl_context=None, log: Callable[[str], None] | None = None,
+                task_status=trio.TASK_STATUS_IGNORED) -> list[SessionOutcome]:
+    """Listen and serve migrations until cancelled, or until one session ended if `once`.
+
+    task_status.started() gets the bound port (useful with port 0).  Returns the outcomes.
+
+    Raises:
+        UsageError: no key on a non-loopback address, or the address cannot be bound.
+    """
+    check_listen_policy(listen_host, key)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=listen_host)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {listen_host}:{port}: {e.strerror or e}") from None
+    if not listeners:
+        raise UsageError(f"cannot listen on {listen_host}:{port}: no address")
+    receiver = Receiver(out_dir, key=key, ssl_context=ssl_context, log=log)
+    async with trio.open_nursery() as nursery:
+        if once:
+            receiver.on_session_end = lambda _outcome: nursery.cancel_scope.cancel()
+        bound = listeners[0].socket.getsockname()[1]
+        task_status.started(bound)
+        await trio.serve_listeners(receiver.handle_stream, listeners, handler_nursery=nursery)
+    return receiver.outcomes
+
+
+__all__ = ["Receiver", "SessionOutcome", "serve", "parse_listen"]

@@ -1,0 +1,451 @@
+"""The source side: open an authenticated session (one or more channels) and stream pages.
+
+Page contents come from a blocking reader called in a worker thread, so the event loop never
+stalls; one producer builds batches (read, zero-page scan, hash) while every channel sends the
+previous ones.  A bandwidth cap, if any, is enforced here, across all channels.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterable, Mapping
+
+import trio
+
+from ..errors import MigratorError, RegionError, TransportError
+from . import wire
+from .auth import client_handshake
+from .digest import PageReader
+from .framing import FrameStream
+from .wire import RegionSpec
+
+DEFAULT_BATCH_PAGES = 256
+MAX_PIECES = 512   # reader calls per batch
+
+
+@dataclass(frozen=True)
+class SendStats:
+    """One send_pages() call."""
+
+    round_no: int
+    bytes: int          # on the wire (headers included)
+    pages_normal: int   # pages sent with their data
+    pages_zero: int     # pages sent as zero markers
+    batches: int
+    duration: float     # seconds
+
+    @property
+    def bandwidth(self) -> float:
+        return self.bytes / self.duration if self.duration > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class SenderStatistics:
+    """Totals of a session so far."""
+
+    transferred_bytes: int
+    pages_normal: int
+    pages_zero: int
+    batches: int
+    rounds: int          # rounds ended (acknowledged)
+    channels: int
+    busy_time: float     # seconds spent in send_pages() and end_round()
+    bandwidth: float     # transferred bytes / busy time (bytes/s)
+    last_bandwidth: float  # of the last send_pages() call
+
+
+@dataclass(frozen=True)
+class RegionVerdict:
+    verified: bool
+    source_digest: str
+    dest_digest: str | None
+
+
+@dataclass(frozen=True)
+class FinishResult:
+    """The receiver's verdict: complete only if every region's digest matched."""
+
+    complete: bool
+    regions: dict[str, RegionVerdict]
+    message: str
+
+
+class RateLimiter:
+    """Paces sends to `rate` bytes/s on average (no bursts above one frame)."""
+
+    def __init__(self, rate: float):
+        if not rate > 0:
+            raise ValueError(f"bandwidth must be positive, got {rate}")
+        self.rate = rate
+        self._next = 0.0
+
+    async def take(self, nbytes: int) -> None:
+        now = trio.current_time()
+        start = max(self._next, now)
+        self._next = start + nbytes / self.rate
+        if start > now:
+            await trio.sleep_until(start)
+
+
+@dataclass
+class _Built:
+    head: bytes
+    data: Any
+    pages_normal: int
+    pages_zero: int
+
+
+class _ZeroScan:
+    def __init__(self, page_size: int, batch_pages: int):
+        self.ps = page_size
+        self.zero_page = bytes(page_size)
+        self.zeros = bytes(page_size * batch_pages)
+
+    def build(self, reader: PageReader, region: int, name: str, pieces: list[tuple[int, int]],
+              round_no: int) -> _Built:
+        ps = self.ps
+        data_runs: list[int] = []
+        zero_runs: list[int] = []
+        parts: list[Any] = []
+        read_runs = getattr(reader, "read_runs", None)
+        if read_runs is not None:
+            # one call for the whole batch, into a fresh buffer (a snapshot: hash == what is sent)
+            whole = read_runs(name, pieces)
+        else:
+            whole = b"".join(bytes(reader.read(name, first, n)) for first, n in pieces)
+        total = sum(n for _, n in pieces)
+        if len(whole) != total * ps:
+            raise MigratorError(f"page reader returned {len(whole)} bytes for {total} pages "
+                                f"of region {name!r}")
+        view = memoryview(whole)
+        zp = self.zero_page
+        base = 0
+        for first, n in pieces:
+            if self.zeros.startswith(view[base * ps:(base + n) * ps]):   # all zero (memcmp)
+                _add_run(zero_runs, first, n)
+                base += n
+                continue
+            i = 0
+            while i < n:
+                is_zero = whole.startswith(zp, (base + i) * ps)
+                j = i + 1
+                while j < n and whole.startswith(zp, (base + j) * ps) == is_zero:
+                    j += 1
+                if is_zero:
+                    _add_run(zero_runs, first + i, j - i)
+                else:
+                    _add_run(data_runs, first + i, j - i)
+                    parts.append(view[(base + i) * ps:(base + j) * ps])
+                i = j
+            base += n
+        data: Any = (whole if len(parts) == 1 and len(parts[0]) == len(whole)
+                     else parts[0] if len(parts) == 1 else b"".join(parts))
+        pages_normal = len(data) // ps
+        digest = wire.batch_digest(region, round_no, data_runs, zero_runs, [data])
+        head = wire.encode_batch(region, round_no, data_runs, zero_runs, len(data), digest)
+        return _Built(head, data, pages_normal, sum(zero_runs[1::2]))
+
+
+def _add_run(flat: list[int], first: int, n: int) -> None:
+    if flat and flat[-2] + flat[-1] == first:
+        flat[-1] += n
+    else:
+        flat.append(first)
+        flat.append(n)
+
+
+class Sender:
+    """An open migration session.  Use connect_sender() to get one."""
+
+    def __init__(self, channels: list[FrameStream], regions: list[RegionSpec], page_size: int,
+                 max_bandwidth: float | None, batch_pages: int):
+        self._fs = channels
+        self.regions = regions
+        self.page_size = page_size
+        self._index = {r.name: i for i, r in enumerate(regions)}
+        self._npages = [r.size // page_size for r in regions]
+        self._limiter = RateLimiter(max_bandwidth) if max_bandwidth else None
+        self._batch_pages = batch_pages
+        self._scan = _ZeroScan(page_size, batch_pages)
+        self._round = 0
+        self._pages_normal = self._pages_zero = self._batches = self._rounds = 0
+        self._busy = 0.0
+        self._last_bw = 0.0
+        self._finished = False
+        self._lock = trio.Lock()
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def _plan(self, runs: Mapping[str, Iterable[tuple[int, int]]]):
+        checked = []
+        for name, rl in runs.items():
+            idx = self._index.get(name)
+            if idx is None:
+                raise RegionError(f"region {name!r} was not declared in this session")
+            npages = self._npages[idx]
+            for first, end in rl:
+                if not 0 <= first < end <= npages:
+                    raise RegionError(f"page run {first}-{end} outside region {name!r} ({npages} pages)")
+            checked.append((idx, name, list(rl)))
+        batch = self._batch_pages
+        for idx, name, rl in checked:
+            pieces: list[tuple[int, int]] = []
+            room = batch
+            for first, end in rl:
+                while first < end:
+                    n = min(end - first, room)
+                    pieces.append((first, n))
+                    first += n
+                    room -= n
+                    if room == 0 or len(pieces) >= MAX_PIECES:
+                        yield idx, name, pieces
+                        pieces, room = [], batch
+            if pieces:
+                yield idx, name, pieces
+
+    # -- API ---------------------------------------------------------------------------------
+
+    async def send_pages(self, runs: Mapping[str, Iterable[tuple[int, int]]], reader: PageReader,
+                         round_no: int) -> SendStats:
+        """Send the pages of `runs` ({region: [(first_page, end_page_exclusive), ...]}) as
+        read now through `reader`, tagged with round_no (never lower than an earlier round).
+
+        Raises:
+            RegionError: a run outside its region, or an undeclared region.
+            TransportError: the receiver failed or went away (its reason included).
+        """
+        if self._finished:
+            raise MigratorError("session already finished")
+        if not 0 <= round_no <= wire.MAX_ROUND or round_no < self._round:
+            raise ValueError(f"round {round_no} after round {self._round}")
+        plan = list(self._plan(runs))   # validates everything before the first byte goes out
+        async with self._lock:
+            self._round = round_no
+            t0 = time.monotonic()
+            sent0 = self._sent()
+            totals = [0, 0, 0]
+            send_ch, recv_ch = trio.open_memory_channel[_Built](len(self._fs))
+
+            async def produce():
+                async with send_ch:
+                    for idx, name, pieces in plan:
+                        built = await trio.to_thread.run_sync(
+                            self._scan.build, reader, idx, name, pieces, round_no)
+                        totals[0] += built.pages_normal
+                        totals[1] += built.pages_zero
+                        totals[2] += 1
+                        await send_ch.send(built)
+
+            async def consume(fs: FrameStream, rx):
+                async with rx:
+                    async for built in rx:
+                        size = len(built.head) + len(built.data)
+                        if self._limiter is not None:
+                            await self._limiter.take(size)
+                        try:
+                            await fs.send_raw(built.head, built.data)
+                        except TransportError as e:
+                            raise await _reason(fs, e) from None
+
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(produce)
+                    for fs in self._fs:
+                        nursery.start_soon(consume, fs, recv_ch.clone())
+                    await recv_ch.aclose()
+            except BaseExceptionGroup as eg:
+                raise _first_error(eg) from None
+            dt = time.monotonic() - t0
+            nbytes = self._sent() - sent0
+            self._busy += dt
+            self._last_bw = nbytes / dt if dt > 0 else 0.0
+            self._pages_normal += totals[0]
+            self._pages_zero += totals[1]
+            self._batches += totals[2]
+            return SendStats(round_no, nbytes, totals[0], totals[1], totals[2], dt)
+
+    async def end_round(self, round_no: int) -> None:
+        """Mark the end of round_no on every channel and wait until the receiver has written
+        everything sent before it."""
+        async with self._lock:
+            t0 = time.monotonic()
+            try:
+                async with trio.open_nursery() as nursery:
+                    for fs in self._fs:
+                        nursery.start_soon(self._ack_round, fs, round_no)
+            except BaseExceptionGroup as eg:
+                raise _first_error(eg) from None
+            self._busy += time.monotonic() - t0
+            self._rounds += 1
+
+    async def _ack_round(self, fs: FrameStream, round_no: int) -> None:
+        try:
+            await fs.send(wire.RoundEnd(round_no))
+        except TransportError as e:
+            raise await _reason(fs, e) from None
+        ack = await fs.expect(wire.RoundAck)
+        if ack.round_no != round_no:
+            raise wire.ProtocolError(f"receiver acknowledged round {ack.round_no}, not {round_no}")
+
+    async def finish(self, digests: Mapping[str, str]) -> FinishResult:
+        """End the migration: send each region's source digest (see region_digest) and wait for
+        the receiver to verify its images against them."""
+        missing = [r.name for r in self.regions if r.name not in digests]
+        if missing:
+            raise RegionError(f"no digest for region(s) {missing}")
+        async with self._lock:
+            self._finished = True
+            try:
+                async with trio.open_nursery() as nursery:
+                    for fs in self._fs[1:]:
+                        nursery.start_soon(self._close_channel, fs)
+            except BaseExceptionGroup as eg:
+                raise _first_error(eg) from None
+            fs0 = self._fs[0]
+            try:
+                await fs0.send(wire.End(tuple(digests[r.name] for r in self.regions)))
+            except TransportError as e:
+                raise await _reason(fs0, e) from None
+            res = await fs0.expect(wire.Result)
+        if len(res.verified) != len(self.regions) or len(res.digests) != len(self.regions):
+            raise wire.ProtocolError("RESULT does not cover every region")
+        return FinishResult(
+            complete=res.complete,
+            regions={r.name: RegionVerdict(v, digests[r.name], d)
+                     for r, v, d in zip(self.regions, res.verified, res.digests)},
+            message=res.message)
+
+    async def _close_channel(self, fs: FrameStream) -> None:
+        try:
+            await fs.send(wire.Close())
+        except TransportError as e:
+            raise await _reason(fs, e) from None
+        await fs.expect(wire.Closed)
+
+    def _sent(self) -> int:
+        return sum(fs.bytes_sent for fs in self._fs)
+
+    def statistics(self) -> SenderStatistics:
+        sent = self._sent()
+        return SenderStatistics(
+            transferred_bytes=sent, pages_normal=self._pages_normal, pages_zero=self._pages_zero,
+            batches=self._batches, rounds=self._rounds, channels=len(self._fs),
+            busy_time=self._busy, bandwidth=sent / self._busy if self._busy > 0 else 0.0,
+            last_bandwidth=self._last_bw)
+
+
+def _first_error(eg: BaseExceptionGroup) -> BaseException:
+    """The most telling error of a group (a reported reason beats a broken pipe)."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            leaves.append(e)
+    walk(eg)
+    for pred in (lambda e: isinstance(e, TransportError) and "reported" in str(e),
+                 lambda e: isinstance(e, MigratorError),
+                 lambda e: True):
+        for e in leaves:
+            if pred(e):
+                return e
+    return eg  # pragma: no cover
+
+
+async def _reason(fs: FrameStream, err: TransportError) -> TransportError:
+    """After a failed send: the receiver's ERROR frame if it left one, else the send error."""
+    with trio.move_on_after(1.0):
+        try:
+            while True:
+                await fs.receive(None)
+        except TransportError as e:
+            if "reported" in str(e):
+                return e
+        except MigratorError:
+            pass
+    return err
+
+
+async def _open_channel(host: str, port: int, key: bytes | None, session: bytes, channel: int,
+                        ssl_context) -> FrameStream:
+    try:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+    except OSError as e:
+        raise TransportError(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
+    peer = f"receiver {host}:{port}"
+    if ssl_context is not None:
+        stream = trio.SSLStream(stream, ssl_context, server_hostname=host)
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as e:
+            await trio.aclose_forcefully(stream)
+            raise TransportError(f"TLS handshake with {peer} failed: {e.__cause__ or e}") from None
+    fs = FrameStream(stream, peer)
+    try:
+        await client_handshake(fs, key, session, channel)
+    except MigratorError as e:
+        await fs.send_error(f"sender gives up: {e}")
+        await fs.aclose()
+        raise
+    return fs
+
+
+@asynccontextmanager
+async def connect_sender(host: str, port: int, *, key: bytes | None, regions: list[RegionSpec],
+                         channels: int = 1, page_size: int = 4096,
+                         max_bandwidth: float | None = None, ssl_context=None,
+                         batch_pages: int = DEFAULT_BATCH_PAGES) -> AsyncIterator[Sender]:
+    """Open a migration session to a receiver and yield its Sender.
+
+    Args:
+        host, port: the receiver.
+        key: the pre-shared key (load_key), or None if the receiver runs without one.
+        regions: what will be migrated (names unique; start/end page-aligned).
+        channels: parallel TCP connections (1..16).
+        page_size: bytes per page (a power of two, 4 KiB..2 MiB).
+        max_bandwidth: bytes/s cap over all channels, or None.
+        ssl_context: client TLS context (auth.client_ssl_context), or None.
+        batch_pages: pages read and sent per batch.
+
+    Raises:
+        TransportError / AuthError / ProtocolError: connecting, authenticating or set-up failed.
+
+    Leaving the block without finish() aborts the session (the receiver marks it failed).
+    """
+    if not 1 <= channels <= wire.MAX_CHANNELS:
+        raise MigratorError(f"channels must be 1..{wire.MAX_CHANNELS}, got {channels}")
+    if not (wire.MIN_PAGE_SIZE <= page_size <= wire.MAX_PAGE_SIZE and not page_size & (page_size - 1)):
+        raise MigratorError(f"bad page size {page_size}")
+    if not 1 <= batch_pages <= wire.MAX_DATA // page_size:
+        raise MigratorError(f"batch_pages must be 1..{wire.MAX_DATA // page_size}")
+    for r in regions:
+        if r.start % page_size or r.end % page_size or r.end <= r.start:
+            raise RegionError(f"region {r.name!r} {r.start:#x}-{r.end:#x} is not page-aligned or empty")
+    session = secrets.token_bytes(wire.SESSION_ID_SIZE)
+    opened: list[FrameStream] = []
+    sender: Sender | None = None
+    try:
+        fs0 = await _open_channel(host, port, key, session, 0, ssl_context)
+        opened.append(fs0)
+        await fs0.send(wire.Setup(page_size, channels, tuple(regions)))
+        await fs0.expect(wire.SetupOk)
+        for i in range(1, channels):
+            opened.append(await _open_channel(host, port, key, session, i, ssl_context))
+        sender = Sender(opened, list(regions), page_size, max_bandwidth, batch_pages)
+        yield sender
+        if not sender._finished:
+            raise MigratorError("session left without finish()")
+    except BaseException as e:
+        with trio.CancelScope(shield=True):
+            why = str(e) if isinstance(e, MigratorError) else type(e).__name__
+            for fs in opened:
+                await fs.send_error(f"sender aborted: {why}"[:wire.MAX_MESSAGE])
+        raise
+    finally:
+        for fs in opened:
+            await fs.aclose()

@@ -1,0 +1,517 @@
+"""The wire format: frame layout, message types, limits, and validation of everything read.
+
+This is the only module that turns bytes from the network into values.  Every length and count
+is checked against a limit before anything is allocated, and every field is type- and
+range-checked; whatever does not fit raises ProtocolError naming the problem.
+
+A frame is a 12-byte header, a msgpack map ("meta"), then for page batches only, raw page data:
+
+    magic "MG" | version u8 | type u8 | meta_len u32 | data_len u32     (network byte order)
+
+See docs/protocol.md for the message catalogue and the session flow.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import msgpack
+import xxhash
+
+from ..errors import ProtocolError
+
+MAGIC = b"MG"
+VERSION = 1
+HEADER = struct.Struct("!2sBBII")
+HEADER_SIZE = HEADER.size
+
+# --- limits (a receiver never allocates more than these per frame) -------------------------
+MAX_META = 1 << 20            # bytes of msgpack per frame (a SETUP with many regions)
+MAX_BATCH_META = 256 << 10    # bytes of msgpack in a BATCH frame
+MAX_SMALL_META = 4096         # every other message
+MAX_DATA = 16 << 20           # page data bytes per BATCH frame
+MAX_RUNS = 8192               # runs per list (data runs, zero runs) in one batch
+MAX_ZERO_PAGES = 1 << 20      # zero-page markers per batch
+MAX_REGIONS = 1024
+MAX_NAME = 255                # bytes of UTF-8 in a region name
+MAX_CHANNELS = 16
+MAX_ROUND = (1 << 30) - 1
+MAX_REGION_BYTES = 1 << 40
+MAX_TOTAL_BYTES = 1 << 40
+MIN_PAGE_SIZE = 4096
+MAX_PAGE_SIZE = 2 << 20
+MAX_MESSAGE = 1000            # characters of an ERROR message
+NONCE_SIZE = 32
+SESSION_ID_SIZE = 16
+MAC_SIZE = 32
+DIGEST_HEX = 32               # xxh3_128 hex digest length
+
+
+class T(enum.IntEnum):
+    """Frame types.  C = sender (client), S = receiver (server)."""
+
+    HELLO = 1       # C->S  version, client nonce, session id, channel index, wants auth
+    CHALLENGE = 2   # S->C  server nonce, server proof
+    AUTH = 3        # C->S  client proof
+    WELCOME = 4     # S->C  channel authenticated and accepted
+    SETUP = 5       # C->S  page size, channel count, regions (channel 0 only)
+    SETUP_OK = 6    # S->C  image file names
+    BATCH = 7       # C->S  pages of one region in one round (+ raw data)
+    ROUND_END = 8   # C->S  every batch of round n on this channel was sent
+    ROUND_ACK = 9   # S->C  ... and written
+    CLOSE = 10      # C->S  this (secondary) channel is done
+    CLOSED = 11     # S->C  ... acknowledged, all its batches written
+    END = 12        # C->S  end of migration, source digest per region (channel 0)
+    RESULT = 13     # S->C  verification verdict per region
+    ERROR = 14      # both  a fatal error, explained; the connection closes after it
+
+
+_META_LIMIT = {t: MAX_SMALL_META for t in T}
+_META_LIMIT[T.SETUP] = MAX_META
+_META_LIMIT[T.SETUP_OK] = MAX_META
+_META_LIMIT[T.END] = MAX_META
+_META_LIMIT[T.RESULT] = MAX_META
+_META_LIMIT[T.BATCH] = MAX_BATCH_META
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """A source region: a name (unique in the session) and its byte range [start, end)."""
+
+    name: str
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    version: int
+    nonce: bytes
+    session: bytes
+    channel: int
+    auth: bool
+
+
+@dataclass(frozen=True)
+class Challenge:
+    nonce: bytes
+    mac: bytes | None
+
+
+@dataclass(frozen=True)
+class Auth:
+    mac: bytes | None
+
+
+@dataclass(frozen=True)
+class Welcome:
+    pass
+
+
+@dataclass(frozen=True)
+class Setup:
+    page_size: int
+    channels: int
+    regions: tuple[RegionSpec, ...]
+
+
+@dataclass(frozen=True)
+class SetupOk:
+    images: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Pages of one region in one round.  data_runs are (first_page, count) pairs whose pages
+    follow in `data` in that order; zero_runs are pages that are all zeros (no data sent)."""
+
+    region: int
+    round_no: int
+    data_runs: tuple[tuple[int, int], ...]
+    zero_runs: tuple[tuple[int, int], ...]
+    digest: int
+    data: Any = b""   # bytes-like, len == sum(data counts) * page_size
+
+    @property
+    def pages_data(self) -> int:
+        return sum(c for _, c in self.data_runs)
+
+    @property
+    def pages_zero(self) -> int:
+        return sum(c for _, c in self.zero_runs)
+
+
+@dataclass(frozen=True)
+class RoundEnd:
+    round_no: int
+
+
+@dataclass(frozen=True)
+class RoundAck:
+    round_no: int
+
+
+@dataclass(frozen=True)
+class Close:
+    pass
+
+
+@dataclass(frozen=True)
+class Closed:
+    pass
+
+
+@dataclass(frozen=True)
+class End:
+    digests: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Result:
+    complete: bool
+    verified: tuple[bool, ...]
+    digests: tuple[str | None, ...]
+    message: str
+
+
+@dataclass(frozen=True)
+class Error:
+    message: str
+
+
+Message = (Hello | Challenge | Auth | Welcome | Setup | SetupOk | Batch | RoundEnd | RoundAck
+           | Close | Closed | End | Result | Error)
+
+_TYPE_OF = {Hello: T.HELLO, Challenge: T.CHALLENGE, Auth: T.AUTH, Welcome: T.WELCOME,
+            Setup: T.SETUP, SetupOk: T.SETUP_OK, Batch: T.BATCH, RoundEnd: T.ROUND_END,
+            RoundAck: T.ROUND_ACK, Close: T.CLOSE, Closed: T.CLOSED, End: T.END,
+            Result: T.RESULT, Error: T.ERROR}
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+
+def _flat(runs: Sequence[tuple[int, int]]) -> list[int]:
+    out: list[int] = []
+    for first, count in runs:
+        out.append(first)
+        out.append(count)
+    return out
+
+
+def batch_digest(region: int, round_no: int, data_flat: list[int], zero_flat: list[int],
+                 data: Sequence[Any]) -> int:
+    """xxh3_64 over the batch's addressing (region, round, runs) and its data pieces, in order."""
+    h = xxhash.xxh3_64(msgpack.packb([region, round_no, data_flat, zero_flat]))
+    for piece in data:
+        h.update(piece)
+    return h.intdigest()
+
+
+def _meta(msg: Message) -> dict:
+    if isinstance(msg, Hello):
+        return {"v": msg.version, "nonce": msg.nonce, "session": msg.session,
+                "channel": msg.channel, "auth": msg.auth}
+    if isinstance(msg, Challenge):
+        return {"nonce": msg.nonce, "mac": msg.mac}
+    if isinstance(msg, Auth):
+        return {"mac": msg.mac}
+    if isinstance(msg, Setup):
+        return {"page_size": msg.page_size, "channels": msg.channels,
+                "regions": [[r.name, r.start, r.end] for r in msg.regions]}
+    if isinstance(msg, SetupOk):
+        return {"images": list(msg.images)}
+    if isinstance(msg, Batch):
+        return {"r": msg.region, "n": msg.round_no, "d": _flat(msg.data_runs),
+                "z": _flat(msg.zero_runs), "h": msg.digest}
+    if isinstance(msg, (RoundEnd, RoundAck)):
+        return {"n": msg.round_no}
+    if isinstance(msg, End):
+        return {"digests": list(msg.digests)}
+    if isinstance(msg, Result):
+        return {"complete": msg.complete, "verified": list(msg.verified),
+                "digests": list(msg.digests), "message": msg.message}
+    if isinstance(msg, Error):
+        return {"message": msg.message[:MAX_MESSAGE]}
+    return {}
+
+
+def encode(msg: Message) -> bytes:
+    """Header + meta of one frame (for a Batch, the data follows separately: see encode_batch)."""
+    meta = msgpack.packb(_meta(msg), use_bin_type=True)
+    data_len = len(msg.data) if isinstance(msg, Batch) else 0
+    return HEADER.pack(MAGIC, VERSION, _TYPE_OF[type(msg)], len(meta), data_len) + meta
+
+
+def encode_batch(region: int, round_no: int, data_flat: list[int], zero_flat: list[int],
+                 data_len: int, digest: int) -> bytes:
+    """Header + meta of a BATCH frame from already-flat run lists; the data_len bytes follow."""
+    meta = msgpack.packb({"r": region, "n": round_no, "d": data_flat, "z": zero_flat,
+                          "h": digest}, use_bin_type=True)
+    return HEADER.pack(MAGIC, VERSION, T.BATCH, len(meta), data_len) + meta
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def parse_header(header: bytes) -> tuple[T, int, int]:
+    """(type, meta_len, data_len) from the 12 header bytes, or ProtocolError."""
+    if len(header) != HEADER_SIZE:
+        raise ProtocolError(f"truncated frame header ({len(header)} of {HEADER_SIZE} bytes)")
+    magic, version, ftype, meta_len, data_len = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError(f"not a migrator stream (bad magic {bytes(magic)!r})")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
+    try:
+        t = T(ftype)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {ftype}") from None
+    if meta_len > _META_LIMIT[t]:
+        raise ProtocolError(f"oversized {t.name} frame: {meta_len} bytes of meta "
+                            f"(limit {_META_LIMIT[t]})")
+    if t is T.BATCH:
+        if data_len > MAX_DATA:
+            raise ProtocolError(f"oversized BATCH frame: {data_len} bytes of data (limit {MAX_DATA})")
+    elif data_len:
+        raise ProtocolError(f"{t.name} frame carries {data_len} bytes of data (only BATCH may)")
+    return t, meta_len, data_len
+
+
+def _unpack(t: T, meta: bytes) -> dict:
+    try:
+        obj = msgpack.unpackb(meta, raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # msgpack raises several types for bad input
+        raise ProtocolError(f"undecodable {t.name} message: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{t.name} message is a {type(obj).__name__}, expected a map")
+    return obj
+
+
+class _Fields:
+    """Typed access to a decoded map; every failure names the message and the field."""
+
+    def __init__(self, t: T, m: dict, keys: set[str]):
+        extra = set(m) - keys
+        missing = keys - set(m)
+        if extra:
+            raise ProtocolError(f"{t.name} message has unexpected field(s) {sorted(map(str, extra))}")
+        if missing:
+            raise ProtocolError(f"{t.name} message lacks field(s) {sorted(missing)}")
+        self.t, self.m = t, m
+
+    def fail(self, key: str, why: str) -> ProtocolError:
+        return ProtocolError(f"{self.t.name} message: field {key!r} {why}")
+
+    def int(self, key: str, lo: int, hi: int) -> int:
+        v = self.m[key]
+        if type(v) is not int:
+            raise self.fail(key, f"is {type(v).__name__}, expected an integer")
+        if not lo <= v <= hi:
+            raise self.fail(key, f"= {v} is out of range [{lo}, {hi}]")
+        return v
+
+    def bool(self, key: str) -> bool:
+        v = self.m[key]
+        if type(v) is not bool:
+            raise self.fail(key, f"is {type(v).__name__}, expected a boolean")
+        return v
+
+    def bytes(self, key: str, size: int, optional: bool = False) -> bytes | None:
+        v = self.m[key]
+        if v is None and optional:
+            return None
+        if type(v) is not bytes or len(v) != size:
+            raise self.fail(key, f"must be {size} bytes")
+        return v
+
+    def str(self, key: str, limit: int) -> str:
+        v = self.m[key]
+        if type(v) is not str or len(v) > limit:
+            raise self.fail(key, f"must be a string of at most {limit} characters")
+        return v
+
+    def list(self, key: str, limit: int) -> list:
+        v = self.m[key]
+        if type(v) is not list:
+            raise self.fail(key, f"is {type(v).__name__}, expected a list")
+        if len(v) > limit:
+            raise self.fail(key, f"has {len(v)} entries (limit {limit})")
+        return v
+
+
+def _runs(f: _Fields, key: str, limit_pages: int) -> tuple[tuple[int, int], ...]:
+    flat = f.list(key, 2 * MAX_RUNS)
+    if len(flat) % 2:
+        raise f.fail(key, "has an odd length (expected first, count pairs)")
+    runs = []
+    total = 0
+    for i in range(0, len(flat), 2):
+        first, count = flat[i], flat[i + 1]
+        if type(first) is not int or type(count) is not int or first < 0 or count < 1:
+            raise f.fail(key, f"has a bad run ({first!r}, {count!r})")
+        total += count
+        if total > limit_pages:
+            raise f.fail(key, f"covers more than {limit_pages} pages")
+        runs.append((first, count))
+    return tuple(runs)
+
+
+def _digest_hex(v: Any, what: str) -> str:
+    if (type(v) is not str or len(v) != DIGEST_HEX
+            or any(c not in "0123456789abcdef" for c in v)):
+        raise ProtocolError(f"{what} is not a {DIGEST_HEX}-digit lower-case hex digest")
+    return v
+
+
+def check_region_name(name: Any) -> str:
+    if type(name) is not str or not name or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME:
+        raise ProtocolError(f"bad region name {name!r}: 1 to {MAX_NAME} bytes of text expected")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name) or not name.isprintable():
+        raise ProtocolError(f"bad region name {name!r}: control characters")
+    return name
+
+
+def decode(t: T, meta: bytes, data_len: int = 0, page_size: int | None = None) -> Message:
+    """Validate and decode a frame's meta.  A BATCH needs the session's page size (its data is
+    attached by the caller once read: dataclasses.replace(batch, data=...))."""
+    m = _unpack(t, meta)
+    if t is T.HELLO:
+        f = _Fields(t, m, {"v", "nonce", "session", "channel", "auth"})
+        return Hello(f.int("v", 0, 255), f.bytes("nonce", NONCE_SIZE),
+                     f.bytes("session", SESSION_ID_SIZE), f.int("channel", 0, MAX_CHANNELS - 1),
+                     f.bool("auth"))
+    if t is T.CHALLENGE:
+        f = _Fields(t, m, {"nonce", "mac"})
+        return Challenge(f.bytes("nonce", NONCE_SIZE), f.bytes("mac", MAC_SIZE, optional=True))
+    if t is T.AUTH:
+        f = _Fields(t, m, {"mac"})
+        return Auth(f.bytes("mac", MAC_SIZE, optional=True))
+    if t in (T.WELCOME, T.CLOSE, T.CLOSED):
+        _Fields(t, m, set())
+        return {T.WELCOME: Welcome, T.CLOSE: Close, T.CLOSED: Closed}[t]()
+    if t is T.SETUP:
+        f = _Fields(t, m, {"page_size", "channels", "regions"})
+        ps = f.int("page_size", MIN_PAGE_SIZE, MAX_PAGE_SIZE)
+        if ps & (ps - 1):
+            raise f.fail("page_size", f"= {ps} is not a power of two")
+        channels = f.int("channels", 1, MAX_CHANNELS)
+        regions = []
+        names = set()
+        total = 0
+        for entry in f.list("regions", MAX_REGIONS):
+            if type(entry) is not list or len(entry) != 3:
+                raise f.fail("regions", "has an entry that is not [name, start, end]")
+            name, start, end = entry
+            check_region_name(name)
+            if name in names:
+                raise ProtocolError(f"SETUP message: region name {name!r} appears twice")
+            names.add(name)
+            if type(start) is not int or type(end) is not int or not 0 <= start < end < 1 << 64:
+                raise ProtocolError(f"SETUP message: region {name!r} has a bad range {start!r}-{end!r}")
+            if start % ps or end % ps:
+                raise ProtocolError(f"SETUP message: region {name!r} is not aligned to {ps}-byte pages")
+            if end - start > MAX_REGION_BYTES:
+                raise ProtocolError(f"SETUP message: region {name!r} is larger than {MAX_REGION_BYTES} bytes")
+            total += end - start
+            regions.append(RegionSpec(name, start, end))
+        if not regions:
+            raise f.fail("regions", "is empty")
+        if total > MAX_TOTAL_BYTES:
+            raise ProtocolError(f"SETUP message: regions total {total} bytes (limit {MAX_TOTAL_BYTES})")
+        return Setup(ps, channels, tuple(regions))
+    if t is T.SETUP_OK:
+        f = _Fields(t, m, {"images"})
+        return SetupOk(tuple(_img(x) for x in f.list("images", MAX_REGIONS)))
+    if t is T.BATCH:
+        if page_size is None:
+            raise ProtocolError("BATCH before SETUP")
+        f = _Fields(t, m, {"r", "n", "d", "z", "h"})
+        region = f.int("r", 0, MAX_REGIONS - 1)
+        round_no = f.int("n", 0, MAX_ROUND)
+        data_runs = _runs(f, "d", MAX_DATA // page_size)
+        zero_runs = _runs(f, "z", MAX_ZERO_PAGES)
+        digest = f.int("h", 0, (1 << 64) - 1)
+        want = sum(c for _, c in data_runs) * page_size
+        if want != data_len:
+            raise ProtocolError(f"BATCH frame: runs announce {want} bytes of data, frame carries {data_len}")
+        if not data_runs and not zero_runs:
+            raise ProtocolError("BATCH frame: no pages")
+        return Batch(region, round_no, data_runs, zero_runs, digest)
+    if t in (T.ROUND_END, T.ROUND_ACK):
+        f = _Fields(t, m, {"n"})
+        n = f.int("n", 0, MAX_ROUND)
+        return RoundEnd(n) if t is T.ROUND_END else RoundAck(n)
+    if t is T.END:
+        f = _Fields(t, m, {"digests"})
+        return End(tuple(_digest_hex(d, "END digest") for d in f.list("digests", MAX_REGIONS)))
+    if t is T.RESULT:
+        f = _Fields(t, m, {"complete", "verified", "digests", "message"})
+        verified = f.list("verified", MAX_REGIONS)
+        if any(type(v) is not bool for v in verified):
+            raise f.fail("verified", "must hold booleans")
+        digests = tuple(None if d is None else _digest_hex(d, "RESULT digest")
+                        for d in f.list("digests", MAX_REGIONS))
+        return Result(f.bool("complete"), tuple(verified), digests, f.str("message", MAX_MESSAGE))
+    if t is T.ERROR:
+        f = _Fields(t, m, {"message"})
+        return Error(f.str("message", MAX_MESSAGE))
+    raise ProtocolError(f"unknown message type {int(t)}")  # pragma: no cover (enum is closed)
+
+
+def _img(x: Any) -> str:
+    if type(x) is not str or not 0 < len(x) <= MAX_NAME + 16:
+        raise ProtocolError("SETUP_OK message: bad image name")
+    return x
+
+
+def check_batch(batch: Batch, region_pages: Sequence[int]) -> None:
+    """Every page of the batch lies in a declared region."""
+    if batch.region >= len(region_pages):
+        raise ProtocolError(f"BATCH for undeclared region #{batch.region} "
+                            f"(session declared {len(region_pages)})")
+    npages = region_pages[batch.region]
+    for first, count in batch.data_runs + batch.zero_runs:
+        if first + count > npages:
+            raise ProtocolError(f"BATCH page index {first + count - 1} beyond region "
+                                f"#{batch.region} ({npages} pages)")
+
+
+def decode_frames(buf: bytes, page_size: int | None = MIN_PAGE_SIZE) -> list[Message]:
+    """Decode a whole byte string of frames (tests and fuzzing); ProtocolError on any defect,
+    including a truncated trailing frame."""
+    out: list[Message] = []
+    pos = 0
+    mv = memoryview(buf)
+    while pos < len(buf):
+        t, meta_len, data_len = parse_header(bytes(mv[pos:pos + HEADER_SIZE]))
+        pos += HEADER_SIZE
+        end = pos + meta_len + data_len
+        if end > len(buf):
+            raise ProtocolError(f"truncated {t.name} frame")
+        msg = decode(t, bytes(mv[pos:pos + meta_len]), data_len, page_size)
+        if isinstance(msg, Batch):
+            data = bytes(mv[pos + meta_len:end])
+            check_digest(msg, data)
+            msg = Batch(msg.region, msg.round_no, msg.data_runs, msg.zero_runs, msg.digest, data)
+        out.append(msg)
+        pos = end
+    return out
+
+
+def check_digest(batch: Batch, data: Any) -> None:
+    got = batch_digest(batch.region, batch.round_no, _flat(batch.data_runs),
+                       _flat(batch.zero_runs), [data])
+    if got != batch.digest:
+        raise ProtocolError(f"BATCH hash mismatch (region #{batch.region}, round {batch.round_no}): "
+                            f"data corrupted in transit")

@@ -1,0 +1,15 @@
+"""The public names of migrator.guest resolve, and the CLI registers its subcommands."""
+
+import migrator.guest
+from migrator.cli import build_parser
+
+
+def test_public_names_resolve():
+    for name in migrator.guest.__all__:
+        assert getattr(migrator.guest, name) is not None, name
+
+
+def test_cli_has_guest_and_verify():
+    parser = build_parser()
+    for cmd in (["guest"], ["verify", "image"]):
+        assert callable(parser.parse_args(cmd).handler)

@@ -1,0 +1,130 @@
+"""End-to-end live migrations: a guest process and a receiver process, the pre-copy controller in
+the test; the destination is checked byte for byte against the paused source."""
+
+import os
+import signal
+
+import pytest
+import trio
+
+from conftest import require, swap_active
+from migration_helpers import ReceiverProcess, assert_images_equal_source, manifest
+from migrator.guest.launcher import start_guest
+from migrator.guest.spec import GuestSpec
+from migrator.guest.workloads import WorkloadSpec
+from migrator.kernel.process import process_state
+from migrator.precopy.controller import MigrationPolicy, MigrationTarget, migrate
+
+MB = 1 << 20
+
+
+@pytest.fixture
+def receiver(tmp_path, root):
+    r = ReceiverProcess(str(tmp_path / "out"))
+    yield r
+    r.stop()
+
+
+def target_of(g, writers=()):
+    sel = ["guest-ram"]
+    if "anon" in g.regions:
+        a = g.regions["anon"]
+        sel.append(f"{a.start:x}-{a.end:x}")
+    return MigrationTarget(pid=g.pid, regions=sel, writers=list(writers), uffd_fd=g.uffd_fd)
+
+
+async def run(g, receiver, writers=(), **policy):
+    return await migrate(target_of(g, writers), "127.0.0.1", receiver.port, key=None,
+                         policy=MigrationPolicy(**policy))
+
+
+def guest(workload="idle", rate=0.0, shared=32 * MB, anon=8 * MB, **kw):
+    return start_guest(GuestSpec(shared_ram=shared, anon_ram=anon, uffd=True,
+                                 workload=WorkloadSpec(kind=workload, rate=rate, seed=3), **kw))
+
+
+@pytest.mark.parametrize("workload,rate", [("idle", 0), ("random", 20e6), ("hotcold", 40e6), ("sweep", 30e6)])
+async def test_workloads_migrate_exactly(receiver, workload, rate):
+    with guest(workload, rate) as g:
+        rep = await run(g, receiver, max_bandwidth=400e6, min_round_s=0.05)
+        assert rep.status == "completed", rep.reason
+        assert rep.tracker == "wp+ledger"
+        assert rep.source_state == "paused" and process_state(g.pid) == "T"
+        assert_images_equal_source(g, receiver.out_dir)
+        assert rep.rounds >= 2 and rep.per_round[-1].stop_and_copy
+        if workload == "idle":
+            assert rep.final_dirty_pages == 0
+
+
+async def test_shmem_swapped_out_between_rounds(receiver):
+    """The kernel thread's case: shmem pages pushed out to swap while the guest writes."""
+    require(swap_active(), "needs active swap (zram)")
+    with guest("random", 20e6, pager_interval=0.02) as g:
+        rep = await run(g, receiver, writers=g.writer_pids.values(), max_bandwidth=200e6, min_round_s=0.1)
+        assert rep.status == "completed", rep.reason
+        assert_images_equal_source(g, receiver.out_dir)
+
+
+async def test_side_writers_vhost_and_pwrite(receiver):
+    """A vhost-user-like process writing the memfd and a pwrite writer: both paused with the
+    guest, both write paths caught by the ledger."""
+    side = WorkloadSpec(kind="random", rate=10e6, seed=5)
+    with guest("random", 10e6, vhost=side, pwrite=side) as g:
+        assert set(g.writer_pids) == {"vhost", "pwrite"}
+        rep = await run(g, receiver, writers=g.writer_pids.values(), max_bandwidth=300e6, min_round_s=0.05)
+        assert rep.status == "completed", rep.reason
+        assert_images_equal_source(g, receiver.out_dir)
+        stats = g.stats().writers
+        assert stats["vhost"].pages > 0 and stats["pwrite"].pages > 0
+
+
+async def test_dirty_rate_above_the_link_without_auto_converge(receiver):
+    with guest("random", 80e6, shared=8 * MB, anon=0) as g:
+        rep = await run(g, receiver, max_bandwidth=20e6, nonconvergence_rounds=2, max_rounds=20)
+        assert rep.status == "not-converged"
+        assert "auto-converge" in rep.reason
+        assert rep.source_state == "running" and process_state(g.pid) != "T"
+        before = g.stats().writers["vcpu"].pages
+        await trio.sleep(0.2)
+        assert g.stats().writers["vcpu"].pages > before      # the guest keeps running
+        assert manifest(receiver.out_dir)["complete"] is False
+
+
+async def test_dirty_rate_above_the_link_with_auto_converge(receiver):
+    with guest("random", 80e6, shared=8 * MB, anon=0) as g:
+        rep = await run(g, receiver, max_bandwidth=20e6, nonconvergence_rounds=1, max_rounds=30,
+                        auto_converge=True)
+        assert rep.status == "completed", rep.reason
+        assert rep.throttle_percent >= 20
+        assert_images_equal_source(g, receiver.out_dir)
+
+
+async def test_receiver_killed_mid_migration(receiver):
+    """The source is resumed and nothing is lost: the guest keeps running with its memory."""
+    with guest("random", 10e6) as g:
+        async with trio.open_nursery() as n:
+            async def kill_soon():
+                await trio.sleep(0.3)
+                receiver.kill()
+            n.start_soon(kill_soon)
+            rep = await run(g, receiver, max_bandwidth=20e6)
+        assert rep.status == "failed"
+        assert rep.source_state == "running" and process_state(g.pid) != "T"
+        assert "receiver" in rep.reason or "connection" in rep.reason.lower(), rep.reason
+        before = g.stats().writers["vcpu"].pages
+        await trio.sleep(0.2)
+        assert g.stats().writers["vcpu"].pages > before
+
+
+async def test_guest_exits_mid_migration(receiver):
+    with guest("random", 10e6) as g:
+        async with trio.open_nursery() as n:
+            async def kill_soon():
+                await trio.sleep(0.3)
+                os.killpg(g.pgid, signal.SIGKILL)
+            n.start_soon(kill_soon)
+            rep = await run(g, receiver, max_bandwidth=20e6)
+        assert rep.status == "failed"
+        assert f"process {g.pid}" in rep.reason and "exited" in rep.reason, rep.reason
+        assert rep.source_state == "exited"
+        assert manifest(receiver.out_dir)["complete"] is False

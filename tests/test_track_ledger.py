@@ -1,0 +1,178 @@
+"""The shmem content ledger and the composite tracker on real processes: every write path to
+shared memory, exact page sets; and where the write-protect tracker misses, the composite catches."""
+
+import mmap
+import os
+
+import pytest
+
+from child import Child
+from conftest import require, swap_active
+from migrator.errors import TargetGoneError
+from migrator.kernel.probe import probe, probe_map_files
+from migrator.tracking.choose import make_tracker
+from migrator.tracking.fullhash import FullHashTracker
+from migrator.tracking.ledger import LedgerRegistry, LedgerTracker
+from migrator.tracking.writeprotect import WriteProtectTracker
+
+PS = 4096
+
+
+@pytest.fixture(scope="module")
+def caps():
+    return probe()
+
+
+@pytest.fixture
+def child(root, caps):
+    require(caps.map_files.supported, "needs /proc/PID/map_files (CAP_SYS_ADMIN)")
+    require(caps.uffd_wp_async_shmem.supported, "needs userfaultfd async WP on shmem")
+    c = Child("--uffd", "--shm-pages", "64", "--anon-pages", "64")
+    yield c
+    c.exit()
+
+
+def pages(tracker):
+    return {k: v.pages() for k, v in tracker.collect().pages.items()}
+
+
+@pytest.fixture
+def side_mapping(child):
+    """This test process maps the child's memfd: the vhost-user backend's role."""
+    a, b = child.span("shm")
+    fd = os.open(f"/proc/{child.pid}/fd/{child.info['memfd']}", os.O_RDWR)
+    m = mmap.mmap(fd, b - a, mmap.MAP_SHARED)
+    yield m
+    m.close()
+    os.close(fd)
+
+
+def test_ledger_target_writes(child):
+    with LedgerTracker(child.pid, [child.region("shm")]) as t:
+        assert pages(t) == {"shm": []}
+        child.write("shm", [0, 31, 63])
+        child.write("shm", [31])
+        assert pages(t) == {"shm": [0, 31, 63]}
+        assert pages(t) == {"shm": []}
+
+
+def test_ledger_ignores_rewrites_of_identical_bytes(child):
+    with LedgerTracker(child.pid, [child.region("shm")]) as t:
+        child.cmd("write_same", region="shm", pages=[5])
+        assert pages(t) == {"shm": []}
+
+
+def test_other_process_writes_missed_by_wp_caught_by_ledger(child, side_mapping):
+    r = child.region("shm")
+    with WriteProtectTracker(child.pid, [r]) as wp, make_tracker(child.pid, [r], "auto") as comp:
+        assert comp.name == "ledger"
+        side_mapping[3 * PS:3 * PS + 4] = b"side"
+        side_mapping[40 * PS + 100:40 * PS + 101] = b"x"
+        assert pages(wp) == {"shm": []}            # the miss
+        assert pages(comp) == {"shm": [3, 40]}     # the catch
+
+
+def test_pwrite_missed_by_wp_caught_by_ledger(child):
+    r = child.region("shm")
+    with WriteProtectTracker(child.pid, [r]) as wp, LedgerTracker(child.pid, [r]) as led:
+        child.cmd("pwrite", pages=[4, 5, 60])
+        assert pages(wp) == {"shm": []}
+        assert pages(led) == {"shm": [4, 5, 60]}
+
+
+def test_fallocate_punch_reported(child):
+    r = child.region("shm")
+    with WriteProtectTracker(child.pid, [r]) as wp, LedgerTracker(child.pid, [r]) as led:
+        child.cmd("punch", first=8, n=3)
+        assert pages(wp) == {"shm": []}
+        assert pages(led) == {"shm": [8, 9, 10]}
+        assert child.cmd("read", region="shm", page=9)["data"] == "00" * 8
+
+
+def test_shmem_swapout_and_writes_by_every_path(child, side_mapping):
+    """The kernel thread's case: shmem pages swapped out between rounds, some written again by the
+    target, some by another process, some by pwrite; the ledger reads the page cache (swapping
+    back in where needed) and reports exactly the changed pages."""
+    require(swap_active(), "needs active swap (zram) for MADV_PAGEOUT of shmem pages")
+    r = child.region("shm")
+    with make_tracker(child.pid, [r], "auto") as t:
+        child.cmd("madvise", region="shm", advice="pageout", first=0, n=64)
+        assert pages(t) == {"shm": []}             # swap-out alone changes no contents
+        child.write("shm", [1])
+        side_mapping[2 * PS:2 * PS + 1] = b"\xff"
+        child.cmd("pwrite", pages=[3])
+        child.cmd("madvise", region="shm", advice="pageout", first=0, n=64)
+        assert pages(t) == {"shm": [1, 2, 3]}
+
+
+def test_dontneed_on_shmem_changes_nothing(child):
+    with LedgerTracker(child.pid, [child.region("shm")]) as t:
+        child.cmd("madvise", region="shm", advice="dontneed", first=0, n=64)
+        assert pages(t) == {"shm": []}
+
+
+def test_one_ledger_per_object_shared_by_trackers(child):
+    """Two consumers of one object share one ledger; each sees every change once."""
+    reg = LedgerRegistry()
+    r = child.region("shm")
+    a = LedgerTracker(child.pid, [r], reg)
+    b = LedgerTracker(child.pid, [r], reg)
+    a.begin()
+    b.begin()
+    assert len(reg.ledgers()) == 1
+    child.write("shm", [7])
+    assert pages(a) == {"shm": [7]}
+    child.write("shm", [8])
+    assert pages(b) == {"shm": [7, 8]}
+    assert pages(a) == {"shm": [8]}
+    reg.close()
+
+
+def test_ledger_memory_per_page(child):
+    with LedgerTracker(child.pid, [child.region("shm")]) as t:
+        led = t.registry.ledgers()[0]
+        assert led.npages == 64
+        assert (led.memory_bytes() - 256 * 1024) / led.npages == 12
+
+
+def test_composite_exact_for_private_and_shared(child, side_mapping):
+    regions = [child.region("anon"), child.region("shm")]
+    with make_tracker(child.pid, regions, "auto") as t:
+        assert t.name == "wp+ledger"
+        child.write("anon", [1, 2])
+        child.write("shm", [10])
+        side_mapping[11 * PS:11 * PS + 1] = b"\x01"
+        child.cmd("pwrite", pages=[12])
+        child.cmd("madvise", region="anon", advice="dontneed", first=50, n=1)
+        assert pages(t) == {"anon": [1, 2, 50], "shm": [10, 11, 12]}
+        assert pages(t) == {"anon": [], "shm": []}
+
+
+def test_full_hash_tracker_exact_on_any_process(root):
+    """A target with no userfaultfd: content hashing through process_vm_readv."""
+    c = Child("--shm-pages", "16", "--anon-pages", "16")
+    try:
+        regions = [c.region("anon"), c.region("shm")]
+        with make_tracker(c.pid, regions, "auto") as t:
+            assert t.name in ("hash+ledger", "soft-dirty+ledger")
+        with FullHashTracker(c.pid, regions) as t:
+            c.write("anon", [0, 15])
+            c.cmd("pwrite", pages=[3])
+            c.cmd("madvise", region="anon", advice="dontneed", first=7, n=1)
+            assert pages(t) == {"anon": [0, 7, 15], "shm": [3]}
+            assert pages(t) == {"anon": [], "shm": []}
+    finally:
+        c.exit()
+
+
+def test_ledger_target_exit(child):
+    t = LedgerTracker(child.pid, [child.region("shm")])
+    t.begin()
+    child.kill()
+    with pytest.raises(TargetGoneError, match=f"process {child.pid}"):
+        t.collect()
+    t.end()
+
+
+def test_map_files_probe_matches_privilege():
+    assert probe_map_files().supported == (os.geteuid() == 0)

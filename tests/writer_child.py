@@ -1,0 +1,127 @@
+"""A target process for the tracking tests: maps memory, then writes on command.
+
+Started by tests/child.py.  Prints one JSON line describing its regions, then reads JSON commands
+from stdin, one per line, and answers each with one JSON line ({"ok": true, ...} or {"error": ...}).
+Every write stores a fresh 8-byte counter at the start of the page, so contents always change.
+"""
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import sys
+import time
+
+from migrator.kernel.native import PAGE_SIZE
+from migrator.kernel.scratch import Scratch
+from migrator.kernel.uffd import create_in_this_process
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+MAP_FIXED = 0x10
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+ADVICE = {"pageout": getattr(mmap, "MADV_PAGEOUT", 21), "dontneed": mmap.MADV_DONTNEED,
+          "hugepage": getattr(mmap, "MADV_HUGEPAGE", 14)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shm-pages", type=int, default=64)
+    ap.add_argument("--anon-pages", type=int, default=64)
+    ap.add_argument("--thp-pages", type=int, default=0, help="a 2 MiB-aligned anonymous THP range")
+    ap.add_argument("--uffd", action="store_true")
+    ap.add_argument("--no-populate", action="store_true")
+    a = ap.parse_args()
+
+    uffd = create_in_this_process() if a.uffd else None
+    regions = {
+        "shm": Scratch(a.shm_pages, "test-shm"),
+        "anon": Scratch(a.anon_pages),
+    }
+    if a.thp_pages:
+        regions["thp"] = Scratch(a.thp_pages, align=2 << 20)
+        regions["thp"].madvise(ADVICE["hugepage"])
+    counter = 0
+
+    def write(addr: int) -> None:
+        nonlocal counter
+        counter += 1
+        ctypes.memmove(addr, counter.to_bytes(8, "little"), 8)
+
+    if not a.no_populate:
+        for s in regions.values():
+            for p in range(s.npages):
+                write(s.addr + p * PAGE_SIZE)
+    info = {"pid": os.getpid(), "uffd_fd": uffd, "page_size": PAGE_SIZE,
+            "memfd": regions["shm"].fd,
+            "regions": {k: {"start": s.addr, "end": s.addr + s.size} for k, s in regions.items()}}
+    print(json.dumps(info), flush=True)
+
+    forks = []
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        reply: dict = {"ok": True}
+        try:
+            s = regions.get(cmd.get("region", "shm"))
+            pages = cmd.get("pages", [])
+            if op == "write":
+                for p in pages:
+                    write(s.addr + p * PAGE_SIZE)
+            elif op == "write_same":           # rewrite a page with the bytes it already holds
+                for p in pages:
+                    addr = s.addr + p * PAGE_SIZE
+                    ctypes.memmove(addr, ctypes.string_at(addr, 8), 8)
+            elif op == "pwrite":
+                for p in pages:
+                    counter += 1
+                    os.pwrite(regions["shm"].fd, counter.to_bytes(8, "little"), p * PAGE_SIZE)
+            elif op == "madvise":
+                s.madvise(ADVICE[cmd["advice"]], cmd["first"], cmd["n"])
+            elif op == "punch":
+                r = libc.fallocate(regions["shm"].fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+                                   cmd["first"] * PAGE_SIZE, cmd["n"] * PAGE_SIZE)
+                if r != 0:
+                    raise OSError(ctypes.get_errno(), "fallocate")
+            elif op == "remap":                # a new anonymous mapping over part of a region
+                addr = s.addr + cmd["first"] * PAGE_SIZE
+                r = libc.mmap(addr, cmd["n"] * PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE,
+                              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED, -1, 0)
+                if r != addr:
+                    raise OSError(ctypes.get_errno(), "mmap")
+            elif op == "munmap":
+                if libc.munmap(s.addr + cmd["first"] * PAGE_SIZE, cmd["n"] * PAGE_SIZE) != 0:
+                    raise OSError(ctypes.get_errno(), "munmap")
+            elif op == "fork":                 # child writes its own pages, then waits
+                r, w = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    for p in cmd.get("child_pages", []):
+                        write(s.addr + p * PAGE_SIZE)
+                    os.write(w, b"x")
+                    time.sleep(3600)
+                    os._exit(0)
+                os.read(r, 1)
+                forks.append(pid)
+                reply["child"] = pid
+            elif op == "read":
+                reply["data"] = ctypes.string_at(s.addr + cmd["page"] * PAGE_SIZE, 8).hex()
+            elif op == "exit":
+                print(json.dumps(reply), flush=True)
+                break
+            else:
+                raise ValueError(f"unknown op {op}")
+        except Exception as e:
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(reply), flush=True)
+    for pid in forks:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+
+
+if __name__ == "__main__":
+    main()
