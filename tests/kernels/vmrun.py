@@ -307,6 +307,7 @@ fail() { echo "$M boot failed: $*"; sync; poweroff -f; sleep 5; echo o > /proc/s
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+ip link set lo up || fail "loopback"
 while read -r m; do
     insmod "/modules/$m" || fail "insmod $m"
 done < /modules/order
@@ -387,7 +388,7 @@ def build_initramfs(k: UnpackedKernel) -> Path:
     c.chardev("dev/console", 5, 1)
     c.chardev("dev/null", 1, 3)
     c.file("bin/busybox", bb, 0o755)
-    for applet in ["sh", "mount", "mkdir", "insmod", "chroot", "poweroff", "sync", "echo", "sleep"]:
+    for applet in ["sh", "mount", "mkdir", "insmod", "chroot", "poweroff", "sync", "echo", "sleep", "ip"]:
         c.symlink(f"bin/{applet}", "busybox")
     c.file("init", INIT.encode(), 0o755)
     names = []
@@ -571,7 +572,8 @@ def run_command(kname: str, cmd: list[str], **kw) -> RunResult:
 # ---------------------------------------------------------------------------------------------
 # the matrix
 
-DEFAULT_TESTS = ["tests/kernels/test_kernel_facts.py", "tests/test_track*.py"]
+DEFAULT_TESTS = ["tests/test_probe.py", "tests/test_track*.py", "tests/kernels/test_kernel_facts.py",
+                 "tests/kernels/test_softdirty_tracker.py"]
 
 
 def expand_tests(patterns: list[str], cwd: str) -> list[str]:
