@@ -419,6 +419,14 @@ class RunResult:
     out_dir: Path | None = None
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the runner dies (a killed runner must not leave a
+    VM or a test run behind)."""
+    import ctypes
+    import signal
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+
+
 def base_env(kernel: str, out_dir: str, extra: dict[str, str]) -> dict[str, str]:
     env = {"CI": "true", "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/tmp", "LANG": "C.UTF-8",
            "MIGRATOR_KERNEL": kernel, "MIGRATOR_VM_OUT": out_dir,
@@ -483,7 +491,8 @@ def run_in_vm(kname: str, cmd: list[str], *, cwd: str, env: dict[str, str], time
     log(f"{inner}: booting ({' '.join(accel_args(accel))})")
     t_start = time.monotonic()
     proc = subprocess.Popen(qcmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_die_with_parent)
     console: list[str] = []
     booted = threading.Event()
     boot_at: list[float] = []
@@ -542,7 +551,8 @@ def run_on_host(cmd: list[str], *, cwd: str, env: dict[str, str], timeout: float
     lines: list[str] = []
     failure = None
     proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_die_with_parent)
     timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, 9))
     timer.start()
     try:
