@@ -188,6 +188,12 @@ class KernelResult:
                 and self.tests.passed > 0)
 
 
+def _short(status: str, width: int = 60) -> str:
+    """One line of at most width characters (the notes under the table carry the rest)."""
+    line = " ".join(status.split())
+    return line if len(line) <= width else line[:width - 3] + "..."
+
+
 def render_table(results: list[KernelResult]) -> str:
     head = ["kernel", "release", "trackers (probe)", "auto", "passed", "failed", "skipped",
             "time", "result"]
@@ -203,7 +209,7 @@ def render_table(results: list[KernelResult]) -> str:
             str(t.failed) if t else "-",
             str(t.skipped) if t else "-",
             f"{r.seconds:.0f}s",
-            "PASS" if r.ok else ("FAIL: " + r.status if r.status != "ok" else "FAIL"),
+            "PASS" if r.ok else ("FAIL: " + _short(r.status) if r.status != "ok" else "FAIL"),
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = []

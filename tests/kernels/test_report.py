@@ -248,3 +248,11 @@ def test_cpio_newc_layout():
     assert names == [("bin", 0o040755, 0, 0, 0), ("init", 0o100755, 10, 0, 0),
                      ("bin/sh", 0o120777, 7, 0, 0), ("dev/console", 0o020600, 0, 5, 1),
                      ("TRAILER!!!", 0, 0, 0, 0)]
+
+
+def test_long_failures_are_cut_in_the_table():
+    r = report.KernelResult("debian-6.1", status="fetch failed: E: Unable to locate package\nE: "
+                            "Couldn't find any package by glob 'linux-image-6.1.0-999-amd64'")
+    line = report.render_table([r]).splitlines()[2]
+    assert line.endswith("FAIL: fetch failed: E: Unable to locate package E: Couldn't fin...")
+    assert len(line.split("FAIL: ", 1)[1]) == 60

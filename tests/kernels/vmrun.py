@@ -89,6 +89,10 @@ BOOT_MODULES = ["virtio_pci", "9pnet_virtio", "9p"]
 class VMError(Exception):
     """A kernel could not be fetched, prepared or booted.  Always a failure."""
 
+    def __init__(self, msg: str, stage: str = "prepare"):
+        super().__init__(msg)
+        self.stage = stage          # "fetch", "prepare": what the matrix's row says
+
 
 def log(msg: str) -> None:
     print(f"vmrun: {msg}", file=sys.stderr, flush=True)
@@ -476,7 +480,10 @@ def run_in_vm(kname: str, cmd: list[str], *, cwd: str, env: dict[str, str], time
             raise VMError(f"{path} is under {hidden[0]}, which the guest covers with its own tmpfs: "
                           "run from a directory elsewhere")
     t0 = time.monotonic()
-    kernel = fetch_kernel(resolve_package(k, package))
+    try:
+        kernel = fetch_kernel(resolve_package(k, package))
+    except VMError as e:
+        raise VMError(str(e), "fetch") from e
     initramfs = build_initramfs(kernel)
     out_dir = Path(tempfile.mkdtemp(prefix=f"migrator-vm-{kname}-"))
     os.chmod(out_dir, 0o755)
@@ -637,9 +644,10 @@ def run_matrix(kernels: list[str], *, python: str, probe: str, tests: list[str],
             res = run_command(name, cmd, timeout=timeout, keep_out=True,
                               package=(packages or {}).get(name), **kw)
         except VMError as e:
-            kr.status = f"not run: {e}"
+            kr.status = f"{e.stage} failed"
+            kr.notes.append(" ".join(str(e).split()))
             kr.seconds = time.monotonic() - t0
-            log(f"{name}: {kr.status}")
+            log(f"{name}: {kr.status}: {e}")
             return kr
         except Exception as e:          # a bug here must still give the kernel a failing row
             kr.status = f"runner error: {type(e).__name__}: {e}"
@@ -683,7 +691,7 @@ def judge(kr: report.KernelResult, res: RunResult, k: KernelClass, standin: bool
         problems.append("probe printed nothing")
     if kr.probe is not None:
         errs = report.expectation_errors(kr.probe, k.expect, strict=not standin)
-        if k.auto is not None and kr.probe.auto != k.auto:
+        if k.auto is not None and kr.probe.auto != k.auto and not standin:
             errs.append(f"auto: probe chose {kr.probe.auto}, expected {k.auto}")
         if kr.probe.release and res.release and kr.probe.release != res.release:
             errs.append(f"probe ran on {kr.probe.release}, not {res.release}")
@@ -697,7 +705,7 @@ def judge(kr: report.KernelResult, res: RunResult, k: KernelClass, standin: bool
         problems.append(f"exit status {res.rc}")
     if problems:
         kr.status = problems[0]
-        kr.notes.extend(problems[1:])
+        kr.notes.extend(problems if len(problems[0]) > 60 else problems[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
