@@ -497,9 +497,13 @@ def run_in_vm(kname: str, cmd: list[str], *, cwd: str, env: dict[str, str], time
     qcmd = qemu_command(kernel, initramfs, out_dir, mem=mem, smp=smp, accel=accel, cpu=cpu)
     log(f"{inner}: booting ({' '.join(accel_args(accel))})")
     t_start = time.monotonic()
-    proc = subprocess.Popen(qcmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=_die_with_parent)
+    try:
+        proc = subprocess.Popen(qcmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+    except FileNotFoundError:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise VMError("qemu-system-x86_64: not found (apt-get install qemu-system-x86)") from None
     console: list[str] = []
     booted = threading.Event()
     boot_at: list[float] = []
@@ -788,12 +792,14 @@ def main(argv: list[str] | None = None) -> int:
                 if not r.ok and r.output_tail:
                     print(f"\n----- {r.name}: end of its output -----")
                     print(r.output_tail.rstrip())
+        text = [f"kernel matrix ({time.monotonic() - t0:.0f}s, tests: {' '.join(a.tests)})",
+                report.render_table(results)]
+        text += [f"  {r.name}: {n}" for r in results for n in r.notes]
         print()
-        print(f"kernel matrix ({time.monotonic() - t0:.0f}s, tests: {' '.join(a.tests)})")
-        print(report.render_table(results))
-        for r in results:
-            for n in r.notes:
-                print(f"  {r.name}: {n}")
+        print("\n".join(text))
+        if a.log_dir:
+            Path(a.log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(a.log_dir) / "matrix.txt").write_text("\n".join(text) + "\n")
         return 0 if results and all(r.ok for r in results) else 1
 
     if len(names) != 1 or not a.cmd:
