@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402
+import matrix_report as report  # noqa: E402  (tests/kernels/matrix_report.py: the pure parts)
 import vmrun  # noqa: E402
 
 

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402  (tests/kernels/report.py: the pure parts)
+import matrix_report as report  # noqa: E402  (tests/kernels/matrix_report.py: the pure parts)
 
 REPO = Path(__file__).resolve().parents[2]
 MARK = "@@migrator-vm:"
