@@ -188,7 +188,15 @@ def fetch_kernel(package: str) -> UnpackedKernel:
     with tempfile.TemporaryDirectory(dir=base, prefix=".fetch-") as tmp:
         tmp = Path(tmp)
         log(f"apt-get download {package}")
-        run(["apt-get", "download", "-q", package], cwd=tmp, capture_output=True)
+        try:
+            run(["apt-get", "download", "-q", package], cwd=tmp, capture_output=True)
+        except VMError:
+            if os.geteuid() != 0:
+                raise
+            # stale lists (the mirror dropped that version): refresh once, then try again
+            log("apt-get download failed: apt-get update, then once more")
+            run(["apt-get", "update", "-qq"], capture_output=True)
+            run(["apt-get", "download", "-q", package], cwd=tmp, capture_output=True)
         debs = list(tmp.glob("*.deb"))
         if len(debs) != 1:
             raise VMError(f"apt-get download {package}: expected one .deb, found {debs}")
@@ -206,6 +214,15 @@ def fetch_kernel(package: str) -> UnpackedKernel:
         staging.rename(dest)
     log(f"{package}: unpacked {release} in {time.monotonic() - t0:.1f}s into {dest}")
     return UnpackedKernel(package, release, dest / "root")
+
+
+def prune_cache(k: KernelClass, keep: str) -> None:
+    """Remove older packages of k's class from the cache (each is 100-400 MB unpacked)."""
+    rx = re.compile(k.package_re)
+    for d in cache_root().glob("linux-image-*"):
+        if d.name != keep and rx.fullmatch(d.name):
+            log(f"cache: removing {d.name} (superseded by {keep})")
+            shutil.rmtree(d, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,6 +501,8 @@ def run_in_vm(kname: str, cmd: list[str], *, cwd: str, env: dict[str, str], time
         kernel = fetch_kernel(resolve_package(k, package))
     except VMError as e:
         raise VMError(str(e), "fetch") from e
+    if package is None:
+        prune_cache(k, kernel.package)
     initramfs = build_initramfs(kernel)
     out_dir = Path(tempfile.mkdtemp(prefix=f"migrator-vm-{kname}-"))
     os.chmod(out_dir, 0o755)
