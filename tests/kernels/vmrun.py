@@ -421,6 +421,9 @@ def build_initramfs(k: UnpackedKernel) -> Path:
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(c.finish())
     tmp.rename(out)
+    for old in k.root.parent.glob("initramfs-*.cpio"):
+        if old != out:
+            old.unlink()
     return out
 
 
