@@ -191,7 +191,8 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         rep.dirty_pages_rate = dirty_rate
         bandwidth = max(sender.statistics().bandwidth, 1.0)
         rep.bandwidth_bytes_per_s = bandwidth
-        expected_s = n * PAGE_SIZE / bandwidth
+        # the pause will cost the final collect (about as long as this one) and the transfer
+        expected_s = dirty.cost_s + n * PAGE_SIZE / bandwidth
         rep.expected_downtime_ms = expected_s * 1000
         rep.remaining_bytes = n * PAGE_SIZE
         forced = policy.force_switchover is not None and policy.force_switchover.is_set()
