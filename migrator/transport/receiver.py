@@ -123,6 +123,41 @@ class Receiver:
         if self.on_session_end is not None:
             self.on_session_end(out)
 
+    async def wait_sessions(self, n: int) -> list[SessionOutcome]:
+        """Wait until n sessions have ended (tests, embedding)."""
+        while len(self.outcomes) < n:
+            await self.session_ended.wait()
+        return self.outcomes[:n]
+
+    async def serve(self, listen_host: str, port: int, *, once: bool = False,
+                    task_status=trio.TASK_STATUS_IGNORED) -> list[SessionOutcome]:
+        """Listen and serve until cancelled, or until one session ended if `once`.
+
+        task_status.started() gets the bound port (useful with port 0).  Returns the outcomes.
+
+        Raises:
+            UsageError: no key on a non-loopback address, or the address cannot be bound.
+        """
+        check_listen_policy(listen_host, self.key)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=listen_host)
+        except OSError as e:
+            raise UsageError(f"cannot listen on {listen_host}:{port}: {e.strerror or e}") from None
+        if not listeners:
+            raise UsageError(f"cannot listen on {listen_host}:{port}: no address")
+        async with trio.open_nursery() as nursery:
+            if once:
+                previous = self.on_session_end
+
+                def stop(outcome: SessionOutcome) -> None:
+                    if previous is not None:
+                        previous(outcome)
+                    nursery.cancel_scope.cancel()
+                self.on_session_end = stop
+            task_status.started(listeners[0].socket.getsockname()[1])
+            await trio.serve_listeners(self.handle_stream, listeners, handler_nursery=nursery)
+        return self.outcomes
+
     # -- connections -------------------------------------------------------------------------
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
@@ -286,21 +321,8 @@ async def serve(listen_host: str, port: int, out_dir: str, *, key: bytes | None,
     Raises:
         UsageError: no key on a non-loopback address, or the address cannot be bound.
     """
-    check_listen_policy(listen_host, key)
-    try:
-        listeners = await trio.open_tcp_listeners(port, host=listen_host)
-    except OSError as e:
-        raise UsageError(f"cannot listen on {listen_host}:{port}: {e.strerror or e}") from None
-    if not listeners:
-        raise UsageError(f"cannot listen on {listen_host}:{port}: no address")
     receiver = Receiver(out_dir, key=key, ssl_context=ssl_context, log=log)
-    async with trio.open_nursery() as nursery:
-        if once:
-            receiver.on_session_end = lambda _outcome: nursery.cancel_scope.cancel()
-        bound = listeners[0].socket.getsockname()[1]
-        task_status.started(bound)
-        await trio.serve_listeners(receiver.handle_stream, listeners, handler_nursery=nursery)
-    return receiver.outcomes
+    return await receiver.serve(listen_host, port, once=once, task_status=task_status)
 
 
 __all__ = ["Receiver", "SessionOutcome", "serve", "parse_listen"]
