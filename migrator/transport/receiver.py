@@ -79,7 +79,7 @@ class Receiver:
         self.out_dir = out_dir
         self.key = key
         self.ssl_context = ssl_context
-        self.log = log or (lambda line: None)
+        self.log = log if log is not None else (lambda line: None)
         self.on_session_end = on_session_end
         self.outcomes: list[SessionOutcome] = []
         self.session_ended = trio.Event()
