@@ -229,31 +229,62 @@ class Receiver:
             s.scopes.append(scope)
             if s.done:
                 return
-            images = s.images
-            assert images is not None
-            region_pages = images.region_pages
-            ps = images.page_size
-            while True:
-                try:
-                    msg = await fs.receive(ps)
-                except PeerClosed:
-                    raise TransportError(f"sender disconnected on channel {channel} "
-                                         f"before the end of the migration") from None
-                if isinstance(msg, wire.Batch):
-                    wire.check_batch(msg, region_pages)
-                    images.apply(msg)
-                    s.bytes_received += len(msg.data)
-                elif isinstance(msg, wire.RoundEnd):
-                    await fs.send(wire.RoundAck(msg.round_no))
-                elif isinstance(msg, wire.Close) and channel != 0:
-                    s.closed.add(channel)
-                    await fs.send(wire.Closed())
-                    return
-                elif isinstance(msg, wire.End) and channel == 0:
-                    await self._finish(fs, s, msg)
-                    return
-                else:
-                    raise ProtocolError(f"unexpected {type(msg).__name__.upper()} on channel {channel}")
+            try:
+                async with trio.open_nursery() as nursery:
+                    to_writer, from_reader = trio.open_memory_channel(0)
+                    nursery.start_soon(self._writer, s, from_reader)
+                    await self._read_channel(fs, s, channel, to_writer)
+                    await to_writer.aclose()
+            except BaseExceptionGroup as eg:
+                raise _unwrap(eg) from None
+
+    async def _writer(self, s: _Session, rx) -> None:
+        """Writes batches in a worker thread while the next one is being received."""
+        images = s.images
+        async with rx:
+            async for item in rx:
+                if isinstance(item, trio.Event):   # a flush point: all before it is written
+                    item.set()
+                    continue
+                await trio.to_thread.run_sync(images.apply, item)
+                s.bytes_received += len(item.data)
+
+    async def _read_channel(self, fs: FrameStream, s: _Session, channel: int, to_writer) -> None:
+        images = s.images
+        assert images is not None
+        region_pages = images.region_pages
+        ps = images.page_size
+
+        async def flush() -> None:
+            done = trio.Event()
+            await to_writer.send(done)
+            await done.wait()
+
+        while True:
+            try:
+                msg = await fs.receive(ps)
+            except PeerClosed:
+                raise TransportError(f"sender disconnected on channel {channel} "
+                                     f"before the end of the migration") from None
+            if isinstance(msg, wire.Batch):
+                wire.check_batch(msg, region_pages)
+                # rendezvous: the writer has finished the previous batch, whose buffer the
+                # next receive() reuses
+                await to_writer.send(msg)
+            elif isinstance(msg, wire.RoundEnd):
+                await flush()
+                await fs.send(wire.RoundAck(msg.round_no))
+            elif isinstance(msg, wire.Close) and channel != 0:
+                await flush()
+                s.closed.add(channel)
+                await fs.send(wire.Closed())
+                return
+            elif isinstance(msg, wire.End) and channel == 0:
+                await flush()
+                await self._finish(fs, s, msg)
+                return
+            else:
+                raise ProtocolError(f"unexpected {type(msg).__name__.upper()} on channel {channel}")
 
     async def _finish(self, fs: FrameStream, s: _Session, end: wire.End) -> None:
         images = s.images
@@ -271,6 +302,16 @@ class Receiver:
                                   tuple(v.dest_digest for v in verdicts), images.error or ""))
         s.verdict_sent = True
         self._end(s, complete=complete)
+
+
+def _unwrap(eg: BaseExceptionGroup) -> BaseException:
+    """The first user-facing error in a group (else the group itself)."""
+    for e in eg.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            e = _unwrap(e)
+        if isinstance(e, MigratorError):
+            return e
+    return eg
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:
