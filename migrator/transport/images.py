@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -95,6 +96,7 @@ class ImageSet:
         self.complete = False
         self.error: str | None = None
         self._images: list[_Image] = []
+        self._lock = threading.Lock()   # apply() may run in several worker threads at once
         try:
             os.makedirs(out_dir, exist_ok=True)
             # first the manifest (so an earlier 'complete' never survives), then the files
@@ -126,7 +128,11 @@ class ImageSet:
         })
 
     def apply(self, batch: Batch) -> None:
-        """Write a validated batch (wire.check_batch passed) into its image."""
+        """Write a validated batch (wire.check_batch passed) into its image (thread-safe)."""
+        with self._lock:
+            self._apply(batch)
+
+    def _apply(self, batch: Batch) -> None:
         img = self._images[batch.region]
         ps = self.page_size
         stamps = img.stamps
