@@ -301,6 +301,7 @@ class Receiver:
         await fs.send(wire.Result(complete, tuple(v.verified for v in verdicts),
                                   tuple(v.dest_digest for v in verdicts), images.error or ""))
         s.verdict_sent = True
+        await trio.to_thread.run_sync(images.sync)
         self._end(s, complete=complete)
 
 
