@@ -23,6 +23,7 @@ from .images import ImageSet
 HANDSHAKE_TIMEOUT = 10.0
 MAX_PENDING_CONNECTIONS = 64
 DRAIN_BYTES = 64 << 20
+FLUSH_WAIT_S = 30.0     # a new session waits this long for the previous one's image flush
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,11 @@ class Receiver:
                             raise TransportError(f"TLS handshake failed: {e.__cause__ or e}") from None
                     who = await server_handshake(fs, self.key)
                     if who.channel == 0:
+                        if self._active is not None and self._active.verdict_sent:
+                            # the previous session is only flushing its images: wait for it
+                            with trio.move_on_after(FLUSH_WAIT_S):
+                                while self._active is not None:
+                                    await self.session_ended.wait()
                         if self._active is not None:
                             raise TransportError("receiver busy with another migration")
                         session = self._active = _Session(who.session, peer)

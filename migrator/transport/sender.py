@@ -22,7 +22,7 @@ from .digest import PageReader
 from .framing import FrameStream
 from .wire import RegionSpec
 
-DEFAULT_BATCH_PAGES = 256
+DEFAULT_BATCH_PAGES = 1024
 MAX_PIECES = 512   # reader calls per batch
 
 
@@ -83,11 +83,12 @@ class RateLimiter:
         self._next = 0.0
 
     async def take(self, nbytes: int) -> None:
+        """Wait out the time slot of nbytes at the rate (a batch leaves at the end of its slot,
+        so a round's measured bandwidth never exceeds the cap, even for a single batch)."""
         now = trio.current_time()
         start = max(self._next, now)
         self._next = start + nbytes / self.rate
-        if start > now:
-            await trio.sleep_until(start)
+        await trio.sleep_until(self._next)
 
 
 @dataclass
