@@ -7,25 +7,9 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
+#include "io.h"
 #include "memio.h"
 
-/* pread until count bytes or EOF; returns bytes read or -errno. */
-static int64_t read_full(int fd, uint8_t *buf, uint64_t count, uint64_t offset)
-{
-    uint64_t done = 0;
-    while (done < count) {
-        ssize_t r = pread(fd, buf + done, count - done, (off_t)(offset + done));
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (r == 0)
-            break;
-        done += (uint64_t)r;
-    }
-    return (int64_t)done;
-}
 
 int64_t mg_read_runs(int fd, uint64_t base, const uint64_t *runs, uint64_t nruns,
                      uint64_t page_size, uint8_t *buf, int zero_eof)
@@ -33,7 +17,7 @@ int64_t mg_read_runs(int fd, uint64_t base, const uint64_t *runs, uint64_t nruns
     uint64_t out = 0;
     for (uint64_t k = 0; k < nruns; k++) {
         uint64_t len = runs[2 * k + 1] * page_size;
-        int64_t r = read_full(fd, buf + out, len, base + runs[2 * k] * page_size);
+        int64_t r = mg_pread_full(fd, buf + out, len, base + runs[2 * k] * page_size);
         if (r < 0)
             return r;
         if ((uint64_t)r < len) {
@@ -59,7 +43,7 @@ int mg_digest_fd(int fd, uint64_t offset, uint64_t nbytes, uint8_t *buf, uint64_
     int eof = 0;
     while (done < nbytes) {
         uint64_t n = nbytes - done < buf_len ? nbytes - done : buf_len;
-        int64_t r = eof ? 0 : read_full(fd, buf, n, offset + done);
+        int64_t r = eof ? 0 : mg_pread_full(fd, buf, n, offset + done);
         if (r < 0)
             return (int)r;
         if ((uint64_t)r < n) {

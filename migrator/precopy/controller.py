@@ -13,7 +13,7 @@ from typing import Protocol
 
 import trio
 
-from ..errors import MigratorError, UsageError
+from ..errors import MigratorError, UsageError, first_error
 from ..kernel.maps import Region, read_maps, select_regions
 from ..kernel.native import PAGE_SIZE
 from ..kernel.process import process_exists
@@ -121,7 +121,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
                         finally:
                             nursery.cancel_scope.cancel()
                 except BaseExceptionGroup as eg:
-                    raise _leaf(eg) from None
+                    raise first_error(eg) from None
         except MigratorError as e:
             if rep.status in ("setup", "active"):
                 rep.status, rep.reason = "failed", str(e)
@@ -264,20 +264,6 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         bad = [n for n, v in result.regions.items() if not v.verified]
         raise MigratorError(f"receiver could not verify region(s) {', '.join(bad)}: {result.message}")
     rep.status = "completed"
-
-
-def _leaf(eg: BaseExceptionGroup) -> BaseException:
-    """The error to report from a group: the first MigratorError, else the first leaf."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for x in e.exceptions:
-                walk(x)
-        else:
-            leaves.append(e)
-    walk(eg)
-    return next((e for e in leaves if isinstance(e, MigratorError)), leaves[0] if leaves else eg)
 
 
 def _check_events(d: DirtyPages) -> None:

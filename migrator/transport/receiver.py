@@ -14,7 +14,7 @@ from typing import Callable
 
 import trio
 
-from ..errors import MigratorError, ProtocolError, TransportError, UsageError
+from ..errors import MigratorError, ProtocolError, TransportError, UsageError, first_error
 from . import wire
 from .auth import check_listen_policy, server_handshake
 from .framing import FrameStream, PeerClosed
@@ -242,7 +242,7 @@ class Receiver:
                     await self._read_channel(fs, s, channel, to_writer)
                     await to_writer.aclose()
             except BaseExceptionGroup as eg:
-                raise _unwrap(eg) from None
+                raise first_error(eg) from None
 
     async def _writer(self, s: _Session, rx) -> None:
         """Writes batches in a worker thread while the next one is being received."""
@@ -309,16 +309,6 @@ class Receiver:
         s.verdict_sent = True
         await trio.to_thread.run_sync(images.sync)
         self._end(s, complete=complete)
-
-
-def _unwrap(eg: BaseExceptionGroup) -> BaseException:
-    """The first user-facing error in a group (else the group itself)."""
-    for e in eg.exceptions:
-        if isinstance(e, BaseExceptionGroup):
-            e = _unwrap(e)
-        if isinstance(e, MigratorError):
-            return e
-    return eg
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:

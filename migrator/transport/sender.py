@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Iterable, Mapping
 
 import trio
 
-from ..errors import MigratorError, RegionError, TransportError
+from ..errors import MigratorError, RegionError, TransportError, first_error
 from . import wire
 from .auth import client_handshake
 from .digest import PageReader
@@ -258,7 +258,7 @@ class Sender:
                         nursery.start_soon(consume, fs, recv_ch.clone())
                     await recv_ch.aclose()
             except BaseExceptionGroup as eg:
-                raise _first_error(eg) from None
+                raise first_error(eg) from None
             dt = time.monotonic() - t0
             nbytes = self._sent() - sent0
             self._busy += dt
@@ -278,7 +278,7 @@ class Sender:
                     for fs in self._fs:
                         nursery.start_soon(self._ack_round, fs, round_no)
             except BaseExceptionGroup as eg:
-                raise _first_error(eg) from None
+                raise first_error(eg) from None
             self._busy += time.monotonic() - t0
             self._rounds += 1
 
@@ -304,7 +304,7 @@ class Sender:
                     for fs in self._fs[1:]:
                         nursery.start_soon(self._close_channel, fs)
             except BaseExceptionGroup as eg:
-                raise _first_error(eg) from None
+                raise first_error(eg) from None
             fs0 = self._fs[0]
             try:
                 await fs0.send(wire.End(tuple(digests[r.name] for r in self.regions)))
@@ -336,26 +336,6 @@ class Sender:
             batches=self._batches, rounds=self._rounds, channels=len(self._fs),
             busy_time=self._busy, bandwidth=sent / self._busy if self._busy > 0 else 0.0,
             last_bandwidth=self._last_bw)
-
-
-def _first_error(eg: BaseExceptionGroup) -> BaseException:
-    """The most telling error of a group (a reported reason beats a broken pipe)."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for x in e.exceptions:
-                walk(x)
-        else:
-            leaves.append(e)
-    walk(eg)
-    for pred in (lambda e: isinstance(e, TransportError) and "reported" in str(e),
-                 lambda e: isinstance(e, MigratorError),
-                 lambda e: True):
-        for e in leaves:
-            if pred(e):
-                return e
-    return eg  # pragma: no cover
 
 
 async def _reason(fs: FrameStream, err: TransportError) -> TransportError:
