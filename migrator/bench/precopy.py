@@ -38,13 +38,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def predicted_rounds(first_pages: int, dirty_pps: float, link_pps: float, limit_s: float,
-                     max_pages: int) -> int:
-    """Live rounds (round 0 included) before stop-and-copy, by the geometric series."""
+                     max_pages: int, overhead_s: float = 0.0) -> int:
+    """Live rounds (round 0 included) before stop-and-copy, by the geometric series: a round of
+    n pages lasts overhead + n / link, and the guest dirties dirty_pps * that meanwhile; the
+    controller switches over when overhead + n / link fits the limit."""
     n = first_pages
     rounds = 1
     while True:
-        n = min(max_pages, dirty_pps * n / link_pps)          # pages dirtied while sending n
-        if n / link_pps <= limit_s or rounds > 60:
+        n = min(max_pages, dirty_pps * (overhead_s + n / link_pps))
+        if overhead_s + n / link_pps <= limit_s or rounds > 60:
             return rounds
         rounds += 1
 
@@ -66,10 +68,18 @@ async def one_run(ram: int, rate: float, link: float, limit_ms: float) -> dict:
         nursery.cancel_scope.cancel()
     bw = rep.bandwidth_bytes_per_s
     live_rounds = rep.rounds - 1           # the last entry is stop-and-copy
-    pred = predicted_rounds(rep.per_round[0].pages_sent, measured_rate / PAGE_SIZE, bw / PAGE_SIZE,
-                            limit_ms / 1000, vcpu_pages)
+    # the link as round 0 saw it (one long transfer), and the fixed cost of a round (collect +
+    # round-end acknowledgement) as the later rounds saw it
+    r0 = rep.per_round[0]
+    link = r0.bytes / (r0.duration_ms / 1000)
+    later = rep.per_round[1:]
+    overhead = statistics.median([(r.tracker_ms + r.duration_ms) / 1000 - r.bytes / link for r in later]) \
+        if later else 0.0
+    pred = predicted_rounds(r0.pages_sent, measured_rate / PAGE_SIZE, link / PAGE_SIZE,
+                            limit_ms / 1000, vcpu_pages, max(overhead, 0.0))
     theory_ms = rep.final_dirty_pages * PAGE_SIZE / bw * 1000
     return {"status": rep.status, "rounds_live": live_rounds, "rounds_predicted": pred,
+            "round_overhead_ms": overhead * 1000, "link_MBps": link / 1e6,
             "downtime_ms": rep.downtime_ms, "theory_downtime_ms": theory_ms,
             "final_dirty_pages": rep.final_dirty_pages, "bandwidth_MBps": bw / 1e6,
             "dirty_rate_MBps": measured_rate / 1e6, "verify_ms": rep.verify_ms,
@@ -82,13 +92,14 @@ def run(args: argparse.Namespace) -> int:
           f"link {link / 1e6:.0f} MB/s, downtime limit {args.downtime_limit:.0f} ms, {args.runs} runs")
     rows = [trio.run(one_run, ram, rate, link, args.downtime_limit) for _ in range(args.runs)]
     print(f"{'run':>3} {'status':>10} {'rounds':>7} {'predicted':>9} {'downtime':>9} {'theory':>8} "
-          f"{'ratio':>6} {'verify':>7} {'B MB/s':>7} {'D MB/s':>7}")
+          f"{'ratio':>6} {'verify':>7} {'B MB/s':>7} {'D MB/s':>7} {'link':>6} {'ovh ms':>6}")
     for i, r in enumerate(rows):
         ratio = r["downtime_ms"] / r["theory_downtime_ms"] if r["theory_downtime_ms"] else math.inf
         r["downtime_ratio"] = ratio
         print(f"{i:>3} {r['status']:>10} {r['rounds_live']:>7} {r['rounds_predicted']:>9} "
               f"{r['downtime_ms']:>7.1f}ms {r['theory_downtime_ms']:>6.1f}ms {ratio:>6.2f} "
-              f"{r['verify_ms']:>5.1f}ms {r['bandwidth_MBps']:>7.1f} {r['dirty_rate_MBps']:>7.1f}")
+              f"{r['verify_ms']:>5.1f}ms {r['bandwidth_MBps']:>7.1f} {r['dirty_rate_MBps']:>7.1f} "
+              f"{r['link_MBps']:>6.0f} {r['round_overhead_ms']:>6.1f}")
     ratios = [r["downtime_ratio"] for r in rows]
     dr = [abs(r["rounds_live"] - r["rounds_predicted"]) for r in rows]
     print(f"downtime / theory: min {min(ratios):.2f}, median {statistics.median(ratios):.2f} (target <= 1.5); "

@@ -164,14 +164,41 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             progress(rs)
         return rs
 
+    async def send_round(runs: dict[str, PageSet], round_no: int):
+        st = await sender.send_pages(_runs(runs), source, round_no)
+        await sender.end_round(round_no)
+        return st
+
+    async def send_and_collect(runs: dict[str, PageSet], round_no: int, lead_s: float,
+                               since: float):
+        """Send a round and, overlapping its end, collect the pages for the next one: the
+        collect starts lead_s into the send (or when the send is done, if sooner), and not
+        before policy.min_round_s after the previous collect."""
+        box: dict = {}
+        send_done = trio.Event()
+
+        async def collector() -> None:
+            with trio.move_on_after(lead_s):
+                await send_done.wait()
+            await trio.sleep_until(since + policy.min_round_s)
+            box["dirty"] = await trio.to_thread.run_sync(tracker.collect)
+            box["at"] = time.monotonic()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collector)
+            box["st"] = await send_round(runs, round_no)
+            send_done.set()
+        return box["st"], box["dirty"], box["at"]
+
     # round 0: every populated page
     first = {r.name: await trio.to_thread.run_sync(source.populated, r) for r in regions}
-    last_collect = time.monotonic()
-    st = await sender.send_pages(_runs(first), source, 0)
-    await sender.end_round(0)
+    t0 = time.monotonic()
+    st = await send_round(first, 0)
     account(0, _count(first), st, 0.0, 0.0, 0.0)
+    dirty = await trio.to_thread.run_sync(tracker.collect)
+    last_collect = time.monotonic()
+    elapsed = last_collect - t0
 
-    bandwidth = max(sender.statistics().bandwidth, 1.0)     # bytes/s
     limit_s = policy.downtime_limit_ms / 1000
     hot_rounds = 0
     round_no = 0
@@ -179,16 +206,10 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
     pending: dict[str, PageSet] = {}
     while True:
         round_no += 1
-        if policy.min_round_s:
-            await trio.sleep(max(0.0, policy.min_round_s - (time.monotonic() - last_collect)))
-        dirty = await trio.to_thread.run_sync(tracker.collect)
-        now = time.monotonic()
         _check_events(dirty)
-        elapsed = max(now - last_collect, 1e-6)
-        last_collect = now
         pending = dirty.pages
         n = _count(pending)
-        dirty_rate = n / elapsed                           # pages/s
+        dirty_rate = n / max(elapsed, 1e-6)                # pages/s
         rep.dirty_pages_rate = dirty_rate
         bandwidth = max(sender.statistics().bandwidth, 1.0)
         rep.bandwidth_bytes_per_s = bandwidth
@@ -217,10 +238,12 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                               f"{bandwidth / 1e6:.1f} MB/s bandwidth, {n} pages still dirty); "
                               "enable --auto-converge or raise --max-bandwidth; the guest keeps running")
                 return
-        st = await sender.send_pages(_runs(pending), source, round_no)
-        await sender.end_round(round_no)
+        lead = max(0.0, n * PAGE_SIZE / bandwidth - dirty.cost_s)
+        st, next_dirty, at = await send_and_collect(pending, round_no, lead, last_collect)
         account(round_no, n, st, dirty.cost_s, dirty_rate, expected_s * 1000)
         prev_sent = max(n, 1)
+        elapsed, last_collect = at - last_collect, at
+        dirty = next_dirty
         pending = {}
 
     # stop-and-copy
