@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Iterable, Mapping
 
 import trio
 
+from .._track_c import ffi, lib
 from ..errors import MigratorError, RegionError, TransportError, first_error
 from . import wire
 from .auth import client_handshake
@@ -102,8 +103,6 @@ class _Built:
 class _ZeroScan:
     def __init__(self, page_size: int, batch_pages: int):
         self.ps = page_size
-        self.zero_page = bytes(page_size)
-        self.zeros = bytes(page_size * batch_pages)
 
     def build(self, reader: PageReader, region: int, name: str, pieces: list[tuple[int, int]],
               round_no: int) -> _Built:
@@ -122,26 +121,25 @@ class _ZeroScan:
             raise MigratorError(f"page reader returned {len(whole)} bytes for {total} pages "
                                 f"of region {name!r}")
         view = memoryview(whole)
-        zp = self.zero_page
+        flags = bytearray(total)          # 1 = zero page, found in C
+        zeros = lib.mg_zero_pages(ffi.from_buffer(whole), total, ps, ffi.from_buffer(flags))
         base = 0
         for first, n in pieces:
-            if self.zeros.startswith(view[base * ps:(base + n) * ps]):   # all zero (memcmp)
-                _add_run(zero_runs, first, n)
-                base += n
-                continue
             i = 0
             while i < n:
-                is_zero = whole.startswith(zp, (base + i) * ps)
-                j = i + 1
-                while j < n and whole.startswith(zp, (base + j) * ps) == is_zero:
-                    j += 1
+                is_zero = flags[base + i]
+                j = flags.find(b"\x00" if is_zero else b"\x01", base + i, base + n)
+                j = n if j < 0 else j - base
                 if is_zero:
                     _add_run(zero_runs, first + i, j - i)
                 else:
                     _add_run(data_runs, first + i, j - i)
-                    parts.append(view[(base + i) * ps:(base + j) * ps])
+                    if zeros:
+                        parts.append(view[(base + i) * ps:(base + j) * ps])
                 i = j
             base += n
+        if not zeros:
+            parts = [whole]
         data: Any = (whole if len(parts) == 1 and len(parts[0]) == len(whole)
                      else parts[0] if len(parts) == 1 else b"".join(parts))
         pages_normal = len(data) // ps
