@@ -19,6 +19,7 @@ from ..kernel.native import PAGE_SIZE
 from ..kernel.process import process_exists
 from ..tracking.base import DirtyPages, Tracker
 from ..tracking.choose import make_tracker
+from ..tracking.ledger import LedgerTracker
 from ..tracking.pageset import PageSet
 from ..transport import RegionSpec, connect_sender
 from .pause import Pauser, Throttle
@@ -191,7 +192,8 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         rep.dirty_pages_rate = dirty_rate
         bandwidth = max(sender.statistics().bandwidth, 1.0)
         rep.bandwidth_bytes_per_s = bandwidth
-        expected_s = n * PAGE_SIZE / bandwidth
+        # the pause will cost the final collect (about as long as this one) and the transfer
+        expected_s = dirty.cost_s + n * PAGE_SIZE / bandwidth
         rep.expected_downtime_ms = expected_s * 1000
         rep.remaining_bytes = n * PAGE_SIZE
         forced = policy.force_switchover is not None and policy.force_switchover.is_set()
@@ -236,10 +238,15 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             rep.final_dirty_pages = nfinal
             digests: dict[str, str] = {}
 
+            ledger = getattr(tracker, "ledger", None)
+            known = {r.name: ledger.page_hashes(r.name) for r in ledger.regions} \
+                if isinstance(ledger, LedgerTracker) else {}
+
             async def digest_all() -> None:
-                # the source is paused: its digests can be computed while the last pages go out
+                # The source is paused: its digests are computed while the last pages go out.
+                # Shared regions: the ledger's final sweep already hashed every page.
                 for r in regions:
-                    digests[r.name] = await trio.to_thread.run_sync(source.digest, r.name)
+                    digests[r.name] = await trio.to_thread.run_sync(source.digest, r.name, known.get(r.name))
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(digest_all)

@@ -165,6 +165,13 @@ class LedgerTracker(Tracker):
         out.cost_s = time.perf_counter() - t0
         return self._account(out)
 
+    def page_hashes(self, region_name: str) -> bytes:
+        """The XXH3-64 of every page of a region as of the last sweep (8 bytes a page)."""
+        r = next(r for r in self.regions if r.name == region_name)
+        led = self.registry.ledger_for(self.pid, r)
+        i = r.offset // PAGE_SIZE - led.first_page
+        return bytes(ffi.buffer(led.hashes + i, 8 * r.npages))
+
     def memory_bytes(self) -> int:
         return sum(led.memory_bytes() for led in self.registry.ledgers())
 

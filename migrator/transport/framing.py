@@ -27,7 +27,8 @@ class FrameStream:
         self.peer = peer
         self._buf = bytearray()
         self._pos = 0
-        self._data = bytearray()
+        self._bufs = [bytearray(), bytearray()]   # page data alternates between two buffers
+        self._which = 0
         # plain TCP: page data goes straight from the socket into our buffer with recv_into
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.bytes_sent = 0
@@ -115,16 +116,18 @@ class FrameStream:
                     self._pos = 0
 
     async def receive(self, page_size: int | None = None) -> wire.Message:
-        """The next frame, validated.  A Batch's data is a memoryview of a buffer that the next
-        receive() reuses: consume it first.  An ERROR frame raises TransportError."""
+        """The next frame, validated.  A Batch's data is a memoryview of one of two buffers used
+        in turn: it stays valid until the second-next batch is received (so one batch can be
+        written while the next one arrives).  An ERROR frame raises TransportError."""
         t, meta_len, data_len = wire.parse_header(
             await self._read_exact(wire.HEADER_SIZE, "a frame header", at_boundary=True))
         meta = await self._read_exact(meta_len, f"a {t.name} frame")
         msg = wire.decode(t, meta, data_len, page_size)
         if isinstance(msg, wire.Batch):
-            if len(self._data) < data_len:
-                self._data = bytearray(data_len)
-            view = memoryview(self._data)[:data_len]
+            self._which ^= 1
+            if len(self._bufs[self._which]) < data_len:
+                self._bufs[self._which] = bytearray(data_len)
+            view = memoryview(self._bufs[self._which])[:data_len]
             await self._read_into(view, "a BATCH frame's page data")
             wire.check_digest(msg, view)
             msg = dataclasses.replace(msg, data=view)

@@ -227,7 +227,7 @@ class Sender:
             t0 = time.monotonic()
             sent0 = self._sent()
             totals = [0, 0, 0]
-            send_ch, recv_ch = trio.open_memory_channel[_Built](len(self._fs))
+            send_ch, recv_ch = trio.open_memory_channel[_Built](2 * len(self._fs) + 2)
 
             async def produce():
                 async with send_ch:
