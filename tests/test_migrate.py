@@ -96,6 +96,8 @@ async def test_dirty_rate_above_the_link_with_auto_converge(receiver):
                         auto_converge=True)
         assert rep.status == "completed", rep.reason
         assert rep.throttle_percent >= 20
+        # converged by throttling, not forced by max_rounds
+        assert rep.rounds < 30 and rep.expected_downtime_ms <= 300, (rep.rounds, rep.expected_downtime_ms)
         assert_images_equal_source(g, receiver.out_dir)
 
 

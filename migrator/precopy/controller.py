@@ -233,10 +233,13 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                 hot_rounds = policy.nonconvergence_rounds - 1   # next step after one more hot round
             elif not policy.auto_converge:
                 rep.status = "not-converged"
-                rep.reason = (f"not converging: for {hot_rounds} rounds the guest dirtied pages as fast as "
-                              f"they were sent ({dirty_rate * PAGE_SIZE / 1e6:.1f} MB/s dirtied, "
-                              f"{bandwidth / 1e6:.1f} MB/s bandwidth, {n} pages still dirty); "
-                              "enable --auto-converge or raise --max-bandwidth; the guest keeps running")
+                rep.reason = (f"not converging: for {hot_rounds} rounds the dirty set did not shrink "
+                              f"({n} pages, {n * PAGE_SIZE / 1e6:.1f} MB, dirtied at "
+                              f"{dirty_rate * PAGE_SIZE / 1e6:.1f} MB/s against {bandwidth / 1e6:.1f} MB/s "
+                              f"of bandwidth): a switch-over now would pause the guest about "
+                              f"{expected_s * 1000:.0f} ms, over the {policy.downtime_limit_ms:.0f} ms limit; "
+                              "enable --auto-converge, raise --downtime-limit or --max-bandwidth; "
+                              "the guest keeps running")
                 return
         lead = max(0.0, n * PAGE_SIZE / bandwidth - dirty.cost_s)
         st, next_dirty, at = await send_and_collect(pending, round_no, lead, last_collect)

@@ -93,7 +93,7 @@ class Throttle:
 
     INITIAL, STEP, MAX = 20, 10, 99
 
-    def __init__(self, pids: list[int], period_s: float = 0.05):
+    def __init__(self, pids: list[int], period_s: float = 0.1):
         self.pids = list(pids)
         self.period_s = period_s
         self.percent = 0
