@@ -50,6 +50,11 @@ def register(sub) -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--out-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                   help="where the receiver writes its images (default /dev/shm: measure the "
+                        "stream, not the disk)")
+    p.add_argument("--no-preallocate", dest="preallocate", action="store_false",
+                   help="do not have the receiver preallocate its images")
     p.set_defaults(handler=run)
 
 
@@ -108,13 +113,14 @@ def run(args: argparse.Namespace) -> int:
     for p in range(0, size // PS, 64):          # 1 page in 64 holds data
         zero_mem[p * PS:(p + 1) * PS] = random_mem[p * PS:(p + 1) * PS]
     zero_mem = bytes(zero_mem)
-    out = tempfile.mkdtemp(prefix="migrator-bench-")
+    out = tempfile.mkdtemp(prefix="migrator-bench-", dir=args.out_dir)
     key_file = os.path.join(out, "key")
     with open(key_file, "wb") as f:
         f.write(KEY)
     raw = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER], stdout=subprocess.PIPE, text=True)
     rx = subprocess.Popen([sys.executable, "-c", _RECEIVER, "receive", "--listen", "127.0.0.1:0",
-                           "--out", os.path.join(out, "images"), "--key-file", key_file],
+                           "--out", os.path.join(out, "images"), "--key-file", key_file]
+                          + (["--preallocate"] if args.preallocate else []),
                           stdout=subprocess.PIPE, text=True)
     results: dict[str, list[float]] = {"raw_tcp": [], "random": [], "zero_heavy": []}
     rss_kib = []

@@ -56,12 +56,14 @@ class Verdict:
 
 
 class _Image:
-    def __init__(self, path: str, region: RegionSpec, page_size: int):
+    def __init__(self, path: str, region: RegionSpec, page_size: int, preallocate: bool = False):
         self.path = path
         self.region = region
         self.npages = region.size // page_size
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         os.ftruncate(self.fd, region.size)
+        if preallocate:      # allocate now, not page by page while the migration runs
+            os.posix_fallocate(self.fd, 0, region.size)
         # anonymous mapping: zero pages on demand, so a huge region costs only what is touched
         self._map = mmap.mmap(-1, 4 * self.npages)
         self.stamps = memoryview(self._map).cast("I")
@@ -93,7 +95,8 @@ def _pwrite_all(fd: int, data: Any, offset: int) -> None:
 class ImageSet:
     """The images of one session in out_dir, with the manifest describing them."""
 
-    def __init__(self, out_dir: str, regions: Sequence[RegionSpec], page_size: int, session: str):
+    def __init__(self, out_dir: str, regions: Sequence[RegionSpec], page_size: int, session: str,
+                 preallocate: bool = False):
         self.out_dir = out_dir
         self.regions = list(regions)
         self.page_size = page_size
@@ -110,7 +113,7 @@ class ImageSet:
             # first the manifest (so an earlier 'complete' never survives), then the files
             self.write_manifest()
             for name, region in zip(self.names, self.regions):
-                self._images.append(_Image(os.path.join(out_dir, name), region, page_size))
+                self._images.append(_Image(os.path.join(out_dir, name), region, page_size, preallocate))
         except OSError as e:
             self.close()
             raise MigratorError(f"cannot create images in {out_dir!r}: {e.strerror}") from None

@@ -76,8 +76,10 @@ class Receiver:
 
     def __init__(self, out_dir: str, *, key: bytes | None, ssl_context=None,
                  log: Callable[[str], None] | None = None,
-                 on_session_end: Callable[[SessionOutcome], None] | None = None):
+                 on_session_end: Callable[[SessionOutcome], None] | None = None,
+                 preallocate: bool = False):
         self.out_dir = out_dir
+        self.preallocate = preallocate      # fallocate each image when its session starts
         self.key = key
         self.ssl_context = ssl_context
         self.log = log if log is not None else (lambda line: None)
@@ -195,7 +197,7 @@ class Receiver:
                         setup = await fs.expect(wire.Setup)
                         session.channels = setup.channels
                         session.images = ImageSet(self.out_dir, setup.regions, setup.page_size,
-                                                  session.sid.hex())
+                                                  session.sid.hex(), self.preallocate)
                         session.joined.add(0)
                         await fs.send(wire.SetupOk(tuple(session.images.names)))
                         self.log(f"session {session.name} from {peer}: {len(setup.regions)} region(s), "
@@ -351,6 +353,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 async def serve(listen_host: str, port: int, out_dir: str, *, key: bytes | None,
                 once: bool = False, ssl_context=None, log: Callable[[str], None] | None = None,
+                preallocate: bool = False,
                 task_status=trio.TASK_STATUS_IGNORED) -> list[SessionOutcome]:
     """Listen and serve migrations until cancelled, or until one session ended if `once`.
 
@@ -359,7 +362,7 @@ async def serve(listen_host: str, port: int, out_dir: str, *, key: bytes | None,
     Raises:
         UsageError: no key on a non-loopback address, or the address cannot be bound.
     """
-    receiver = Receiver(out_dir, key=key, ssl_context=ssl_context, log=log)
+    receiver = Receiver(out_dir, key=key, ssl_context=ssl_context, log=log, preallocate=preallocate)
     return await receiver.serve(listen_host, port, once=once, task_status=task_status)
 
 
