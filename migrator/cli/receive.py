@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     p.add_argument("--key-file", metavar="F",
                    help="pre-shared key (required unless HOST is a loopback address)")
     p.add_argument("--once", action="store_true", help="exit after one migration session")
+    p.add_argument("--preallocate", action="store_true",
+                   help="allocate each image in full when a session starts (fewer page faults "
+                        "while pages arrive; on tmpfs it takes the memory up front)")
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain)")
     p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--tls-ca", metavar="PEM", help="require sender certificates signed by this CA")
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     async def _serve(task_status=trio.TASK_STATUS_IGNORED):
         outcomes.extend(await serve(host, port, args.out, key=key, once=args.once,
+                                    preallocate=args.preallocate,
                                     ssl_context=ssl_context, log=_log, task_status=task_status))
 
     async def main() -> None:
