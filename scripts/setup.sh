@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="libxxhash-dev gcc"
+# libxxhash-dev, gcc: the C fast paths; qemu-system-x86, kmod, busybox-static: the kernel matrix
+# (tests/kernels) and the real-QEMU tests
+APT_PACKAGES="libxxhash-dev gcc qemu-system-x86 kmod busybox-static"
 if [ "$(id -u)" = 0 ]; then
     missing=""
     for p in $APT_PACKAGES; do
@@ -13,7 +15,7 @@ if [ "$(id -u)" = 0 ]; then
     if [ -n "$missing" ]; then
         echo "setup: apt-get install$missing"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
     fi
 else
     echo "setup: not root: skipping apt packages ($APT_PACKAGES) and zram swap" >&2

@@ -73,11 +73,22 @@ def _raw_tcp(port: int, size: int) -> float:
 
 
 class _Reader:
+    """Pages from memory, copied once into a fresh buffer per batch, as the real source does
+    (precopy.source.SourceMemory.read_runs: one pread per run into one buffer)."""
+
     def __init__(self, mem: bytes):
         self.mem = memoryview(mem)
 
     def read(self, name, first, n):
         return self.mem[first * PS:(first + n) * PS]
+
+    def read_runs(self, name, runs):
+        out = bytearray(sum(n for _, n in runs) * PS)
+        pos = 0
+        for first, n in runs:
+            out[pos:pos + n * PS] = self.mem[first * PS:(first + n) * PS]
+            pos += n * PS
+        return out
 
 
 def _rss_peak_kib(pid: int) -> int:
