@@ -71,11 +71,14 @@ class Receiver:
         ssl_context: server-side TLS context, or None for plain TCP.
         log: called with one line per session (and per rejected connection).
         on_session_end: called with each SessionOutcome once it is final.
+        on_setup: called with the session's ImageSet once its images exist (before any page).
     """
 
     def __init__(self, out_dir: str, *, key: bytes | None, ssl_context=None,
                  log: Callable[[str], None] | None = None,
-                 on_session_end: Callable[[SessionOutcome], None] | None = None):
+                 on_session_end: Callable[[SessionOutcome], None] | None = None,
+                 on_setup: Callable[[ImageSet], None] | None = None):
+        self.on_setup = on_setup
         self.out_dir = out_dir
         self.key = key
         self.ssl_context = ssl_context
@@ -155,6 +158,8 @@ class Receiver:
                         session.channels = setup.channels
                         session.images = ImageSet(self.out_dir, setup.regions, setup.page_size,
                                                   session.sid.hex())
+                        if self.on_setup is not None:
+                            self.on_setup(session.images)
                         session.joined.add(0)
                         await fs.send(wire.SetupOk(tuple(session.images.names)))
                         self.log(f"session {session.name} from {peer}: {len(setup.regions)} region(s), "
@@ -278,10 +283,13 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 async def serve(listen_host: str, port: int, out_dir: str, *, key: bytes | None,
                 once: bool = False, ssl_context=None, log: Callable[[str], None] | None = None,
+                on_setup: Callable[[ImageSet], None] | None = None,
+                on_session_end: Callable[[SessionOutcome], None] | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> list[SessionOutcome]:
     """Listen and serve migrations until cancelled, or until one session ended if `once`.
 
     task_status.started() gets the bound port (useful with port 0).  Returns the outcomes.
+    on_setup / on_session_end: see Receiver.
 
     Raises:
         UsageError: no key on a non-loopback address, or the address cannot be bound.
@@ -293,10 +301,15 @@ async def serve(listen_host: str, port: int, out_dir: str, *, key: bytes | None,
         raise UsageError(f"cannot listen on {listen_host}:{port}: {e.strerror or e}") from None
     if not listeners:
         raise UsageError(f"cannot listen on {listen_host}:{port}: no address")
-    receiver = Receiver(out_dir, key=key, ssl_context=ssl_context, log=log)
+    receiver = Receiver(out_dir, key=key, ssl_context=ssl_context, log=log, on_setup=on_setup,
+                        on_session_end=on_session_end)
     async with trio.open_nursery() as nursery:
         if once:
-            receiver.on_session_end = lambda _outcome: nursery.cancel_scope.cancel()
+            def ended(outcome: SessionOutcome) -> None:
+                if on_session_end is not None:
+                    on_session_end(outcome)
+                nursery.cancel_scope.cancel()
+            receiver.on_session_end = ended
         bound = listeners[0].socket.getsockname()[1]
         task_status.started(bound)
         await trio.serve_listeners(receiver.handle_stream, listeners, handler_nursery=nursery)
