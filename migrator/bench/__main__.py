@@ -5,6 +5,7 @@ import sys
 # name -> module in migrator.bench with add_arguments(parser) and run(args) -> int
 BENCHES = {
     "track": "migrator.bench.track",
+    "qemu": "migrator.bench.qemu",
 }
 
 

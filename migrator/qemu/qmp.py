@@ -20,6 +20,9 @@ from typing import Any
 from ..errors import MigratorError
 
 
+GREETING_WAIT_S = 2.0
+
+
 class QmpError(MigratorError):
     """QMP failed: no socket, no greeting, or a command answered with an error."""
 
@@ -67,7 +70,12 @@ class QMP:
                     raise QmpError(f"cannot connect to QMP socket {path}: {e.strerror or e}") from None
                 time.sleep(0.005)
         self._sock = sock
-        greeting = self._read_message(deadline=time.monotonic() + reply_wait_s)
+        try:
+            greeting = self._read_message(deadline=time.monotonic() + min(reply_wait_s, GREETING_WAIT_S))
+        except QmpError:
+            self.close()
+            raise QmpError(f"no QMP greeting on {path} within {min(reply_wait_s, GREETING_WAIT_S)} s: "
+                           "QEMU serves one QMP client at a time; is another one connected?") from None
         if "QMP" not in greeting:
             self.close()
             raise QmpError(f"{path} is not a QMP socket (greeting {str(greeting)[:80]!r})")

@@ -161,6 +161,16 @@ def send_device_state(qmp: QMP, uri: str, *, retry_s: float = 10.0) -> DeviceSta
         raise QmpError(f"QEMU could not send its device state to {uri}: {err}")
 
 
+def _settled_state(qmp: QMP, wait_s: float = 2.0) -> str:
+    """The source's run state once the end of a migration settled (finish-migrate -> postmigrate)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        st = qmp.execute("query-status").get("status", "?")
+        if st != "finish-migrate" or time.monotonic() > deadline:
+            return st
+        time.sleep(0.005)
+
+
 @dataclass
 class QemuMigrationReport:
     """migrator's RAM report plus the QEMU part.  downtime_ms runs from QEMU's STOP until the
@@ -241,7 +251,7 @@ async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, 
                 rep.transferred_bytes += dev.bytes
                 if rep.stopped_at is not None:
                     rep.downtime_ms = (rep.device_state_done_at - rep.stopped_at) * 1000
-        rep.source_state = qmp.execute("query-status").get("status", "?")
+        rep.source_state = await trio.to_thread.run_sync(_settled_state, qmp)
         rep.total_time_ms = (time.monotonic() - t0) * 1000
         return rep
     finally:

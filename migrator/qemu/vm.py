@@ -75,6 +75,7 @@ class SourceVM:
     def kill(self) -> None:
         if getattr(self, "qmp", None) is not None:
             self.qmp.close()
+            self.qmp = None
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

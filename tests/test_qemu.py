@@ -1,0 +1,190 @@
+"""migrator driving a real QEMU VM (TCG): RAM by migrator, device state by QEMU (x-ignore-shared).
+
+The guest is the project's boot sector (migrator/qemu/testguest.py): it increments a byte in
+every page of 1..100 MiB forever and writes 'B' to the serial port after each pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import require
+from migration_helpers import ReceiverProcess
+from migrator.qemu import QMP, GuestLayout, SourceVM, boot_sector, check_pattern, qemu_available
+from migrator.qemu.testguest import write_boot_image
+from migrator.qemu.vm import vm_args
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ASM = os.path.join(HERE, "..", "migrator", "qemu", "guest_src", "incr.asm")
+
+
+# -- the test guest ---------------------------------------------------------------------------
+
+def test_boot_sector_is_the_nasm_source(tmp_path):
+    require(shutil.which("nasm") is not None, "nasm not installed (apt-get install nasm)")
+    out = tmp_path / "incr.bin"
+    subprocess.run(["nasm", "-f", "bin", "-o", str(out), ASM], check=True)
+    assert out.read_bytes() == boot_sector()
+
+
+def test_boot_sector_layout():
+    b = boot_sector(GuestLayout(start=2 << 20, end=3 << 20, marker=b"Z"))
+    assert len(b) == 512 and b[-2:] == b"\x55\xaa"
+    assert (2 << 20).to_bytes(4, "little") in b and (3 << 20).to_bytes(4, "little") in b
+    with pytest.raises(ValueError):
+        GuestLayout(start=4097)
+
+
+def _ram(values: list[int], layout: GuestLayout) -> bytes:
+    ram = bytearray(layout.end)
+    for i, v in enumerate(values):
+        ram[layout.start + i * 4096] = v
+    return bytes(ram)
+
+
+@pytest.mark.parametrize("values,ok", [
+    (lambda n: [7] * n, True),                                  # a whole pass
+    (lambda n: [8] * 10 + [7] * (n - 10), True),                # stopped after page 10
+    (lambda n: [0] * 10 + [255] * (n - 10), True),              # wrapped
+    (lambda n: [9] * 10 + [7] * (n - 10), False),               # two steps
+    (lambda n: [8] * 10 + [7] * (n - 11) + [8], False),         # a second boundary
+    (lambda n: [0] * n, True),
+])
+def test_check_pattern(values, ok):
+    layout = GuestLayout(start=1 << 20, end=2 << 20)
+    assert check_pattern(_ram(values(layout.pages), layout), layout).ok is ok
+
+
+# -- the real VM ------------------------------------------------------------------------------
+
+@pytest.fixture
+def vm(tmp_path, root):
+    require(qemu_available(), "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
+    boot = write_boot_image(str(tmp_path / "guest.img"))
+    v = SourceVM(str(tmp_path), boot, 128 << 20)
+    v.wait_serial(50)
+    v.qmp.close()            # migrator takes the QMP socket (QEMU serves one client at a time)
+    v.qmp = None
+    yield v
+    v.kill()
+
+
+def _grows(path: str, by: int = 20, wait_s: float = 10.0) -> bool:
+    first = os.path.getsize(path)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if os.path.getsize(path) >= first + by:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _migrate_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "migrator", "migrate", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_qemu_vm_migrates_and_runs_on(vm, tmp_path):
+    out = str(tmp_path / "out")
+    dest_serial = str(tmp_path / "dest.serial")
+    incoming = f"127.0.0.1:{_free_port()}"
+    receiver = ReceiverProcess(out, "--qemu-incoming", incoming,
+                               "--qemu-args", shlex.join(vm_args(vm.boot_image, dest_serial)))
+    dest_pid = None
+    try:
+        p = _migrate_cli("--qmp", vm.qmp_path, "--to", f"127.0.0.1:{receiver.port}",
+                         "--qemu-incoming", incoming, "--max-bandwidth", "10GB/s", "--downtime-limit", "3000", "--json", "-")
+        assert p.returncode == 0, p.stderr
+        rep = json.loads(p.stdout)
+        assert rep["status"] == "completed" and rep["ram"]["status"] == "completed"
+        assert rep["ram"]["tracker"] == "ledger"          # exact for TCG's writes to the memfd
+        assert rep["source_state"] == "postmigrate"
+        assert rep["memdev"] == "ram" and rep["ram_size"] == 128 << 20
+        assert receiver.proc.wait(30) == 0, receiver.text()
+        log = receiver.text()
+        assert "destination VM running" in log, log
+        dest_pid = int(log.split("destination VM pid ")[1].split()[0])
+        resumed = float(log.split("resumed at ")[1].split(",")[0])
+        assert rep["stopped_at"] < resumed < rep["stopped_at"] + 10
+        # the guest runs on at the destination: markers keep coming
+        assert _grows(dest_serial), "the destination guest wrote no markers"
+        # its RAM (the received image, mapped share=on) holds the incrementing pattern
+        with QMP(os.path.join(out, "qemu-dest.qmp")) as dq:
+            dq.execute("stop")
+            with open(os.path.join(out, "000-memory-backend-memfd.img"), "rb") as f:
+                res = check_pattern(f.read())
+            assert res.ok, res.message
+            dq.execute("quit")
+        # the source stays stopped (postmigrate): no marker after the migration
+        size = os.path.getsize(vm.serial_path)
+        time.sleep(0.2)
+        assert os.path.getsize(vm.serial_path) == size
+    finally:
+        receiver.stop()
+        if dest_pid:
+            try:
+                os.kill(dest_pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+def test_device_state_failure_resumes_the_source(vm, tmp_path):
+    """The destination QEMU's address accepts and hangs up: QEMU's migrate fails after the RAM
+    went through; the source VM must run on (`cont`)."""
+    out = str(tmp_path / "out")
+    receiver = ReceiverProcess(out, "--once")
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(4)
+
+    def hang_up():
+        while True:
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            c.close()
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        p = _migrate_cli("--qmp", vm.qmp_path, "--to", f"127.0.0.1:{receiver.port}", "--qemu-incoming",
+                         f"127.0.0.1:{lsock.getsockname()[1]}", "--max-bandwidth", "10GB/s", "--downtime-limit", "3000", "--json", "-")
+        assert p.returncode == 1, p.stderr
+        rep = json.loads(p.stdout)
+        assert rep["ram"]["status"] == "completed", rep
+        assert rep["status"] == "failed" and "device state" in rep["reason"], rep
+        assert rep["source_state"] == "running", rep
+        assert _grows(vm.serial_path), "the source guest did not run on"
+    finally:
+        lsock.close()
+        receiver.stop()
+
+
+def test_qmp_user_errors(vm, tmp_path):
+    p = _migrate_cli("--qmp", str(tmp_path / "nope.qmp"), "--to", "127.0.0.1:1", "--qemu-incoming", "127.0.0.1:2")
+    assert p.returncode == 2 and "cannot connect to QMP socket" in p.stderr
+    p = _migrate_cli("--qmp", vm.qmp_path, "--to", "127.0.0.1:1")
+    assert p.returncode == 2 and "--qemu-incoming" in p.stderr
+    p = _migrate_cli("--qmp", vm.qmp_path, "--pid", "1", "--to", "127.0.0.1:1", "--qemu-incoming", "127.0.0.1:2")
+    assert p.returncode == 2 and "no --pid" in p.stderr
+    # (the tests use a generous downtime limit: they check correctness, the bench checks speed,
+    # and this guest rewrites all 100 MiB every millisecond)
+    with QMP(vm.qmp_path) as q:          # QEMU serves one QMP client: a second one is told why
+        p = _migrate_cli("--qmp", vm.qmp_path, "--to", "127.0.0.1:1", "--qemu-incoming", "127.0.0.1:2")
+        assert p.returncode == 2 and "another one connected" in p.stderr
+        assert q.execute("query-status")["status"] == "running"
