@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,7 +51,10 @@ class Run:
     reported_downtime_ms: float = 0.0
     bytes_sent: int = 0
     rounds: int = 0
+    downtime_bytes: int = 0            # sent while the VM was stopped
+    guest_rate: float = 0.0            # guest passes/s while migrating, relative to before (1.0 = unslowed)
     pattern: str = ""
+    detail: str = ""
     reason: str = ""
 
 
@@ -64,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", type=int, default=1, help="migrator TCP connections")
     p.add_argument("--methods", default="qemu,migrator", help="comma-separated: qemu, migrator")
     p.add_argument("--json", metavar="FILE", help="write all runs as JSON")
+    p.add_argument("--out-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None, metavar="DIR",
+                   help="where the receiver writes the RAM image the destination QEMU runs on "
+                        "(default /dev/shm: tmpfs, no disk writeback under the VM)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
 
 
@@ -83,6 +90,13 @@ def _wait_running_on(serial: str, wait_s: float = 10.0) -> None:
             return
         time.sleep(0.02)
     raise MigratorError(f"the destination guest wrote no marker to {serial}")
+
+
+def _baseline_rate(vm: SourceVM, span_s: float = 0.3) -> float:
+    """Guest passes/s before the migration (serial markers)."""
+    a, t = vm.serial_size(), time.monotonic()
+    time.sleep(span_s)
+    return (vm.serial_size() - a) / (time.monotonic() - t)
 
 
 def _check_dest_ram(qmp: QMP, image: str | None, pid: int | None, layout: GuestLayout) -> str:
@@ -121,11 +135,17 @@ def run_qemu(work: str, boot: str, size: int, args, layout: GuestLayout) -> Run:
         q.execute("migrate-set-capabilities", capabilities=caps)
         q.execute("migrate-set-parameters", **{"downtime-limit": int(args.downtime_limit),
                                                "max-bandwidth": int(args.cap)})
+        base = _baseline_rate(src)
         t0 = time.time()
+        serial0 = src.serial_size()
         since = len(q.events)
         q.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
         status = wait_migration(q, since, 60)
         info = q.execute("query-migrate")
+        deadline = time.monotonic() + 2
+        while status == "completed" and not info.get("total-time") and time.monotonic() < deadline:
+            time.sleep(0.005)      # QEMU fills the figures in just after the event
+            info = q.execute("query-migrate")
         if status != "completed":
             return Run("qemu", status, reason=info.get("error-desc", ""))
         stop = q.wait_event("STOP", 5, since=since).timestamp
@@ -134,6 +154,8 @@ def run_qemu(work: str, boot: str, size: int, args, layout: GuestLayout) -> Run:
         r = Run("qemu", "completed", total_ms=(resume - t0) * 1000, downtime_ms=(resume - stop) * 1000,
                 reported_total_ms=info.get("total-time", 0), reported_downtime_ms=info.get("downtime", 0),
                 bytes_sent=int(ram.get("transferred", 0)), rounds=int(ram.get("dirty-sync-count", 0)))
+        r.guest_rate = (src.serial_size() - serial0) / max(stop - t0, 1e-6) / max(base, 1e-6)
+        r.downtime_bytes = int(ram.get("downtime-bytes", 0))
         _wait_running_on(dest_serial)
         r.pattern = _check_dest_ram(dq, None, dest.pid, layout)
         dq.close()
@@ -147,7 +169,7 @@ def run_qemu(work: str, boot: str, size: int, args, layout: GuestLayout) -> Run:
 
 def run_migrator(work: str, boot: str, size: int, args, layout: GuestLayout) -> Run:
     src = SourceVM(work, boot, size, name="m-source")
-    out = os.path.join(work, "m-out")
+    out = tempfile.mkdtemp(prefix="migrator-bench-qemu-img-", dir=args.out_dir)
     dest_serial = os.path.join(work, "m-dest.serial")
     incoming = f"127.0.0.1:{_free_port()}"
     log_path = os.path.join(work, "m-receiver.log")
@@ -170,8 +192,11 @@ def run_migrator(work: str, boot: str, size: int, args, layout: GuestLayout) -> 
         src.wait_serial(100)
         src.qmp.close()          # QEMU serves one QMP client at a time
         src.qmp = None
+        base = _baseline_rate(src)
+        serial0 = src.serial_size()
+        # QEMU never gives up on converging; give migrator's non-convergence check some slack too
         policy = MigrationPolicy(downtime_limit_ms=args.downtime_limit, max_bandwidth=args.cap,
-                                 channels=args.channels)
+                                 channels=args.channels, nonconvergence_rounds=10)
         t0 = time.time()
         rep = trio.run(lambda: migrate_vm(src.qmp_path, "127.0.0.1", port, f"tcp:{incoming}",
                                           key=None, policy=policy))
@@ -186,6 +211,12 @@ def run_migrator(work: str, boot: str, size: int, args, layout: GuestLayout) -> 
         r = Run("migrator", "completed", total_ms=(resume - t0) * 1000,
                 downtime_ms=(resume - rep.stopped_at) * 1000, reported_total_ms=rep.total_time_ms,
                 reported_downtime_ms=rep.downtime_ms, bytes_sent=rep.transferred_bytes, rounds=rep.rounds)
+        r.guest_rate = (src.serial_size() - serial0) / max(rep.stopped_at - t0, 1e-6) / max(base, 1e-6)
+        fin = rep.ram.per_round[-1]
+        r.downtime_bytes = fin.bytes + rep.device_state_bytes
+        r.detail = (f"stop-and-copy {fin.pages_sent} pages: collect {fin.tracker_ms:.0f} ms, send "
+                    f"{fin.duration_ms:.0f} ms, verify {rep.ram.verify_ms:.0f} ms; device state "
+                    f"{rep.device_state_ms:.0f} ms")
         _wait_running_on(dest_serial)
         dq = QMP(os.path.join(out, "qemu-dest.qmp"))
         try:
@@ -200,6 +231,7 @@ def run_migrator(work: str, boot: str, size: int, args, layout: GuestLayout) -> 
             recv.kill()
             recv.wait()
         log.close()
+        shutil.rmtree(out, ignore_errors=True)
         m = re.search(r"destination VM pid (\d+)", open(log_path).read())
         if m:      # the destination QEMU this run started (it outlives the receiver)
             try:
@@ -213,17 +245,20 @@ def _median(runs: list[Run], attr: str) -> float:
 
 
 def table(runs: list[Run]) -> str:
-    rows = [("method", "runs", "total ms", "downtime ms", "reported total/downtime ms", "MB sent", "rounds")]
+    rows = [("method", "runs", "total ms", "downtime ms", "reported total/downtime ms", "MB sent",
+             "MB in downtime", "rounds", "guest speed")]
     for method in dict.fromkeys(r.method for r in runs):
         ok = [r for r in runs if r.method == method and r.status == "completed"]
         n = len([r for r in runs if r.method == method])
         if not ok:
-            rows.append((method, f"0/{n}", "-", "-", "-", "-", "-"))
+            rows.append((method, f"0/{n}", "-", "-", "-", "-", "-", "-", "-"))
             continue
         rows.append((method, f"{len(ok)}/{n}", f"{_median(ok, 'total_ms'):.0f}",
                      f"{_median(ok, 'downtime_ms'):.1f}",
                      f"{_median(ok, 'reported_total_ms'):.0f} / {_median(ok, 'reported_downtime_ms'):.1f}",
-                     f"{_median(ok, 'bytes_sent') / 1e6:.1f}", f"{_median(ok, 'rounds'):.0f}"))
+                     f"{_median(ok, 'bytes_sent') / 1e6:.1f}", f"{_median(ok, 'downtime_bytes') / 1e6:.1f}",
+                     f"{_median(ok, 'rounds'):.0f}",
+                     f"{_median(ok, 'guest_rate') * 100:.0f} %"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
@@ -255,15 +290,16 @@ def run(args: argparse.Namespace) -> int:
             runs.append(r)
             print(f"run {i + 1} {method}: {r.status} total {r.total_ms:.0f} ms, downtime "
                   f"{r.downtime_ms:.1f} ms, {r.bytes_sent / 1e6:.1f} MB, {r.rounds} rounds"
-                  + (f"; {r.reason}" if r.reason else f"; dest RAM {r.pattern}"), file=sys.stderr)
+                  + (f"; {r.reason}" if r.reason else f", guest speed {r.guest_rate * 100:.0f} %; "
+                     f"dest RAM {r.pattern}" + (f"; {r.detail}" if r.detail else "")), file=sys.stderr)
     print(table(runs))
     print("total: migration start -> destination running; downtime: source STOP -> destination "
           "RESUME (QEMU's event stamps); reported: each tool's own figures (source side); "
-          "rounds: QEMU dirty-sync-count / migrator rounds incl. stop-and-copy")
+          "rounds: QEMU dirty-sync-count / migrator rounds incl. stop-and-copy; guest speed: the "
+          "guest's passes/s while migrating, relative to before")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in runs], f, indent=2)
     if not args.keep:
-        import shutil
         shutil.rmtree(work, ignore_errors=True)
     return 0 if all(r.status == "completed" for r in runs) else 1

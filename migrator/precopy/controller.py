@@ -20,7 +20,7 @@ from ..kernel.process import process_exists
 from ..tracking.base import DirtyPages, Tracker
 from ..tracking.choose import make_tracker
 from ..tracking.pageset import PageSet
-from ..transport import RegionSpec, connect_sender
+from ..transport import RegionSpec, SendStats, connect_sender
 from .pause import Pauser, Throttle
 from .report import MigrationReport, RoundStats
 from .source import SourceMemory
@@ -229,22 +229,39 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         await trio.to_thread.run_sync(pauser.pause)
     try:
         with trio.fail_after(policy.verify_timeout_s):
-            final = await trio.to_thread.run_sync(lambda: tracker.collect(final=True))
-            _check_events(final)
-            _merge(pending, final)
-            nfinal = _count(pending)
-            rep.final_dirty_pages = nfinal
             digests: dict[str, str] = {}
+            collected: list[DirtyPages] = []
+            got_final = trio.Event()
 
             async def digest_all() -> None:
                 # the source is paused: its digests can be computed while the last pages go out
                 for r in regions:
                     digests[r.name] = await trio.to_thread.run_sync(source.digest, r.name)
 
+            async def collect_final() -> None:
+                collected.append(await trio.to_thread.run_sync(lambda: tracker.collect(final=True)))
+                got_final.set()
+
+            # The pages still pending from the last round go out at once (the source is paused,
+            # so what is read now is final) while the final collect runs beside them; then only
+            # the pages that collect found beyond them.
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(digest_all)
-                st = await sender.send_pages(_runs(pending), source, round_no)
+                nursery.start_soon(collect_final)
+                st1 = await sender.send_pages(_runs(pending), source, round_no)
+                await got_final.wait()
+                final = collected[0]
+                _check_events(final)
+                extra = {name: (s - pending[name] if name in pending else s)
+                         for name, s in final.pages.items()}
+                st2 = await sender.send_pages(_runs(extra), source, round_no)
                 await sender.end_round(round_no)
+            _merge(pending, final)
+            nfinal = _count(pending)
+            rep.final_dirty_pages = nfinal
+            st = SendStats(round_no, st1.bytes + st2.bytes, st1.pages_normal + st2.pages_normal,
+                           st1.pages_zero + st2.pages_zero, st1.batches + st2.batches,
+                           st1.duration + st2.duration)
             account(round_no, nfinal, st, final.cost_s, rep.dirty_pages_rate, rep.expected_downtime_ms, final=True)
             t_verify = time.monotonic()
             result = await sender.finish(digests)
