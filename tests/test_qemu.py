@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -94,6 +95,18 @@ def _migrate_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+def _kill_dest_vm(receiver_log: str) -> int | None:
+    """Kill the destination QEMU a receiver started (it outlives the receiver by design)."""
+    m = re.search(r"destination VM pid (\d+)", receiver_log)
+    if not m:
+        return None
+    try:
+        os.kill(int(m.group(1)), 9)
+    except ProcessLookupError:
+        pass
+    return int(m.group(1))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,7 +119,6 @@ def test_qemu_vm_migrates_and_runs_on(vm, tmp_path):
     incoming = f"127.0.0.1:{_free_port()}"
     receiver = ReceiverProcess(out, "--qemu-incoming", incoming,
                                "--qemu-args", shlex.join(vm_args(vm.boot_image, dest_serial)))
-    dest_pid = None
     try:
         p = _migrate_cli("--qmp", vm.qmp_path, "--to", f"127.0.0.1:{receiver.port}",
                          "--qemu-incoming", incoming, "--max-bandwidth", "10GB/s", "--downtime-limit", "3000", "--json", "-")
@@ -119,7 +131,6 @@ def test_qemu_vm_migrates_and_runs_on(vm, tmp_path):
         assert receiver.proc.wait(30) == 0, receiver.text()
         log = receiver.text()
         assert "destination VM running" in log, log
-        dest_pid = int(log.split("destination VM pid ")[1].split()[0])
         resumed = float(log.split("resumed at ")[1].split(",")[0])
         assert rep["stopped_at"] < resumed < rep["stopped_at"] + 10
         # the guest runs on at the destination: markers keep coming
@@ -137,11 +148,7 @@ def test_qemu_vm_migrates_and_runs_on(vm, tmp_path):
         assert os.path.getsize(vm.serial_path) == size
     finally:
         receiver.stop()
-        if dest_pid:
-            try:
-                os.kill(dest_pid, 9)
-            except ProcessLookupError:
-                pass
+        _kill_dest_vm(receiver.text())
 
 
 def test_device_state_failure_resumes_the_source(vm, tmp_path):
@@ -188,3 +195,34 @@ def test_qmp_user_errors(vm, tmp_path):
         p = _migrate_cli("--qmp", vm.qmp_path, "--to", "127.0.0.1:1", "--qemu-incoming", "127.0.0.1:2")
         assert p.returncode == 2 and "another one connected" in p.stderr
         assert q.execute("query-status")["status"] == "running"
+
+
+def test_receiver_stopped_kills_its_destination_vm(vm, tmp_path):
+    """SIGTERM before the hand-over: the destination QEMU the receiver started must not linger."""
+    out = str(tmp_path / "out")
+    incoming = f"127.0.0.1:{_free_port()}"
+    receiver = ReceiverProcess(out, "--qemu-incoming", incoming,
+                               "--qemu-args", shlex.join(vm_args(vm.boot_image, str(tmp_path / "d.serial"))))
+    mig = subprocess.Popen([sys.executable, "-m", "migrator", "migrate", "--qmp", vm.qmp_path, "--to",
+                            f"127.0.0.1:{receiver.port}", "--qemu-incoming", incoming,
+                            "--max-bandwidth", "20MB/s"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while "destination VM pid" not in receiver.text():
+            assert time.monotonic() < deadline and receiver.proc.poll() is None, receiver.text()
+            time.sleep(0.02)
+        pid = int(re.search(r"destination VM pid (\d+)", receiver.text()).group(1))
+        receiver.proc.terminate()
+        receiver.proc.wait(20)
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+            assert time.monotonic() < deadline, "destination QEMU still running after the receiver stopped"
+            time.sleep(0.02)
+        assert mig.wait(60) == 1
+        with QMP(vm.qmp_path) as q:
+            assert q.execute("query-status")["status"] == "running"
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+        receiver.stop()
+        _kill_dest_vm(receiver.text())

@@ -74,10 +74,22 @@ def run(args: argparse.Namespace) -> int:
             if handoff:
                 handoff.close()
 
+    async def stop_on_sigterm(cancel_scope: trio.CancelScope) -> None:
+        import signal
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                _log("terminated: stopping (a destination VM not handed over is killed)")
+                cancel_scope.cancel()
+                return
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             if handoff:
-                nursery.start_soon(handoff.run)
+                async def hand_over() -> None:
+                    await handoff.run()
+                    nursery.cancel_scope.cancel()      # done: the VM runs on by itself
+                nursery.start_soon(stop_on_sigterm, nursery.cancel_scope)
+                nursery.start_soon(hand_over)
             bound = await nursery.start(_serve)
             _log(f"listening on {host}:{bound}, writing to {args.out}"
                  f"{'' if key else ' (no key: loopback only)'}")

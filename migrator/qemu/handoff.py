@@ -37,13 +37,19 @@ class DestinationHandoff:
         self._send.close()
 
     async def run(self) -> None:
-        async with self._recv:
-            async for kind, obj in self._recv:
-                if kind == "setup":
-                    await self._start(obj)
-                elif kind == "end":
-                    await self._end(obj)
-                    return
+        """Act on the hooks until the session ended.  A destination VM not handed over (failure,
+        cancellation, the receiver stopped) is killed."""
+        try:
+            async with self._recv:
+                async for kind, obj in self._recv:
+                    if kind == "setup":
+                        await self._start(obj)
+                    elif kind == "end":
+                        await self._end(obj)
+                        return
+        finally:
+            if not self.ok and self.vm is not None:
+                self.vm.kill()
 
     async def _start(self, images: ImageSet) -> None:
         if len(images.regions) != 1:
