@@ -226,3 +226,26 @@ def test_receiver_stopped_kills_its_destination_vm(vm, tmp_path):
             mig.kill()
         receiver.stop()
         _kill_dest_vm(receiver.text())
+
+
+def test_destination_refusing_the_device_state_resumes_the_source(vm, tmp_path):
+    """A destination started with other VM options (q35 instead of pc) fails to load the device
+    state; with QEMU's return path the source learns it, and migrator resumes the source."""
+    out = str(tmp_path / "out")
+    incoming = f"127.0.0.1:{_free_port()}"
+    args = [a.replace("pc", "q35") if a == "pc" else a for a in vm_args(vm.boot_image, str(tmp_path / "d.serial"))]
+    receiver = ReceiverProcess(out, "--qemu-incoming", incoming, "--qemu-args", shlex.join(args))
+    try:
+        p = _migrate_cli("--qmp", vm.qmp_path, "--to", f"127.0.0.1:{receiver.port}", "--qemu-incoming", incoming,
+                         "--max-bandwidth", "10GB/s", "--downtime-limit", "3000", "--json", "-")
+        assert p.returncode == 1, p.stderr
+        rep = json.loads(p.stdout)
+        assert rep["ram"]["status"] == "completed", rep
+        assert rep["status"] == "failed" and "device state" in rep["reason"], rep
+        assert rep["source_state"] == "running", rep
+        assert _grows(vm.serial_path), "the source guest did not run on"
+        assert receiver.proc.wait(30) == 1, receiver.text()
+        assert "destination VM stopped" in receiver.text() or "incoming migration" in receiver.text()
+    finally:
+        receiver.stop()
+        _kill_dest_vm(receiver.text())

@@ -97,7 +97,8 @@ class DestinationVM:
             self.qmp = QMP(self.qmp_path, connect_wait_s=wait_s)
             self.qmp.execute("migrate-set-capabilities", capabilities=[
                 {"capability": "x-ignore-shared", "state": True},
-                {"capability": "events", "state": True}])
+                {"capability": "events", "state": True},
+        {"capability": "return-path", "state": True}])
             self.qmp.execute("migrate-incoming", uri=f"tcp:{self.cfg.incoming}")
         except QmpError as e:
             self.kill()

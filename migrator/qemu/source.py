@@ -106,7 +106,8 @@ def prepare_device_migration(qmp: QMP, max_bandwidth: float | None) -> None:
         raise MigratorError(f"QEMU is already migrating (status {st})")
     qmp.execute("migrate-set-capabilities", capabilities=[
         {"capability": "x-ignore-shared", "state": True},
-        {"capability": "events", "state": True}])
+        {"capability": "events", "state": True},
+        {"capability": "return-path", "state": True}])
     qmp.execute("migrate-set-parameters", **{"max-bandwidth": int(max_bandwidth or UNCAPPED)})
 
 
