@@ -98,7 +98,7 @@ class DestinationVM:
             self.qmp.execute("migrate-set-capabilities", capabilities=[
                 {"capability": "x-ignore-shared", "state": True},
                 {"capability": "events", "state": True},
-        {"capability": "return-path", "state": True}])
+                {"capability": "return-path", "state": True}])
             self.qmp.execute("migrate-incoming", uri=f"tcp:{self.cfg.incoming}")
         except QmpError as e:
             self.kill()
