@@ -107,6 +107,14 @@ def _kill_dest_vm(receiver_log: str) -> int | None:
     return int(m.group(1))
 
 
+def _memfd_of(pid: int) -> bytes:
+    """The guest RAM of a QEMU process (its memfd backend), read through map_files."""
+    from migrator.kernel.maps import read_maps
+    m = next(m for m in read_maps(pid) if m.path.startswith("/memfd:memory-backend-memfd"))
+    with open(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}", "rb") as f:
+        return f.read()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -135,13 +143,25 @@ def test_qemu_vm_migrates_and_runs_on(vm, tmp_path):
         assert rep["stopped_at"] < resumed < rep["stopped_at"] + 10
         # the guest runs on at the destination: markers keep coming
         assert _grows(dest_serial), "the destination guest wrote no markers"
-        # its RAM (the received image, mapped share=on) holds the incrementing pattern
+        # the source's RAM where it stopped (it stays in postmigrate) has the guest's shape
+        src_ram = _memfd_of(vm.pid)
+        res = check_pattern(src_ram)
+        assert res.ok, f"source: {res.message}"
+        # the destination's RAM (the received image, mapped share=on) too
         with QMP(os.path.join(out, "qemu-dest.qmp")) as dq:
             dq.execute("stop")
+            passes = os.path.getsize(dest_serial)
             with open(os.path.join(out, "000-memory-backend-memfd.img"), "rb") as f:
-                res = check_pattern(f.read())
-            assert res.ok, res.message
+                dest_ram = f.read()
             dq.execute("quit")
+        res = check_pattern(dest_ram)
+        assert res.ok, f"destination: {res.message}"
+        # and it went on from where the source stopped (not a reboot): each pass completed at the
+        # destination (one marker each, the first one finishing the interrupted pass) added one
+        # to the first page's counter, the pass under way when it stopped maybe one more
+        layout = GuestLayout()
+        advanced = (dest_ram[layout.start] - src_ram[layout.start]) % 256
+        assert (advanced - passes) % 256 in (255, 0, 1), (advanced, passes)
         # the source stays stopped (postmigrate): no marker after the migration
         size = os.path.getsize(vm.serial_path)
         time.sleep(0.2)
