@@ -269,3 +269,28 @@ def test_destination_refusing_the_device_state_resumes_the_source(vm, tmp_path):
     finally:
         receiver.stop()
         _kill_dest_vm(receiver.text())
+
+
+def test_private_guest_ram_is_refused(tmp_path, root):
+    """A VM with plain `-m` (private RAM) cannot be handed over: migrator says why and the VM
+    runs on untouched."""
+    require(qemu_available(), "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
+    boot = write_boot_image(str(tmp_path / "guest.img"))
+    qmp_path = str(tmp_path / "p.qmp")
+    proc = subprocess.Popen(["qemu-system-x86_64", *vm_args(boot, str(tmp_path / "p.serial")), "-m", "64M",
+                             "-qmp", f"unix:{qmp_path},server=on,wait=off"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(qmp_path):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        p = _migrate_cli("--qmp", qmp_path, "--to", "127.0.0.1:1", "--qemu-incoming", "127.0.0.1:2")
+        assert p.returncode == 2 and "is not share=on" in p.stderr, p.stderr
+        with QMP(qmp_path) as q:
+            assert q.execute("query-status")["status"] == "running"
+            caps = {c["capability"]: c["state"] for c in q.execute("query-migrate-capabilities")}
+            assert not caps["x-ignore-shared"]        # nothing was changed on a refused VM
+    finally:
+        proc.kill()
+        proc.wait()
