@@ -193,7 +193,7 @@ def test_device_state_failure_resumes_the_source(vm, tmp_path):
                          f"127.0.0.1:{lsock.getsockname()[1]}", "--max-bandwidth", "10GB/s", "--downtime-limit", "3000", "--json", "-")
         assert p.returncode == 1, p.stderr
         rep = json.loads(p.stdout)
-        assert rep["ram"]["status"] == "completed", rep
+        assert rep["ram"]["final_dirty_pages"] > 0, rep      # it got as far as the switch-over
         assert rep["status"] == "failed" and "device state" in rep["reason"], rep
         assert rep["source_state"] == "running", rep
         assert _grows(vm.serial_path), "the source guest did not run on"
@@ -260,7 +260,7 @@ def test_destination_refusing_the_device_state_resumes_the_source(vm, tmp_path):
                          "--max-bandwidth", "10GB/s", "--downtime-limit", "3000", "--json", "-")
         assert p.returncode == 1, p.stderr
         rep = json.loads(p.stdout)
-        assert rep["ram"]["status"] == "completed", rep
+        assert rep["ram"]["final_dirty_pages"] > 0, rep      # it got as far as the switch-over
         assert rep["status"] == "failed" and "device state" in rep["reason"], rep
         assert rep["source_state"] == "running", rep
         assert _grows(vm.serial_path), "the source guest did not run on"

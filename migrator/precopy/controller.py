@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,7 +54,11 @@ class SourcePauser(Protocol):
 @dataclass
 class MigrationTarget:
     """What to migrate: regions (selectors) of process pid.  writers/cgroup are paused with it;
-    `pauser` replaces the default (SIGSTOP of pid + writers, or the cgroup's freezer)."""
+    `pauser` replaces the default (SIGSTOP of pid + writers, or the cgroup's freezer).
+
+    `alongside_verify`, if given, is awaited while the receiver verifies the digests, once every
+    page is written there and the source is paused (a QEMU source sends its device state then);
+    if it raises, the migration fails and the source is resumed."""
 
     pid: int
     regions: list[str]                    # selectors
@@ -62,6 +66,7 @@ class MigrationTarget:
     cgroup: str | None = None
     uffd_fd: int | None = None
     pauser: SourcePauser | None = None
+    alongside_verify: Callable[[], Awaitable[None]] | None = None
 
 
 NONCONVERGENCE_RATIO = 0.95     # dirtied / previously sent at or above this: no progress
@@ -264,7 +269,12 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                            st1.duration + st2.duration)
             account(round_no, nfinal, st, final.cost_s, rep.dirty_pages_rate, rep.expected_downtime_ms, final=True)
             t_verify = time.monotonic()
-            result = await sender.finish(digests)
+            if target.alongside_verify is None:
+                result = await sender.finish(digests)
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(target.alongside_verify)
+                    result = await sender.finish(digests)
             rep.verify_ms = (time.monotonic() - t_verify) * 1000
     except trio.TooSlowError:
         raise MigratorError(f"stop-and-copy did not finish within {policy.verify_timeout_s} s") from None
