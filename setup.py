@@ -3,7 +3,7 @@ from setuptools import setup
 
 setup(
     cffi_modules=[
-        "csrc/build_track.py:ffi",
-        "csrc/build_guest.py:ffi",
+        "csrc/build.py:track_ffi",
+        "csrc/build.py:guest_ffi",
     ],
 )

@@ -241,10 +241,12 @@ int64_t mg_run(struct mg_workload *w, double seconds)
         } else {
             double dt = t - w->last_t;
             w->last_t = t;
-            if (dt > 0.25)                          /* we were stopped (SIGSTOP): no burst */
-                dt = 0;
+            /* A gap of more than two slices means we were stopped (SIGSTOP, a throttle, the
+             * host): like a vCPU, we do not make up for time we did not run. */
+            if (dt > 2 * w->slice)
+                dt = w->slice;
             w->tokens += rate * dt;
-            double cap = rate * 0.05 > 1 ? rate * 0.05 : 1;   /* at most 50 ms of debt */
+            double cap = rate * 2 * w->slice > 1 ? rate * 2 * w->slice : 1;   /* at most 2 slices of debt */
             if (w->tokens > cap)
                 w->tokens = cap;
             n = (uint64_t)w->tokens;

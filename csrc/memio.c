@@ -7,25 +7,9 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
+#include "io.h"
 #include "memio.h"
 
-/* pread until count bytes or EOF; returns bytes read or -errno. */
-static int64_t read_full(int fd, uint8_t *buf, uint64_t count, uint64_t offset)
-{
-    uint64_t done = 0;
-    while (done < count) {
-        ssize_t r = pread(fd, buf + done, count - done, (off_t)(offset + done));
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (r == 0)
-            break;
-        done += (uint64_t)r;
-    }
-    return (int64_t)done;
-}
 
 int64_t mg_read_runs(int fd, uint64_t base, const uint64_t *runs, uint64_t nruns,
                      uint64_t page_size, uint8_t *buf, int zero_eof)
@@ -33,7 +17,7 @@ int64_t mg_read_runs(int fd, uint64_t base, const uint64_t *runs, uint64_t nruns
     uint64_t out = 0;
     for (uint64_t k = 0; k < nruns; k++) {
         uint64_t len = runs[2 * k + 1] * page_size;
-        int64_t r = read_full(fd, buf + out, len, base + runs[2 * k] * page_size);
+        int64_t r = mg_pread_full(fd, buf + out, len, base + runs[2 * k] * page_size);
         if (r < 0)
             return r;
         if ((uint64_t)r < len) {
@@ -59,7 +43,7 @@ int mg_digest_fd(int fd, uint64_t offset, uint64_t nbytes, uint8_t *buf, uint64_
     int eof = 0;
     while (done < nbytes) {
         uint64_t n = nbytes - done < buf_len ? nbytes - done : buf_len;
-        int64_t r = eof ? 0 : read_full(fd, buf, n, offset + done);
+        int64_t r = eof ? 0 : mg_pread_full(fd, buf, n, offset + done);
         if (r < 0)
             return (int)r;
         if ((uint64_t)r < n) {
@@ -74,4 +58,28 @@ int mg_digest_fd(int fd, uint64_t offset, uint64_t nbytes, uint8_t *buf, uint64_
     out[0] = h.high64;
     out[1] = h.low64;
     return 0;
+}
+
+static int page_is_zero(const uint8_t *p, uint64_t page_size)
+{
+    const uint64_t *w = (const uint64_t *)p;   /* pages are 8-byte aligned in buf */
+    uint64_t acc = 0;
+    for (uint64_t i = 0; i < page_size / 8; i += 8) {
+        acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
+        if (acc)
+            return 0;          /* most data pages stop at the first 64 bytes */
+    }
+    return 1;
+}
+
+int64_t mg_zero_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, uint8_t *flags)
+{
+    int64_t zeros = 0;
+    if (page_size % 64)
+        return -EINVAL;
+    for (uint64_t i = 0; i < npages; i++) {
+        flags[i] = (uint8_t)page_is_zero(buf + i * page_size, page_size);
+        zeros += flags[i];
+    }
+    return zeros;
 }

@@ -12,6 +12,7 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
+#include "io.h"
 #include "track.h"
 
 /* Defined here because the 6.1 linux-libc-dev headers predate PAGEMAP_SCAN and WP_ASYNC. */
@@ -33,28 +34,11 @@ struct mg_pm_scan_arg {
 
 static inline void bit_set(uint8_t *bm, uint64_t i) { bm[i >> 3] |= (uint8_t)(1u << (i & 7)); }
 
-/* pread until count bytes or EOF; returns bytes read or -errno. */
-static int64_t pread_full(int fd, void *buf, uint64_t count, uint64_t offset)
-{
-    uint64_t done = 0;
-    while (done < count) {
-        ssize_t r = pread(fd, (uint8_t *)buf + done, count - done, (off_t)(offset + done));
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (r == 0)
-            break;
-        done += (uint64_t)r;
-    }
-    return (int64_t)done;
-}
 
 int64_t mg_pagemap_read(int pagemap_fd, uint64_t vaddr, uint64_t npages, uint64_t page_size,
                         uint64_t *out)
 {
-    int64_t r = pread_full(pagemap_fd, out, npages * 8, (vaddr / page_size) * 8);
+    int64_t r = mg_pread_full(pagemap_fd, out, npages * 8, (vaddr / page_size) * 8);
     if (r < 0)
         return r;
     return r / 8;
@@ -257,7 +241,7 @@ int64_t mg_sweep_fd(int fd, uint64_t offset, uint64_t npages, uint64_t page_size
         return -EINVAL;
     for (uint64_t done = 0; done < npages;) {
         uint64_t n = npages - done < chunk ? npages - done : chunk;
-        int64_t got = pread_full(fd, buf, n * page_size, offset + done * page_size);
+        int64_t got = mg_pread_full(fd, buf, n * page_size, offset + done * page_size);
         if (got < 0)
             return got;
         if ((uint64_t)got < n * page_size)   /* past the end of the object: zeros */

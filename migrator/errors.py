@@ -34,3 +34,24 @@ class ProtocolError(TransportError):
 
 class AuthError(TransportError):
     """The peer could not prove it holds the pre-shared key (or we could not)."""
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The most telling error in a (nested) exception group, for reporting one line: a reason the
+    peer reported beats our own MigratorError, which beats anything else (a bug: keep it)."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            leaves.append(e)
+    walk(group)
+    for wanted in (lambda e: isinstance(e, TransportError) and "reported" in str(e),
+                   lambda e: isinstance(e, MigratorError),
+                   lambda e: True):
+        for e in leaves:
+            if wanted(e):
+                return e
+    return group

@@ -96,6 +96,8 @@ async def test_dirty_rate_above_the_link_with_auto_converge(receiver):
                         auto_converge=True)
         assert rep.status == "completed", rep.reason
         assert rep.throttle_percent >= 20
+        # converged by throttling, not forced by max_rounds
+        assert rep.rounds < 30 and rep.expected_downtime_ms <= 300, (rep.rounds, rep.expected_downtime_ms)
         assert_images_equal_source(g, receiver.out_dir)
 
 
@@ -128,3 +130,33 @@ async def test_guest_exits_mid_migration(receiver):
         assert f"process {g.pid}" in rep.reason and "exited" in rep.reason, rep.reason
         assert rep.source_state == "exited"
         assert manifest(receiver.out_dir)["complete"] is False
+
+
+async def test_cgroup_freezer_pauses_guest_and_writers(receiver, tmp_path):
+    """--cgroup: the switch-over freezes the whole cgroup (v1 freezer) instead of signalling."""
+    base = "/sys/fs/cgroup/freezer"
+    require(os.path.exists(f"{base}/freezer.state") or os.path.isdir(base), "needs the cgroup v1 freezer")
+    cg = f"{base}/migrator-test-{os.getpid()}"
+    os.makedirs(cg, exist_ok=True)
+    side = WorkloadSpec(kind="random", rate=10e6, seed=5)
+    try:
+        with guest("random", 20e6, pwrite=side) as g:
+            for pid in g.pids:
+                with open(f"{cg}/cgroup.procs", "w") as f:
+                    f.write(str(pid))
+            t = target_of(g)
+            t.cgroup = cg
+            rep = await migrate(t, "127.0.0.1", receiver.port, key=None,
+                                policy=MigrationPolicy(max_bandwidth=300e6))
+            assert rep.status == "completed", rep.reason
+            assert open(f"{cg}/freezer.state").read().strip() == "FROZEN"
+            assert_images_equal_source(g, receiver.out_dir)
+            with open(f"{cg}/freezer.state", "w") as f:
+                f.write("THAWED")
+    finally:
+        with open(f"{cg}/freezer.state", "w") as f:
+            f.write("THAWED")
+        for pid in open(f"{cg}/cgroup.procs").read().split():
+            with open(f"{base}/cgroup.procs", "w") as f:
+                f.write(pid)
+        os.rmdir(cg)

@@ -12,7 +12,7 @@ import sys
 from ..errors import MigratorError
 
 # name of the module in migrator.cli for each subcommand, in help order
-COMMANDS = ["probe", "regions", "track", "guest", "verify", "receive", "migrate"]
+COMMANDS = ["probe", "regions", "track", "guest", "verify", "receive", "migrate", "scenario"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     p.add_argument("--key-file", metavar="F",
                    help="pre-shared key (required unless HOST is a loopback address)")
     p.add_argument("--once", action="store_true", help="exit after one migration session")
+    p.add_argument("--preallocate", action="store_true",
+                   help="allocate each image in full when a session starts (fewer page faults "
+                        "while pages arrive; on tmpfs it takes the memory up front)")
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain)")
     p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--tls-ca", metavar="PEM", help="require sender certificates signed by this CA")
@@ -35,7 +38,8 @@ def register(subparsers) -> None:
                    help="the VM's options except RAM and QMP (machine, devices, drives, serial), "
                         "as on the source, one shell-quoted string")
     q.add_argument("--qemu-memdev", default="ram", metavar="ID", help="the source's memory backend id (default ram)")
-    q.add_argument("--qemu-binary", default="qemu-system-x86_64", metavar="PATH")
+    q.add_argument("--qemu-binary", default="qemu-system-x86_64", metavar="PATH",
+                   help="the QEMU executable (default qemu-system-x86_64)")
     p.set_defaults(handler=run)
 
 
@@ -67,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     async def _serve(task_status=trio.TASK_STATUS_IGNORED):
         try:
             outcomes.extend(await serve(
-                host, port, args.out, key=key, once=args.once, ssl_context=ssl_context, log=_log,
+                host, port, args.out, key=key, once=args.once, preallocate=args.preallocate,
+                ssl_context=ssl_context, log=_log,
                 on_setup=handoff.on_setup if handoff else None,
                 on_session_end=handoff.on_session_end if handoff else None, task_status=task_status))
         finally:

@@ -5,10 +5,12 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("regions", help="list a process's memory regions and how to select them")
-    p.add_argument("--pid", type=int, required=True)
+    p = sub.add_parser("regions", help="list a process's memory regions and how to select them",
+                       description="List the mappings of a process with the name, address range and "
+                                   "kind that --region selects them by.")
+    p.add_argument("--pid", type=int, required=True, help="the process")
     p.add_argument("--all", action="store_true", help="include special mappings ([vdso], ...)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(handler=run)
 
 

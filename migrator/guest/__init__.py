@@ -11,6 +11,7 @@ from .launcher import GuestStatistics as GuestStatistics
 from .launcher import Region as Region
 from .launcher import changed_pages as changed_pages
 from .launcher import start_guest as start_guest
+from .pressure import PageOut as PageOut
 from .spec import GuestSpec as GuestSpec
 from .spec import PageoutRange as PageoutRange
 from .stamp import Finding as Finding
@@ -21,7 +22,7 @@ from .workloads import WORKLOADS as WORKLOADS
 from .workloads import WorkloadSpec as WorkloadSpec
 
 __all__ = [
-    "Finding", "Guest", "GuestSpec", "GuestStatistics", "PageoutRange", "Region", "VerifyResult",
+    "Finding", "Guest", "GuestSpec", "GuestStatistics", "PageOut", "PageoutRange", "Region", "VerifyResult",
     "WORKLOADS", "WorkloadSpec", "WriterStatistics", "changed_pages", "start_guest", "stamp_page",
     "verify_image",
 ]

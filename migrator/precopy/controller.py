@@ -13,12 +13,13 @@ from typing import Protocol
 
 import trio
 
-from ..errors import MigratorError, UsageError
+from ..errors import MigratorError, UsageError, first_error
 from ..kernel.maps import Region, read_maps, select_regions
 from ..kernel.native import PAGE_SIZE
 from ..kernel.process import process_exists
 from ..tracking.base import DirtyPages, Tracker
 from ..tracking.choose import make_tracker
+from ..tracking.ledger import LedgerTracker
 from ..tracking.pageset import PageSet
 from ..transport import RegionSpec, SendStats, connect_sender
 from .pause import Pauser, Throttle
@@ -125,7 +126,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
                         finally:
                             nursery.cancel_scope.cancel()
                 except BaseExceptionGroup as eg:
-                    raise _leaf(eg) from None
+                    raise first_error(eg) from None
         except MigratorError as e:
             if rep.status in ("setup", "active"):
                 rep.status, rep.reason = "failed", str(e)
@@ -168,14 +169,41 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             progress(rs)
         return rs
 
+    async def send_round(runs: dict[str, PageSet], round_no: int):
+        st = await sender.send_pages(_runs(runs), source, round_no)
+        await sender.end_round(round_no)
+        return st
+
+    async def send_and_collect(runs: dict[str, PageSet], round_no: int, lead_s: float,
+                               since: float):
+        """Send a round and, overlapping its end, collect the pages for the next one: the
+        collect starts lead_s into the send (or when the send is done, if sooner), and not
+        before policy.min_round_s after the previous collect."""
+        box: dict = {}
+        send_done = trio.Event()
+
+        async def collector() -> None:
+            with trio.move_on_after(lead_s):
+                await send_done.wait()
+            await trio.sleep_until(since + policy.min_round_s)
+            box["dirty"] = await trio.to_thread.run_sync(tracker.collect)
+            box["at"] = time.monotonic()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collector)
+            box["st"] = await send_round(runs, round_no)
+            send_done.set()
+        return box["st"], box["dirty"], box["at"]
+
     # round 0: every populated page
     first = {r.name: await trio.to_thread.run_sync(source.populated, r) for r in regions}
-    last_collect = time.monotonic()
-    st = await sender.send_pages(_runs(first), source, 0)
-    await sender.end_round(0)
+    t0 = time.monotonic()
+    st = await send_round(first, 0)
     account(0, _count(first), st, 0.0, 0.0, 0.0)
+    dirty = await trio.to_thread.run_sync(tracker.collect)
+    last_collect = time.monotonic()
+    elapsed = last_collect - t0
 
-    bandwidth = max(sender.statistics().bandwidth, 1.0)     # bytes/s
     limit_s = policy.downtime_limit_ms / 1000
     hot_rounds = 0
     round_no = 0
@@ -183,20 +211,15 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
     pending: dict[str, PageSet] = {}
     while True:
         round_no += 1
-        if policy.min_round_s:
-            await trio.sleep(max(0.0, policy.min_round_s - (time.monotonic() - last_collect)))
-        dirty = await trio.to_thread.run_sync(tracker.collect)
-        now = time.monotonic()
         _check_events(dirty)
-        elapsed = max(now - last_collect, 1e-6)
-        last_collect = now
         pending = dirty.pages
         n = _count(pending)
-        dirty_rate = n / elapsed                           # pages/s
+        dirty_rate = n / max(elapsed, 1e-6)                # pages/s
         rep.dirty_pages_rate = dirty_rate
         bandwidth = max(sender.statistics().bandwidth, 1.0)
         rep.bandwidth_bytes_per_s = bandwidth
-        expected_s = n * PAGE_SIZE / bandwidth
+        # the pause will cost the final collect (about as long as this one) and the transfer
+        expected_s = dirty.cost_s + n * PAGE_SIZE / bandwidth
         rep.expected_downtime_ms = expected_s * 1000
         rep.remaining_bytes = n * PAGE_SIZE
         forced = policy.force_switchover is not None and policy.force_switchover.is_set()
@@ -215,15 +238,20 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                 hot_rounds = policy.nonconvergence_rounds - 1   # next step after one more hot round
             elif not policy.auto_converge:
                 rep.status = "not-converged"
-                rep.reason = (f"not converging: for {hot_rounds} rounds the guest dirtied pages as fast as "
-                              f"they were sent ({dirty_rate * PAGE_SIZE / 1e6:.1f} MB/s dirtied, "
-                              f"{bandwidth / 1e6:.1f} MB/s bandwidth, {n} pages still dirty); "
-                              "enable --auto-converge or raise --max-bandwidth; the guest keeps running")
+                rep.reason = (f"not converging: for {hot_rounds} rounds the dirty set did not shrink "
+                              f"({n} pages, {n * PAGE_SIZE / 1e6:.1f} MB, dirtied at "
+                              f"{dirty_rate * PAGE_SIZE / 1e6:.1f} MB/s against {bandwidth / 1e6:.1f} MB/s "
+                              f"of bandwidth): a switch-over now would pause the guest about "
+                              f"{expected_s * 1000:.0f} ms, over the {policy.downtime_limit_ms:.0f} ms limit; "
+                              "enable --auto-converge, raise --downtime-limit or --max-bandwidth; "
+                              "the guest keeps running")
                 return
-        st = await sender.send_pages(_runs(pending), source, round_no)
-        await sender.end_round(round_no)
+        lead = max(0.0, n * PAGE_SIZE / bandwidth - dirty.cost_s)
+        st, next_dirty, at = await send_and_collect(pending, round_no, lead, last_collect)
         account(round_no, n, st, dirty.cost_s, dirty_rate, expected_s * 1000)
         prev_sent = max(n, 1)
+        elapsed, last_collect = at - last_collect, at
+        dirty = next_dirty
         pending = {}
 
     # stop-and-copy
@@ -238,10 +266,16 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             collected: list[DirtyPages] = []
             got_final = trio.Event()
 
+            ledger = getattr(tracker, "ledger", None)
+
             async def digest_all() -> None:
-                # the source is paused: its digests can be computed while the last pages go out
+                # The source is paused: its digests are computed while the last pages go out.
+                # Shared regions: the ledger's final sweep hashes every page (wait for it).
+                await got_final.wait()
+                known = {r.name: ledger.page_hashes(r.name) for r in ledger.regions} \
+                    if isinstance(ledger, LedgerTracker) else {}
                 for r in regions:
-                    digests[r.name] = await trio.to_thread.run_sync(source.digest, r.name)
+                    digests[r.name] = await trio.to_thread.run_sync(source.digest, r.name, known.get(r.name))
 
             async def collect_final() -> None:
                 collected.append(await trio.to_thread.run_sync(lambda: tracker.collect(final=True)))
@@ -284,20 +318,6 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         bad = [n for n, v in result.regions.items() if not v.verified]
         raise MigratorError(f"receiver could not verify region(s) {', '.join(bad)}: {result.message}")
     rep.status = "completed"
-
-
-def _leaf(eg: BaseExceptionGroup) -> BaseException:
-    """The error to report from a group: the first MigratorError, else the first leaf."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for x in e.exceptions:
-                walk(x)
-        else:
-            leaves.append(e)
-    walk(eg)
-    return next((e for e in leaves if isinstance(e, MigratorError)), leaves[0] if leaves else eg)
 
 
 def _check_events(d: DirtyPages) -> None:

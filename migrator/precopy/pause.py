@@ -44,12 +44,15 @@ class Pauser:
 
     def pause(self, timeout_s: float = 5.0) -> None:
         if self.cgroup is not None:
+            # the freezer stops every task of the cgroup (frozen tasks cannot take a SIGSTOP)
+            self.paused = True
             self._write_freezer("FROZEN")
             deadline = time.monotonic() + timeout_s
             while self._read_freezer() != "FROZEN":
                 if time.monotonic() > deadline:
                     raise MigratorError(f"cgroup {self.cgroup} did not freeze within {timeout_s} s")
                 time.sleep(0.0005)
+            return
         for pid in self.pids:
             try:
                 os.kill(pid, signal.SIGSTOP)
@@ -64,13 +67,15 @@ class Pauser:
                 time.sleep(0.0002)
 
     def resume(self) -> None:
+        if self.cgroup is not None:
+            self._write_freezer("THAWED")
+            self.paused = False
+            return
         for pid in self.pids:
             try:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        if self.cgroup is not None:
-            self._write_freezer("THAWED")
         self.paused = False
 
     def _write_freezer(self, state: str) -> None:
@@ -88,7 +93,7 @@ class Throttle:
 
     INITIAL, STEP, MAX = 20, 10, 99
 
-    def __init__(self, pids: list[int], period_s: float = 0.05):
+    def __init__(self, pids: list[int], period_s: float = 0.1):
         self.pids = list(pids)
         self.period_s = period_s
         self.percent = 0

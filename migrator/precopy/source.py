@@ -12,8 +12,7 @@ from ..kernel.native import PAGE_SIZE, check, ffi, lib
 from ..kernel.pagemap import PM_PRESENT, PM_SWAP, Pagemap
 from ..kernel.shmem import data_extents, open_object
 from ..tracking.pageset import PageSet
-
-DIGEST_BUFFER = 1 << 20
+from ..transport.digest import digest_of_hashes, fd_page_hashes
 
 
 class SourceMemory:
@@ -64,18 +63,20 @@ class SourceMemory:
         """npages pages of a region from page first_page."""
         return self.read_runs(region_name, [(first_page, npages)])
 
-    def digest(self, region_name: str) -> str:
-        """XXH3-128 of the region's bytes (as migrator.transport.region_digest computes it),
-        read in C: 32 hex digits."""
+    def digest(self, region_name: str, page_hashes: bytes | None = None) -> str:
+        """The region's digest as migrator.transport defines it (XXH3-128 over per-page XXH3-64
+        hashes).  page_hashes: the current per-page hashes if the caller has them (the shmem
+        ledger after its final sweep), else they are computed by reading the region in C."""
         r = self.regions[region_name]
-        fd, base, _ = self._where(region_name)
-        out = ffi.new("uint64_t[2]")
-        buf = ffi.new("uint8_t[]", DIGEST_BUFFER)
-        try:
-            check(lib.mg_digest_fd(fd, base, r.size, buf, DIGEST_BUFFER, out), "pread", pid=self.pid)
-        except OSError as e:
-            raise self._failed(region_name, e) from None
-        return f"{out[0]:016x}{out[1]:016x}"
+        if page_hashes is None:
+            fd, base, _ = self._where(region_name)
+            try:
+                page_hashes = fd_page_hashes(fd, base, r.npages, PAGE_SIZE)
+            except OSError as e:
+                raise self._failed(region_name, e) from None
+        if len(page_hashes) != 8 * r.npages:
+            raise ValueError(f"{len(page_hashes)} bytes of page hashes for {r.npages} pages")
+        return digest_of_hashes(page_hashes)
 
     def populated(self, region: Region) -> PageSet:
         """The pages of region that hold data: allocated object pages (swapped ones included) for

@@ -13,7 +13,9 @@ remembers the generation it last saw, so several trackers can share one ledger.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import TargetGoneError
 from ..kernel.maps import Region, RegionKind, read_maps
@@ -24,6 +26,8 @@ from .layout import unmapped_events
 from .pageset import PageSet
 
 SWEEP_BUFFER = 256 * 1024     # bytes read per pread: small enough to stay in L2
+SWEEP_CHUNK = 32 << 20        # bytes of object a sweeping thread takes at a time
+SWEEP_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 class ShmemLedger:
@@ -41,7 +45,8 @@ class ShmemLedger:
         self.sweeps = 0
         self.last_sweep_s = 0.0
         self.bytes_read = 0
-        self._buf = ffi.new("uint8_t[]", SWEEP_BUFFER)
+        self._local = threading.local()       # one read buffer per sweeping thread
+        self._pool: ThreadPoolExecutor | None = None
         self._zero = lib.mg_hash_zero_page(PAGE_SIZE)
 
     @property
@@ -49,32 +54,47 @@ class ShmemLedger:
         return self.end_page - self.first_page
 
     def memory_bytes(self) -> int:
-        return self.npages * 12 + SWEEP_BUFFER
+        return self.npages * 12 + SWEEP_BUFFER * SWEEP_THREADS
 
     def sweep(self) -> int:
-        """Hash every page of the object range; returns how many changed since the last sweep."""
+        """Hash every page of the object range; returns how many changed since the last sweep.
+        Data extents are cut into chunks hashed by SWEEP_THREADS threads (the C loop runs
+        without the GIL), so a sweep can use every core, e.g. while the guest is paused."""
         t0 = time.perf_counter()
         self.generation += 1
         g = self.generation
         lo, hi = self.first_page * PAGE_SIZE, self.end_page * PAGE_SIZE
         changed = 0
+        chunks: list[tuple[int, int]] = []        # (byte offset, pages) of data to read
         pos = lo
         for a, b in data_extents(self.fd, lo, hi) + [(hi, hi)]:
             if a > pos:    # hole [pos, a): reads as zeros
                 i = (pos - lo) // PAGE_SIZE
                 changed += lib.mg_sweep_hole((a - pos) // PAGE_SIZE, self._zero, self.hashes + i,
                                              ffi.NULL, 0, self.gens + i, g)
-            if b > a:
-                i = (a - lo) // PAGE_SIZE
-                n = (b - a) // PAGE_SIZE
-                changed += check(lib.mg_sweep_fd(self.fd, a, n, PAGE_SIZE, self._buf, SWEEP_BUFFER,
-                                                 self.hashes + i, ffi.NULL, 0, self.gens + i, g),
-                                 "pread shmem object")
-                self.bytes_read += b - a
+            for c in range(a, b, SWEEP_CHUNK):
+                chunks.append((c, (min(b, c + SWEEP_CHUNK) - c) // PAGE_SIZE))
+                self.bytes_read += min(b, c + SWEEP_CHUNK) - c
             pos = max(pos, b)
+        if len(chunks) > 1 and SWEEP_THREADS > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(SWEEP_THREADS, thread_name_prefix="ledger-sweep")
+            changed += sum(self._pool.map(lambda ch: self._sweep_chunk(ch, g), chunks))
+        else:
+            changed += sum(self._sweep_chunk(ch, g) for ch in chunks)
         self.sweeps += 1
         self.last_sweep_s = time.perf_counter() - t0
         return changed
+
+    def _sweep_chunk(self, chunk: tuple[int, int], g: int) -> int:
+        offset, n = chunk
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = ffi.new("uint8_t[]", SWEEP_BUFFER)
+        i = offset // PAGE_SIZE - self.first_page
+        return check(lib.mg_sweep_fd(self.fd, offset, n, PAGE_SIZE, buf, SWEEP_BUFFER,
+                                     self.hashes + i, ffi.NULL, 0, self.gens + i, g),
+                     "pread shmem object")
 
     def changed_since(self, since: int, first_page: int, npages: int) -> PageSet:
         """Object pages [first_page, first_page + npages) changed in a sweep after generation
@@ -86,6 +106,9 @@ class ShmemLedger:
         return s
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -164,6 +187,13 @@ class LedgerTracker(Tracker):
             self._since[r.name] = led.generation
         out.cost_s = time.perf_counter() - t0
         return self._account(out)
+
+    def page_hashes(self, region_name: str) -> bytes:
+        """The XXH3-64 of every page of a region as of the last sweep (8 bytes a page)."""
+        r = next(r for r in self.regions if r.name == region_name)
+        led = self.registry.ledger_for(self.pid, r)
+        i = r.offset // PAGE_SIZE - led.first_page
+        return bytes(ffi.buffer(led.hashes + i, 8 * r.npages))
 
     def memory_bytes(self) -> int:
         return sum(led.memory_bytes() for led in self.registry.ledgers())

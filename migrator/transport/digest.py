@@ -1,5 +1,11 @@
-"""Region digests, computed the same way on both sides: xxh3_128 over the region's bytes in page
-order (pages never written, or holes, count as zeros), as 32 lower-case hex digits."""
+"""Region digests, computed the same way on both sides.
+
+A region's digest is XXH3-128 over the little-endian XXH3-64 hashes of its pages, in page order
+(pages never written, and holes, count as zero pages), as 32 lower-case hex digits.  Hashing page
+by page lets each side keep the per-page hashes it already has: the receiver updates them as pages
+arrive, the source's shmem ledger holds them after its final sweep, so verifying a migration does
+not need a second pass over the whole memory during the downtime.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,31 @@ from typing import Any, Protocol
 
 import xxhash
 
+from .._track_c import ffi, lib
 from .wire import RegionSpec
 
 CHUNK_BYTES = 4 << 20
+
+
+def zero_page_hash(page_size: int = 4096) -> int:
+    """XXH3-64 of a page of zeros."""
+    return lib.mg_hash_zero_page(page_size)
+
+
+def page_hashes(data: Any, page_size: int = 4096) -> bytes:
+    """The XXH3-64 of every page of data (a whole number of pages), little-endian, 8 bytes each."""
+    n = len(data) // page_size
+    if n * page_size != len(data):
+        raise ValueError(f"{len(data)} bytes is not a whole number of {page_size}-byte pages")
+    out = bytearray(8 * n)
+    if n:
+        lib.mg_hash_mem_pages(ffi.from_buffer(data), n, page_size, ffi.from_buffer("uint64_t[]", out))
+    return bytes(out)
+
+
+def digest_of_hashes(hashes: Any) -> str:
+    """The region digest from its per-page hashes (bytes-like, 8 bytes a page)."""
+    return xxhash.xxh3_128(hashes).hexdigest()
 
 
 class PageReader(Protocol):
@@ -20,35 +48,44 @@ class PageReader(Protocol):
         """npages * page_size bytes (bytes, bytearray or memoryview) from first_page on."""
 
 
-def digest_bytes(data: Any) -> str:
+def digest_bytes(data: Any, page_size: int = 4096) -> str:
     """Digest of a whole region held in memory."""
-    return xxhash.xxh3_128(data).hexdigest()
+    return digest_of_hashes(page_hashes(data, page_size))
 
 
 def region_digest(reader: PageReader, region: RegionSpec, page_size: int = 4096) -> str:
     """Digest of a region read through a page reader (e.g. a paused source's memory)."""
     npages = region.size // page_size
     step = max(1, CHUNK_BYTES // page_size)
-    h = xxhash.xxh3_128()
+    hashes = bytearray()
     for first in range(0, npages, step):
         n = min(step, npages - first)
         buf = reader.read(region.name, first, n)
         if len(buf) != n * page_size:
             raise ValueError(f"reader returned {len(buf)} bytes for {n} pages of {region.name!r}")
-        h.update(buf)
-    return h.hexdigest()
+        hashes += page_hashes(buf, page_size)
+    return digest_of_hashes(hashes)
 
 
-def file_digest(path: str | os.PathLike, size: int) -> str:
-    """Digest of the first `size` bytes of an image file (zeros past its end), read in C."""
-    from .._track_c import ffi, lib
-    out = ffi.new("uint64_t[2]")
+def fd_page_hashes(fd: int, offset: int, npages: int, page_size: int = 4096) -> bytearray:
+    """Per-page hashes of npages pages of a file (or /proc/PID/mem) from byte offset, read in C;
+    pages past the end of a file count as zeros."""
+    out = bytearray(8 * max(npages, 1))
     buf = ffi.new("uint8_t[]", CHUNK_BYTES)
+    r = lib.mg_sweep_fd(fd, offset, npages, page_size, buf, CHUNK_BYTES,
+                        ffi.from_buffer("uint64_t[]", out), ffi.NULL, 0, ffi.NULL, 0)
+    if r < 0:
+        raise OSError(-r, os.strerror(-r))
+    return out[:8 * npages]
+
+
+def file_digest(path: str | os.PathLike, size: int, page_size: int = 4096) -> str:
+    """Digest of the first `size` bytes of an image file (zeros past its end)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        r = lib.mg_digest_fd(fd, 0, size, buf, CHUNK_BYTES, out)
+        hashes = fd_page_hashes(fd, 0, size // page_size, page_size)
+    except OSError as e:
+        raise OSError(e.errno, f"reading {os.fspath(path)}: {e.strerror}") from None
     finally:
         os.close(fd)
-    if r < 0:
-        raise OSError(-r, f"reading {os.fspath(path)}: {os.strerror(-r)}")
-    return f"{out[0]:016x}{out[1]:016x}"
+    return digest_of_hashes(hashes)

@@ -5,6 +5,8 @@ wire.py."""
 from __future__ import annotations
 
 import dataclasses
+import select
+import socket
 from typing import Any
 
 import trio
@@ -13,6 +15,9 @@ from ..errors import ProtocolError, TransportError
 from . import wire
 
 _CHUNK = 256 << 10
+BULK_BYTES = 256 << 10      # page data at least this large moves in a worker thread
+SOCKET_BUFFER = 4 << 20     # SO_SNDBUF / SO_RCVBUF asked for
+STALL_S = 60.0              # a bulk transfer with no progress for this long fails
 
 
 class PeerClosed(TransportError):
@@ -27,10 +32,49 @@ class FrameStream:
         self.peer = peer
         self._buf = bytearray()
         self._pos = 0
-        self._data = bytearray()
+        self._bufs = [bytearray(), bytearray()]   # page data alternates between two buffers
+        self._which = 0
         # plain TCP: page data goes straight from the socket into our buffer with recv_into
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.bytes_sent = 0
+        self._closing = False
+        self._raw: socket.socket | None = None
+        if self._sock is not None:
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                try:
+                    self._sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                except OSError:
+                    pass
+
+    # -- bulk page data: straight syscalls in a worker thread, not one trio wake-up per chunk --
+
+    def _bulk(self, view: memoryview, sending: bool) -> None:
+        """Send or receive all of view on the (non-blocking) socket, polling in this thread."""
+        if self._raw is None:    # a stdlib socket on a dup of the fd (same non-blocking file)
+            self._raw = socket.fromfd(self._sock.fileno(), self._sock.family, self._sock.type)
+        raw = self._raw
+        poller = select.poll()
+        poller.register(raw.fileno(), select.POLLOUT if sending else select.POLLIN)
+        done, n = 0, len(view)
+        idle = 0.0
+        while done < n:
+            try:
+                k = raw.send(view[done:]) if sending else raw.recv_into(view[done:], n - done)
+            except BlockingIOError:
+                if self._closing:
+                    raise TransportError(f"connection to {self.peer} closed") from None
+                if not poller.poll(200):
+                    idle += 0.2
+                    if idle >= STALL_S:
+                        raise TransportError(f"connection to {self.peer} stalled for {STALL_S:.0f} s") from None
+                continue
+            except OSError as e:
+                raise TransportError(f"connection to {self.peer} lost ({e})") from None
+            if k == 0 and not sending:
+                raise ProtocolError(f"truncated frame: {self.peer} went away in the middle of "
+                                    f"a BATCH frame's page data ({done} of {n} bytes)")
+            done += k
+            idle = 0.0
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -41,7 +85,11 @@ class FrameStream:
         try:
             await self.stream.send_all(head)
             if data is not None and len(data):
-                await self.stream.send_all(data)
+                if self._sock is not None and len(data) >= BULK_BYTES:
+                    view = memoryview(data).cast("B")
+                    await trio.to_thread.run_sync(self._bulk, view, True)
+                else:
+                    await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             raise TransportError(f"connection to {self.peer} lost while sending ({e or 'closed'})") from None
         self.bytes_sent += len(head) + (len(data) if data is not None else 0)
@@ -55,6 +103,10 @@ class FrameStream:
                 pass
 
     async def aclose(self) -> None:
+        self._closing = True
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
         with trio.CancelScope(shield=True):
             try:
                 await self.stream.aclose()
@@ -92,6 +144,9 @@ class FrameStream:
         view[:have] = self._buf[self._pos:self._pos + have]
         self._pos += have
         got = have
+        if self._sock is not None and n - got >= BULK_BYTES:
+            await trio.to_thread.run_sync(self._bulk, view[got:], False)
+            return
         while got < n:
             if self._sock is not None:
                 try:
@@ -115,16 +170,18 @@ class FrameStream:
                     self._pos = 0
 
     async def receive(self, page_size: int | None = None) -> wire.Message:
-        """The next frame, validated.  A Batch's data is a memoryview of a buffer that the next
-        receive() reuses: consume it first.  An ERROR frame raises TransportError."""
+        """The next frame, validated.  A Batch's data is a memoryview of one of two buffers used
+        in turn: it stays valid until the second-next batch is received (so one batch can be
+        written while the next one arrives).  An ERROR frame raises TransportError."""
         t, meta_len, data_len = wire.parse_header(
             await self._read_exact(wire.HEADER_SIZE, "a frame header", at_boundary=True))
         meta = await self._read_exact(meta_len, f"a {t.name} frame")
         msg = wire.decode(t, meta, data_len, page_size)
         if isinstance(msg, wire.Batch):
-            if len(self._data) < data_len:
-                self._data = bytearray(data_len)
-            view = memoryview(self._data)[:data_len]
+            self._which ^= 1
+            if len(self._bufs[self._which]) < data_len:
+                self._bufs[self._which] = bytearray(data_len)
+            view = memoryview(self._bufs[self._which])[:data_len]
             await self._read_into(view, "a BATCH frame's page data")
             wire.check_digest(msg, view)
             msg = dataclasses.replace(msg, data=view)

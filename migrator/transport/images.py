@@ -14,11 +14,12 @@ import json
 import mmap
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import MigratorError
-from .digest import file_digest
+from .digest import digest_of_hashes, page_hashes, zero_page_hash
 from .wire import Batch, RegionSpec
 
 MANIFEST = "manifest.json"
@@ -55,15 +56,23 @@ class Verdict:
 
 
 class _Image:
-    def __init__(self, path: str, region: RegionSpec, page_size: int):
+    def __init__(self, path: str, region: RegionSpec, page_size: int, preallocate: bool = False):
         self.path = path
         self.region = region
         self.npages = region.size // page_size
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         os.ftruncate(self.fd, region.size)
+        if preallocate:      # allocate now, not page by page while the migration runs
+            os.posix_fallocate(self.fd, 0, region.size)
         # anonymous mapping: zero pages on demand, so a huge region costs only what is touched
         self._map = mmap.mmap(-1, 4 * self.npages)
         self.stamps = memoryview(self._map).cast("I")
+        # the XXH3-64 of every page as it is now on disk (the digest is computed from these)
+        self.hash_map = mmap.mmap(-1, 8 * max(self.npages, 1))
+        self.hashes = memoryview(self.hash_map).cast("Q")
+        self.zero_hash = zero_page_hash(page_size)
+        if self.npages:
+            self.hashes[:self.npages] = array.array("Q", [self.zero_hash]) * self.npages
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -71,6 +80,8 @@ class _Image:
             self.fd = -1
         self.stamps.release()
         self._map.close()
+        self.hashes.release()
+        self.hash_map.close()
 
 
 def _pwrite_all(fd: int, data: Any, offset: int) -> None:
@@ -84,7 +95,8 @@ def _pwrite_all(fd: int, data: Any, offset: int) -> None:
 class ImageSet:
     """The images of one session in out_dir, with the manifest describing them."""
 
-    def __init__(self, out_dir: str, regions: Sequence[RegionSpec], page_size: int, session: str):
+    def __init__(self, out_dir: str, regions: Sequence[RegionSpec], page_size: int, session: str,
+                 preallocate: bool = False):
         self.out_dir = out_dir
         self.regions = list(regions)
         self.page_size = page_size
@@ -95,12 +107,13 @@ class ImageSet:
         self.complete = False
         self.error: str | None = None
         self._images: list[_Image] = []
+        self._lock = threading.Lock()   # apply() may run in several worker threads at once
         try:
             os.makedirs(out_dir, exist_ok=True)
             # first the manifest (so an earlier 'complete' never survives), then the files
             self.write_manifest()
             for name, region in zip(self.names, self.regions):
-                self._images.append(_Image(os.path.join(out_dir, name), region, page_size))
+                self._images.append(_Image(os.path.join(out_dir, name), region, page_size, preallocate))
         except OSError as e:
             self.close()
             raise MigratorError(f"cannot create images in {out_dir!r}: {e.strerror}") from None
@@ -126,7 +139,11 @@ class ImageSet:
         })
 
     def apply(self, batch: Batch) -> None:
-        """Write a validated batch (wire.check_batch passed) into its image."""
+        """Write a validated batch (wire.check_batch passed) into its image (thread-safe)."""
+        with self._lock:
+            self._apply(batch)
+
+    def _apply(self, batch: Batch) -> None:
         img = self._images[batch.region]
         ps = self.page_size
         stamps = img.stamps
@@ -138,9 +155,12 @@ class ImageSet:
         try:
             for first, count in batch.data_runs:
                 end = first + count
+                chunk = data[off:off + count * ps]
+                hs = array.array("Q", page_hashes(chunk, ps))
                 if max(stamps[first:end]) <= limit:
-                    _pwrite_all(img.fd, data[off:off + count * ps], first * ps)
+                    _pwrite_all(img.fd, chunk, first * ps)
                     stamps[first:end] = array.array("I", [new_data]) * count
+                    img.hashes[first:end] = hs
                     self.pages_written += count
                 else:  # some pages already hold a newer copy: write page by page
                     for i in range(count):
@@ -148,6 +168,7 @@ class ImageSet:
                         if stamps[p] <= limit:
                             _pwrite_all(img.fd, data[off + i * ps:off + (i + 1) * ps], p * ps)
                             stamps[p] = new_data
+                            img.hashes[p] = hs[i]
                             self.pages_written += 1
                         else:
                             self.pages_stale += 1
@@ -171,6 +192,7 @@ class ImageSet:
                         q += 1
                     if s & 1:  # held data: zero it on disk
                         _pwrite_all(img.fd, bytes((q - p) * ps), p * ps)
+                        img.hashes[p:q] = array.array("Q", [img.zero_hash]) * (q - p)
                     stamps[p:q] = array.array("I", [new_zero]) * (q - p)
                     self.pages_zeroed += q - p
                     p = q
@@ -178,11 +200,11 @@ class ImageSet:
             raise MigratorError(f"writing image {self.names[batch.region]!r}: {e.strerror}") from None
 
     def verify(self, source_digests: Sequence[str]) -> list[Verdict]:
-        """Flush the images, digest them and compare (blocking: run it in a thread)."""
+        """Digest the images from their per-page hashes, compare, write the manifest (blocking:
+        run it in a thread).  The image files are flushed to disk afterwards by sync()."""
         out = []
         for i, (img, src) in enumerate(zip(self._images, source_digests)):
-            os.fsync(img.fd)
-            got = file_digest(img.path, img.region.size)
+            got = digest_of_hashes(img.hash_map[:8 * img.npages])
             self.digests[i] = got
             self.status[i] = "verified" if got == src else "mismatch"
             out.append(Verdict(img.region.name, got == src, src, got))
@@ -192,6 +214,11 @@ class ImageSet:
             self.error = f"digest mismatch in {', '.join(bad)}"
         self.write_manifest()
         return out
+
+    def sync(self) -> None:
+        """Flush the image files to disk (after the verdict went out: not part of the downtime)."""
+        for img in self._images:
+            os.fsync(img.fd)
 
     def fail(self, reason: str) -> None:
         """Mark the session failed on disk (never complete)."""

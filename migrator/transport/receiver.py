@@ -14,7 +14,7 @@ from typing import Callable
 
 import trio
 
-from ..errors import MigratorError, ProtocolError, TransportError, UsageError
+from ..errors import MigratorError, ProtocolError, TransportError, UsageError, first_error
 from . import wire
 from .auth import check_listen_policy, server_handshake
 from .framing import FrameStream, PeerClosed
@@ -23,6 +23,7 @@ from .images import ImageSet
 HANDSHAKE_TIMEOUT = 10.0
 MAX_PENDING_CONNECTIONS = 64
 DRAIN_BYTES = 64 << 20
+FLUSH_WAIT_S = 30.0     # a new session waits this long for the previous one's image flush
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,14 @@ class Receiver:
     def __init__(self, out_dir: str, *, key: bytes | None, ssl_context=None,
                  log: Callable[[str], None] | None = None,
                  on_session_end: Callable[[SessionOutcome], None] | None = None,
+                 preallocate: bool = False,
                  on_setup: Callable[[ImageSet], None] | None = None):
         self.on_setup = on_setup
         self.out_dir = out_dir
+        self.preallocate = preallocate      # fallocate each image when its session starts
         self.key = key
         self.ssl_context = ssl_context
-        self.log = log or (lambda line: None)
+        self.log = log if log is not None else (lambda line: None)
         self.on_session_end = on_session_end
         self.outcomes: list[SessionOutcome] = []
         self.session_ended = trio.Event()
@@ -126,6 +129,41 @@ class Receiver:
         if self.on_session_end is not None:
             self.on_session_end(out)
 
+    async def wait_sessions(self, n: int) -> list[SessionOutcome]:
+        """Wait until n sessions have ended (tests, embedding)."""
+        while len(self.outcomes) < n:
+            await self.session_ended.wait()
+        return self.outcomes[:n]
+
+    async def serve(self, listen_host: str, port: int, *, once: bool = False,
+                    task_status=trio.TASK_STATUS_IGNORED) -> list[SessionOutcome]:
+        """Listen and serve until cancelled, or until one session ended if `once`.
+
+        task_status.started() gets the bound port (useful with port 0).  Returns the outcomes.
+
+        Raises:
+            UsageError: no key on a non-loopback address, or the address cannot be bound.
+        """
+        check_listen_policy(listen_host, self.key)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=listen_host)
+        except OSError as e:
+            raise UsageError(f"cannot listen on {listen_host}:{port}: {e.strerror or e}") from None
+        if not listeners:
+            raise UsageError(f"cannot listen on {listen_host}:{port}: no address")
+        async with trio.open_nursery() as nursery:
+            if once:
+                previous = self.on_session_end
+
+                def stop(outcome: SessionOutcome) -> None:
+                    if previous is not None:
+                        previous(outcome)
+                    nursery.cancel_scope.cancel()
+                self.on_session_end = stop
+            task_status.started(listeners[0].socket.getsockname()[1])
+            await trio.serve_listeners(self.handle_stream, listeners, handler_nursery=nursery)
+        return self.outcomes
+
     # -- connections -------------------------------------------------------------------------
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
@@ -150,6 +188,11 @@ class Receiver:
                             raise TransportError(f"TLS handshake failed: {e.__cause__ or e}") from None
                     who = await server_handshake(fs, self.key)
                     if who.channel == 0:
+                        if self._active is not None and self._active.verdict_sent:
+                            # the previous session is only flushing its images: wait for it
+                            with trio.move_on_after(FLUSH_WAIT_S):
+                                while self._active is not None:
+                                    await self.session_ended.wait()
                         if self._active is not None:
                             raise TransportError("receiver busy with another migration")
                         session = self._active = _Session(who.session, peer)
@@ -157,7 +200,7 @@ class Receiver:
                         setup = await fs.expect(wire.Setup)
                         session.channels = setup.channels
                         session.images = ImageSet(self.out_dir, setup.regions, setup.page_size,
-                                                  session.sid.hex())
+                                                  session.sid.hex(), self.preallocate)
                         if self.on_setup is not None:
                             self.on_setup(session.images)
                         session.joined.add(0)
@@ -199,31 +242,62 @@ class Receiver:
             s.scopes.append(scope)
             if s.done:
                 return
-            images = s.images
-            assert images is not None
-            region_pages = images.region_pages
-            ps = images.page_size
-            while True:
-                try:
-                    msg = await fs.receive(ps)
-                except PeerClosed:
-                    raise TransportError(f"sender disconnected on channel {channel} "
-                                         f"before the end of the migration") from None
-                if isinstance(msg, wire.Batch):
-                    wire.check_batch(msg, region_pages)
-                    images.apply(msg)
-                    s.bytes_received += len(msg.data)
-                elif isinstance(msg, wire.RoundEnd):
-                    await fs.send(wire.RoundAck(msg.round_no))
-                elif isinstance(msg, wire.Close) and channel != 0:
-                    s.closed.add(channel)
-                    await fs.send(wire.Closed())
-                    return
-                elif isinstance(msg, wire.End) and channel == 0:
-                    await self._finish(fs, s, msg)
-                    return
-                else:
-                    raise ProtocolError(f"unexpected {type(msg).__name__.upper()} on channel {channel}")
+            try:
+                async with trio.open_nursery() as nursery:
+                    to_writer, from_reader = trio.open_memory_channel(0)
+                    nursery.start_soon(self._writer, s, from_reader)
+                    await self._read_channel(fs, s, channel, to_writer)
+                    await to_writer.aclose()
+            except BaseExceptionGroup as eg:
+                raise first_error(eg) from None
+
+    async def _writer(self, s: _Session, rx) -> None:
+        """Writes batches in a worker thread while the next one is being received."""
+        images = s.images
+        async with rx:
+            async for item in rx:
+                if isinstance(item, trio.Event):   # a flush point: all before it is written
+                    item.set()
+                    continue
+                await trio.to_thread.run_sync(images.apply, item)
+                s.bytes_received += len(item.data)
+
+    async def _read_channel(self, fs: FrameStream, s: _Session, channel: int, to_writer) -> None:
+        images = s.images
+        assert images is not None
+        region_pages = images.region_pages
+        ps = images.page_size
+
+        async def flush() -> None:
+            done = trio.Event()
+            await to_writer.send(done)
+            await done.wait()
+
+        while True:
+            try:
+                msg = await fs.receive(ps)
+            except PeerClosed:
+                raise TransportError(f"sender disconnected on channel {channel} "
+                                     f"before the end of the migration") from None
+            if isinstance(msg, wire.Batch):
+                wire.check_batch(msg, region_pages)
+                # rendezvous: the writer has finished the previous batch, whose buffer the
+                # next receive() reuses
+                await to_writer.send(msg)
+            elif isinstance(msg, wire.RoundEnd):
+                await flush()
+                await fs.send(wire.RoundAck(msg.round_no))
+            elif isinstance(msg, wire.Close) and channel != 0:
+                await flush()
+                s.closed.add(channel)
+                await fs.send(wire.Closed())
+                return
+            elif isinstance(msg, wire.End) and channel == 0:
+                await flush()
+                await self._finish(fs, s, msg)
+                return
+            else:
+                raise ProtocolError(f"unexpected {type(msg).__name__.upper()} on channel {channel}")
 
     async def _finish(self, fs: FrameStream, s: _Session, end: wire.End) -> None:
         images = s.images
@@ -240,6 +314,7 @@ class Receiver:
         await fs.send(wire.Result(complete, tuple(v.verified for v in verdicts),
                                   tuple(v.dest_digest for v in verdicts), images.error or ""))
         s.verdict_sent = True
+        await trio.to_thread.run_sync(images.sync)
         self._end(s, complete=complete)
 
 
@@ -283,6 +358,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 async def serve(listen_host: str, port: int, out_dir: str, *, key: bytes | None,
                 once: bool = False, ssl_context=None, log: Callable[[str], None] | None = None,
+                preallocate: bool = False,
                 on_setup: Callable[[ImageSet], None] | None = None,
                 on_session_end: Callable[[SessionOutcome], None] | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> list[SessionOutcome]:
@@ -294,26 +370,9 @@ async def serve(listen_host: str, port: int, out_dir: str, *, key: bytes | None,
     Raises:
         UsageError: no key on a non-loopback address, or the address cannot be bound.
     """
-    check_listen_policy(listen_host, key)
-    try:
-        listeners = await trio.open_tcp_listeners(port, host=listen_host)
-    except OSError as e:
-        raise UsageError(f"cannot listen on {listen_host}:{port}: {e.strerror or e}") from None
-    if not listeners:
-        raise UsageError(f"cannot listen on {listen_host}:{port}: no address")
-    receiver = Receiver(out_dir, key=key, ssl_context=ssl_context, log=log, on_setup=on_setup,
-                        on_session_end=on_session_end)
-    async with trio.open_nursery() as nursery:
-        if once:
-            def ended(outcome: SessionOutcome) -> None:
-                if on_session_end is not None:
-                    on_session_end(outcome)
-                nursery.cancel_scope.cancel()
-            receiver.on_session_end = ended
-        bound = listeners[0].socket.getsockname()[1]
-        task_status.started(bound)
-        await trio.serve_listeners(receiver.handle_stream, listeners, handler_nursery=nursery)
-    return receiver.outcomes
+    receiver = Receiver(out_dir, key=key, ssl_context=ssl_context, log=log, preallocate=preallocate,
+                        on_setup=on_setup, on_session_end=on_session_end)
+    return await receiver.serve(listen_host, port, once=once, task_status=task_status)
 
 
 __all__ = ["Receiver", "SessionOutcome", "serve", "parse_listen"]

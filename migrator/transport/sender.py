@@ -15,14 +15,15 @@ from typing import Any, AsyncIterator, Iterable, Mapping
 
 import trio
 
-from ..errors import MigratorError, RegionError, TransportError
+from .._track_c import ffi, lib
+from ..errors import MigratorError, RegionError, TransportError, first_error
 from . import wire
 from .auth import client_handshake
 from .digest import PageReader
 from .framing import FrameStream
 from .wire import RegionSpec
 
-DEFAULT_BATCH_PAGES = 256
+DEFAULT_BATCH_PAGES = 1024
 MAX_PIECES = 512   # reader calls per batch
 
 
@@ -83,11 +84,12 @@ class RateLimiter:
         self._next = 0.0
 
     async def take(self, nbytes: int) -> None:
+        """Wait out the time slot of nbytes at the rate (a batch leaves at the end of its slot,
+        so a round's measured bandwidth never exceeds the cap, even for a single batch)."""
         now = trio.current_time()
         start = max(self._next, now)
         self._next = start + nbytes / self.rate
-        if start > now:
-            await trio.sleep_until(start)
+        await trio.sleep_until(self._next)
 
 
 @dataclass
@@ -101,8 +103,6 @@ class _Built:
 class _ZeroScan:
     def __init__(self, page_size: int, batch_pages: int):
         self.ps = page_size
-        self.zero_page = bytes(page_size)
-        self.zeros = bytes(page_size * batch_pages)
 
     def build(self, reader: PageReader, region: int, name: str, pieces: list[tuple[int, int]],
               round_no: int) -> _Built:
@@ -121,26 +121,25 @@ class _ZeroScan:
             raise MigratorError(f"page reader returned {len(whole)} bytes for {total} pages "
                                 f"of region {name!r}")
         view = memoryview(whole)
-        zp = self.zero_page
+        flags = bytearray(total)          # 1 = zero page, found in C
+        zeros = lib.mg_zero_pages(ffi.from_buffer(whole), total, ps, ffi.from_buffer(flags))
         base = 0
         for first, n in pieces:
-            if self.zeros.startswith(view[base * ps:(base + n) * ps]):   # all zero (memcmp)
-                _add_run(zero_runs, first, n)
-                base += n
-                continue
             i = 0
             while i < n:
-                is_zero = whole.startswith(zp, (base + i) * ps)
-                j = i + 1
-                while j < n and whole.startswith(zp, (base + j) * ps) == is_zero:
-                    j += 1
+                is_zero = flags[base + i]
+                j = flags.find(b"\x00" if is_zero else b"\x01", base + i, base + n)
+                j = n if j < 0 else j - base
                 if is_zero:
                     _add_run(zero_runs, first + i, j - i)
                 else:
                     _add_run(data_runs, first + i, j - i)
-                    parts.append(view[(base + i) * ps:(base + j) * ps])
+                    if zeros:
+                        parts.append(view[(base + i) * ps:(base + j) * ps])
                 i = j
             base += n
+        if not zeros:
+            parts = [whole]
         data: Any = (whole if len(parts) == 1 and len(parts[0]) == len(whole)
                      else parts[0] if len(parts) == 1 else b"".join(parts))
         pages_normal = len(data) // ps
@@ -227,7 +226,7 @@ class Sender:
             t0 = time.monotonic()
             sent0 = self._sent()
             totals = [0, 0, 0]
-            send_ch, recv_ch = trio.open_memory_channel[_Built](len(self._fs))
+            send_ch, recv_ch = trio.open_memory_channel[_Built](2 * len(self._fs) + 2)
 
             async def produce():
                 async with send_ch:
@@ -257,7 +256,7 @@ class Sender:
                         nursery.start_soon(consume, fs, recv_ch.clone())
                     await recv_ch.aclose()
             except BaseExceptionGroup as eg:
-                raise _first_error(eg) from None
+                raise first_error(eg) from None
             dt = time.monotonic() - t0
             nbytes = self._sent() - sent0
             self._busy += dt
@@ -277,7 +276,7 @@ class Sender:
                     for fs in self._fs:
                         nursery.start_soon(self._ack_round, fs, round_no)
             except BaseExceptionGroup as eg:
-                raise _first_error(eg) from None
+                raise first_error(eg) from None
             self._busy += time.monotonic() - t0
             self._rounds += 1
 
@@ -303,7 +302,7 @@ class Sender:
                     for fs in self._fs[1:]:
                         nursery.start_soon(self._close_channel, fs)
             except BaseExceptionGroup as eg:
-                raise _first_error(eg) from None
+                raise first_error(eg) from None
             fs0 = self._fs[0]
             try:
                 await fs0.send(wire.End(tuple(digests[r.name] for r in self.regions)))
@@ -335,26 +334,6 @@ class Sender:
             batches=self._batches, rounds=self._rounds, channels=len(self._fs),
             busy_time=self._busy, bandwidth=sent / self._busy if self._busy > 0 else 0.0,
             last_bandwidth=self._last_bw)
-
-
-def _first_error(eg: BaseExceptionGroup) -> BaseException:
-    """The most telling error of a group (a reported reason beats a broken pipe)."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for x in e.exceptions:
-                walk(x)
-        else:
-            leaves.append(e)
-    walk(eg)
-    for pred in (lambda e: isinstance(e, TransportError) and "reported" in str(e),
-                 lambda e: isinstance(e, MigratorError),
-                 lambda e: True):
-        for e in leaves:
-            if pred(e):
-                return e
-    return eg  # pragma: no cover
 
 
 async def _reason(fs: FrameStream, err: TransportError) -> TransportError:

@@ -1,0 +1,167 @@
+"""Wire benchmark: raw TCP loopback throughput beside sender → receiver page throughput
+(random pages, zero-heavy pages), measured in the same run, receiver in its own process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import trio
+
+from ..transport import RegionSpec, connect_sender, digest_bytes
+from ..units import parse_size
+
+PS = 4096
+KEY = b"bench-key-bench-key-bench-key-00"
+
+_RAW_RECEIVER = r"""
+import socket, sys
+srv = socket.create_server(("127.0.0.1", 0)); print(srv.getsockname()[1], flush=True)
+while True:
+    c, _ = srv.accept()
+    total = int.from_bytes(c.recv(8, socket.MSG_WAITALL), "big")
+    buf = bytearray(1 << 20); v = memoryview(buf); got = 0
+    while got < total:
+        n = c.recv_into(v)
+        if not n: break
+        got += n
+    c.sendall(b"k"); c.close()
+"""
+
+_RECEIVER = r"""
+import sys
+import migrator.cli as c
+sys.exit(c.main(sys.argv[1:]))
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("wire", help="page streaming throughput vs raw TCP on loopback")
+    p.add_argument("--size", default="256M", help="bytes of memory per run (default 256M)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--out-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                   help="where the receiver writes its images (default /dev/shm: measure the "
+                        "stream, not the disk)")
+    p.add_argument("--no-preallocate", dest="preallocate", action="store_false",
+                   help="do not have the receiver preallocate its images")
+    p.set_defaults(handler=run)
+
+
+def _raw_tcp(port: int, size: int) -> float:
+    buf = memoryview(os.urandom(1 << 20))
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        t0 = time.perf_counter()
+        s.sendall(size.to_bytes(8, "big"))
+        left = size
+        while left:
+            n = min(left, len(buf))
+            s.sendall(buf[:n])
+            left -= n
+        s.recv(1)
+        return size / (time.perf_counter() - t0)
+
+
+class _Reader:
+    def __init__(self, mem: bytes):
+        self.mem = memoryview(mem)
+
+    def read(self, name, first, n):
+        return self.mem[first * PS:(first + n) * PS]
+
+
+def _rss_peak_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+async def _pages(port: int, mem: bytes, channels: int, rx_pid: int) -> tuple[float, int, int]:
+    npages = len(mem) // PS
+    region = RegionSpec("ram", 0, len(mem))
+    async with connect_sender("127.0.0.1", port, key=KEY, regions=[region], channels=channels) as s:
+        t0 = time.perf_counter()
+        await s.send_pages({"ram": [(0, npages)]}, _Reader(mem), 0)
+        await s.end_round(0)
+        dt = time.perf_counter() - t0
+        rss = _rss_peak_kib(rx_pid)
+        res = await s.finish({"ram": digest_bytes(mem)})
+        if not res.complete:
+            raise SystemExit("benchmark migration did not verify")
+        wire_bytes = s.statistics().transferred_bytes
+    return len(mem) / dt, rss, wire_bytes
+
+
+def run(args: argparse.Namespace) -> int:
+    size = parse_size(args.size) // PS * PS
+    print(f"wire benchmark: {size >> 20} MiB per run, {args.runs} runs, {args.channels} channel(s), "
+          f"receiver in its own process, loopback", flush=True)
+    random_mem = os.urandom(size)
+    zero_mem = bytearray(size)
+    for p in range(0, size // PS, 64):          # 1 page in 64 holds data
+        zero_mem[p * PS:(p + 1) * PS] = random_mem[p * PS:(p + 1) * PS]
+    zero_mem = bytes(zero_mem)
+    out = tempfile.mkdtemp(prefix="migrator-bench-", dir=args.out_dir)
+    key_file = os.path.join(out, "key")
+    with open(key_file, "wb") as f:
+        f.write(KEY)
+    raw = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER], stdout=subprocess.PIPE, text=True)
+    rx = subprocess.Popen([sys.executable, "-c", _RECEIVER, "receive", "--listen", "127.0.0.1:0",
+                           "--out", os.path.join(out, "images"), "--key-file", key_file]
+                          + (["--preallocate"] if args.preallocate else []),
+                          stdout=subprocess.PIPE, text=True)
+    results: dict[str, list[float]] = {"raw_tcp": [], "random": [], "zero_heavy": []}
+    rss_kib = []
+    try:
+        raw_port = int(raw.stdout.readline())
+        line = rx.stdout.readline()
+        rx_port = int(line.split("listening on ")[1].split(",")[0].rsplit(":", 1)[1])
+        for i in range(args.runs):
+            results["raw_tcp"].append(_raw_tcp(raw_port, size))
+            bw, rss, _ = trio.run(_pages, rx_port, random_mem, args.channels, rx.pid)
+            results["random"].append(bw)
+            rss_kib.append(rss)
+            bw, rss, _ = trio.run(_pages, rx_port, zero_mem, args.channels, rx.pid)
+            results["zero_heavy"].append(bw)
+            rss_kib.append(rss)
+            print(f"  run {i + 1}: raw TCP {results['raw_tcp'][-1] / 1e6:8.0f} MB/s   "
+                  f"random pages {results['random'][-1] / 1e6:8.0f} MB/s   "
+                  f"zero-heavy {results['zero_heavy'][-1] / 1e6:8.0f} MB/s", flush=True)
+    finally:
+        for p in (raw, rx):
+            p.send_signal(signal.SIGINT if p is rx else signal.SIGTERM)
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(out, ignore_errors=True)
+
+    def mm(xs):
+        return min(xs), statistics.median(xs)
+    summary = {k: {"min_Bps": mm(v)[0], "median_Bps": mm(v)[1], "runs": v} for k, v in results.items()}
+    ratio = summary["random"]["median_Bps"] / summary["raw_tcp"]["median_Bps"]
+    zratio = summary["zero_heavy"]["median_Bps"] / summary["random"]["median_Bps"]
+    summary.update(ratio_random_to_raw=ratio, ratio_zero_to_random=zratio,
+                   receiver_peak_rss_kib=max(rss_kib), size=size, channels=args.channels)
+    print("summary (min / median MB/s):")
+    for k in results:
+        print(f"  {k:11s} {summary[k]['min_Bps'] / 1e6:8.0f} / {summary[k]['median_Bps'] / 1e6:8.0f}")
+    print(f"  random / raw TCP   = {ratio:.2f}  (target >= 0.50)")
+    print(f"  zero-heavy / random = {zratio:.1f}x (target >= 10x)")
+    print(f"  receiver peak RSS  = {max(rss_kib) / 1024:.1f} MiB for {size >> 20} MiB regions")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0

@@ -1,0 +1,200 @@
+"""Bad input at the receiver: each case ends with a clear error, no crash, no image marked
+complete, and the same (non --once) receiver then completes a good migration."""
+
+import json
+import os
+import struct
+
+import msgpack
+import pytest
+import trio
+
+from migrator.errors import AuthError
+from migrator.transport import RegionSpec, connect_sender, digest_bytes, wire
+from migrator.transport.auth import client_handshake, proof
+from migrator.transport.framing import FrameStream
+
+from transport_helpers import KEY, PS, MemReader, batch_frame, random_memory, raw_session, start_receiver
+
+REGIONS = [RegionSpec("ram", 0, 64 * PS)]
+
+
+def _manifest(out):
+    path = os.path.join(out, "manifest.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+async def _good_migration(port, out):
+    mem = {"ram": random_memory(64, 42)}
+    async with connect_sender("127.0.0.1", port, key=KEY, regions=REGIONS) as s:
+        await s.send_pages({"ram": [(0, 64)]}, MemReader(mem), 0)
+        res = await s.finish({"ram": digest_bytes(mem["ram"])})
+    assert res.complete
+    m = _manifest(out)
+    assert m["complete"] is True
+    with open(os.path.join(out, m["regions"][0]["image"]), "rb") as f:
+        assert f.read() == bytes(mem["ram"])
+
+
+def _hdr(t, meta_len, data_len=0):
+    return struct.pack("!2sBBII", b"MG", 1, t, meta_len, data_len)
+
+
+# after a valid handshake and SETUP: what the bad sender sends, and the error the receiver names
+SESSION_CASES = {
+    "garbage": (b"\x00garbage\xff" * 10, "bad magic"),
+    "truncated": (_hdr(wire.T.ROUND_END, 50) + b"\x81", "truncated frame"),
+    "oversized": (_hdr(wire.T.BATCH, 10, 1 << 31), "oversized BATCH"),
+    "unknown-type": (_hdr(200, 0), "unknown message type 200"),
+    "beyond-region": (batch_frame(0, 0, [(63, 2)], [], b"x" * 2 * PS), "page index 64 beyond region"),
+    "zero-beyond-region": (batch_frame(0, 0, [], [(1000, 1)], b""), "page index 1000 beyond region"),
+    "undeclared-region": (batch_frame(3, 0, [(0, 1)], [], b"x" * PS), "undeclared region #3"),
+    "wrong-hash": (batch_frame(0, 0, [(0, 1)], [], b"x" * PS, digest=12345), "hash mismatch"),
+    "peer-gone-mid-batch": (batch_frame(0, 0, [(0, 4)], [], b"x" * 4 * PS)[:-PS - 7], "went away in the middle"),
+    "end-too-early": (wire.encode(wire.RoundEnd(0)) + wire.encode(wire.Close()), "unexpected CLOSE"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SESSION_CASES))
+async def test_bad_frame_in_session(nursery, tmp_path, case):
+    payload, match = SESSION_CASES[case]
+    out = tmp_path / "out"
+    rx, port, logs = await start_receiver(nursery, out)
+    fs = await raw_session(port, REGIONS)
+    await fs.send_raw(batch_frame(0, 0, [(0, 1)], [], b"ok" * (PS // 2)))  # a valid batch first
+    await fs.send_raw(payload)
+    if case in ("peer-gone-mid-batch", "truncated"):
+        await fs.stream.send_eof()  # the rest never comes
+    (o,) = await rx.wait_sessions(1)
+    assert not o.complete
+    assert match in o.error
+    assert any("FAILED" in line and match in line for line in logs)
+    m = _manifest(out)
+    assert m["complete"] is False and m["error"] and all(r["status"] == "failed" for r in m["regions"])
+    # the sender is told why (unless it is gone)
+    if case != "peer-gone-mid-batch":
+        with pytest.raises(Exception) as ei:
+            while True:
+                await fs.receive(PS)
+        assert match in str(ei.value) or "closed" in str(ei.value)
+    await fs.aclose()
+    await _good_migration(port, out)
+
+
+# before any session: garbage and impostors get rejected at the handshake
+async def _garbage(port):
+    s = await trio.open_tcp_stream("127.0.0.1", port)
+    await s.send_all(b"GET / HTTP/1.0\r\n\r\n")
+    await s.aclose()
+
+
+async def _wrong_key_sender(port):
+    with pytest.raises(AuthError, match="wrong key"):
+        async with connect_sender("127.0.0.1", port, key=b"not the key, not the key", regions=REGIONS):
+            pass
+
+
+async def _impostor_wrong_mac(port):
+    """Ignores the server's proof and just answers with a MAC made with another key."""
+    fs = FrameStream(await trio.open_tcp_stream("127.0.0.1", port), "receiver")
+    nonce_c = b"c" * 32
+    await fs.send(wire.Hello(1, nonce_c, b"s" * 16, 0, True))
+    ch = await fs.expect(wire.Challenge)
+    await fs.send(wire.Auth(proof(b"x" * 32, "client", nonce_c, ch.nonce, b"s" * 16, 0)))
+    with pytest.raises(Exception, match="failed authentication"):
+        await fs.receive()
+    await fs.aclose()
+
+
+async def _replayed_handshake(port):
+    """Record a legitimate handshake, then replay the sender's half on a new connection."""
+    fs = FrameStream(await trio.open_tcp_stream("127.0.0.1", port), "receiver")
+    sent = []
+    orig = fs.send_raw
+    async def recording(head, data=None):
+        sent.append(head)
+        await orig(head, data)
+    fs.send_raw = recording
+    await client_handshake(fs, KEY, b"r" * 16, 0)
+    await fs.aclose()
+    hello, auth = sent[0], sent[1]
+    fs2 = FrameStream(await trio.open_tcp_stream("127.0.0.1", port), "receiver")
+    await fs2.send_raw(hello)
+    await fs2.expect(wire.Challenge)
+    await fs2.send_raw(auth)
+    with pytest.raises(Exception, match="replayed"):
+        await fs2.receive()
+    await fs2.aclose()
+
+
+async def _no_key_sender(port):
+    with pytest.raises(AuthError, match="requires a key"):
+        async with connect_sender("127.0.0.1", port, key=None, regions=REGIONS):
+            pass
+
+
+async def _unknown_channel(port):
+    fs = FrameStream(await trio.open_tcp_stream("127.0.0.1", port), "receiver")
+    with pytest.raises(Exception, match="no active session"):
+        await client_handshake(fs, KEY, b"q" * 16, 1)  # authenticated, but joins no session
+    await fs.aclose()
+
+
+async def _bad_setup(port):
+    fs = FrameStream(await trio.open_tcp_stream("127.0.0.1", port), "receiver")
+    await client_handshake(fs, KEY, b"b" * 16, 0)
+    meta = msgpack.packb({"page_size": 4096, "channels": 1, "regions": [["../../etc/x", 0, 1 << 60]]})
+    await fs.send_raw(_hdr(wire.T.SETUP, len(meta)) + meta)
+    with pytest.raises(Exception, match="bad range|larger"):
+        await fs.receive()
+    await fs.aclose()
+
+
+PRE_CASES = {"garbage": (_garbage, "bad magic"), "wrong-key": (_wrong_key_sender, "wrong key"),
+             "wrong-mac": (_impostor_wrong_mac, "failed authentication"),
+             "replayed-handshake": (_replayed_handshake, "replayed"),
+             "no-key": (_no_key_sender, "requires a key"),
+             "unknown-channel": (_unknown_channel, "no active session"),
+             "bad-setup": (_bad_setup, "SETUP")}
+
+
+@pytest.mark.parametrize("case", sorted(PRE_CASES))
+async def test_rejected_before_session(nursery, tmp_path, case):
+    attack, match = PRE_CASES[case]
+    out = tmp_path / "out"
+    rx, port, logs = await start_receiver(nursery, out)
+    await attack(port)
+    # wait until the receiver has logged its verdict on that connection
+    await logs.wait_for(match)
+    assert all("complete" not in line for line in logs)
+    m = _manifest(out)
+    assert m is None or m["complete"] is False
+    if case != "bad-setup":
+        assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".img")]
+    await _good_migration(port, out)
+
+
+async def test_non_loopback_without_key_refused(tmp_path):
+    from migrator.errors import UsageError
+    from migrator.transport import serve
+    with pytest.raises(UsageError, match="without a key"):
+        await serve("0.0.0.0", 0, str(tmp_path), key=None)
+    with pytest.raises(UsageError, match="without a key"):
+        await serve("::", 0, str(tmp_path), key=None)
+
+
+async def test_busy_receiver_rejects_second_session(nursery, tmp_path):
+    out = tmp_path / "out"
+    rx, port, logs = await start_receiver(nursery, out)
+    fs = await raw_session(port, REGIONS)
+    from migrator.errors import TransportError
+    with pytest.raises(TransportError, match="busy"):
+        async with connect_sender("127.0.0.1", port, key=KEY, regions=REGIONS):
+            pass
+    await fs.aclose()
+    (o,) = await rx.wait_sessions(1)
+    assert "disconnected" in o.error
+    await _good_migration(port, out)
