@@ -172,7 +172,7 @@ def run_migrator(work: str, boot: str, size: int, args, layout: GuestLayout) -> 
     out = tempfile.mkdtemp(prefix="migrator-bench-qemu-img-", dir=args.out_dir)
     dest_serial = os.path.join(work, "m-dest.serial")
     incoming = f"127.0.0.1:{_free_port()}"
-    log_path = os.path.join(work, "m-receiver.log")
+    log_path = os.path.join(work, f"m-receiver-{len(os.listdir(work))}.log")
     log = open(log_path, "w")
     recv = subprocess.Popen([sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0",
                              "--out", out, "--qemu-incoming", incoming,
@@ -212,11 +212,13 @@ def run_migrator(work: str, boot: str, size: int, args, layout: GuestLayout) -> 
                 downtime_ms=(resume - rep.stopped_at) * 1000, reported_total_ms=rep.total_time_ms,
                 reported_downtime_ms=rep.downtime_ms, bytes_sent=rep.transferred_bytes, rounds=rep.rounds)
         r.guest_rate = (src.serial_size() - serial0) / max(rep.stopped_at - t0, 1e-6) / max(base, 1e-6)
+        states = re.search(r"incoming states, ms before the resume: (.*)", text)
         fin = rep.ram.per_round[-1]
         r.downtime_bytes = fin.bytes + rep.device_state_bytes
         r.detail = (f"stop-and-copy {fin.pages_sent} pages: collect {fin.tracker_ms:.0f} ms, send "
                     f"{fin.duration_ms:.0f} ms, verify {rep.ram.verify_ms:.0f} ms; device state "
-                    f"{rep.device_state_ms:.0f} ms")
+                    f"{rep.device_state_ms:.0f} ms; destination: {states.group(1) if states else '?'}; "
+                    f"stop->verified {rep.ram.downtime_ms:.0f} ms")
         _wait_running_on(dest_serial)
         dq = QMP(os.path.join(out, "qemu-dest.qmp"))
         try:

@@ -60,6 +60,7 @@ class DestinationVM:
         self.proc: subprocess.Popen | None = None
         self.qmp: QMP | None = None
         self.resumed_at: float | None = None       # wall clock of the RESUME event
+        self.timeline: dict[str, float] = {}       # incoming migration states, ms before RESUME
 
     def command(self) -> list[str]:
         c = self.cfg
@@ -121,6 +122,8 @@ class DestinationVM:
         if run.get("status") != "running":
             self.qmp.execute("cont")
         self.resumed_at = self.qmp.wait_event("RESUME", 5.0, since=0 if run.get("running") else since).timestamp
+        stamps = {e.data.get("status"): e.timestamp for e in self.qmp.events if e.name == "MIGRATION"}
+        self.timeline = {k: round((v - self.resumed_at) * 1000, 1) for k, v in stamps.items()}
         return self.resumed_at
 
     def log_tail(self) -> str:

@@ -86,5 +86,6 @@ class DestinationHandoff:
             return
         self.ok = True
         self.log(f"qemu: destination VM running (pid {vm.proc.pid}, resumed at {resumed:.6f}, "
-                 f"QMP {vm.qmp_path})")
+                 f"QMP {vm.qmp_path}); incoming states, ms before the resume: "
+                 + ", ".join(f"{k} {v}" for k, v in vm.timeline.items()))
         vm.detach()

@@ -114,12 +114,23 @@ class QMP:
         Raises:
             QmpError: QEMU answered with an error (its class and description are in the message).
         """
+        return self._execute(command, arguments, None)
+
+    def execute_with_fd(self, command: str, fd: int, **arguments: Any) -> Any:
+        """Run a command that takes a file descriptor (e.g. getfd), passed with SCM_RIGHTS."""
+        return self._execute(command, arguments, fd)
+
+    def _execute(self, command: str, arguments: dict, fd: int | None) -> Any:
         req: dict[str, Any] = {"execute": command}
         if arguments:
             req["arguments"] = arguments
         with self._lock:
             try:
-                self._sock.sendall(json.dumps(req).encode() + b"\n")
+                data = json.dumps(req).encode() + b"\n"
+                if fd is None:
+                    self._sock.sendall(data)
+                else:
+                    socket.send_fds(self._sock, [data], [fd])
             except OSError as e:
                 raise QmpError(f"QMP {self.path}: {command}: {e.strerror or e}") from None
             deadline = time.monotonic() + self.reply_wait_s

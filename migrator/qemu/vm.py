@@ -21,7 +21,7 @@ def qemu_available(binary: str = BINARY) -> bool:
 def vm_args(boot_image: str, serial_path: str) -> list[str]:
     """Every VM option except RAM and QMP: what source and destination must share."""
     return ["-machine", "pc", "-accel", "tcg", "-nodefaults", "-vga", "none", "-display", "none",
-            "-drive", f"file={os.path.abspath(boot_image)},format=raw,if=ide",
+            "-drive", f"file={os.path.abspath(boot_image)},format=raw,if=ide,cache=unsafe",
             "-serial", f"file:{os.path.abspath(serial_path)}"]
 
 
