@@ -294,3 +294,29 @@ def test_private_guest_ram_is_refused(tmp_path, root):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_device_state_connection_waits_for_the_destination():
+    """The destination QEMU may start listening a moment after the RAM verified: the connection
+    is retried while refused, and made with TCP_NODELAY (the return path's last small messages
+    must not wait for delayed ACKs)."""
+    from migrator.qemu.qmp import QmpError
+    from migrator.qemu.source import _connect
+    port = _free_port()
+    lsock = socket.socket()
+
+    def listen_later():
+        time.sleep(0.2)
+        lsock.bind(("127.0.0.1", port))
+        lsock.listen(1)
+    threading.Thread(target=listen_later, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        s = _connect(f"tcp:127.0.0.1:{port}", time.monotonic() + 10)
+        assert 0.15 < time.monotonic() - t0 < 5
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        s.close()
+    finally:
+        lsock.close()
+    with pytest.raises(QmpError, match="refused"):
+        _connect(f"tcp:127.0.0.1:{_free_port()}", time.monotonic() + 0.1)
