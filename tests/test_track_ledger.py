@@ -7,7 +7,7 @@ import os
 import pytest
 
 from child import Child
-from conftest import require, swap_active
+from conftest import require, require_feature, swap_active
 from migrator.errors import TargetGoneError
 from migrator.kernel.probe import probe, probe_map_files
 from migrator.tracking.choose import make_tracker
@@ -25,11 +25,17 @@ def caps():
 
 @pytest.fixture
 def child(root, caps):
+    """A writer child; it creates a userfaultfd (harmless where the kernel has no async WP)."""
     require(caps.map_files.supported, "needs /proc/PID/map_files (CAP_SYS_ADMIN)")
-    require(caps.uffd_wp_async_shmem.supported, "needs userfaultfd async WP on shmem")
     c = Child("--uffd", "--shm-pages", "64", "--anon-pages", "64")
     yield c
     c.exit()
+
+
+@pytest.fixture
+def wp(caps):
+    """For the tests that compare with the write-protect tracker."""
+    require_feature("uffd_wp_async_shmem", caps.uffd_wp_async_shmem.supported)
 
 
 def pages(tracker):
@@ -62,7 +68,7 @@ def test_ledger_ignores_rewrites_of_identical_bytes(child):
         assert pages(t) == {"shm": []}
 
 
-def test_other_process_writes_missed_by_wp_caught_by_ledger(child, side_mapping):
+def test_other_process_writes_missed_by_wp_caught_by_ledger(wp, child, side_mapping):
     r = child.region("shm")
     with WriteProtectTracker(child.pid, [r]) as wp, make_tracker(child.pid, [r], "auto") as comp:
         assert comp.name == "ledger"
@@ -72,7 +78,7 @@ def test_other_process_writes_missed_by_wp_caught_by_ledger(child, side_mapping)
         assert pages(comp) == {"shm": [3, 40]}     # the catch
 
 
-def test_pwrite_missed_by_wp_caught_by_ledger(child):
+def test_pwrite_missed_by_wp_caught_by_ledger(wp, child):
     r = child.region("shm")
     with WriteProtectTracker(child.pid, [r]) as wp, LedgerTracker(child.pid, [r]) as led:
         child.cmd("pwrite", pages=[4, 5, 60])
@@ -80,7 +86,7 @@ def test_pwrite_missed_by_wp_caught_by_ledger(child):
         assert pages(led) == {"shm": [4, 5, 60]}
 
 
-def test_fallocate_punch_reported(child):
+def test_fallocate_punch_reported(wp, child):
     r = child.region("shm")
     with WriteProtectTracker(child.pid, [r]) as wp, LedgerTracker(child.pid, [r]) as led:
         child.cmd("punch", first=8, n=3)
@@ -136,7 +142,7 @@ def test_ledger_memory_per_page(child):
         assert (led.memory_bytes() - SWEEP_BUFFER * SWEEP_THREADS) / led.npages == 12
 
 
-def test_composite_exact_for_private_and_shared(child, side_mapping):
+def test_composite_exact_for_private_and_shared(wp, child, side_mapping):
     regions = [child.region("anon"), child.region("shm")]
     with make_tracker(child.pid, regions, "auto") as t:
         assert t.name == "wp+ledger"

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from child import Child
-from conftest import require, swap_active
+from conftest import require, require_feature, swap_active
 from migrator.errors import TargetGoneError, UnsupportedError
 from migrator.kernel.probe import probe_uffd_wp_async_anon, probe_uffd_wp_async_shmem
 from migrator.tracking.writeprotect import WriteProtectTracker
@@ -13,8 +13,8 @@ from migrator.tracking.writeprotect import WriteProtectTracker
 
 @pytest.fixture
 def child(root):
-    require(probe_uffd_wp_async_anon().supported, "kernel lacks userfaultfd async write-protect")
-    require(probe_uffd_wp_async_shmem().supported, "kernel lacks userfaultfd async write-protect on shmem")
+    require_feature("uffd_wp_async_anon", probe_uffd_wp_async_anon().supported)
+    require_feature("uffd_wp_async_shmem", probe_uffd_wp_async_shmem().supported)
     c = Child("--uffd", "--shm-pages", "64", "--anon-pages", "64")
     yield c
     c.exit()
@@ -170,6 +170,7 @@ def test_thp_range(root):
     """A written 4 KiB page inside a transparent huge page: the scan reports exactly that page
     (the kernel splits the huge mapping when it re-protects part of it)."""
     from migrator.kernel.probe import probe_thp
+    require_feature("uffd_wp_async_anon", probe_uffd_wp_async_anon().supported)
     require(probe_thp().supported, "needs anonymous THP (madvise mode)")
     c = Child("--uffd", "--thp-pages", "1024", "--anon-pages", "1", "--shm-pages", "1")
     try:
