@@ -8,6 +8,7 @@ BENCHES = {
     "track": "migrator.bench.track",
     "wire": "migrator.bench.wire",
     "precopy": "migrator.bench.precopy",
+    "qemu": "migrator.bench.qemu",
 }
 
 

@@ -12,8 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "limit; then pause the process (and its writers), send the last "
                                    "pages and verify. Exit status 0 only for a completed, verified "
                                    "migration; on failure the process is resumed.")
-    p.add_argument("--pid", type=int, required=True, help="process to migrate")
-    p.add_argument("--region", action="append", required=True, metavar="SEL",
+    p.add_argument("--pid", type=int, help="process to migrate (not with --qmp)")
+    p.add_argument("--region", action="append", metavar="SEL",
                    help="mapping name, START-END in hex, or kind:anon|shared|file; repeatable")
     p.add_argument("--to", required=True, metavar="HOST:PORT", help="the receiver")
     p.add_argument("--key-file", metavar="F", help="pre-shared key (as given to migrator receive)")
@@ -29,6 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cgroup", metavar="PATH", help="freeze this cgroup (v1 freezer) for the switch-over")
     p.add_argument("--tracker", default="auto", choices=["auto", "wp", "soft-dirty", "hash"])
     p.add_argument("--channels", type=int, default=1, metavar="N", help="parallel TCP connections")
+    q = p.add_argument_group("QEMU VM (see docs/qemu.md)")
+    q.add_argument("--qmp", metavar="PATH", help="migrate the QEMU VM behind this QMP socket: its RAM "
+                   "by migrator, then its device state by QEMU (x-ignore-shared) to --qemu-incoming")
+    q.add_argument("--qemu-incoming", metavar="HOST:PORT",
+                   help="where the destination QEMU waits for the device state (receive --qemu-incoming)")
     p.add_argument("--json", metavar="FILE", help="write the JSON report here ('-' for stdout)")
     p.set_defaults(handler=run)
 
@@ -67,11 +72,27 @@ def run(args: argparse.Namespace) -> int:
         channels=args.channels)
     if args.max_rounds < 1:
         raise UsageError("--max-rounds must be at least 1")
-    target = MigrationTarget(pid=args.pid, regions=args.region, writers=writers, cgroup=args.cgroup)
     ssl_ctx = client_ssl_context(args.tls_ca) if args.tls_ca else None
     progress = _progress_printer() if sys.stderr.isatty() else None
+    if args.qmp:
+        if args.pid or args.region or args.writers or args.cgroup:
+            raise UsageError("--qmp finds the QEMU process and its RAM itself: no --pid/--region/--writers/--cgroup")
+        if not args.qemu_incoming:
+            raise UsageError("--qmp needs --qemu-incoming HOST:PORT (the destination QEMU)")
+        from ..qemu.source import migrate_vm
+        parse_listen(args.qemu_incoming)
+        report = trio.run(lambda: migrate_vm(args.qmp, host, port, f"tcp:{args.qemu_incoming}", key=key,
+                                             policy=policy, ssl_context=ssl_ctx, progress=progress))
+        return _finish(args, report)
+    if args.pid is None or not args.region:
+        raise UsageError("give --pid and --region (or --qmp for a QEMU VM)")
+    target = MigrationTarget(pid=args.pid, regions=args.region, writers=writers, cgroup=args.cgroup)
     report = trio.run(lambda: migrate(target, host, port, key=key, policy=policy,
                                       ssl_context=ssl_ctx, progress=progress))
+    return _finish(args, report)
+
+
+def _finish(args: argparse.Namespace, report) -> int:
     print(report.summary(), file=sys.stderr)
     if args.json:
         text = json.dumps(report.to_json(), indent=2)

@@ -30,6 +30,16 @@ def register(subparsers) -> None:
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain)")
     p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--tls-ca", metavar="PEM", help="require sender certificates signed by this CA")
+    q = p.add_argument_group("QEMU destination (see docs/qemu.md)")
+    q.add_argument("--qemu-incoming", metavar="HOST:PORT",
+                   help="start a destination QEMU on the received RAM image, listening here for the "
+                        "source QEMU's device state; resume it once that came (implies --once)")
+    q.add_argument("--qemu-args", default="", metavar="'ARGS'",
+                   help="the VM's options except RAM and QMP (machine, devices, drives, serial), "
+                        "as on the source, one shell-quoted string")
+    q.add_argument("--qemu-memdev", default="ram", metavar="ID", help="the source's memory backend id (default ram)")
+    q.add_argument("--qemu-binary", default="qemu-system-x86_64", metavar="PATH",
+                   help="the QEMU executable (default qemu-system-x86_64)")
     p.set_defaults(handler=run)
 
 
@@ -47,14 +57,44 @@ def run(args: argparse.Namespace) -> int:
         ssl_context = server_ssl_context(args.tls_cert, args.tls_key, args.tls_ca)
 
     outcomes: list = []
+    handoff = None
+    if args.qemu_incoming:
+        import os
+
+        from ..qemu.destination import DestinationConfig
+        from ..qemu.handoff import DestinationHandoff
+        os.makedirs(args.out, exist_ok=True)
+        args.once = True     # the next session would overwrite the running VM's RAM
+        handoff = DestinationHandoff(DestinationConfig.from_cli(
+            args.qemu_incoming, args.qemu_args, args.qemu_memdev, args.qemu_binary, args.out), _log)
 
     async def _serve(task_status=trio.TASK_STATUS_IGNORED):
-        outcomes.extend(await serve(host, port, args.out, key=key, once=args.once,
-                                    preallocate=args.preallocate,
-                                    ssl_context=ssl_context, log=_log, task_status=task_status))
+        try:
+            outcomes.extend(await serve(
+                host, port, args.out, key=key, once=args.once, preallocate=args.preallocate,
+                ssl_context=ssl_context, log=_log,
+                on_setup=handoff.on_setup if handoff else None,
+                on_session_end=handoff.on_session_end if handoff else None, task_status=task_status))
+        finally:
+            if handoff:
+                handoff.close()
+
+    async def stop_on_sigterm(cancel_scope: trio.CancelScope) -> None:
+        import signal
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                _log("terminated: stopping (a destination VM not handed over is killed)")
+                cancel_scope.cancel()
+                return
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+            if handoff:
+                async def hand_over() -> None:
+                    await handoff.run()
+                    nursery.cancel_scope.cancel()      # done: the VM runs on by itself
+                nursery.start_soon(stop_on_sigterm, nursery.cancel_scope)
+                nursery.start_soon(hand_over)
             bound = await nursery.start(_serve)
             _log(f"listening on {host}:{bound}, writing to {args.out}"
                  f"{'' if key else ' (no key: loopback only)'}")
@@ -71,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("migrator receive: interrupted, stopped", file=sys.stderr, flush=True)
         return 130
+    if handoff:
+        return 0 if handoff.ok else 1
     if args.once:
         return 0 if outcomes and outcomes[-1].complete else 1
     return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,7 +21,7 @@ from ..tracking.base import DirtyPages, Tracker
 from ..tracking.choose import make_tracker
 from ..tracking.ledger import LedgerTracker
 from ..tracking.pageset import PageSet
-from ..transport import RegionSpec, connect_sender
+from ..transport import RegionSpec, SendStats, connect_sender
 from .pause import Pauser, Throttle
 from .report import MigrationReport, RoundStats
 from .source import SourceMemory
@@ -55,7 +55,11 @@ class SourcePauser(Protocol):
 @dataclass
 class MigrationTarget:
     """What to migrate: regions (selectors) of process pid.  writers/cgroup are paused with it;
-    `pauser` replaces the default (SIGSTOP of pid + writers, or the cgroup's freezer)."""
+    `pauser` replaces the default (SIGSTOP of pid + writers, or the cgroup's freezer).
+
+    `alongside_verify`, if given, is awaited while the receiver verifies the digests, once every
+    page is written there and the source is paused (a QEMU source sends its device state then);
+    if it raises, the migration fails and the source is resumed."""
 
     pid: int
     regions: list[str]                    # selectors
@@ -63,6 +67,7 @@ class MigrationTarget:
     cgroup: str | None = None
     uffd_fd: int | None = None
     pauser: SourcePauser | None = None
+    alongside_verify: Callable[[], Awaitable[None]] | None = None
 
 
 NONCONVERGENCE_RATIO = 0.95     # dirtied / previously sent at or above this: no progress
@@ -257,30 +262,53 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         await trio.to_thread.run_sync(pauser.pause)
     try:
         with trio.fail_after(policy.verify_timeout_s):
-            final = await trio.to_thread.run_sync(lambda: tracker.collect(final=True))
-            _check_events(final)
-            _merge(pending, final)
-            nfinal = _count(pending)
-            rep.final_dirty_pages = nfinal
             digests: dict[str, str] = {}
+            collected: list[DirtyPages] = []
+            got_final = trio.Event()
 
             ledger = getattr(tracker, "ledger", None)
-            known = {r.name: ledger.page_hashes(r.name) for r in ledger.regions} \
-                if isinstance(ledger, LedgerTracker) else {}
 
             async def digest_all() -> None:
                 # The source is paused: its digests are computed while the last pages go out.
-                # Shared regions: the ledger's final sweep already hashed every page.
+                # Shared regions: the ledger's final sweep hashes every page (wait for it).
+                await got_final.wait()
+                known = {r.name: ledger.page_hashes(r.name) for r in ledger.regions} \
+                    if isinstance(ledger, LedgerTracker) else {}
                 for r in regions:
                     digests[r.name] = await trio.to_thread.run_sync(source.digest, r.name, known.get(r.name))
 
+            async def collect_final() -> None:
+                collected.append(await trio.to_thread.run_sync(lambda: tracker.collect(final=True)))
+                got_final.set()
+
+            # The pages still pending from the last round go out at once (the source is paused,
+            # so what is read now is final) while the final collect runs beside them; then only
+            # the pages that collect found beyond them.
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(digest_all)
-                st = await sender.send_pages(_runs(pending), source, round_no)
+                nursery.start_soon(collect_final)
+                st1 = await sender.send_pages(_runs(pending), source, round_no)
+                await got_final.wait()
+                final = collected[0]
+                _check_events(final)
+                extra = {name: (s - pending[name] if name in pending else s)
+                         for name, s in final.pages.items()}
+                st2 = await sender.send_pages(_runs(extra), source, round_no)
                 await sender.end_round(round_no)
+            _merge(pending, final)
+            nfinal = _count(pending)
+            rep.final_dirty_pages = nfinal
+            st = SendStats(round_no, st1.bytes + st2.bytes, st1.pages_normal + st2.pages_normal,
+                           st1.pages_zero + st2.pages_zero, st1.batches + st2.batches,
+                           st1.duration + st2.duration)
             account(round_no, nfinal, st, final.cost_s, rep.dirty_pages_rate, rep.expected_downtime_ms, final=True)
             t_verify = time.monotonic()
-            result = await sender.finish(digests)
+            if target.alongside_verify is None:
+                result = await sender.finish(digests)
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(target.alongside_verify)
+                    result = await sender.finish(digests)
             rep.verify_ms = (time.monotonic() - t_verify) * 1000
     except trio.TooSlowError:
         raise MigratorError(f"stop-and-copy did not finish within {policy.verify_timeout_s} s") from None

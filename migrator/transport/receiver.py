@@ -72,12 +72,15 @@ class Receiver:
         ssl_context: server-side TLS context, or None for plain TCP.
         log: called with one line per session (and per rejected connection).
         on_session_end: called with each SessionOutcome once it is final.
+        on_setup: called with the session's ImageSet once its images exist (before any page).
     """
 
     def __init__(self, out_dir: str, *, key: bytes | None, ssl_context=None,
                  log: Callable[[str], None] | None = None,
                  on_session_end: Callable[[SessionOutcome], None] | None = None,
-                 preallocate: bool = False):
+                 preallocate: bool = False,
+                 on_setup: Callable[[ImageSet], None] | None = None):
+        self.on_setup = on_setup
         self.out_dir = out_dir
         self.preallocate = preallocate      # fallocate each image when its session starts
         self.key = key
@@ -198,6 +201,8 @@ class Receiver:
                         session.channels = setup.channels
                         session.images = ImageSet(self.out_dir, setup.regions, setup.page_size,
                                                   session.sid.hex(), self.preallocate)
+                        if self.on_setup is not None:
+                            self.on_setup(session.images)
                         session.joined.add(0)
                         await fs.send(wire.SetupOk(tuple(session.images.names)))
                         self.log(f"session {session.name} from {peer}: {len(setup.regions)} region(s), "
@@ -354,15 +359,19 @@ def parse_listen(text: str) -> tuple[str, int]:
 async def serve(listen_host: str, port: int, out_dir: str, *, key: bytes | None,
                 once: bool = False, ssl_context=None, log: Callable[[str], None] | None = None,
                 preallocate: bool = False,
+                on_setup: Callable[[ImageSet], None] | None = None,
+                on_session_end: Callable[[SessionOutcome], None] | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> list[SessionOutcome]:
     """Listen and serve migrations until cancelled, or until one session ended if `once`.
 
     task_status.started() gets the bound port (useful with port 0).  Returns the outcomes.
+    on_setup / on_session_end: see Receiver.
 
     Raises:
         UsageError: no key on a non-loopback address, or the address cannot be bound.
     """
-    receiver = Receiver(out_dir, key=key, ssl_context=ssl_context, log=log, preallocate=preallocate)
+    receiver = Receiver(out_dir, key=key, ssl_context=ssl_context, log=log, preallocate=preallocate,
+                        on_setup=on_setup, on_session_end=on_session_end)
     return await receiver.serve(listen_host, port, once=once, task_status=task_status)
 
 

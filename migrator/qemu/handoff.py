@@ -1,0 +1,91 @@
+"""`migrator receive --qemu-incoming ...`: the receiver starts the destination QEMU as soon as a
+session's RAM image exists, and hands the VM over once the RAM verified and the device state came."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import trio
+
+from ..errors import MigratorError
+from ..transport.images import ImageSet
+from ..transport.receiver import SessionOutcome
+from .destination import DestinationConfig, DestinationVM
+
+
+class DestinationHandoff:
+    """Receiver hooks (on_setup, on_session_end) plus the task (`run`) that acts on them.
+
+    After run() returns, `ok` says whether a VM was resumed and `vm` is it (still running)."""
+
+    def __init__(self, cfg: DestinationConfig, log: Callable[[str], None]):
+        self.cfg = cfg
+        self.log = log
+        self.vm: DestinationVM | None = None
+        self.ok = False
+        self.error: str | None = None
+        self._send, self._recv = trio.open_memory_channel[tuple](16)
+
+    def on_setup(self, images: ImageSet) -> None:
+        self._send.send_nowait(("setup", images))
+
+    def on_session_end(self, outcome: SessionOutcome) -> None:
+        self._send.send_nowait(("end", outcome))
+
+    def close(self) -> None:
+        self._send.close()
+
+    async def run(self) -> None:
+        """Act on the hooks until the session ended.  A destination VM not handed over (failure,
+        cancellation, the receiver stopped) is killed."""
+        try:
+            async with self._recv:
+                async for kind, obj in self._recv:
+                    if kind == "setup":
+                        await self._start(obj)
+                    elif kind == "end":
+                        await self._end(obj)
+                        return
+        finally:
+            if not self.ok and self.vm is not None:
+                self.vm.kill()
+
+    async def _start(self, images: ImageSet) -> None:
+        if len(images.regions) != 1:
+            self.error = f"a QEMU destination takes one RAM region, the source sent {len(images.regions)}"
+            self.log(f"qemu: {self.error}")
+            return
+        path = os.path.join(images.out_dir, images.names[0])
+        vm = DestinationVM(self.cfg, path, images.regions[0].size)
+        try:
+            await trio.to_thread.run_sync(vm.start)
+        except MigratorError as e:
+            self.error = str(e)
+            self.log(f"qemu: {e}")
+            return
+        self.vm = vm
+        self.log(f"qemu: destination VM pid {vm.proc.pid} maps {path}, waits for device state on "
+                 f"{self.cfg.incoming} (QMP {vm.qmp_path})")
+
+    async def _end(self, outcome: SessionOutcome) -> None:
+        vm = self.vm
+        if vm is None:
+            return
+        if not outcome.complete:
+            self.error = f"RAM not verified ({outcome.error}): destination VM stopped"
+            self.log(f"qemu: {self.error}")
+            vm.kill()
+            return
+        try:
+            resumed = await trio.to_thread.run_sync(vm.resume)
+        except MigratorError as e:
+            self.error = str(e)
+            self.log(f"qemu: {e}; destination VM stopped, the source resumes")
+            vm.kill()
+            return
+        self.ok = True
+        self.log(f"qemu: destination VM running (pid {vm.proc.pid}, resumed at {resumed:.6f}, "
+                 f"QMP {vm.qmp_path}); incoming states, ms before the resume: "
+                 + ", ".join(f"{k} {v}" for k, v in vm.timeline.items()))
+        vm.detach()
