@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # libxxhash-dev, gcc: the C fast paths; qemu-system-x86, kmod, busybox-static: the kernel matrix
-# (tests/kernels) and the real-QEMU tests
-APT_PACKAGES="libxxhash-dev gcc qemu-system-x86 kmod busybox-static"
+# (tests/kernels) and the real-QEMU tests; nasm: checks the QEMU test guest assembles to the same bytes
+APT_PACKAGES="libxxhash-dev gcc qemu-system-x86 kmod busybox-static nasm"
 if [ "$(id -u)" = 0 ]; then
     missing=""
     for p in $APT_PACKAGES; do
