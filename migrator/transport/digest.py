@@ -15,25 +15,13 @@ from typing import Any, Protocol
 import xxhash
 
 from .._track_c import ffi, lib
+from .pagehash import page_hashes, zero_page_hash
 from .wire import RegionSpec
 
+__all__ = ["page_hashes", "zero_page_hash", "digest_of_hashes", "digest_bytes", "region_digest",
+           "fd_page_hashes", "file_digest", "PageReader"]
+
 CHUNK_BYTES = 4 << 20
-
-
-def zero_page_hash(page_size: int = 4096) -> int:
-    """XXH3-64 of a page of zeros."""
-    return lib.mg_hash_zero_page(page_size)
-
-
-def page_hashes(data: Any, page_size: int = 4096) -> bytes:
-    """The XXH3-64 of every page of data (a whole number of pages), little-endian, 8 bytes each."""
-    n = len(data) // page_size
-    if n * page_size != len(data):
-        raise ValueError(f"{len(data)} bytes is not a whole number of {page_size}-byte pages")
-    out = bytearray(8 * n)
-    if n:
-        lib.mg_hash_mem_pages(ffi.from_buffer(data), n, page_size, ffi.from_buffer("uint64_t[]", out))
-    return bytes(out)
 
 
 def digest_of_hashes(hashes: Any) -> str:

@@ -183,8 +183,8 @@ class FrameStream:
                 self._bufs[self._which] = bytearray(data_len)
             view = memoryview(self._bufs[self._which])[:data_len]
             await self._read_into(view, "a BATCH frame's page data")
-            wire.check_digest(msg, view)
-            msg = dataclasses.replace(msg, data=view)
+            hashes = wire.check_digest(msg, view, page_size or 4096)
+            msg = dataclasses.replace(msg, data=view, page_hashes=hashes)
         elif isinstance(msg, wire.Error):
             raise TransportError(f"{self.peer} reported: {msg.message}")
         return msg

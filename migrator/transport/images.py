@@ -156,7 +156,8 @@ class ImageSet:
             for first, count in batch.data_runs:
                 end = first + count
                 chunk = data[off:off + count * ps]
-                hs = array.array("Q", page_hashes(chunk, ps))
+                hs = array.array("Q", batch.page_hashes[off // ps * 8:(off // ps + count) * 8]
+                                 if batch.page_hashes else page_hashes(chunk, ps))
                 if max(stamps[first:end]) <= limit:
                     _pwrite_all(img.fd, chunk, first * ps)
                     stamps[first:end] = array.array("I", [new_data]) * count

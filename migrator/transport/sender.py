@@ -143,7 +143,7 @@ class _ZeroScan:
         data: Any = (whole if len(parts) == 1 and len(parts[0]) == len(whole)
                      else parts[0] if len(parts) == 1 else b"".join(parts))
         pages_normal = len(data) // ps
-        digest = wire.batch_digest(region, round_no, data_runs, zero_runs, [data])
+        digest = wire.batch_digest(region, round_no, data_runs, zero_runs, [data], ps)
         head = wire.encode_batch(region, round_no, data_runs, zero_runs, len(data), digest)
         return _Built(head, data, pages_normal, sum(zero_runs[1::2]))
 

@@ -22,6 +22,7 @@ import msgpack
 import xxhash
 
 from ..errors import ProtocolError
+from .pagehash import page_hashes
 
 MAGIC = b"MG"
 VERSION = 1
@@ -141,6 +142,7 @@ class Batch:
     zero_runs: tuple[tuple[int, int], ...]
     digest: int
     data: Any = b""   # bytes-like, len == sum(data counts) * page_size
+    page_hashes: bytes = b""   # receiver side: XXH3-64 of each data page (from the hash check)
 
     @property
     def pages_data(self) -> int:
@@ -210,11 +212,14 @@ def _flat(runs: Sequence[tuple[int, int]]) -> list[int]:
 
 
 def batch_digest(region: int, round_no: int, data_flat: list[int], zero_flat: list[int],
-                 data: Sequence[Any]) -> int:
-    """xxh3_64 over the batch's addressing (region, round, runs) and its data pieces, in order."""
+                 data: Sequence[Any], page_size: int = 4096, hashes: bytes | None = None) -> int:
+    """xxh3_64 over the batch's addressing (region, round, runs) and the XXH3-64 of each of its
+    data pages in order (`hashes`, if the caller has them already: the receiver keeps them for
+    the region digest, so every page is hashed once on each side)."""
+    if hashes is None:
+        hashes = b"".join(page_hashes(piece, page_size) for piece in data)
     h = xxhash.xxh3_64(msgpack.packb([region, round_no, data_flat, zero_flat]))
-    for piece in data:
-        h.update(piece)
+    h.update(hashes)
     return h.intdigest()
 
 
@@ -509,9 +514,12 @@ def decode_frames(buf: bytes, page_size: int | None = MIN_PAGE_SIZE) -> list[Mes
     return out
 
 
-def check_digest(batch: Batch, data: Any) -> None:
+def check_digest(batch: Batch, data: Any, page_size: int = 4096) -> bytes:
+    """Check the batch hash; returns the page hashes computed for it."""
+    hashes = page_hashes(data, page_size)
     got = batch_digest(batch.region, batch.round_no, _flat(batch.data_runs),
-                       _flat(batch.zero_runs), [data])
+                       _flat(batch.zero_runs), (), page_size, hashes)
     if got != batch.digest:
         raise ProtocolError(f"BATCH hash mismatch (region #{batch.region}, round {batch.round_no}): "
                             f"data corrupted in transit")
+    return hashes
