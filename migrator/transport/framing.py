@@ -14,7 +14,8 @@ import trio
 from ..errors import ProtocolError, TransportError
 from . import wire
 
-_CHUNK = 256 << 10
+_SMALL_READ = 4096          # headers and metadata are read with reads this small, so page data
+                            # is never read ahead into the frame buffer (and copied again)
 BULK_BYTES = 256 << 10      # page data at least this large moves in a worker thread
 SOCKET_BUFFER = 4 << 20     # SO_SNDBUF / SO_RCVBUF asked for
 STALL_S = 60.0              # a bulk transfer with no progress for this long fails
@@ -117,7 +118,7 @@ class FrameStream:
 
     async def _receive_some(self, n: int) -> bytes:
         try:
-            return await self.stream.receive_some(max(n, _CHUNK))
+            return await self.stream.receive_some(max(n, _SMALL_READ))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             raise TransportError(f"connection to {self.peer} lost ({e or 'closed'})") from None
 
