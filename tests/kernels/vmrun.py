@@ -373,6 +373,11 @@ if [ -e /sys/block/zram0 ]; then
         || echo "$M zram swap failed"
 fi
 echo "$M swap $(tail -n +2 /proc/swaps | wc -l) device(s)"
+# a project under a directory the guest covers with its own tmpfs comes in as a share of its own
+if [ -n "@PROJECT@" ]; then
+    mkdir -p @PROJECT@ && mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro,cache=loose \
+        project @PROJECT@ || echo "$M cannot mount the project at @PROJECT@"
+fi
 @ENV@
 cd @CWD@ || { echo "$M cannot enter @CWD@"; echo 127 > $OUT/rc; echo o > /proc/sysrq-trigger; sleep 30; }
 echo "$M start"
@@ -469,7 +474,7 @@ def accel_args(accel: str) -> list[str]:
 
 
 def qemu_command(k: UnpackedKernel, initramfs: Path, out_dir: Path, *, mem: str, smp: int,
-                 accel: str, cpu: str = "max") -> list[str]:
+                 accel: str, cpu: str = "max", project: Path | None = None) -> list[str]:
     def share(tag: str, path: Path, ro: bool) -> list[str]:
         fs = f"local,id={tag},path={path},security_model=none,multidevs=remap"
         return ["-fsdev", fs + (",readonly=on" if ro else ""),
@@ -486,6 +491,7 @@ def qemu_command(k: UnpackedKernel, initramfs: Path, out_dir: Path, *, mem: str,
         *share("hostroot", Path("/"), True),
         *share("out", out_dir, False),
         *share("kroot", k.root, True),
+        *(share("project", project, True) if project is not None else []),
     ]
 
 
@@ -494,9 +500,15 @@ def run_in_vm(kname: str, cmd: list[str], *, cwd: str, env: dict[str, str], time
               zram: str = "1G", package: str | None = None, cpu: str = "max", stream=sys.stdout,
               keep_out: bool = False) -> RunResult:
     k = KERNELS[kname]
+
+    def hidden_by(path: str) -> list[str]:
+        return [d for d in GUEST_TMPFS if path == d or path.startswith(d + "/")]
+
+    # a project under /tmp, /var/tmp, ... is shared into the guest on its own (see GUEST)
+    project = Path(cwd) if hidden_by(cwd) and hidden_by(cwd)[0] not in ("/proc", "/sys", "/dev") else None
     for path in [cwd] + [c for c in cmd[:1] if c.startswith("/")]:
-        hidden = [d for d in GUEST_TMPFS if path == d or path.startswith(d + "/")]
-        if hidden:
+        hidden = hidden_by(path)
+        if hidden and not (project is not None and (path == cwd or path.startswith(cwd + "/"))):
             raise VMError(f"{path} is under {hidden[0]}, which the guest covers with its own tmpfs: "
                           "run from a directory elsewhere")
     t0 = time.monotonic()
@@ -514,9 +526,11 @@ def run_in_vm(kname: str, cmd: list[str], *, cwd: str, env: dict[str, str], time
                         base_env(kname, "/run/migrator-vm/out", env).items())
     guest = (GUEST.replace("@ENV@", exports).replace("@CWD@", shlex.quote(cwd))
              .replace("@TIMEOUT@", str(int(max(10, timeout - 15))))
-             .replace("@ZRAM@", zram).replace("@CMD@", shlex.join(cmd)))
+             .replace("@ZRAM@", zram).replace("@CMD@", shlex.join(cmd))
+             .replace("@PROJECT@", shlex.quote(str(project)) if project is not None else ""))
     (out_dir / "guest.sh").write_text(guest)
-    qcmd = qemu_command(kernel, initramfs, out_dir, mem=mem, smp=smp, accel=accel, cpu=cpu)
+    qcmd = qemu_command(kernel, initramfs, out_dir, mem=mem, smp=smp, accel=accel, cpu=cpu,
+                        project=project)
     log(f"{inner}: booting ({' '.join(accel_args(accel))})")
     t_start = time.monotonic()
     try:
