@@ -5,52 +5,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
-import sys
-import time
 
 from migrator.guest.launcher import Guest
+from migrator.scenarios.processes import ReceiverProcess as _ReceiverProcess
 
 
-class ReceiverProcess:
-    """`migrator receive` in its own process, listening on a free loopback port."""
+class ReceiverProcess(_ReceiverProcess):
+    """`migrator receive` in its own process (the scenario runner's), with extra arguments."""
 
     def __init__(self, out_dir: str, *extra: str):
-        self.out_dir = out_dir
-        self.log_path = os.path.join(os.path.dirname(out_dir.rstrip("/")), "receiver.log")
-        self.log = open(self.log_path, "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0",
-                                      "--out", out_dir, *extra], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        self.port = 0
-        while time.monotonic() < deadline:
-            text = open(self.log_path).read()
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
-            if m:
-                self.port = int(m.group(1))
-                break
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"receiver exited: {text}")
-            time.sleep(0.02)
-        if not self.port:
-            raise RuntimeError("receiver did not start")
-
-    def text(self) -> str:
-        return open(self.log_path).read()
+        key = extra[extra.index("--key-file") + 1] if "--key-file" in extra else None
+        super().__init__(out_dir, os.path.join(os.path.dirname(out_dir.rstrip("/")), "receiver.log"), key)
 
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
 
 
 def manifest(out_dir: str) -> dict:
