@@ -139,6 +139,17 @@ def test_munmap_reported(child):
         assert res.pages["anon"].pages() == []
 
 
+def test_mremap_shrinking_region_reported(child):
+    with make(child, "anon") as t:
+        child.cmd("mremap", region="anon", n=48)
+        child.write("anon", [1])
+        res = t.collect()
+        a = child.span("anon")[0]
+        assert [(e.what, e.detail.split()[0]) for e in res.events] == [
+            ("unmapped", f"{a + 48 * 4096:#x}-{a + 64 * 4096:#x}")]
+        assert res.pages["anon"].pages() == [1]
+
+
 def test_range_bigger_than_scan_buffer(child):
     """vec of 2 entries: the walk must continue from walk_end until the end."""
     with make(child, "anon", vec_len=2) as t:

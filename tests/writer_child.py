@@ -22,6 +22,8 @@ libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+libc.mremap.restype = ctypes.c_void_p
+libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
 MAP_FIXED = 0x10
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 ADVICE = {"pageout": getattr(mmap, "MADV_PAGEOUT", 21), "dontneed": mmap.MADV_DONTNEED,
@@ -93,6 +95,10 @@ def main() -> None:
                               mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED, -1, 0)
                 if r != addr:
                     raise OSError(ctypes.get_errno(), "mmap")
+            elif op == "mremap":               # shrink the region in place to n pages
+                r = libc.mremap(s.addr, s.size, cmd["n"] * PAGE_SIZE, 0)
+                if r != s.addr:
+                    raise OSError(ctypes.get_errno(), "mremap")
             elif op == "munmap":
                 if libc.munmap(s.addr + cmd["first"] * PAGE_SIZE, cmd["n"] * PAGE_SIZE) != 0:
                     raise OSError(ctypes.get_errno(), "munmap")
