@@ -40,6 +40,7 @@ class FrameStream:
         self.bytes_sent = 0
         self._closing = False
         self._raw: socket.socket | None = None
+        self.should_stop = lambda: False    # polled by blocking reads in worker threads
         if self._sock is not None:
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 try:
@@ -62,7 +63,7 @@ class FrameStream:
             try:
                 k = raw.send(view[done:]) if sending else raw.recv_into(view[done:], n - done)
             except BlockingIOError:
-                if self._closing:
+                if self._closing or self.should_stop():
                     raise TransportError(f"connection to {self.peer} closed") from None
                 if not poller.poll(200):
                     idle += 0.2
@@ -77,7 +78,83 @@ class FrameStream:
             done += k
             idle = 0.0
 
+    # -- blocking receive, for a worker thread that pumps page batches ----------------------
+
+    @property
+    def can_block(self) -> bool:
+        """Plain TCP: frames can be read with blocking calls from a worker thread."""
+        return self._sock is not None
+
+    def _recv_some_blocking(self, n: int) -> bytes:
+        if self._raw is None:
+            self._raw = socket.fromfd(self._sock.fileno(), self._sock.family, self._sock.type)
+        poller = select.poll()
+        poller.register(self._raw.fileno(), select.POLLIN)
+        idle = 0.0
+        while True:
+            if self._closing or self.should_stop():
+                raise TransportError(f"connection to {self.peer} closed")
+            try:
+                return self._raw.recv(n)
+            except BlockingIOError:
+                if not poller.poll(200):
+                    idle += 0.2
+                    if idle >= STALL_S:
+                        raise TransportError(f"connection to {self.peer} stalled for {STALL_S:.0f} s") from None
+            except OSError as e:
+                raise TransportError(f"connection to {self.peer} lost ({e})") from None
+
+    def _read_exact_blocking(self, n: int, what: str, at_boundary: bool = False) -> bytes:
+        while len(self._buf) - self._pos < n:
+            chunk = self._recv_some_blocking(max(n - (len(self._buf) - self._pos), _SMALL_READ))
+            if not chunk:
+                have = len(self._buf) - self._pos
+                if at_boundary and have == 0:
+                    raise PeerClosed(f"{self.peer} closed the connection")
+                raise ProtocolError(f"truncated frame: {self.peer} went away in the middle of "
+                                    f"{what} ({have} of {n} bytes)")
+            if self._pos:
+                del self._buf[:self._pos]
+                self._pos = 0
+            self._buf += chunk
+        out = bytes(self._buf[self._pos:self._pos + n])
+        self._pos += n
+        return out
+
+    def receive_blocking(self, page_size: int) -> wire.Message:
+        """receive() for a worker thread (plain TCP only): blocks; a Batch's data is a view of
+        one of three buffers used in turn, valid until the third-next call."""
+        t, meta_len, data_len = wire.parse_header(
+            self._read_exact_blocking(wire.HEADER_SIZE, "a frame header", at_boundary=True))
+        meta = self._read_exact_blocking(meta_len, f"a {t.name} frame")
+        msg = wire.decode(t, meta, data_len, page_size)
+        if isinstance(msg, wire.Batch):
+            # three buffers in turn: one being written out, one queued, one being received
+            self._which = (self._which + 1) % 3
+            while len(self._bufs) < 3:
+                self._bufs.append(bytearray())
+            if len(self._bufs[self._which]) < data_len:
+                self._bufs[self._which] = bytearray(data_len)
+            view = memoryview(self._bufs[self._which])[:data_len]
+            have = min(len(self._buf) - self._pos, data_len)
+            view[:have] = self._buf[self._pos:self._pos + have]
+            self._pos += have
+            if have < data_len:
+                self._bulk(view[have:], False)
+            hashes = wire.check_digest(msg, view, page_size)
+            return dataclasses.replace(msg, data=view, page_hashes=hashes)
+        if isinstance(msg, wire.Error):
+            raise TransportError(f"{self.peer} reported: {msg.message}")
+        return msg
+
     # -- sending ---------------------------------------------------------------------------
+
+    def send_blocking(self, head: bytes, data: Any = None) -> None:
+        """send_raw() for a worker thread (plain TCP only)."""
+        self._bulk(memoryview(head), True)
+        if data is not None and len(data):
+            self._bulk(memoryview(data).cast("B"), True)
+        self.bytes_sent += len(head) + (len(data) if data is not None else 0)
 
     async def send(self, msg: wire.Message) -> None:
         await self.send_raw(wire.encode(msg))

@@ -8,6 +8,8 @@ is closed, and the manifest says complete=false with the reason.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -262,11 +264,51 @@ class Receiver:
                 await trio.to_thread.run_sync(images.apply, item)
                 s.bytes_received += len(item.data)
 
+    def _pump(self, fs: FrameStream, s: _Session, region_pages: list[int], ps: int) -> wire.Message:
+        """In a worker thread: receive and check page batches until another frame comes, and
+        return that one, once every batch before it is written (by a second thread, so writing
+        one batch overlaps receiving the next)."""
+        images = s.images
+        assert images is not None
+        q: queue.Queue = queue.Queue(maxsize=1)
+        failed: list[BaseException] = []
+
+        def writer() -> None:
+            while True:
+                batch = q.get()
+                if batch is None:
+                    return
+                if failed:
+                    continue
+                try:
+                    images.apply(batch)
+                    s.bytes_received += batch.pages_data * ps
+                except BaseException as e:   # reported by the pump
+                    failed.append(e)
+
+        t = threading.Thread(target=writer, name="receiver-writer", daemon=True)
+        t.start()
+        try:
+            while not failed:
+                msg = fs.receive_blocking(ps)
+                if not isinstance(msg, wire.Batch):
+                    return msg
+                wire.check_batch(msg, region_pages)
+                q.put(msg)
+            raise failed[0]
+        finally:
+            q.put(None)
+            t.join()
+            if failed:
+                raise failed[0]
+
     async def _read_channel(self, fs: FrameStream, s: _Session, channel: int, to_writer) -> None:
         images = s.images
         assert images is not None
         region_pages = images.region_pages
         ps = images.page_size
+        if fs.can_block:
+            fs.should_stop = lambda: s.done
 
         async def flush() -> None:
             done = trio.Event()
@@ -275,7 +317,10 @@ class Receiver:
 
         while True:
             try:
-                msg = await fs.receive(ps)
+                if fs.can_block:
+                    msg = await trio.to_thread.run_sync(self._pump, fs, s, region_pages, ps)
+                else:
+                    msg = await fs.receive(ps)
             except PeerClosed:
                 raise TransportError(f"sender disconnected on channel {channel} "
                                      f"before the end of the migration") from None

@@ -7,7 +7,9 @@ previous ones.  A bandwidth cap, if any, is enforced here, across all channels.
 
 from __future__ import annotations
 
+import queue
 import secrets
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -82,6 +84,8 @@ class RateLimiter:
             raise ValueError(f"bandwidth must be positive, got {rate}")
         self.rate = rate
         self._next = 0.0
+        self._next_wall = 0.0
+        self._thread_lock = threading.Lock()
 
     async def take(self, nbytes: int) -> None:
         """Wait out the time slot of nbytes at the rate (a batch leaves at the end of its slot,
@@ -90,6 +94,15 @@ class RateLimiter:
         start = max(self._next, now)
         self._next = start + nbytes / self.rate
         await trio.sleep_until(self._next)
+
+    def take_blocking(self, nbytes: int) -> None:
+        """take() for a worker thread (its own clock: a sender uses one or the other)."""
+        with self._thread_lock:
+            now = time.monotonic()
+            start = max(self._next_wall, now)
+            self._next_wall = start + nbytes / self.rate
+            until = self._next_wall
+        time.sleep(max(0.0, until - time.monotonic()))
 
 
 @dataclass
@@ -228,35 +241,10 @@ class Sender:
             totals = [0, 0, 0]
             send_ch, recv_ch = trio.open_memory_channel[_Built](2 * len(self._fs) + 2)
 
-            async def produce():
-                async with send_ch:
-                    for idx, name, pieces in plan:
-                        built = await trio.to_thread.run_sync(
-                            self._scan.build, reader, idx, name, pieces, round_no)
-                        totals[0] += built.pages_normal
-                        totals[1] += built.pages_zero
-                        totals[2] += 1
-                        await send_ch.send(built)
-
-            async def consume(fs: FrameStream, rx):
-                async with rx:
-                    async for built in rx:
-                        size = len(built.head) + len(built.data)
-                        if self._limiter is not None:
-                            await self._limiter.take(size)
-                        try:
-                            await fs.send_raw(built.head, built.data)
-                        except TransportError as e:
-                            raise await _reason(fs, e) from None
-
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(produce)
-                    for fs in self._fs:
-                        nursery.start_soon(consume, fs, recv_ch.clone())
-                    await recv_ch.aclose()
-            except BaseExceptionGroup as eg:
-                raise first_error(eg) from None
+            if all(fs.can_block for fs in self._fs):
+                await self._send_threaded(plan, reader, round_no, totals)
+            else:
+                await self._send_async(plan, reader, round_no, totals, send_ch, recv_ch)
             dt = time.monotonic() - t0
             nbytes = self._sent() - sent0
             self._busy += dt
@@ -265,6 +253,100 @@ class Sender:
             self._pages_zero += totals[1]
             self._batches += totals[2]
             return SendStats(round_no, nbytes, totals[0], totals[1], totals[2], dt)
+
+    async def _send_async(self, plan, reader, round_no, totals, send_ch, recv_ch) -> None:
+        """Batches built in worker threads, sent by trio tasks (TLS channels)."""
+        async def produce():
+            async with send_ch:
+                for idx, name, pieces in plan:
+                    built = await trio.to_thread.run_sync(
+                        self._scan.build, reader, idx, name, pieces, round_no)
+                    totals[0] += built.pages_normal
+                    totals[1] += built.pages_zero
+                    totals[2] += 1
+                    await send_ch.send(built)
+
+        async def consume(fs: FrameStream, rx):
+            async with rx:
+                async for built in rx:
+                    size = len(built.head) + len(built.data)
+                    if self._limiter is not None:
+                        await self._limiter.take(size)
+                    try:
+                        await fs.send_raw(built.head, built.data)
+                    except TransportError as e:
+                        raise await _reason(fs, e) from None
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(produce)
+                for fs in self._fs:
+                    nursery.start_soon(consume, fs, recv_ch.clone())
+                await recv_ch.aclose()
+        except BaseExceptionGroup as eg:
+            raise first_error(eg) from None
+
+    async def _send_threaded(self, plan, reader, round_no, totals) -> None:
+        """Plain TCP: one thread builds batches, one thread per channel sends them with blocking
+        calls (no event-loop round trip per batch)."""
+        q: queue.Queue = queue.Queue(maxsize=2 * len(self._fs) + 2)
+        stop = threading.Event()
+
+        def put(item) -> None:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    continue
+
+        def produce() -> None:
+            try:
+                for idx, name, pieces in plan:
+                    if stop.is_set():
+                        return
+                    built = self._scan.build(reader, idx, name, pieces, round_no)
+                    totals[0] += built.pages_normal
+                    totals[1] += built.pages_zero
+                    totals[2] += 1
+                    put(built)
+            finally:
+                for _ in self._fs:
+                    put(None)
+
+        def consume(fs: FrameStream) -> None:
+            fs.should_stop = stop.is_set
+            while not stop.is_set():
+                try:
+                    built = q.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if built is None:
+                    return
+                if self._limiter is not None:
+                    self._limiter.take_blocking(len(built.head) + len(built.data))
+                fs.send_blocking(built.head, built.data)
+
+        async def run(fn, *args) -> None:
+            try:
+                await trio.to_thread.run_sync(fn, *args)
+            except BaseException:
+                stop.set()
+                raise
+
+        async def run_consumer(fs: FrameStream) -> None:
+            try:
+                await run(consume, fs)
+            except TransportError as e:
+                raise await _reason(fs, e) from None
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run, produce)
+                for fs in self._fs:
+                    nursery.start_soon(run_consumer, fs)
+        except BaseExceptionGroup as eg:
+            raise first_error(eg) from None
 
     async def end_round(self, round_no: int) -> None:
         """Mark the end of round_no on every channel and wait until the receiver has written
