@@ -14,8 +14,8 @@ class ReceiverProcess(_ReceiverProcess):
     """`migrator receive` in its own process (the scenario runner's), with extra arguments."""
 
     def __init__(self, out_dir: str, *extra: str):
-        key = extra[extra.index("--key-file") + 1] if "--key-file" in extra else None
-        super().__init__(out_dir, os.path.join(os.path.dirname(out_dir.rstrip("/")), "receiver.log"), key)
+        super().__init__(out_dir, os.path.join(os.path.dirname(out_dir.rstrip("/")), "receiver.log"),
+                         extra=extra)
 
     def kill(self) -> None:
         self.proc.kill()

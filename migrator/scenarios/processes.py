@@ -20,10 +20,11 @@ CHUNK = 8 << 20
 class ReceiverProcess:
     """`migrator receive --listen 127.0.0.1:0` in its own process; .port once it listens."""
 
-    def __init__(self, out_dir: str, log_path: str, key_file: str | None = None) -> None:
+    def __init__(self, out_dir: str, log_path: str, key_file: str | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
         self.out_dir, self.log_path = out_dir, log_path
         self._log = open(log_path, "w")
-        extra = ["--key-file", key_file] if key_file else []
+        extra = (["--key-file", key_file] if key_file else []) + list(extra)
         self.proc = subprocess.Popen([sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0",
                                       "--out", out_dir, *extra],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
