@@ -47,7 +47,7 @@ def _ffi(module: str, headers: list[str], sources: list[str]) -> FFI:
     return ffi
 
 
-track_ffi = _ffi("migrator._track_c", ["track.h", "memio.h"], ["track.c", "memio.c"])
+track_ffi = _ffi("migrator._track_c", ["track.h", "memio.h"], ["track.c", "memio.c", "hash_avx2.c"])
 guest_ffi = _ffi("migrator._guest_c", ["guest.h"], ["guest.c"])
 
 if __name__ == "__main__":

@@ -30,3 +30,18 @@ def test_runs_match_members(case):
     assert len(s) == len(members)
     for a, b in s.runs():
         assert a < b and a in s and (b == n or b not in s)
+
+
+def test_c_page_hashes_equal_xxh3_64_of_each_page():
+    """The C per-page hash (AVX2 build where the CPU has it) is exactly XXH3-64 of each page."""
+    import os
+
+    import xxhash
+
+    from migrator.transport.pagehash import page_hashes, zero_page_hash
+    data = os.urandom(4096 * 70) + bytes(4096)
+    got = page_hashes(data)
+    want = b"".join(xxhash.xxh3_64_intdigest(data[i:i + 4096]).to_bytes(8, "little")
+                    for i in range(0, len(data), 4096))
+    assert got == want
+    assert zero_page_hash() == xxhash.xxh3_64_intdigest(bytes(4096))
