@@ -105,18 +105,31 @@ class FrameStream:
                 raise TransportError(f"connection to {self.peer} lost ({e})") from None
 
     def _read_exact_blocking(self, n: int, what: str, at_boundary: bool = False) -> bytes:
-        while len(self._buf) - self._pos < n:
-            chunk = self._recv_some_blocking(max(n - (len(self._buf) - self._pos), _SMALL_READ))
-            if not chunk:
-                have = len(self._buf) - self._pos
-                if at_boundary and have == 0:
-                    raise PeerClosed(f"{self.peer} closed the connection")
-                raise ProtocolError(f"truncated frame: {self.peer} went away in the middle of "
-                                    f"{what} ({have} of {n} bytes)")
-            if self._pos:
-                del self._buf[:self._pos]
-                self._pos = 0
-            self._buf += chunk
+        while self._missing(n):
+            self._absorb(self._recv_some_blocking(max(self._missing(n), _SMALL_READ)), n, what,
+                         at_boundary)
+        return self._take(n)
+
+    # the frame buffer, shared by the event-loop and the blocking readers (never both at once)
+
+    def _missing(self, n: int) -> int:
+        """Bytes still to read before n are buffered."""
+        return max(0, n - (len(self._buf) - self._pos))
+
+    def _absorb(self, chunk: bytes, n: int, what: str, at_boundary: bool) -> None:
+        """Append what a read returned; an empty read means the peer went away."""
+        if not chunk:
+            have = len(self._buf) - self._pos
+            if at_boundary and have == 0:
+                raise PeerClosed(f"{self.peer} closed the connection")
+            raise ProtocolError(f"truncated frame: {self.peer} went away in the middle of "
+                                f"{what} ({have} of {n} bytes)")
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += chunk
+
+    def _take(self, n: int) -> bytes:
         out = bytes(self._buf[self._pos:self._pos + n])
         self._pos += n
         return out
@@ -200,21 +213,9 @@ class FrameStream:
             raise TransportError(f"connection to {self.peer} lost ({e or 'closed'})") from None
 
     async def _read_exact(self, n: int, what: str, at_boundary: bool = False) -> bytes:
-        while len(self._buf) - self._pos < n:
-            chunk = await self._receive_some(n - (len(self._buf) - self._pos))
-            if not chunk:
-                have = len(self._buf) - self._pos
-                if at_boundary and have == 0:
-                    raise PeerClosed(f"{self.peer} closed the connection")
-                raise ProtocolError(f"truncated frame: {self.peer} went away in the middle of "
-                                    f"{what} ({have} of {n} bytes)")
-            if self._pos:
-                del self._buf[:self._pos]
-                self._pos = 0
-            self._buf += chunk
-        out = bytes(self._buf[self._pos:self._pos + n])
-        self._pos += n
-        return out
+        while self._missing(n):
+            self._absorb(await self._receive_some(self._missing(n)), n, what, at_boundary)
+        return self._take(n)
 
     async def _read_into(self, view: memoryview, what: str) -> None:
         n = len(view)
