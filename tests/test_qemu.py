@@ -31,6 +31,17 @@ ASM = os.path.join(HERE, "..", "migrator", "qemu", "guest_src", "incr.asm")
 
 # -- the test guest ---------------------------------------------------------------------------
 
+
+def _assert_failed_at_device_state_and_source_runs(p, vm) -> None:
+    """The migration got as far as the switch-over, failed on the device state, and the source
+    VM was resumed and runs on."""
+    assert p.returncode == 1, p.stderr
+    rep = json.loads(p.stdout)
+    assert rep["ram"]["final_dirty_pages"] > 0, rep
+    assert rep["status"] == "failed" and "device state" in rep["reason"], rep
+    assert rep["source_state"] == "running", rep
+    assert _grows(vm.serial_path), "the source guest did not run on"
+
 def test_boot_sector_is_the_nasm_source(tmp_path):
     require(shutil.which("nasm") is not None, "nasm not installed (apt-get install nasm)")
     out = tmp_path / "incr.bin"
@@ -191,12 +202,7 @@ def test_device_state_failure_resumes_the_source(vm, tmp_path):
     try:
         p = _migrate_cli("--qmp", vm.qmp_path, "--to", f"127.0.0.1:{receiver.port}", "--qemu-incoming",
                          f"127.0.0.1:{lsock.getsockname()[1]}", "--max-bandwidth", "10GB/s", "--downtime-limit", "3000", "--json", "-")
-        assert p.returncode == 1, p.stderr
-        rep = json.loads(p.stdout)
-        assert rep["ram"]["final_dirty_pages"] > 0, rep      # it got as far as the switch-over
-        assert rep["status"] == "failed" and "device state" in rep["reason"], rep
-        assert rep["source_state"] == "running", rep
-        assert _grows(vm.serial_path), "the source guest did not run on"
+        _assert_failed_at_device_state_and_source_runs(p, vm)
     finally:
         lsock.close()
         receiver.stop()
@@ -258,12 +264,7 @@ def test_destination_refusing_the_device_state_resumes_the_source(vm, tmp_path):
     try:
         p = _migrate_cli("--qmp", vm.qmp_path, "--to", f"127.0.0.1:{receiver.port}", "--qemu-incoming", incoming,
                          "--max-bandwidth", "10GB/s", "--downtime-limit", "3000", "--json", "-")
-        assert p.returncode == 1, p.stderr
-        rep = json.loads(p.stdout)
-        assert rep["ram"]["final_dirty_pages"] > 0, rep      # it got as far as the switch-over
-        assert rep["status"] == "failed" and "device state" in rep["reason"], rep
-        assert rep["source_state"] == "running", rep
-        assert _grows(vm.serial_path), "the source guest did not run on"
+        _assert_failed_at_device_state_and_source_runs(p, vm)
         assert receiver.proc.wait(30) == 1, receiver.text()
         assert "destination VM stopped" in receiver.text() or "incoming migration" in receiver.text()
     finally:
