@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from migrator.kernel.maps import Region, RegionKind, read_maps, select_regions
+from migrator.kernel.maps import Region, read_maps, select_regions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

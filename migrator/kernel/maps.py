@@ -225,8 +225,3 @@ def select_regions(maps: list[Mapping], selectors: list[str]) -> list[Region]:
 def mappings_in(maps: list[Mapping], start: int, end: int) -> list[Mapping]:
     """The VMAs overlapping [start, end)."""
     return [m for m in maps if m.start < end and m.end > start]
-
-
-def layout_of(maps: list[Mapping], region: Region) -> tuple:
-    """A fingerprint of the VMAs under a region: changes when any is unmapped, remapped or replaced."""
-    return tuple(m.identity for m in mappings_in(maps, region.start, region.end))

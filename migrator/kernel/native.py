@@ -1,7 +1,6 @@
 """The compiled fast path (csrc/track.c) and the one helper that turns its -errno returns into
 exceptions.  Only migrator.kernel and migrator.tracking modules call `lib` directly."""
 
-import errno
 import os
 
 from .._track_c import ffi, lib
@@ -20,8 +19,3 @@ def check(ret: int, call: str, *, pid: int | None = None) -> int:
     err = OSError(code, f"{where}: {os.strerror(code)}")
     err.errno = code
     raise err
-
-
-def is_gone(err: OSError) -> bool:
-    """True for the errors a vanished target process produces."""
-    return err.errno in (errno.ESRCH, errno.ENOENT)

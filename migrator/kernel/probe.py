@@ -9,7 +9,7 @@ import os
 import subprocess
 from dataclasses import asdict, dataclass
 
-from .native import PAGE_SIZE, ffi, lib
+from .native import PAGE_SIZE, lib
 from .pagemap import (PAGE_IS_PRESENT, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
                       PM_SOFT_DIRTY, Pagemap)
 from .scratch import Scratch

@@ -52,7 +52,3 @@ def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
         out.append((a, min(b, end)))
         pos = b
     return out
-
-
-def object_size(fd: int) -> int:
-    return os.fstat(fd).st_size

@@ -5,7 +5,6 @@ paused (QEMU's postmigrate); on any failure it is resumed and the report says wh
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field

@@ -10,7 +10,6 @@ import time
 import trio
 
 from ..errors import MigratorError, TargetGoneError
-from ..kernel.process import process_state
 
 
 def _tasks_stopped(pid: int) -> bool:
@@ -135,7 +134,3 @@ class Throttle:
         finally:
             self._signal(signal.SIGCONT)
             self._done.set()
-
-
-def state_of(pid: int) -> str:
-    return process_state(pid)

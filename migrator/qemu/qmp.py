@@ -10,7 +10,6 @@ serialises commands, so a pauser thread and the main thread can share a client.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -145,27 +144,6 @@ class QMP:
                 if "return" in msg:
                     return msg["return"]
 
-    def poll_events(self) -> None:
-        """Take any events already sent (without waiting)."""
-        with self._lock:
-            self._sock.setblocking(False)
-            try:
-                while True:
-                    try:
-                        chunk = self._sock.recv(65536)
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    if not chunk:
-                        break
-                    self._buf += chunk
-            finally:
-                self._sock.setblocking(True)
-            while b"\n" in self._buf:
-                line, _, self._buf = self._buf.partition(b"\n")
-                msg = json.loads(line)
-                if "event" in msg:
-                    self.events.append(QmpEvent.from_json(msg))
-
     def wait_event(self, name: str, wait_s: float, *, since: int = 0) -> QmpEvent:
         """The first event called `name` at index >= since in self.events, waiting up to wait_s."""
         deadline = time.monotonic() + wait_s
@@ -194,11 +172,3 @@ class QMP:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def wait_for_socket(path: str, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise QmpError(f"QMP socket {path} did not appear within {wait_s} s")
-        time.sleep(0.005)

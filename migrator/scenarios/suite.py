@@ -7,7 +7,6 @@ import os
 import time
 from collections.abc import Callable
 
-import trio
 
 from .baseline import DEFAULT_TOLERANCE, Comparison, compare, save_baseline
 from .report import ScenarioOutcome, write_reports
@@ -54,7 +53,3 @@ def run_line(scn: Scenario, res) -> str:
             + f"{r['transferred_bytes'] / 1e6:.1f} MB sent ({r['transferred_bytes'] / res.memory_bytes:.2f} x memory), "
             f"{r['total_time_ms'] / 1000:.2f} s, destination {res.destination}"
             + (f", throttle {r['throttle_percent']} %" if r["throttle_percent"] else ""))
-
-
-def run_suite_sync(*args, **kw):
-    return trio.run(lambda: run_suite(*args, **kw))
