@@ -33,7 +33,8 @@ class FrameStream:
         self.peer = peer
         self._buf = bytearray()
         self._pos = 0
-        self._bufs = [bytearray(), bytearray()]   # page data alternates between two buffers
+        # page data rotates through three buffers: one being written out, one queued, one arriving
+        self._bufs = [bytearray(), bytearray(), bytearray()]
         self._which = 0
         # plain TCP: page data goes straight from the socket into our buffer with recv_into
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -112,6 +113,13 @@ class FrameStream:
 
     # the frame buffer, shared by the event-loop and the blocking readers (never both at once)
 
+    def _next_buffer(self, n: int) -> memoryview:
+        """The next of the three page-data buffers, at least n bytes."""
+        self._which = (self._which + 1) % 3
+        if len(self._bufs[self._which]) < n:
+            self._bufs[self._which] = bytearray(n)
+        return memoryview(self._bufs[self._which])[:n]
+
     def _missing(self, n: int) -> int:
         """Bytes still to read before n are buffered."""
         return max(0, n - (len(self._buf) - self._pos))
@@ -142,13 +150,7 @@ class FrameStream:
         meta = self._read_exact_blocking(meta_len, f"a {t.name} frame")
         msg = wire.decode(t, meta, data_len, page_size)
         if isinstance(msg, wire.Batch):
-            # three buffers in turn: one being written out, one queued, one being received
-            self._which = (self._which + 1) % 3
-            while len(self._bufs) < 3:
-                self._bufs.append(bytearray())
-            if len(self._bufs[self._which]) < data_len:
-                self._bufs[self._which] = bytearray(data_len)
-            view = memoryview(self._bufs[self._which])[:data_len]
+            view = self._next_buffer(data_len)
             have = min(len(self._buf) - self._pos, data_len)
             view[:have] = self._buf[self._pos:self._pos + have]
             self._pos += have
@@ -249,18 +251,15 @@ class FrameStream:
                     self._pos = 0
 
     async def receive(self, page_size: int | None = None) -> wire.Message:
-        """The next frame, validated.  A Batch's data is a memoryview of one of two buffers used
-        in turn: it stays valid until the second-next batch is received (so one batch can be
+        """The next frame, validated.  A Batch's data is a memoryview of one of three buffers used
+        in turn: it stays valid until the third-next batch is received (so one batch can be
         written while the next one arrives).  An ERROR frame raises TransportError."""
         t, meta_len, data_len = wire.parse_header(
             await self._read_exact(wire.HEADER_SIZE, "a frame header", at_boundary=True))
         meta = await self._read_exact(meta_len, f"a {t.name} frame")
         msg = wire.decode(t, meta, data_len, page_size)
         if isinstance(msg, wire.Batch):
-            self._which ^= 1
-            if len(self._bufs[self._which]) < data_len:
-                self._bufs[self._which] = bytearray(data_len)
-            view = memoryview(self._bufs[self._which])[:data_len]
+            view = self._next_buffer(data_len)
             await self._read_into(view, "a BATCH frame's page data")
             hashes = wire.check_digest(msg, view, page_size or 4096)
             msg = dataclasses.replace(msg, data=view, page_hashes=hashes)
