@@ -1,6 +1,6 @@
 """cffi out-of-line API builds of migrator's C fast paths (named in setup.py's cffi_modules):
 
-    track_ffi -> migrator._track_c   tracking and memory I/O (track.c, memio.c)
+    track_ffi -> migrator._track_c   tracking, memory I/O, page stream (track.c, memio.c, stream.c)
     guest_ffi -> migrator._guest_c   the guest's write loops and page stamps (guest.c)
 """
 import os
@@ -47,7 +47,8 @@ def _ffi(module: str, headers: list[str], sources: list[str]) -> FFI:
     return ffi
 
 
-track_ffi = _ffi("migrator._track_c", ["track.h", "memio.h"], ["track.c", "memio.c", "hash_avx2.c"])
+track_ffi = _ffi("migrator._track_c", ["track.h", "memio.h", "stream.h"],
+                 ["track.c", "memio.c", "stream.c", "hash_avx2.c"])
 guest_ffi = _ffi("migrator._guest_c", ["guest.h"], ["guest.c"])
 
 if __name__ == "__main__":

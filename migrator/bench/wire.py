@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -17,6 +19,8 @@ import time
 
 import trio
 
+from ..kernel.maps import read_maps, select_regions
+from ..precopy.source import SourceMemory
 from ..transport import RegionSpec, connect_sender, digest_bytes
 from ..units import parse_size
 
@@ -49,6 +53,9 @@ def register(sub) -> None:
     p.add_argument("--size", default="256M", help="bytes of memory per run (default 256M)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--reader", choices=("mapped", "pread"), default="mapped",
+                   help="how the source reads its memfd: from a mapping (sealed memfd, as QEMU's "
+                        "RAM; the default) or with pread (unsealed)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--out-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                    help="where the receiver writes its images (default /dev/shm: measure the "
@@ -72,23 +79,27 @@ def _raw_tcp(port: int, size: int) -> float:
         return size / (time.perf_counter() - t0)
 
 
-class _Reader:
-    """Pages from memory, copied once into a fresh buffer per batch, as the real source does
-    (precopy.source.SourceMemory.read_runs: one pread per run into one buffer)."""
+class _Memory:
+    """The benchmark's source memory: a memfd mapped in this process, read by the real source
+    (precopy.source.SourceMemory, through /proc/self/map_files) as it reads a guest's RAM.
+    Sealed against shrinking (as QEMU seals its memfd RAM) the sender packs pages straight from
+    a mapping of it; unsealed, it reads them with pread first (reader "pread")."""
 
-    def __init__(self, mem: bytes):
-        self.mem = memoryview(mem)
+    def __init__(self, name: str, content: bytes, sealed: bool):
+        self.size = len(content)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, self.size)
+        self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED)
+        self.map[:] = content
+        if sealed:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        self.region = select_regions(read_maps(os.getpid()), [name])[0]
+        self.source = SourceMemory(os.getpid(), [self.region])
 
-    def read(self, name, first, n):
-        return self.mem[first * PS:(first + n) * PS]
-
-    def read_runs(self, name, runs):
-        out = bytearray(sum(n for _, n in runs) * PS)
-        pos = 0
-        for first, n in runs:
-            out[pos:pos + n * PS] = self.mem[first * PS:(first + n) * PS]
-            pos += n * PS
-        return out
+    def close(self) -> None:
+        self.source.close()
+        self.map.close()
+        os.close(self.fd)
 
 
 def _rss_peak_kib(pid: int) -> int:
@@ -99,31 +110,36 @@ def _rss_peak_kib(pid: int) -> int:
     return 0
 
 
-async def _pages(port: int, mem: bytes, channels: int, rx_pid: int) -> tuple[float, int, int]:
-    npages = len(mem) // PS
-    region = RegionSpec("ram", 0, len(mem))
+async def _pages(port: int, mem: _Memory, channels: int, rx_pid: int) -> tuple[float, int, int]:
+    npages = mem.size // PS
+    name = mem.region.name
+    region = RegionSpec(name, 0, mem.size)
     async with connect_sender("127.0.0.1", port, key=KEY, regions=[region], channels=channels) as s:
         t0 = time.perf_counter()
-        await s.send_pages({"ram": [(0, npages)]}, _Reader(mem), 0)
+        await s.send_pages({name: [(0, npages)]}, mem.source, 0)
         await s.end_round(0)
         dt = time.perf_counter() - t0
         rss = _rss_peak_kib(rx_pid)
-        res = await s.finish({"ram": digest_bytes(mem)})
+        res = await s.finish({name: digest_bytes(mem.map)})
         if not res.complete:
             raise SystemExit("benchmark migration did not verify")
         wire_bytes = s.statistics().transferred_bytes
-    return len(mem) / dt, rss, wire_bytes
+    return mem.size / dt, rss, wire_bytes
 
 
 def run(args: argparse.Namespace) -> int:
     size = parse_size(args.size) // PS * PS
     print(f"wire benchmark: {size >> 20} MiB per run, {args.runs} runs, {args.channels} channel(s), "
+          f"source memfd read {'from a mapping' if args.reader == 'mapped' else 'with pread'}, "
           f"receiver in its own process, loopback", flush=True)
     random_mem = os.urandom(size)
     zero_mem = bytearray(size)
     for p in range(0, size // PS, 64):          # 1 page in 64 holds data
         zero_mem[p * PS:(p + 1) * PS] = random_mem[p * PS:(p + 1) * PS]
-    zero_mem = bytes(zero_mem)
+    sealed = args.reader == "mapped"
+    sources = {"random": _Memory("bench-random", random_mem, sealed),
+               "zero_heavy": _Memory("bench-zero-heavy", bytes(zero_mem), sealed)}
+    del random_mem, zero_mem
     out = tempfile.mkdtemp(prefix="migrator-bench-", dir=args.out_dir)
     key_file = os.path.join(out, "key")
     with open(key_file, "wb") as f:
@@ -141,10 +157,10 @@ def run(args: argparse.Namespace) -> int:
         rx_port = int(line.split("listening on ")[1].split(",")[0].rsplit(":", 1)[1])
         for i in range(args.runs):
             results["raw_tcp"].append(_raw_tcp(raw_port, size))
-            bw, rss, _ = trio.run(_pages, rx_port, random_mem, args.channels, rx.pid)
+            bw, rss, _ = trio.run(_pages, rx_port, sources["random"], args.channels, rx.pid)
             results["random"].append(bw)
             rss_kib.append(rss)
-            bw, rss, _ = trio.run(_pages, rx_port, zero_mem, args.channels, rx.pid)
+            bw, rss, _ = trio.run(_pages, rx_port, sources["zero_heavy"], args.channels, rx.pid)
             results["zero_heavy"].append(bw)
             rss_kib.append(rss)
             print(f"  run {i + 1}: raw TCP {results['raw_tcp'][-1] / 1e6:8.0f} MB/s   "
@@ -158,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(out, ignore_errors=True)
+        for m in sources.values():
+            m.close()
 
     def mm(xs):
         return min(xs), statistics.median(xs)
@@ -165,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
     ratio = summary["random"]["median_Bps"] / summary["raw_tcp"]["median_Bps"]
     zratio = summary["zero_heavy"]["median_Bps"] / summary["random"]["median_Bps"]
     summary.update(ratio_random_to_raw=ratio, ratio_zero_to_random=zratio,
-                   receiver_peak_rss_kib=max(rss_kib), size=size, channels=args.channels)
+                   receiver_peak_rss_kib=max(rss_kib), size=size, channels=args.channels,
+                   reader=args.reader)
     print("summary (min / median MB/s):")
     for k in results:
         print(f"  {k:11s} {summary[k]['min_Bps'] / 1e6:8.0f} / {summary[k]['median_Bps'] / 1e6:8.0f}")

@@ -4,6 +4,8 @@ without touching the target's page tables); private regions through /proc/PID/me
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
 
 from ..errors import MigratorError, TargetGoneError
@@ -22,6 +24,7 @@ class SourceMemory:
         self.pid = pid
         self.regions = {r.name: r for r in regions}
         self._fds: dict[str, int] = {}
+        self._maps: dict[str, mmap.mmap | None] = {}
         try:
             self._mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -45,19 +48,44 @@ class SourceMemory:
             return TargetGoneError(f"process {self.pid} exited")
         return MigratorError(f"reading region {region_name}: {err.strerror}")
 
-    def read_runs(self, region_name: str, runs: list[tuple[int, int]]) -> bytearray:
-        """The pages of runs [(first_page, npages), ...] of a region, one after the other, read
-        in one C call."""
+    def read_into(self, region_name: str, runs: list[tuple[int, int]], buf) -> None:
+        """Read the pages of runs [(first_page, npages), ...] of a region into buf, one after
+        the other, in one C call."""
         fd, base, is_object = self._where(region_name)
         total = sum(n for _, n in runs)
-        out = bytearray(total * PAGE_SIZE)
+        if len(buf) < total * PAGE_SIZE:
+            raise ValueError(f"buffer of {len(buf)} bytes for {total} pages")
         flat = ffi.new("uint64_t[]", [x for run in runs for x in run] or [0])
         try:
-            check(lib.mg_read_runs(fd, base, flat, len(runs), PAGE_SIZE, ffi.from_buffer(out),
+            check(lib.mg_read_runs(fd, base, flat, len(runs), PAGE_SIZE, ffi.from_buffer(buf),
                                    int(is_object)), "pread", pid=self.pid)
         except OSError as e:
             raise self._failed(region_name, e) from None
+
+    def read_runs(self, region_name: str, runs: list[tuple[int, int]]) -> bytearray:
+        """The pages of runs [(first_page, npages), ...] of a region, one after the other."""
+        out = bytearray(sum(n for _, n in runs) * PAGE_SIZE)
+        self.read_into(region_name, runs, out)
         return out
+
+    def mapped(self, region_name: str) -> mmap.mmap | None:
+        """The region's memory object mapped read-only into this process, so the sender can find
+        zero pages in place and copy only the others; None for private memory, and for an object
+        not sealed against shrinking (a shrink under a mapping would kill us with SIGBUS)."""
+        if region_name in self._maps:
+            return self._maps[region_name]
+        fd = self._fds.get(region_name)
+        view = None
+        if fd is not None:
+            r = self.regions[region_name]
+            try:
+                sealed = fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+                if sealed and os.fstat(fd).st_size >= r.offset + r.size:
+                    view = mmap.mmap(fd, r.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=r.offset)
+            except OSError:     # not a memfd (no seals), or cannot map: read with pread
+                view = None
+        self._maps[region_name] = view
+        return view
 
     def read(self, region_name: str, first_page: int, npages: int) -> bytearray:
         """npages pages of a region from page first_page."""
@@ -93,6 +121,10 @@ class SourceMemory:
         return s
 
     def close(self) -> None:
+        for m in self._maps.values():
+            if m is not None:
+                m.close()
+        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -5,12 +5,16 @@ wire.py."""
 from __future__ import annotations
 
 import dataclasses
+import mmap
+import os
 import select
 import socket
+import threading
 from typing import Any
 
 import trio
 
+from .._track_c import ffi, lib
 from ..errors import ProtocolError, TransportError
 from . import wire
 
@@ -19,6 +23,13 @@ _SMALL_READ = 4096          # headers and metadata are read with reads this smal
 BULK_BYTES = 256 << 10      # page data at least this large moves in a worker thread
 SOCKET_BUFFER = 4 << 20     # SO_SNDBUF / SO_RCVBUF asked for
 STALL_S = 60.0              # a bulk transfer with no progress for this long fails
+
+
+def page_buffer(nbytes: int) -> mmap.mmap:
+    """An anonymous mapping for page data, its memory faulted in now (MAP_POPULATE) rather than
+    page by page while the first batches fill it."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(-1, max(nbytes, 1), flags=flags)
 
 
 class PeerClosed(TransportError):
@@ -34,13 +45,14 @@ class FrameStream:
         self._buf = bytearray()
         self._pos = 0
         # page data rotates through three buffers: one being written out, one queued, one arriving
-        self._bufs = [bytearray(), bytearray(), bytearray()]
+        self._bufs: list[mmap.mmap | None] = [None, None, None]
         self._which = 0
         # plain TCP: page data goes straight from the socket into our buffer with recv_into
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.bytes_sent = 0
         self._closing = False
         self._raw: socket.socket | None = None
+        self._io_lock = threading.Lock()    # held by a worker thread while it moves page data
         self.should_stop = lambda: False    # polled by blocking reads in worker threads
         if self._sock is not None:
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -52,32 +64,38 @@ class FrameStream:
     # -- bulk page data: straight syscalls in a worker thread, not one trio wake-up per chunk --
 
     def _bulk(self, view: memoryview, sending: bool) -> None:
-        """Send or receive all of view on the (non-blocking) socket, polling in this thread."""
-        if self._raw is None:    # a stdlib socket on a dup of the fd (same non-blocking file)
-            self._raw = socket.fromfd(self._sock.fileno(), self._sock.family, self._sock.type)
-        raw = self._raw
-        poller = select.poll()
-        poller.register(raw.fileno(), select.POLLOUT if sending else select.POLLIN)
-        done, n = 0, len(view)
+        """Send or receive all of view on the (non-blocking) socket: one C loop (send/recv and
+        poll, without the GIL), back in Python only to check for a stop every 200 ms of idling."""
+        with self._io_lock:
+            if self._closing:
+                raise TransportError(f"connection to {self.peer} closed")
+            if self._raw is None:    # a stdlib socket on a dup of the fd (same non-blocking file)
+                self._raw = socket.fromfd(self._sock.fileno(), self._sock.family, self._sock.type)
+            # released on the way out, even by an exception: a memoryview still exported when
+            # a traceback's frame dies in a reference cycle crashes CPython's garbage collector
+            with ffi.from_buffer(view, require_writable=not sending) as buf:
+                self._move(buf, len(view), sending)
+
+    def _move(self, buf, n: int, sending: bool) -> None:
+        assert self._raw is not None
+        done = ffi.new("uint64_t *")
         idle = 0.0
-        while done < n:
-            try:
-                k = raw.send(view[done:]) if sending else raw.recv_into(view[done:], n - done)
-            except BlockingIOError:
+        while True:
+            before = done[0]
+            r = lib.mg_sock_io(self._raw.fileno(), buf, n, int(sending), 200, done)
+            if r == lib.MG_IO_DONE:
+                return
+            if r == lib.MG_IO_IDLE:
                 if self._closing or self.should_stop():
-                    raise TransportError(f"connection to {self.peer} closed") from None
-                if not poller.poll(200):
-                    idle += 0.2
-                    if idle >= STALL_S:
-                        raise TransportError(f"connection to {self.peer} stalled for {STALL_S:.0f} s") from None
+                    raise TransportError(f"connection to {self.peer} closed")
+                idle = idle + 0.2 if done[0] == before else 0.0
+                if idle >= STALL_S:
+                    raise TransportError(f"connection to {self.peer} stalled for {STALL_S:.0f} s")
                 continue
-            except OSError as e:
-                raise TransportError(f"connection to {self.peer} lost ({e})") from None
-            if k == 0 and not sending:
+            if r == lib.MG_IO_EOF:
                 raise ProtocolError(f"truncated frame: {self.peer} went away in the middle of "
-                                    f"a BATCH frame's page data ({done} of {n} bytes)")
-            done += k
-            idle = 0.0
+                                    f"a BATCH frame's page data ({done[0]} of {n} bytes)")
+            raise TransportError(f"connection to {self.peer} lost ({os.strerror(-r)})")
 
     # -- blocking receive, for a worker thread that pumps page batches ----------------------
 
@@ -113,12 +131,20 @@ class FrameStream:
 
     # the frame buffer, shared by the event-loop and the blocking readers (never both at once)
 
+    def reserve(self, nbytes: int) -> None:
+        """Have the page-data buffers hold nbytes already (session set-up pays for their memory,
+        not the first batches)."""
+        for i, buf in enumerate(self._bufs):
+            if buf is None or len(buf) < nbytes:
+                self._bufs[i] = page_buffer(nbytes)
+
     def _next_buffer(self, n: int) -> memoryview:
         """The next of the three page-data buffers, at least n bytes."""
         self._which = (self._which + 1) % 3
-        if len(self._bufs[self._which]) < n:
-            self._bufs[self._which] = bytearray(n)
-        return memoryview(self._bufs[self._which])[:n]
+        buf = self._bufs[self._which]
+        if buf is None or len(buf) < n:
+            buf = self._bufs[self._which] = page_buffer(n)
+        return memoryview(buf)[:n]
 
     def _missing(self, n: int) -> int:
         """Bytes still to read before n are buffered."""
@@ -198,8 +224,17 @@ class FrameStream:
     async def aclose(self) -> None:
         self._closing = True
         if self._raw is not None:
-            self._raw.close()
-            self._raw = None
+            try:   # wakes a worker thread in the middle of page data (it then fails at once)
+                self._raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._io_lock.acquire)
+            try:
+                self._raw.close()
+                self._raw = None
+            finally:
+                self._io_lock.release()
         with trio.CancelScope(shield=True):
             try:
                 await self.stream.aclose()

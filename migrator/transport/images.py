@@ -10,6 +10,7 @@ later round is never overwritten by an older copy that arrives late on another c
 from __future__ import annotations
 
 import array
+import errno
 import json
 import mmap
 import os
@@ -18,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from .._track_c import ffi, lib
 from ..errors import MigratorError
 from .digest import digest_of_hashes, page_hashes, zero_page_hash
 from .wire import Batch, RegionSpec
@@ -67,9 +69,11 @@ class _Image:
         # anonymous mapping: zero pages on demand, so a huge region costs only what is touched
         self._map = mmap.mmap(-1, 4 * self.npages)
         self.stamps = memoryview(self._map).cast("I")
+        self.stamps_c = ffi.from_buffer("uint32_t[]", self._map)
         # the XXH3-64 of every page as it is now on disk (the digest is computed from these)
         self.hash_map = mmap.mmap(-1, 8 * max(self.npages, 1))
         self.hashes = memoryview(self.hash_map).cast("Q")
+        self.hashes_c = ffi.from_buffer("uint64_t[]", self.hash_map)
         self.zero_hash = zero_page_hash(page_size)
         if self.npages:
             self.hashes[:self.npages] = array.array("Q", [self.zero_hash]) * self.npages
@@ -79,17 +83,12 @@ class _Image:
             os.close(self.fd)
             self.fd = -1
         self.stamps.release()
-        self._map.close()
         self.hashes.release()
+        ffi.release(self.stamps_c)
+        ffi.release(self.hashes_c)
+        self._map.close()
         self.hash_map.close()
 
-
-def _pwrite_all(fd: int, data: Any, offset: int) -> None:
-    view = memoryview(data)
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 class ImageSet:
@@ -120,6 +119,7 @@ class ImageSet:
         self.pages_written = 0
         self.pages_zeroed = 0
         self.pages_stale = 0
+        self._zeros = ffi.new("uint8_t[]", max(_ZERO_WRITE, page_size))
 
     @property
     def region_pages(self) -> list[int]:
@@ -145,60 +145,23 @@ class ImageSet:
 
     def _apply(self, batch: Batch) -> None:
         img = self._images[batch.region]
-        ps = self.page_size
-        stamps = img.stamps
-        limit = 2 * (batch.round_no + 1) + 1   # stamps <= limit are from this round or older
-        new_data = 2 * (batch.round_no + 1) + 1
-        new_zero = new_data - 1
-        data = batch.data
-        off = 0
-        try:
-            for first, count in batch.data_runs:
-                end = first + count
-                chunk = data[off:off + count * ps]
-                hs = array.array("Q", batch.page_hashes[off // ps * 8:(off // ps + count) * 8]
-                                 if batch.page_hashes else page_hashes(chunk, ps))
-                if max(stamps[first:end]) <= limit:
-                    _pwrite_all(img.fd, chunk, first * ps)
-                    stamps[first:end] = array.array("I", [new_data]) * count
-                    img.hashes[first:end] = hs
-                    self.pages_written += count
-                else:  # some pages already hold a newer copy: write page by page
-                    for i in range(count):
-                        p = first + i
-                        if stamps[p] <= limit:
-                            _pwrite_all(img.fd, data[off + i * ps:off + (i + 1) * ps], p * ps)
-                            stamps[p] = new_data
-                            img.hashes[p] = hs[i]
-                            self.pages_written += 1
-                        else:
-                            self.pages_stale += 1
-                off += count * ps
-            for first, count in batch.zero_runs:
-                end = first + count
-                if max(stamps[first:end]) <= 1:  # never held data: already zeros (a hole)
-                    stamps[first:end] = array.array("I", [new_zero]) * count
-                    self.pages_zeroed += count
-                    continue
-                p = first
-                while p < end:
-                    s = stamps[p]
-                    if s > limit:
-                        self.pages_stale += 1
-                        p += 1
-                        continue
-                    q = p
-                    while q < end and stamps[q] <= limit and (stamps[q] & 1) == (s & 1) \
-                            and q - p < _ZERO_WRITE // ps:
-                        q += 1
-                    if s & 1:  # held data: zero it on disk
-                        _pwrite_all(img.fd, bytes((q - p) * ps), p * ps)
-                        img.hashes[p:q] = array.array("Q", [img.zero_hash]) * (q - p)
-                    stamps[p:q] = array.array("I", [new_zero]) * (q - p)
-                    self.pages_zeroed += q - p
-                    p = q
-        except OSError as e:
-            raise MigratorError(f"writing image {self.names[batch.region]!r}: {e.strerror}") from None
+        hashes = batch.page_hashes if batch.page_hashes else page_hashes(batch.data, self.page_size)
+        data_flat = batch.data_flat
+        zero_flat = batch.zero_flat
+        st = ffi.new("struct mg_apply_stats *")
+        # (buffers released at once: see framing.FrameStream._bulk)
+        with ffi.from_buffer(batch.data) as data, ffi.from_buffer("uint64_t[]", hashes) as hs:
+            r = lib.mg_apply_batch(
+                img.fd, img.stamps_c, img.hashes_c, img.npages, data, hs,
+                ffi.new("uint64_t[]", data_flat), len(data_flat) // 2,
+                ffi.new("uint64_t[]", zero_flat), len(zero_flat) // 2,
+                batch.round_no, img.zero_hash, self.page_size, self._zeros, len(self._zeros), st)
+        self.pages_written += st.written
+        self.pages_zeroed += st.zeroed
+        self.pages_stale += st.stale
+        if r < 0:
+            what = "a page run outside the region" if r == -errno.EINVAL else os.strerror(-r)
+            raise MigratorError(f"writing image {self.names[batch.region]!r}: {what}")
 
     def verify(self, source_digests: Sequence[str]) -> list[Verdict]:
         """Digest the images from their per-page hashes, compare, write the manifest (blocking:

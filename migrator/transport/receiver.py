@@ -223,6 +223,9 @@ class Receiver:
                 raise TransportError("handshake timed out") from None
             finally:
                 self._pending -= 1
+            assert session.images is not None
+            # page buffers for the usual batch size, before the first batch (grown if needed)
+            fs.reserve(wire.DEFAULT_BATCH_PAGES * session.images.page_size)
             await self._serve_channel(fs, session, who.channel)
         except MigratorError as e:
             if session is None:

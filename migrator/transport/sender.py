@@ -7,13 +7,14 @@ previous ones.  A bandwidth cap, if any, is enforced here, across all channels.
 
 from __future__ import annotations
 
+import mmap
 import queue
 import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterable, Mapping
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 import trio
 
@@ -22,11 +23,13 @@ from ..errors import MigratorError, RegionError, TransportError, first_error
 from . import wire
 from .auth import client_handshake
 from .digest import PageReader
-from .framing import FrameStream
+from .framing import FrameStream, page_buffer
 from .wire import RegionSpec
 
-DEFAULT_BATCH_PAGES = 1024
+DEFAULT_BATCH_PAGES = wire.DEFAULT_BATCH_PAGES
 MAX_PIECES = 512   # reader calls per batch
+ZERO_PAGES_PER_BATCH = 16384   # zero pages marked per batch: a zero-heavy stretch still goes out
+                               # in pieces the receiver applies while the rest is being scanned
 
 
 @dataclass(frozen=True)
@@ -108,65 +111,155 @@ class RateLimiter:
 @dataclass
 class _Built:
     head: bytes
-    data: Any
+    data: Any               # a view of buf
+    buf: mmap.mmap | None   # the pool buffer to give back once sent
     pages_normal: int
     pages_zero: int
 
 
-class _ZeroScan:
-    def __init__(self, page_size: int, batch_pages: int):
+class _Packer:
+    """Builds the batches of one send_pages() call (in the producer thread).
+
+    Each batch's data pages are packed into a buffer from a small pool: from the region's memory
+    itself when the reader maps it (`mapped`: zero pages are found in place and never copied),
+    else from a read of up to batch_pages pages into the buffer, packed in place.  Zero pages
+    become zero runs; every data page is hashed in C right after its copy, while in cache.
+    """
+
+    def __init__(self, page_size: int, batch_pages: int, pool: "queue.Queue[mmap.mmap]",
+                 stop: Callable[[], bool]):
         self.ps = page_size
+        self.batch_pages = batch_pages
+        self.pool = pool
+        self.stop = stop
+        self._arrays = None
 
-    def build(self, reader: PageReader, region: int, name: str, pieces: list[tuple[int, int]],
-              round_no: int) -> _Built:
+    def _buffer(self) -> mmap.mmap:
+        while True:
+            try:
+                return self.pool.get(timeout=0.2)
+            except queue.Empty:
+                if self.stop():
+                    raise _Stopped() from None
+
+    def _state(self, buf: mmap.mmap):
+        """A fresh batch packing into buf (the run and hash arrays are reused: _built copies
+        them out before the next batch starts)."""
+        st = ffi.new("struct mg_pack *")
+        if self._arrays is None:
+            self._arrays = (ffi.new("uint64_t[]", self.batch_pages),
+                            ffi.new("uint64_t[]", 2 * wire.MAX_RUNS),
+                            ffi.new("uint64_t[]", 2 * wire.MAX_RUNS))
+        keep = (ffi.from_buffer(buf),) + self._arrays
+        st.out, st.hashes, st.data_runs, st.zero_runs = keep
+        st.out_cap = self.batch_pages
+        st.run_cap = wire.MAX_RUNS
+        st.zero_cap = ZERO_PAGES_PER_BATCH
+        return st, keep
+
+    def _built(self, region: int, round_no: int, st, buf: mmap.mmap) -> _Built:
         ps = self.ps
-        data_runs: list[int] = []
-        zero_runs: list[int] = []
-        parts: list[Any] = []
-        read_runs = getattr(reader, "read_runs", None)
-        if read_runs is not None:
-            # one call for the whole batch, into a fresh buffer (a snapshot: hash == what is sent)
-            whole = read_runs(name, pieces)
-        else:
-            whole = b"".join(bytes(reader.read(name, first, n)) for first, n in pieces)
-        total = sum(n for _, n in pieces)
-        if len(whole) != total * ps:
-            raise MigratorError(f"page reader returned {len(whole)} bytes for {total} pages "
-                                f"of region {name!r}")
-        view = memoryview(whole)
-        flags = bytearray(total)          # 1 = zero page, found in C
-        zeros = lib.mg_zero_pages(ffi.from_buffer(whole), total, ps, ffi.from_buffer(flags))
-        base = 0
-        for first, n in pieces:
-            i = 0
-            while i < n:
-                is_zero = flags[base + i]
-                j = flags.find(b"\x00" if is_zero else b"\x01", base + i, base + n)
-                j = n if j < 0 else j - base
-                if is_zero:
-                    _add_run(zero_runs, first + i, j - i)
-                else:
-                    _add_run(data_runs, first + i, j - i)
-                    if zeros:
-                        parts.append(view[(base + i) * ps:(base + j) * ps])
-                i = j
-            base += n
-        if not zeros:
-            parts = [whole]
-        data: Any = (whole if len(parts) == 1 and len(parts[0]) == len(whole)
-                     else parts[0] if len(parts) == 1 else b"".join(parts))
-        pages_normal = len(data) // ps
-        digest = wire.batch_digest(region, round_no, data_runs, zero_runs, [data], ps)
-        head = wire.encode_batch(region, round_no, data_runs, zero_runs, len(data), digest)
-        return _Built(head, data, pages_normal, sum(zero_runs[1::2]))
+        data_flat = ffi.unpack(st.data_runs, 2 * st.n_data_runs)
+        zero_flat = ffi.unpack(st.zero_runs, 2 * st.n_zero_runs)
+        hashes = bytes(ffi.buffer(st.hashes, 8 * st.out_pages))
+        data = memoryview(buf)[:st.out_pages * ps]
+        digest = wire.batch_digest(region, round_no, data_flat, zero_flat, (), ps, hashes)
+        head = wire.encode_batch(region, round_no, data_flat, zero_flat, len(data), digest)
+        return _Built(head, data, buf, st.out_pages, st.zero_pages)
+
+    def batches(self, plan: list[tuple[int, str, list[tuple[int, int]]]], reader: PageReader,
+                round_no: int) -> Iterator[_Built]:
+        """The batches of plan ([(region index, name, [(first, end), ...])]), in order."""
+        mapped = getattr(reader, "mapped", None)
+        for idx, name, runs in plan:
+            view = mapped(name) if mapped is not None else None
+            if view is not None:
+                yield from self._from_mapping(idx, name, runs, view, round_no)
+            else:
+                yield from self._from_reads(idx, name, runs, reader, round_no)
+
+    def _from_mapping(self, idx, name, runs, view, round_no) -> Iterator[_Built]:
+        ps = self.ps
+        if len(view) < max(end for _, end in runs) * ps:
+            raise MigratorError(f"the mapping of region {name!r} is smaller than the region")
+        with ffi.from_buffer(view) as src:
+            buf = self._buffer()
+            st, keep = self._state(buf)
+            for first, end in runs:
+                while first < end:
+                    took = lib.mg_pack_pages(src + first * ps, first, end - first, ps, st)
+                    if took < 0:
+                        raise MigratorError(f"packing pages of region {name!r} failed ({took})")
+                    first += took
+                    if first < end:           # batch full
+                        yield self._built(idx, round_no, st, buf)
+                        buf = self._buffer()
+                        st, keep = self._state(buf)
+            if st.out_pages or st.zero_pages:
+                yield self._built(idx, round_no, st, buf)
+            else:
+                self.pool.put(buf)
+            del keep
+
+    def _from_reads(self, idx, name, runs, reader, round_no) -> Iterator[_Built]:
+        ps = self.ps
+        read_into = getattr(reader, "read_into", None)
+        for pieces in _windows(runs, self.batch_pages):
+            total = sum(n for _, n in pieces)
+            buf = self._buffer()
+            if read_into is not None:
+                read_into(name, pieces, buf)
+            else:
+                pos = 0
+                for first, n in pieces:
+                    got = reader.read(name, first, n)
+                    if len(got) != n * ps:
+                        raise MigratorError(f"page reader returned {len(got)} bytes for {n} pages "
+                                            f"of region {name!r}")
+                    buf[pos:pos + n * ps] = got
+                    pos += n * ps
+            st, keep = self._state(buf)
+            src = st.out
+            pos = 0
+            for first, n in pieces:     # in place: pages only move down in buf
+                if lib.mg_pack_pages(src + pos * ps, first, n, ps, st) != n:
+                    raise MigratorError(f"packing pages of region {name!r} failed")
+                pos += n
+            assert pos == total
+            yield self._built(idx, round_no, st, buf)
+            del keep
 
 
-def _add_run(flat: list[int], first: int, n: int) -> None:
-    if flat and flat[-2] + flat[-1] == first:
-        flat[-1] += n
-    else:
-        flat.append(first)
-        flat.append(n)
+def _queue_depth(channels: int) -> int:
+    """Batches queued between the producer and the channels' senders."""
+    return 2 * channels + 2
+
+
+def _pool_size(channels: int) -> int:
+    """Buffers in use at once: queued, being sent (one per channel), being packed."""
+    return _queue_depth(channels) + channels + 1
+
+
+class _Stopped(Exception):
+    """The send was stopped (another thread failed) while waiting for a buffer."""
+
+
+def _windows(runs: list[tuple[int, int]], batch: int) -> Iterator[list[tuple[int, int]]]:
+    """[(first, end)] cut into windows of at most batch pages and MAX_PIECES pieces:
+    [(first, npages), ...] each."""
+    pieces: list[tuple[int, int]] = []
+    room = batch
+    for first, end in runs:
+        while first < end:
+            n = min(end - first, room)
+            pieces.append((first, n))
+            first += n
+            room -= n
+            if room == 0 or len(pieces) >= MAX_PIECES:
+                yield pieces
+                pieces, room = [], batch
+    if pieces:
+        yield pieces
 
 
 class Sender:
@@ -181,42 +274,43 @@ class Sender:
         self._npages = [r.size // page_size for r in regions]
         self._limiter = RateLimiter(max_bandwidth) if max_bandwidth else None
         self._batch_pages = batch_pages
-        self._scan = _ZeroScan(page_size, batch_pages)
         self._round = 0
         self._pages_normal = self._pages_zero = self._batches = self._rounds = 0
         self._busy = 0.0
         self._last_bw = 0.0
         self._finished = False
         self._lock = trio.Lock()
+        # one channel's worth of batch buffers up front: set-up, not the first round, pays
+        # for faulting their memory in
+        self._buffers: list[mmap.mmap] = []
+        self._pool(_pool_size(len(channels)))
 
     # -- planning ----------------------------------------------------------------------------
 
-    def _plan(self, runs: Mapping[str, Iterable[tuple[int, int]]]):
+    def _check(self, runs: Mapping[str, Iterable[tuple[int, int]]]
+               ) -> list[tuple[int, str, list[tuple[int, int]]]]:
         checked = []
         for name, rl in runs.items():
             idx = self._index.get(name)
             if idx is None:
                 raise RegionError(f"region {name!r} was not declared in this session")
             npages = self._npages[idx]
+            rl = list(rl)
             for first, end in rl:
                 if not 0 <= first < end <= npages:
                     raise RegionError(f"page run {first}-{end} outside region {name!r} ({npages} pages)")
-            checked.append((idx, name, list(rl)))
-        batch = self._batch_pages
-        for idx, name, rl in checked:
-            pieces: list[tuple[int, int]] = []
-            room = batch
-            for first, end in rl:
-                while first < end:
-                    n = min(end - first, room)
-                    pieces.append((first, n))
-                    first += n
-                    room -= n
-                    if room == 0 or len(pieces) >= MAX_PIECES:
-                        yield idx, name, pieces
-                        pieces, room = [], batch
-            if pieces:
-                yield idx, name, pieces
+            if rl:
+                checked.append((idx, name, rl))
+        return checked
+
+    def _pool(self, size: int) -> "queue.Queue[mmap.mmap]":
+        """Page buffers for size batches in flight (kept for the session, never shrunk)."""
+        while len(self._buffers) < size:
+            self._buffers.append(page_buffer(self._batch_pages * self.page_size))
+        pool: queue.Queue[mmap.mmap] = queue.Queue()
+        for b in self._buffers[:size]:
+            pool.put(b)
+        return pool
 
     # -- API ---------------------------------------------------------------------------------
 
@@ -233,18 +327,20 @@ class Sender:
             raise MigratorError("session already finished")
         if not 0 <= round_no <= wire.MAX_ROUND or round_no < self._round:
             raise ValueError(f"round {round_no} after round {self._round}")
-        plan = list(self._plan(runs))   # validates everything before the first byte goes out
+        plan = self._check(runs)   # validates everything before the first byte goes out
         async with self._lock:
             self._round = round_no
             t0 = time.monotonic()
             sent0 = self._sent()
             totals = [0, 0, 0]
-            send_ch, recv_ch = trio.open_memory_channel[_Built](2 * len(self._fs) + 2)
-
+            depth = _queue_depth(len(self._fs))
+            pool = self._pool(_pool_size(len(self._fs)))
+            stop = threading.Event()
+            packer = _Packer(self.page_size, self._batch_pages, pool, stop.is_set)
             if all(fs.can_block for fs in self._fs):
-                await self._send_threaded(plan, reader, round_no, totals)
+                await self._send_threaded(plan, reader, round_no, totals, packer, depth, stop)
             else:
-                await self._send_async(plan, reader, round_no, totals, send_ch, recv_ch)
+                await self._send_async(plan, reader, round_no, totals, packer, depth, stop)
             dt = time.monotonic() - t0
             nbytes = self._sent() - sent0
             self._busy += dt
@@ -254,13 +350,21 @@ class Sender:
             self._batches += totals[2]
             return SendStats(round_no, nbytes, totals[0], totals[1], totals[2], dt)
 
-    async def _send_async(self, plan, reader, round_no, totals, send_ch, recv_ch) -> None:
-        """Batches built in worker threads, sent by trio tasks (TLS channels)."""
+    async def _send_async(self, plan, reader, round_no, totals, packer: _Packer, depth: int,
+                          stop: threading.Event) -> None:
+        """Batches built in a worker thread, sent by trio tasks (TLS channels)."""
+        send_ch, recv_ch = trio.open_memory_channel[_Built](depth)
+
         async def produce():
             async with send_ch:
-                for idx, name, pieces in plan:
-                    built = await trio.to_thread.run_sync(
-                        self._scan.build, reader, idx, name, pieces, round_no)
+                batches = packer.batches(plan, reader, round_no)
+                while True:
+                    try:
+                        built = await trio.to_thread.run_sync(next, batches, None)
+                    except _Stopped:
+                        return
+                    if built is None:
+                        return
                     totals[0] += built.pages_normal
                     totals[1] += built.pages_zero
                     totals[2] += 1
@@ -276,21 +380,29 @@ class Sender:
                         await fs.send_raw(built.head, built.data)
                     except TransportError as e:
                         raise await _reason(fs, e) from None
+                    packer.pool.put(built.buf)
+
+        async def run(fn, *args) -> None:
+            try:
+                await fn(*args)
+            except BaseException:
+                stop.set()      # a producer thread waiting for a buffer gives up
+                raise
 
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(produce)
+                nursery.start_soon(run, produce)
                 for fs in self._fs:
-                    nursery.start_soon(consume, fs, recv_ch.clone())
+                    nursery.start_soon(run, consume, fs, recv_ch.clone())
                 await recv_ch.aclose()
         except BaseExceptionGroup as eg:
             raise first_error(eg) from None
 
-    async def _send_threaded(self, plan, reader, round_no, totals) -> None:
+    async def _send_threaded(self, plan, reader, round_no, totals, packer: _Packer, depth: int,
+                             stop: threading.Event) -> None:
         """Plain TCP: one thread builds batches, one thread per channel sends them with blocking
         calls (no event-loop round trip per batch)."""
-        q: queue.Queue = queue.Queue(maxsize=2 * len(self._fs) + 2)
-        stop = threading.Event()
+        q: queue.Queue = queue.Queue(maxsize=depth)
 
         def put(item) -> None:
             while not stop.is_set():
@@ -302,14 +414,15 @@ class Sender:
 
         def produce() -> None:
             try:
-                for idx, name, pieces in plan:
+                for built in packer.batches(plan, reader, round_no):
                     if stop.is_set():
                         return
-                    built = self._scan.build(reader, idx, name, pieces, round_no)
                     totals[0] += built.pages_normal
                     totals[1] += built.pages_zero
                     totals[2] += 1
                     put(built)
+            except _Stopped:
+                return
             finally:
                 for _ in self._fs:
                     put(None)
@@ -326,6 +439,7 @@ class Sender:
                 if self._limiter is not None:
                     self._limiter.take_blocking(len(built.head) + len(built.data))
                 fs.send_blocking(built.head, built.data)
+                packer.pool.put(built.buf)
 
         async def run(fn, *args) -> None:
             try:
@@ -405,6 +519,14 @@ class Sender:
         except TransportError as e:
             raise await _reason(fs, e) from None
         await fs.expect(wire.Closed)
+
+    def _free_buffers(self) -> None:
+        for b in self._buffers:
+            try:
+                b.close()
+            except BufferError:     # still exported by a batch in a traceback: left to the GC
+                pass
+        self._buffers = []
 
     def _sent(self) -> int:
         return sum(fs.bytes_sent for fs in self._fs)
@@ -510,3 +632,5 @@ async def connect_sender(host: str, port: int, *, key: bytes | None, regions: li
     finally:
         for fs in opened:
             await fs.aclose()
+        if sender is not None:
+            sender._free_buffers()

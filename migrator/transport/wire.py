@@ -13,7 +13,9 @@ See docs/protocol.md for the message catalogue and the session flow.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import operator
 import struct
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -34,6 +36,7 @@ MAX_META = 1 << 20            # bytes of msgpack per frame (a SETUP with many re
 MAX_BATCH_META = 256 << 10    # bytes of msgpack in a BATCH frame
 MAX_SMALL_META = 4096         # every other message
 MAX_DATA = 16 << 20           # page data bytes per BATCH frame
+DEFAULT_BATCH_PAGES = 1024    # data pages per BATCH frame a sender builds unless told otherwise
 MAX_RUNS = 8192               # runs per list (data runs, zero runs) in one batch
 MAX_ZERO_PAGES = 1 << 20      # zero-page markers per batch
 MAX_REGIONS = 1024
@@ -133,24 +136,33 @@ class SetupOk:
 
 @dataclass(frozen=True)
 class Batch:
-    """Pages of one region in one round.  data_runs are (first_page, count) pairs whose pages
-    follow in `data` in that order; zero_runs are pages that are all zeros (no data sent)."""
+    """Pages of one region in one round.  data_flat holds (first_page, count) pairs, flattened,
+    whose pages follow in `data` in that order; zero_flat the same for pages that are all zeros
+    (no data sent).  Flat, as on the wire: a batch can hold thousands of runs."""
 
     region: int
     round_no: int
-    data_runs: tuple[tuple[int, int], ...]
-    zero_runs: tuple[tuple[int, int], ...]
+    data_flat: tuple[int, ...]
+    zero_flat: tuple[int, ...]
     digest: int
     data: Any = b""   # bytes-like, len == sum(data counts) * page_size
     page_hashes: bytes = b""   # receiver side: XXH3-64 of each data page (from the hash check)
 
     @property
+    def data_runs(self) -> tuple[tuple[int, int], ...]:
+        return tuple(zip(self.data_flat[0::2], self.data_flat[1::2]))
+
+    @property
+    def zero_runs(self) -> tuple[tuple[int, int], ...]:
+        return tuple(zip(self.zero_flat[0::2], self.zero_flat[1::2]))
+
+    @property
     def pages_data(self) -> int:
-        return sum(c for _, c in self.data_runs)
+        return sum(self.data_flat[1::2])
 
     @property
     def pages_zero(self) -> int:
-        return sum(c for _, c in self.zero_runs)
+        return sum(self.zero_flat[1::2])
 
 
 @dataclass(frozen=True)
@@ -203,14 +215,6 @@ _TYPE_OF = {Hello: T.HELLO, Challenge: T.CHALLENGE, Auth: T.AUTH, Welcome: T.WEL
 # --- encoding ---------------------------------------------------------------------------------
 
 
-def _flat(runs: Sequence[tuple[int, int]]) -> list[int]:
-    out: list[int] = []
-    for first, count in runs:
-        out.append(first)
-        out.append(count)
-    return out
-
-
 def batch_digest(region: int, round_no: int, data_flat: list[int], zero_flat: list[int],
                  data: Sequence[Any], page_size: int = 4096, hashes: bytes | None = None) -> int:
     """xxh3_64 over the batch's addressing (region, round, runs) and the XXH3-64 of each of its
@@ -237,8 +241,8 @@ def _meta(msg: Message) -> dict:
     if isinstance(msg, SetupOk):
         return {"images": list(msg.images)}
     if isinstance(msg, Batch):
-        return {"r": msg.region, "n": msg.round_no, "d": _flat(msg.data_runs),
-                "z": _flat(msg.zero_runs), "h": msg.digest}
+        return {"r": msg.region, "n": msg.round_no, "d": list(msg.data_flat),
+                "z": list(msg.zero_flat), "h": msg.digest}
     if isinstance(msg, (RoundEnd, RoundAck)):
         return {"n": msg.round_no}
     if isinstance(msg, End):
@@ -355,21 +359,23 @@ class _Fields:
         return v
 
 
-def _runs(f: _Fields, key: str, limit_pages: int) -> tuple[tuple[int, int], ...]:
+def _runs(f: _Fields, key: str, limit_pages: int) -> tuple[tuple[int, ...], int]:
+    """A flat (first, count) run list, checked: (the list as a tuple, pages it covers)."""
     flat = f.list(key, 2 * MAX_RUNS)
     if len(flat) % 2:
         raise f.fail(key, "has an odd length (expected first, count pairs)")
-    runs = []
-    total = 0
+    counts = flat[1::2]
+    # the common case checked with C-level loops; the slow loop below only names the bad run
+    if all(type(x) is int for x in flat) and (not flat or (min(flat[0::2]) >= 0 and min(counts) >= 1)):
+        total = sum(counts)
+        if total > limit_pages:
+            raise f.fail(key, f"covers more than {limit_pages} pages")
+        return tuple(flat), total
     for i in range(0, len(flat), 2):
         first, count = flat[i], flat[i + 1]
         if type(first) is not int or type(count) is not int or first < 0 or count < 1:
             raise f.fail(key, f"has a bad run ({first!r}, {count!r})")
-        total += count
-        if total > limit_pages:
-            raise f.fail(key, f"covers more than {limit_pages} pages")
-        runs.append((first, count))
-    return tuple(runs)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _digest_hex(v: Any, what: str) -> str:
@@ -444,15 +450,15 @@ def decode(t: T, meta: bytes, data_len: int = 0, page_size: int | None = None) -
         f = _Fields(t, m, {"r", "n", "d", "z", "h"})
         region = f.int("r", 0, MAX_REGIONS - 1)
         round_no = f.int("n", 0, MAX_ROUND)
-        data_runs = _runs(f, "d", MAX_DATA // page_size)
-        zero_runs = _runs(f, "z", MAX_ZERO_PAGES)
+        data_flat, data_pages = _runs(f, "d", MAX_DATA // page_size)
+        zero_flat, _ = _runs(f, "z", MAX_ZERO_PAGES)
         digest = f.int("h", 0, (1 << 64) - 1)
-        want = sum(c for _, c in data_runs) * page_size
+        want = data_pages * page_size
         if want != data_len:
             raise ProtocolError(f"BATCH frame: runs announce {want} bytes of data, frame carries {data_len}")
-        if not data_runs and not zero_runs:
+        if not data_flat and not zero_flat:
             raise ProtocolError("BATCH frame: no pages")
-        return Batch(region, round_no, data_runs, zero_runs, digest)
+        return Batch(region, round_no, data_flat, zero_flat, digest)
     if t in (T.ROUND_END, T.ROUND_ACK):
         f = _Fields(t, m, {"n"})
         n = f.int("n", 0, MAX_ROUND)
@@ -486,9 +492,10 @@ def check_batch(batch: Batch, region_pages: Sequence[int]) -> None:
         raise ProtocolError(f"BATCH for undeclared region #{batch.region} "
                             f"(session declared {len(region_pages)})")
     npages = region_pages[batch.region]
-    for first, count in batch.data_runs + batch.zero_runs:
-        if first + count > npages:
-            raise ProtocolError(f"BATCH page index {first + count - 1} beyond region "
+    for flat in (batch.data_flat, batch.zero_flat):
+        if flat and max(map(operator.add, flat[0::2], flat[1::2])) > npages:
+            last = max(map(operator.add, flat[0::2], flat[1::2])) - 1
+            raise ProtocolError(f"BATCH page index {last} beyond region "
                                 f"#{batch.region} ({npages} pages)")
 
 
@@ -508,7 +515,7 @@ def decode_frames(buf: bytes, page_size: int | None = MIN_PAGE_SIZE) -> list[Mes
         if isinstance(msg, Batch):
             data = bytes(mv[pos + meta_len:end])
             check_digest(msg, data)
-            msg = Batch(msg.region, msg.round_no, msg.data_runs, msg.zero_runs, msg.digest, data)
+            msg = dataclasses.replace(msg, data=data)
         out.append(msg)
         pos = end
     return out
@@ -517,8 +524,8 @@ def decode_frames(buf: bytes, page_size: int | None = MIN_PAGE_SIZE) -> list[Mes
 def check_digest(batch: Batch, data: Any, page_size: int = 4096) -> bytes:
     """Check the batch hash; returns the page hashes computed for it."""
     hashes = page_hashes(data, page_size)
-    got = batch_digest(batch.region, batch.round_no, _flat(batch.data_runs),
-                       _flat(batch.zero_runs), (), page_size, hashes)
+    got = batch_digest(batch.region, batch.round_no, batch.data_flat, batch.zero_flat, (),
+                       page_size, hashes)
     if got != batch.digest:
         raise ProtocolError(f"BATCH hash mismatch (region #{batch.region}, round {batch.round_no}): "
                             f"data corrupted in transit")

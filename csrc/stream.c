@@ -1,0 +1,181 @@
+/* migrator page-stream fast path: see stream.h. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "io.h"
+#include "pagehash.h"
+#include "stream.h"
+#include "track.h"
+
+int mg_sock_io(int fd, uint8_t *buf, uint64_t len, int sending, int timeout_ms, uint64_t *done)
+{
+    while (*done < len) {
+        ssize_t r = sending ? send(fd, buf + *done, len - *done, MSG_NOSIGNAL)
+                            : recv(fd, buf + *done, len - *done, 0);
+        if (r > 0) {
+            *done += (uint64_t)r;
+            continue;
+        }
+        if (r == 0)
+            return sending ? -EPIPE : MG_IO_EOF;
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+            return -errno;
+        struct pollfd p = { .fd = fd, .events = sending ? POLLOUT : POLLIN };
+        int k = poll(&p, 1, timeout_ms);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (k == 0)
+            return MG_IO_IDLE;
+    }
+    return MG_IO_DONE;
+}
+
+static int page_is_zero(const uint8_t *p, uint64_t page_size, int avx2)
+{
+    if (avx2 && page_size % 128 == 0)
+        return mg_page_is_zero_avx2(p, page_size);
+    uint64_t acc = 0;
+    for (uint64_t i = 0; i < page_size; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);      /* pages may be unaligned in a caller's buffer */
+        acc |= w;
+        if (acc)
+            return 0;
+    }
+    return 1;
+}
+
+/* Append page to a flat list of (first, count) runs; 0 if it needs a new run and none is left. */
+static int add_to_runs(uint64_t *runs, uint64_t *n, uint64_t cap, uint64_t page)
+{
+    if (*n && runs[2 * *n - 2] + runs[2 * *n - 1] == page) {
+        runs[2 * *n - 1]++;
+        return 1;
+    }
+    if (*n == cap)
+        return 0;
+    runs[2 * *n] = page;
+    runs[2 * *n + 1] = 1;
+    (*n)++;
+    return 1;
+}
+
+int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint64_t page_size,
+                      struct mg_pack *st)
+{
+    int avx2 = __builtin_cpu_supports("avx2");
+    uint64_t i;
+    if (page_size == 0 || page_size % 8)
+        return -EINVAL;
+    for (i = 0; i < npages; i++) {
+        const uint8_t *p = src + i * page_size;
+        uint64_t page = first + i;
+        if (page_is_zero(p, page_size, avx2)) {
+            if (st->zero_pages == st->zero_cap
+                    || !add_to_runs(st->zero_runs, &st->n_zero_runs, st->run_cap, page))
+                break;
+            st->zero_pages++;
+        } else {
+            if (st->out_pages == st->out_cap
+                    || !add_to_runs(st->data_runs, &st->n_data_runs, st->run_cap, page))
+                break;
+            uint8_t *dst = st->out + st->out_pages * page_size;
+            if (dst != p)
+                memmove(dst, p, page_size);
+            /* hash the copy, not the source: the hash is of exactly what will be sent */
+            mg_hash_mem_pages(dst, 1, page_size, st->hashes + st->out_pages);
+            st->out_pages++;
+        }
+    }
+    return (int64_t)i;
+}
+
+int mg_apply_batch(int fd, uint32_t *stamps, uint64_t *img_hashes, uint64_t npages,
+                   const uint8_t *data, const uint64_t *page_hashes,
+                   const uint64_t *data_runs, uint64_t n_data_runs,
+                   const uint64_t *zero_runs, uint64_t n_zero_runs,
+                   uint32_t round_no, uint64_t zero_hash, uint64_t page_size,
+                   const uint8_t *zero_buf, uint64_t zero_len, struct mg_apply_stats *st)
+{
+    const uint32_t limit = 2 * (round_no + 1) + 1;   /* stamps up to here: this round or older */
+    const uint32_t new_data = limit, new_zero = limit - 1;
+    uint64_t zero_chunk = zero_len / page_size;
+    uint64_t off = 0;     /* pages of data consumed */
+    int r;
+
+    if (page_size == 0 || zero_chunk == 0 || round_no > (UINT32_MAX - 3) / 2)
+        return -EINVAL;
+    for (uint64_t k = 0; k < n_data_runs; k++) {
+        uint64_t first = data_runs[2 * k], count = data_runs[2 * k + 1];
+        if (count == 0 || first >= npages || count > npages - first)
+            return -EINVAL;
+        uint32_t newest = 0;
+        for (uint64_t p = first; p < first + count; p++)
+            newest = stamps[p] > newest ? stamps[p] : newest;
+        if (newest <= limit) {
+            r = mg_pwrite_full(fd, data + off * page_size, count * page_size, first * page_size);
+            if (r < 0)
+                return r;
+            for (uint64_t i = 0; i < count; i++) {
+                stamps[first + i] = new_data;
+                img_hashes[first + i] = page_hashes[off + i];
+            }
+            st->written += count;
+        } else {      /* some pages hold a newer copy already: page by page */
+            for (uint64_t i = 0; i < count; i++) {
+                uint64_t p = first + i;
+                if (stamps[p] > limit) {
+                    st->stale++;
+                    continue;
+                }
+                r = mg_pwrite_full(fd, data + (off + i) * page_size, page_size, p * page_size);
+                if (r < 0)
+                    return r;
+                stamps[p] = new_data;
+                img_hashes[p] = page_hashes[off + i];
+                st->written++;
+            }
+        }
+        off += count;
+    }
+    for (uint64_t k = 0; k < n_zero_runs; k++) {
+        uint64_t first = zero_runs[2 * k], count = zero_runs[2 * k + 1];
+        if (count == 0 || first >= npages || count > npages - first)
+            return -EINVAL;
+        uint64_t p = first, end = first + count;
+        while (p < end) {
+            if (stamps[p] > limit) {
+                st->stale++;
+                p++;
+                continue;
+            }
+            if (!(stamps[p] & 1)) {     /* never held data, or zero already: nothing to write */
+                stamps[p] = new_zero;
+                st->zeroed++;
+                p++;
+                continue;
+            }
+            uint64_t q = p;             /* a stretch of pages holding older data: zero them */
+            while (q < end && q - p < zero_chunk && stamps[q] <= limit && (stamps[q] & 1))
+                q++;
+            r = mg_pwrite_full(fd, zero_buf, (q - p) * page_size, p * page_size);
+            if (r < 0)
+                return r;
+            for (; p < q; p++) {
+                stamps[p] = new_zero;
+                img_hashes[p] = zero_hash;
+                st->zeroed++;
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,69 @@
+/*
+ * migrator page-stream fast path: the loops of the sender and the receiver that Python cannot
+ * run fast, with the policy (batch sizes, which round wins, errors) left to Python.
+ *   - mg_sock_io: send or receive a whole buffer on a non-blocking socket;
+ *   - mg_pack_pages: the source side of a batch: zero pages become zero runs, the other pages
+ *     are copied out (a snapshot) and hashed while hot in cache;
+ *   - mg_apply_batch: the destination side: write a checked batch into its image, page stamps
+ *     deciding whether a copy is newer than what the image holds.
+ * Functions return >= 0 on success and -errno on failure; no global state.
+ */
+#ifndef MIGRATOR_STREAM_H
+#define MIGRATOR_STREAM_H
+#include <stdint.h>
+
+#define MG_IO_DONE 0       /* all bytes moved */
+#define MG_IO_IDLE 1       /* poll timed out with no progress: the caller checks why and retries */
+#define MG_IO_EOF 2        /* receiving: the peer closed the connection */
+
+/* Move len bytes of buf through the non-blocking socket fd (send if sending, else receive),
+ * waiting with poll() when it would block.  *done counts the bytes moved (start it at 0; it is
+ * updated on every return, so a call after MG_IO_IDLE resumes where the last one stopped).
+ * Returns MG_IO_DONE, MG_IO_IDLE (timeout_ms passed without progress) or MG_IO_EOF, or -errno. */
+int mg_sock_io(int fd, uint8_t *buf, uint64_t len, int sending, int timeout_ms, uint64_t *done);
+
+/* A batch being packed by mg_pack_pages.  The caller owns every array and sets the capacities;
+ * the counters start at 0. */
+struct mg_pack {
+    uint8_t *out;            /* data pages, packed: out_cap pages */
+    uint64_t *hashes;        /* XXH3-64 of each packed page: out_cap entries */
+    uint64_t out_cap;
+    uint64_t out_pages;
+    uint64_t *data_runs;     /* (first, count) pairs: run_cap pairs */
+    uint64_t *zero_runs;     /* (first, count) pairs: run_cap pairs */
+    uint64_t run_cap;
+    uint64_t n_data_runs;
+    uint64_t n_zero_runs;
+    uint64_t zero_pages;
+    uint64_t zero_cap;       /* zero pages a batch may mark */
+};
+
+/* Add pages first .. first + npages - 1 of a region, whose contents are at src, to the batch:
+ * an all-zero page extends the zero runs, any other page is copied to out (src may be out's
+ * own buffer at or after the packing position: pages only move down) and hashed.  Stops
+ * before the first page that does not fit (out, the run lists or the zero pages full).
+ * Returns the pages taken (0 when the batch is full). */
+int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint64_t page_size,
+                      struct mg_pack *st);
+
+/* What mg_apply_batch did, added to the counters. */
+struct mg_apply_stats {
+    uint64_t written;   /* pages written with data */
+    uint64_t zeroed;    /* pages marked zero (written as zeros if they held data) */
+    uint64_t stale;     /* pages skipped: the image holds a copy from a later round */
+};
+
+/* Write a batch of round_no into the image fd of a region of npages pages.  stamps[p] is
+ * 2 * (round + 1) + has_data of the copy page p holds (0: never written); a page's copy is
+ * replaced only by one from the same or a later round.  img_hashes[p] is the XXH3-64 of page p
+ * as written; page_hashes those of the batch's data pages.  zero_buf (zero_len bytes of zeros,
+ * a multiple of page_size) is what a page that held data is overwritten with when it becomes
+ * zero.  Returns 0, or -EINVAL for a run outside the region, or -errno of a failed write. */
+int mg_apply_batch(int fd, uint32_t *stamps, uint64_t *img_hashes, uint64_t npages,
+                   const uint8_t *data, const uint64_t *page_hashes,
+                   const uint64_t *data_runs, uint64_t n_data_runs,
+                   const uint64_t *zero_runs, uint64_t n_zero_runs,
+                   uint32_t round_no, uint64_t zero_hash, uint64_t page_size,
+                   const uint8_t *zero_buf, uint64_t zero_len, struct mg_apply_stats *st);
+
+#endif
