@@ -6,6 +6,7 @@ Run through `migrator guest` or, from start_guest(), as `python -m migrator.gues
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
@@ -92,8 +93,11 @@ def run_guest(spec: GuestSpec, out: TextIO = sys.stdout, *, die_with_parent: boo
         if uffd < 0:
             raise UnsupportedError(f"userfaultfd: {os.strerror(-uffd)}")
     try:
-        memfd = os.memfd_create(spec.name, os.MFD_CLOEXEC)
+        memfd = os.memfd_create(spec.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(memfd, lay.shared_pages * ps)
+        # fixed size, sealed as QEMU seals its memfd RAM (memory-backend-memfd seal=on): lets a
+        # migration source map it without risking SIGBUS from a shrink
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         shared = mmap.mmap(memfd, lay.shared_pages * ps, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         shared_at = _address(shared)
         anon = anon_at = None

@@ -1,0 +1,196 @@
+"""The page stream's C fast path on real memory: how the sender packs batches (zero pages found in
+place in a mapping of a real memfd, or after a pread), and how the receiver applies them to an
+image file (page stamps: an older copy never overwrites a newer one)."""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import queue
+
+import pytest
+import xxhash
+
+from migrator._track_c import ffi, lib
+from migrator.kernel.maps import read_maps, select_regions
+from migrator.precopy.source import SourceMemory
+from migrator.transport import wire
+from migrator.transport.images import ImageSet
+from migrator.transport.sender import _Packer
+from migrator.transport.wire import Batch, RegionSpec
+
+PS = 4096
+
+
+def _content(npages: int) -> bytearray:
+    """Page p: zeros if p % 5 in (1, 2), else data; page 7 has one non-zero byte, its last."""
+    buf = bytearray(npages * PS)
+    for p in range(npages):
+        if p % 5 not in (1, 2):
+            buf[p * PS:(p + 1) * PS] = (p.to_bytes(4, "little") + b"\xa5" * 60) * (PS // 64)
+    buf[7 * PS:8 * PS] = bytes(PS - 1) + b"\x01"
+    return buf
+
+
+class _Memfd:
+    def __init__(self, name: str, content: bytes, sealed: bool):
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, len(content))
+        self.map = mmap.mmap(self.fd, len(content), mmap.MAP_SHARED)
+        self.map[:] = content
+        if sealed:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        self.region = select_regions(read_maps(os.getpid()), [name])[0]
+        self.source = SourceMemory(os.getpid(), [self.region])
+
+    def close(self) -> None:
+        self.source.close()
+        self.map.close()
+        os.close(self.fd)
+
+
+def _pack(source, name: str, runs, batch_pages: int):
+    pool: queue.Queue = queue.Queue()
+    for _ in range(3):
+        pool.put(mmap.mmap(-1, batch_pages * PS))
+    out = []
+    for b in _Packer(PS, batch_pages, pool, lambda: False).batches([(0, name, runs)], source, 4):
+        m = wire.decode_frames(b.head + bytes(b.data), PS)[0]   # the frame as the receiver sees it
+        out.append((m.data_runs, m.zero_runs, bytes(m.data)))
+        pool.put(b.buf)
+    return out
+
+
+def _expected(content: bytes, runs, batch_pages: int, cut_by_window: bool):
+    """Batches as the packer must build them: each page classified, data pages in order."""
+    batches, data, zero, payload, n_data = [], [], [], b"", 0
+    taken = 0
+
+    def add(runs_, p):
+        if runs_ and runs_[-1][0] + runs_[-1][1] == p:
+            runs_[-1] = (runs_[-1][0], runs_[-1][1] + 1)
+        else:
+            runs_.append((p, 1))
+
+    def flush():
+        nonlocal data, zero, payload, n_data, taken
+        if data or zero:
+            batches.append((tuple(data), tuple(zero), payload))
+        data, zero, payload, n_data, taken = [], [], b"", 0, 0
+
+    for first, end in runs:
+        for p in range(first, end):
+            page = content[p * PS:(p + 1) * PS]
+            if cut_by_window and taken == batch_pages:
+                flush()
+            if any(page):
+                if not cut_by_window and n_data == batch_pages:
+                    flush()
+                add(data, p)
+                payload += page
+                n_data += 1
+            else:
+                add(zero, p)
+            taken += 1
+    flush()
+    return batches
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["mapped", "pread"])
+def test_packer_batches_exact(sealed):
+    content = _content(100)
+    m = _Memfd(f"pack-test-{sealed}", bytes(content), sealed)
+    try:
+        assert (m.source.mapped(m.region.name) is not None) == sealed
+        runs = [(0, 30), (35, 36), (40, 100)]
+        got = _pack(m.source, m.region.name, runs, batch_pages=8)
+        # mapped: a batch ends when its 8 data pages are full; pread: every 8 pages read
+        assert got == _expected(content, runs, 8, cut_by_window=not sealed)
+        assert sum(len(b[2]) for b in got) == PS * sum(
+            1 for a, e in runs for p in range(a, e) if any(content[p * PS:(p + 1) * PS]))
+    finally:
+        m.close()
+
+
+def test_pack_pages_zero_cap_and_page_hashes():
+    """The C packer stops at the zero-page cap and hashes each packed page with XXH3-64."""
+    content = bytes(_content(40))
+    st = ffi.new("struct mg_pack *")
+    out = ffi.new("uint8_t[]", 40 * PS)
+    hashes = ffi.new("uint64_t[]", 40)
+    druns, zruns = ffi.new("uint64_t[]", 80), ffi.new("uint64_t[]", 80)
+    st.out, st.hashes, st.data_runs, st.zero_runs = out, hashes, druns, zruns
+    st.out_cap, st.run_cap, st.zero_cap = 40, 40, 5
+    src = ffi.from_buffer(content)
+    took = lib.mg_pack_pages(src, 100, 40, PS, st)
+    # zero pages are 1, 2, 6, 11, 12, 16, ...; page 7 (one byte set, its last) is data; the
+    # 6th zero page (16) does not fit
+    assert took == 16
+    assert st.zero_pages == 5
+    assert ffi.unpack(zruns, 2 * st.n_zero_runs) == [101, 2, 106, 1, 111, 2]
+    assert ffi.unpack(druns, 2 * st.n_data_runs) == [100, 1, 103, 3, 107, 4, 113, 3]
+    data_pages = [0, 3, 4, 5, 7, 8, 9, 10, 13, 14, 15]
+    assert st.out_pages == len(data_pages)
+    assert bytes(ffi.buffer(out, len(data_pages) * PS)) == b"".join(content[p * PS:(p + 1) * PS] for p in data_pages)
+    assert list(hashes[0:len(data_pages)]) == [xxhash.xxh3_64_intdigest(content[p * PS:(p + 1) * PS])
+                                 for p in data_pages]
+
+
+def test_source_maps_only_sealed_shared_memory():
+    private = mmap.mmap(-1, 4 * PS)
+    private[:] = b"x" * 4 * PS
+    unsealed = _Memfd("pack-unsealed", bytes(4 * PS), sealed=False)
+    sealed = _Memfd("pack-sealed", b"s" * 4 * PS, sealed=True)
+    try:
+        assert unsealed.source.mapped(unsealed.region.name) is None
+        view = sealed.source.mapped(sealed.region.name)
+        assert view is not None and bytes(view) == b"s" * 4 * PS
+        maps = read_maps(os.getpid())
+        addr = int(ffi.cast("uintptr_t", ffi.from_buffer(private)))
+        anon = select_regions(maps, [f"{addr:x}-{addr + 4 * PS:x}"])[0]
+        src = SourceMemory(os.getpid(), [anon])
+        try:
+            assert src.mapped(anon.name) is None
+            assert bytes(src.read_runs(anon.name, [(1, 2)])) == b"x" * 2 * PS
+        finally:
+            src.close()
+    finally:
+        unsealed.close()
+        sealed.close()
+        private.close()
+
+
+def _batch(round_no: int, data_runs, zero_runs, data: bytes = b"") -> Batch:
+    flat = lambda runs: tuple(x for r in runs for x in r)  # noqa: E731
+    hashes = b"".join(xxhash.xxh3_64_digest(data[i:i + PS])[::-1] for i in range(0, len(data), PS))
+    return Batch(0, round_no, flat(data_runs), flat(zero_runs), 0, data, hashes)
+
+
+def test_apply_batch_newer_round_wins(tmp_path):
+    """Round stamps in C: a late copy from an older round never overwrites a newer one, a zero
+    marker zeroes a page that held data, and the per-page hashes follow the file."""
+    images = ImageSet(str(tmp_path), [RegionSpec("ram", 0, 8 * PS)], PS, "s")
+    try:
+        a, b, c = b"a" * PS, b"b" * PS, b"c" * PS
+        images.apply(_batch(2, [(0, 3)], [], a * 3))           # round 2: pages 0-2 = a
+        images.apply(_batch(1, [(1, 2)], [(0, 1)], b * 2))     # late round 1: all stale
+        images.apply(_batch(2, [(5, 1)], [(1, 1)], c))         # round 2: page 1 zeroed, 5 = c
+        images.apply(_batch(3, [], [(4, 3)]))                  # round 3: 4-6 zero (5 held data)
+        with open(tmp_path / images.names[0], "rb") as f:
+            assert f.read() == a + bytes(PS) + a + bytes(5 * PS)
+        assert (images.pages_written, images.pages_zeroed, images.pages_stale) == (4, 4, 3)
+        expect = [xxhash.xxh3_64_intdigest(p) for p in (a, bytes(PS), a)] + \
+                 [xxhash.xxh3_64_intdigest(bytes(PS))] * 5
+        assert list(images._images[0].hashes) == expect
+    finally:
+        images.close()
+
+
+def test_apply_batch_rejects_run_outside_region(tmp_path):
+    images = ImageSet(str(tmp_path), [RegionSpec("ram", 0, 4 * PS)], PS, "s")
+    try:
+        with pytest.raises(Exception, match="outside the region"):
+            images.apply(_batch(0, [(3, 2)], [], b"z" * 2 * PS))
+    finally:
+        images.close()
