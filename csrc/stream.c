@@ -179,3 +179,66 @@ int mg_apply_batch(int fd, uint32_t *stamps, uint64_t *img_hashes, uint64_t npag
     }
     return 0;
 }
+
+int64_t mg_pack_zeros(uint64_t first, uint64_t npages, struct mg_pack *st)
+{
+    uint64_t room = st->zero_cap - st->zero_pages;
+    uint64_t n = npages < room ? npages : room;
+    if (n == 0)
+        return 0;
+    uint64_t k = st->n_zero_runs;
+    if (k && st->zero_runs[2 * k - 2] + st->zero_runs[2 * k - 1] == first) {
+        st->zero_runs[2 * k - 1] += n;
+    } else {
+        if (k == st->run_cap)
+            return 0;
+        st->zero_runs[2 * k] = first;
+        st->zero_runs[2 * k + 1] = n;
+        st->n_zero_runs++;
+    }
+    st->zero_pages += n;
+    return (int64_t)n;
+}
+
+int64_t mg_pack_object(const uint8_t *src, int fd, uint64_t offset, uint64_t first,
+                       uint64_t npages, uint64_t page_size, struct mg_pack *st)
+{
+    uint64_t i = 0, end = first + npages;
+    if (page_size == 0)
+        return -EINVAL;
+    while (i < npages) {
+        uint64_t page = first + i;
+        off_t pos = (off_t)(offset + page * page_size);
+        off_t d = lseek(fd, pos, SEEK_DATA);
+        uint64_t data_at;                          /* first page from `page` on with data */
+        if (d < 0) {
+            if (errno != ENXIO)
+                return -errno;
+            data_at = end;                         /* only a hole up to the end of the file */
+        } else {
+            data_at = ((uint64_t)d - offset) / page_size;
+            data_at = data_at < end ? data_at : end;
+        }
+        if (data_at > page) {                      /* a hole: zeros, never read */
+            int64_t took = mg_pack_zeros(page, data_at - page, st);
+            i += (uint64_t)took;
+            if ((uint64_t)took < data_at - page)
+                return (int64_t)i;                 /* batch full */
+            continue;
+        }
+        off_t h = lseek(fd, pos, SEEK_HOLE);
+        if (h < 0)
+            return -errno;
+        uint64_t hole_at = ((uint64_t)h - offset + page_size - 1) / page_size;
+        hole_at = hole_at < end ? hole_at : end;
+        if (hole_at <= page)
+            hole_at = page + 1;                    /* (cannot happen: pos holds data) */
+        int64_t took = mg_pack_pages(src + i * page_size, page, hole_at - page, page_size, st);
+        if (took < 0)
+            return took;
+        i += (uint64_t)took;
+        if ((uint64_t)took < hole_at - page)
+            return (int64_t)i;
+    }
+    return (int64_t)i;
+}

@@ -46,6 +46,16 @@ struct mg_pack {
 int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint64_t page_size,
                       struct mg_pack *st);
 
+/* Add pages first .. first + npages - 1, known to be zeros without reading them (holes of the
+ * memory object), to the batch's zero runs.  Returns the pages taken (0 when full). */
+int64_t mg_pack_zeros(uint64_t first, uint64_t npages, struct mg_pack *st);
+
+/* mg_pack_pages for pages of a memory object: src maps it, page p lies at byte offset +
+ * p * page_size of fd.  Holes (SEEK_DATA / SEEK_HOLE) become zero runs without being read (a
+ * read fault there would allocate them).  Returns the pages taken, or -errno of lseek. */
+int64_t mg_pack_object(const uint8_t *src, int fd, uint64_t offset, uint64_t first,
+                       uint64_t npages, uint64_t page_size, struct mg_pack *st);
+
 /* What mg_apply_batch did, added to the counters. */
 struct mg_apply_stats {
     uint64_t written;   /* pages written with data */

@@ -194,3 +194,32 @@ def test_apply_batch_rejects_run_outside_region(tmp_path):
             images.apply(_batch(0, [(3, 2)], [], b"z" * 2 * PS))
     finally:
         images.close()
+
+
+def test_packer_skips_holes_without_allocating_them():
+    """Pages never written (holes of the memfd) go out as zero runs without being read: reading
+    them through the mapping would allocate them in the guest's memory object."""
+    npages = 64
+    fd = os.memfd_create("pack-holes", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, npages * PS)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        for p in (3, 10, 11, 12, 40):
+            os.pwrite(fd, bytes([p]) * PS, p * PS)
+        os.pwrite(fd, bytes(PS), 20 * PS)          # written zeros: data to SEEK_DATA, zero to us
+        m = mmap.mmap(fd, npages * PS, mmap.MAP_SHARED, mmap.PROT_READ)
+        try:
+            region = select_regions(read_maps(os.getpid()), ["pack-holes"])[0]
+            source = SourceMemory(os.getpid(), [region])
+            try:
+                blocks = os.fstat(fd).st_blocks
+                got = _pack(source, region.name, [(0, npages)], batch_pages=16)
+                assert got == [(((3, 1), (10, 3), (40, 1)), ((0, 3), (4, 6), (13, 27), (41, 23)),
+                                b"".join(bytes([p]) * PS for p in (3, 10, 11, 12, 40)))]
+                assert os.fstat(fd).st_blocks == blocks == 6 * PS // 512
+            finally:
+                source.close()
+        finally:
+            m.close()
+    finally:
+        os.close(fd)

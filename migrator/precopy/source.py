@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import threading
 
 from ..errors import MigratorError, TargetGoneError
 from ..kernel.maps import Region, RegionKind
@@ -25,6 +26,7 @@ class SourceMemory:
         self.regions = {r.name: r for r in regions}
         self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap | None] = {}
+        self._lock = threading.Lock()
         try:
             self._mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -72,8 +74,18 @@ class SourceMemory:
         """The region's memory object mapped read-only into this process, so the sender can find
         zero pages in place and copy only the others; None for private memory, and for an object
         not sealed against shrinking (a shrink under a mapping would kill us with SIGBUS)."""
-        if region_name in self._maps:
+        with self._lock:      # producer threads may ask at once
+            if region_name not in self._maps:
+                self._maps[region_name] = self._map(region_name)
             return self._maps[region_name]
+
+    def memory_object(self, region_name: str) -> tuple[int, int] | None:
+        """(fd, byte offset of page 0) of a shared region's memory object, whose holes the
+        sender packs as zeros without reading; None for private memory."""
+        fd = self._fds.get(region_name)
+        return None if fd is None else (fd, self.regions[region_name].offset)
+
+    def _map(self, region_name: str) -> mmap.mmap | None:
         fd = self._fds.get(region_name)
         view = None
         if fd is not None:
@@ -84,7 +96,6 @@ class SourceMemory:
                     view = mmap.mmap(fd, r.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=r.offset)
             except OSError:     # not a memfd (no seals), or cannot map: read with pread
                 view = None
-        self._maps[region_name] = view
         return view
 
     def read(self, region_name: str, first_page: int, npages: int) -> bytearray:

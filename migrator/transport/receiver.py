@@ -268,9 +268,10 @@ class Receiver:
                 s.bytes_received += len(item.data)
 
     def _pump(self, fs: FrameStream, s: _Session, region_pages: list[int], ps: int) -> wire.Message:
-        """In a worker thread: receive and check page batches until another frame comes, and
-        return that one, once every batch before it is written (by a second thread, so writing
-        one batch overlaps receiving the next)."""
+        """In a worker thread: receive and check page batches, and acknowledge round ends,
+        until another frame comes; return that one once every batch before it is written.
+        A second thread writes, so writing one batch overlaps receiving the next; a round end
+        is acknowledged from here, once the writer has caught up (no event-loop round trip)."""
         images = s.images
         assert images is not None
         q: queue.Queue = queue.Queue(maxsize=1)
@@ -279,25 +280,33 @@ class Receiver:
         def writer() -> None:
             while True:
                 batch = q.get()
-                if batch is None:
-                    return
-                if failed:
-                    continue
                 try:
+                    if batch is None:
+                        return
+                    if failed:
+                        continue
                     images.apply(batch)
                     s.bytes_received += batch.pages_data * ps
                 except BaseException as e:   # reported by the pump
                     failed.append(e)
+                finally:
+                    q.task_done()
 
         t = threading.Thread(target=writer, name="receiver-writer", daemon=True)
         t.start()
         try:
             while not failed:
                 msg = fs.receive_blocking(ps)
-                if not isinstance(msg, wire.Batch):
+                if isinstance(msg, wire.Batch):
+                    wire.check_batch(msg, region_pages)
+                    q.put(msg)
+                elif isinstance(msg, wire.RoundEnd):
+                    q.join()          # everything before the round end is written
+                    if failed:
+                        break
+                    fs.send_blocking(wire.encode(wire.RoundAck(msg.round_no)))
+                else:
                     return msg
-                wire.check_batch(msg, region_pages)
-                q.put(msg)
             raise failed[0]
         finally:
             q.put(None)

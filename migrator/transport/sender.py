@@ -8,6 +8,7 @@ previous ones.  A bandwidth cap, if any, is enforced here, across all channels.
 from __future__ import annotations
 
 import mmap
+import os
 import queue
 import secrets
 import threading
@@ -28,6 +29,9 @@ from .wire import RegionSpec
 
 DEFAULT_BATCH_PAGES = wire.DEFAULT_BATCH_PAGES
 MAX_PIECES = 512   # reader calls per batch
+PRODUCERS = min(2, os.cpu_count() or 1)   # threads building batches (plain TCP): zero-page
+                                          # scanning is bound by memory bandwidth, not one core
+CHUNK_PAGES = 8192      # pages a producer takes at a time
 ZERO_PAGES_PER_BATCH = 16384   # zero pages marked per batch: a zero-heavy stretch still goes out
                                # in pieces the receiver applies while the rest is being scanned
 
@@ -118,7 +122,7 @@ class _Built:
 
 
 class _Packer:
-    """Builds the batches of one send_pages() call (in the producer thread).
+    """Builds batches of one send_pages() call (in a producer thread; one packer a thread).
 
     Each batch's data pages are packed into a buffer from a small pool: from the region's memory
     itself when the reader maps it (`mapped`: zero pages are found in place and never copied),
@@ -133,6 +137,10 @@ class _Packer:
         self.pool = pool
         self.stop = stop
         self._arrays = None
+
+    def twin(self) -> "_Packer":
+        """Another packer on the same buffers, for another producer thread."""
+        return _Packer(self.ps, self.batch_pages, self.pool, self.stop)
 
     def _buffer(self) -> mmap.mmap:
         while True:
@@ -174,22 +182,30 @@ class _Packer:
         for idx, name, runs in plan:
             view = mapped(name) if mapped is not None else None
             if view is not None:
-                yield from self._from_mapping(idx, name, runs, view, round_no)
+                yield from self._from_mapping(idx, name, runs, view, reader, round_no)
             else:
                 yield from self._from_reads(idx, name, runs, reader, round_no)
 
-    def _from_mapping(self, idx, name, runs, view, round_no) -> Iterator[_Built]:
+    def _from_mapping(self, idx, name, runs, view, reader, round_no) -> Iterator[_Built]:
+        """Pack straight from the mapped memory; for a memory object, its holes (pages never
+        written) become zero runs without being touched: a read fault there would allocate them
+        in the guest."""
         ps = self.ps
         if len(view) < max(end for _, end in runs) * ps:
             raise MigratorError(f"the mapping of region {name!r} is smaller than the region")
-        with ffi.from_buffer(view) as src:
+        where = getattr(reader, "memory_object", None)
+        obj = where(name) if where is not None else None
+        with ffi.from_buffer(view) as base:
             buf = self._buffer()
             st, keep = self._state(buf)
             for first, end in runs:
                 while first < end:
-                    took = lib.mg_pack_pages(src + first * ps, first, end - first, ps, st)
+                    src = base + first * ps
+                    took = (lib.mg_pack_object(src, obj[0], obj[1], first, end - first, ps, st)
+                            if obj is not None else lib.mg_pack_pages(src, first, end - first, ps, st))
                     if took < 0:
-                        raise MigratorError(f"packing pages of region {name!r} failed ({took})")
+                        raise MigratorError(f"packing pages of region {name!r} failed: "
+                                            f"{os.strerror(-took)}")
                     first += took
                     if first < end:           # batch full
                         yield self._built(idx, round_no, st, buf)
@@ -231,13 +247,32 @@ class _Packer:
 
 
 def _queue_depth(channels: int) -> int:
-    """Batches queued between the producer and the channels' senders."""
+    """Batches queued between the producers and the channels' senders."""
     return 2 * channels + 2
 
 
-def _pool_size(channels: int) -> int:
+def _pool_size(channels: int, producers: int = PRODUCERS) -> int:
     """Buffers in use at once: queued, being sent (one per channel), being packed."""
-    return _queue_depth(channels) + channels + 1
+    return _queue_depth(channels) + channels + producers
+
+
+def _chunks(plan: list[tuple[int, str, list[tuple[int, int]]]], chunk_pages: int
+            ) -> Iterator[tuple[int, str, list[tuple[int, int]]]]:
+    """The plan cut into pieces of at most chunk_pages pages, for producers to take in turn."""
+    for idx, name, runs in plan:
+        part: list[tuple[int, int]] = []
+        room = chunk_pages
+        for first, end in runs:
+            while first < end:
+                n = min(end - first, room)
+                part.append((first, first + n))
+                first += n
+                room -= n
+                if room == 0:
+                    yield idx, name, part
+                    part, room = [], chunk_pages
+        if part:
+            yield idx, name, part
 
 
 class _Stopped(Exception):
@@ -400,9 +435,15 @@ class Sender:
 
     async def _send_threaded(self, plan, reader, round_no, totals, packer: _Packer, depth: int,
                              stop: threading.Event) -> None:
-        """Plain TCP: one thread builds batches, one thread per channel sends them with blocking
-        calls (no event-loop round trip per batch)."""
+        """Plain TCP: producer threads build batches from chunks of the plan taken in turn, one
+        thread per channel sends them with blocking calls (no event-loop round trip per batch).
+        Batches of one round may go out in any order: the receiver orders copies by round."""
         q: queue.Queue = queue.Queue(maxsize=depth)
+        lock = threading.Lock()
+        chunks = _chunks(plan, CHUNK_PAGES)
+        npages = sum(end - first for _, _, runs in plan for first, end in runs)
+        producers = [packer] + [packer.twin() for _ in range(min(PRODUCERS, -(-npages // CHUNK_PAGES)) - 1)]
+        active = [len(producers)]
 
         def put(item) -> None:
             while not stop.is_set():
@@ -412,20 +453,30 @@ class Sender:
                 except queue.Full:
                     continue
 
-        def produce() -> None:
+        def take():
+            with lock:
+                return next(chunks, None)
+
+        def produce(pk: _Packer) -> None:
             try:
-                for built in packer.batches(plan, reader, round_no):
-                    if stop.is_set():
-                        return
-                    totals[0] += built.pages_normal
-                    totals[1] += built.pages_zero
-                    totals[2] += 1
-                    put(built)
+                while (chunk := take()) is not None:
+                    for built in pk.batches([chunk], reader, round_no):
+                        if stop.is_set():
+                            return
+                        with lock:
+                            totals[0] += built.pages_normal
+                            totals[1] += built.pages_zero
+                            totals[2] += 1
+                        put(built)
             except _Stopped:
                 return
             finally:
-                for _ in self._fs:
-                    put(None)
+                with lock:
+                    active[0] -= 1
+                    last = active[0] == 0
+                if last:                     # the last producer out tells the senders
+                    for _ in self._fs:
+                        put(None)
 
         def consume(fs: FrameStream) -> None:
             fs.should_stop = stop.is_set
@@ -456,7 +507,8 @@ class Sender:
 
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(run, produce)
+                for pk in producers:
+                    nursery.start_soon(run, produce, pk)
                 for fs in self._fs:
                     nursery.start_soon(run_consumer, fs)
         except BaseExceptionGroup as eg:
