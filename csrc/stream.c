@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -201,44 +202,45 @@ int64_t mg_pack_zeros(uint64_t first, uint64_t npages, struct mg_pack *st)
 }
 
 int64_t mg_pack_object(const uint8_t *src, int fd, uint64_t offset, uint64_t first,
-                       uint64_t npages, uint64_t page_size, struct mg_pack *st)
+                       uint64_t npages, uint64_t page_size, struct mg_pack *st, uint8_t *vec)
 {
-    uint64_t i = 0, end = first + npages;
-    if (page_size == 0)
+    uint64_t i = 0, next_data = 0;
+    int know_next = 0;
+    if (page_size == 0 || page_size != (uint64_t)sysconf(_SC_PAGESIZE) || (uintptr_t)src % page_size)
         return -EINVAL;
+    /* in the page cache = data; the others are holes or swapped out: SEEK_DATA tells which
+     * (lseek(SEEK_HOLE) would scan on to the end of the data, however far) */
+    if (mincore((void *)src, npages * page_size, vec) < 0)
+        return -errno;
     while (i < npages) {
-        uint64_t page = first + i;
-        off_t pos = (off_t)(offset + page * page_size);
-        off_t d = lseek(fd, pos, SEEK_DATA);
-        uint64_t data_at;                          /* first page from `page` on with data */
-        if (d < 0) {
-            if (errno != ENXIO)
-                return -errno;
-            data_at = end;                         /* only a hole up to the end of the file */
+        uint64_t page = first + i, j = i;
+        int64_t took;
+        if (vec[i] & 1) {
+            while (j < npages && (vec[j] & 1))
+                j++;
+            took = mg_pack_pages(src + i * page_size, page, j - i, page_size, st);
         } else {
-            data_at = ((uint64_t)d - offset) / page_size;
-            data_at = data_at < end ? data_at : end;
+            if (!know_next || next_data < page) {
+                off_t d = lseek(fd, (off_t)(offset + page * page_size), SEEK_DATA);
+                if (d < 0 && errno != ENXIO)
+                    return -errno;
+                next_data = d < 0 ? UINT64_MAX : ((uint64_t)d - offset) / page_size;
+                know_next = 1;
+            }
+            if (next_data == page) {        /* swapped out: data (reading it swaps it in) */
+                j = i + 1;
+                took = mg_pack_pages(src + i * page_size, page, 1, page_size, st);
+            } else {                        /* a hole: zeros, never read */
+                while (j < npages && !(vec[j] & 1) && first + j < next_data)
+                    j++;
+                took = mg_pack_zeros(page, j - i, st);
+            }
         }
-        if (data_at > page) {                      /* a hole: zeros, never read */
-            int64_t took = mg_pack_zeros(page, data_at - page, st);
-            i += (uint64_t)took;
-            if ((uint64_t)took < data_at - page)
-                return (int64_t)i;                 /* batch full */
-            continue;
-        }
-        off_t h = lseek(fd, pos, SEEK_HOLE);
-        if (h < 0)
-            return -errno;
-        uint64_t hole_at = ((uint64_t)h - offset + page_size - 1) / page_size;
-        hole_at = hole_at < end ? hole_at : end;
-        if (hole_at <= page)
-            hole_at = page + 1;                    /* (cannot happen: pos holds data) */
-        int64_t took = mg_pack_pages(src + i * page_size, page, hole_at - page, page_size, st);
         if (took < 0)
             return took;
         i += (uint64_t)took;
-        if ((uint64_t)took < hole_at - page)
-            return (int64_t)i;
+        if ((uint64_t)took < j - (i - (uint64_t)took))
+            return (int64_t)i;              /* batch full */
     }
     return (int64_t)i;
 }

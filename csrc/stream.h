@@ -50,11 +50,13 @@ int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint6
  * memory object), to the batch's zero runs.  Returns the pages taken (0 when full). */
 int64_t mg_pack_zeros(uint64_t first, uint64_t npages, struct mg_pack *st);
 
-/* mg_pack_pages for pages of a memory object: src maps it, page p lies at byte offset +
- * p * page_size of fd.  Holes (SEEK_DATA / SEEK_HOLE) become zero runs without being read (a
- * read fault there would allocate them).  Returns the pages taken, or -errno of lseek. */
+/* mg_pack_pages for pages of a memory object mapped at src (page-aligned; page_size must be
+ * the system's): page first + i lies at byte offset + (first + i) * page_size of fd.  Holes
+ * become zero runs without being read (a read fault there would allocate them): mincore() finds
+ * the pages in the page cache, SEEK_DATA tells holes from swapped-out pages among the others.
+ * vec: npages bytes of scratch.  Returns the pages taken, or -errno. */
 int64_t mg_pack_object(const uint8_t *src, int fd, uint64_t offset, uint64_t first,
-                       uint64_t npages, uint64_t page_size, struct mg_pack *st);
+                       uint64_t npages, uint64_t page_size, struct mg_pack *st, uint8_t *vec);
 
 /* What mg_apply_batch did, added to the counters. */
 struct mg_apply_stats {

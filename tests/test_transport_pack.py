@@ -4,6 +4,7 @@ image file (page stamps: an older copy never overwrites a newer one)."""
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -12,6 +13,7 @@ import queue
 import pytest
 import xxhash
 
+from conftest import require, swap_active
 from migrator._track_c import ffi, lib
 from migrator.kernel.maps import read_maps, select_regions
 from migrator.precopy.source import SourceMemory
@@ -222,4 +224,49 @@ def test_packer_skips_holes_without_allocating_them():
         finally:
             m.close()
     finally:
+        os.close(fd)
+
+
+def _resident(m: mmap.mmap, npages: int) -> list[int]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    vec = ctypes.create_string_buffer(npages)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    assert libc.mincore(ctypes.c_void_p(addr), npages * PS, vec) == 0, os.strerror(ctypes.get_errno())
+    return [p for p in range(npages) if vec.raw[p] & 1]
+
+
+def test_packer_reads_swapped_out_pages_and_skips_punched_holes():
+    """Pages of the object that are swapped out are data (not in the page cache, yet SEEK_DATA
+    finds them): they are read back; pages punched out are holes: zeros, left unallocated."""
+    require(swap_active(), "needs active swap (zram) for MADV_PAGEOUT of shmem pages")
+    npages = 32
+    fd = os.memfd_create("pack-swapped", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    m = None
+    try:
+        os.ftruncate(fd, npages * PS)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        content = b"".join(bytes([p + 1]) * PS for p in range(npages))
+        os.pwrite(fd, content, 0)
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        assert fallocate(fd, 3, 20 * PS, 4 * PS) == 0      # PUNCH_HOLE | KEEP_SIZE: pages 20-23
+        m = mmap.mmap(fd, npages * PS, mmap.MAP_SHARED)
+        m[:1] = m[:1]                                    # fault page 0 in, so the mapping exists
+        m.madvise(getattr(mmap, "MADV_PAGEOUT", 21), 8 * PS, 8 * PS)
+        require(not set(range(8, 16)) & set(_resident(m, npages)),
+                "MADV_PAGEOUT did not swap out shmem pages 8-15 (swap full?)")
+        region = select_regions(read_maps(os.getpid()), ["pack-swapped"])[0]
+        source = SourceMemory(os.getpid(), [region])
+        try:
+            blocks = os.fstat(fd).st_blocks
+            got = _pack(source, region.name, [(0, npages)], batch_pages=64)
+            expect_data = content[:20 * PS] + content[24 * PS:]
+            assert got == [(((0, 20), (24, 8)), ((20, 4),), expect_data)]
+            assert os.fstat(fd).st_blocks == blocks == 28 * PS // 512
+        finally:
+            source.close()
+    finally:
+        if m is not None:
+            m.close()
         os.close(fd)

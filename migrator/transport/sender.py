@@ -137,6 +137,7 @@ class _Packer:
         self.pool = pool
         self.stop = stop
         self._arrays = None
+        self._vec = ffi.new("uint8_t[]", CHUNK_PAGES)    # mincore() scratch
 
     def twin(self) -> "_Packer":
         """Another packer on the same buffers, for another producer thread."""
@@ -194,20 +195,23 @@ class _Packer:
         if len(view) < max(end for _, end in runs) * ps:
             raise MigratorError(f"the mapping of region {name!r} is smaller than the region")
         where = getattr(reader, "memory_object", None)
-        obj = where(name) if where is not None else None
+        obj = where(name) if where is not None and ps == mmap.PAGESIZE else None
         with ffi.from_buffer(view) as base:
             buf = self._buffer()
             st, keep = self._state(buf)
             for first, end in runs:
                 while first < end:
                     src = base + first * ps
-                    took = (lib.mg_pack_object(src, obj[0], obj[1], first, end - first, ps, st)
-                            if obj is not None else lib.mg_pack_pages(src, first, end - first, ps, st))
+                    n = min(end - first, CHUNK_PAGES)
+                    if obj is not None:
+                        took = lib.mg_pack_object(src, obj[0], obj[1], first, n, ps, st, self._vec)
+                    else:
+                        took = lib.mg_pack_pages(src, first, n, ps, st)
                     if took < 0:
                         raise MigratorError(f"packing pages of region {name!r} failed: "
                                             f"{os.strerror(-took)}")
                     first += took
-                    if first < end:           # batch full
+                    if took < n:           # batch full
                         yield self._built(idx, round_no, st, buf)
                         buf = self._buffer()
                         st, keep = self._state(buf)
