@@ -59,27 +59,3 @@ int mg_digest_fd(int fd, uint64_t offset, uint64_t nbytes, uint8_t *buf, uint64_
     out[1] = h.low64;
     return 0;
 }
-
-static int page_is_zero(const uint8_t *p, uint64_t page_size)
-{
-    const uint64_t *w = (const uint64_t *)p;   /* pages are 8-byte aligned in buf */
-    uint64_t acc = 0;
-    for (uint64_t i = 0; i < page_size / 8; i += 8) {
-        acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
-        if (acc)
-            return 0;          /* most data pages stop at the first 64 bytes */
-    }
-    return 1;
-}
-
-int64_t mg_zero_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, uint8_t *flags)
-{
-    int64_t zeros = 0;
-    if (page_size % 64)
-        return -EINVAL;
-    for (uint64_t i = 0; i < npages; i++) {
-        flags[i] = (uint8_t)page_is_zero(buf + i * page_size, page_size);
-        zeros += flags[i];
-    }
-    return zeros;
-}

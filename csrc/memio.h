@@ -18,7 +18,4 @@ int64_t mg_read_runs(int fd, uint64_t base, const uint64_t *runs, uint64_t nruns
 int mg_digest_fd(int fd, uint64_t offset, uint64_t nbytes, uint8_t *buf, uint64_t buf_len,
                  uint64_t *out);
 
-/* flags[i] = 1 if page i of buf (npages pages) is all zeros, else 0.  Returns the zero pages. */
-int64_t mg_zero_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size, uint8_t *flags);
-
 #endif

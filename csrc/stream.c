@@ -244,3 +244,12 @@ int64_t mg_pack_object(const uint8_t *src, int fd, uint64_t offset, uint64_t fir
     }
     return (int64_t)i;
 }
+
+int64_t mg_count_zero_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size)
+{
+    int avx2 = __builtin_cpu_supports("avx2");
+    int64_t zeros = 0;
+    for (uint64_t i = 0; i < npages; i++)
+        zeros += page_is_zero(buf + i * page_size, page_size, avx2);
+    return zeros;
+}

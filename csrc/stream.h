@@ -58,6 +58,10 @@ int64_t mg_pack_zeros(uint64_t first, uint64_t npages, struct mg_pack *st);
 int64_t mg_pack_object(const uint8_t *src, int fd, uint64_t offset, uint64_t first,
                        uint64_t npages, uint64_t page_size, struct mg_pack *st, uint8_t *vec);
 
+/* The all-zero pages among npages pages at buf, with the test mg_pack_pages uses (the bare
+ * scan the benchmark compares the stream of zero-heavy memory with). */
+int64_t mg_count_zero_pages(const uint8_t *buf, uint64_t npages, uint64_t page_size);
+
 /* What mg_apply_batch did, added to the counters. */
 struct mg_apply_stats {
     uint64_t written;   /* pages written with data */
