@@ -30,7 +30,15 @@ def digest_of_hashes(hashes: Any) -> str:
 
 
 class PageReader(Protocol):
-    """What the sender reads pages from (blocking; called from a worker thread)."""
+    """What the sender reads pages from: blocking calls from worker threads, possibly several at
+    once (one per producer).  Optional methods, used when present:
+
+    - read_into(region_name, [(first_page, npages), ...], buf): those pages into buf, in order;
+    - mapped(region_name): a read-only buffer of the whole region (zero pages are then found in
+      place and only the others copied), or None;
+    - memory_object(region_name): (fd, byte offset of page 0) of the object behind mapped(),
+      whose holes are then packed as zeros without being read, or None.
+    """
 
     def read(self, region_name: str, first_page: int, npages: int) -> Any:
         """npages * page_size bytes (bytes, bytearray or memoryview) from first_page on."""
