@@ -56,6 +56,7 @@ class Run:
     pattern: str = ""
     detail: str = ""
     reason: str = ""
+    timeline: dict | None = None       # step -> ms after the start (--timeline)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the receiver writes the RAM image the destination QEMU runs on "
                         "(default /dev/shm: tmpfs, no disk writeback under the VM)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument("--timeline", action="store_true",
+                   help="print each run's steps (both sides, ms after the start of the migration)")
 
 
 def _free_port() -> int:
@@ -151,11 +154,17 @@ def run_qemu(work: str, boot: str, size: int, args, layout: GuestLayout) -> Run:
         stop = q.wait_event("STOP", 5, since=since).timestamp
         resume = dq.wait_event("RESUME", 10).timestamp
         ram = info.get("ram", {})
+        stamps = {"start": t0, "src-qemu-STOP": stop, "dest-qemu-RESUME": resume}
+        stamps.update({f"src-qemu-{e.data.get('status')}": e.timestamp for e in q.events[since:]
+                       if e.name == "MIGRATION"})
+        stamps.update({f"dest-qemu-{e.data.get('status')}": e.timestamp for e in dq.events
+                       if e.name == "MIGRATION"})
         r = Run("qemu", "completed", total_ms=(resume - t0) * 1000, downtime_ms=(resume - stop) * 1000,
                 reported_total_ms=info.get("total-time", 0), reported_downtime_ms=info.get("downtime", 0),
                 bytes_sent=int(ram.get("transferred", 0)), rounds=int(ram.get("dirty-sync-count", 0)))
         r.guest_rate = (src.serial_size() - serial0) / max(stop - t0, 1e-6) / max(base, 1e-6)
         r.downtime_bytes = int(ram.get("downtime-bytes", 0))
+        r.timeline = _relative(stamps, t0)
         _wait_running_on(dest_serial)
         r.pattern = _check_dest_ram(dq, None, dest.pid, layout)
         dq.close()
@@ -213,6 +222,11 @@ def run_migrator(work: str, boot: str, size: int, args, layout: GuestLayout) -> 
                 reported_downtime_ms=rep.downtime_ms, bytes_sent=rep.transferred_bytes, rounds=rep.rounds)
         r.guest_rate = (src.serial_size() - serial0) / max(rep.stopped_at - t0, 1e-6) / max(base, 1e-6)
         states = re.search(r"incoming states, ms before the resume: (.*)", text)
+        stamps = {"bench-start": t0, **rep.timeline}
+        m = re.search(r"qemu: timeline (\{.*\})", text)
+        if m:
+            stamps.update(json.loads(m.group(1)))
+        r.timeline = _relative(stamps, t0)
         fin = rep.ram.per_round[-1]
         r.downtime_bytes = fin.bytes + rep.device_state_bytes
         r.detail = (f"stop-and-copy {fin.pages_sent} pages: collect {fin.tracker_ms:.0f} ms, send "
@@ -240,6 +254,10 @@ def run_migrator(work: str, boot: str, size: int, args, layout: GuestLayout) -> 
                 os.kill(int(m.group(1)), 9)
             except ProcessLookupError:
                 pass
+
+
+def _relative(stamps: dict[str, float], t0: float) -> dict[str, float]:
+    return {k: round((v - t0) * 1000, 1) for k, v in sorted(stamps.items(), key=lambda kv: kv[1])}
 
 
 def _median(runs: list[Run], attr: str) -> float:
@@ -294,6 +312,9 @@ def run(args: argparse.Namespace) -> int:
                   f"{r.downtime_ms:.1f} ms, {r.bytes_sent / 1e6:.1f} MB, {r.rounds} rounds"
                   + (f"; {r.reason}" if r.reason else f", guest speed {r.guest_rate * 100:.0f} %; "
                      f"dest RAM {r.pattern}" + (f"; {r.detail}" if r.detail else "")), file=sys.stderr)
+            if args.timeline and r.timeline:
+                print("  timeline (ms): " + ", ".join(f"{k} {v}" for k, v in r.timeline.items()),
+                      file=sys.stderr)
     print(table(runs))
     print("total: migration start -> destination running; downtime: source STOP -> destination "
           "RESUME (QEMU's event stamps); reported: each tool's own figures (source side); "

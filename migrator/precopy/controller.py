@@ -100,21 +100,26 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
         raise UsageError("channels must be at least 1")
     rep = MigrationReport(downtime_limit_ms=policy.downtime_limit_ms)
     t_start = time.monotonic()
+    mark = rep.timeline.mark
+    mark("start")
     regions: list[Region] = select_regions(read_maps(target.pid), target.regions)
     rep.regions = [r.to_json() for r in regions]
     tracker = make_tracker(target.pid, regions, policy.tracker, uffd_fd=target.uffd_fd)
     rep.tracker = tracker.name
+    mark("tracker-made")
     source = SourceMemory(target.pid, regions)
     pauser = target.pauser or Pauser([target.pid, *target.writers], target.cgroup)
     throttle = Throttle([target.pid, *target.writers])
     specs = [RegionSpec(r.name, r.start, r.end) for r in regions]
     try:
         tracker.begin()
+        mark("tracker-begun")
         try:
             async with connect_sender(host, port, key=key, regions=specs, channels=policy.channels,
                                       page_size=PAGE_SIZE, max_bandwidth=policy.max_bandwidth,
                                       ssl_context=ssl_context) as sender:
                 rep.setup_time_ms = (time.monotonic() - t_start) * 1000
+                mark("connected")
                 try:
                     async with trio.open_nursery() as nursery:
                         if policy.auto_converge:
@@ -141,6 +146,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
         tracker.end()
         source.close()
         rep.total_time_ms = (time.monotonic() - t_start) * 1000
+        mark("end")
         if rep.total_time_ms > 0:
             rep.mbps = rep.transferred_bytes * 8 / (rep.total_time_ms / 1000) / 1e6
     return rep
@@ -150,6 +156,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                sender, regions: list[Region], pauser: SourcePauser, throttle: Throttle,
                progress, target: MigrationTarget) -> None:
     rep.status = "active"
+    mark = rep.timeline.mark
 
     def account(round_no: int, dirtied: int, st, tracker_s: float, dirty_rate: float,
                 expected_ms: float, final: bool = False) -> RoundStats:
@@ -170,7 +177,9 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
 
     async def send_round(runs: dict[str, PageSet], round_no: int):
         st = await sender.send_pages(_runs(runs), source, round_no)
+        mark(f"round{round_no}-sent")
         await sender.end_round(round_no)
+        mark(f"round{round_no}-acked")
         return st
 
     async def send_and_collect(runs: dict[str, PageSet], round_no: int, lead_s: float,
@@ -185,8 +194,10 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             with trio.move_on_after(lead_s):
                 await send_done.wait()
             await trio.sleep_until(since + policy.min_round_s)
+            mark(f"collect{round_no + 1}-start")
             box["dirty"] = await trio.to_thread.run_sync(tracker.collect)
             box["at"] = time.monotonic()
+            mark(f"collect{round_no + 1}-done")
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(collector)
@@ -196,11 +207,13 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
 
     # round 0: every populated page
     first = {r.name: await trio.to_thread.run_sync(source.populated, r) for r in regions}
+    mark("round0-planned")
     t0 = time.monotonic()
     st = await send_round(first, 0)
     account(0, _count(first), st, 0.0, 0.0, 0.0)
     dirty = await trio.to_thread.run_sync(tracker.collect)
     last_collect = time.monotonic()
+    mark("collect1-done")
     elapsed = last_collect - t0
 
     limit_s = policy.downtime_limit_ms / 1000
@@ -257,8 +270,10 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
     with trio.CancelScope(shield=True):
         await throttle.stop()        # its last SIGCONT must come before our SIGSTOP
     t_pause = time.monotonic()
+    mark("pause")
     with trio.CancelScope(shield=True):
         await trio.to_thread.run_sync(pauser.pause)
+    mark("paused")
     try:
         with trio.fail_after(policy.verify_timeout_s):
             digests: dict[str, str] = {}
@@ -275,9 +290,11 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                     if isinstance(ledger, LedgerTracker) else {}
                 for r in regions:
                     digests[r.name] = await trio.to_thread.run_sync(source.digest, r.name, known.get(r.name))
+                mark("digests")
 
             async def collect_final() -> None:
                 collected.append(await trio.to_thread.run_sync(lambda: tracker.collect(final=True)))
+                mark("final-collect")
                 got_final.set()
 
             # The pages still pending from the last round go out at once (the source is paused,
@@ -287,13 +304,16 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                 nursery.start_soon(digest_all)
                 nursery.start_soon(collect_final)
                 st1 = await sender.send_pages(_runs(pending), source, round_no)
+                mark("final-pending-sent")
                 await got_final.wait()
                 final = collected[0]
                 _check_events(final)
                 extra = {name: (s - pending[name] if name in pending else s)
                          for name, s in final.pages.items()}
                 st2 = await sender.send_pages(_runs(extra), source, round_no)
+                mark("final-sent")
                 await sender.end_round(round_no)
+                mark("final-acked")
             _merge(pending, final)
             nfinal = _count(pending)
             rep.final_dirty_pages = nfinal
@@ -302,12 +322,15 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                            st1.duration + st2.duration)
             account(round_no, nfinal, st, final.cost_s, rep.dirty_pages_rate, rep.expected_downtime_ms, final=True)
             t_verify = time.monotonic()
+            mark("verify")
             if target.alongside_verify is None:
                 result = await sender.finish(digests)
             else:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(target.alongside_verify)
                     result = await sender.finish(digests)
+                    mark("verify-result")
+            mark("verified")
             rep.verify_ms = (time.monotonic() - t_verify) * 1000
     except trio.TooSlowError:
         raise MigratorError(f"stop-and-copy did not finish within {policy.verify_timeout_s} s") from None

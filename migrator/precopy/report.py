@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
+
+
+class Timeline(dict):
+    """Named wall-clock stamps (time.time(), the clock QEMU stamps its QMP events with, so the
+    two sides of a migration on one host line up).  Safe to mark from worker threads."""
+
+    def mark(self, name: str, at: float | None = None) -> None:
+        self[name] = time.time() if at is None else at
+
+    def relative_ms(self, origin: float) -> dict[str, float]:
+        return {k: round((v - origin) * 1000, 1) for k, v in sorted(self.items(), key=lambda kv: kv[1])}
 
 
 @dataclass
@@ -49,9 +61,11 @@ class MigrationReport:
     regions: list[dict] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     per_round: list[RoundStats] = field(default_factory=list)
+    timeline: Timeline = field(default_factory=Timeline)    # wall-clock stamps of the steps
 
     def to_json(self) -> dict:
         d = asdict(self)
+        d["timeline"] = dict(self.timeline)
         for k, v in d.items():
             if isinstance(v, float):
                 d[k] = round(v, 3)

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import MigratorError, UsageError
+from ..precopy.report import Timeline
 from .qmp import QMP, QmpError
 from .source import wait_migration
 
@@ -61,6 +62,7 @@ class DestinationVM:
         self.qmp: QMP | None = None
         self.resumed_at: float | None = None       # wall clock of the RESUME event
         self.timeline: dict[str, float] = {}       # incoming migration states, ms before RESUME
+        self.marks = Timeline()                    # wall-clock stamps of the steps
 
     def command(self) -> list[str]:
         c = self.cfg
@@ -78,6 +80,7 @@ class DestinationVM:
         """
         if os.path.exists(self.qmp_path):
             os.unlink(self.qmp_path)
+        self.marks.mark("dest-spawn")
         log = open(self.log_path, "w")
         try:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
@@ -94,13 +97,16 @@ class DestinationVM:
                 self.kill()
                 raise MigratorError(f"destination QEMU gave no QMP socket within {wait_s} s")
             time.sleep(0.005)
+        self.marks.mark("dest-qmp-socket")
         try:
             self.qmp = QMP(self.qmp_path, connect_wait_s=wait_s)
+            self.marks.mark("dest-qmp-connected")
             self.qmp.execute("migrate-set-capabilities", capabilities=[
                 {"capability": "x-ignore-shared", "state": True},
                 {"capability": "events", "state": True},
                 {"capability": "return-path", "state": True}])
             self.qmp.execute("migrate-incoming", uri=f"tcp:{self.cfg.incoming}")
+            self.marks.mark("dest-listening")
         except QmpError as e:
             self.kill()
             raise MigratorError(f"destination QEMU: {e}; log: {self.log_tail()}") from None
@@ -112,7 +118,9 @@ class DestinationVM:
             MigratorError: the incoming migration failed or did not come.
         """
         assert self.qmp is not None
+        self.marks.mark("dest-resume-start")
         status = wait_migration(self.qmp, 0, wait_s)
+        self.marks.mark("dest-incoming-done")
         if status != "completed":
             info = self.qmp.execute("query-migrate")
             raise MigratorError(f"destination QEMU: incoming migration {status}: "
@@ -121,8 +129,12 @@ class DestinationVM:
         run = self.qmp.execute("query-status")
         if run.get("status") != "running":
             self.qmp.execute("cont")
+            self.marks.mark("dest-cont-sent")
         self.resumed_at = self.qmp.wait_event("RESUME", 5.0, since=0 if run.get("running") else since).timestamp
         stamps = {e.data.get("status"): e.timestamp for e in self.qmp.events if e.name == "MIGRATION"}
+        for k, v in stamps.items():
+            self.marks.mark(f"dest-qemu-{k}", v)
+        self.marks.mark("dest-qemu-RESUME", self.resumed_at)
         self.timeline = {k: round((v - self.resumed_at) * 1000, 1) for k, v in stamps.items()}
         return self.resumed_at
 

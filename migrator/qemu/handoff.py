@@ -3,7 +3,9 @@ session's RAM image exists, and hands the VM over once the RAM verified and the 
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from typing import Callable
 
 import trio
@@ -26,11 +28,14 @@ class DestinationHandoff:
         self.ok = False
         self.error: str | None = None
         self._send, self._recv = trio.open_memory_channel[tuple](16)
+        self.marks: dict[str, float] = {}       # wall-clock stamps of the hooks
 
     def on_setup(self, images: ImageSet) -> None:
+        self.marks["dest-setup"] = time.time()
         self._send.send_nowait(("setup", images))
 
     def on_session_end(self, outcome: SessionOutcome) -> None:
+        self.marks["dest-session-end"] = time.time()
         self._send.send_nowait(("end", outcome))
 
     def close(self) -> None:
@@ -88,4 +93,5 @@ class DestinationHandoff:
         self.log(f"qemu: destination VM running (pid {vm.proc.pid}, resumed at {resumed:.6f}, "
                  f"QMP {vm.qmp_path}); incoming states, ms before the resume: "
                  + ", ".join(f"{k} {v}" for k, v in vm.timeline.items()))
+        self.log("qemu: timeline " + json.dumps({**self.marks, **vm.marks}))
         vm.detach()

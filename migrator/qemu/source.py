@@ -18,7 +18,7 @@ import trio
 from ..errors import MigratorError, RegionError
 from ..kernel.maps import RegionKind, read_maps
 from ..precopy.controller import MigrationPolicy, MigrationTarget, migrate
-from ..precopy.report import MigrationReport, RoundStats
+from ..precopy.report import MigrationReport, RoundStats, Timeline
 from .qmp import QMP, QmpError
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -153,7 +153,8 @@ def _connect(uri: str, deadline: float) -> socket.socket:
     return sock
 
 
-def send_device_state(qmp: QMP, uri: str, *, retry_s: float = 10.0) -> DeviceState:
+def send_device_state(qmp: QMP, uri: str, *, retry_s: float = 10.0,
+                      timeline: Timeline | None = None) -> DeviceState:
     """Have QEMU migrate to uri (tcp:HOST:PORT, the destination QEMU's incoming address) and wait.
 
     migrator opens the connection itself (retrying for retry_s while the destination is not
@@ -163,10 +164,13 @@ def send_device_state(qmp: QMP, uri: str, *, retry_s: float = 10.0) -> DeviceSta
     Raises:
         QmpError: the migration failed (QEMU's reason in the message).
     """
+    mark = (timeline or Timeline()).mark
     t0 = time.monotonic()
+    mark("devstate-start")
     since = len(qmp.events)
     if uri.startswith("tcp:"):
         sock = _connect(uri, t0 + retry_s)
+        mark("devstate-connected")
         try:
             qmp.execute_with_fd("getfd", sock.fileno(), fdname="migrator-devstate")
         finally:
@@ -174,8 +178,14 @@ def send_device_state(qmp: QMP, uri: str, *, retry_s: float = 10.0) -> DeviceSta
         qmp.execute("migrate", uri="fd:migrator-devstate")
     else:
         qmp.execute("migrate", uri=uri)
+    mark("devstate-migrate-sent")
     status = wait_migration(qmp, since, retry_s + 30)
+    mark("devstate-event")
+    for ev in qmp.events[since:]:
+        if ev.name == "MIGRATION":
+            mark(f"src-qemu-{ev.data.get('status')}", ev.timestamp)
     info = qmp.execute("query-migrate")
+    mark("devstate-done")
     if status != "completed":
         raise QmpError(f"QEMU could not send its device state to {uri}: {info.get('error-desc', status)}")
     return DeviceState(status, (time.monotonic() - t0) * 1000, int(info.get("ram", {}).get("transferred", 0)),
@@ -212,10 +222,12 @@ class QemuMigrationReport:
     ram_size: int = 0
     source_state: str = ""
     ram: MigrationReport = field(default_factory=MigrationReport)
+    timeline: Timeline = field(default_factory=Timeline)    # wall-clock stamps, RAM steps included
 
     def to_json(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "ram"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("ram", "timeline")}
         d["ram"] = self.ram.to_json()
+        d["timeline"] = dict(self.timeline)
         return d
 
     def summary(self) -> str:
@@ -241,15 +253,19 @@ async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, 
     """
     policy = policy or MigrationPolicy()
     t0 = time.monotonic()
+    timeline = Timeline()
+    timeline.mark("qmp-start")
     qmp = await trio.to_thread.run_sync(lambda: QMP(qmp_path))
+    timeline.mark("qmp-connected")
     try:
         if qmp.execute("query-status").get("status") != "running":
             raise MigratorError("the VM is not running (QMP query-status); start it or `cont` first")
         pid = qemu_pid(qmp)
         ram = find_guest_ram(pid, qmp)
         prepare_device_migration(qmp, policy.max_bandwidth)
+        timeline.mark("qmp-prepared")
         pauser = QmpPauser(qmp)
-        rep = QemuMigrationReport(memdev=ram.memdev, ram_size=ram.size)
+        rep = QemuMigrationReport(memdev=ram.memdev, ram_size=ram.size, timeline=timeline)
         devices: list[DeviceState] = []
 
         async def device_state() -> None:
@@ -257,12 +273,16 @@ async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, 
             # state while the receiver verifies the RAM digests.  The destination VM is resumed
             # only if both succeed; if either fails, the controller resumes the source (`cont`
             # works from postmigrate too: QEMU re-activates the disks).
-            devices.append(await trio.to_thread.run_sync(send_device_state, qmp, incoming_uri))
+            devices.append(await trio.to_thread.run_sync(
+                lambda: send_device_state(qmp, incoming_uri, timeline=timeline)))
             rep.device_state_done_at = time.time()
 
         target = MigrationTarget(pid, [ram.selector], pauser=pauser, alongside_verify=device_state)
         rep.ram = await migrate(target, host, port, key=key, policy=policy, ssl_context=ssl_context,
                                 progress=progress)
+        timeline.update(rep.ram.timeline)
+        if pauser.stopped_at is not None:
+            timeline.mark("src-qemu-STOP", pauser.stopped_at)
         rep.rounds = rep.ram.rounds
         rep.transferred_bytes = rep.ram.transferred_bytes
         rep.stopped_at = pauser.stopped_at
@@ -276,6 +296,7 @@ async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, 
             rep.transferred_bytes += dev.bytes
             rep.downtime_ms = rep.ram.downtime_ms       # pause -> RAM verified and device state sent
         rep.source_state = await trio.to_thread.run_sync(_settled_state, qmp)
+        timeline.mark("settled")
         rep.total_time_ms = (time.monotonic() - t0) * 1000
         return rep
     finally:
