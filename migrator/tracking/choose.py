@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import UnsupportedError, UsageError
 from ..kernel.maps import Region
-from ..kernel.probe import Capabilities, probe
+from ..kernel.probe import Capabilities, probe, probe_map_files
 from ..kernel.uffd import find_uffd_fds
 from .base import Tracker
 from .composite import CompositeTracker, is_shared
@@ -25,9 +25,14 @@ def make_tracker(pid: int, regions: list[Region], kind: str = "auto", *,
     The chosen tracker's name says what was picked (e.g. "wp+ledger", "hash+ledger")."""
     if kind not in CHOICES:
         raise UsageError(f"unknown tracker {kind!r}: choose one of {', '.join(CHOICES)}")
-    caps = caps or probe()
     private = [r for r in regions if not is_shared(r)]
     shared = [r for r in regions if is_shared(r)]
+    if caps is None and kind == "auto" and not private:
+        # shared memory only (a QEMU VM's RAM): the ledger needs map_files, nothing else of the
+        # probe (which costs a few ms of every migration's set-up)
+        if probe_map_files().supported:
+            return CompositeTracker(pid, regions, None, registry)
+    caps = caps or probe()
     wp_ok = caps.uffd_wp_async_anon.supported and caps.pagemap_scan.supported and caps.pidfd_getfd.supported
     has_uffd = uffd_fd is not None or bool(find_uffd_fds(pid))
 
