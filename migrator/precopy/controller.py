@@ -23,7 +23,7 @@ from ..tracking.pageset import PageSet
 from ..transport import RegionSpec, SendStats, connect_sender
 from .pause import Pauser, Throttle
 from .report import MigrationReport, RoundStats
-from .source import SourceMemory
+from .source import RecordingReader, SourceMemory
 
 
 @dataclass
@@ -112,7 +112,10 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
     throttle = Throttle([target.pid, *target.writers])
     specs = [RegionSpec(r.name, r.start, r.end) for r in regions]
     try:
-        tracker.begin()
+        # where the tracker can, round 0's reads are its baseline (no sweep of everything first)
+        begin_from_reads = getattr(tracker, "begin_from_reads", None)
+        baseline = begin_from_reads() if begin_from_reads is not None else tracker.begin() or set()
+        reader0 = RecordingReader(source, tracker.record_read, baseline) if baseline else source
         mark("tracker-begun")
         try:
             async with connect_sender(host, port, key=key, regions=specs, channels=policy.channels,
@@ -126,7 +129,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
                             nursery.start_soon(throttle.run)
                         try:
                             await _run(rep, policy, tracker, source, sender, regions, pauser,
-                                       throttle, progress, target)
+                                       throttle, progress, target, reader0)
                         finally:
                             nursery.cancel_scope.cancel()
                 except BaseExceptionGroup as eg:
@@ -154,7 +157,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
 
 async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, source: SourceMemory,
                sender, regions: list[Region], pauser: SourcePauser, throttle: Throttle,
-               progress, target: MigrationTarget) -> None:
+               progress, target: MigrationTarget, reader0) -> None:
     rep.status = "active"
     mark = rep.timeline.mark
 
@@ -175,8 +178,8 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             progress(rs)
         return rs
 
-    async def send_round(runs: dict[str, PageSet], round_no: int):
-        st = await sender.send_pages(_runs(runs), source, round_no)
+    async def send_round(runs: dict[str, PageSet], round_no: int, reader=source):
+        st = await sender.send_pages(_runs(runs), reader, round_no)
         mark(f"round{round_no}-sent")
         await sender.end_round(round_no)
         mark(f"round{round_no}-acked")
@@ -209,7 +212,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
     first = {r.name: await trio.to_thread.run_sync(source.populated, r) for r in regions}
     mark("round0-planned")
     t0 = time.monotonic()
-    st = await send_round(first, 0)
+    st = await send_round(first, 0, reader0)     # (every populated page: see begin_from_reads)
     account(0, _count(first), st, 0.0, 0.0, 0.0)
     dirty = await trio.to_thread.run_sync(tracker.collect)
     last_collect = time.monotonic()

@@ -142,3 +142,23 @@ class SourceMemory:
         if self._mem >= 0:
             os.close(self._mem)
             self._mem = -1
+
+
+class RecordingReader:
+    """Round 0's page reader: reads like `source` and hands what it read to `record(region_name,
+    runs, data)` (the tracker's record_read: the content baseline of the regions armed by
+    begin_from_reads, so the set-up needs no sweep of its own)."""
+
+    def __init__(self, source: SourceMemory, record, regions: set[str]):
+        self.source = source
+        self.record = record
+        self.regions = regions
+
+    def read_runs(self, region_name: str, runs: list[tuple[int, int]]) -> bytearray:
+        data = self.source.read_runs(region_name, runs)
+        if region_name in self.regions:
+            self.record(region_name, runs, data)
+        return data
+
+    def read(self, region_name: str, first_page: int, npages: int) -> bytearray:
+        return self.read_runs(region_name, [(first_page, npages)])
