@@ -5,6 +5,7 @@ paused (QEMU's postmigrate); on any failure it is resumed and the report says wh
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -178,18 +179,22 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             progress(rs)
         return rs
 
-    async def send_round(runs: dict[str, PageSet], round_no: int, reader=source):
+    async def send_round(runs: dict[str, PageSet], round_no: int, reader=source,
+                         sent: trio.Event | None = None):
         st = await sender.send_pages(_runs(runs), reader, round_no)
         mark(f"round{round_no}-sent")
+        if sent is not None:
+            sent.set()
         await sender.end_round(round_no)
         mark(f"round{round_no}-acked")
         return st
 
     async def send_and_collect(runs: dict[str, PageSet], round_no: int, lead_s: float,
-                               since: float):
+                               since: float, reader=source):
         """Send a round and, overlapping its end, collect the pages for the next one: the
-        collect starts lead_s into the send (or when the send is done, if sooner), and not
-        before policy.min_round_s after the previous collect."""
+        collect starts lead_s into the send (or once every page is read and sent, if sooner,
+        while the receiver's acknowledgement is still due), and not before
+        policy.min_round_s after the previous collect."""
         box: dict = {}
         send_done = trio.Event()
 
@@ -204,19 +209,18 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(collector)
-            box["st"] = await send_round(runs, round_no)
+            box["st"] = await send_round(runs, round_no, reader, send_done)
             send_done.set()
         return box["st"], box["dirty"], box["at"]
 
-    # round 0: every populated page
+    # round 0: every populated page; its collect starts once round 0 read every page (a baseline
+    # from reads must be complete before the first sweep)
     first = {r.name: await trio.to_thread.run_sync(source.populated, r) for r in regions}
     mark("round0-planned")
     t0 = time.monotonic()
-    st = await send_round(first, 0, reader0)     # (every populated page: see begin_from_reads)
+    st, dirty, last_collect = await send_and_collect(first, 0, math.inf, t0 - policy.min_round_s,
+                                                     reader0)
     account(0, _count(first), st, 0.0, 0.0, 0.0)
-    dirty = await trio.to_thread.run_sync(tracker.collect)
-    last_collect = time.monotonic()
-    mark("collect1-done")
     elapsed = last_collect - t0
 
     limit_s = policy.downtime_limit_ms / 1000
