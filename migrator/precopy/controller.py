@@ -57,9 +57,11 @@ class MigrationTarget:
     """What to migrate: regions (selectors) of process pid.  writers/cgroup are paused with it;
     `pauser` replaces the default (SIGSTOP of pid + writers, or the cgroup's freezer).
 
-    `alongside_verify`, if given, is awaited while the receiver verifies the digests, once every
-    page is written there and the source is paused (a QEMU source sends its device state then);
-    if it raises, the migration fails and the source is resumed."""
+    `after_pause`, if given, is started once the source is paused, beside the final pages (a QEMU
+    source starts its own migration, which stops before the device state); `alongside_verify` is
+    awaited while the receiver verifies the digests, once every page is written there (a QEMU
+    source sends its device state then).  If either raises, the migration fails and the source
+    is resumed."""
 
     pid: int
     regions: list[str]                    # selectors
@@ -67,6 +69,7 @@ class MigrationTarget:
     cgroup: str | None = None
     uffd_fd: int | None = None
     pauser: SourcePauser | None = None
+    after_pause: Callable[[], Awaitable[None]] | None = None
     alongside_verify: Callable[[], Awaitable[None]] | None = None
 
 
@@ -283,62 +286,67 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
     mark("paused")
     try:
         with trio.fail_after(policy.verify_timeout_s):
-            digests: dict[str, str] = {}
-            collected: list[DirtyPages] = []
-            got_final = trio.Event()
+            # beside: what the target does once paused (a QEMU source starts its own migration,
+            # up to its device state), while the last pages go out and are verified
+            async with trio.open_nursery() as beside:
+                if target.after_pause is not None:
+                    beside.start_soon(target.after_pause)
+                digests: dict[str, str] = {}
+                collected: list[DirtyPages] = []
+                got_final = trio.Event()
 
-            ledger = getattr(tracker, "ledger", None)
+                ledger = getattr(tracker, "ledger", None)
 
-            async def digest_all() -> None:
-                # The source is paused: its digests are computed while the last pages go out.
-                # Shared regions: the ledger's final sweep hashes every page (wait for it).
-                await got_final.wait()
-                known = {r.name: ledger.page_hashes(r.name) for r in ledger.regions} \
-                    if isinstance(ledger, LedgerTracker) else {}
-                for r in regions:
-                    digests[r.name] = await trio.to_thread.run_sync(source.digest, r.name, known.get(r.name))
-                mark("digests")
+                async def digest_all() -> None:
+                    # The source is paused: its digests are computed while the last pages go out.
+                    # Shared regions: the ledger's final sweep hashes every page (wait for it).
+                    await got_final.wait()
+                    known = {r.name: ledger.page_hashes(r.name) for r in ledger.regions} \
+                        if isinstance(ledger, LedgerTracker) else {}
+                    for r in regions:
+                        digests[r.name] = await trio.to_thread.run_sync(source.digest, r.name, known.get(r.name))
+                    mark("digests")
 
-            async def collect_final() -> None:
-                collected.append(await trio.to_thread.run_sync(lambda: tracker.collect(final=True)))
-                mark("final-collect")
-                got_final.set()
+                async def collect_final() -> None:
+                    collected.append(await trio.to_thread.run_sync(lambda: tracker.collect(final=True)))
+                    mark("final-collect")
+                    got_final.set()
 
-            # The pages still pending from the last round go out at once (the source is paused,
-            # so what is read now is final) while the final collect runs beside them; then only
-            # the pages that collect found beyond them.
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(digest_all)
-                nursery.start_soon(collect_final)
-                st1 = await sender.send_pages(_runs(pending), source, round_no)
-                mark("final-pending-sent")
-                await got_final.wait()
-                final = collected[0]
-                _check_events(final)
-                extra = {name: (s - pending[name] if name in pending else s)
-                         for name, s in final.pages.items()}
-                st2 = await sender.send_pages(_runs(extra), source, round_no)
-                mark("final-sent")
-                await sender.end_round(round_no)
-                mark("final-acked")
-            _merge(pending, final)
-            nfinal = _count(pending)
-            rep.final_dirty_pages = nfinal
-            st = SendStats(round_no, st1.bytes + st2.bytes, st1.pages_normal + st2.pages_normal,
-                           st1.pages_zero + st2.pages_zero, st1.batches + st2.batches,
-                           st1.duration + st2.duration)
-            account(round_no, nfinal, st, final.cost_s, rep.dirty_pages_rate, rep.expected_downtime_ms, final=True)
-            t_verify = time.monotonic()
-            mark("verify")
-            if target.alongside_verify is None:
-                result = await sender.finish(digests)
-            else:
+                # The pages still pending from the last round go out at once (the source is paused,
+                # so what is read now is final) while the final collect runs beside them; then only
+                # the pages that collect found beyond them.
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(target.alongside_verify)
+                    nursery.start_soon(digest_all)
+                    nursery.start_soon(collect_final)
+                    st1 = await sender.send_pages(_runs(pending), source, round_no)
+                    mark("final-pending-sent")
+                    await got_final.wait()
+                    final = collected[0]
+                    _check_events(final)
+                    extra = {name: (s - pending[name] if name in pending else s)
+                             for name, s in final.pages.items()}
+                    st2 = await sender.send_pages(_runs(extra), source, round_no)
+                    mark("final-sent")
+                    await sender.end_round(round_no)
+                    mark("final-acked")
+                _merge(pending, final)
+                nfinal = _count(pending)
+                rep.final_dirty_pages = nfinal
+                st = SendStats(round_no, st1.bytes + st2.bytes, st1.pages_normal + st2.pages_normal,
+                               st1.pages_zero + st2.pages_zero, st1.batches + st2.batches,
+                               st1.duration + st2.duration)
+                account(round_no, nfinal, st, final.cost_s, rep.dirty_pages_rate, rep.expected_downtime_ms, final=True)
+                t_verify = time.monotonic()
+                mark("verify")
+                if target.alongside_verify is None:
                     result = await sender.finish(digests)
-                    mark("verify-result")
-            mark("verified")
-            rep.verify_ms = (time.monotonic() - t_verify) * 1000
+                else:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(target.alongside_verify)
+                        result = await sender.finish(digests)
+                        mark("verify-result")
+                mark("verified")
+                rep.verify_ms = (time.monotonic() - t_verify) * 1000
     except trio.TooSlowError:
         raise MigratorError(f"stop-and-copy did not finish within {policy.verify_timeout_s} s") from None
     rep.downtime_ms = (time.monotonic() - t_pause) * 1000

@@ -19,7 +19,7 @@ from .source import QemuMigrationReport as QemuMigrationReport
 from .source import QmpPauser as QmpPauser
 from .source import find_guest_ram as find_guest_ram
 from .source import migrate_vm as migrate_vm
-from .source import send_device_state as send_device_state
+from .source import DeviceStateMigration as DeviceStateMigration
 from .testguest import GuestLayout as GuestLayout
 from .testguest import boot_sector as boot_sector
 from .testguest import check_pattern as check_pattern
@@ -27,6 +27,6 @@ from .vm import SourceVM as SourceVM
 from .vm import qemu_available as qemu_available
 
 __all__ = ["QMP", "QmpError", "QmpEvent", "GuestRam", "QmpPauser", "QemuMigrationReport",
-           "find_guest_ram", "migrate_vm", "send_device_state", "DestinationConfig", "DestinationVM",
+           "find_guest_ram", "migrate_vm", "DeviceStateMigration", "DestinationConfig", "DestinationVM",
            "DestinationHandoff", "GuestLayout", "boot_sector", "check_pattern", "SourceVM",
            "qemu_available"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -77,12 +78,15 @@ def find_guest_ram(pid: int, qmp: QMP) -> GuestRam:
 class QmpPauser:
     """The pauser of the pre-copy controller for a QEMU VM: QMP `stop` / `cont`.
 
-    stopped_at is QEMU's own wall-clock stamp of the STOP event (downtime starts there)."""
+    stopped_at is QEMU's own wall-clock stamp of the STOP event (downtime starts there).
+    resume() first cancels a migration of QEMU's own that was started (see DeviceStateMigration)
+    and has not ended: QEMU refuses `cont` until it has."""
 
     def __init__(self, qmp: QMP):
         self.qmp = qmp
         self.paused = False
         self.stopped_at: float | None = None
+        self.devstate: "DeviceStateMigration | None" = None
 
     def pause(self) -> None:
         since = len(self.qmp.events)
@@ -95,8 +99,25 @@ class QmpPauser:
             self.stopped_at = t
 
     def resume(self) -> None:
-        self.qmp.execute("cont")
+        if self.devstate is not None:
+            try:
+                self.devstate.cancel()
+            except QmpError:
+                pass             # `cont` below says whether QEMU lets the VM run
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                self.qmp.execute("cont")
+                break
+            except QmpError as e:
+                # a failed migration's end (finish-migrate -> postmigrate) may still be under way
+                if "not finished" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.001)
         self.paused = False
+
+
+MIGRATION_CAPABILITIES = ("x-ignore-shared", "events", "return-path", "pause-before-switchover")
 
 
 def prepare_device_migration(qmp: QMP, max_bandwidth: float | None) -> None:
@@ -105,30 +126,29 @@ def prepare_device_migration(qmp: QMP, max_bandwidth: float | None) -> None:
     if st in ("setup", "active", "pre-switchover", "device", "postcopy-active"):
         raise MigratorError(f"QEMU is already migrating (status {st})")
     qmp.execute("migrate-set-capabilities", capabilities=[
-        {"capability": "x-ignore-shared", "state": True},
-        {"capability": "events", "state": True},
-        {"capability": "return-path", "state": True}])
+        {"capability": c, "state": True} for c in MIGRATION_CAPABILITIES])
     qmp.execute("migrate-set-parameters", **{"max-bandwidth": int(max_bandwidth or UNCAPPED)})
 
 
-def wait_migration(qmp: QMP, since: int, wait_s: float) -> str:
-    """Wait for a MIGRATION event with a terminal status (events after index `since`)."""
+def wait_migration(qmp: QMP, since: int, wait_s: float, statuses: tuple[str, ...] = TERMINAL) -> str:
+    """Wait for a MIGRATION event with one of `statuses` (default: a terminal one) among the
+    events after index `since`; a terminal status ends the wait too."""
     deadline = time.monotonic() + wait_s
     while True:
         for ev in qmp.events[since:]:
-            if ev.name == "MIGRATION" and ev.data.get("status") in TERMINAL:
+            if ev.name == "MIGRATION" and ev.data.get("status") in statuses + TERMINAL:
                 return ev.data["status"]
         since = len(qmp.events)
         left = deadline - time.monotonic()
         if left <= 0:
-            raise QmpError(f"QEMU migration did not finish within {wait_s} s")
+            raise QmpError(f"QEMU migration did not reach {'/'.join(statuses)} within {wait_s} s")
         qmp.wait_event("MIGRATION", left, since=since)
 
 
 @dataclass(frozen=True)
 class DeviceState:
     status: str
-    duration_ms: float
+    duration_ms: float      # from migrate-continue (all RAM at the destination) to completed
     bytes: int              # what QEMU counted (non-shared RAM blocks: ROMs, etc.)
     qemu_downtime_ms: float
     attempts: int
@@ -153,43 +173,103 @@ def _connect(uri: str, deadline: float) -> socket.socket:
     return sock
 
 
-def send_device_state(qmp: QMP, uri: str, *, retry_s: float = 10.0,
-                      timeline: Timeline | None = None) -> DeviceState:
-    """Have QEMU migrate to uri (tcp:HOST:PORT, the destination QEMU's incoming address) and wait.
+class DeviceStateMigration:
+    """QEMU's own migration of everything but the shared RAM, in two steps around migrator's
+    final pages, so that only the device state itself is left for the end of the downtime.
 
-    migrator opens the connection itself (retrying for retry_s while the destination is not
-    listening yet), with TCP_NODELAY, and hands it to QEMU (`getfd` + `migrate fd:`): the small
-    messages at the end of a device-state migration then do not wait for delayed ACKs.
+    start(), once the source is paused (beside the final pages): connect to the destination
+    QEMU (tcp:HOST:PORT, retried for retry_s while refused) with TCP_NODELAY, hand the socket to
+    QEMU (`getfd` + `migrate fd:`: the return path's small last messages then do not wait for
+    delayed ACKs) and migrate.  With `pause-before-switchover` QEMU sends its set-up and the
+    non-shared RAM blocks (ROMs, ~0.2 MB) and waits in `pre-switchover`.
+    finish(), once every RAM page is written at the destination: `migrate-continue`: QEMU sends
+    the device state (which the destination may load only onto complete RAM) and completes; with
+    the return path the source learns whether the destination loaded it.
+    cancel(): on any failure, end a migration that was started (QEMU refuses `cont` before).
 
-    Raises:
-        QmpError: the migration failed (QEMU's reason in the message).
+    Blocking calls (run them in threads).  Every failure raises QmpError naming the device state.
     """
-    mark = (timeline or Timeline()).mark
-    t0 = time.monotonic()
-    mark("devstate-start")
-    since = len(qmp.events)
-    if uri.startswith("tcp:"):
-        sock = _connect(uri, t0 + retry_s)
-        mark("devstate-connected")
+
+    def __init__(self, qmp: QMP, uri: str, *, retry_s: float = 10.0, timeline: Timeline | None = None):
+        self.qmp = qmp
+        self.uri = uri
+        self.retry_s = retry_s
+        self.mark = (timeline if timeline is not None else Timeline()).mark
+        self.started = False            # `migrate` issued (cancel() has something to end)
+        self._since = 0
+        self._start_done = threading.Event()
+        self._start_error: QmpError | None = None
+        self._lock = threading.Lock()    # start's `migrate` vs cancel()
+        self._cancelled = False
+
+    def _failed(self, why: str) -> QmpError:
+        return QmpError(f"QEMU could not send its device state to {self.uri}: {why}")
+
+    def start(self) -> None:
         try:
-            qmp.execute_with_fd("getfd", sock.fileno(), fdname="migrator-devstate")
+            self._start()
+        except QmpError as e:
+            self._start_error = self._failed(str(e))
+            raise self._start_error from None
         finally:
-            sock.close()
-        qmp.execute("migrate", uri="fd:migrator-devstate")
-    else:
-        qmp.execute("migrate", uri=uri)
-    mark("devstate-migrate-sent")
-    status = wait_migration(qmp, since, retry_s + 30)
-    mark("devstate-event")
-    for ev in qmp.events[since:]:
-        if ev.name == "MIGRATION":
-            mark(f"src-qemu-{ev.data.get('status')}", ev.timestamp)
-    info = qmp.execute("query-migrate")
-    mark("devstate-done")
-    if status != "completed":
-        raise QmpError(f"QEMU could not send its device state to {uri}: {info.get('error-desc', status)}")
-    return DeviceState(status, (time.monotonic() - t0) * 1000, int(info.get("ram", {}).get("transferred", 0)),
-                       float(info.get("downtime", 0)), 1)
+            self._start_done.set()
+
+    def _start(self) -> None:
+        self.mark("devstate-start")
+        self._since = len(self.qmp.events)
+        if self.uri.startswith("tcp:"):
+            sock = _connect(self.uri, time.monotonic() + self.retry_s)
+            self.mark("devstate-connected")
+            try:
+                self.qmp.execute_with_fd("getfd", sock.fileno(), fdname="migrator-devstate")
+            finally:
+                sock.close()
+        with self._lock:
+            if self._cancelled:      # the migration failed meanwhile: the source resumes
+                raise QmpError("cancelled")
+            self.started = True
+            self.qmp.execute("migrate", uri="fd:migrator-devstate" if self.uri.startswith("tcp:") else self.uri)
+        self.mark("devstate-migrate-sent")
+
+    def finish(self) -> DeviceState:
+        if not self._start_done.wait(self.retry_s + 30):
+            raise self._failed("its migration did not start")
+        if self._start_error is not None:
+            raise self._start_error
+        t0 = time.monotonic()
+        status = wait_migration(self.qmp, self._since, self.retry_s + 30, ("pre-switchover",))
+        self.mark("devstate-pre-switchover")
+        if status == "pre-switchover":
+            t0 = time.monotonic()
+            try:
+                self.qmp.execute("migrate-continue", state="pre-switchover")
+            except QmpError as e:
+                raise self._failed(str(e)) from None
+            self.mark("devstate-continue-sent")
+            status = wait_migration(self.qmp, self._since, self.retry_s + 30)
+        self.mark("devstate-event")
+        for ev in self.qmp.events[self._since:]:
+            if ev.name == "MIGRATION":
+                self.mark(f"src-qemu-{ev.data.get('status')}", ev.timestamp)
+        info = self.qmp.execute("query-migrate")
+        self.mark("devstate-done")
+        if status != "completed":
+            raise self._failed(info.get("error-desc", status))
+        return DeviceState(status, (time.monotonic() - t0) * 1000,
+                           int(info.get("ram", {}).get("transferred", 0)), float(info.get("downtime", 0)), 1)
+
+    def cancel(self, wait_s: float = 10.0) -> None:
+        """End a started migration that has not ended (migrate_cancel), and wait until it has;
+        a start() still under way will not start one."""
+        with self._lock:
+            self._cancelled = True
+        if not self.started:
+            return
+        if any(ev.name == "MIGRATION" and ev.data.get("status") in TERMINAL
+               for ev in self.qmp.events[self._since:]):
+            return
+        self.qmp.execute("migrate_cancel")
+        wait_migration(self.qmp, self._since, wait_s)
 
 
 def _settled_state(qmp: QMP, wait_s: float = 2.0) -> str:
@@ -266,18 +346,25 @@ async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, 
         timeline.mark("qmp-prepared")
         pauser = QmpPauser(qmp)
         rep = QemuMigrationReport(memdev=ram.memdev, ram_size=ram.size, timeline=timeline)
+        devstate = pauser.devstate = DeviceStateMigration(qmp, incoming_uri, timeline=timeline)
         devices: list[DeviceState] = []
 
+        async def start_device_state() -> None:
+            # The VM is stopped: QEMU's migration starts beside the final pages and waits in
+            # pre-switchover, before its device state.
+            await trio.to_thread.run_sync(devstate.start)
+
         async def device_state() -> None:
-            # Every RAM page is at the destination and the VM is stopped: QEMU sends the device
-            # state while the receiver verifies the RAM digests.  The destination VM is resumed
-            # only if both succeed; if either fails, the controller resumes the source (`cont`
-            # works from postmigrate too: QEMU re-activates the disks).
-            devices.append(await trio.to_thread.run_sync(
-                lambda: send_device_state(qmp, incoming_uri, timeline=timeline)))
+            # Every RAM page is at the destination: QEMU sends the device state while the
+            # receiver verifies the RAM digests.  The destination VM is resumed only if both
+            # succeed; if either fails, the controller resumes the source (the pauser cancels
+            # QEMU's migration first; `cont` works from postmigrate too: QEMU re-activates the
+            # disks).
+            devices.append(await trio.to_thread.run_sync(devstate.finish))
             rep.device_state_done_at = time.time()
 
-        target = MigrationTarget(pid, [ram.selector], pauser=pauser, alongside_verify=device_state)
+        target = MigrationTarget(pid, [ram.selector], pauser=pauser, after_pause=start_device_state,
+                                 alongside_verify=device_state)
         rep.ram = await migrate(target, host, port, key=key, policy=policy, ssl_context=ssl_context,
                                 progress=progress)
         timeline.update(rep.ram.timeline)
