@@ -321,3 +321,44 @@ def test_device_state_connection_waits_for_the_destination():
         lsock.close()
     with pytest.raises(QmpError, match="refused"):
         _connect(f"tcp:127.0.0.1:{_free_port()}", time.monotonic() + 0.1)
+
+
+def test_resume_cancels_a_migration_waiting_before_its_device_state(vm):
+    """The switch-over failed after QEMU's own migration started (it waits in pre-switchover,
+    before its device state): resuming the source cancels that migration, then `cont` runs the
+    VM on; nothing reached the destination but the set-up."""
+    from migrator.qemu.source import DeviceStateMigration, QmpPauser, prepare_device_migration
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    received = []
+
+    def drain():                  # a destination that takes everything and answers nothing
+        c, _ = lsock.accept()
+        while True:
+            b = c.recv(1 << 16)
+            if not b:
+                break
+            received.append(len(b))
+        c.close()
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    with QMP(vm.qmp_path) as q:
+        prepare_device_migration(q, None)
+        pauser = QmpPauser(q)
+        ds = pauser.devstate = DeviceStateMigration(q, f"tcp:127.0.0.1:{lsock.getsockname()[1]}")
+        pauser.pause()
+        assert q.execute("query-status")["status"] == "paused"
+        ds.start()
+        deadline = time.monotonic() + 10
+        while q.execute("query-migrate")["status"] != "pre-switchover":
+            assert time.monotonic() < deadline, q.execute("query-migrate")
+            time.sleep(0.01)
+        pauser.resume()
+        assert q.execute("query-migrate")["status"] == "cancelled"
+        assert q.execute("query-status")["status"] == "running"
+        assert not pauser.paused
+    t.join(10)
+    lsock.close()
+    assert sum(received) > 0               # QEMU's set-up went out, then the stream ended
+    assert _grows(vm.serial_path), "the source guest did not run on"
