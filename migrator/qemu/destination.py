@@ -2,8 +2,9 @@
 
 Started as soon as the receiver has created the image (before the RAM arrives: the receiver's
 writes land in the same page cache that QEMU maps with share=on), it waits with `-incoming
-defer` + `migrate-incoming`.  Once migrator verified the RAM and the source QEMU sent its device
-state, the VM stands paused (the source was stopped); `resume()` runs `cont`.
+defer` + `migrate-incoming`.  It is started with `-S`: once migrator verified the RAM and the
+source QEMU sent its device state, the VM stands paused whatever the source's run state was;
+only `resume()` runs it (`cont`).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class DestinationVM:
                 "-object", f"memory-backend-file,id={c.memdev},size={self.size},share=on,"
                            f"mem-path={os.path.abspath(self.image)}",
                 "-machine", f"memory-backend={c.memdev}", "-m", f"{self.size >> 20}M",
-                "-qmp", f"unix:{self.qmp_path},server=on,wait=off", "-incoming", "defer"]
+                "-qmp", f"unix:{self.qmp_path},server=on,wait=off", "-S", "-incoming", "defer"]
 
     def start(self, wait_s: float = 20.0) -> None:
         """Start QEMU and listen for the device state.
@@ -96,7 +97,7 @@ class DestinationVM:
             if time.monotonic() > deadline:
                 self.kill()
                 raise MigratorError(f"destination QEMU gave no QMP socket within {wait_s} s")
-            time.sleep(0.005)
+            time.sleep(0.001)
         self.marks.mark("dest-qmp-socket")
         try:
             self.qmp = QMP(self.qmp_path, connect_wait_s=wait_s)
@@ -126,11 +127,9 @@ class DestinationVM:
             raise MigratorError(f"destination QEMU: incoming migration {status}: "
                                 f"{info.get('error-desc', '')} {self.log_tail()}")
         since = len(self.qmp.events)
-        run = self.qmp.execute("query-status")
-        if run.get("status") != "running":
-            self.qmp.execute("cont")
-            self.marks.mark("dest-cont-sent")
-        self.resumed_at = self.qmp.wait_event("RESUME", 5.0, since=0 if run.get("running") else since).timestamp
+        self.qmp.execute("cont")         # (-S: paused until now)
+        self.marks.mark("dest-cont-sent")
+        self.resumed_at = self.qmp.wait_event("RESUME", 5.0, since=since).timestamp
         stamps = {e.data.get("status"): e.timestamp for e in self.qmp.events if e.name == "MIGRATION"}
         for k, v in stamps.items():
             self.marks.mark(f"dest-qemu-{k}", v)
