@@ -14,9 +14,12 @@ from ..errors import TargetGoneError, UnsupportedError
 from .maps import Region, mappings_in, read_maps
 
 
-def open_object(pid: int, region: Region) -> int:
-    """A read-only descriptor of the memory object behind a shared region."""
-    vmas = [m for m in mappings_in(read_maps(pid), region.start, region.end)
+def open_object(pid: int, region: Region, maps: list | None = None) -> int:
+    """A read-only descriptor of the memory object behind a shared region (maps: the process's
+    mappings if the caller just read them; the object's inode is checked either way)."""
+    if maps is None:
+        maps = read_maps(pid)
+    vmas = [m for m in mappings_in(maps, region.start, region.end)
             if (m.dev, m.inode) == (region.dev, region.inode)]
     if not vmas:
         raise TargetGoneError(f"region {region.name} is no longer mapped in process {pid}")

@@ -6,6 +6,7 @@ paused (QEMU's postmigrate); on any failure it is resumed and the report says wh
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -69,8 +70,37 @@ class MigrationTarget:
     cgroup: str | None = None
     uffd_fd: int | None = None
     pauser: SourcePauser | None = None
+    maps: list | None = None              # the target's mappings if the caller just read them
     after_pause: Callable[[], Awaitable[None]] | None = None
     alongside_verify: Callable[[], Awaitable[None]] | None = None
+
+
+class Background:
+    """A blocking call running in a thread of its own from now on (set-up work beside I/O)."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.error: BaseException | None = None
+        self._value: object = None
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(fn,), name="migrator-setup", daemon=True).start()
+
+    def _run(self, fn) -> None:
+        try:
+            self._value = fn()
+        except BaseException as e:
+            self.error = e
+        finally:
+            self._done.set()
+
+    def join(self) -> None:
+        self._done.wait()
+
+    async def result(self):
+        if not self._done.is_set():
+            await trio.to_thread.run_sync(self._done.wait)
+        if self.error is not None:
+            raise self.error
+        return self._value
 
 
 NONCONVERGENCE_RATIO = 0.95     # dirtied / previously sent at or above this: no progress
@@ -106,44 +136,58 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
     t_start = time.monotonic()
     mark = rep.timeline.mark
     mark("start")
-    regions: list[Region] = select_regions(read_maps(target.pid), target.regions)
+    maps = target.maps if target.maps is not None else read_maps(target.pid)
+    regions: list[Region] = select_regions(maps, target.regions)
     rep.regions = [r.to_json() for r in regions]
     tracker = make_tracker(target.pid, regions, policy.tracker, uffd_fd=target.uffd_fd)
     rep.tracker = tracker.name
     mark("tracker-made")
-    source = SourceMemory(target.pid, regions)
+    source = SourceMemory(target.pid, regions, maps)
     pauser = target.pauser or Pauser([target.pid, *target.writers], target.cgroup)
     throttle = Throttle([target.pid, *target.writers])
     specs = [RegionSpec(r.name, r.start, r.end) for r in regions]
-    try:
-        # where the tracker can, round 0's reads are its baseline (no sweep of everything first)
+
+    def arm() -> tuple[set[str], dict[str, PageSet]]:
+        # Where the tracker can, round 0's reads are its baseline (no sweep of everything
+        # first).  Round 0's pages are found after the tracker is armed: a page populated in
+        # between is then either in round 0 or reported by the first collect.
         begin_from_reads = getattr(tracker, "begin_from_reads", None)
         baseline = begin_from_reads() if begin_from_reads is not None else tracker.begin() or set()
-        reader0 = RecordingReader(source, tracker.record_read, baseline) if baseline else source
         mark("tracker-begun")
+        first = {r.name: source.populated(r) for r in regions}
+        mark("round0-planned")
+        return baseline, first
+
+    arming = Background(arm)        # beside the connection's set-up
+    try:
         try:
             async with connect_sender(host, port, key=key, regions=specs, channels=policy.channels,
                                       page_size=PAGE_SIZE, max_bandwidth=policy.max_bandwidth,
                                       ssl_context=ssl_context) as sender:
-                rep.setup_time_ms = (time.monotonic() - t_start) * 1000
                 mark("connected")
+                baseline, first = await arming.result()
+                rep.setup_time_ms = (time.monotonic() - t_start) * 1000
+                reader0 = RecordingReader(source, tracker.record_read, baseline) if baseline else source
                 try:
                     async with trio.open_nursery() as nursery:
                         if policy.auto_converge:
                             nursery.start_soon(throttle.run)
                         try:
                             await _run(rep, policy, tracker, source, sender, regions, pauser,
-                                       throttle, progress, target, reader0)
+                                       throttle, progress, target, first, reader0)
                         finally:
                             nursery.cancel_scope.cancel()
                 except BaseExceptionGroup as eg:
                     raise first_error(eg) from None
         except MigratorError as e:
+            if e is arming.error:
+                raise                # found before anything was sent (as a failed connection)
             if rep.status in ("setup", "active"):
                 rep.status, rep.reason = "failed", str(e)
             if not rep.reason:
                 rep.reason = str(e)
     finally:
+        arming.join()
         if pauser.paused and rep.status != "completed":
             with trio.CancelScope(shield=True):
                 pauser.resume()
@@ -161,7 +205,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
 
 async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, source: SourceMemory,
                sender, regions: list[Region], pauser: SourcePauser, throttle: Throttle,
-               progress, target: MigrationTarget, reader0) -> None:
+               progress, target: MigrationTarget, first: dict[str, PageSet], reader0) -> None:
     rep.status = "active"
     mark = rep.timeline.mark
 
@@ -216,10 +260,8 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             send_done.set()
         return box["st"], box["dirty"], box["at"]
 
-    # round 0: every populated page; its collect starts once round 0 read every page (a baseline
-    # from reads must be complete before the first sweep)
-    first = {r.name: await trio.to_thread.run_sync(source.populated, r) for r in regions}
-    mark("round0-planned")
+    # round 0: every populated page (`first`); its collect starts once round 0 read every page (a
+    # baseline from reads must be complete before the first sweep)
     t0 = time.monotonic()
     st, dirty, last_collect = await send_and_collect(first, 0, math.inf, t0 - policy.min_round_s,
                                                      reader0)

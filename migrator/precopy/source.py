@@ -21,7 +21,7 @@ from ..transport.digest import digest_of_hashes, fd_page_hashes
 class SourceMemory:
     """Blocking reads of the tracked regions of a running (or paused) process."""
 
-    def __init__(self, pid: int, regions: list[Region]):
+    def __init__(self, pid: int, regions: list[Region], maps: list | None = None):
         self.pid = pid
         self.regions = {r.name: r for r in regions}
         self._fds: dict[str, int] = {}
@@ -35,7 +35,7 @@ class SourceMemory:
             raise MigratorError(f"cannot open /proc/{pid}/mem: permission denied (run as root)") from None
         for r in regions:
             if r.kind == RegionKind.SHARED:
-                self._fds[r.name] = open_object(pid, r)
+                self._fds[r.name] = open_object(pid, r, maps)
 
     def _where(self, region_name: str) -> tuple[int, int, bool]:
         """(fd, byte position of page 0, is the memory object itself) for a region."""

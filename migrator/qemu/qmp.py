@@ -115,6 +115,41 @@ class QMP:
         """
         return self._execute(command, arguments, None)
 
+    def execute_many(self, *commands: str | tuple[str, dict]) -> list[Any]:
+        """Several commands (names, or (name, arguments)) sent at once and answered in order: one
+        round trip.  Returns their `return` values.
+
+        Raises:
+            QmpError: QEMU refused one of them (the first refusal; every answer is read first).
+        """
+        reqs = [{"execute": c} if isinstance(c, str) else {"execute": c[0], "arguments": c[1]}
+                for c in commands]
+        with self._lock:
+            try:
+                self._sock.sendall(b"".join(json.dumps(r).encode() + b"\n" for r in reqs))
+            except OSError as e:
+                raise QmpError(f"QMP {self.path}: {e.strerror or e}") from None
+            deadline = time.monotonic() + self.reply_wait_s
+            out: list[Any] = []
+            refused: QmpError | None = None
+            for req in reqs:
+                while True:
+                    msg = self._read_message(deadline)
+                    if "event" in msg:
+                        self.events.append(QmpEvent.from_json(msg))
+                        continue
+                    if "error" in msg:
+                        err = msg["error"]
+                        refused = refused or QmpError(f"QEMU refused {req['execute']}: {err.get('desc', err)}")
+                        out.append(None)
+                        break
+                    if "return" in msg:
+                        out.append(msg["return"])
+                        break
+            if refused is not None:
+                raise refused
+            return out
+
     def execute_with_fd(self, command: str, fd: int, **arguments: Any) -> Any:
         """Run a command that takes a file descriptor (e.g. getfd), passed with SCM_RIGHTS."""
         return self._execute(command, arguments, fd)

@@ -18,7 +18,7 @@ import trio
 
 from ..errors import MigratorError, RegionError
 from ..kernel.maps import RegionKind, read_maps
-from ..precopy.controller import MigrationPolicy, MigrationTarget, migrate
+from ..precopy.controller import Background, MigrationPolicy, MigrationTarget, migrate
 from ..precopy.report import MigrationReport, RoundStats, Timeline
 from .qmp import QMP, QmpError
 
@@ -48,13 +48,15 @@ def qemu_pid(qmp: QMP) -> int:
     return pid
 
 
-def find_guest_ram(pid: int, qmp: QMP) -> GuestRam:
-    """The one shared memory backend of the VM (query-memdev) and its mapping in /proc/PID/maps.
+def find_guest_ram(pid: int, qmp: QMP, *, memdevs: list | None = None,
+                   maps: list | None = None) -> GuestRam:
+    """The one shared memory backend of the VM (query-memdev, unless memdevs holds its answer)
+    and its mapping in /proc/PID/maps (unless maps holds them).
 
     Raises:
         RegionError: no backend, more than one, not share=on, or no mapping of its size.
     """
-    devs = qmp.execute("query-memdev")
+    devs = memdevs if memdevs is not None else qmp.execute("query-memdev")
     if not devs:
         raise RegionError("QEMU reports no memory backend: start it with "
                           "-object memory-backend-memfd,id=ram,size=...,share=on -machine memory-backend=ram")
@@ -66,12 +68,12 @@ def find_guest_ram(pid: int, qmp: QMP) -> GuestRam:
         raise RegionError(f"memory backend {name} is not share=on: x-ignore-shared would not skip it, "
                           "and migrator can only hand over shared guest RAM")
     size = int(dev["size"])
-    maps = [m for m in read_maps(pid) if m.shared and m.end - m.start == size
-            and m.kind in (RegionKind.SHARED, RegionKind.FILE) and m.offset == 0]
-    if len(maps) != 1:
-        raise RegionError(f"found {len(maps)} shared mappings of {size} bytes in QEMU {pid} for backend "
+    found = [m for m in (maps if maps is not None else read_maps(pid)) if m.shared
+             and m.end - m.start == size and m.kind in (RegionKind.SHARED, RegionKind.FILE) and m.offset == 0]
+    if len(found) != 1:
+        raise RegionError(f"found {len(found)} shared mappings of {size} bytes in QEMU {pid} for backend "
                           f"{name}; expected exactly one")
-    m = maps[0]
+    m = found[0]
     return GuestRam(memdev=name, size=size, start=m.start, end=m.end, path=m.path)
 
 
@@ -120,14 +122,27 @@ class QmpPauser:
 MIGRATION_CAPABILITIES = ("x-ignore-shared", "events", "return-path", "pause-before-switchover")
 
 
+MIGRATING = ("setup", "active", "pre-switchover", "device", "postcopy-active")
+
+
+def check_not_migrating(info: dict) -> None:
+    """Refuse a VM that is migrating already (info: query-migrate's answer)."""
+    if info.get("status") in MIGRATING:
+        raise MigratorError(f"QEMU is already migrating (status {info['status']})")
+
+
+def set_device_migration_capabilities(qmp: QMP, max_bandwidth: float | None) -> None:
+    """Capabilities and cap of a device-state-only migration (one QMP round trip)."""
+    qmp.execute_many(
+        ("migrate-set-capabilities", {"capabilities": [
+            {"capability": c, "state": True} for c in MIGRATION_CAPABILITIES]}),
+        ("migrate-set-parameters", {"max-bandwidth": int(max_bandwidth or UNCAPPED)}))
+
+
 def prepare_device_migration(qmp: QMP, max_bandwidth: float | None) -> None:
     """Capabilities for a device-state-only migration (set before anything moves)."""
-    st = qmp.execute("query-migrate").get("status")
-    if st in ("setup", "active", "pre-switchover", "device", "postcopy-active"):
-        raise MigratorError(f"QEMU is already migrating (status {st})")
-    qmp.execute("migrate-set-capabilities", capabilities=[
-        {"capability": c, "state": True} for c in MIGRATION_CAPABILITIES])
-    qmp.execute("migrate-set-parameters", **{"max-bandwidth": int(max_bandwidth or UNCAPPED)})
+    check_not_migrating(qmp.execute("query-migrate"))
+    set_device_migration_capabilities(qmp, max_bandwidth)
 
 
 def wait_migration(qmp: QMP, since: int, wait_s: float, statuses: tuple[str, ...] = TERMINAL) -> str:
@@ -279,7 +294,7 @@ def _settled_state(qmp: QMP, wait_s: float = 2.0) -> str:
         st = qmp.execute("query-status").get("status", "?")
         if st != "finish-migrate" or time.monotonic() > deadline:
             return st
-        time.sleep(0.005)
+        time.sleep(0.001)
 
 
 @dataclass
@@ -337,13 +352,18 @@ async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, 
     timeline.mark("qmp-start")
     qmp = await trio.to_thread.run_sync(lambda: QMP(qmp_path))
     timeline.mark("qmp-connected")
+    caps: Background | None = None
     try:
-        if qmp.execute("query-status").get("status") != "running":
+        status, memdevs, migration = qmp.execute_many("query-status", "query-memdev", "query-migrate")
+        if status.get("status") != "running":
             raise MigratorError("the VM is not running (QMP query-status); start it or `cont` first")
+        check_not_migrating(migration)
         pid = qemu_pid(qmp)
-        ram = find_guest_ram(pid, qmp)
-        prepare_device_migration(qmp, policy.max_bandwidth)
-        timeline.mark("qmp-prepared")
+        maps = read_maps(pid)
+        ram = find_guest_ram(pid, qmp, memdevs=memdevs, maps=maps)
+        timeline.mark("qmp-checked")
+        # the capabilities are set beside the RAM migration's set-up; needed at the pause
+        caps = Background(lambda: set_device_migration_capabilities(qmp, policy.max_bandwidth))
         pauser = QmpPauser(qmp)
         rep = QemuMigrationReport(memdev=ram.memdev, ram_size=ram.size, timeline=timeline)
         devstate = pauser.devstate = DeviceStateMigration(qmp, incoming_uri, timeline=timeline)
@@ -352,6 +372,10 @@ async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, 
         async def start_device_state() -> None:
             # The VM is stopped: QEMU's migration starts beside the final pages and waits in
             # pre-switchover, before its device state.
+            try:
+                await caps.result()
+            except QmpError as e:
+                raise QmpError(f"QEMU could not send its device state: {e}") from None
             await trio.to_thread.run_sync(devstate.start)
 
         async def device_state() -> None:
@@ -363,8 +387,8 @@ async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, 
             devices.append(await trio.to_thread.run_sync(devstate.finish))
             rep.device_state_done_at = time.time()
 
-        target = MigrationTarget(pid, [ram.selector], pauser=pauser, after_pause=start_device_state,
-                                 alongside_verify=device_state)
+        target = MigrationTarget(pid, [ram.selector], pauser=pauser, maps=maps,
+                                 after_pause=start_device_state, alongside_verify=device_state)
         rep.ram = await migrate(target, host, port, key=key, policy=policy, ssl_context=ssl_context,
                                 progress=progress)
         timeline.update(rep.ram.timeline)
@@ -387,4 +411,6 @@ async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, 
         rep.total_time_ms = (time.monotonic() - t0) * 1000
         return rep
     finally:
+        if caps is not None:
+            caps.join()
         qmp.close()
