@@ -22,7 +22,7 @@ from ..tracking.base import DirtyPages, Tracker
 from ..tracking.choose import make_tracker
 from ..tracking.ledger import LedgerTracker
 from ..tracking.pageset import PageSet
-from ..transport import RegionSpec, SendStats, connect_sender
+from ..transport import FinishResult, RegionSpec, SendStats, connect_sender
 from .pause import Pauser, Throttle
 from .report import MigrationReport, RoundStats
 from .source import RecordingReader, SourceMemory
@@ -318,6 +318,67 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         dirty = next_dirty
         pending = {}
 
+    async def final_round() -> FinishResult:
+        """The source is paused: the last pages, the final collect and the digests, then the
+        receiver's verification (beside it, target.alongside_verify)."""
+        digests: dict[str, str] = {}
+        collected: list[DirtyPages] = []
+        got_final = trio.Event()
+
+        ledger = getattr(tracker, "ledger", None)
+
+        async def digest_all() -> None:
+            # The source is paused: its digests are computed while the last pages go out.
+            # Shared regions: the ledger's final sweep hashes every page (wait for it).
+            await got_final.wait()
+            known = {r.name: ledger.page_hashes(r.name) for r in ledger.regions} \
+                if isinstance(ledger, LedgerTracker) else {}
+            for r in regions:
+                digests[r.name] = await trio.to_thread.run_sync(source.digest, r.name, known.get(r.name))
+            mark("digests")
+
+        async def collect_final() -> None:
+            collected.append(await trio.to_thread.run_sync(lambda: tracker.collect(final=True)))
+            mark("final-collect")
+            got_final.set()
+
+        # The pages still pending from the last round go out at once (the source is paused,
+        # so what is read now is final) while the final collect runs beside them; then only
+        # the pages that collect found beyond them.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(digest_all)
+            nursery.start_soon(collect_final)
+            st1 = await sender.send_pages(_runs(pending), source, round_no)
+            mark("final-pending-sent")
+            await got_final.wait()
+            final = collected[0]
+            _check_events(final)
+            extra = {name: (s - pending[name] if name in pending else s)
+                     for name, s in final.pages.items()}
+            st2 = await sender.send_pages(_runs(extra), source, round_no)
+            mark("final-sent")
+            await sender.end_round(round_no)
+            mark("final-acked")
+        _merge(pending, final)
+        nfinal = _count(pending)
+        rep.final_dirty_pages = nfinal
+        st = SendStats(round_no, st1.bytes + st2.bytes, st1.pages_normal + st2.pages_normal,
+                       st1.pages_zero + st2.pages_zero, st1.batches + st2.batches,
+                       st1.duration + st2.duration)
+        account(round_no, nfinal, st, final.cost_s, rep.dirty_pages_rate, rep.expected_downtime_ms, final=True)
+        t_verify = time.monotonic()
+        mark("verify")
+        if target.alongside_verify is None:
+            result = await sender.finish(digests)
+        else:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(target.alongside_verify)
+                result = await sender.finish(digests)
+                mark("verify-result")
+        mark("verified")
+        rep.verify_ms = (time.monotonic() - t_verify) * 1000
+        return result
+
     # stop-and-copy
     with trio.CancelScope(shield=True):
         await throttle.stop()        # its last SIGCONT must come before our SIGSTOP
@@ -328,67 +389,12 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
     mark("paused")
     try:
         with trio.fail_after(policy.verify_timeout_s):
-            # beside: what the target does once paused (a QEMU source starts its own migration,
-            # up to its device state), while the last pages go out and are verified
+            # beside the final round: what the target does once paused (a QEMU source starts
+            # its own migration, up to its device state)
             async with trio.open_nursery() as beside:
                 if target.after_pause is not None:
                     beside.start_soon(target.after_pause)
-                digests: dict[str, str] = {}
-                collected: list[DirtyPages] = []
-                got_final = trio.Event()
-
-                ledger = getattr(tracker, "ledger", None)
-
-                async def digest_all() -> None:
-                    # The source is paused: its digests are computed while the last pages go out.
-                    # Shared regions: the ledger's final sweep hashes every page (wait for it).
-                    await got_final.wait()
-                    known = {r.name: ledger.page_hashes(r.name) for r in ledger.regions} \
-                        if isinstance(ledger, LedgerTracker) else {}
-                    for r in regions:
-                        digests[r.name] = await trio.to_thread.run_sync(source.digest, r.name, known.get(r.name))
-                    mark("digests")
-
-                async def collect_final() -> None:
-                    collected.append(await trio.to_thread.run_sync(lambda: tracker.collect(final=True)))
-                    mark("final-collect")
-                    got_final.set()
-
-                # The pages still pending from the last round go out at once (the source is paused,
-                # so what is read now is final) while the final collect runs beside them; then only
-                # the pages that collect found beyond them.
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(digest_all)
-                    nursery.start_soon(collect_final)
-                    st1 = await sender.send_pages(_runs(pending), source, round_no)
-                    mark("final-pending-sent")
-                    await got_final.wait()
-                    final = collected[0]
-                    _check_events(final)
-                    extra = {name: (s - pending[name] if name in pending else s)
-                             for name, s in final.pages.items()}
-                    st2 = await sender.send_pages(_runs(extra), source, round_no)
-                    mark("final-sent")
-                    await sender.end_round(round_no)
-                    mark("final-acked")
-                _merge(pending, final)
-                nfinal = _count(pending)
-                rep.final_dirty_pages = nfinal
-                st = SendStats(round_no, st1.bytes + st2.bytes, st1.pages_normal + st2.pages_normal,
-                               st1.pages_zero + st2.pages_zero, st1.batches + st2.batches,
-                               st1.duration + st2.duration)
-                account(round_no, nfinal, st, final.cost_s, rep.dirty_pages_rate, rep.expected_downtime_ms, final=True)
-                t_verify = time.monotonic()
-                mark("verify")
-                if target.alongside_verify is None:
-                    result = await sender.finish(digests)
-                else:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(target.alongside_verify)
-                        result = await sender.finish(digests)
-                        mark("verify-result")
-                mark("verified")
-                rep.verify_ms = (time.monotonic() - t_verify) * 1000
+                result = await final_round()
     except trio.TooSlowError:
         raise MigratorError(f"stop-and-copy did not finish within {policy.verify_timeout_s} s") from None
     rep.downtime_ms = (time.monotonic() - t_pause) * 1000
