@@ -353,9 +353,12 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             await got_final.wait()
             final = collected[0]
             _check_events(final)
-            extra = {name: (s - pending[name] if name in pending else s)
-                     for name, s in final.pages.items()}
-            st2 = await sender.send_pages(_runs(extra), source, round_no)
+            extra = _runs({name: (s - pending[name] if name in pending else s)
+                           for name, s in final.pages.items()})
+            # (nothing beyond the pending pages, as when the guest rewrites them all: no send to
+            # set up and drain)
+            st2 = await sender.send_pages(extra, source, round_no) if extra \
+                else SendStats(round_no, 0, 0, 0, 0, 0.0)
             mark("final-sent")
             await sender.end_round(round_no)
             mark("final-acked")
