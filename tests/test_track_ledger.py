@@ -134,49 +134,6 @@ def test_one_ledger_per_object_shared_by_trackers(child):
     reg.close()
 
 
-def test_ledger_baseline_from_reads(child):
-    """begin_from_reads arms without a sweep: what round 0 read (and sent) is the baseline.  The
-    first collect reports exactly the pages whose contents differ from what was read, pages never
-    read counting as zeros (as a fresh destination image holds them)."""
-    from migrator.precopy.source import RecordingReader, SourceMemory
-    r = child.region("shm")
-    t = LedgerTracker(child.pid, [r])
-    src = SourceMemory(child.pid, [r])
-    try:
-        assert t.begin_from_reads() == {"shm"}
-        assert t.registry.ledgers()[0].sweeps == 0
-        child.write("shm", [5])                          # before the read: the read has it
-        reader = RecordingReader(src, t.record_read, {"shm"})
-        data = reader.read_runs("shm", [(0, 20), (30, 10)])
-        assert len(data) == 30 * PS
-        child.write("shm", [7, 31])                      # after the read
-        child.cmd("punch", first=60, n=4)                # never read, zeros now
-        assert pages(t) == {"shm": sorted([7, 31, *range(20, 30), *range(40, 60)])}
-        # after the first collect the sweeps keep the baseline: a late record is ignored
-        t.record_read("shm", [(0, 64)], bytes(64 * PS))
-        child.write("shm", [5])
-        assert pages(t) == {"shm": [5]}
-    finally:
-        src.close()
-        t.end()
-
-
-def test_ledger_baseline_from_reads_only_on_its_own_ledgers(child):
-    """A registry shared with other trackers keeps its sweeps: begin_from_reads falls back to
-    begin() (nothing to record)."""
-    reg = LedgerRegistry()
-    r = child.region("shm")
-    a = LedgerTracker(child.pid, [r], reg)
-    try:
-        assert a.begin_from_reads() == set()
-        assert reg.ledgers()[0].sweeps == 1
-        child.write("shm", [9])
-        a.record_read("shm", [(0, 64)], bytes(64 * PS))   # not armed from reads: ignored
-        assert pages(a) == {"shm": [9]}
-    finally:
-        reg.close()
-
-
 def test_ledger_memory_per_page(child):
     with LedgerTracker(child.pid, [child.region("shm")]) as t:
         led = t.registry.ledgers()[0]

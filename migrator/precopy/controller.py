@@ -25,7 +25,7 @@ from ..tracking.pageset import PageSet
 from ..transport import FinishResult, RegionSpec, SendStats, connect_sender
 from .pause import Pauser, Throttle
 from .report import MigrationReport, RoundStats
-from .source import RecordingReader, SourceMemory
+from .source import SourceMemory
 
 
 @dataclass
@@ -147,16 +147,14 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
     throttle = Throttle([target.pid, *target.writers])
     specs = [RegionSpec(r.name, r.start, r.end) for r in regions]
 
-    def arm() -> tuple[set[str], dict[str, PageSet]]:
-        # Where the tracker can, round 0's reads are its baseline (no sweep of everything
-        # first).  Round 0's pages are found after the tracker is armed: a page populated in
-        # between is then either in round 0 or reported by the first collect.
-        begin_from_reads = getattr(tracker, "begin_from_reads", None)
-        baseline = begin_from_reads() if begin_from_reads is not None else tracker.begin() or set()
+    def arm() -> dict[str, PageSet]:
+        # Round 0's pages are found after the tracker is armed: a page populated in between is
+        # then either in round 0 or reported by the first collect.
+        tracker.begin()
         mark("tracker-begun")
         first = {r.name: source.populated(r) for r in regions}
         mark("round0-planned")
-        return baseline, first
+        return first
 
     arming = Background(arm)        # beside the connection's set-up
     try:
@@ -165,16 +163,15 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
                                       page_size=PAGE_SIZE, max_bandwidth=policy.max_bandwidth,
                                       ssl_context=ssl_context) as sender:
                 mark("connected")
-                baseline, first = await arming.result()
+                first = await arming.result()
                 rep.setup_time_ms = (time.monotonic() - t_start) * 1000
-                reader0 = RecordingReader(source, tracker.record_read, baseline) if baseline else source
                 try:
                     async with trio.open_nursery() as nursery:
                         if policy.auto_converge:
                             nursery.start_soon(throttle.run)
                         try:
                             await _run(rep, policy, tracker, source, sender, regions, pauser,
-                                       throttle, progress, target, first, reader0)
+                                       throttle, progress, target, first)
                         finally:
                             nursery.cancel_scope.cancel()
                 except BaseExceptionGroup as eg:
@@ -205,7 +202,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
 
 async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, source: SourceMemory,
                sender, regions: list[Region], pauser: SourcePauser, throttle: Throttle,
-               progress, target: MigrationTarget, first: dict[str, PageSet], reader0) -> None:
+               progress, target: MigrationTarget, first: dict[str, PageSet]) -> None:
     rep.status = "active"
     mark = rep.timeline.mark
 
@@ -226,9 +223,8 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             progress(rs)
         return rs
 
-    async def send_round(runs: dict[str, PageSet], round_no: int, reader=source,
-                         sent: trio.Event | None = None):
-        st = await sender.send_pages(_runs(runs), reader, round_no)
+    async def send_round(runs: dict[str, PageSet], round_no: int, sent: trio.Event | None = None):
+        st = await sender.send_pages(_runs(runs), source, round_no)
         mark(f"round{round_no}-sent")
         if sent is not None:
             sent.set()
@@ -237,7 +233,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         return st
 
     async def send_and_collect(runs: dict[str, PageSet], round_no: int, lead_s: float,
-                               since: float, reader=source):
+                               since: float):
         """Send a round and, overlapping its end, collect the pages for the next one: the
         collect starts lead_s into the send (or once every page is read and sent, if sooner,
         while the receiver's acknowledgement is still due), and not before
@@ -256,15 +252,13 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(collector)
-            box["st"] = await send_round(runs, round_no, reader, send_done)
+            box["st"] = await send_round(runs, round_no, send_done)
             send_done.set()
         return box["st"], box["dirty"], box["at"]
 
-    # round 0: every populated page (`first`); its collect starts once round 0 read every page (a
-    # baseline from reads must be complete before the first sweep)
+    # round 0: every populated page (`first`); its collect starts once every page is sent
     t0 = time.monotonic()
-    st, dirty, last_collect = await send_and_collect(first, 0, math.inf, t0 - policy.min_round_s,
-                                                     reader0)
+    st, dirty, last_collect = await send_and_collect(first, 0, math.inf, t0 - policy.min_round_s)
     account(0, _count(first), st, 0.0, 0.0, 0.0)
     elapsed = last_collect - t0
 

@@ -142,37 +142,3 @@ class SourceMemory:
         if self._mem >= 0:
             os.close(self._mem)
             self._mem = -1
-
-
-class RecordingReader:
-    """Round 0's page reader: reads like `source` and hands what it read to `record(region_name,
-    runs, data)` (the tracker's record_read: the content baseline of the regions armed by
-    begin_from_reads, so the set-up needs no sweep of its own).  Those regions are read into the
-    sender's buffers (read_into), never packed from a mapping, where nothing would see what was
-    sent; the other regions keep every fast path of `source`.  Called from several producer
-    threads at once (each records its own pages)."""
-
-    def __init__(self, source: SourceMemory, record, regions: set[str]):
-        self.source = source
-        self.record = record
-        self.regions = regions
-
-    def read_into(self, region_name: str, runs: list[tuple[int, int]], buf) -> None:
-        self.source.read_into(region_name, runs, buf)
-        if region_name in self.regions:
-            self.record(region_name, runs, buf)
-
-    def read_runs(self, region_name: str, runs: list[tuple[int, int]]) -> bytearray:
-        data = self.source.read_runs(region_name, runs)
-        if region_name in self.regions:
-            self.record(region_name, runs, data)
-        return data
-
-    def read(self, region_name: str, first_page: int, npages: int) -> bytearray:
-        return self.read_runs(region_name, [(first_page, npages)])
-
-    def mapped(self, region_name: str):
-        return None if region_name in self.regions else self.source.mapped(region_name)
-
-    def memory_object(self, region_name: str) -> tuple[int, int] | None:
-        return None if region_name in self.regions else self.source.memory_object(region_name)

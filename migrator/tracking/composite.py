@@ -30,32 +30,15 @@ class CompositeTracker(Tracker):
         return [p for p in (self.private, self.ledger) if p is not None]
 
     def begin(self) -> None:
-        self._begin(from_reads=False)
-
-    def begin_from_reads(self) -> set[str]:
-        """begin(), with the ledger armed by LedgerTracker.begin_from_reads: returns the regions
-        whose baseline record_read() must be given (what round 0 reads)."""
-        return self._begin(from_reads=True)
-
-    def _begin(self, from_reads: bool) -> set[str]:
         started: list[Tracker] = []
-        lazy: set[str] = set()
         try:
             for p in self.parts():
-                if from_reads and isinstance(p, LedgerTracker):
-                    lazy = p.begin_from_reads()
-                else:
-                    p.begin()
+                p.begin()
                 started.append(p)
         except BaseException:
             for p in started:
                 p.end()
             raise
-        return lazy
-
-    def record_read(self, region_name: str, runs: list[tuple[int, int]], data) -> None:
-        if isinstance(self.ledger, LedgerTracker):
-            self.ledger.record_read(region_name, runs, data)
 
     def collect(self, final: bool = False) -> DirtyPages:
         t0 = time.perf_counter()

@@ -8,11 +8,6 @@ device + inode, not per process), holding an XXH3-64 hash and a change generatio
 zero pages) through /proc/PID/map_files, without touching any process's page tables, and bumps
 the generation of every page whose hash changed.  Each consumer (a LedgerTracker of one process)
 remembers the generation it last saw, so several trackers can share one ledger.
-
-A migration's own ledger can skip the initial sweep (LedgerTracker.begin_from_reads): the hashes
-of what round 0 read and sent are the baseline instead (record_read), so the first collect reports
-exactly the pages whose contents differ from what the destination holds, and the set-up does not
-read the whole object once more.
 """
 
 from __future__ import annotations
@@ -91,18 +86,6 @@ class ShmemLedger:
         self.last_sweep_s = time.perf_counter() - t0
         return changed
 
-    def record(self, first_page: int, data, offset: int, npages: int) -> None:
-        """Set the hashes of object pages [first_page, first_page + npages) to those of
-        data[offset:offset + npages * PAGE_SIZE] (what was just read from them), without a new
-        generation: the baseline the next sweep compares with."""
-        if first_page < self.first_page or first_page + npages > self.end_page:
-            raise ValueError("range outside the ledger")
-        if len(data) < offset + npages * PAGE_SIZE:
-            raise ValueError("data shorter than the pages recorded")
-        if npages:
-            lib.mg_hash_mem_pages(ffi.from_buffer("uint8_t[]", data) + offset, npages, PAGE_SIZE,
-                                  self.hashes + (first_page - self.first_page))
-
     def _sweep_chunk(self, chunk: tuple[int, int], g: int) -> int:
         offset, n = chunk
         buf = getattr(self._local, "buf", None)
@@ -137,10 +120,9 @@ class LedgerRegistry:
     def __init__(self) -> None:
         self._ledgers: dict[tuple[int, int, int], ShmemLedger] = {}
 
-    def ledger_for(self, pid: int, region: Region, *, sweep: bool = True) -> ShmemLedger:
+    def ledger_for(self, pid: int, region: Region) -> ShmemLedger:
         """The ledger of region's object, created (and swept once) on first use; grown when a
-        later region reaches beyond it.  sweep=False: a new ledger starts with every page
-        hashed as a zero page instead (see LedgerTracker.begin_from_reads)."""
+        later region reaches beyond it."""
         first = region.offset // PAGE_SIZE
         end = first + region.npages
         led = self._ledgers.get(region.object_key)
@@ -149,21 +131,11 @@ class LedgerRegistry:
         if led is not None:
             first, end = min(first, led.first_page), max(end, led.end_page)
             led.close()
-            sweep = True        # the new range needs a baseline
         fd = open_object(pid, region)
         led = ShmemLedger(region.object_key, fd, first, end)
-        if sweep:
-            led.sweep()
-        else:
-            lib.mg_sweep_hole(led.npages, led._zero, led.hashes, ffi.NULL, 0, led.gens, 0)
+        led.sweep()
         self._ledgers[region.object_key] = led
         return led
-
-    def has(self, region: Region) -> bool:
-        """Whether a ledger covering region's object pages exists already."""
-        led = self._ledgers.get(region.object_key)
-        first = region.offset // PAGE_SIZE
-        return led is not None and led.first_page <= first and first + region.npages <= led.end_page
 
     def ledgers(self) -> list[ShmemLedger]:
         return list(self._ledgers.values())
@@ -191,47 +163,14 @@ class LedgerTracker(Tracker):
         self._own_registry = registry is None
         self.registry = registry or LedgerRegistry()
         self._since: dict[str, int] = {}
-        self._lazy: set[str] = set()       # regions whose baseline comes from record_read
 
     def begin(self) -> None:
         for r in self.regions:
             led = self.registry.ledger_for(self.pid, r)
             self._since[r.name] = led.generation
 
-    def begin_from_reads(self) -> set[str]:
-        """Arm like begin(), but without the initial sweep where this tracker owns the ledgers
-        (its own registry, one region per object): the baseline of those regions is what
-        record_read() is given before the first collect, every other page counts as a zero page.
-        The caller must read every page the destination does not hold as zeros through
-        record_read (round 0 sends every populated page).  Returns the names of those regions
-        (none: armed by a sweep as in begin())."""
-        keys = [r.object_key for r in self.regions]
-        if not self._own_registry or len(set(keys)) != len(keys) \
-                or any(self.registry.has(r) for r in self.regions):
-            self.begin()
-            return set()
-        for r in self.regions:
-            self._since[r.name] = self.registry.ledger_for(self.pid, r, sweep=False).generation
-        self._lazy = {r.name for r in self.regions}
-        return set(self._lazy)
-
-    def record_read(self, region_name: str, runs: list[tuple[int, int]], data) -> None:
-        """The pages of runs [(first_page, npages), ...] of a region were read as data (one
-        after the other) to be sent: their hashes become the baseline (regions armed by
-        begin_from_reads, until the first collect; otherwise nothing to do)."""
-        if region_name not in self._lazy:
-            return
-        r = next(r for r in self.regions if r.name == region_name)
-        led = self.registry.ledger_for(self.pid, r)
-        base = r.offset // PAGE_SIZE
-        off = 0
-        for first, n in runs:
-            led.record(base + first, data, off, n)
-            off += n * PAGE_SIZE
-
     def collect(self, final: bool = False) -> DirtyPages:
         t0 = time.perf_counter()
-        self._lazy = set()              # the baseline is complete: sweeps take over
         out = DirtyPages(pages={})
         maps = read_maps(self.pid)      # raises TargetGoneError when the process exited
         swept: set[int] = set()
