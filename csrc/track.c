@@ -239,6 +239,12 @@ static int64_t compare_pages(const uint8_t *buf, uint64_t n, uint64_t page_size,
     return changed;
 }
 
+int64_t mg_sweep_mem(const uint8_t *addr, uint64_t npages, uint64_t page_size, uint64_t *hashes,
+                     uint8_t *bitmap, uint64_t bit_offset, uint32_t *gens, uint32_t gen)
+{
+    return compare_pages(addr, npages, page_size, hashes, bitmap, bit_offset, gens, gen);
+}
+
 int64_t mg_sweep_fd(int fd, uint64_t offset, uint64_t npages, uint64_t page_size,
                     uint8_t *buf, uint64_t buf_len, uint64_t *hashes, uint8_t *bitmap,
                     uint64_t bit_offset, uint32_t *gens, uint32_t gen)

@@ -65,9 +65,14 @@ void mg_hash_mem_pages(const uint8_t *addr, uint64_t npages, uint64_t page_size,
 int64_t mg_sweep_fd(int fd, uint64_t offset, uint64_t npages, uint64_t page_size,
                     uint8_t *buf, uint64_t buf_len, uint64_t *hashes, uint8_t *bitmap,
                     uint64_t bit_offset, uint32_t *gens, uint32_t gen);
-/* Same for memory of a (possibly) other process, read with process_vm_readv.  Pages that cannot
- * be read (unmapped) are skipped with their hash left unchanged; the count of those goes to
- * *unreadable. */
+/* mg_sweep_fd's comparison on memory that is mapped already (a read-only mapping of the
+ * object: no copy; the caller keeps it to pages that hold data, since a read fault on a shmem
+ * hole allocates the page). */
+int64_t mg_sweep_mem(const uint8_t *addr, uint64_t npages, uint64_t page_size, uint64_t *hashes,
+                     uint8_t *bitmap, uint64_t bit_offset, uint32_t *gens, uint32_t gen);
+/* Same as mg_sweep_fd for memory of a (possibly) other process, read with process_vm_readv.
+ * Pages that cannot be read (unmapped) are skipped with their hash left unchanged; the count of
+ * those goes to *unreadable. */
 int64_t mg_sweep_remote(int pid, uint64_t vaddr, uint64_t npages, uint64_t page_size,
                         uint8_t *buf, uint64_t buf_len, uint64_t *hashes, uint8_t *bitmap,
                         uint64_t bit_offset, uint64_t *unreadable);

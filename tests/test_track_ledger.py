@@ -62,6 +62,34 @@ def test_ledger_target_writes(child):
         assert pages(t) == {"shm": []}
 
 
+def test_ledger_sweeps_from_a_mapping_without_touching_holes(child, side_mapping):
+    """use_views: the ledger hashes the data extents straight from a read-only mapping of the
+    object (the one the sender packs from); same pages reported as with pread, every write path
+    seen, and a punched hole stays a hole (a read fault there would allocate the page)."""
+    from migrator.kernel.shmem import data_extents
+    r = child.region("shm")
+    a, b = child.span("shm")
+    fd = os.open(f"/proc/{child.pid}/fd/{child.info['memfd']}", os.O_RDONLY)
+    view = mmap.mmap(fd, b - a, mmap.MAP_SHARED, mmap.PROT_READ)
+    try:
+        t = LedgerTracker(child.pid, [r])
+        t.use_views({"shm": view})
+        with t:
+            assert t.registry.ledgers()[0]._view is not None
+            assert pages(t) == {"shm": []}
+            child.write("shm", [0, 31])
+            side_mapping[40 * PS:40 * PS + 1] = b"\x07"
+            child.cmd("pwrite", pages=[63])
+            child.cmd("punch", first=8, n=3)
+            assert pages(t) == {"shm": [0, 8, 9, 10, 31, 40, 63]}
+            assert pages(t) == {"shm": []}
+            data = [(x // PS, y // PS) for x, y in data_extents(fd, 0, b - a)]
+            assert data == [(0, 8), (11, 64)]        # pages 8-10 still not allocated
+    finally:
+        view.close()
+        os.close(fd)
+
+
 def test_ledger_ignores_rewrites_of_identical_bytes(child):
     with LedgerTracker(child.pid, [child.region("shm")]) as t:
         child.cmd("write_same", region="shm", pages=[5])

@@ -148,8 +148,13 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
     specs = [RegionSpec(r.name, r.start, r.end) for r in regions]
 
     def arm() -> dict[str, PageSet]:
-        # Round 0's pages are found after the tracker is armed: a page populated in between is
-        # then either in round 0 or reported by the first collect.
+        # The ledger sweeps the mappings the sender packs from, where there are (their page
+        # tables are then filled before round 0).  Round 0's pages are found after the tracker
+        # is armed: a page populated in between is then either in round 0 or reported by the
+        # first collect.
+        use_views = getattr(tracker, "use_views", None)
+        if use_views is not None:
+            use_views({r.name: source.mapped(r.name) for r in regions})
         tracker.begin()
         mark("tracker-begun")
         first = {r.name: source.populated(r) for r in regions}

@@ -29,6 +29,11 @@ class CompositeTracker(Tracker):
     def parts(self) -> list[Tracker]:
         return [p for p in (self.private, self.ledger) if p is not None]
 
+    def use_views(self, views: dict) -> None:
+        """Mappings of shared regions for the ledger to sweep from (LedgerTracker.use_views)."""
+        if isinstance(self.ledger, LedgerTracker):
+            self.ledger.use_views(views)
+
     def begin(self) -> None:
         started: list[Tracker] = []
         try:

@@ -8,6 +8,11 @@ device + inode, not per process), holding an XXH3-64 hash and a change generatio
 zero pages) through /proc/PID/map_files, without touching any process's page tables, and bumps
 the generation of every page whose hash changed.  Each consumer (a LedgerTracker of one process)
 remembers the generation it last saw, so several trackers can share one ledger.
+
+Where the migration maps the object itself (the source's read-only mapping of a memfd sealed
+against shrinking, which the sender packs from), a ledger of its own hashes the data extents
+straight from that mapping (use_view): no copy, and the sweeps fill the page tables the sender's
+later rounds use instead of leaving that to the final round.
 """
 
 from __future__ import annotations
@@ -48,6 +53,15 @@ class ShmemLedger:
         self._local = threading.local()       # one read buffer per sweeping thread
         self._pool: ThreadPoolExecutor | None = None
         self._zero = lib.mg_hash_zero_page(PAGE_SIZE)
+        self._view = None                     # object pages [first_page, end_page) mapped
+
+    def use_view(self, view) -> None:
+        """Sweep from view (a read-only buffer of the object pages [first_page, end_page), kept
+        valid until close()) instead of pread: only data extents are read, as pread does (a
+        read fault on a shmem hole would allocate the page)."""
+        if len(view) < self.npages * PAGE_SIZE:
+            raise ValueError(f"view of {len(view)} bytes for {self.npages} pages")
+        self._view = ffi.from_buffer(view)
 
     @property
     def npages(self) -> int:
@@ -88,6 +102,10 @@ class ShmemLedger:
 
     def _sweep_chunk(self, chunk: tuple[int, int], g: int) -> int:
         offset, n = chunk
+        if self._view is not None:
+            i = offset // PAGE_SIZE - self.first_page
+            return lib.mg_sweep_mem(self._view + i * PAGE_SIZE, n, PAGE_SIZE, self.hashes + i,
+                                    ffi.NULL, 0, self.gens + i, g)
         buf = getattr(self._local, "buf", None)
         if buf is None:
             buf = self._local.buf = ffi.new("uint8_t[]", SWEEP_BUFFER)
@@ -109,6 +127,9 @@ class ShmemLedger:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        if self._view is not None:
+            ffi.release(self._view)
+            self._view = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -120,9 +141,10 @@ class LedgerRegistry:
     def __init__(self) -> None:
         self._ledgers: dict[tuple[int, int, int], ShmemLedger] = {}
 
-    def ledger_for(self, pid: int, region: Region) -> ShmemLedger:
+    def ledger_for(self, pid: int, region: Region, view=None) -> ShmemLedger:
         """The ledger of region's object, created (and swept once) on first use; grown when a
-        later region reaches beyond it."""
+        later region reaches beyond it.  view: region's pages mapped (see ShmemLedger.use_view),
+        used by a ledger created for exactly this region."""
         first = region.offset // PAGE_SIZE
         end = first + region.npages
         led = self._ledgers.get(region.object_key)
@@ -131,8 +153,11 @@ class LedgerRegistry:
         if led is not None:
             first, end = min(first, led.first_page), max(end, led.end_page)
             led.close()
+            view = None           # it covers the region, not the grown range
         fd = open_object(pid, region)
         led = ShmemLedger(region.object_key, fd, first, end)
+        if view is not None:
+            led.use_view(view)
         led.sweep()
         self._ledgers[region.object_key] = led
         return led
@@ -163,10 +188,18 @@ class LedgerTracker(Tracker):
         self._own_registry = registry is None
         self.registry = registry or LedgerRegistry()
         self._since: dict[str, int] = {}
+        self._views: dict = {}
+
+    def use_views(self, views: dict) -> None:
+        """Region name -> a read-only mapping of the region's object pages, valid until end():
+        the ledgers this tracker creates sweep from it (ShmemLedger.use_view).  Before begin();
+        ignored with a shared registry (its ledgers may outlive the mappings)."""
+        if self._own_registry:
+            self._views = {k: v for k, v in views.items() if v is not None}
 
     def begin(self) -> None:
         for r in self.regions:
-            led = self.registry.ledger_for(self.pid, r)
+            led = self.registry.ledger_for(self.pid, r, self._views.get(r.name))
             self._since[r.name] = led.generation
 
     def collect(self, final: bool = False) -> DirtyPages:
