@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
                 host, port, args.out, key=key, once=args.once, preallocate=args.preallocate,
                 ssl_context=ssl_context, log=_log,
                 on_setup=handoff.on_setup if handoff else None,
+                on_verified=handoff.on_verified if handoff else None,
                 on_session_end=handoff.on_session_end if handoff else None, task_status=task_status))
         finally:
             if handoff:

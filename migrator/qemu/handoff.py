@@ -34,6 +34,11 @@ class DestinationHandoff:
         self.marks["dest-setup"] = time.time()
         self._send.send_nowait(("setup", images))
 
+    def on_verified(self, images: ImageSet) -> None:
+        """The RAM image verified: hand over now, not after the images' fsync."""
+        self.marks["dest-verified"] = time.time()
+        self._send.send_nowait(("verified", images))
+
     def on_session_end(self, outcome: SessionOutcome) -> None:
         self.marks["dest-session-end"] = time.time()
         self._send.send_nowait(("end", outcome))
@@ -49,8 +54,13 @@ class DestinationHandoff:
                 async for kind, obj in self._recv:
                     if kind == "setup":
                         await self._start(obj)
+                    elif kind == "verified":
+                        await self._hand_over()
                     elif kind == "end":
-                        await self._end(obj)
+                        if not obj.complete and self.vm is not None and not self.ok:
+                            self.error = f"RAM not verified ({obj.error}): destination VM stopped"
+                            self.log(f"qemu: {self.error}")
+                            self.vm.kill()
                         return
         finally:
             if not self.ok and self.vm is not None:
@@ -73,14 +83,9 @@ class DestinationHandoff:
         self.log(f"qemu: destination VM pid {vm.proc.pid} maps {path}, waits for device state on "
                  f"{self.cfg.incoming} (QMP {vm.qmp_path})")
 
-    async def _end(self, outcome: SessionOutcome) -> None:
+    async def _hand_over(self) -> None:
         vm = self.vm
         if vm is None:
-            return
-        if not outcome.complete:
-            self.error = f"RAM not verified ({outcome.error}): destination VM stopped"
-            self.log(f"qemu: {self.error}")
-            vm.kill()
             return
         try:
             resumed = await trio.to_thread.run_sync(vm.resume)

@@ -75,14 +75,19 @@ class Receiver:
         log: called with one line per session (and per rejected connection).
         on_session_end: called with each SessionOutcome once it is final.
         on_setup: called with the session's ImageSet once its images exist (before any page).
+        on_verified: called with the session's ImageSet once its images verified complete and
+            the verdict went out, before they are flushed to disk (fsync is for durability: a
+            process mapping an image sees its pages already).
     """
 
     def __init__(self, out_dir: str, *, key: bytes | None, ssl_context=None,
                  log: Callable[[str], None] | None = None,
                  on_session_end: Callable[[SessionOutcome], None] | None = None,
                  preallocate: bool = False,
-                 on_setup: Callable[[ImageSet], None] | None = None):
+                 on_setup: Callable[[ImageSet], None] | None = None,
+                 on_verified: Callable[[ImageSet], None] | None = None):
         self.on_setup = on_setup
+        self.on_verified = on_verified
         self.out_dir = out_dir
         self.preallocate = preallocate      # fallocate each image when its session starts
         self.key = key
@@ -371,6 +376,8 @@ class Receiver:
         await fs.send(wire.Result(complete, tuple(v.verified for v in verdicts),
                                   tuple(v.dest_digest for v in verdicts), images.error or ""))
         s.verdict_sent = True
+        if complete and self.on_verified is not None:
+            self.on_verified(images)
         await trio.to_thread.run_sync(images.sync)
         self._end(s, complete=complete)
 
@@ -417,18 +424,19 @@ async def serve(listen_host: str, port: int, out_dir: str, *, key: bytes | None,
                 once: bool = False, ssl_context=None, log: Callable[[str], None] | None = None,
                 preallocate: bool = False,
                 on_setup: Callable[[ImageSet], None] | None = None,
+                on_verified: Callable[[ImageSet], None] | None = None,
                 on_session_end: Callable[[SessionOutcome], None] | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> list[SessionOutcome]:
     """Listen and serve migrations until cancelled, or until one session ended if `once`.
 
     task_status.started() gets the bound port (useful with port 0).  Returns the outcomes.
-    on_setup / on_session_end: see Receiver.
+    on_setup / on_verified / on_session_end: see Receiver.
 
     Raises:
         UsageError: no key on a non-loopback address, or the address cannot be bound.
     """
     receiver = Receiver(out_dir, key=key, ssl_context=ssl_context, log=log, preallocate=preallocate,
-                        on_setup=on_setup, on_session_end=on_session_end)
+                        on_setup=on_setup, on_verified=on_verified, on_session_end=on_session_end)
     return await receiver.serve(listen_host, port, once=once, task_status=task_status)
 
 
