@@ -18,4 +18,8 @@ int64_t mg_read_runs(int fd, uint64_t base, const uint64_t *runs, uint64_t nruns
 int mg_digest_fd(int fd, uint64_t offset, uint64_t nbytes, uint8_t *buf, uint64_t buf_len,
                  uint64_t *out);
 
+/* Fault in the pages of a mapped range in one call (MADV_POPULATE_READ, or _WRITE if write),
+ * so later accesses do not fault one by one.  Linux 5.14+: older kernels give -EINVAL. */
+int mg_populate(uint8_t *addr, uint64_t len, int write);
+
 #endif

@@ -369,3 +369,17 @@ int64_t mg_bitmap_count(const uint8_t *bitmap, uint64_t nbytes)
         c += __builtin_popcount(bitmap[i]);
     return c;
 }
+
+int mg_set_hashes(uint64_t *hashes, uint64_t npages, const uint64_t *runs, uint64_t nruns,
+                  const uint64_t *values, uint64_t fill)
+{
+    uint64_t k = 0;
+    for (uint64_t r = 0; r < nruns; r++) {
+        uint64_t first = runs[2 * r], count = runs[2 * r + 1];
+        if (first >= npages || count > npages - first)
+            return -EINVAL;
+        for (uint64_t i = 0; i < count; i++)
+            hashes[first + i] = values ? values[k++] : fill;
+    }
+    return 0;
+}

@@ -79,6 +79,10 @@ int64_t mg_sweep_remote(int pid, uint64_t vaddr, uint64_t npages, uint64_t page_
 /* Pages [first, first + n) are holes (read as zero): compare with the zero-page hash as above. */
 int64_t mg_sweep_hole(uint64_t n, uint64_t zero_hash, uint64_t *hashes, uint8_t *bitmap,
                       uint64_t bit_offset, uint32_t *gens, uint32_t gen);
+/* Set hashes[p] for every page p of nruns (first, count) runs: to values[k] for the k-th page
+ * in order, or to fill when values is NULL.  Returns 0, or -EINVAL for a run beyond npages. */
+int mg_set_hashes(uint64_t *hashes, uint64_t npages, const uint64_t *runs, uint64_t nruns,
+                  const uint64_t *values, uint64_t fill);
 /* Set bit i of bitmap for every i < n with gens[i] > since.  Returns bits set. */
 int64_t mg_gens_since(const uint32_t *gens, uint64_t n, uint32_t since, uint8_t *bitmap);
 uint64_t mg_hash_zero_page(uint64_t page_size);

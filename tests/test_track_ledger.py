@@ -211,3 +211,38 @@ def test_ledger_target_exit(child):
 
 def test_map_files_probe_matches_privilege():
     assert probe_map_files().supported == (os.geteuid() == 0)
+
+
+def test_ledger_baseline_from_what_round_0_sent(child):
+    """begin_from_sends: no initial sweep; every page counts as a zero page (what an empty
+    destination holds) until record_sent() gives the hashes of the pages sent, so the first
+    collect reports exactly the pages whose contents differ from what was sent."""
+    from migrator.transport.pagehash import page_hashes
+    fd = os.open(f"/proc/{child.pid}/fd/{child.info['memfd']}", os.O_RDONLY)
+    try:
+        child.cmd("punch", first=20, n=3)                        # zeros, sent as zero runs
+        t = LedgerTracker(child.pid, [child.region("shm")])
+        assert t.begin_from_sends() == {"shm"}
+        assert t.registry.ledgers()[0].sweeps == 0               # nothing read yet
+        mem = os.pread(fd, 64 * PS, 0)
+        # "round 0" sent pages 0-39 (20-22 as zeros); pages 40-63 were not sent
+        t.record_sent("shm", [0, 20, 23, 17], [20, 3],
+                      page_hashes(mem[:20 * PS] + mem[23 * PS:40 * PS]))
+        child.write("shm", [7])
+        unsent_data = [p for p in range(40, 64) if any(mem[p * PS:(p + 1) * PS])]
+        assert unsent_data                       # (the child's pages hold data: a real check)
+        assert pages(t) == {"shm": [7] + unsent_data}
+        assert pages(t) == {"shm": []}
+        t.end()
+    finally:
+        os.close(fd)
+
+
+def test_ledger_baseline_from_sends_needs_its_own_registry(child):
+    """A shared registry may hold hashes others rely on: armed by a sweep as begin() does."""
+    reg = LedgerRegistry()
+    t = LedgerTracker(child.pid, [child.region("shm")], reg)
+    assert t.begin_from_sends() == set()
+    assert reg.ledgers()[0].sweeps == 1
+    t.end()
+    reg.close()

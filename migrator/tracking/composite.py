@@ -35,15 +35,32 @@ class CompositeTracker(Tracker):
             self.ledger.use_views(views)
 
     def begin(self) -> None:
+        self._begin(from_sends=False)
+
+    def begin_from_sends(self) -> set[str]:
+        """begin(), with the ledger armed by LedgerTracker.begin_from_sends: returns the regions
+        whose baseline record_sent() must be given (what round 0 sends)."""
+        return self._begin(from_sends=True)
+
+    def _begin(self, from_sends: bool) -> set[str]:
         started: list[Tracker] = []
+        lazy: set[str] = set()
         try:
             for p in self.parts():
-                p.begin()
+                if from_sends and isinstance(p, LedgerTracker):
+                    lazy = p.begin_from_sends()
+                else:
+                    p.begin()
                 started.append(p)
         except BaseException:
             for p in started:
                 p.end()
             raise
+        return lazy
+
+    def record_sent(self, region_name: str, data_flat, zero_flat, hashes: bytes) -> None:
+        if isinstance(self.ledger, LedgerTracker):
+            self.ledger.record_sent(region_name, data_flat, zero_flat, hashes)
 
     def collect(self, final: bool = False) -> DirtyPages:
         t0 = time.perf_counter()

@@ -9,6 +9,12 @@ zero pages) through /proc/PID/map_files, without touching any process's page tab
 the generation of every page whose hash changed.  Each consumer (a LedgerTracker of one process)
 remembers the generation it last saw, so several trackers can share one ledger.
 
+A migration's own ledger can start without the initial sweep (LedgerTracker.begin_from_sends):
+every page counts as a zero page (what the destination holds before anything is sent), and the
+hashes of the pages round 0 packs and sends become the baseline (record_sent; the sender hashes
+each page it sends anyway), so the first collect reports exactly the pages whose contents differ
+from what the destination holds, and the set-up does not read the whole object once more.
+
 Where the migration maps the object itself (the source's read-only mapping of a memfd sealed
 against shrinking, which the sender packs from), a ledger of its own hashes the data extents
 straight from that mapping (use_view): no copy, and the sweeps fill the page tables the sender's
@@ -17,7 +23,6 @@ later rounds use instead of leaving that to the final round.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
@@ -34,14 +39,12 @@ from .pageset import PageSet
 SWEEP_BUFFER = 256 * 1024     # bytes read per pread: small enough to stay in L2
 SWEEP_CHUNK = 32 << 20        # bytes of object a sweeping thread takes at a time
 SWEEP_THREADS = max(1, min(4, os.cpu_count() or 1))
-MADV_POPULATE_READ = 22       # Linux 5.14+
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _populate(addr: int, nbytes: int) -> None:
     """Fill the page tables of a mapped range in one call (read faults, without the GIL);
     where the kernel lacks it, the hashing faults the pages in one by one."""
-    _libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes), MADV_POPULATE_READ)
+    lib.mg_populate(ffi.cast("uint8_t *", addr), nbytes, 0)
 
 
 class ShmemLedger:
@@ -109,6 +112,28 @@ class ShmemLedger:
         self.last_sweep_s = time.perf_counter() - t0
         return changed
 
+    def record(self, first_page: int, data_flat, zero_flat, hashes: bytes) -> None:
+        """Object pages of (first, count) runs from first_page on were sent with these page
+        hashes (data runs) or as zeros (zero runs): the baseline the next sweep compares with,
+        without a new generation."""
+        base = self.hashes + (first_page - self.first_page)
+        room = self.end_page - first_page
+        for flat, values, fill in ((data_flat, hashes, 0), (zero_flat, None, self._zero)):
+            if flat:
+                vals = ffi.from_buffer("uint64_t[]", values) if values is not None else ffi.NULL
+                if lib.mg_set_hashes(base, room, ffi.new("uint64_t[]", list(flat)), len(flat) // 2,
+                                     vals, fill) < 0:
+                    raise ValueError("pages recorded outside the ledger")
+
+    def populate_view(self) -> None:
+        """Fill the view's page tables for the data extents in one call each (holes are left
+        alone: a fault there would allocate them), so that the reads through it do not fault."""
+        if self._view is None:
+            return
+        lo, hi = self.first_page * PAGE_SIZE, self.end_page * PAGE_SIZE
+        for a, b in data_extents(self.fd, lo, hi):
+            _populate(int(ffi.cast("uintptr_t", self._view + (a - lo))), b - a)
+
     def _sweep_chunk(self, chunk: tuple[int, int], g: int) -> int:
         offset, n = chunk
         if self._view is not None:
@@ -152,10 +177,11 @@ class LedgerRegistry:
     def __init__(self) -> None:
         self._ledgers: dict[tuple[int, int, int], ShmemLedger] = {}
 
-    def ledger_for(self, pid: int, region: Region, view=None) -> ShmemLedger:
+    def ledger_for(self, pid: int, region: Region, view=None, *, sweep: bool = True) -> ShmemLedger:
         """The ledger of region's object, created (and swept once) on first use; grown when a
         later region reaches beyond it.  view: region's pages mapped (see ShmemLedger.use_view),
-        used by a ledger created for exactly this region."""
+        used by a ledger created for exactly this region.  sweep=False: a new ledger starts with
+        every page hashed as a zero page instead (see LedgerTracker.begin_from_sends)."""
         first = region.offset // PAGE_SIZE
         end = first + region.npages
         led = self._ledgers.get(region.object_key)
@@ -165,13 +191,23 @@ class LedgerRegistry:
             first, end = min(first, led.first_page), max(end, led.end_page)
             led.close()
             view = None           # it covers the region, not the grown range
+            sweep = True          # the grown range needs a baseline
         fd = open_object(pid, region)
         led = ShmemLedger(region.object_key, fd, first, end)
         if view is not None:
             led.use_view(view)
-        led.sweep()
+        if sweep:
+            led.sweep()
+        else:
+            lib.mg_sweep_hole(led.npages, led._zero, led.hashes, ffi.NULL, 0, led.gens, 0)
         self._ledgers[region.object_key] = led
         return led
+
+    def has(self, region: Region) -> bool:
+        """Whether a ledger covering region's object pages exists already."""
+        led = self._ledgers.get(region.object_key)
+        first = region.offset // PAGE_SIZE
+        return led is not None and led.first_page <= first and first + region.npages <= led.end_page
 
     def ledgers(self) -> list[ShmemLedger]:
         return list(self._ledgers.values())
@@ -200,6 +236,7 @@ class LedgerTracker(Tracker):
         self.registry = registry or LedgerRegistry()
         self._since: dict[str, int] = {}
         self._views: dict = {}
+        self._from_sends: dict[str, Region] = {}   # regions whose baseline record_sent() gives
 
     def use_views(self, views: dict) -> None:
         """Region name -> a read-only mapping of the region's object pages, valid until end():
@@ -212,6 +249,33 @@ class LedgerTracker(Tracker):
         for r in self.regions:
             led = self.registry.ledger_for(self.pid, r, self._views.get(r.name))
             self._since[r.name] = led.generation
+
+    def begin_from_sends(self) -> set[str]:
+        """Arm like begin(), but without the initial sweep where this tracker owns the ledgers
+        (its own registry, one region per object): their baseline is what record_sent() is
+        given before the first collect (every other page counts as a zero page), and their
+        views' page tables are filled instead.  The caller must send every page the destination
+        does not hold as zeros with record_sent as the sender's on_packed hook (round 0 sends
+        every populated page).  Returns the names of those regions (none: armed as begin())."""
+        keys = [r.object_key for r in self.regions]
+        if not self._own_registry or len(set(keys)) != len(keys) \
+                or any(self.registry.has(r) for r in self.regions):
+            self.begin()
+            return set()
+        for r in self.regions:
+            led = self.registry.ledger_for(self.pid, r, self._views.get(r.name), sweep=False)
+            led.populate_view()
+            self._since[r.name] = led.generation
+        self._from_sends = {r.name: r for r in self.regions}
+        return set(self._from_sends)
+
+    def record_sent(self, region_name: str, data_flat, zero_flat, hashes: bytes) -> None:
+        """Sender hook (on_packed, from producer threads): pages of a region went out with these
+        hashes or as zeros; for regions armed by begin_from_sends they are the baseline."""
+        r = self._from_sends.get(region_name)
+        if r is not None:
+            led = self.registry.ledger_for(self.pid, r)
+            led.record(r.offset // PAGE_SIZE, data_flat, zero_flat, hashes)
 
     def collect(self, final: bool = False) -> DirtyPages:
         t0 = time.perf_counter()

@@ -26,10 +26,23 @@ STALL_S = 60.0              # a bulk transfer with no progress for this long fai
 
 
 def page_buffer(nbytes: int) -> mmap.mmap:
-    """An anonymous mapping for page data, its memory faulted in now (MAP_POPULATE) rather than
-    page by page while the first batches fill it."""
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(-1, max(nbytes, 1), flags=flags)
+    """An anonymous mapping for page data (memory taken as it is written, never zeroed up front
+    as a bytearray would be; see populate_in_background)."""
+    return mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def populate_in_background(buffers: list[mmap.mmap]) -> None:
+    """Fault the buffers' memory in from a daemon thread (MADV_POPULATE_WRITE, one C call each,
+    without the GIL), so neither session set-up nor the first batches pay for it.  Harmless if a
+    batch writes a buffer meanwhile; on kernels without it, the first batches fault it in."""
+    def run() -> None:
+        for b in buffers:
+            try:        # (the export keeps the buffer mapped while it is populated)
+                with ffi.from_buffer(b) as p:
+                    lib.mg_populate(p, len(b), 1)
+            except ValueError:      # closed already
+                continue
+    threading.Thread(target=run, name="populate-buffers", daemon=True).start()
 
 
 class PeerClosed(TransportError):
@@ -132,11 +145,14 @@ class FrameStream:
     # the frame buffer, shared by the event-loop and the blocking readers (never both at once)
 
     def reserve(self, nbytes: int) -> None:
-        """Have the page-data buffers hold nbytes already (session set-up pays for their memory,
-        not the first batches)."""
+        """Have the page-data buffers hold nbytes already, their memory faulted in while the
+        session sets up (not by the first batches)."""
+        fresh = []
         for i, buf in enumerate(self._bufs):
             if buf is None or len(buf) < nbytes:
                 self._bufs[i] = page_buffer(nbytes)
+                fresh.append(self._bufs[i])
+        populate_in_background(fresh)
 
     def _next_buffer(self, n: int) -> memoryview:
         """The next of the three page-data buffers, at least n bytes."""

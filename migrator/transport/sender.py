@@ -24,7 +24,7 @@ from ..errors import MigratorError, RegionError, TransportError, first_error
 from . import wire
 from .auth import client_handshake
 from .digest import PageReader
-from .framing import FrameStream, page_buffer
+from .framing import FrameStream, page_buffer, populate_in_background
 from .wire import RegionSpec
 
 DEFAULT_BATCH_PAGES = wire.DEFAULT_BATCH_PAGES
@@ -112,6 +112,10 @@ class RateLimiter:
         time.sleep(max(0.0, until - time.monotonic()))
 
 
+# on_packed(region name, data runs, zero runs, data page hashes): see Sender.send_pages
+OnPacked = Callable[[str, list, list, bytes], None]
+
+
 @dataclass
 class _Built:
     head: bytes
@@ -131,8 +135,9 @@ class _Packer:
     """
 
     def __init__(self, page_size: int, batch_pages: int, pool: "queue.Queue[mmap.mmap]",
-                 stop: Callable[[], bool]):
+                 stop: Callable[[], bool], on_packed: OnPacked | None = None):
         self.ps = page_size
+        self.on_packed = on_packed
         self.batch_pages = batch_pages
         self.pool = pool
         self.stop = stop
@@ -141,7 +146,7 @@ class _Packer:
 
     def twin(self) -> "_Packer":
         """Another packer on the same buffers, for another producer thread."""
-        return _Packer(self.ps, self.batch_pages, self.pool, self.stop)
+        return _Packer(self.ps, self.batch_pages, self.pool, self.stop, self.on_packed)
 
     def _buffer(self) -> mmap.mmap:
         while True:
@@ -166,11 +171,13 @@ class _Packer:
         st.zero_cap = ZERO_PAGES_PER_BATCH
         return st, keep
 
-    def _built(self, region: int, round_no: int, st, buf: mmap.mmap) -> _Built:
+    def _built(self, region: int, name: str, round_no: int, st, buf: mmap.mmap) -> _Built:
         ps = self.ps
         data_flat = ffi.unpack(st.data_runs, 2 * st.n_data_runs)
         zero_flat = ffi.unpack(st.zero_runs, 2 * st.n_zero_runs)
         hashes = bytes(ffi.buffer(st.hashes, 8 * st.out_pages))
+        if self.on_packed is not None:
+            self.on_packed(name, data_flat, zero_flat, hashes)
         data = memoryview(buf)[:st.out_pages * ps]
         digest = wire.batch_digest(region, round_no, data_flat, zero_flat, (), ps, hashes)
         head = wire.encode_batch(region, round_no, data_flat, zero_flat, len(data), digest)
@@ -212,11 +219,11 @@ class _Packer:
                                             f"{os.strerror(-took)}")
                     first += took
                     if took < n:           # batch full
-                        yield self._built(idx, round_no, st, buf)
+                        yield self._built(idx, name, round_no, st, buf)
                         buf = self._buffer()
                         st, keep = self._state(buf)
             if st.out_pages or st.zero_pages:
-                yield self._built(idx, round_no, st, buf)
+                yield self._built(idx, name, round_no, st, buf)
             else:
                 self.pool.put(buf)
             del keep
@@ -246,7 +253,7 @@ class _Packer:
                     raise MigratorError(f"packing pages of region {name!r} failed")
                 pos += n
             assert pos == total
-            yield self._built(idx, round_no, st, buf)
+            yield self._built(idx, name, round_no, st, buf)
             del keep
 
 
@@ -319,10 +326,10 @@ class Sender:
         self._last_bw = 0.0
         self._finished = False
         self._lock = trio.Lock()
-        # one channel's worth of batch buffers up front: set-up, not the first round, pays
-        # for faulting their memory in
+        # the batch buffers up front, their memory faulted in while the session sets up
         self._buffers: list[mmap.mmap] = []
         self._pool(_pool_size(len(channels)))
+        populate_in_background(list(self._buffers))
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -354,9 +361,14 @@ class Sender:
     # -- API ---------------------------------------------------------------------------------
 
     async def send_pages(self, runs: Mapping[str, Iterable[tuple[int, int]]], reader: PageReader,
-                         round_no: int) -> SendStats:
+                         round_no: int, on_packed: OnPacked | None = None) -> SendStats:
         """Send the pages of `runs` ({region: [(first_page, end_page_exclusive), ...]}) as
         read now through `reader`, tagged with round_no (never lower than an earlier round).
+
+        on_packed(region, data_flat, zero_flat, hashes), if given, is called (from worker
+        threads, possibly two at once) for every batch as it is built: flat (first, count) runs
+        of the pages sent with data and as zeros, and the XXH3-64 of each data page sent, 8
+        bytes little-endian each, in order.
 
         Raises:
             RegionError: a run outside its region, or an undeclared region.
@@ -375,7 +387,7 @@ class Sender:
             depth = _queue_depth(len(self._fs))
             pool = self._pool(_pool_size(len(self._fs)))
             stop = threading.Event()
-            packer = _Packer(self.page_size, self._batch_pages, pool, stop.is_set)
+            packer = _Packer(self.page_size, self._batch_pages, pool, stop.is_set, on_packed)
             if all(fs.can_block for fs in self._fs):
                 await self._send_threaded(plan, reader, round_no, totals, packer, depth, stop)
             else:
