@@ -246,3 +246,22 @@ def test_ledger_baseline_from_sends_needs_its_own_registry(child):
     assert reg.ledgers()[0].sweeps == 1
     t.end()
     reg.close()
+
+
+def test_ledger_compares_with_what_was_sent(child):
+    """record_sent every round: the ledger holds the hashes of what the destination holds.  A
+    page sent as B (read while the target wrote it) that is A again at the next sweep must be
+    reported: compared with the ledger's own last sweep (A) it would not be.  Same for a page
+    that went out as zeros but holds data."""
+    import xxhash
+    fd = os.open(f"/proc/{child.pid}/fd/{child.info['memfd']}", os.O_RDONLY)
+    try:
+        assert all(any(os.pread(fd, PS, p * PS)) for p in (5, 9, 10))   # they hold data
+        with LedgerTracker(child.pid, [child.region("shm")]) as t:
+            assert pages(t) == {"shm": []}
+            sent_b = xxhash.xxh3_64_digest(b"B" * PS)[::-1]    # little-endian, as the sender's
+            t.record_sent("shm", [5, 1], [9, 2], sent_b)      # 9-10 went out as zeros
+            assert pages(t) == {"shm": [5, 9, 10]}
+            assert pages(t) == {"shm": []}
+    finally:
+        os.close(fd)

@@ -158,7 +158,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
         # where the tracker can, what round 0 sends is its baseline: no sweep of everything first
         begin_from_sends = getattr(tracker, "begin_from_sends", None)
         if begin_from_sends is not None:
-            from_sends.update(begin_from_sends())
+            begin_from_sends()
         else:
             tracker.begin()
         mark("tracker-begun")
@@ -166,7 +166,6 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
         mark("round0-planned")
         return first
 
-    from_sends: set[str] = set()    # regions whose tracking baseline is round 0's sends
     arming = Background(arm)        # beside the connection's set-up
     try:
         try:
@@ -183,7 +182,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
                         try:
                             await _run(rep, policy, tracker, source, sender, regions, pauser,
                                        throttle, progress, target, first,
-                                       tracker.record_sent if from_sends else None)
+                                       getattr(tracker, "record_sent", None))
                         finally:
                             nursery.cancel_scope.cancel()
                 except BaseExceptionGroup as eg:
@@ -215,7 +214,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
 async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, source: SourceMemory,
                sender, regions: list[Region], pauser: SourcePauser, throttle: Throttle,
                progress, target: MigrationTarget, first: dict[str, PageSet],
-               on_packed0=None) -> None:
+               on_packed=None) -> None:
     rep.status = "active"
     mark = rep.timeline.mark
 
@@ -237,8 +236,8 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         return rs
 
     async def send_round(runs: dict[str, PageSet], round_no: int, sent: trio.Event | None = None):
-        st = await sender.send_pages(_runs(runs), source, round_no,
-                                     on_packed0 if round_no == 0 else None)
+        # what is sent is what the tracker compares with next (LedgerTracker.record_sent)
+        st = await sender.send_pages(_runs(runs), source, round_no, on_packed)
         mark(f"round{round_no}-sent")
         if sent is not None:
             sent.set()

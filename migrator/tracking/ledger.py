@@ -66,6 +66,7 @@ class ShmemLedger:
         self._pool: ThreadPoolExecutor | None = None
         self._zero = lib.mg_hash_zero_page(PAGE_SIZE)
         self._view = None                     # object pages [first_page, end_page) mapped
+        self._populating = threading.Lock()   # held while populate_view() uses the view
 
     def use_view(self, view) -> None:
         """Sweep from view (a read-only buffer of the object pages [first_page, end_page), kept
@@ -127,12 +128,18 @@ class ShmemLedger:
 
     def populate_view(self) -> None:
         """Fill the view's page tables for the data extents in one call each (holes are left
-        alone: a fault there would allocate them), so that the reads through it do not fault."""
-        if self._view is None:
-            return
-        lo, hi = self.first_page * PAGE_SIZE, self.end_page * PAGE_SIZE
-        for a, b in data_extents(self.fd, lo, hi):
-            _populate(int(ffi.cast("uintptr_t", self._view + (a - lo))), b - a)
+        alone: a fault there would allocate them), so that the reads through it do not fault.
+        Safe beside anything but close() (which waits for it)."""
+        with self._populating:
+            if self._view is None or self.fd < 0:
+                return
+            lo, hi = self.first_page * PAGE_SIZE, self.end_page * PAGE_SIZE
+            try:
+                extents = data_extents(self.fd, lo, hi)
+            except OSError:         # the target exited: nothing to prepare for
+                return
+            for a, b in extents:
+                _populate(int(ffi.cast("uintptr_t", self._view + (a - lo))), b - a)
 
     def _sweep_chunk(self, chunk: tuple[int, int], g: int) -> int:
         offset, n = chunk
@@ -163,9 +170,10 @@ class ShmemLedger:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        if self._view is not None:
-            ffi.release(self._view)
-            self._view = None
+        with self._populating:      # (a populate_view() thread is done with the view)
+            if self._view is not None:
+                ffi.release(self._view)
+                self._view = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -236,7 +244,7 @@ class LedgerTracker(Tracker):
         self.registry = registry or LedgerRegistry()
         self._since: dict[str, int] = {}
         self._views: dict = {}
-        self._from_sends: dict[str, Region] = {}   # regions whose baseline record_sent() gives
+        self._recorded: dict[str, Region] = {}   # regions whose ledger record_sent() updates
 
     def use_views(self, views: dict) -> None:
         """Region name -> a read-only mapping of the region's object pages, valid until end():
@@ -245,34 +253,45 @@ class LedgerTracker(Tracker):
         if self._own_registry:
             self._views = {k: v for k, v in views.items() if v is not None}
 
+    def _exclusive(self) -> bool:
+        """This tracker alone uses its ledgers: its own registry, one region per object."""
+        keys = [r.object_key for r in self.regions]
+        return self._own_registry and len(set(keys)) == len(keys)
+
     def begin(self) -> None:
         for r in self.regions:
             led = self.registry.ledger_for(self.pid, r, self._views.get(r.name))
             self._since[r.name] = led.generation
+        self._recorded = {r.name: r for r in self.regions} if self._exclusive() else {}
 
     def begin_from_sends(self) -> set[str]:
         """Arm like begin(), but without the initial sweep where this tracker owns the ledgers
-        (its own registry, one region per object): their baseline is what record_sent() is
-        given before the first collect (every other page counts as a zero page), and their
-        views' page tables are filled instead.  The caller must send every page the destination
-        does not hold as zeros with record_sent as the sender's on_packed hook (round 0 sends
-        every populated page).  Returns the names of those regions (none: armed as begin())."""
-        keys = [r.object_key for r in self.regions]
-        if not self._own_registry or len(set(keys)) != len(keys) \
-                or any(self.registry.has(r) for r in self.regions):
+        (see record_sent): their baseline is what record_sent() is given before the first
+        collect (every other page counts as a zero page), and their views' page tables are
+        filled instead.  The caller must send every page the destination does not hold as
+        zeros with record_sent as the sender's on_packed hook (round 0 sends every populated
+        page).  Returns the names of those regions (none: armed as begin())."""
+        if not self._exclusive() or any(self.registry.has(r) for r in self.regions):
             self.begin()
             return set()
         for r in self.regions:
             led = self.registry.ledger_for(self.pid, r, self._views.get(r.name), sweep=False)
-            led.populate_view()
+            # the view's page tables filled beside the set-up and round 0 (which would else
+            # fault them in page by page, leaving the rest to the final round)
+            threading.Thread(target=led.populate_view, name="populate-view", daemon=True).start()
             self._since[r.name] = led.generation
-        self._from_sends = {r.name: r for r in self.regions}
-        return set(self._from_sends)
+        self._recorded = {r.name: r for r in self.regions}
+        return set(self._recorded)
 
     def record_sent(self, region_name: str, data_flat, zero_flat, hashes: bytes) -> None:
-        """Sender hook (on_packed, from producer threads): pages of a region went out with these
-        hashes or as zeros; for regions armed by begin_from_sends they are the baseline."""
-        r = self._from_sends.get(region_name)
+        """Sender hook (on_packed, every round, from producer threads): pages of a region went
+        out with these hashes, or as zeros.  Where this tracker alone uses the ledger, they
+        become what the next sweep compares with, so the ledger holds the hashes of what the
+        destination holds: a page sent as B and written back to A before the next sweep is
+        reported (compared with its own last sweep, A, it would not be, and the destination
+        would keep B).  A concurrent sweep is safe: it rewrites a hash only for a page it
+        reports as changed."""
+        r = self._recorded.get(region_name)
         if r is not None:
             led = self.registry.ledger_for(self.pid, r)
             led.record(r.offset // PAGE_SIZE, data_flat, zero_flat, hashes)
