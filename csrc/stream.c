@@ -201,46 +201,59 @@ int64_t mg_pack_zeros(uint64_t first, uint64_t npages, struct mg_pack *st)
     return (int64_t)n;
 }
 
+#define WINDOW_MIN 16        /* pages mincore() looks at first after a hole ... */
+#define WINDOW_MAX 4096      /* ... doubling while every page is in the page cache */
+
 int64_t mg_pack_object(const uint8_t *src, int fd, uint64_t offset, uint64_t first,
-                       uint64_t npages, uint64_t page_size, struct mg_pack *st, uint8_t *vec)
+                       uint64_t npages, uint64_t page_size, struct mg_pack *st,
+                       struct mg_extent *hint)
 {
-    uint64_t i = 0, next_data = 0;
-    int know_next = 0;
+    uint8_t vec[WINDOW_MAX];
+    uint64_t i = 0, end = first + npages;
     if (page_size == 0 || page_size != (uint64_t)sysconf(_SC_PAGESIZE) || (uintptr_t)src % page_size)
         return -EINVAL;
-    /* in the page cache = data; the others are holes or swapped out: SEEK_DATA tells which
-     * (lseek(SEEK_HOLE) would scan on to the end of the data, however far) */
-    if (mincore((void *)src, npages * page_size, vec) < 0)
-        return -errno;
+    if (hint->window < WINDOW_MIN || hint->window > WINDOW_MAX)
+        hint->window = WINDOW_MIN;
     while (i < npages) {
-        uint64_t page = first + i, j = i;
+        uint64_t page = first + i, j;
         int64_t took;
-        if (vec[i] & 1) {
-            while (j < npages && (vec[j] & 1))
-                j++;
-            took = mg_pack_pages(src + i * page_size, page, j - i, page_size, st);
+        if (page >= hint->hole_at && page < hint->data_at) {    /* a known hole */
+            j = hint->data_at < end ? hint->data_at : end;
+            took = mg_pack_zeros(page, j - page, st);
         } else {
-            if (!know_next || next_data < page) {
+            /* pages in the page cache are data (cheap to tell for pages we have mapped);
+             * for the others, SEEK_DATA tells a hole (skipped whole) from a page swapped out */
+            uint64_t n = npages - i < hint->window ? npages - i : hint->window, k = 0;
+            if (mincore((void *)(src + i * page_size), n * page_size, vec) < 0)
+                return -errno;
+            while (k < n && (vec[k] & 1))
+                k++;
+            if (k > 0) {
+                hint->window = k == n && 2 * hint->window <= WINDOW_MAX ? 2 * hint->window : hint->window;
+                j = page + k;
+                took = mg_pack_pages(src + i * page_size, page, k, page_size, st);
+            } else {
+                hint->window = WINDOW_MIN;
                 off_t d = lseek(fd, (off_t)(offset + page * page_size), SEEK_DATA);
                 if (d < 0 && errno != ENXIO)
                     return -errno;
-                next_data = d < 0 ? UINT64_MAX : ((uint64_t)d - offset) / page_size;
-                know_next = 1;
-            }
-            if (next_data == page) {        /* swapped out: data (reading it swaps it in) */
-                j = i + 1;
-                took = mg_pack_pages(src + i * page_size, page, 1, page_size, st);
-            } else {                        /* a hole: zeros, never read */
-                while (j < npages && !(vec[j] & 1) && first + j < next_data)
-                    j++;
-                took = mg_pack_zeros(page, j - i, st);
+                uint64_t data_at = d < 0 ? UINT64_MAX : ((uint64_t)d - offset) / page_size;
+                if (data_at <= page) {               /* swapped out: data (reading swaps it in) */
+                    j = page + 1;
+                    took = mg_pack_pages(src + i * page_size, page, 1, page_size, st);
+                } else {                             /* a hole: zeros, never read */
+                    hint->hole_at = page;
+                    hint->data_at = data_at;
+                    j = data_at < end ? data_at : end;
+                    took = mg_pack_zeros(page, j - page, st);
+                }
             }
         }
         if (took < 0)
             return took;
         i += (uint64_t)took;
-        if ((uint64_t)took < j - (i - (uint64_t)took))
-            return (int64_t)i;              /* batch full */
+        if ((uint64_t)took < j - page)
+            return (int64_t)i;                      /* batch full */
     }
     return (int64_t)i;
 }

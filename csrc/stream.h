@@ -50,13 +50,23 @@ int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint6
  * memory object), to the batch's zero runs.  Returns the pages taken (0 when full). */
 int64_t mg_pack_zeros(uint64_t first, uint64_t npages, struct mg_pack *st);
 
-/* mg_pack_pages for pages of a memory object mapped at src (page-aligned; page_size must be
- * the system's): page first + i lies at byte offset + (first + i) * page_size of fd.  Holes
- * become zero runs without being read (a read fault there would allocate them): mincore() finds
- * the pages in the page cache, SEEK_DATA tells holes from swapped-out pages among the others.
- * vec: npages bytes of scratch.  Returns the pages taken, or -errno. */
+/* What mg_pack_object learnt of a memory object, kept by the caller between calls (start
+ * zeroed): pages [hole_at, data_at) are a hole; window is how many pages to ask mincore about. */
+struct mg_extent {
+    uint64_t hole_at;
+    uint64_t data_at;
+    uint64_t window;
+};
+
+/* mg_pack_pages for pages of a memory object mapped at src (page-aligned; page_size must be the
+ * system's): page first + i lies at byte offset + (first + i) * page_size of fd.  Holes become
+ * zero runs without being read (a read fault there would allocate them): mincore() finds pages
+ * in the page cache (data), SEEK_DATA tells holes, skipped whole, from swapped-out pages (data:
+ * reading them swaps them in).  SEEK_HOLE is never used: it scans to the end of the data.
+ * Returns the pages taken, or -errno. */
 int64_t mg_pack_object(const uint8_t *src, int fd, uint64_t offset, uint64_t first,
-                       uint64_t npages, uint64_t page_size, struct mg_pack *st, uint8_t *vec);
+                       uint64_t npages, uint64_t page_size, struct mg_pack *st,
+                       struct mg_extent *hint);
 
 /* The all-zero pages among npages pages at buf, with the test mg_pack_pages uses (the bare
  * scan the benchmark compares the stream of zero-heavy memory with). */

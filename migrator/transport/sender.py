@@ -142,7 +142,7 @@ class _Packer:
         self.pool = pool
         self.stop = stop
         self._arrays = None
-        self._vec = ffi.new("uint8_t[]", CHUNK_PAGES)    # mincore() scratch
+        self._extents: dict = {}     # region name -> struct mg_extent (see mg_pack_object)
 
     def twin(self) -> "_Packer":
         """Another packer on the same buffers, for another producer thread."""
@@ -203,6 +203,9 @@ class _Packer:
             raise MigratorError(f"the mapping of region {name!r} is smaller than the region")
         where = getattr(reader, "memory_object", None)
         obj = where(name) if where is not None and ps == mmap.PAGESIZE else None
+        hint = self._extents.get(name)      # the object's layout as found so far (this call)
+        if hint is None:
+            hint = self._extents[name] = ffi.new("struct mg_extent *")
         with ffi.from_buffer(view) as base:
             buf = self._buffer()
             st, keep = self._state(buf)
@@ -211,7 +214,7 @@ class _Packer:
                     src = base + first * ps
                     n = min(end - first, CHUNK_PAGES)
                     if obj is not None:
-                        took = lib.mg_pack_object(src, obj[0], obj[1], first, n, ps, st, self._vec)
+                        took = lib.mg_pack_object(src, obj[0], obj[1], first, n, ps, st, hint)
                     else:
                         took = lib.mg_pack_pages(src, first, n, ps, st)
                     if took < 0:
