@@ -138,6 +138,9 @@ async def _pages(port: int, mem: _Memory, channels: int, rx_pid: int) -> tuple[f
     name = mem.region.name
     region = RegionSpec(name, 0, mem.size)
     async with connect_sender("127.0.0.1", port, key=KEY, regions=[region], channels=channels) as s:
+        # the stream, not the session set-up: its batch buffers are faulted in by then (a
+        # migration overlaps that with its own set-up)
+        await trio.to_thread.run_sync(s.buffers_ready.wait, 5.0)
         t0 = time.perf_counter()
         await s.send_pages({name: [(0, npages)]}, mem.source, 0)
         await s.end_round(0)

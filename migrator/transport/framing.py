@@ -31,18 +31,25 @@ def page_buffer(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
-def populate_in_background(buffers: list[mmap.mmap]) -> None:
+def populate_in_background(buffers: list[mmap.mmap]) -> threading.Event:
     """Fault the buffers' memory in from a daemon thread (MADV_POPULATE_WRITE, one C call each,
     without the GIL), so neither session set-up nor the first batches pay for it.  Harmless if a
-    batch writes a buffer meanwhile; on kernels without it, the first batches fault it in."""
+    batch writes a buffer meanwhile; on kernels without it, the first batches fault it in.
+    Returns an event set once done."""
+    done = threading.Event()
+
     def run() -> None:
-        for b in buffers:
-            try:        # (the export keeps the buffer mapped while it is populated)
-                with ffi.from_buffer(b) as p:
-                    lib.mg_populate(p, len(b), 1)
-            except ValueError:      # closed already
-                continue
+        try:
+            for b in buffers:
+                try:        # (the export keeps the buffer mapped while it is populated)
+                    with ffi.from_buffer(b) as p:
+                        lib.mg_populate(p, len(b), 1)
+                except ValueError:      # closed already
+                    continue
+        finally:
+            done.set()
     threading.Thread(target=run, name="populate-buffers", daemon=True).start()
+    return done
 
 
 class PeerClosed(TransportError):

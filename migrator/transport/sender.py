@@ -332,7 +332,7 @@ class Sender:
         # the batch buffers up front, their memory faulted in while the session sets up
         self._buffers: list[mmap.mmap] = []
         self._pool(_pool_size(len(channels)))
-        populate_in_background(list(self._buffers))
+        self.buffers_ready = populate_in_background(list(self._buffers))   # threading.Event
 
     # -- planning ----------------------------------------------------------------------------
 
