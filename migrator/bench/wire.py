@@ -53,7 +53,7 @@ sys.exit(c.main(sys.argv[1:]))
 
 def register(sub) -> None:
     p = sub.add_parser("wire", help="page streaming throughput vs raw TCP on loopback")
-    p.add_argument("--size", default="256M", help="bytes of memory per run (default 256M)")
+    p.add_argument("--size", default="1G", help="bytes of memory per run (default 1G: a small guest)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--reader", choices=("mapped", "pread"), default="mapped",
