@@ -39,16 +39,12 @@ def method_json(r: Run) -> dict:
     return d
 
 
-def method_run(d: dict) -> Run:
-    return Run(**d)
-
-
-def missing_qemu(in_ci: bool = IN_CI) -> tuple[str, str] | None:
+def missing_qemu() -> tuple[str, str] | None:
     """(error, skipped) when QEMU is not installed: an error under CI=true, a skip otherwise."""
     if qemu_available():
         return None
     reason = f"{BINARY} not installed (apt-get install qemu-system-x86)"
-    return (f"required under CI=true: {reason}", "") if in_ci else ("", reason)
+    return (f"required under CI=true: {reason}", "") if IN_CI else ("", reason)
 
 
 def report_of(r: Run) -> dict:
