@@ -118,6 +118,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _end(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def _runs_on(serial: str, wait_s: float = 10.0) -> bool:
     """The destination guest keeps writing markers."""
     first = os.path.getsize(serial) if os.path.exists(serial) else 0
@@ -207,9 +213,7 @@ def run_qemu(work: str, boot: str, size: int, settings: CompareSettings, layout:
         return r
     finally:
         src.kill()
-        if dest.poll() is None:
-            dest.kill()
-            dest.wait()
+        _end(dest)
 
 
 def run_migrator(work: str, boot: str, size: int, settings: CompareSettings, layout: GuestLayout) -> Run:
@@ -281,9 +285,7 @@ def run_migrator(work: str, boot: str, size: int, settings: CompareSettings, lay
         return r
     finally:
         src.kill()
-        if recv.poll() is None:
-            recv.kill()
-            recv.wait()
+        _end(recv)
         log.close()
         shutil.rmtree(out, ignore_errors=True)
         m = re.search(r"destination VM pid (\d+)", open(log_path).read())
