@@ -2,12 +2,16 @@
 the paused source), the files they write, the baseline gate and failing expectations."""
 
 import json
+import re
 import xml.etree.ElementTree as ET
 
 import pytest
 import trio
 
+from conftest import require
 from migrator.cli import main
+from migrator.qemu import qemu_available
+from migrator.scenarios import load_scenario, suite_dir
 from migrator.scenarios.link import DelayProxy
 
 SMALL = """
@@ -218,3 +222,120 @@ async def test_delay_proxy_adds_latency_both_ways_and_keeps_bytes():
         assert bytes(got) == payload
         await s.aclose()
         n.cancel_scope.cancel()
+
+
+# -- kind = "qemu": the same VM migrated by migrator and by QEMU -------------------------------
+
+PATTERN = re.compile(r"(all 25344 pages at \d+|pages 0\.\.\d+ at \d+, \d+\.\.25343 at \d+)")
+SIDE_BY_SIDE = ("| method | runs | total ms | downtime ms | reported total/downtime ms | MB sent | "
+                "MB in downtime | rounds | guest speed |")
+
+
+def test_qemu_scenario_migrates_the_vm_both_ways(tmp_path, root, capsys):
+    require(qemu_available(), "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
+    rdir = tmp_path / "report"
+    rc, out, err = run(capsys, str(suite_dir() / "qemu.toml"), "--report", str(rdir))
+    assert rc == 0, out + err
+    line = next(x for x in out.splitlines() if x.startswith("qemu: "))
+    assert line.startswith("qemu: PASS qemu completed, total ") and "; migrator completed, total " in line
+    assert line.count("destination runs on, pattern ok") == 2
+    doc = json.loads((rdir / "report.json").read_text())
+    [s] = doc["scenarios"]
+    assert s["kind"] == "qemu" and s["passed"] and s["statuses"] == ["completed"] and s["failures"] == []
+    assert s["qemu"] == {"ram": 128 << 20, "program": "testguest", "methods": ["qemu", "migrator"]}
+    assert s["memory_bytes"] == 128 << 20 and s["link"]["bandwidth"] == 10e9
+    assert s["policy"]["downtime_limit_ms"] == 300
+    assert [row["method"] for row in s["side_by_side"]] == ["qemu", "migrator"]
+    assert [row["runs"] for row in s["side_by_side"]] == ["1/1", "1/1"]
+    [r] = s["runs"]
+    assert [m["method"] for m in r["methods"]] == ["qemu", "migrator"]
+    for m in r["methods"]:
+        assert m["status"] == "completed" and m["reason"] == "", m
+        assert m["runs_on"] is True and m["pattern_ok"] is True and PATTERN.fullmatch(m["pattern"]), m
+        assert 0 < m["downtime_ms"] < m["total_ms"] and m["bytes_sent"] > 100e6 and m["rounds"] >= 2, m
+        assert m["downtime_bytes"] > 100e6, m       # 1..100 MiB is all dirty at the switch-over
+    mig = r["methods"][1]
+    rep = r["report"]          # the migrator-driven run's: RAM per round, VM-level figures on top
+    assert rep["status"] == "completed" and rep["source_state"] == "postmigrate"
+    assert rep["rounds"] == mig["rounds"] == len(rep["per_round"]) and rep["per_round"][-1]["stop_and_copy"]
+    assert rep["transferred_bytes"] == mig["bytes_sent"]
+    assert rep["transferred_bytes"] == sum(x["bytes"] for x in rep["per_round"]) + rep["device_state_bytes"]
+    assert r["destination"] == f"runs on; RAM {mig['pattern']}"
+    assert {c["name"]: c["ok"] for c in r["checks"]} == {
+        "converges": True, "dest_runs_on": True, "ram_pattern": True, "max_downtime_ms": True, "max_total_s": True}
+    assert s["summary"]["rounds"]["median"] == mig["rounds"]
+
+    md = (rdir / "report.md").read_text()
+    assert "| [qemu](#qemu) | pass | completed |" in md
+    assert md.count(SIDE_BY_SIDE) == 2                   # medians over the runs, then run 1
+    for m in r["methods"]:
+        row = f"| {m['method']} | 1/1 | {m['total_ms']:.0f} | {m['downtime_ms']:.1f} | "
+        assert md.count(row) == 2, row
+    assert "| stop-and-copy |" in md and "- ok ram_pattern: destination RAM: pages" in md
+    assert not (rdir / "charts" / "qemu-r1.svg").exists()          # no per-round timeline for a VM
+    logs = {p.name for p in (rdir / "runs" / "qemu-r1").iterdir()}
+    assert {"q-source.log", "m-source.log", "q-dest.serial", "m-dest.serial"} <= logs
+
+
+def _fake_qemu_result(qemu_status: str, reason: str):
+    from migrator.precopy.report import MigrationReport
+    from migrator.qemu.compare import Run
+    from migrator.scenarios.expect import check_expectations
+    from migrator.scenarios.qemu_run import method_json
+    from migrator.scenarios.runner import RunResult
+
+    scn = load_scenario(suite_dir() / "qemu.toml")
+    ok = dict(status="completed", total_ms=300.0, downtime_ms=90.0, bytes_sent=208_000_000, rounds=2,
+              runs_on=True, pattern_ok=True, pattern="all 25344 pages at 7")
+    q = Run("qemu", qemu_status, reason=reason) if qemu_status != "completed" else Run("qemu", **{**ok, "status": "completed"})
+    res = RunResult(scenario="qemu", repeat=1, memory_bytes=128 << 20,
+                    methods=[method_json(q), method_json(Run("migrator", **ok))],
+                    report={**MigrationReport().to_json(), "status": "completed", "source_state": "postmigrate"})
+    res.checks = check_expectations(scn, res)
+    return scn, res
+
+
+def test_qemu_scenario_failed_qemu_run_is_reported_not_checked(tmp_path):
+    from migrator.scenarios.report import ScenarioOutcome, markdown
+    from migrator.scenarios.suite import run_line
+
+    scn, res = _fake_qemu_result("failed", "connection refused")
+    assert res.passed                                          # the expectations are on migrator's run
+    assert {c.name for c in res.checks} == {"converges", "dest_runs_on", "ram_pattern", "max_downtime_ms",
+                                            "max_total_s"}
+    assert run_line(scn, res) == (
+        "qemu: PASS qemu failed: connection refused; migrator completed, total 300 ms, downtime 90.0 ms, "
+        "208.0 MB, 2 rounds, destination runs on, pattern ok")
+    o = ScenarioOutcome(scn, [res])
+    assert [row["runs"] for row in o.side_by_side()] == ["0/1", "1/1"]
+    md = markdown({"created": "t", "host": {"kernel": "k", "cpus": 2}, "duration_s": 1, "baseline": None,
+                   "scenarios": [o.to_json()]})
+    assert "| qemu | 0/1 | - | - |" in md and "- **qemu failed**: connection refused" in md
+
+    # a migrator run whose destination does not run on fails the named expectation
+    scn, res = _fake_qemu_result("completed", "")
+    res.methods[1]["runs_on"] = False
+    from migrator.scenarios.expect import check_expectations
+    assert [c.name for c in check_expectations(scn, res) if not c.ok] == ["dest_runs_on"]
+
+
+@pytest.mark.parametrize("in_ci", [False, True])
+def test_qemu_scenario_without_qemu_skips_or_fails_under_ci(tmp_path, monkeypatch, capsys, in_ci):
+    from migrator.scenarios import qemu_run
+
+    monkeypatch.setattr(qemu_run, "qemu_available", lambda: False)
+    monkeypatch.setattr(qemu_run, "IN_CI", in_ci)
+    rc, out, err = run(capsys, str(suite_dir() / "qemu.toml"), "--report", str(tmp_path / "r"),
+                       "--baseline", str(suite_dir() / "baseline.json"))
+    doc = json.loads((tmp_path / "r" / "report.json").read_text())
+    [r] = doc["scenarios"][0]["runs"]
+    if in_ci:
+        assert rc == 1
+        assert ("qemu: run 1: run: the run failed: required under CI=true: qemu-system-x86_64 not installed "
+                "(apt-get install qemu-system-x86)") in out
+        assert r["error"].startswith("required under CI=true") and not r["passed"]
+    else:
+        assert rc == 0, out + err
+        assert "qemu: SKIP qemu-system-x86_64 not installed (apt-get install qemu-system-x86)" in out
+        assert r["skipped"] and r["passed"] and doc["scenarios"][0]["statuses"] == ["skipped"]
+        assert doc["baseline"]["passed"] and any("qemu: skipped" in n for n in doc["baseline"]["notes"])

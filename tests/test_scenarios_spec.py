@@ -135,8 +135,67 @@ min_throttle_percent = 20
     ('[writers.vhost]\nkind = "random"\nsize = "1G"\n', "bad.toml: [guest]: side writer areas"),
     ('guest = 3\n', "bad.toml: [guest]: expected a table"),
     ('[guest\n', "bad.toml: not valid TOML"),
+    ('kind = "vm"\n', "bad.toml: kind: 'vm' is not one of process, qemu"),
 ])
 def test_errors_name_the_key(text, expected):
+    assert expected in err(text)
+
+
+QEMU = """
+kind = "qemu"
+description = "vm"
+[guest]
+ram = "256M"
+[link]
+bandwidth = "1GB/s"
+[policy]
+downtime_limit_ms = 100
+compare = ["migrator", "qemu"]
+[expect]
+converges = true
+dest_runs_on = false
+max_downtime_ms = 500
+max_total_s = 9
+"""
+
+
+def test_qemu_kind():
+    s = parse_scenario(QEMU, "/x/vm.toml")
+    assert s.kind == "qemu" and s.guest is None and s.events == ()
+    assert s.qemu.ram == 256 << 20 and s.qemu.program == "testguest" and s.qemu.methods == ("migrator", "qemu")
+    assert s.memory_bytes == 256 << 20 and not s.needs_swap
+    assert s.link.bandwidth == 1e9 and s.policy.downtime_limit_ms == 100 and s.policy.channels == 1
+    assert s.expect.converges and not s.expect.dest_runs_on and s.expect.ram_pattern
+    assert s.expect.max_downtime_ms == 500 and s.expect.max_total_s == 9
+    assert "qemu testguest" in s.line() and "compare migrator+qemu" in s.line() and "1000MB/s" in s.line()
+    d = parse_scenario('kind = "qemu"\n', "/x/d.toml")         # defaults: 128 MiB, 10 GB/s, both methods
+    assert d.qemu.ram == 128 << 20 and d.link.bandwidth == 10e9 and d.qemu.methods == ("qemu", "migrator")
+    assert d.policy.downtime_limit_ms == 300 and d.expect.dest_runs_on and d.expect.ram_pattern
+
+
+Q = 'kind = "qemu"\n'
+
+
+@pytest.mark.parametrize("text,expected", [
+    (Q + 'warmup_s = 1\n', "bad.toml: warmup_s: unknown key (known here: ci, description, expect, guest, kind, "),
+    (Q + '[workload]\nkind = "random"\n', "bad.toml: workload: unknown key"),
+    (Q + '[guest]\nshared_ram = "8M"\n', "bad.toml: [guest] shared_ram: unknown key (known here: program, ram)"),
+    (Q + '[guest]\nram = "64M"\n', "bad.toml: [guest] ram: 64 MiB must be a whole number of MiB above 100 MiB"),
+    (Q + '[guest]\nram = "lots"\n', "bad.toml: [guest] ram: bad size 'lots'"),
+    (Q + '[guest]\nprogram = "linux"\n', "bad.toml: [guest] program: 'linux' is not one of testguest"),
+    (Q + '[link]\nbandwidth = "max"\n', "bad.toml: [link] bandwidth: must be a positive rate"),
+    (Q + '[link]\nlatency_ms = 5\n', "bad.toml: [link] latency_ms: unknown key (known here: bandwidth)"),
+    (Q + '[policy]\ncompare = ["qemu"]\n', "bad.toml: [policy] compare: ['qemu'] must include \"migrator\""),
+    (Q + '[policy]\ncompare = ["xen", "migrator"]\n', "bad.toml: [policy] compare: 'xen' is not one of qemu, migrator"),
+    (Q + '[policy]\ncompare = ["migrator", "migrator"]\n', "bad.toml: [policy] compare: ['migrator', 'migrator'] names a method twice"),
+    (Q + '[policy]\ncompare = "qemu"\n', "bad.toml: [policy] compare: expected a non-empty list of method names"),
+    (Q + '[policy]\ntracker = "hash"\n', "bad.toml: [policy] tracker: unknown key"),
+    (Q + '[policy]\ndowntime_limit_ms = 0\n', "bad.toml: [policy] downtime_limit_ms: 0 must be > 0"),
+    (Q + '[expect]\nram_pattern = "yes"\n', "bad.toml: [expect] ram_pattern: expected true or false"),
+    (Q + '[expect]\nmax_rounds = 3\n', "bad.toml: [expect] max_rounds: unknown key"),
+    ('[expect]\ndest_runs_on = true\n', "bad.toml: [expect] dest_runs_on: unknown key"),   # process kind
+])
+def test_qemu_kind_errors_name_the_key(text, expected):
     assert expected in err(text)
 
 
@@ -144,7 +203,7 @@ def test_the_suite_parses_and_covers_the_cases():
     files = resolve([str(suite_dir())])
     scns = {s.name: s for s in map(load_scenario, files)}
     for name in ("idle", "steady-random", "hotcold", "sweep", "shmem-swapout", "vhost-writer",
-                 "pwrite-writer", "overload", "overload-autoconverge", "large-guest", "thin-link", "default"):
+                 "pwrite-writer", "overload", "overload-autoconverge", "large-guest", "thin-link", "default", "qemu"):
         assert name in scns, name
     assert scns["large-guest"].memory_bytes >= 4 << 30 and not scns["large-guest"].ci
     assert all(s.ci for n, s in scns.items() if n != "large-guest")
@@ -152,6 +211,9 @@ def test_the_suite_parses_and_covers_the_cases():
     assert not scns["overload"].expect.converges and not scns["overload"].policy.auto_converge
     assert scns["overload-autoconverge"].policy.auto_converge
     assert scns["shmem-swapout"].needs_swap
+    q = scns["qemu"]
+    assert q.kind == "qemu" and q.ci and q.qemu.ram == 128 << 20 and q.link.bandwidth == 10e9
+    assert q.policy.downtime_limit_ms == 300 and q.qemu.methods == ("qemu", "migrator")
     assert scns["vhost-writer"].guest.vhost is not None and scns["pwrite-writer"].guest.pwrite is not None
 
 

@@ -89,7 +89,7 @@ def baseline_document(outcomes: list["ScenarioOutcome"]) -> dict:
     return {"format": BASELINE_FORMAT,
             "note": "medians across repeats; written by migrator scenario run --save-baseline",
             "scenarios": {o.scenario.name: _entry(o.summary(), [r.status for r in o.runs])
-                          for o in outcomes if o.runs}}
+                          for o in outcomes if o.runs and not all(r.skipped for r in o.runs)}}
 
 
 def save_baseline(path: str, outcomes: list["ScenarioOutcome"]) -> None:
@@ -104,6 +104,9 @@ def compare(path: str, outcomes: list["ScenarioOutcome"], tolerance: float = DEF
     cmp = Comparison(file=path, tolerance=tolerance)
     for o in outcomes:
         name = o.scenario.name
+        if o.runs and all(r.skipped for r in o.runs):
+            cmp.notes.append(f"{name}: skipped ({o.runs[0].skipped}), not compared")
+            continue
         if name not in base:
             cmp.notes.append(f"{name}: not in the baseline, not compared")
             continue

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from .baseline import Comparison
+from ..qemu.compare import TABLE_NOTE, Run, markdown_table, table_rows
 from .chart import convergence_svg
 from .runner import PAGE_SIZE, RunResult
 from .spec import Scenario
@@ -60,10 +61,22 @@ class ScenarioOutcome:
                 out[name] = {"min": _r(min(vals)), "median": _r(statistics.median(vals)), "max": _r(max(vals))}
         return out
 
+    def compared(self) -> list[Run]:
+        """kind = "qemu": every method's run, over all repeats."""
+        return [Run(**m) for r in self.runs for m in r.methods]
+
+    def side_by_side(self) -> list[dict]:
+        """kind = "qemu": one row per method (medians over the repeats), as in the bench."""
+        rows = table_rows(self.compared())
+        return [dict(zip(rows[0], row)) for row in rows[1:]]
+
     def to_json(self) -> dict:
         s = self.scenario
-        return {"name": s.name, "file": s.path, "description": s.description, "ci": s.ci,
-                "memory_bytes": s.memory_bytes, "tolerance": s.tolerance,
+        extra = {} if s.qemu is None else {
+            "qemu": {"ram": s.qemu.ram, "program": s.qemu.program, "methods": list(s.qemu.methods)},
+            "side_by_side": self.side_by_side()}
+        return {"name": s.name, "file": s.path, "description": s.description, "ci": s.ci, "kind": s.kind,
+                **extra, "memory_bytes": s.memory_bytes, "tolerance": s.tolerance,
                 "link": {"bandwidth": s.link.bandwidth, "latency_ms": s.link.latency_ms},
                 "policy": vars(s.policy).copy(), "events": [e.describe() for e in s.events],
                 "passed": self.passed, "failures": self.failures(),
@@ -85,7 +98,7 @@ def write_reports(out_dir: str, outcomes: list[ScenarioOutcome], comparison: Com
     os.makedirs(os.path.join(out_dir, "charts"), exist_ok=True)
     for o in outcomes:
         for r in o.runs:
-            if r.report:
+            if r.report and r.timeline:
                 with open(os.path.join(out_dir, chart_name(o.scenario.name, r.repeat)), "w") as f:
                     f.write(convergence_svg(o.scenario.name, r))
     doc = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -164,10 +177,13 @@ def markdown(doc: dict) -> str:
         if s["link"]["latency_ms"]:
             link += f", +{s['link']['latency_ms']:g} ms each way"
         p = s["policy"]
-        L += [f"`{s['file']}`: {s['memory_bytes'] / (1 << 20):g} MiB guest, link {link}, downtime limit "
-              f"{p['downtime_limit_ms']:g} ms, max rounds {p['max_rounds']}, tracker {p['tracker']}, "
-              f"{p['channels']} channel(s)" + (", auto-converge" if p["auto_converge"] else "") + "."
-              + (f" Events: {'; '.join(s['events'])}." if s["events"] else ""), ""]
+        if s.get("kind") == "qemu":
+            L += _qemu_section(s, link)
+        else:
+            L += [f"`{s['file']}`: {s['memory_bytes'] / (1 << 20):g} MiB guest, link {link}, downtime limit "
+                  f"{p['downtime_limit_ms']:g} ms, max rounds {p['max_rounds']}, tracker {p['tracker']}, "
+                  f"{p['channels']} channel(s)" + (", auto-converge" if p["auto_converge"] else "") + "."
+                  + (f" Events: {'; '.join(s['events'])}." if s["events"] else ""), ""]
         sm = s["summary"]
         if sm:
             L += ["| metric | min | median | max |", "| --- | --- | --- | --- |"]
@@ -178,15 +194,20 @@ def markdown(doc: dict) -> str:
                   + ("pass" if run["passed"] else "**FAIL**"), ""]
             if run["error"]:
                 L += [f"Error: {run['error']}", ""]
+            if run.get("skipped"):
+                L += [f"Skipped: {run['skipped']}", ""]
+            if run.get("methods"):
+                L += _side_by_side([Run(**m) for m in run["methods"]]) + [""]
             rep = run["report"]
             if rep:
                 L += [f"Status **{rep['status']}**" + (f" ({rep['reason']})" if rep["reason"] else "")
                       + f"; tracker {rep['tracker']}; destination {run['destination']}; "
                       f"downtime {rep['downtime_ms']:.1f} ms (expected {rep['expected_downtime_ms']:.1f} ms); "
                       f"total {rep['total_time_ms'] / 1000:.2f} s; {_mb(rep['transferred_bytes'])} MB sent; "
-                      f"throttle {rep['throttle_percent']} %.", "",
-                      f"![convergence chart]({chart_name(s['name'], run['repeat'])})", "",
-                      "| round | pages dirtied | pages sent | zero pages | MB sent | ms | Mbit/s | "
+                      f"throttle {rep['throttle_percent']} %.", ""]
+                if run["timeline"]:
+                    L += [f"![convergence chart]({chart_name(s['name'], run['repeat'])})", ""]
+                L += ["| round | pages dirtied | pages sent | zero pages | MB sent | ms | Mbit/s | "
                       "dirty MB/s | expected downtime ms | tracker ms | throttle % |",
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
                 for rs in rep["per_round"]:
@@ -202,3 +223,19 @@ def markdown(doc: dict) -> str:
                       + (f"; … {len(run['events']) - 20} more" if len(run["events"]) > 20 else "")]
             L += [""] + [f"- {'ok' if c['ok'] else '**FAILED**'} {c['name']}: {c['message']}" for c in run["checks"]]
     return "\n".join(L) + "\n"
+
+
+def _side_by_side(runs: list[Run]) -> list[str]:
+    """The table, then each method that did not complete with its reason (never hidden)."""
+    return markdown_table(runs) + [""] + [
+        f"- **{r.method} {r.status}**: {r.reason or r.pattern}" for r in runs if not r.ok]
+
+
+def _qemu_section(s: dict, link: str) -> list[str]:
+    q = s["qemu"]
+    return [f"`{s['file']}`: QEMU VM (TCG), {q['ram'] / (1 << 20):g} MiB, {q['program']}; link {link} "
+            f"(loopback); downtime limit {s['policy']['downtime_limit_ms']:g} ms; compared: "
+            f"{', '.join(q['methods'])} (one fresh VM per method and run). Expectations apply to the "
+            "migrator-driven run; its RAM report follows per run.", "",
+            "Side by side (medians over the runs):", "",
+            *markdown_table([Run(**m) for r in s["runs"] for m in r.get("methods", [])]), "", TABLE_NOTE, ""]

@@ -45,6 +45,8 @@ class RunResult:
     wall_s: float = 0.0
     error: str = ""
     checks: list[Check] = field(default_factory=list)
+    skipped: str = ""              # why the run did not happen (kind = "qemu" without QEMU, outside CI)
+    methods: list[dict] = field(default_factory=list)   # kind = "qemu": one compare.Run per method
 
     @property
     def passed(self) -> bool:
@@ -52,7 +54,7 @@ class RunResult:
 
     @property
     def status(self) -> str:
-        return self.report.get("status", "error")
+        return "skipped" if self.skipped else self.report.get("status", "error")
 
     def to_json(self) -> dict:
         return {"scenario": self.scenario, "repeat": self.repeat, "passed": self.passed,
@@ -62,7 +64,8 @@ class RunResult:
                 "guest_pages_written": self.guest_pages_written, "wall_s": round(self.wall_s, 3),
                 "checks": [c.to_json() for c in self.checks],
                 "downtime_window_s": list(self.downtime_window_s) if self.downtime_window_s else None,
-                "timeline": self.timeline, "events": self.events, "report": self.report}
+                "timeline": self.timeline, "events": self.events, "report": self.report,
+                "skipped": self.skipped, "methods": self.methods}
 
     @classmethod
     def from_json(cls, d: dict) -> "RunResult":
@@ -70,7 +73,8 @@ class RunResult:
                 report=d["report"], timeline=d["timeline"], events=d["events"],
                 destination=d["destination"], pages_compared=d["pages_compared"],
                 guest_running_after=d["guest_running_after"], guest_pages_written=d["guest_pages_written"],
-                wall_s=d["wall_s"], error=d["error"], checks=[Check.from_json(c) for c in d["checks"]])
+                wall_s=d["wall_s"], error=d["error"], checks=[Check.from_json(c) for c in d["checks"]],
+                skipped=d.get("skipped", ""), methods=d.get("methods", []))
         if d.get("downtime_window_s"):
             r.downtime_window_s = tuple(d["downtime_window_s"])
         return r
@@ -104,6 +108,9 @@ async def run_once(scn: Scenario, run_dir: str, repeat: int = 1,
     """Run the scenario once in run_dir (receiver log, key, destination images; the images are
     removed afterwards unless keep_images).  Never raises MigratorError: a problem is the result's
     `error`."""
+    if scn.kind == "qemu":
+        from .qemu_run import run_qemu_once
+        return await run_qemu_once(scn, run_dir, repeat, progress)
     res = RunResult(scenario=scn.name, repeat=repeat, memory_bytes=scn.memory_bytes)
     t_wall = time.monotonic()
     os.makedirs(run_dir, exist_ok=True)

@@ -17,9 +17,13 @@ from typing import Any
 from ..errors import UsageError
 from ..guest.spec import GuestSpec, PageoutRange
 from ..guest.workloads import WORKLOADS, WorkloadSpec
+from ..qemu.compare import METHODS as QEMU_METHODS
+from ..qemu.testguest import GuestLayout
 from ..tracking.choose import CHOICES as TRACKERS
 from ..units import parse_rate, parse_size
 
+KINDS = ("process", "qemu")
+QEMU_PROGRAMS = ("testguest",)
 EVENT_ACTIONS = ("pageout", "rate")
 RATE_WRITERS = ("vcpu", "vhost", "pwrite")
 
@@ -71,6 +75,16 @@ class Event:
 
 
 @dataclass(frozen=True)
+class QemuSpec:
+    """A `kind = "qemu"` scenario's VM: QEMU (TCG) with `ram` bytes of RAM in a shared memfd,
+    running `program` (the project's test guest), migrated once by each of `methods`."""
+
+    ram: int = 128 << 20
+    program: str = "testguest"
+    methods: tuple[str, ...] = QEMU_METHODS
+
+
+@dataclass(frozen=True)
 class Expectations:
     """What a run must show; None = not checked.  The destination is always checked byte for
     byte against the paused source when the migration completes."""
@@ -81,6 +95,8 @@ class Expectations:
     max_bytes_ratio: float | None = None     # transferred bytes / guest memory size
     max_rounds: int | None = None
     min_throttle_percent: int | None = None
+    dest_runs_on: bool = True                # qemu: the destination guest runs on
+    ram_pattern: bool = True                 # qemu: the destination RAM holds the guest's pattern
 
 
 @dataclass(frozen=True)
@@ -91,24 +107,35 @@ class Scenario:
     ci: bool
     repeats: int
     warmup_s: float
-    guest: GuestSpec
+    guest: GuestSpec | None                  # None for kind = "qemu"
     link: LinkSpec
     policy: PolicySpec
     events: tuple[Event, ...]
     expect: Expectations
     tolerance: float | None = None           # baseline tolerance for this scenario
     tags: tuple[str, ...] = ()
+    kind: str = "process"                    # process | qemu
+    qemu: QemuSpec | None = None             # kind = "qemu": the VM and the methods compared
 
     @property
     def memory_bytes(self) -> int:
+        if self.qemu is not None:
+            return self.qemu.ram
         return self.guest.shared_ram + self.guest.anon_ram
 
     @property
     def needs_swap(self) -> bool:
+        if self.guest is None:
+            return False
         return self.guest.pager_interval is not None or any(e.action == "pageout" for e in self.events)
 
     def line(self) -> str:
         """One line for `migrator scenario list`."""
+        flags = "" if self.ci else " [not in CI]"
+        if self.qemu is not None:
+            return (f"{self.name:<22} {_fmt_size(self.memory_bytes):>8}  {'qemu ' + self.qemu.program:<22} "
+                    f"{'compare ' + '+'.join(self.qemu.methods):<24} link {_fmt_rate(self.link.bandwidth):<18}"
+                    f"{flags}  {self.description}")
         g = self.guest
         w = g.workload
         load = "idle" if w.kind == "idle" else f"{w.kind} {_fmt_rate(w.rate)}"
@@ -120,7 +147,7 @@ class Scenario:
         link = _fmt_rate(self.link.bandwidth) if self.link.bandwidth else "unlimited"
         if self.link.latency_ms:
             link += f" +{self.link.latency_ms:g}ms"
-        flags = ("" if self.ci else " [not in CI]") + (" auto-converge" if self.policy.auto_converge else "")
+        flags += " auto-converge" if self.policy.auto_converge else ""
         return (f"{self.name:<22} {_fmt_size(self.memory_bytes):>8}  {load:<22} "
                 f"{'+'.join(side) or '-':<24} link {link:<18}{flags}  {self.description}")
 
@@ -299,12 +326,12 @@ def parse_scenario(text: str, path: str = "<string>") -> Scenario:
     name = top.get("name", _str, Path(path).stem)
     if not name or any(c in name for c in "/ \t"):
         raise top.err("name", f"{name!r} must be non-empty, without spaces or '/'")
-    description = top.get("description", _str, "")
-    ci = top.get("ci", _bool, True)
-    tags = top.get("tags", _tags, ())
-    repeats = top.get("repeats", _int(1), 1)
+    common = dict(name=name, path=str(path), description=top.get("description", _str, ""),
+                  ci=top.get("ci", _bool, True), tags=top.get("tags", _tags, ()),
+                  repeats=top.get("repeats", _int(1), 1), tolerance=top.get("tolerance", _num(0), None))
+    if top.get("kind", _choice(KINDS), "process") == "qemu":
+        return _qemu_scenario(file, top, common)
     warmup_s = top.get("warmup_s", _num(0), 0.5)
-    tolerance = top.get("tolerance", _num(0), None)
 
     # guest, workload, side writers, pager
     g = top.sub("guest") or _Table(file, "[guest]", {})
@@ -379,17 +406,63 @@ def parse_scenario(text: str, path: str = "<string>") -> Scenario:
     # expectations
     et = top.sub("expect") or _Table(file, "[expect]", {})
     expect = Expectations(
-        converges=et.get("converges", _bool, True),
-        max_downtime_ms=et.get("max_downtime_ms", _num(0, lo_open=True), None),
-        max_total_s=et.get("max_total_s", _num(0, lo_open=True), None),
+        **_common_expectations(et),
         max_bytes_ratio=et.get("max_bytes_ratio", _num(0, lo_open=True), None),
         max_rounds=et.get("max_rounds", _int(1), None),
         min_throttle_percent=et.get("min_throttle_percent", _int(0), None))
     et.done()
     top.done()
-    return Scenario(name=name, path=str(path), description=description, ci=ci, repeats=repeats,
-                    warmup_s=warmup_s, guest=guest, link=link, policy=policy, events=tuple(events),
-                    expect=expect, tolerance=tolerance, tags=tags)
+    return Scenario(**common, warmup_s=warmup_s, guest=guest, link=link, policy=policy,
+                    events=tuple(events), expect=expect)
+
+
+def _common_expectations(et: _Table) -> dict[str, Any]:
+    return dict(converges=et.get("converges", _bool, True),
+                max_downtime_ms=et.get("max_downtime_ms", _num(0, lo_open=True), None),
+                max_total_s=et.get("max_total_s", _num(0, lo_open=True), None))
+
+
+def _methods(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
+        raise UsageError(f"expected a non-empty list of method names, got {v!r}")
+    for m in v:
+        _choice(QEMU_METHODS)(m)
+    if len(set(v)) != len(v):
+        raise UsageError(f"{v!r} names a method twice")
+    if "migrator" not in v:
+        raise UsageError(f"{v!r} must include \"migrator\" (the expectations apply to its run)")
+    return tuple(v)
+
+
+def _qemu_scenario(file: str, top: _Table, common: dict[str, Any]) -> Scenario:
+    """kind = "qemu": one VM set-up migrated by each method (migrator/qemu/compare.py)."""
+    g = top.sub("guest") or _Table(file, "[guest]", {})
+    ram = g.get("ram", _size, 128 << 20)
+    floor = GuestLayout().end >> 20
+    if ram % (1 << 20) or ram >> 20 <= floor:
+        raise g.err("ram", f"{_fmt_size(ram)} must be a whole number of MiB above {floor} MiB (the test guest "
+                           f"writes 1..{floor} MiB)")
+    program = g.get("program", _choice(QEMU_PROGRAMS), "testguest")
+    g.done()
+    lt = top.sub("link") or _Table(file, "[link]", {})
+    bw = lt.get("bandwidth", _rate, 10e9)
+    if bw <= 0:
+        raise lt.err("bandwidth", "must be a positive rate (both methods are capped by it; QEMU's "
+                                  "own default, 32 MiB/s, would never converge)")
+    lt.done()
+    pt = top.sub("policy") or _Table(file, "[policy]", {})
+    policy = PolicySpec(downtime_limit_ms=pt.get("downtime_limit_ms", _num(0, lo_open=True), 300.0),
+                        channels=pt.get("channels", _int(1), 1))
+    methods = pt.get("compare", _methods, QEMU_METHODS)
+    pt.done()
+    et = top.sub("expect") or _Table(file, "[expect]", {})
+    expect = Expectations(**_common_expectations(et), dest_runs_on=et.get("dest_runs_on", _bool, True),
+                          ram_pattern=et.get("ram_pattern", _bool, True))
+    et.done()
+    top.done()
+    return Scenario(**common, warmup_s=0.0, guest=None, link=LinkSpec(bandwidth=bw), policy=policy,
+                    events=(), expect=expect, kind="qemu",
+                    qemu=QemuSpec(ram=ram, program=program, methods=methods))
 
 
 def _bad_list(v: Any):

@@ -45,6 +45,11 @@ async def run_suite(scenarios: list[Scenario], report_dir: str, *, repeat: int |
 def run_line(scn: Scenario, res) -> str:
     """`name: PASS completed, 4 rounds, downtime 41.2 ms, 92.1 MB sent (1.10 x memory), 3.21 s`"""
     verdict = "PASS" if res.passed else "FAIL"
+    if res.skipped:
+        return f"{scn.name}: SKIP {res.skipped}"
+    if res.methods:          # kind = "qemu": every method, a failed one with its reason
+        return f"{scn.name}: {verdict} " + "; ".join(_method_line(m) for m in res.methods) + (
+            f"; error: {res.error}" if res.error else "")
     if res.error:
         return f"{scn.name}: {verdict} error: {res.error}"
     r = res.report
@@ -53,3 +58,12 @@ def run_line(scn: Scenario, res) -> str:
             + f"{r['transferred_bytes'] / 1e6:.1f} MB sent ({r['transferred_bytes'] / res.memory_bytes:.2f} x memory), "
             f"{r['total_time_ms'] / 1000:.2f} s, destination {res.destination}"
             + (f", throttle {r['throttle_percent']} %" if r["throttle_percent"] else ""))
+
+
+def _method_line(m: dict) -> str:
+    """`migrator completed, total 294 ms, downtime 107.1 ms, 208.1 MB, 2 rounds, destination runs on, pattern ok`"""
+    if m["status"] != "completed" or m["runs_on"] is None:
+        return f"{m['method']} {m['status']}" + (f": {m['reason']}" if m["reason"] else "")
+    return (f"{m['method']} completed, total {m['total_ms']:.0f} ms, downtime {m['downtime_ms']:.1f} ms, "
+            f"{m['bytes_sent'] / 1e6:.1f} MB, {m['rounds']} rounds, destination "
+            f"{'runs on' if m['runs_on'] else 'does NOT run on'}, pattern {'ok' if m['pattern_ok'] else 'BAD'}")
