@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <string.h>
+#include <time.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -12,13 +13,23 @@
 #include "stream.h"
 #include "track.h"
 
+static int64_t now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
 int mg_sock_io(int fd, uint8_t *buf, uint64_t len, int sending, int timeout_ms, uint64_t *done)
 {
+    int64_t until = now_ms() + timeout_ms;
     while (*done < len) {
         ssize_t r = sending ? send(fd, buf + *done, len - *done, MSG_NOSIGNAL)
                             : recv(fd, buf + *done, len - *done, 0);
         if (r > 0) {
             *done += (uint64_t)r;
+            if (*done < len && now_ms() >= until)
+                return MG_IO_AGAIN;          /* the caller checks whether to go on */
             continue;
         }
         if (r == 0)
@@ -27,15 +38,18 @@ int mg_sock_io(int fd, uint8_t *buf, uint64_t len, int sending, int timeout_ms, 
             continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK)
             return -errno;
+        int64_t left = until - now_ms();
+        if (left <= 0)
+            return MG_IO_AGAIN;
         struct pollfd p = { .fd = fd, .events = sending ? POLLOUT : POLLIN };
-        int k = poll(&p, 1, timeout_ms);
+        int k = poll(&p, 1, (int)left);
         if (k < 0) {
             if (errno == EINTR)
                 continue;
             return -errno;
         }
         if (k == 0)
-            return MG_IO_IDLE;
+            return MG_IO_AGAIN;
     }
     return MG_IO_DONE;
 }

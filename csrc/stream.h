@@ -13,13 +13,14 @@
 #include <stdint.h>
 
 #define MG_IO_DONE 0       /* all bytes moved */
-#define MG_IO_IDLE 1       /* poll timed out with no progress: the caller checks why and retries */
+#define MG_IO_AGAIN 1      /* timeout_ms passed: the caller checks whether to go on, and calls again */
 #define MG_IO_EOF 2        /* receiving: the peer closed the connection */
 
 /* Move len bytes of buf through the non-blocking socket fd (send if sending, else receive),
- * waiting with poll() when it would block.  *done counts the bytes moved (start it at 0; it is
- * updated on every return, so a call after MG_IO_IDLE resumes where the last one stopped).
- * Returns MG_IO_DONE, MG_IO_IDLE (timeout_ms passed without progress) or MG_IO_EOF, or -errno. */
+ * waiting with poll() when it would block, for at most about timeout_ms per call (so a caller
+ * notices a stop request even while data keeps flowing).  *done counts the bytes moved (start it
+ * at 0; a call after MG_IO_AGAIN resumes where the last one stopped).  Returns MG_IO_DONE,
+ * MG_IO_AGAIN or MG_IO_EOF, or -errno. */
 int mg_sock_io(int fd, uint8_t *buf, uint64_t len, int sending, int timeout_ms, uint64_t *done);
 
 /* A batch being packed by mg_pack_pages.  The caller owns every array and sets the capacities;

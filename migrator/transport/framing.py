@@ -84,8 +84,8 @@ class FrameStream:
     # -- bulk page data: straight syscalls in a worker thread, not one trio wake-up per chunk --
 
     def _bulk(self, view: memoryview, sending: bool) -> None:
-        """Send or receive all of view on the (non-blocking) socket: one C loop (send/recv and
-        poll, without the GIL), back in Python only to check for a stop every 200 ms of idling."""
+        """Send or receive all of view on the (non-blocking) socket: a C loop (send/recv and
+        poll, without the GIL), back in Python every 200 ms to check for a stop."""
         with self._io_lock:
             if self._closing:
                 raise TransportError(f"connection to {self.peer} closed")
@@ -105,7 +105,7 @@ class FrameStream:
             r = lib.mg_sock_io(self._raw.fileno(), buf, n, int(sending), 200, done)
             if r == lib.MG_IO_DONE:
                 return
-            if r == lib.MG_IO_IDLE:
+            if r == lib.MG_IO_AGAIN:
                 if self._closing or self.should_stop():
                     raise TransportError(f"connection to {self.peer} closed")
                 idle = idle + 0.2 if done[0] == before else 0.0
