@@ -66,7 +66,6 @@ class ShmemLedger:
         self._pool: ThreadPoolExecutor | None = None
         self._zero = lib.mg_hash_zero_page(PAGE_SIZE)
         self._view = None                     # object pages [first_page, end_page) mapped
-        self._populating = threading.Lock()   # held while populate_view() uses the view
 
     def use_view(self, view) -> None:
         """Sweep from view (a read-only buffer of the object pages [first_page, end_page), kept
@@ -126,21 +125,6 @@ class ShmemLedger:
                                      vals, fill) < 0:
                     raise ValueError("pages recorded outside the ledger")
 
-    def populate_view(self) -> None:
-        """Fill the view's page tables for the data extents in one call each (holes are left
-        alone: a fault there would allocate them), so that the reads through it do not fault.
-        Safe beside anything but close() (which waits for it)."""
-        with self._populating:
-            if self._view is None or self.fd < 0:
-                return
-            lo, hi = self.first_page * PAGE_SIZE, self.end_page * PAGE_SIZE
-            try:
-                extents = data_extents(self.fd, lo, hi)
-            except OSError:         # the target exited: nothing to prepare for
-                return
-            for a, b in extents:
-                _populate(int(ffi.cast("uintptr_t", self._view + (a - lo))), b - a)
-
     def _sweep_chunk(self, chunk: tuple[int, int], g: int) -> int:
         offset, n = chunk
         if self._view is not None:
@@ -170,10 +154,9 @@ class ShmemLedger:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        with self._populating:      # (a populate_view() thread is done with the view)
-            if self._view is not None:
-                ffi.release(self._view)
-                self._view = None
+        if self._view is not None:
+            ffi.release(self._view)
+            self._view = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -275,10 +258,9 @@ class LedgerTracker(Tracker):
             self.begin()
             return set()
         for r in self.regions:
+            # (round 0 reads every data page through the view, which fills its page tables as
+            # it goes; populating them in a thread beside it measured slower: the two contend)
             led = self.registry.ledger_for(self.pid, r, self._views.get(r.name), sweep=False)
-            # the view's page tables filled beside the set-up and round 0 (which would else
-            # fault them in page by page, leaving the rest to the final round)
-            threading.Thread(target=led.populate_view, name="populate-view", daemon=True).start()
             self._since[r.name] = led.generation
         self._recorded = {r.name: r for r in self.regions}
         return set(self._recorded)
