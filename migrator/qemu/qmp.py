@@ -133,19 +133,10 @@ class QMP:
             out: list[Any] = []
             refused: QmpError | None = None
             for req in reqs:
-                while True:
-                    msg = self._read_message(deadline)
-                    if "event" in msg:
-                        self.events.append(QmpEvent.from_json(msg))
-                        continue
-                    if "error" in msg:
-                        err = msg["error"]
-                        refused = refused or QmpError(f"QEMU refused {req['execute']}: {err.get('desc', err)}")
-                        out.append(None)
-                        break
-                    if "return" in msg:
-                        out.append(msg["return"])
-                        break
+                value, err = self._reply(deadline)
+                if err is not None:
+                    refused = refused or QmpError(f"QEMU refused {req['execute']}: {err.get('desc', err)}")
+                out.append(value)
             if refused is not None:
                 raise refused
             return out
@@ -167,17 +158,21 @@ class QMP:
                     socket.send_fds(self._sock, [data], [fd])
             except OSError as e:
                 raise QmpError(f"QMP {self.path}: {command}: {e.strerror or e}") from None
-            deadline = time.monotonic() + self.reply_wait_s
-            while True:
-                msg = self._read_message(deadline)
-                if "event" in msg:
-                    self.events.append(QmpEvent.from_json(msg))
-                    continue
-                if "error" in msg:
-                    err = msg["error"]
-                    raise QmpError(f"QEMU refused {command}: {err.get('desc', err)}")
-                if "return" in msg:
-                    return msg["return"]
+            value, err = self._reply(time.monotonic() + self.reply_wait_s)
+            if err is not None:
+                raise QmpError(f"QEMU refused {command}: {err.get('desc', err)}")
+            return value
+
+    def _reply(self, deadline: float) -> tuple[Any, Any]:
+        """The next command reply, events before it kept: (return value, None) or (None, error)."""
+        while True:
+            msg = self._read_message(deadline)
+            if "event" in msg:
+                self.events.append(QmpEvent.from_json(msg))
+            elif "error" in msg:
+                return None, msg["error"]
+            elif "return" in msg:
+                return msg["return"], None
 
     def wait_event(self, name: str, wait_s: float, *, since: int = 0) -> QmpEvent:
         """The first event called `name` at index >= since in self.events, waiting up to wait_s."""
