@@ -121,7 +121,7 @@ class ShmemLedger:
         for flat, values, fill in ((data_flat, hashes, 0), (zero_flat, None, self._zero)):
             if flat:
                 vals = ffi.from_buffer("uint64_t[]", values) if values is not None else ffi.NULL
-                if lib.mg_set_hashes(base, room, ffi.new("uint64_t[]", list(flat)), len(flat) // 2,
+                if lib.mg_set_hashes(base, room, ffi.new("uint64_t[]", flat), len(flat) // 2,
                                      vals, fill) < 0:
                     raise ValueError("pages recorded outside the ledger")
 

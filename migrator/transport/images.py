@@ -68,7 +68,6 @@ class _Image:
             os.posix_fallocate(self.fd, 0, region.size)
         # anonymous mapping: zero pages on demand, so a huge region costs only what is touched
         self._map = mmap.mmap(-1, 4 * self.npages)
-        self.stamps = memoryview(self._map).cast("I")
         self.stamps_c = ffi.from_buffer("uint32_t[]", self._map)
         # the XXH3-64 of every page as it is now on disk (the digest is computed from these)
         self.hash_map = mmap.mmap(-1, 8 * max(self.npages, 1))
@@ -82,7 +81,6 @@ class _Image:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self.stamps.release()
         self.hashes.release()
         ffi.release(self.stamps_c)
         ffi.release(self.hashes_c)

@@ -120,7 +120,7 @@ OnPacked = Callable[[str, list, list, bytes], None]
 class _Built:
     head: bytes
     data: Any               # a view of buf
-    buf: mmap.mmap | None   # the pool buffer to give back once sent
+    buf: mmap.mmap          # the pool buffer to give back once sent
     pages_normal: int
     pages_zero: int
 
