@@ -46,14 +46,31 @@ def guest(workload="idle", rate=0.0, shared=32 * MB, anon=8 * MB, **kw):
 @pytest.mark.parametrize("workload,rate", [("idle", 0), ("random", 20e6), ("hotcold", 40e6), ("sweep", 30e6)])
 async def test_workloads_migrate_exactly(receiver, workload, rate):
     with guest(workload, rate) as g:
-        rep = await run(g, receiver, max_bandwidth=400e6, min_round_s=0.05)
+        # 50 ms: resending all 40 MiB at 400 MB/s (~105 ms) would not fit, so each round's
+        # collect runs and decides
+        rep = await run(g, receiver, max_bandwidth=400e6, min_round_s=0.05, downtime_limit_ms=50)
         assert rep.status == "completed", rep.reason
         assert rep.tracker == "wp+ledger"
         assert rep.source_state == "paused" and process_state(g.pid) == "T"
         assert_images_equal_source(g, receiver.out_dir)
         assert rep.rounds >= 2 and rep.per_round[-1].stop_and_copy
+        assert "collect1-done" in rep.timeline and not any(k.endswith("-skipped") for k in rep.timeline)
         if workload == "idle":
             assert rep.final_dirty_pages == 0
+
+
+async def test_collect_skipped_when_everything_would_fit(receiver):
+    """After round 0, resending every page (40 MiB at 400 MB/s, ~105 ms) fits the 2 s limit: no
+    collect can change the decision, so none runs while the guest runs and the final collect
+    finds every page written since round 0 (the images prove none was missed)."""
+    with guest("random", 20e6) as g:
+        rep = await run(g, receiver, max_bandwidth=400e6, downtime_limit_ms=2000)
+        assert rep.status == "completed", rep.reason
+        assert "collect1-skipped" in rep.timeline and "collect1-start" not in rep.timeline
+        assert rep.rounds == 2 and rep.per_round[1].stop_and_copy
+        assert rep.per_round[1].pages_dirtied == rep.final_dirty_pages > 0
+        assert rep.expected_downtime_ms <= 2000
+        assert_images_equal_source(g, receiver.out_dir)
 
 
 async def test_shmem_swapped_out_between_rounds(receiver):

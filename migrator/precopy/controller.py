@@ -257,6 +257,14 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         async def collector() -> None:
             with trio.move_on_after(lead_s):
                 await send_done.wait()
+            bound = switchover_bound_s()
+            if bound <= limit_s:
+                # even if every page were written now, the switch-over would fit the limit:
+                # this collect could not change the decision, the final one finds the pages
+                box["dirty"], box["at"] = None, time.monotonic()
+                rep.expected_downtime_ms = bound * 1000
+                mark(f"collect{round_no + 1}-skipped")
+                return
             await trio.sleep_until(since + policy.min_round_s)
             mark(f"collect{round_no + 1}-start")
             box["dirty"] = await trio.to_thread.run_sync(tracker.collect)
@@ -269,19 +277,31 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             send_done.set()
         return box["st"], box["dirty"], box["at"]
 
+    limit_s = policy.downtime_limit_ms / 1000
+    total_bytes = sum(r.npages for r in regions) * PAGE_SIZE
+
+    def switchover_bound_s() -> float:
+        """The longest a switch-over now could take (s): the final collect, then every page of
+        the regions sent at the bandwidth measured so far."""
+        bandwidth = sender.statistics().bandwidth
+        if bandwidth <= 0:
+            return math.inf
+        return tracker.collect_estimate_s() + total_bytes / bandwidth
+
     # round 0: every populated page (`first`); its collect starts once every page is sent
     t0 = time.monotonic()
     st, dirty, last_collect = await send_and_collect(first, 0, math.inf, t0 - policy.min_round_s)
     account(0, _count(first), st, 0.0, 0.0, 0.0)
     elapsed = last_collect - t0
 
-    limit_s = policy.downtime_limit_ms / 1000
     hot_rounds = 0
     round_no = 0
     prev_sent = _count(first)
     pending: dict[str, PageSet] = {}
     while True:
         round_no += 1
+        if dirty is None:        # the collect was skipped: switch over now (see collector)
+            break
         _check_events(dirty)
         pending = dirty.pages
         n = _count(pending)

@@ -70,6 +70,9 @@ class CompositeTracker(Tracker):
         out.cost_s = time.perf_counter() - t0
         return self._account(out)
 
+    def collect_estimate_s(self) -> float:
+        return sum(p.collect_estimate_s() for p in self.parts())
+
     def end(self) -> None:
         for p in self.parts():
             p.end()
