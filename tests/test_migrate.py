@@ -67,6 +67,8 @@ async def test_collect_skipped_when_everything_would_fit(receiver):
         rep = await run(g, receiver, max_bandwidth=400e6, downtime_limit_ms=2000)
         assert rep.status == "completed", rep.reason
         assert "collect1-skipped" in rep.timeline and "collect1-start" not in rep.timeline
+        # (no wait for round 0's acknowledgement either: the final round's covers it)
+        assert "round0-sent" in rep.timeline and "round0-acked" not in rep.timeline
         assert rep.rounds == 2 and rep.per_round[1].stop_and_copy
         assert rep.per_round[1].pages_dirtied == rep.final_dirty_pages > 0
         assert rep.expected_downtime_ms <= 2000

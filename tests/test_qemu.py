@@ -136,9 +136,11 @@ def test_qemu_vm_migrates_and_runs_on(vm, tmp_path):
     out = str(tmp_path / "out")
     dest_serial = str(tmp_path / "dest.serial")
     incoming = f"127.0.0.1:{_free_port()}"
-    receiver = ReceiverProcess(out, "--qemu-incoming", incoming,
+    # the destination VM started before the migration (--qemu-ram-size), as the bench does
+    receiver = ReceiverProcess(out, "--qemu-incoming", incoming, "--qemu-ram-size", "128M",
                                "--qemu-args", shlex.join(vm_args(vm.boot_image, dest_serial)))
     try:
+        assert "started for 128 MiB of RAM" in receiver.text(), receiver.text()
         p = _migrate_cli("--qmp", vm.qmp_path, "--to", f"127.0.0.1:{receiver.port}",
                          "--qemu-incoming", incoming, "--max-bandwidth", "10GB/s", "--downtime-limit", "3000", "--json", "-")
         assert p.returncode == 0, p.stderr
@@ -162,7 +164,7 @@ def test_qemu_vm_migrates_and_runs_on(vm, tmp_path):
         with QMP(os.path.join(out, "qemu-dest.qmp")) as dq:
             dq.execute("stop")
             passes = os.path.getsize(dest_serial)
-            with open(os.path.join(out, "000-memory-backend-memfd.img"), "rb") as f:
+            with open(os.path.join(out, "qemu-ram.img"), "rb") as f:
                 dest_ram = f.read()
             dq.execute("quit")
         res = check_pattern(dest_ram)
@@ -177,6 +179,35 @@ def test_qemu_vm_migrates_and_runs_on(vm, tmp_path):
         size = os.path.getsize(vm.serial_path)
         time.sleep(0.2)
         assert os.path.getsize(vm.serial_path) == size
+    finally:
+        receiver.stop()
+        _kill_dest_vm(receiver.text())
+
+
+def test_prestarted_destination_of_other_ram_size_is_refused(vm, tmp_path):
+    """A destination started for 64 MiB (--qemu-ram-size) refuses the 128 MiB source's session
+    at its set-up: the migration fails saying why, nothing was switched over, the source VM runs
+    on, and the destination VM is stopped."""
+    out = str(tmp_path / "out")
+    incoming = f"127.0.0.1:{_free_port()}"
+    receiver = ReceiverProcess(out, "--qemu-incoming", incoming, "--qemu-ram-size", "64M",
+                               "--qemu-args", shlex.join(vm_args(vm.boot_image, str(tmp_path / "d.serial"))))
+    try:
+        pid = int(re.search(r"destination VM pid (\d+)", receiver.text()).group(1))
+        p = _migrate_cli("--qmp", vm.qmp_path, "--to", f"127.0.0.1:{receiver.port}", "--qemu-incoming", incoming,
+                         "--max-bandwidth", "10GB/s", "--json", "-")
+        assert p.returncode != 0
+        msg = "the source's RAM is 128 MiB, the destination QEMU was started for 64 MiB"
+        assert msg in p.stdout + p.stderr, (p.stdout, p.stderr)
+        with QMP(vm.qmp_path) as q:
+            assert q.execute("query-status")["status"] == "running"
+        assert _grows(vm.serial_path), "the source guest did not run on"
+        assert receiver.proc.wait(30) == 1, receiver.text()
+        assert msg in receiver.text()
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+            assert time.monotonic() < deadline, "destination QEMU still running after the refusal"
+            time.sleep(0.02)
     finally:
         receiver.stop()
         _kill_dest_vm(receiver.text())

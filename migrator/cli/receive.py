@@ -11,6 +11,7 @@ import trio
 from ..errors import MigratorError, UsageError
 from ..transport.auth import load_key, server_ssl_context
 from ..transport.receiver import parse_listen, serve
+from ..units import parse_size
 
 
 def register(subparsers) -> None:
@@ -38,6 +39,10 @@ def register(subparsers) -> None:
                    help="the VM's options except RAM and QMP (machine, devices, drives, serial), "
                         "as on the source, one shell-quoted string")
     q.add_argument("--qemu-memdev", default="ram", metavar="ID", help="the source's memory backend id (default ram)")
+    q.add_argument("--qemu-ram-size", metavar="SIZE",
+                   help="the guest's RAM (e.g. 4G): start the destination QEMU now, before a migration "
+                        "comes, so its start-up is not paid during the migration (as a destination is "
+                        "prepared for QEMU's own migration); a source with other RAM is refused")
     q.add_argument("--qemu-binary", default="qemu-system-x86_64", metavar="PATH",
                    help="the QEMU executable (default qemu-system-x86_64)")
     p.set_defaults(handler=run)
@@ -65,8 +70,16 @@ def run(args: argparse.Namespace) -> int:
         from ..qemu.handoff import DestinationHandoff
         os.makedirs(args.out, exist_ok=True)
         args.once = True     # the next session would overwrite the running VM's RAM
+        ram_size = None
+        if args.qemu_ram_size:
+            ram_size = parse_size(args.qemu_ram_size)
+            if ram_size <= 0 or ram_size % (1 << 20):
+                raise UsageError(f"bad --qemu-ram-size {args.qemu_ram_size!r}: a whole number of MiB, e.g. 128M")
         handoff = DestinationHandoff(DestinationConfig.from_cli(
-            args.qemu_incoming, args.qemu_args, args.qemu_memdev, args.qemu_binary, args.out), _log)
+            args.qemu_incoming, args.qemu_args, args.qemu_memdev, args.qemu_binary, args.out), _log,
+            ram_size)
+    elif args.qemu_ram_size:
+        raise UsageError("--qemu-ram-size goes with --qemu-incoming")
 
     async def _serve(task_status=trio.TASK_STATUS_IGNORED):
         try:
@@ -75,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
                 ssl_context=ssl_context, log=_log,
                 on_setup=handoff.on_setup if handoff else None,
                 on_verified=handoff.on_verified if handoff else None,
-                on_session_end=handoff.on_session_end if handoff else None, task_status=task_status))
+                on_session_end=handoff.on_session_end if handoff else None,
+                image_names=handoff.image_names if handoff else None, task_status=task_status))
         finally:
             if handoff:
                 handoff.close()
@@ -96,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
                     nursery.cancel_scope.cancel()      # done: the VM runs on by itself
                 nursery.start_soon(stop_on_sigterm, nursery.cancel_scope)
                 nursery.start_soon(hand_over)
+                if handoff.ram_size is not None:
+                    await handoff.prestart()   # before listening: ready when a migration comes
             bound = await nursery.start(_serve)
             _log(f"listening on {host}:{bound}, writing to {args.out}"
                  f"{'' if key else ' (no key: loopback only)'}")

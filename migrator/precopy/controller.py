@@ -235,35 +235,33 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             progress(rs)
         return rs
 
-    async def send_round(runs: dict[str, PageSet], round_no: int, sent: trio.Event | None = None):
-        # what is sent is what the tracker compares with next (LedgerTracker.record_sent)
-        st = await sender.send_pages(_runs(runs), source, round_no, on_packed)
-        mark(f"round{round_no}-sent")
-        if sent is not None:
-            sent.set()
-        await sender.end_round(round_no)
-        mark(f"round{round_no}-acked")
-        return st
-
     async def send_and_collect(runs: dict[str, PageSet], round_no: int, lead_s: float,
                                since: float):
         """Send a round and, overlapping its end, collect the pages for the next one: the
         collect starts lead_s into the send (or once every page is read and sent, if sooner,
         while the receiver's acknowledgement is still due), and not before
-        policy.min_round_s after the previous collect."""
+        policy.min_round_s after the previous collect.  Returns the send's stats, the pages
+        collected (None: the collect was skipped, switch over now) and when they were."""
         box: dict = {}
         send_done = trio.Event()
+
+        def skip_collect() -> bool:
+            """Decided once, when the collect would start or the send ended, if sooner: even if
+            every page were written now, the switch-over would fit the limit, so this collect
+            could not change the decision (the final collect finds the pages)."""
+            if "skip" not in box:
+                bound = switchover_bound_s()
+                box["skip"] = bound <= limit_s
+                if box["skip"]:
+                    box["dirty"], box["at"] = None, time.monotonic()
+                    rep.expected_downtime_ms = bound * 1000
+                    mark(f"collect{round_no + 1}-skipped")
+            return box["skip"]
 
         async def collector() -> None:
             with trio.move_on_after(lead_s):
                 await send_done.wait()
-            bound = switchover_bound_s()
-            if bound <= limit_s:
-                # even if every page were written now, the switch-over would fit the limit:
-                # this collect could not change the decision, the final one finds the pages
-                box["dirty"], box["at"] = None, time.monotonic()
-                rep.expected_downtime_ms = bound * 1000
-                mark(f"collect{round_no + 1}-skipped")
+            if skip_collect():
                 return
             await trio.sleep_until(since + policy.min_round_s)
             mark(f"collect{round_no + 1}-start")
@@ -273,8 +271,14 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(collector)
-            box["st"] = await send_round(runs, round_no, send_done)
+            # what is sent is what the tracker compares with next (LedgerTracker.record_sent)
+            box["st"] = await sender.send_pages(_runs(runs), source, round_no, on_packed)
+            mark(f"round{round_no}-sent")
             send_done.set()
+            # switching over now: the final round's end marker covers these pages too
+            if not skip_collect():
+                await sender.end_round(round_no)
+                mark(f"round{round_no}-acked")
         return box["st"], box["dirty"], box["at"]
 
     limit_s = policy.downtime_limit_ms / 1000

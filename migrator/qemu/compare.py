@@ -223,8 +223,9 @@ def run_migrator(work: str, boot: str, size: int, settings: CompareSettings, lay
     incoming = f"127.0.0.1:{_free_port()}"
     log_path = os.path.join(work, f"m-receiver-{len(os.listdir(work))}.log")
     log = open(log_path, "w")
+    # the destination QEMU starts before the clock, as QEMU's own method's does (--qemu-ram-size)
     recv = subprocess.Popen([sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0",
-                             "--out", out, "--qemu-incoming", incoming,
+                             "--out", out, "--qemu-incoming", incoming, "--qemu-ram-size", f"{size >> 20}M",
                              "--qemu-args", shlex.join(vm_args(boot, dest_serial))],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -277,7 +278,7 @@ def run_migrator(work: str, boot: str, size: int, settings: CompareSettings, lay
                     f"stop->verified {rep.ram.downtime_ms:.0f} ms")
         dq = QMP(os.path.join(out, "qemu-dest.qmp"))
         try:
-            _check_destination(r, dest_serial, dq, os.path.join(out, "000-memory-backend-memfd.img"), None,
+            _check_destination(r, dest_serial, dq, os.path.join(out, "qemu-ram.img"), None,
                                layout)
             dq.execute("quit")
         finally:

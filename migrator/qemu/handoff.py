@@ -1,5 +1,6 @@
 """`migrator receive --qemu-incoming ...`: the receiver starts the destination QEMU as soon as a
-session's RAM image exists, and hands the VM over once the RAM verified and the device state came."""
+session's RAM image exists (or, told the RAM size, before any migration comes: `prestart`), and
+hands the VM over once the RAM verified and the device state came."""
 
 from __future__ import annotations
 
@@ -13,22 +14,64 @@ import trio
 from ..errors import MigratorError
 from ..transport.images import ImageSet
 from ..transport.receiver import SessionOutcome
+from ..transport.wire import RegionSpec
 from .destination import DestinationConfig, DestinationVM
 
 
 class DestinationHandoff:
     """Receiver hooks (on_setup, on_session_end) plus the task (`run`) that acts on them.
 
-    After run() returns, `ok` says whether a VM was resumed and `vm` is it (still running)."""
+    After run() returns, `ok` says whether a VM was resumed and `vm` is it (still running).
+    ram_size (bytes): the guest's RAM, known before the migration: prestart() can then start the
+    VM at once, and a session whose RAM differs is refused."""
 
-    def __init__(self, cfg: DestinationConfig, log: Callable[[str], None]):
+    def __init__(self, cfg: DestinationConfig, log: Callable[[str], None], ram_size: int | None = None):
         self.cfg = cfg
         self.log = log
+        self.ram_size = ram_size
+        self.image = f"qemu-{cfg.memdev}.img"      # the RAM image, in cfg.workdir (the receiver's --out)
         self.vm: DestinationVM | None = None
         self.ok = False
         self.error: str | None = None
         self._send, self._recv = trio.open_memory_channel[tuple](16)
         self.marks: dict[str, float] = {}       # wall-clock stamps of the hooks
+
+    def image_names(self, regions: list[RegionSpec]) -> list[str]:
+        """Receiver hook: the RAM image's name, or refuse a session this VM cannot take."""
+        if len(regions) != 1:
+            raise MigratorError(f"a QEMU destination takes one RAM region, the source sent {len(regions)}")
+        if self.ram_size is not None and regions[0].size != self.ram_size:
+            raise MigratorError(f"the source's RAM is {regions[0].size >> 20} MiB, the destination QEMU was "
+                                f"started for {self.ram_size >> 20} MiB (receive --qemu-ram-size)")
+        return [self.image]
+
+    async def prestart(self) -> None:
+        """Start the destination VM now, on an empty image of ram_size bytes (the session's images
+        replace its contents, in the same file: the VM maps it share=on and waits paused).
+
+        Raises:
+            MigratorError: QEMU did not start (its log is quoted).
+        """
+        assert self.ram_size is not None
+        path = os.path.join(self.cfg.workdir, self.image)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, self.ram_size)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise MigratorError(f"cannot create the RAM image {path!r}: {e.strerror}") from None
+        vm = DestinationVM(self.cfg, path, self.ram_size)
+        try:
+            await trio.to_thread.run_sync(vm.start)
+            self.vm = vm
+            await trio.lowlevel.checkpoint()     # stopped meanwhile: do not leave it running
+        except BaseException:
+            vm.kill()
+            raise
+        self.log(f"qemu: destination VM pid {vm.proc.pid} started for {self.ram_size >> 20} MiB of RAM, "
+                 f"maps {path}, waits for device state on {self.cfg.incoming} (QMP {vm.qmp_path})")
 
     def on_setup(self, images: ImageSet) -> None:
         self.marks["dest-setup"] = time.time()
@@ -67,9 +110,7 @@ class DestinationHandoff:
                 self.vm.kill()
 
     async def _start(self, images: ImageSet) -> None:
-        if len(images.regions) != 1:
-            self.error = f"a QEMU destination takes one RAM region, the source sent {len(images.regions)}"
-            self.log(f"qemu: {self.error}")
+        if self.vm is not None:       # pre-started on this image
             return
         path = os.path.join(images.out_dir, images.names[0])
         vm = DestinationVM(self.cfg, path, images.regions[0].size)

@@ -93,12 +93,15 @@ class ImageSet:
     """The images of one session in out_dir, with the manifest describing them."""
 
     def __init__(self, out_dir: str, regions: Sequence[RegionSpec], page_size: int, session: str,
-                 preallocate: bool = False):
+                 preallocate: bool = False, names: Sequence[str] | None = None):
         self.out_dir = out_dir
         self.regions = list(regions)
         self.page_size = page_size
         self.session = session
-        self.names = [image_name(i, r.name) for i, r in enumerate(self.regions)]
+        # (names: one file name per region, chosen by the caller, e.g. where a QEMU maps it)
+        self.names = list(names) if names is not None else [image_name(i, r.name) for i, r in enumerate(self.regions)]
+        if len(self.names) != len(self.regions):
+            raise ValueError(f"{len(self.names)} image names for {len(self.regions)} regions")
         self.status = ["receiving"] * len(self.regions)
         self.digests: list[str | None] = [None] * len(self.regions)
         self.complete = False

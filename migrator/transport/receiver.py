@@ -21,6 +21,7 @@ from . import wire
 from .auth import check_listen_policy, server_handshake
 from .framing import FrameStream, PeerClosed
 from .images import ImageSet
+from .wire import RegionSpec
 
 HANDSHAKE_TIMEOUT = 10.0
 MAX_PENDING_CONNECTIONS = 64
@@ -78,6 +79,9 @@ class Receiver:
         on_verified: called with the session's ImageSet once its images verified complete and
             the verdict went out, before they are flushed to disk (fsync is for durability: a
             process mapping an image sees its pages already).
+        image_names: called with a session's regions before its images are created: the file
+            name of each (default image_name()); a MigratorError it raises refuses the session
+            with its message (e.g. regions a destination VM cannot take).
     """
 
     def __init__(self, out_dir: str, *, key: bytes | None, ssl_context=None,
@@ -85,8 +89,10 @@ class Receiver:
                  on_session_end: Callable[[SessionOutcome], None] | None = None,
                  preallocate: bool = False,
                  on_setup: Callable[[ImageSet], None] | None = None,
-                 on_verified: Callable[[ImageSet], None] | None = None):
+                 on_verified: Callable[[ImageSet], None] | None = None,
+                 image_names: Callable[[list[RegionSpec]], list[str]] | None = None):
         self.on_setup = on_setup
+        self.image_names = image_names
         self.on_verified = on_verified
         self.out_dir = out_dir
         self.preallocate = preallocate      # fallocate each image when its session starts
@@ -206,8 +212,9 @@ class Receiver:
                         await fs.send(wire.Welcome())
                         setup = await fs.expect(wire.Setup)
                         session.channels = setup.channels
+                        names = self.image_names(list(setup.regions)) if self.image_names else None
                         session.images = ImageSet(self.out_dir, setup.regions, setup.page_size,
-                                                  session.sid.hex(), self.preallocate)
+                                                  session.sid.hex(), self.preallocate, names)
                         if self.on_setup is not None:
                             self.on_setup(session.images)
                         session.joined.add(0)
@@ -426,17 +433,19 @@ async def serve(listen_host: str, port: int, out_dir: str, *, key: bytes | None,
                 on_setup: Callable[[ImageSet], None] | None = None,
                 on_verified: Callable[[ImageSet], None] | None = None,
                 on_session_end: Callable[[SessionOutcome], None] | None = None,
+                image_names: Callable[[list[RegionSpec]], list[str]] | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> list[SessionOutcome]:
     """Listen and serve migrations until cancelled, or until one session ended if `once`.
 
     task_status.started() gets the bound port (useful with port 0).  Returns the outcomes.
-    on_setup / on_verified / on_session_end: see Receiver.
+    on_setup / on_verified / on_session_end / image_names: see Receiver.
 
     Raises:
         UsageError: no key on a non-loopback address, or the address cannot be bound.
     """
     receiver = Receiver(out_dir, key=key, ssl_context=ssl_context, log=log, preallocate=preallocate,
-                        on_setup=on_setup, on_verified=on_verified, on_session_end=on_session_end)
+                        on_setup=on_setup, on_verified=on_verified, on_session_end=on_session_end,
+                        image_names=image_names)
     return await receiver.serve(listen_host, port, once=once, task_status=task_status)
 
 
