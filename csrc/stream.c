@@ -84,6 +84,11 @@ static int add_to_runs(uint64_t *runs, uint64_t *n, uint64_t cap, uint64_t page)
     return 1;
 }
 
+static int forced(const struct mg_pack *st, uint64_t page)
+{
+    return st->force != NULL && (st->force[page >> 3] >> (page & 7)) & 1;
+}
+
 int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint64_t page_size,
                       struct mg_pack *st)
 {
@@ -93,12 +98,21 @@ int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint6
         return -EINVAL;
     for (i = 0; i < npages; i++) {
         const uint8_t *p = src + i * page_size;
-        uint64_t page = first + i;
-        if (page_is_zero(p, page_size, avx2)) {
+        uint64_t page = first + i, h = 0;
+        if (st->known) {
+            mg_hash_mem_pages(p, 1, page_size, &h);
+            if (h == st->known[page] && !forced(st, page)) {
+                st->skipped++;
+                continue;
+            }
+        }
+        if ((!st->known || h == st->zero_hash) && page_is_zero(p, page_size, avx2)) {
             if (st->zero_pages == st->zero_cap
                     || !add_to_runs(st->zero_runs, &st->n_zero_runs, st->run_cap, page))
                 break;
             st->zero_pages++;
+            if (st->known)
+                st->known[page] = st->zero_hash;
         } else {
             if (st->out_pages == st->out_cap
                     || !add_to_runs(st->data_runs, &st->n_data_runs, st->run_cap, page))
@@ -106,8 +120,11 @@ int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint6
             uint8_t *dst = st->out + st->out_pages * page_size;
             if (dst != p)
                 memmove(dst, p, page_size);
-            /* hash the copy, not the source: the hash is of exactly what will be sent */
+            /* hash the copy, not the source: the hash is of exactly what will be sent (the
+             * copy is in cache: the second hash of a changed page costs little) */
             mg_hash_mem_pages(dst, 1, page_size, st->hashes + st->out_pages);
+            if (st->known)
+                st->known[page] = st->hashes[st->out_pages];
             st->out_pages++;
         }
     }
@@ -197,6 +214,22 @@ int mg_apply_batch(int fd, uint32_t *stamps, uint64_t *img_hashes, uint64_t npag
 
 int64_t mg_pack_zeros(uint64_t first, uint64_t npages, struct mg_pack *st)
 {
+    if (st->known) {        /* page by page: only those the destination holds with data */
+        uint64_t i;
+        for (i = 0; i < npages; i++) {
+            uint64_t page = first + i;
+            if (st->known[page] == st->zero_hash && !forced(st, page)) {
+                st->skipped++;
+                continue;
+            }
+            if (st->zero_pages == st->zero_cap
+                    || !add_to_runs(st->zero_runs, &st->n_zero_runs, st->run_cap, page))
+                break;
+            st->zero_pages++;
+            st->known[page] = st->zero_hash;
+        }
+        return (int64_t)i;
+    }
     uint64_t room = st->zero_cap - st->zero_pages;
     uint64_t n = npages < room ? npages : room;
     if (n == 0)

@@ -3,7 +3,9 @@
  * run fast, with the policy (batch sizes, which round wins, errors) left to Python.
  *   - mg_sock_io: send or receive a whole buffer on a non-blocking socket;
  *   - mg_pack_pages: the source side of a batch: zero pages become zero runs, the other pages
- *     are copied out (a snapshot) and hashed while hot in cache;
+ *     are copied out (a snapshot) and hashed while hot in cache; given the hashes of what the
+ *     destination holds, only the pages that differ from them (a final round, fused with its
+ *     scan for changes);
  *   - mg_apply_batch: the destination side: write a checked batch into its image, page stamps
  *     deciding whether a copy is newer than what the image holds.
  * Functions return >= 0 on success and -errno on failure; no global state.
@@ -24,7 +26,9 @@
 int mg_sock_io(int fd, uint8_t *buf, uint64_t len, int sending, int timeout_ms, uint64_t *done);
 
 /* A batch being packed by mg_pack_pages.  The caller owns every array and sets the capacities;
- * the counters start at 0. */
+ * the counters start at 0.  With known set, a page whose XXH3-64 equals known[page] (page
+ * numbers of the region) is skipped unless its bit in force is set, and known[page] is set for
+ * every page taken. */
 struct mg_pack {
     uint8_t *out;            /* data pages, packed: out_cap pages */
     uint64_t *hashes;        /* XXH3-64 of each packed page: out_cap entries */
@@ -37,18 +41,25 @@ struct mg_pack {
     uint64_t n_zero_runs;
     uint64_t zero_pages;
     uint64_t zero_cap;       /* zero pages a batch may mark */
+    uint64_t *known;         /* NULL, or the hash of every page of the region as the destination has it */
+    uint64_t zero_hash;      /* with known: the XXH3-64 of a zero page */
+    const uint8_t *force;    /* with known: NULL, or a bitmap of region pages (bit page % 8 of
+                                byte page / 8) to take even if unchanged */
+    uint64_t skipped;        /* with known: pages skipped, the same as known */
 };
 
 /* Add pages first .. first + npages - 1 of a region, whose contents are at src, to the batch:
  * an all-zero page extends the zero runs, any other page is copied to out (src may be out's
- * own buffer at or after the packing position: pages only move down) and hashed.  Stops
- * before the first page that does not fit (out, the run lists or the zero pages full).
- * Returns the pages taken (0 when the batch is full). */
+ * own buffer at or after the packing position: pages only move down) and hashed (the copy).
+ * With st->known, a page is hashed where it is first and skipped if unchanged.  Stops before
+ * the first page that does not fit (out, the run lists or the zero pages full).  Returns the
+ * pages done, skipped ones included (0 when the batch is full). */
 int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint64_t page_size,
                       struct mg_pack *st);
 
 /* Add pages first .. first + npages - 1, known to be zeros without reading them (holes of the
- * memory object), to the batch's zero runs.  Returns the pages taken (0 when full). */
+ * memory object), to the batch's zero runs (with st->known: those not known as zero pages).
+ * Returns the pages done (0 when full). */
 int64_t mg_pack_zeros(uint64_t first, uint64_t npages, struct mg_pack *st);
 
 /* What mg_pack_object learnt of a memory object, kept by the caller between calls (start

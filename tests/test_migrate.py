@@ -55,6 +55,7 @@ async def test_workloads_migrate_exactly(receiver, workload, rate):
         assert_images_equal_source(g, receiver.out_dir)
         assert rep.rounds >= 2 and rep.per_round[-1].stop_and_copy
         assert "collect1-done" in rep.timeline and not any(k.endswith("-skipped") for k in rep.timeline)
+        assert rep.final_scanned == ["guest-ram"]    # (the pages the last collect found forced)
         if workload == "idle":
             assert rep.final_dirty_pages == 0
 
@@ -71,6 +72,8 @@ async def test_collect_skipped_when_everything_would_fit(receiver):
         assert "round0-sent" in rep.timeline and "round0-acked" not in rep.timeline
         assert rep.rounds == 2 and rep.per_round[1].stop_and_copy
         assert rep.per_round[1].pages_dirtied == rep.final_dirty_pages > 0
+        # the shared RAM's final collect was the send's scan against the ledger's hashes
+        assert rep.final_scanned == ["guest-ram"]
         assert rep.expected_downtime_ms <= 2000
         assert_images_equal_source(g, receiver.out_dir)
 

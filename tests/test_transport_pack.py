@@ -276,3 +276,92 @@ def test_packer_reads_swapped_out_pages_and_skips_punched_holes():
         if m is not None:
             m.close()
         os.close(fd)
+
+
+def _pack_state(npages: int, known):
+    st = ffi.new("struct mg_pack *")
+    keep = (ffi.new("uint8_t[]", npages * PS), ffi.new("uint64_t[]", npages),
+            ffi.new("uint64_t[]", 2 * npages), ffi.new("uint64_t[]", 2 * npages))
+    st.out, st.hashes, st.data_runs, st.zero_runs = keep
+    st.out_cap, st.run_cap, st.zero_cap = npages, npages, npages
+    st.known, st.zero_hash = known, lib.mg_hash_zero_page(PS)
+    return st, keep
+
+
+def _bits(npages: int, pages) -> bytearray:
+    b = bytearray((npages + 7) // 8)
+    for p in pages:
+        b[p >> 3] |= 1 << (p & 7)
+    return b
+
+
+def test_pack_pages_with_known_sends_only_what_differs():
+    """Given the hashes of what the destination holds, only pages that hash differently are
+    packed, as data or zeros, and their known entries become what was packed."""
+    content = bytes(_content(20))
+    h = [xxhash.xxh3_64_intdigest(content[p * PS:(p + 1) * PS]) for p in range(20)]
+    zero = xxhash.xxh3_64_intdigest(bytes(PS))
+    known = ffi.new("uint64_t[]", h)            # the destination holds everything ...
+    known[0] = known[3] = 12345                 # ... but pages 0 and 3 (old data)
+    known[1] = known[7] = known[8] = 777        # ... and 1 (now zeros), 7 and 8 (data now)
+    st, keep = _pack_state(20, known)
+    assert lib.mg_pack_pages(ffi.from_buffer(content), 0, 20, PS, st) == 20
+    assert st.skipped == 15 and st.zero_pages == 1 and st.out_pages == 4
+    assert ffi.unpack(st.zero_runs, 2 * st.n_zero_runs) == [1, 1]
+    assert ffi.unpack(st.data_runs, 2 * st.n_data_runs) == [0, 1, 3, 1, 7, 2]
+    sent = [0, 3, 7, 8]
+    assert bytes(ffi.buffer(st.out, 4 * PS)) == b"".join(content[p * PS:(p + 1) * PS] for p in sent)
+    assert list(st.hashes[0:4]) == [h[p] for p in sent]
+    assert list(known) == h and h[1] == zero
+    # holes (known zeros without reading): only those the destination holds with data
+    known[12], known[13] = 5, zero
+    st2, keep2 = _pack_state(20, known)
+    assert lib.mg_pack_zeros(10, 5, st2) == 5
+    assert ffi.unpack(st2.zero_runs, 2 * st2.n_zero_runs) == [10, 1, 12, 1, 14, 1]  # 10, 14: data in h
+    assert st2.skipped == 2 and known[12] == known[10] == known[14] == zero
+    # forced pages go out unchanged or not (pages a last collect reported, not yet sent)
+    force = _bits(20, [5, 6, 11])
+    st3, keep3 = _pack_state(20, known)
+    st3.force = ffi.from_buffer(force)
+    assert lib.mg_pack_pages(ffi.from_buffer(content), 0, 10, PS, st3) == 10
+    assert lib.mg_pack_zeros(10, 4, st3) == 4
+    assert ffi.unpack(st3.data_runs, 2 * st3.n_data_runs) == [5, 1]
+    assert ffi.unpack(st3.zero_runs, 2 * st3.n_zero_runs) == [6, 1, 11, 1]
+    assert st3.skipped == 11
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["mapped", "pread"])
+def test_packer_with_known_hashes_of_a_memfd_with_holes(sealed):
+    """The final round's fused scan on a real memfd: the packer compares every page (holes
+    without reading them, when mapped) with the destination's hashes and sends what differs."""
+    content = bytearray(_content(64))
+    m = _Memfd(f"pack-known-{sealed}", bytes(content), sealed)
+    try:
+        zero = xxhash.xxh3_64_intdigest(bytes(PS))
+        dest = [xxhash.xxh3_64_intdigest(bytes(content[p * PS:(p + 1) * PS])) for p in range(64)]
+        # the source changes after the destination got everything: page 4 rewritten, pages
+        # 20..23 punched (a hole now; 21 and 22 were zeros already), page 30 zeroed in place
+        m.map[4 * PS:5 * PS] = b"\x42" * PS
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        assert fallocate(m.fd, 3, 20 * PS, 4 * PS) == 0      # PUNCH_HOLE | KEEP_SIZE
+        m.map[30 * PS:31 * PS] = bytes(PS)
+        known = bytearray(b"".join(x.to_bytes(8, "little") for x in dest))
+        pool: queue.Queue = queue.Queue()
+        for _ in range(3):
+            pool.put(mmap.mmap(-1, 16 * PS))
+        with ffi.from_buffer("uint64_t[]", known) as kc:
+            packer = _Packer(PS, 16, pool, lambda: False, known={m.region.name: (kc, ffi.NULL)})
+            got = []
+            for b in packer.batches([(0, m.region.name, [(0, 64)])], m.source, 1):
+                f = wire.decode_frames(b.head + bytes(b.data), PS)[0]
+                got.append((f.data_runs, f.zero_runs, bytes(f.data)))
+        if sealed:      # one batch: 16 data pages would fill it
+            assert got == [(((4, 1),), ((20, 1), (23, 1), (30, 1)), b"\x42" * PS)]
+        else:           # a batch per 16 pages read; none for 32..63, unchanged
+            assert got == [(((4, 1),), (), b"\x42" * PS), ((), ((20, 1), (23, 1), (30, 1)), b"")]
+        after = [int.from_bytes(known[8 * p:8 * p + 8], "little") for p in range(64)]
+        assert after == [xxhash.xxh3_64_intdigest(bytes(m.map[p * PS:(p + 1) * PS])) for p in range(64)]
+        assert after[20:24] == [zero] * 4
+    finally:
+        m.close()

@@ -22,7 +22,7 @@ from ..tracking.base import DirtyPages, Tracker
 from ..tracking.choose import make_tracker
 from ..tracking.ledger import LedgerTracker
 from ..tracking.pageset import PageSet
-from ..transport import FinishResult, RegionSpec, SendStats, connect_sender
+from ..transport import FinishResult, KnownPages, RegionSpec, SendStats, connect_sender
 from .pause import Pauser, Throttle
 from .report import MigrationReport, RoundStats
 from .source import SourceMemory
@@ -112,14 +112,6 @@ def _runs(dirty: dict[str, PageSet]) -> dict[str, list[tuple[int, int]]]:
 
 def _count(d: dict[str, PageSet]) -> int:
     return sum(len(s) for s in d.values())
-
-
-def _merge(into: dict[str, PageSet], more: DirtyPages) -> None:
-    for name, s in more.pages.items():
-        if name in into:
-            into[name].update(s)
-        else:
-            into[name] = s
 
 
 async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes | None,
@@ -355,13 +347,25 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         digests: dict[str, str] = {}
         collected: list[DirtyPages] = []
         got_final = trio.Event()
+        first_sent = trio.Event()
 
         ledger = getattr(tracker, "ledger", None)
+        # Regions whose final collect the sender does as it sends (the ledger's hashes are those
+        # of what the destination holds: every page is compared with them and only those that
+        # differ go out, with the pending ones): one pass over their memory, not a sweep and
+        # then a send.
+        known_hashes = getattr(tracker, "known_hashes", None)
+        hashes = known_hashes() if known_hashes is not None else {}
+        scanned = frozenset(hashes)
+        rep.final_scanned = sorted(scanned)
 
         async def digest_all() -> None:
             # The source is paused: its digests are computed while the last pages go out.
-            # Shared regions: the ledger's final sweep hashes every page (wait for it).
+            # Shared regions: from the ledger's hashes once the final sweep (or the scanning
+            # send) left them final.
             await got_final.wait()
+            if scanned:
+                await first_sent.wait()
             known = {r.name: ledger.page_hashes(r.name) for r in ledger.regions} \
                 if isinstance(ledger, LedgerTracker) else {}
             for r in regions:
@@ -369,23 +373,34 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             mark("digests")
 
         async def collect_final() -> None:
-            collected.append(await trio.to_thread.run_sync(lambda: tracker.collect(final=True)))
+            collect = (lambda: tracker.collect(final=True, exclude=scanned)) if scanned \
+                else (lambda: tracker.collect(final=True))
+            collected.append(await trio.to_thread.run_sync(collect))
             mark("final-collect")
             got_final.set()
 
         # The pages still pending from the last round go out at once (the source is paused,
-        # so what is read now is final) while the final collect runs beside them; then only
-        # the pages that collect found beyond them.
+        # so what is read now is final), with the scanned regions' changed pages, while the
+        # final collect of the other regions runs beside them; then only the pages that
+        # collect found beyond them.
         async with trio.open_nursery() as nursery:
             nursery.start_soon(digest_all)
             nursery.start_soon(collect_final)
-            st1 = await sender.send_pages(_runs(pending), source, round_no)
+            first = _runs({n: s for n, s in pending.items() if n not in scanned})
+            known = {}
+            for r in regions:
+                if r.name in scanned:
+                    first[r.name] = [(0, r.npages)]
+                    forced = pending.get(r.name)
+                    known[r.name] = KnownPages(hashes[r.name], forced.bits if forced else None)
+            st1 = await sender.send_pages(first, source, round_no, known=known)
+            first_sent.set()
             mark("final-pending-sent")
             await got_final.wait()
             final = collected[0]
             _check_events(final)
             extra = _runs({name: (s - pending[name] if name in pending else s)
-                           for name, s in final.pages.items()})
+                           for name, s in final.pages.items() if name not in scanned})
             # (nothing beyond the pending pages, as when the guest rewrites them all: no send to
             # set up and drain)
             st2 = await sender.send_pages(extra, source, round_no) if extra \
@@ -393,8 +408,8 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             mark("final-sent")
             await sender.end_round(round_no)
             mark("final-acked")
-        _merge(pending, final)
-        nfinal = _count(pending)
+        # every page sent in this round is one the destination did not hold (each sent once)
+        nfinal = st1.pages_normal + st1.pages_zero + st2.pages_normal + st2.pages_zero
         rep.final_dirty_pages = nfinal
         st = SendStats(round_no, st1.bytes + st2.bytes, st1.pages_normal + st2.pages_normal,
                        st1.pages_zero + st2.pages_zero, st1.batches + st2.batches,

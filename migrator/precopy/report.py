@@ -56,6 +56,7 @@ class MigrationReport:
     downtime_limit_ms: float = 0.0
     bandwidth_bytes_per_s: float = 0.0  # measured, used for the expected downtime
     final_dirty_pages: int = 0
+    final_scanned: list[str] = field(default_factory=list)   # regions whose final collect was the send's scan
     verify_ms: float = 0.0
     source_state: str = ""              # paused (postmigrate) or running
     regions: list[dict] = field(default_factory=list)

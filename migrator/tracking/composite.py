@@ -62,11 +62,15 @@ class CompositeTracker(Tracker):
         if isinstance(self.ledger, LedgerTracker):
             self.ledger.record_sent(region_name, data_flat, zero_flat, hashes)
 
-    def collect(self, final: bool = False) -> DirtyPages:
+    def known_hashes(self) -> dict[str, object]:
+        """The ledger's (LedgerTracker.known_hashes)."""
+        return self.ledger.known_hashes() if isinstance(self.ledger, LedgerTracker) else {}
+
+    def collect(self, final: bool = False, exclude: frozenset[str] = frozenset()) -> DirtyPages:
         t0 = time.perf_counter()
         out = DirtyPages(pages={})
         for p in self.parts():
-            out.merge(p.collect(final))
+            out.merge(p.collect(final, exclude) if isinstance(p, LedgerTracker) else p.collect(final))
         out.cost_s = time.perf_counter() - t0
         return self._account(out)
 

@@ -289,13 +289,30 @@ class LedgerTracker(Tracker):
             led = self.registry.ledger_for(self.pid, r)
             led.record(r.offset // PAGE_SIZE, data_flat, zero_flat, hashes)
 
-    def collect(self, final: bool = False) -> DirtyPages:
+    def known_hashes(self) -> dict[str, object]:
+        """Region name -> the ledger's page hashes of the region (a writable buffer, 8 bytes a
+        page), for the regions whose ledger record_sent() keeps: there they are the hashes of
+        what the destination holds, except for the pages the last collect reported (not sent
+        yet).  A sender can then do the final collect itself, sending exactly the pages that
+        differ (Sender.send_pages known=...), and leave the hashes final for the digests; the
+        final collect() then skips those regions (exclude)."""
+        out = {}
+        for name, r in self._recorded.items():
+            led = self.registry.ledger_for(self.pid, r)
+            i = r.offset // PAGE_SIZE - led.first_page
+            out[name] = ffi.buffer(led.hashes + i, 8 * r.npages)
+        return out
+
+    def collect(self, final: bool = False, exclude: frozenset[str] = frozenset()) -> DirtyPages:
+        """exclude: regions not swept (see known_hashes); their layout is still checked."""
         t0 = time.perf_counter()
         out = DirtyPages(pages={})
         maps = read_maps(self.pid)      # raises TargetGoneError when the process exited
         swept: set[int] = set()
         for r in self.regions:
             out.events.extend(unmapped_events(r, maps))
+            if r.name in exclude:
+                continue
             led = self.registry.ledger_for(self.pid, r)
             if id(led) not in swept:
                 try:

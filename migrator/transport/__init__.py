@@ -22,6 +22,7 @@ from .receiver import SessionOutcome as SessionOutcome
 from .receiver import parse_listen as parse_listen
 from .receiver import serve as serve
 from .sender import FinishResult as FinishResult
+from .sender import KnownPages as KnownPages
 from .sender import RegionVerdict as RegionVerdict
 from .sender import Sender as Sender
 from .sender import SenderStatistics as SenderStatistics
@@ -29,7 +30,7 @@ from .sender import SendStats as SendStats
 from .sender import connect_sender as connect_sender
 from .wire import RegionSpec as RegionSpec
 
-__all__ = ["RegionSpec", "PageReader", "connect_sender", "Sender", "SendStats", "SenderStatistics",
+__all__ = ["RegionSpec", "PageReader", "KnownPages", "connect_sender", "Sender", "SendStats", "SenderStatistics",
            "FinishResult", "RegionVerdict", "serve", "Receiver", "SessionOutcome", "parse_listen",
            "load_key", "generate_key_file", "server_ssl_context", "client_ssl_context",
            "region_digest", "digest_bytes", "file_digest"]

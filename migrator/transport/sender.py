@@ -7,6 +7,7 @@ previous ones.  A bandwidth cap, if any, is enforced here, across all channels.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import queue
@@ -117,6 +118,14 @@ OnPacked = Callable[[str, list, list, bytes], None]
 
 
 @dataclass
+class KnownPages:
+    """What the destination holds of one region, for Sender.send_pages(known=...)."""
+
+    hashes: Any                       # writable buffer: the XXH3-64 of each page, 8 bytes (native order)
+    force: bytearray | None = None    # bitmap of pages to send even if unchanged (PageSet.bits)
+
+
+@dataclass
 class _Built:
     head: bytes
     data: Any               # a view of buf
@@ -135,18 +144,21 @@ class _Packer:
     """
 
     def __init__(self, page_size: int, batch_pages: int, pool: "queue.Queue[mmap.mmap]",
-                 stop: Callable[[], bool], on_packed: OnPacked | None = None):
+                 stop: Callable[[], bool], on_packed: OnPacked | None = None,
+                 known: Mapping[str, Any] | None = None):
         self.ps = page_size
         self.on_packed = on_packed
         self.batch_pages = batch_pages
         self.pool = pool
         self.stop = stop
+        self.known = known or {}     # region name -> (uint64_t[], uint8_t[] or NULL)
+        self._zero_hash = lib.mg_hash_zero_page(page_size) if known else 0
         self._arrays = None
         self._extents: dict = {}     # region name -> struct mg_extent (see mg_pack_object)
 
     def twin(self) -> "_Packer":
         """Another packer on the same buffers, for another producer thread."""
-        return _Packer(self.ps, self.batch_pages, self.pool, self.stop, self.on_packed)
+        return _Packer(self.ps, self.batch_pages, self.pool, self.stop, self.on_packed, self.known)
 
     def _buffer(self) -> mmap.mmap:
         while True:
@@ -156,10 +168,14 @@ class _Packer:
                 if self.stop():
                     raise _Stopped() from None
 
-    def _state(self, buf: mmap.mmap):
-        """A fresh batch packing into buf (the run and hash arrays are reused: _built copies
-        them out before the next batch starts)."""
+    def _state(self, buf: mmap.mmap, name: str):
+        """A fresh batch of region `name` packing into buf (the run and hash arrays are reused:
+        _built copies them out before the next batch starts)."""
         st = ffi.new("struct mg_pack *")
+        known = self.known.get(name)
+        if known is not None:
+            st.known, st.force = known
+            st.zero_hash = self._zero_hash
         if self._arrays is None:
             self._arrays = (ffi.new("uint64_t[]", self.batch_pages),
                             ffi.new("uint64_t[]", 2 * wire.MAX_RUNS),
@@ -208,7 +224,7 @@ class _Packer:
             hint = self._extents[name] = ffi.new("struct mg_extent *")
         with ffi.from_buffer(view) as base:
             buf = self._buffer()
-            st, keep = self._state(buf)
+            st, keep = self._state(buf, name)
             for first, end in runs:
                 while first < end:
                     src = base + first * ps
@@ -224,7 +240,7 @@ class _Packer:
                     if took < n:           # batch full
                         yield self._built(idx, name, round_no, st, buf)
                         buf = self._buffer()
-                        st, keep = self._state(buf)
+                        st, keep = self._state(buf, name)
             if st.out_pages or st.zero_pages:
                 yield self._built(idx, name, round_no, st, buf)
             else:
@@ -248,7 +264,7 @@ class _Packer:
                                             f"of region {name!r}")
                     buf[pos:pos + n * ps] = got
                     pos += n * ps
-            st, keep = self._state(buf)
+            st, keep = self._state(buf, name)
             src = st.out
             pos = 0
             for first, n in pieces:     # in place: pages only move down in buf
@@ -256,7 +272,10 @@ class _Packer:
                     raise MigratorError(f"packing pages of region {name!r} failed")
                 pos += n
             assert pos == total
-            yield self._built(idx, name, round_no, st, buf)
+            if st.out_pages or st.zero_pages:
+                yield self._built(idx, name, round_no, st, buf)
+            else:                       # (every page skipped: the same as known)
+                self.pool.put(buf)
             del keep
 
 
@@ -364,7 +383,8 @@ class Sender:
     # -- API ---------------------------------------------------------------------------------
 
     async def send_pages(self, runs: Mapping[str, Iterable[tuple[int, int]]], reader: PageReader,
-                         round_no: int, on_packed: OnPacked | None = None) -> SendStats:
+                         round_no: int, on_packed: OnPacked | None = None,
+                         known: Mapping[str, KnownPages] | None = None) -> SendStats:
         """Send the pages of `runs` ({region: [(first_page, end_page_exclusive), ...]}) as
         read now through `reader`, tagged with round_no (never lower than an earlier round).
 
@@ -372,6 +392,12 @@ class Sender:
         threads, possibly two at once) for every batch as it is built: flat (first, count) runs
         of the pages sent with data and as zeros, and the XXH3-64 of each data page sent, 8
         bytes little-endian each, in order.
+
+        known, if given: region name -> KnownPages: the XXH3-64 of each of the region's pages
+        as the destination holds it (a zero page's hash for a page it holds as zeros).  Of those
+        regions' pages in runs, only those whose contents hash differently (or whose force bit
+        is set) are sent, and their hashes are updated: a final round that scans for changes as
+        it sends.  SendStats counts the pages sent.
 
         Raises:
             RegionError: a run outside its region, or an undeclared region.
@@ -382,6 +408,23 @@ class Sender:
         if not 0 <= round_no <= wire.MAX_ROUND or round_no < self._round:
             raise ValueError(f"round {round_no} after round {self._round}")
         plan = self._check(runs)   # validates everything before the first byte goes out
+        with contextlib.ExitStack() as exports:
+            known_c = {}
+            for name, k in (known or {}).items():
+                npages = self._npages[self._index[name]] if name in self._index else -1
+                with memoryview(k.hashes) as mv:
+                    nbytes = mv.nbytes
+                if nbytes != 8 * npages:
+                    raise RegionError(f"known hashes of region {name!r}: not 8 bytes for each of its pages")
+                if k.force is not None and len(k.force) != (npages + 7) // 8:
+                    raise RegionError(f"forced pages of region {name!r}: not a bit for each of its pages")
+                known_c[name] = (
+                    exports.enter_context(ffi.from_buffer("uint64_t[]", k.hashes, require_writable=True)),
+                    exports.enter_context(ffi.from_buffer("uint8_t[]", k.force)) if k.force is not None else ffi.NULL)
+            return await self._send_pages(plan, reader, round_no, on_packed, known_c)
+
+    async def _send_pages(self, plan, reader: PageReader, round_no: int, on_packed: OnPacked | None,
+                          known: dict[str, Any]) -> SendStats:
         async with self._lock:
             self._round = round_no
             t0 = time.monotonic()
@@ -390,7 +433,7 @@ class Sender:
             depth = _queue_depth(len(self._fs))
             pool = self._pool(_pool_size(len(self._fs)))
             stop = threading.Event()
-            packer = _Packer(self.page_size, self._batch_pages, pool, stop.is_set, on_packed)
+            packer = _Packer(self.page_size, self._batch_pages, pool, stop.is_set, on_packed, known)
             if all(fs.can_block for fs in self._fs):
                 await self._send_threaded(plan, reader, round_no, totals, packer, depth, stop)
             else:
