@@ -9,6 +9,7 @@ import trio
 
 from conftest import require, swap_active
 from migration_helpers import ReceiverProcess, assert_images_equal_source, manifest
+from migrator.errors import UsageError
 from migrator.guest.launcher import start_guest
 from migrator.guest.spec import GuestSpec
 from migrator.guest.workloads import WorkloadSpec
@@ -76,6 +77,29 @@ async def test_collect_skipped_when_everything_would_fit(receiver):
         assert rep.final_scanned == ["guest-ram"]
         assert rep.expected_downtime_ms <= 2000
         assert_images_equal_source(g, receiver.out_dir)
+
+
+async def test_switchover_fits_cuts_round_0(receiver):
+    """Switch-over rule "fits" (QEMU's): 136 MiB at 400 MB/s (~0.35 s) fits the 2 s limit, so
+    once the bandwidth is measured (50 ms) round 0 is cut short; the pages it did not send (and
+    the batches it had packed but not sent) go out in the stop-and-copy, and the images prove
+    none was lost."""
+    with guest("random", 20e6, shared=128 * MB) as g:
+        rep = await run(g, receiver, max_bandwidth=400e6, downtime_limit_ms=2000, switchover="fits")
+        assert rep.status == "completed", rep.reason
+        assert "round0-cut" in rep.timeline and "round0-acked" not in rep.timeline
+        assert rep.rounds == 2 and rep.per_round[1].stop_and_copy
+        r0, final = rep.per_round
+        assert 0 < r0.pages_sent < r0.pages_dirtied          # (round 0's plan: every populated page)
+        assert final.pages_sent >= r0.pages_dirtied - r0.pages_sent
+        assert rep.final_scanned == ["guest-ram"]
+        assert_images_equal_source(g, receiver.out_dir)
+
+
+async def test_switchover_rule_is_checked(receiver):
+    with guest() as g:
+        with pytest.raises(UsageError, match="switch-over rule 'soon'"):
+            await run(g, receiver, switchover="soon")
 
 
 async def test_shmem_swapped_out_between_rounds(receiver):

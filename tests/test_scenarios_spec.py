@@ -213,7 +213,7 @@ def test_the_suite_parses_and_covers_the_cases():
     assert scns["shmem-swapout"].needs_swap
     q = scns["qemu"]
     assert q.kind == "qemu" and q.ci and q.qemu.ram == 128 << 20 and q.link.bandwidth == 10e9
-    assert q.policy.downtime_limit_ms == 300 and q.qemu.methods == ("qemu", "migrator")
+    assert q.policy.downtime_limit_ms == 300 and q.qemu.methods == ("qemu", "migrator", "migrator-fits")
     assert scns["vhost-writer"].guest.vhost is not None and scns["pwrite-writer"].guest.pwrite is not None
 
 

@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-rounds", type=int, default=30, metavar="N", help="default 30")
     p.add_argument("--auto-converge", action="store_true",
                    help="throttle the guest when it dirties memory faster than the link")
+    p.add_argument("--switchover", choices=["converge", "fits"], default="converge",
+                   help="when to pause: converge (default) at the end of a round, once the pages "
+                        "written since fit the downtime limit (the shortest pause); fits as soon as "
+                        "all that is left is sure to fit the limit, even mid-round (QEMU's rule: the "
+                        "shortest total time, a pause up to the limit)")
     p.add_argument("--writers", default="", metavar="PID,PID,...",
                    help="other processes writing the guest's memory: paused with it")
     p.add_argument("--cgroup", metavar="PATH", help="freeze this cgroup (v1 freezer) for the switch-over")
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         downtime_limit_ms=args.downtime_limit,
         max_bandwidth=parse_rate(args.max_bandwidth) if args.max_bandwidth else None,
         max_rounds=args.max_rounds, auto_converge=args.auto_converge, tracker=args.tracker,
-        channels=args.channels)
+        channels=args.channels, switchover=args.switchover)
     if args.max_rounds < 1:
         raise UsageError("--max-rounds must be at least 1")
     ssl_ctx = client_ssl_context(args.tls_ca) if args.tls_ca else None

@@ -38,6 +38,11 @@ class MigrationPolicy:
     channels: int = 1
     nonconvergence_rounds: int = 3        # rounds of dirty rate >= bandwidth before acting
     min_round_s: float = 0.0              # wait at least this long between collects
+    # "converge": switch over at a round's end, once the pages written since fit the limit
+    # (the shortest pause); "fits": as soon as the rest is sure to fit the limit, even during a
+    # round (QEMU's rule: the shortest total time, a pause up to the limit)
+    switchover: str = "converge"
+    sample_s: float = 0.05                # "fits": bandwidth measured this long before deciding
     force_switchover: trio.Event | None = None
     verify_timeout_s: float = 60.0
 
@@ -104,6 +109,7 @@ class Background:
 
 
 NONCONVERGENCE_RATIO = 0.95     # dirtied / previously sent at or above this: no progress
+SWITCHOVER_RULES = ("converge", "fits")
 
 
 def _runs(dirty: dict[str, PageSet]) -> dict[str, list[tuple[int, int]]]:
@@ -124,6 +130,8 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
     policy = policy or MigrationPolicy()
     if policy.channels < 1:
         raise UsageError("channels must be at least 1")
+    if policy.switchover not in SWITCHOVER_RULES:
+        raise UsageError(f"switch-over rule {policy.switchover!r}: expected one of {', '.join(SWITCHOVER_RULES)}")
     rep = MigrationReport(downtime_limit_ms=policy.downtime_limit_ms)
     t_start = time.monotonic()
     mark = rep.timeline.mark
@@ -233,9 +241,44 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         collect starts lead_s into the send (or once every page is read and sent, if sooner,
         while the receiver's acknowledgement is still due), and not before
         policy.min_round_s after the previous collect.  Returns the send's stats, the pages
-        collected (None: the collect was skipped, switch over now) and when they were."""
+        collected (None: the collect was skipped, switch over now), when they were, and the
+        pages of this round not sent (the round was cut short: switchover "fits")."""
         box: dict = {}
         send_done = trio.Event()
+        cut = threading.Event() if policy.switchover == "fits" else None
+        sent: dict[str, PageSet] = {}
+        sent_lock = threading.Lock()
+        npages = {r.name: r.npages for r in regions}
+
+        def add_runs(into: dict[str, PageSet], name: str, *flats) -> None:
+            s = into.get(name)
+            if s is None:
+                s = into[name] = PageSet(npages[name])
+            for flat in flats:
+                for i in range(0, len(flat), 2):
+                    s.add_range(flat[i], flat[i] + flat[i + 1])
+
+        def packed(name: str, data_flat, zero_flat, hashes: bytes) -> None:
+            # (from producer threads) what went out, for the pages left if the round is cut
+            if on_packed is not None:
+                on_packed(name, data_flat, zero_flat, hashes)
+            with sent_lock:
+                add_runs(sent, name, data_flat, zero_flat)
+
+        async def cutter() -> None:
+            """Switchover "fits": once the bandwidth is measured, end the round as soon as even
+            every page of the regions would fit the limit (the rest goes in the stop-and-copy)."""
+            with trio.move_on_after(policy.sample_s):
+                await send_done.wait()
+            while not send_done.is_set():
+                bound = switchover_bound_s()
+                if bound <= limit_s:
+                    cut.set()
+                    rep.expected_downtime_ms = bound * 1000
+                    mark(f"round{round_no}-cut")
+                    return
+                with trio.move_on_after(0.005):
+                    await send_done.wait()
 
         def skip_collect() -> bool:
             """Decided once, when the collect would start or the send ended, if sooner: even if
@@ -243,7 +286,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             could not change the decision (the final collect finds the pages)."""
             if "skip" not in box:
                 bound = switchover_bound_s()
-                box["skip"] = bound <= limit_s
+                box["skip"] = bound <= limit_s or (cut is not None and cut.is_set())
                 if box["skip"]:
                     box["dirty"], box["at"] = None, time.monotonic()
                     rep.expected_downtime_ms = bound * 1000
@@ -263,15 +306,31 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(collector)
+            if cut is not None:
+                nursery.start_soon(cutter)
             # what is sent is what the tracker compares with next (LedgerTracker.record_sent)
-            box["st"] = await sender.send_pages(_runs(runs), source, round_no, on_packed)
+            box["st"] = await sender.send_pages(_runs(runs), source, round_no,
+                                                packed if cut is not None else on_packed, until=cut)
             mark(f"round{round_no}-sent")
             send_done.set()
             # switching over now: the final round's end marker covers these pages too
             if not skip_collect():
                 await sender.end_round(round_no)
                 mark(f"round{round_no}-acked")
-        return box["st"], box["dirty"], box["at"]
+        unsent: dict[str, PageSet] = {}
+        if cut is not None and cut.is_set():
+            # packed batches left in the queue were dropped: unsent too (the ledger recorded
+            # them as sent; the final round forces them)
+            dropped: dict[str, PageSet] = {}
+            for name, data_flat, zero_flat in box["st"].dropped:
+                add_runs(dropped, name, data_flat, zero_flat)
+            for name, d in dropped.items():
+                sent[name] = sent[name] - d
+            for name, s in runs.items():
+                left = s - sent[name] if name in sent else s
+                if left:
+                    unsent[name] = left
+        return box["st"], box["dirty"], box["at"], unsent
 
     limit_s = policy.downtime_limit_ms / 1000
     total_bytes = sum(r.npages for r in regions) * PAGE_SIZE
@@ -282,11 +341,11 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         bandwidth = sender.statistics().bandwidth
         if bandwidth <= 0:
             return math.inf
-        return tracker.collect_estimate_s() + total_bytes / bandwidth
+        return tracker.final_collect_estimate_s() + total_bytes / bandwidth
 
     # round 0: every populated page (`first`); its collect starts once every page is sent
     t0 = time.monotonic()
-    st, dirty, last_collect = await send_and_collect(first, 0, math.inf, t0 - policy.min_round_s)
+    st, dirty, last_collect, unsent = await send_and_collect(first, 0, math.inf, t0 - policy.min_round_s)
     account(0, _count(first), st, 0.0, 0.0, 0.0)
     elapsed = last_collect - t0
 
@@ -297,6 +356,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
     while True:
         round_no += 1
         if dirty is None:        # the collect was skipped: switch over now (see collector)
+            pending = unsent     # (a round cut short: its pages not sent)
             break
         _check_events(dirty)
         pending = dirty.pages
@@ -334,7 +394,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                               "the guest keeps running")
                 return
         lead = max(0.0, n * PAGE_SIZE / bandwidth - dirty.cost_s)
-        st, next_dirty, at = await send_and_collect(pending, round_no, lead, last_collect)
+        st, next_dirty, at, unsent = await send_and_collect(pending, round_no, lead, last_collect)
         account(round_no, n, st, dirty.cost_s, dirty_rate, expected_s * 1000)
         prev_sent = max(n, 1)
         elapsed, last_collect = at - last_collect, at

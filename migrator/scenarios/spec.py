@@ -18,6 +18,8 @@ from ..errors import UsageError
 from ..guest.spec import GuestSpec, PageoutRange
 from ..guest.workloads import WORKLOADS, WorkloadSpec
 from ..qemu.compare import METHODS as QEMU_METHODS
+
+DEFAULT_QEMU_METHODS = ("qemu", "migrator")     # (migrator-fits: QEMU's switch-over rule, on request)
 from ..qemu.testguest import GuestLayout
 from ..tracking.choose import CHOICES as TRACKERS
 from ..units import parse_rate, parse_size
@@ -81,7 +83,7 @@ class QemuSpec:
 
     ram: int = 128 << 20
     program: str = "testguest"
-    methods: tuple[str, ...] = QEMU_METHODS
+    methods: tuple[str, ...] = DEFAULT_QEMU_METHODS
 
 
 @dataclass(frozen=True)
@@ -453,7 +455,7 @@ def _qemu_scenario(file: str, top: _Table, common: dict[str, Any]) -> Scenario:
     pt = top.sub("policy") or _Table(file, "[policy]", {})
     policy = PolicySpec(downtime_limit_ms=pt.get("downtime_limit_ms", _num(0, lo_open=True), 300.0),
                         channels=pt.get("channels", _int(1), 1))
-    methods = pt.get("compare", _methods, QEMU_METHODS)
+    methods = pt.get("compare", _methods, DEFAULT_QEMU_METHODS)
     pt.done()
     et = top.sub("expect") or _Table(file, "[expect]", {})
     expect = Expectations(**_common_expectations(et), dest_runs_on=et.get("dest_runs_on", _bool, True),

@@ -80,9 +80,10 @@ class Tracker(abc.ABC):
     def end(self) -> None:
         """Disarm; safe to call twice and after the target exited."""
 
-    def collect_estimate_s(self) -> float:
-        """How long the next collect should take (seconds): the last one's cost; 0 before the
-        first (scanning page tables costs little).  Trackers that read memory override it."""
+    def final_collect_estimate_s(self) -> float:
+        """How long the final collect (the source paused) should take, seconds: the last
+        collect's cost; 0 before the first (scanning page tables costs little).  Trackers that
+        read memory override it."""
         return self._last_cost
 
     def memory_bytes(self) -> int:

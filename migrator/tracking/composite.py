@@ -74,8 +74,8 @@ class CompositeTracker(Tracker):
         out.cost_s = time.perf_counter() - t0
         return self._account(out)
 
-    def collect_estimate_s(self) -> float:
-        return sum(p.collect_estimate_s() for p in self.parts())
+    def final_collect_estimate_s(self) -> float:
+        return sum(p.final_collect_estimate_s() for p in self.parts())
 
     def end(self) -> None:
         for p in self.parts():

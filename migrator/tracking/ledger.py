@@ -325,8 +325,12 @@ class LedgerTracker(Tracker):
         out.cost_s = time.perf_counter() - t0
         return self._account(out)
 
-    def collect_estimate_s(self) -> float:
-        return sum(led.sweep_estimate_s() for led in self.registry.ledgers())
+    def final_collect_estimate_s(self) -> float:
+        """The sweeps of the ledgers the final collect will sweep: not those of the regions
+        whose known_hashes() a sender compares with as it sends (that scan is part of the
+        send, whose time is bounded by sending every page)."""
+        fused = {id(self.registry.ledger_for(self.pid, r)) for r in self._recorded.values()}
+        return sum(led.sweep_estimate_s() for led in self.registry.ledgers() if id(led) not in fused)
 
     def page_hashes(self, region_name: str) -> bytes:
         """The XXH3-64 of every page of a region as of the last sweep (8 bytes a page)."""

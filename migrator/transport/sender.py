@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 import trio
@@ -47,6 +47,8 @@ class SendStats:
     pages_zero: int     # pages sent as zero markers
     batches: int
     duration: float     # seconds
+    # batches packed but not sent (the send ended early, `until`): (region, data_flat, zero_flat)
+    dropped: list = field(default_factory=list)
 
     @property
     def bandwidth(self) -> float:
@@ -132,6 +134,9 @@ class _Built:
     buf: mmap.mmap          # the pool buffer to give back once sent
     pages_normal: int
     pages_zero: int
+    name: str = ""          # the region
+    data_flat: list | None = None
+    zero_flat: list | None = None
 
 
 class _Packer:
@@ -197,7 +202,7 @@ class _Packer:
         data = memoryview(buf)[:st.out_pages * ps]
         digest = wire.batch_digest(region, round_no, data_flat, zero_flat, (), ps, hashes)
         head = wire.encode_batch(region, round_no, data_flat, zero_flat, len(data), digest)
-        return _Built(head, data, buf, st.out_pages, st.zero_pages)
+        return _Built(head, data, buf, st.out_pages, st.zero_pages, name, data_flat, zero_flat)
 
     def batches(self, plan: list[tuple[int, str, list[tuple[int, int]]]], reader: PageReader,
                 round_no: int) -> Iterator[_Built]:
@@ -279,6 +284,14 @@ class _Packer:
             del keep
 
 
+def _drop(built: _Built, totals: list, dropped: list) -> None:
+    """A packed batch not sent (the send ended early): uncounted, listed for the caller."""
+    totals[0] -= built.pages_normal
+    totals[1] -= built.pages_zero
+    totals[2] -= 1
+    dropped.append((built.name, built.data_flat, built.zero_flat))
+
+
 def _queue_depth(channels: int) -> int:
     """Batches queued between the producers and the channels' senders."""
     return 2 * channels + 2
@@ -345,6 +358,7 @@ class Sender:
         self._round = 0
         self._pages_normal = self._pages_zero = self._batches = self._rounds = 0
         self._busy = 0.0
+        self._sending_since: float | None = None   # monotonic start of the send under way
         self._last_bw = 0.0
         self._finished = False
         self._lock = trio.Lock()
@@ -384,7 +398,8 @@ class Sender:
 
     async def send_pages(self, runs: Mapping[str, Iterable[tuple[int, int]]], reader: PageReader,
                          round_no: int, on_packed: OnPacked | None = None,
-                         known: Mapping[str, KnownPages] | None = None) -> SendStats:
+                         known: Mapping[str, KnownPages] | None = None,
+                         until: threading.Event | None = None) -> SendStats:
         """Send the pages of `runs` ({region: [(first_page, end_page_exclusive), ...]}) as
         read now through `reader`, tagged with round_no (never lower than an earlier round).
 
@@ -398,6 +413,10 @@ class Sender:
         regions' pages in runs, only those whose contents hash differently (or whose force bit
         is set) are sent, and their hashes are updated: a final round that scans for changes as
         it sends.  SendStats counts the pages sent.
+
+        until, if given and set during the send, ends it early: no batch is packed or sent after
+        that (but those on the wire); SendStats.dropped lists the batches packed (on_packed saw
+        them) but not sent.
 
         Raises:
             RegionError: a run outside its region, or an undeclared region.
@@ -421,23 +440,29 @@ class Sender:
                 known_c[name] = (
                     exports.enter_context(ffi.from_buffer("uint64_t[]", k.hashes, require_writable=True)),
                     exports.enter_context(ffi.from_buffer("uint8_t[]", k.force)) if k.force is not None else ffi.NULL)
-            return await self._send_pages(plan, reader, round_no, on_packed, known_c)
+            return await self._send_pages(plan, reader, round_no, on_packed, known_c, until)
 
     async def _send_pages(self, plan, reader: PageReader, round_no: int, on_packed: OnPacked | None,
-                          known: dict[str, Any]) -> SendStats:
+                          known: dict[str, Any], until: threading.Event | None) -> SendStats:
         async with self._lock:
             self._round = round_no
             t0 = time.monotonic()
             sent0 = self._sent()
             totals = [0, 0, 0]
+            dropped: list = []
             depth = _queue_depth(len(self._fs))
             pool = self._pool(_pool_size(len(self._fs)))
             stop = threading.Event()
             packer = _Packer(self.page_size, self._batch_pages, pool, stop.is_set, on_packed, known)
-            if all(fs.can_block for fs in self._fs):
-                await self._send_threaded(plan, reader, round_no, totals, packer, depth, stop)
-            else:
-                await self._send_async(plan, reader, round_no, totals, packer, depth, stop)
+            self._sending_since = t0
+            try:
+                args = (plan, reader, round_no, totals, packer, depth, stop, until, dropped)
+                if all(fs.can_block for fs in self._fs):
+                    await self._send_threaded(*args)
+                else:
+                    await self._send_async(*args)
+            finally:
+                self._sending_since = None
             dt = time.monotonic() - t0
             nbytes = self._sent() - sent0
             self._busy += dt
@@ -445,17 +470,17 @@ class Sender:
             self._pages_normal += totals[0]
             self._pages_zero += totals[1]
             self._batches += totals[2]
-            return SendStats(round_no, nbytes, totals[0], totals[1], totals[2], dt)
+            return SendStats(round_no, nbytes, totals[0], totals[1], totals[2], dt, dropped)
 
     async def _send_async(self, plan, reader, round_no, totals, packer: _Packer, depth: int,
-                          stop: threading.Event) -> None:
+                          stop: threading.Event, until: threading.Event | None, dropped: list) -> None:
         """Batches built in a worker thread, sent by trio tasks (TLS channels)."""
         send_ch, recv_ch = trio.open_memory_channel[_Built](depth)
 
         async def produce():
             async with send_ch:
                 batches = packer.batches(plan, reader, round_no)
-                while True:
+                while until is None or not until.is_set():
                     try:
                         built = await trio.to_thread.run_sync(next, batches, None)
                     except _Stopped:
@@ -466,10 +491,15 @@ class Sender:
                     totals[1] += built.pages_zero
                     totals[2] += 1
                     await send_ch.send(built)
+                batches.close()          # ended early (until)
 
         async def consume(fs: FrameStream, rx):
             async with rx:
                 async for built in rx:
+                    if until is not None and until.is_set():
+                        _drop(built, totals, dropped)
+                        packer.pool.put(built.buf)
+                        continue
                     size = len(built.head) + len(built.data)
                     if self._limiter is not None:
                         await self._limiter.take(size)
@@ -496,7 +526,7 @@ class Sender:
             raise first_error(eg) from None
 
     async def _send_threaded(self, plan, reader, round_no, totals, packer: _Packer, depth: int,
-                             stop: threading.Event) -> None:
+                             stop: threading.Event, until: threading.Event | None, dropped: list) -> None:
         """Plain TCP: producer threads build batches from chunks of the plan taken in turn, one
         thread per channel sends them with blocking calls (no event-loop round trip per batch).
         Batches of one round may go out in any order: the receiver orders copies by round."""
@@ -517,12 +547,13 @@ class Sender:
 
         def take():
             with lock:
-                return next(chunks, None)
+                return None if until is not None and until.is_set() else next(chunks, None)
 
         def produce(pk: _Packer) -> None:
             try:
                 while (chunk := take()) is not None:
-                    for built in pk.batches([chunk], reader, round_no):
+                    batches = pk.batches([chunk], reader, round_no)
+                    for built in batches:
                         if stop.is_set():
                             return
                         with lock:
@@ -530,6 +561,9 @@ class Sender:
                             totals[1] += built.pages_zero
                             totals[2] += 1
                         put(built)
+                        if until is not None and until.is_set():
+                            batches.close()      # (its buffer back to the pool)
+                            return
             except _Stopped:
                 return
             finally:
@@ -549,6 +583,11 @@ class Sender:
                     continue
                 if built is None:
                     return
+                if until is not None and until.is_set():
+                    with lock:
+                        _drop(built, totals, dropped)
+                    packer.pool.put(built.buf)
+                    continue
                 if self._limiter is not None:
                     self._limiter.take_blocking(len(built.head) + len(built.data))
                 fs.send_blocking(built.head, built.data)
@@ -646,11 +685,16 @@ class Sender:
         return sum(fs.bytes_sent for fs in self._fs)
 
     def statistics(self) -> SenderStatistics:
+        """The figures so far, a send under way included (its time and bytes until now)."""
         sent = self._sent()
+        busy = self._busy
+        since = self._sending_since
+        if since is not None:
+            busy += time.monotonic() - since
         return SenderStatistics(
             transferred_bytes=sent, pages_normal=self._pages_normal, pages_zero=self._pages_zero,
             batches=self._batches, rounds=self._rounds, channels=len(self._fs),
-            busy_time=self._busy, bandwidth=sent / self._busy if self._busy > 0 else 0.0,
+            busy_time=busy, bandwidth=sent / busy if busy > 0 else 0.0,
             last_bandwidth=self._last_bw)
 
 
