@@ -238,17 +238,18 @@ def test_qemu_scenario_migrates_the_vm_both_ways(tmp_path, root, capsys):
     assert rc == 0, out + err
     line = next(x for x in out.splitlines() if x.startswith("qemu: "))
     assert line.startswith("qemu: PASS qemu completed, total ") and "; migrator completed, total " in line
-    assert line.count("destination runs on, pattern ok") == 2
+    assert "; migrator-fits completed, total " in line       # (QEMU's switch-over rule)
+    assert line.count("destination runs on, pattern ok") == 3
     doc = json.loads((rdir / "report.json").read_text())
     [s] = doc["scenarios"]
     assert s["kind"] == "qemu" and s["passed"] and s["statuses"] == ["completed"] and s["failures"] == []
-    assert s["qemu"] == {"ram": 128 << 20, "program": "testguest", "methods": ["qemu", "migrator"]}
+    assert s["qemu"] == {"ram": 128 << 20, "program": "testguest", "methods": ["qemu", "migrator", "migrator-fits"]}
     assert s["memory_bytes"] == 128 << 20 and s["link"]["bandwidth"] == 10e9
     assert s["policy"]["downtime_limit_ms"] == 300
-    assert [row["method"] for row in s["side_by_side"]] == ["qemu", "migrator"]
-    assert [row["runs"] for row in s["side_by_side"]] == ["1/1", "1/1"]
+    assert [row["method"] for row in s["side_by_side"]] == ["qemu", "migrator", "migrator-fits"]
+    assert [row["runs"] for row in s["side_by_side"]] == ["1/1", "1/1", "1/1"]
     [r] = s["runs"]
-    assert [m["method"] for m in r["methods"]] == ["qemu", "migrator"]
+    assert [m["method"] for m in r["methods"]] == ["qemu", "migrator", "migrator-fits"]
     for m in r["methods"]:
         assert m["status"] == "completed" and m["reason"] == "", m
         assert m["runs_on"] is True and m["pattern_ok"] is True and PATTERN.fullmatch(m["pattern"]), m
