@@ -121,8 +121,12 @@ int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint6
             if (dst != p)
                 memmove(dst, p, page_size);
             /* hash the copy, not the source: the hash is of exactly what will be sent (the
-             * copy is in cache: the second hash of a changed page costs little) */
-            mg_hash_mem_pages(dst, 1, page_size, st->hashes + st->out_pages);
+             * copy is in cache: the second hash of a changed page costs little); a stable
+             * source's hash is the copy's */
+            if (st->known && st->stable)
+                st->hashes[st->out_pages] = h;
+            else
+                mg_hash_mem_pages(dst, 1, page_size, st->hashes + st->out_pages);
             if (st->known)
                 st->known[page] = st->hashes[st->out_pages];
             st->out_pages++;

@@ -46,6 +46,8 @@ struct mg_pack {
     const uint8_t *force;    /* with known: NULL, or a bitmap of region pages (bit page % 8 of
                                 byte page / 8) to take even if unchanged */
     uint64_t skipped;        /* with known: pages skipped, the same as known */
+    int stable;              /* with known: the source does not change while packed (paused), so
+                                a page's hash where it lies is its copy's: not hashed twice */
 };
 
 /* Add pages first .. first + npages - 1 of a region, whose contents are at src, to the batch:

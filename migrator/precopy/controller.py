@@ -452,7 +452,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                 if r.name in scanned:
                     first[r.name] = [(0, r.npages)]
                     forced = pending.get(r.name)
-                    known[r.name] = KnownPages(hashes[r.name], forced.bits if forced else None)
+                    known[r.name] = KnownPages(hashes[r.name], forced.bits if forced else None, stable=True)
             st1 = await sender.send_pages(first, source, round_no, known=known)
             first_sent.set()
             mark("final-pending-sent")

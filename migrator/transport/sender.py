@@ -125,6 +125,8 @@ class KnownPages:
 
     hashes: Any                       # writable buffer: the XXH3-64 of each page, 8 bytes (native order)
     force: bytearray | None = None    # bitmap of pages to send even if unchanged (PageSet.bits)
+    stable: bool = False              # the region does not change during the send (source paused):
+                                      # each page is hashed once, where it lies
 
 
 @dataclass
@@ -156,7 +158,7 @@ class _Packer:
         self.batch_pages = batch_pages
         self.pool = pool
         self.stop = stop
-        self.known = known or {}     # region name -> (uint64_t[], uint8_t[] or NULL)
+        self.known = known or {}     # region name -> (uint64_t[], uint8_t[] or NULL, stable)
         self._zero_hash = lib.mg_hash_zero_page(page_size) if known else 0
         self._arrays = None
         self._extents: dict = {}     # region name -> struct mg_extent (see mg_pack_object)
@@ -179,7 +181,7 @@ class _Packer:
         st = ffi.new("struct mg_pack *")
         known = self.known.get(name)
         if known is not None:
-            st.known, st.force = known
+            st.known, st.force, st.stable = known
             st.zero_hash = self._zero_hash
         if self._arrays is None:
             self._arrays = (ffi.new("uint64_t[]", self.batch_pages),
@@ -439,7 +441,8 @@ class Sender:
                     raise RegionError(f"forced pages of region {name!r}: not a bit for each of its pages")
                 known_c[name] = (
                     exports.enter_context(ffi.from_buffer("uint64_t[]", k.hashes, require_writable=True)),
-                    exports.enter_context(ffi.from_buffer("uint8_t[]", k.force)) if k.force is not None else ffi.NULL)
+                    exports.enter_context(ffi.from_buffer("uint8_t[]", k.force)) if k.force is not None else ffi.NULL,
+                    int(k.stable))
             return await self._send_pages(plan, reader, round_no, on_packed, known_c, until)
 
     async def _send_pages(self, plan, reader: PageReader, round_no: int, on_packed: OnPacked | None,
