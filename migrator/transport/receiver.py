@@ -259,12 +259,16 @@ class Receiver:
             s.scopes.append(scope)
             if s.done:
                 return
+            stopping = threading.Event()     # the channel was cancelled (receiver stopping)
+            fs.should_stop = lambda: s.done or stopping.is_set()
             try:
                 async with trio.open_nursery() as nursery:
                     to_writer, from_reader = trio.open_memory_channel(0)
                     nursery.start_soon(self._writer, s, from_reader)
+                    flagger = await nursery.start(_flag_when_cancelled, stopping)
                     await self._read_channel(fs, s, channel, to_writer)
                     await to_writer.aclose()
+                    flagger.cancel()
             except BaseExceptionGroup as eg:
                 raise first_error(eg) from None
 
@@ -331,8 +335,6 @@ class Receiver:
         assert images is not None
         region_pages = images.region_pages
         ps = images.page_size
-        if fs.can_block:
-            fs.should_stop = lambda: s.done
 
         async def flush() -> None:
             done = trio.Event()
@@ -395,6 +397,17 @@ def _peer_name(stream: trio.abc.Stream) -> str:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     except (AttributeError, OSError):
         return "peer"
+
+
+async def _flag_when_cancelled(flag: threading.Event, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Set flag once cancelled: a worker thread receiving pages (which a cancellation cannot
+    interrupt) polls it and gives up within 200 ms, so a stopping receiver stops mid-stream."""
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        try:
+            await trio.sleep_forever()
+        finally:
+            flag.set()
 
 
 async def _refuse(fs: FrameStream, reason: str) -> None:
