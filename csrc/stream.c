@@ -117,16 +117,19 @@ int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint6
             if (st->out_pages == st->out_cap
                     || !add_to_runs(st->data_runs, &st->n_data_runs, st->run_cap, page))
                 break;
-            uint8_t *dst = st->out + st->out_pages * page_size;
-            if (dst != p)
-                memmove(dst, p, page_size);
             /* hash the copy, not the source: the hash is of exactly what will be sent (the
              * copy is in cache: the second hash of a changed page costs little); a stable
-             * source's hash is the copy's */
-            if (st->known && st->stable)
+             * source's hash is the copy's, and it may be sent from where it lies */
+            if (st->known && st->stable) {
                 st->hashes[st->out_pages] = h;
-            else
+                if (!st->nocopy && st->out + st->out_pages * page_size != p)
+                    memmove(st->out + st->out_pages * page_size, p, page_size);
+            } else {
+                uint8_t *dst = st->out + st->out_pages * page_size;
+                if (dst != p)
+                    memmove(dst, p, page_size);
                 mg_hash_mem_pages(dst, 1, page_size, st->hashes + st->out_pages);
+            }
             if (st->known)
                 st->known[page] = st->hashes[st->out_pages];
             st->out_pages++;

@@ -48,6 +48,8 @@ struct mg_pack {
     uint64_t skipped;        /* with known: pages skipped, the same as known */
     int stable;              /* with known: the source does not change while packed (paused), so
                                 a page's hash where it lies is its copy's: not hashed twice */
+    int nocopy;              /* with known and stable: data pages are not copied to out (the
+                                caller sends them from where they lie, by data_runs) */
 };
 
 /* Add pages first .. first + npages - 1 of a region, whose contents are at src, to the batch:

@@ -134,7 +134,10 @@ class SourceMemory:
     def close(self) -> None:
         for m in self._maps.values():
             if m is not None:
-                m.close()
+                try:
+                    m.close()
+                except BufferError:   # a batch of a failed send still holds a view of it:
+                    pass              # unmapped when that goes (garbage collection)
         self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)

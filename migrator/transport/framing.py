@@ -216,25 +216,28 @@ class FrameStream:
     def send_blocking(self, head: bytes, data: Any = None) -> None:
         """send_raw() for a worker thread (plain TCP only)."""
         self._bulk(memoryview(head), True)
-        if data is not None and len(data):
-            self._bulk(memoryview(data).cast("B"), True)
-        self.bytes_sent += len(head) + (len(data) if data is not None else 0)
+        pieces = _pieces(data)
+        for piece in pieces:
+            self._bulk(memoryview(piece).cast("B"), True)
+        self.bytes_sent += len(head) + sum(len(p) for p in pieces)
 
     async def send(self, msg: wire.Message) -> None:
         await self.send_raw(wire.encode(msg))
 
     async def send_raw(self, head: bytes, data: Any = None) -> None:
+        """Send head, then data: a buffer, or a tuple of buffers sent one after the other."""
+        pieces = _pieces(data)
         try:
             await self.stream.send_all(head)
-            if data is not None and len(data):
-                if self._sock is not None and len(data) >= BULK_BYTES:
-                    view = memoryview(data).cast("B")
+            for piece in pieces:
+                if self._sock is not None and len(piece) >= BULK_BYTES:
+                    view = memoryview(piece).cast("B")
                     await trio.to_thread.run_sync(self._bulk, view, True)
                 else:
-                    await self.stream.send_all(data)
+                    await self.stream.send_all(piece)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             raise TransportError(f"connection to {self.peer} lost while sending ({e or 'closed'})") from None
-        self.bytes_sent += len(head) + (len(data) if data is not None else 0)
+        self.bytes_sent += len(head) + sum(len(p) for p in pieces)
 
     async def send_error(self, message: str) -> None:
         """Best effort: tell the peer why we give up (it may be gone already)."""
@@ -331,3 +334,10 @@ class FrameStream:
             raise ProtocolError(f"unexpected {type(msg).__name__.upper()} from {self.peer} "
                                 f"(expected {kind.__name__.upper()})")
         return msg
+
+
+def _pieces(data: Any) -> tuple:
+    """A frame's payload as the non-empty buffers to send in order."""
+    if data is None:
+        return ()
+    return tuple(d for d in (data if isinstance(data, tuple) else (data,)) if len(d))

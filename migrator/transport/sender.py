@@ -132,13 +132,27 @@ class KnownPages:
 @dataclass
 class _Built:
     head: bytes
-    data: Any               # a view of buf
+    data: Any               # a view of buf, or (sent from where they lie) views of the memory
     buf: mmap.mmap          # the pool buffer to give back once sent
     pages_normal: int
     pages_zero: int
     name: str = ""          # the region
     data_flat: list | None = None
     zero_flat: list | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes on the wire."""
+        data = self.data if isinstance(self.data, tuple) else (self.data,)
+        return len(self.head) + sum(len(d) for d in data)
+
+    def release(self) -> None:
+        """Once sent (or dropped): release the views (those of the source's mapping would
+        keep it from being closed)."""
+        for d in self.data if isinstance(self.data, tuple) else (self.data,):
+            if isinstance(d, memoryview):
+                d.release()
+        self.data = b""
 
 
 class _Packer:
@@ -175,14 +189,16 @@ class _Packer:
                 if self.stop():
                     raise _Stopped() from None
 
-    def _state(self, buf: mmap.mmap, name: str):
+    def _state(self, buf: mmap.mmap, name: str, mapped: bool = False):
         """A fresh batch of region `name` packing into buf (the run and hash arrays are reused:
-        _built copies them out before the next batch starts)."""
+        _built copies them out before the next batch starts).  mapped: packing from a mapping
+        of the region, whose stable pages are then sent from where they lie (nocopy)."""
         st = ffi.new("struct mg_pack *")
         known = self.known.get(name)
         if known is not None:
             st.known, st.force, st.stable = known
             st.zero_hash = self._zero_hash
+            st.nocopy = int(mapped and st.stable)
         if self._arrays is None:
             self._arrays = (ffi.new("uint64_t[]", self.batch_pages),
                             ffi.new("uint64_t[]", 2 * wire.MAX_RUNS),
@@ -194,16 +210,23 @@ class _Packer:
         st.zero_cap = ZERO_PAGES_PER_BATCH
         return st, keep
 
-    def _built(self, region: int, name: str, round_no: int, st, buf: mmap.mmap) -> _Built:
+    def _built(self, region: int, name: str, round_no: int, st, buf: mmap.mmap, view=None) -> _Built:
         ps = self.ps
         data_flat = ffi.unpack(st.data_runs, 2 * st.n_data_runs)
         zero_flat = ffi.unpack(st.zero_runs, 2 * st.n_zero_runs)
         hashes = bytes(ffi.buffer(st.hashes, 8 * st.out_pages))
         if self.on_packed is not None:
             self.on_packed(name, data_flat, zero_flat, hashes)
-        data = memoryview(buf)[:st.out_pages * ps]
+        if st.nocopy:      # the data runs, where they lie in the mapping (the source is paused)
+            mv = memoryview(view)
+            data = tuple(mv[first * ps:(first + n) * ps] for first, n in zip(data_flat[::2], data_flat[1::2]))
+            mv.release()
+            nbytes = sum(len(d) for d in data)
+        else:
+            data = memoryview(buf)[:st.out_pages * ps]
+            nbytes = len(data)
         digest = wire.batch_digest(region, round_no, data_flat, zero_flat, (), ps, hashes)
-        head = wire.encode_batch(region, round_no, data_flat, zero_flat, len(data), digest)
+        head = wire.encode_batch(region, round_no, data_flat, zero_flat, nbytes, digest)
         return _Built(head, data, buf, st.out_pages, st.zero_pages, name, data_flat, zero_flat)
 
     def batches(self, plan: list[tuple[int, str, list[tuple[int, int]]]], reader: PageReader,
@@ -231,7 +254,7 @@ class _Packer:
             hint = self._extents[name] = ffi.new("struct mg_extent *")
         with ffi.from_buffer(view) as base:
             buf = self._buffer()
-            st, keep = self._state(buf, name)
+            st, keep = self._state(buf, name, mapped=True)
             for first, end in runs:
                 while first < end:
                     src = base + first * ps
@@ -245,11 +268,11 @@ class _Packer:
                                             f"{os.strerror(-took)}")
                     first += took
                     if took < n:           # batch full
-                        yield self._built(idx, name, round_no, st, buf)
+                        yield self._built(idx, name, round_no, st, buf, view)
                         buf = self._buffer()
-                        st, keep = self._state(buf, name)
+                        st, keep = self._state(buf, name, mapped=True)
             if st.out_pages or st.zero_pages:
-                yield self._built(idx, name, round_no, st, buf)
+                yield self._built(idx, name, round_no, st, buf, view)
             else:
                 self.pool.put(buf)
             del keep
@@ -501,13 +524,15 @@ class Sender:
                 async for built in rx:
                     if until is not None and until.is_set():
                         _drop(built, totals, dropped)
+                        built.release()
                         packer.pool.put(built.buf)
                         continue
-                    size = len(built.head) + len(built.data)
+                    size = built.size
                     if self._limiter is not None:
                         await self._limiter.take(size)
                     try:
                         await fs.send_raw(built.head, built.data)
+                        built.release()
                     except TransportError as e:
                         raise await _reason(fs, e) from None
                     packer.pool.put(built.buf)
@@ -589,11 +614,13 @@ class Sender:
                 if until is not None and until.is_set():
                     with lock:
                         _drop(built, totals, dropped)
+                    built.release()
                     packer.pool.put(built.buf)
                     continue
                 if self._limiter is not None:
-                    self._limiter.take_blocking(len(built.head) + len(built.data))
+                    self._limiter.take_blocking(built.size)
                 fs.send_blocking(built.head, built.data)
+                built.release()
                 packer.pool.put(built.buf)
 
         async def run(fn, *args) -> None:
