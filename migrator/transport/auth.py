@@ -116,7 +116,11 @@ class Peer:
     channel: int
 
 
-async def client_handshake(fs: FrameStream, key: bytes | None, session: bytes, channel: int) -> None:
+async def client_handshake(fs: FrameStream, key: bytes | None, session: bytes, channel: int,
+                           then: wire.Message | None = None) -> None:
+    """Authenticate to the receiver on this connection.  then: a message sent right after our
+    proof, before the receiver's WELCOME (the session's SETUP: one round trip less; a receiver
+    that refuses us never reads it)."""
     nonce_c = secrets.token_bytes(wire.NONCE_SIZE)
     await fs.send(wire.Hello(wire.VERSION, nonce_c, session, channel, key is not None))
     ch = await fs.expect(wire.Challenge)
@@ -131,6 +135,8 @@ async def client_handshake(fs: FrameStream, key: bytes | None, session: bytes, c
         if not hmac.compare_digest(ch.mac, proof(key, "server", nonce_c, ch.nonce, session, channel)):
             raise AuthError(f"{fs.peer} failed to prove it holds our key (wrong key?)")
         await fs.send(wire.Auth(proof(key, "client", nonce_c, ch.nonce, session, channel)))
+    if then is not None:
+        await fs.send(then)
     await fs.expect(wire.Welcome)
 
 

@@ -743,7 +743,7 @@ async def _reason(fs: FrameStream, err: TransportError) -> TransportError:
 
 
 async def _open_channel(host: str, port: int, key: bytes | None, session: bytes, channel: int,
-                        ssl_context) -> FrameStream:
+                        ssl_context, then: wire.Message | None = None) -> FrameStream:
     try:
         stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
     except OSError as e:
@@ -758,7 +758,7 @@ async def _open_channel(host: str, port: int, key: bytes | None, session: bytes,
             raise TransportError(f"TLS handshake with {peer} failed: {e.__cause__ or e}") from None
     fs = FrameStream(stream, peer)
     try:
-        await client_handshake(fs, key, session, channel)
+        await client_handshake(fs, key, session, channel, then)
     except MigratorError as e:
         await fs.send_error(f"sender gives up: {e}")
         await fs.aclose()
@@ -801,9 +801,10 @@ async def connect_sender(host: str, port: int, *, key: bytes | None, regions: li
     opened: list[FrameStream] = []
     sender: Sender | None = None
     try:
-        fs0 = await _open_channel(host, port, key, session, 0, ssl_context)
+        # (SETUP goes right after our proof, not after the receiver's WELCOME)
+        fs0 = await _open_channel(host, port, key, session, 0, ssl_context,
+                                  then=wire.Setup(page_size, channels, tuple(regions)))
         opened.append(fs0)
-        await fs0.send(wire.Setup(page_size, channels, tuple(regions)))
         await fs0.expect(wire.SetupOk)
         for i in range(1, channels):
             opened.append(await _open_channel(host, port, key, session, i, ssl_context))
