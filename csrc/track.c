@@ -245,6 +245,18 @@ int64_t mg_sweep_mem(const uint8_t *addr, uint64_t npages, uint64_t page_size, u
     return compare_pages(addr, npages, page_size, hashes, bitmap, bit_offset, gens, gen);
 }
 
+int64_t mg_count_changed(const uint8_t *addr, const uint64_t *pages, uint64_t n,
+                         uint64_t page_size, const uint64_t *hashes)
+{
+    int64_t changed = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t h;
+        mg_hash_mem_pages(addr + pages[i] * page_size, 1, page_size, &h);
+        changed += h != hashes[pages[i]];
+    }
+    return changed;
+}
+
 int64_t mg_sweep_fd(int fd, uint64_t offset, uint64_t npages, uint64_t page_size,
                     uint8_t *buf, uint64_t buf_len, uint64_t *hashes, uint8_t *bitmap,
                     uint64_t bit_offset, uint32_t *gens, uint32_t gen)

@@ -70,6 +70,10 @@ int64_t mg_sweep_fd(int fd, uint64_t offset, uint64_t npages, uint64_t page_size
  * hole allocates the page). */
 int64_t mg_sweep_mem(const uint8_t *addr, uint64_t npages, uint64_t page_size, uint64_t *hashes,
                      uint8_t *bitmap, uint64_t bit_offset, uint32_t *gens, uint32_t gen);
+/* Of the n pages listed in pages (page numbers from addr, data pages of a mapping), how many
+ * hash differently from hashes[page]; nothing is updated (a sample, not a sweep). */
+int64_t mg_count_changed(const uint8_t *addr, const uint64_t *pages, uint64_t n,
+                         uint64_t page_size, const uint64_t *hashes);
 /* Same as mg_sweep_fd for memory of a (possibly) other process, read with process_vm_readv.
  * Pages that cannot be read (unmapped) are skipped with their hash left unchanged; the count of
  * those goes to *unreadable. */

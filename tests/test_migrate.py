@@ -69,6 +69,8 @@ async def test_collect_skipped_when_everything_would_fit(receiver):
         rep = await run(g, receiver, max_bandwidth=400e6, downtime_limit_ms=2000)
         assert rep.status == "completed", rep.reason
         assert "collect1-skipped" in rep.timeline and "collect1-start" not in rep.timeline
+        # (20 MB/s rewrites a few % of what round 0 sent: not cut, see the test below)
+        assert "round0-cut" not in rep.timeline and rep.events == []
         # (no wait for round 0's acknowledgement either: the final round's covers it)
         assert "round0-sent" in rep.timeline and "round0-acked" not in rep.timeline
         assert rep.rounds == 2 and rep.per_round[1].stop_and_copy
@@ -93,6 +95,21 @@ async def test_switchover_fits_cuts_round_0(receiver):
         assert 0 < r0.pages_sent < r0.pages_dirtied          # (round 0's plan: every populated page)
         assert final.pages_sent >= r0.pages_dirtied - r0.pages_sent
         assert rep.final_scanned == ["guest-ram"]
+        assert_images_equal_source(g, receiver.out_dir)
+
+
+async def test_converge_cuts_round_0_when_it_is_rewritten_as_it_goes(receiver):
+    """Default rule: a guest sweeping all its memory faster than round 0 sends it (as QEMU's
+    test guest does): a sample of the pages round 0 sent shows them rewritten already, so round 0
+    is cut once the whole memory would fit the limit: going on could not shorten the pause."""
+    with guest("sweep", -1, shared=128 * MB, anon=0) as g:     # as fast as it can
+        rep = await run(g, receiver, max_bandwidth=400e6, downtime_limit_ms=2000)
+        assert rep.status == "completed", rep.reason
+        assert "round0-cut" in rep.timeline, rep.timeline
+        [why] = rep.events
+        assert why.startswith("round 0 cut after ") and "rewritten already" in why, why
+        r0, final = rep.per_round
+        assert 0 < r0.pages_sent < r0.pages_dirtied and final.stop_and_copy
         assert_images_equal_source(g, receiver.out_dir)
 
 

@@ -110,6 +110,8 @@ class Background:
 
 NONCONVERGENCE_RATIO = 0.95     # dirtied / previously sent at or above this: no progress
 SWITCHOVER_RULES = ("converge", "fits")
+SAMPLE_STRIDE = 16       # a round's sample of sent data pages: every 16th ...
+SAMPLE_PAGES = 4096      # ... up to this many (16 MiB hashed at most per check)
 
 
 def _runs(dirty: dict[str, PageSet]) -> dict[str, list[tuple[int, int]]]:
@@ -242,13 +244,18 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         while the receiver's acknowledgement is still due), and not before
         policy.min_round_s after the previous collect.  Returns the send's stats, the pages
         collected (None: the collect was skipped, switch over now), when they were, and the
-        pages of this round not sent (the round was cut short: switchover "fits")."""
+        pages of this round not sent (the round was cut short, see cutter)."""
         box: dict = {}
         send_done = trio.Event()
-        cut = threading.Event() if policy.switchover == "fits" else None
+        # "converge" cuts only round 0, where the tracker can tell how much of what the round
+        # sent is rewritten already (no collect has measured the dirty rate yet)
+        rewritten = getattr(tracker, "rewritten_fraction", None)
+        can_cut = policy.switchover == "fits" or (round_no == 0 and rewritten is not None)
+        cut = threading.Event() if can_cut else None
         sent: dict[str, PageSet] = {}
         sent_lock = threading.Lock()
         npages = {r.name: r.npages for r in regions}
+        samples: dict[str, list[int]] = {}      # every SAMPLE_STRIDE-th data page sent
 
         def add_runs(into: dict[str, PageSet], name: str, *flats) -> None:
             s = into.get(name)
@@ -264,20 +271,44 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                 on_packed(name, data_flat, zero_flat, hashes)
             with sent_lock:
                 add_runs(sent, name, data_flat, zero_flat)
+                pages = samples.setdefault(name, [])
+                for i in range(0, len(data_flat), 2):
+                    if len(pages) < SAMPLE_PAGES:
+                        pages.extend(range(data_flat[i], data_flat[i] + data_flat[i + 1], SAMPLE_STRIDE))
 
         async def cutter() -> None:
-            """Switchover "fits": once the bandwidth is measured, end the round as soon as even
-            every page of the regions would fit the limit (the rest goes in the stop-and-copy)."""
+            """Once the bandwidth is measured (policy.sample_s), end the round early if even
+            every page of the regions would fit the limit (the rest goes in the stop-and-copy):
+            - "fits": as soon as that bound fits (checked every 5 ms);
+            - "converge": only if, besides, nearly all of a sample of the pages this round sent
+              are rewritten already (checked every sample_s): the rest of the round would be
+              sent again anyway, so going on could not shorten the pause, only the guest's
+              time with the link and the CPU."""
+            start = time.monotonic()
+            every = 0.005 if policy.switchover == "fits" else policy.sample_s
             with trio.move_on_after(policy.sample_s):
                 await send_done.wait()
             while not send_done.is_set():
                 bound = switchover_bound_s()
                 if bound <= limit_s:
-                    cut.set()
-                    rep.expected_downtime_ms = bound * 1000
-                    mark(f"round{round_no}-cut")
-                    return
-                with trio.move_on_after(0.005):
+                    why = "the rest fits the limit"
+                    if policy.switchover != "fits":
+                        with sent_lock:
+                            sample = {k: list(v) for k, v in samples.items()}
+                        frac = await trio.to_thread.run_sync(rewritten, sample)
+                        n = sum(len(v) for v in sample.values())
+                        if frac is None or frac < NONCONVERGENCE_RATIO or send_done.is_set():
+                            why = ""
+                        else:
+                            why = f"{frac * 100:.0f} % of a sample of {n} pages it sent rewritten already"
+                    if why:
+                        cut.set()
+                        rep.expected_downtime_ms = bound * 1000
+                        mark(f"round{round_no}-cut")
+                        rep.events.append(f"round {round_no} cut after {(time.monotonic() - start) * 1000:.0f} ms "
+                                          f"({why}); its pages not sent go in the stop-and-copy")
+                        return
+                with trio.move_on_after(every):
                     await send_done.wait()
 
         def skip_collect() -> bool:

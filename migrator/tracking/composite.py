@@ -62,6 +62,10 @@ class CompositeTracker(Tracker):
         if isinstance(self.ledger, LedgerTracker):
             self.ledger.record_sent(region_name, data_flat, zero_flat, hashes)
 
+    def rewritten_fraction(self, samples: dict[str, list[int]]) -> float | None:
+        """The ledger's (LedgerTracker.rewritten_fraction)."""
+        return self.ledger.rewritten_fraction(samples) if isinstance(self.ledger, LedgerTracker) else None
+
     def known_hashes(self) -> dict[str, object]:
         """The ledger's (LedgerTracker.known_hashes)."""
         return self.ledger.known_hashes() if isinstance(self.ledger, LedgerTracker) else {}

@@ -303,6 +303,27 @@ class LedgerTracker(Tracker):
             out[name] = ffi.buffer(led.hashes + i, 8 * r.npages)
         return out
 
+    def rewritten_fraction(self, samples: dict[str, list[int]]) -> float | None:
+        """Of sampled data pages sent (region name -> page numbers), the fraction whose contents
+        differ already from what was sent (record_sent); nothing is updated.  None if no
+        sampled page is in a region this tracker can tell about (record_sent keeps its hashes,
+        and it is mapped: the data pages are hashed where they lie)."""
+        changed = total = 0
+        for name, pages in samples.items():
+            r = self._recorded.get(name)
+            if r is None or not pages:
+                continue
+            led = self.registry.ledger_for(self.pid, r)
+            if led._view is None:
+                continue
+            i = r.offset // PAGE_SIZE - led.first_page
+            if max(pages) >= r.npages:
+                raise ValueError(f"sampled page outside region {name}")
+            changed += lib.mg_count_changed(led._view + i * PAGE_SIZE, ffi.new("uint64_t[]", pages),
+                                            len(pages), PAGE_SIZE, led.hashes + i)
+            total += len(pages)
+        return changed / total if total else None
+
     def collect(self, final: bool = False, exclude: frozenset[str] = frozenset()) -> DirtyPages:
         """exclude: regions not swept (see known_hashes); their layout is still checked."""
         t0 = time.perf_counter()
