@@ -40,7 +40,7 @@ async def _good_migration(port, out):
 
 
 def _hdr(t, meta_len, data_len=0):
-    return struct.pack("!2sBBII", b"MG", 1, t, meta_len, data_len)
+    return struct.pack("!2sBBII", b"MG", wire.VERSION, t, meta_len, data_len)
 
 
 # after a valid handshake and SETUP: what the bad sender sends, and the error the receiver names
@@ -55,6 +55,9 @@ SESSION_CASES = {
     "wrong-hash": (batch_frame(0, 0, [(0, 1)], [], b"x" * PS, digest=12345), "hash mismatch"),
     "peer-gone-mid-batch": (batch_frame(0, 0, [(0, 4)], [], b"x" * 4 * PS)[:-PS - 7], "went away in the middle"),
     "end-too-early": (wire.encode(wire.RoundEnd(0)) + wire.encode(wire.Close()), "unexpected CLOSE"),
+    "prepare-beyond-region": (wire.encode(wire.Prepare(0, (60, 10))), "PREPARE page index 69 beyond region"),
+    "prepare-undeclared": (wire.encode(wire.Prepare(2, (0, 1))), "PREPARE for undeclared region #2"),
+    "prepare-empty": (_hdr(wire.T.PREPARE, 7) + msgpack.packb({"r": 0, "p": []}), "PREPARE frame: no pages"),
 }
 
 
@@ -101,7 +104,7 @@ async def _impostor_wrong_mac(port):
     """Ignores the server's proof and just answers with a MAC made with another key."""
     fs = FrameStream(await trio.open_tcp_stream("127.0.0.1", port), "receiver")
     nonce_c = b"c" * 32
-    await fs.send(wire.Hello(1, nonce_c, b"s" * 16, 0, True))
+    await fs.send(wire.Hello(wire.VERSION, nonce_c, b"s" * 16, 0, True))
     ch = await fs.expect(wire.Challenge)
     await fs.send(wire.Auth(proof(b"x" * 32, "client", nonce_c, ch.nonce, b"s" * 16, 0)))
     with pytest.raises(Exception, match="failed authentication"):

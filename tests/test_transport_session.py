@@ -37,6 +37,7 @@ async def test_rounds_exact_images(nursery, tmp_path, channels):
     reader = MemReader(mem)
     async with connect_sender("127.0.0.1", port, key=KEY, regions=_regions(), channels=channels,
                               batch_pages=16) as s:
+        await s.prepare({"ram": [(0, 300)], "[heap]": [(10, 20)]})      # (a hint: allocate)
         st0 = await s.send_pages({"ram": [(0, 300)], "[heap]": [(0, 40)]}, reader, 0)
         await s.end_round(0)
         zeros0 = sum(1 for p in range(300) if not any(mem["ram"][p * PS:(p + 1) * PS])) + \
@@ -148,6 +149,27 @@ def test_imageset_stamps(tmp_path):
     with open(tmp_path / im.names[0], "rb") as f:
         got = f.read()
     assert got == b"3" * 2 * PS + b"y" * PS + bytes(PS) + bytes(4 * PS)
+
+
+def test_imageset_prepare_allocates_in_the_background(tmp_path):
+    """PREPARE: the pages announced are allocated (fallocate, 1 MiB at a time) by a thread of the
+    image set, read as zeros, and the other pages stay holes."""
+    n = 1024
+    im = ImageSet(str(tmp_path), [RegionSpec("r", 0, n * PS)], PS, "x")
+    path = tmp_path / im.names[0]
+    assert os.stat(path).st_blocks == 0
+    im.prepare(0, (0, 300, 700, 100))
+    im.wait_prepared()
+    assert im.bytes_prepared == 400 * PS
+    assert os.stat(path).st_blocks * 512 >= 400 * PS
+    with open(path, "rb") as f:
+        assert f.read() == bytes(n * PS)
+    fd = os.open(path, os.O_RDONLY)
+    try:                            # (page 300 .. 699: a hole)
+        assert os.lseek(fd, 300 * PS, os.SEEK_HOLE) == 300 * PS
+    finally:
+        os.close(fd)
+    im.close()
 
 
 async def test_reader_runs_in_thread_and_bad_runs_rejected(nursery, tmp_path):

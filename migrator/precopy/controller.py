@@ -374,7 +374,10 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             return math.inf
         return tracker.final_collect_estimate_s() + total_bytes / bandwidth
 
-    # round 0: every populated page (`first`); its collect starts once every page is sent
+    # round 0: every populated page (`first`), which the receiver allocates beside it (then
+    # pages round 0 does not get to, if it is cut, cost no allocation in the stop-and-copy);
+    # its collect starts once every page is sent
+    await sender.prepare(_runs(first))
     t0 = time.monotonic()
     st, dirty, last_collect, unsent = await send_and_collect(first, 0, math.inf, t0 - policy.min_round_s)
     account(0, _count(first), st, 0.0, 0.0, 0.0)

@@ -10,6 +10,7 @@ later round is never overwritten by an older copy that arrives late on another c
 from __future__ import annotations
 
 import array
+import queue
 import errno
 import json
 import mmap
@@ -27,6 +28,8 @@ from .wire import Batch, RegionSpec
 MANIFEST = "manifest.json"
 _ZERO_WRITE = 1 << 20
 
+
+PREPARE_CHUNK = 1 << 20    # bytes fallocated at a time (it holds the file's lock: writes wait)
 
 def image_name(index: int, name: str) -> str:
     """A safe file name for region #index: its name with anything odd replaced."""
@@ -108,6 +111,9 @@ class ImageSet:
         self.error: str | None = None
         self._images: list[_Image] = []
         self._lock = threading.Lock()   # apply() may run in several worker threads at once
+        self._preparer: threading.Thread | None = None      # see prepare()
+        self._prep_stop = False
+        self.bytes_prepared = 0
         try:
             os.makedirs(out_dir, exist_ok=True)
             # first the manifest (so an earlier 'complete' never survives), then the files
@@ -195,7 +201,54 @@ class ImageSet:
         except OSError:
             pass
 
+    def prepare(self, region: int, runs_flat: Sequence[int]) -> None:
+        """Allocate (fallocate) pages of a region's image that are about to get data (a PREPARE,
+        checked by wire.check_batch), in a thread of its own beside the stream: the writes
+        then find their pages allocated.  Best effort: a failure only ends the preparing."""
+        img = self._images[region]
+        ps = self.page_size
+        jobs = [(img, off, min(PREPARE_CHUNK, first * ps + count * ps - off))
+                for first, count in zip(runs_flat[0::2], runs_flat[1::2])
+                for off in range(first * ps, (first + count) * ps, PREPARE_CHUNK)]
+        with self._lock:
+            if self._preparer is None:
+                self._prep_jobs: queue.Queue = queue.Queue()
+                self._preparer = threading.Thread(target=self._prepare_loop, name="image-prepare", daemon=True)
+                self._preparer.start()
+        for job in jobs:
+            self._prep_jobs.put(job)
+
+    def _prepare_loop(self) -> None:
+        while True:
+            job = self._prep_jobs.get()
+            try:
+                if job is None:
+                    return
+                if self._prep_stop:
+                    continue
+                img, offset, length = job
+                try:
+                    os.posix_fallocate(img.fd, offset, length)
+                    self.bytes_prepared += length
+                except OSError:        # (no room, or a file system without it: writes allocate)
+                    self._prep_stop = True
+            finally:
+                self._prep_jobs.task_done()
+
+    def wait_prepared(self) -> None:
+        """Until every PREPARE so far is done (tests)."""
+        if self._preparer is not None:
+            self._prep_jobs.join()
+
+    def _stop_preparing(self) -> None:
+        if self._preparer is not None:
+            self._prep_stop = True
+            self._prep_jobs.put(None)
+            self._preparer.join()
+            self._preparer = None
+
     def close(self) -> None:
+        self._stop_preparing()      # (before its file descriptors go)
         for img in self._images:
             img.close()
         self._images = []

@@ -316,6 +316,9 @@ class Receiver:
                 if isinstance(msg, wire.Batch):
                     wire.check_batch(msg, region_pages)
                     q.put(msg)
+                elif isinstance(msg, wire.Prepare):
+                    wire.check_batch(msg, region_pages)
+                    images.prepare(msg.region, msg.runs_flat)
                 elif isinstance(msg, wire.RoundEnd):
                     q.join()          # everything before the round end is written
                     if failed:
@@ -355,6 +358,9 @@ class Receiver:
                 # rendezvous: the writer has finished the previous batch, whose buffer the
                 # next receive() reuses
                 await to_writer.send(msg)
+            elif isinstance(msg, wire.Prepare):
+                wire.check_batch(msg, region_pages)
+                images.prepare(msg.region, msg.runs_flat)
             elif isinstance(msg, wire.RoundEnd):
                 await flush()
                 await fs.send(wire.RoundAck(msg.round_no))

@@ -645,6 +645,21 @@ class Sender:
         except BaseExceptionGroup as eg:
             raise first_error(eg) from None
 
+    async def prepare(self, runs: Mapping[str, Iterable[tuple[int, int]]]) -> None:
+        """Tell the receiver which pages are about to be sent with data ({region: [(first,
+        end), ...]}, e.g. round 0's plan): it allocates them in its images beside the stream.
+        A hint: nothing depends on it."""
+        plan = self._check(runs)
+        async with self._lock:
+            fs = self._fs[0]
+            for idx, _name, rl in plan:
+                flat = [x for first, end in rl for x in (first, end - first)]
+                for i in range(0, len(flat), 2 * wire.MAX_RUNS):
+                    try:
+                        await fs.send(wire.Prepare(idx, tuple(flat[i:i + 2 * wire.MAX_RUNS])))
+                    except TransportError as e:
+                        raise await _reason(fs, e) from None
+
     async def end_round(self, round_no: int) -> None:
         """Mark the end of round_no on every channel and wait until the receiver has written
         everything sent before it."""

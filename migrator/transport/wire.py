@@ -27,7 +27,7 @@ from ..errors import ProtocolError
 from .pagehash import page_hashes
 
 MAGIC = b"MG"
-VERSION = 1
+VERSION = 2                   # 2: PREPARE
 HEADER = struct.Struct("!2sBBII")
 HEADER_SIZE = HEADER.size
 
@@ -71,6 +71,7 @@ class T(enum.IntEnum):
     END = 12        # C->S  end of migration, source digest per region (channel 0)
     RESULT = 13     # S->C  verification verdict per region
     ERROR = 14      # both  a fatal error, explained; the connection closes after it
+    PREPARE = 15    # C->S  pages of a region that will get data (a hint: allocate them)
 
 
 _META_LIMIT = {t: MAX_SMALL_META for t in T}
@@ -79,6 +80,7 @@ _META_LIMIT[T.SETUP_OK] = MAX_META
 _META_LIMIT[T.END] = MAX_META
 _META_LIMIT[T.RESULT] = MAX_META
 _META_LIMIT[T.BATCH] = MAX_BATCH_META
+_META_LIMIT[T.PREPARE] = MAX_BATCH_META
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,15 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class Prepare:
+    """Pages of region #region, as flat (first, count) runs, that the sender is about to send
+    with data (round 0's plan): the receiver may allocate them in its image beside the stream."""
+
+    region: int
+    runs_flat: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class RoundEnd:
     round_no: int
 
@@ -204,12 +215,12 @@ class Error:
 
 
 Message = (Hello | Challenge | Auth | Welcome | Setup | SetupOk | Batch | RoundEnd | RoundAck
-           | Close | Closed | End | Result | Error)
+           | Close | Closed | End | Result | Error | Prepare)
 
 _TYPE_OF = {Hello: T.HELLO, Challenge: T.CHALLENGE, Auth: T.AUTH, Welcome: T.WELCOME,
             Setup: T.SETUP, SetupOk: T.SETUP_OK, Batch: T.BATCH, RoundEnd: T.ROUND_END,
             RoundAck: T.ROUND_ACK, Close: T.CLOSE, Closed: T.CLOSED, End: T.END,
-            Result: T.RESULT, Error: T.ERROR}
+            Result: T.RESULT, Error: T.ERROR, Prepare: T.PREPARE}
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -245,6 +256,8 @@ def _meta(msg: Message) -> dict:
                 "z": list(msg.zero_flat), "h": msg.digest}
     if isinstance(msg, (RoundEnd, RoundAck)):
         return {"n": msg.round_no}
+    if isinstance(msg, Prepare):
+        return {"r": msg.region, "p": list(msg.runs_flat)}
     if isinstance(msg, End):
         return {"digests": list(msg.digests)}
     if isinstance(msg, Result):
@@ -459,6 +472,13 @@ def decode(t: T, meta: bytes, data_len: int = 0, page_size: int | None = None) -
         if not data_flat and not zero_flat:
             raise ProtocolError("BATCH frame: no pages")
         return Batch(region, round_no, data_flat, zero_flat, digest)
+    if t is T.PREPARE:
+        f = _Fields(t, m, {"r", "p"})
+        region = f.int("r", 0, MAX_REGIONS - 1)
+        flat, _ = _runs(f, "p", MAX_REGION_BYTES // MIN_PAGE_SIZE)
+        if not flat:
+            raise ProtocolError("PREPARE frame: no pages")
+        return Prepare(region, flat)
     if t in (T.ROUND_END, T.ROUND_ACK):
         f = _Fields(t, m, {"n"})
         n = f.int("n", 0, MAX_ROUND)
@@ -486,16 +506,18 @@ def _img(x: Any) -> str:
     return x
 
 
-def check_batch(batch: Batch, region_pages: Sequence[int]) -> None:
-    """Every page of the batch lies in a declared region."""
+def check_batch(batch: Batch | Prepare, region_pages: Sequence[int]) -> None:
+    """Every page of the batch (or PREPARE) lies in a declared region."""
+    what = "BATCH" if isinstance(batch, Batch) else "PREPARE"
     if batch.region >= len(region_pages):
-        raise ProtocolError(f"BATCH for undeclared region #{batch.region} "
+        raise ProtocolError(f"{what} for undeclared region #{batch.region} "
                             f"(session declared {len(region_pages)})")
     npages = region_pages[batch.region]
-    for flat in (batch.data_flat, batch.zero_flat):
+    flats = (batch.data_flat, batch.zero_flat) if isinstance(batch, Batch) else (batch.runs_flat,)
+    for flat in flats:
         if flat and max(map(operator.add, flat[0::2], flat[1::2])) > npages:
             last = max(map(operator.add, flat[0::2], flat[1::2])) - 1
-            raise ProtocolError(f"BATCH page index {last} beyond region "
+            raise ProtocolError(f"{what} page index {last} beyond region "
                                 f"#{batch.region} ({npages} pages)")
 
 
