@@ -39,10 +39,11 @@ class MigrationPolicy:
     nonconvergence_rounds: int = 3        # rounds of dirty rate >= bandwidth before acting
     min_round_s: float = 0.0              # wait at least this long between collects
     # "converge": switch over at a round's end, once the pages written since fit the limit
-    # (the shortest pause); "fits": as soon as the rest is sure to fit the limit, even during a
-    # round (QEMU's rule: the shortest total time, a pause up to the limit)
+    # (the shortest pause), or cut round 0 when it is rewritten as fast as it goes (going on
+    # could not shorten the pause); "fits": as soon as the rest is sure to fit the limit, even
+    # during a round (QEMU's rule: the shortest total time, a pause up to the limit)
     switchover: str = "converge"
-    sample_s: float = 0.05                # "fits": bandwidth measured this long before deciding
+    sample_s: float = 0.05                # a round is cut no sooner (bandwidth measured by then)
     force_switchover: trio.Event | None = None
     verify_timeout_s: float = 60.0
 
