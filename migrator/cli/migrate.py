@@ -26,9 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="throttle the guest when it dirties memory faster than the link")
     p.add_argument("--switchover", choices=["converge", "fits"], default="converge",
                    help="when to pause: converge (default) at the end of a round, once the pages "
-                        "written since fit the downtime limit (the shortest pause); fits as soon as "
-                        "all that is left is sure to fit the limit, even mid-round (QEMU's rule: the "
-                        "shortest total time, a pause up to the limit)")
+                        "written since fit the downtime limit (the shortest pause; round 0 is cut "
+                        "short only when the guest rewrites what it sent as fast as it goes); fits as "
+                        "soon as all that is left is sure to fit the limit, even mid-round (QEMU's "
+                        "rule: the shortest total time, a pause up to the limit)")
     p.add_argument("--writers", default="", metavar="PID,PID,...",
                    help="other processes writing the guest's memory: paused with it")
     p.add_argument("--cgroup", metavar="PATH", help="freeze this cgroup (v1 freezer) for the switch-over")
