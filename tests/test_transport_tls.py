@@ -35,3 +35,38 @@ async def test_tls_verified_and_wrong_ca_refused(nursery, tmp_path):
         async with connect_sender("127.0.0.1", port, key=KEY, regions=regions,
                                   ssl_context=client_ssl_context(other)):
             pass
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+async def test_send_ended_early_drops_what_was_not_sent(nursery, tmp_path, tls):
+    """send_pages(until=...): once set (here by the third packed batch), nothing more is packed
+    or sent; packed batches not sent (which, depends on timing) are listed in
+    SendStats.dropped.  Sent + dropped pages are exactly those packed (on_packed), each once;
+    sending everything again completes the session."""
+    import threading
+    ssl_rx = ssl_tx = None
+    if tls:
+        require(shutil.which("openssl") is not None, "needs the openssl command to make certificates")
+        cert, key = _cert(tmp_path, "rx")
+        ssl_rx, ssl_tx = server_ssl_context(cert, key), client_ssl_context(cert)
+    rx, port, logs = await start_receiver(nursery, tmp_path / "out", ssl_context=ssl_rx)
+    n = 512
+    mem = {"ram": random_memory(n, 12, zero_fraction=0.0)}
+    regions = [RegionSpec("ram", 0, n * 4096)]
+    until = threading.Event()
+    packed: list[tuple[int, int]] = []
+
+    def on_packed(name, data_flat, zero_flat, hashes):
+        packed.extend(zip(data_flat[0::2], data_flat[1::2]))
+        if sum(c for _, c in packed) >= 3 * 16:
+            until.set()
+    async with connect_sender("127.0.0.1", port, key=KEY, regions=regions, batch_pages=16,
+                              ssl_context=ssl_tx) as s:
+        st = await s.send_pages({"ram": [(0, n)]}, MemReader(mem), 0, on_packed, until=until)
+        pages = lambda runs: {p for first, count in runs for p in range(first, first + count)}  # noqa: E731
+        dropped = pages(r for _, d, _z in st.dropped for r in zip(d[0::2], d[1::2]))
+        assert st.pages_zero == 0 and 3 * 16 <= len(pages(packed)) < n
+        assert st.pages_normal + len(dropped) == len(pages(packed)) == sum(c for _, c in packed)
+        assert st.batches * 16 == st.pages_normal
+        await s.send_pages({"ram": [(0, n)]}, MemReader(mem), 1)     # (everything, to finish)
+        assert (await s.finish({"ram": digest_bytes(mem["ram"])})).complete
