@@ -115,6 +115,57 @@ SAMPLE_STRIDE = 16       # a round's sample of sent data pages: every 16th ...
 SAMPLE_PAGES = 4096      # ... up to this many (16 MiB hashed at most per check)
 
 
+class SentPages:
+    """The pages a round has packed (an on_packed hook, called from producer threads), for the
+    pages a round cut short left, and a sample of its data pages (every SAMPLE_STRIDE-th, up to
+    SAMPLE_PAGES a region) to see how much of what it sent is rewritten already."""
+
+    def __init__(self, npages: dict[str, int], then: Callable | None = None):
+        self._npages = npages
+        self._then = then             # the hook this one wraps (LedgerTracker.record_sent)
+        self._sent: dict[str, PageSet] = {}
+        self._samples: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+
+    def _add(self, into: dict[str, PageSet], name: str, *flats) -> None:
+        s = into.get(name)
+        if s is None:
+            s = into[name] = PageSet(self._npages[name])
+        for flat in flats:
+            for i in range(0, len(flat), 2):
+                s.add_range(flat[i], flat[i] + flat[i + 1])
+
+    def packed(self, name: str, data_flat, zero_flat, hashes: bytes) -> None:
+        if self._then is not None:
+            self._then(name, data_flat, zero_flat, hashes)
+        with self._lock:
+            self._add(self._sent, name, data_flat, zero_flat)
+            pages = self._samples.setdefault(name, [])
+            for i in range(0, len(data_flat), 2):
+                if len(pages) < SAMPLE_PAGES:
+                    pages.extend(range(data_flat[i], data_flat[i] + data_flat[i + 1], SAMPLE_STRIDE))
+
+    def sample(self) -> dict[str, list[int]]:
+        with self._lock:
+            return {k: list(v) for k, v in self._samples.items()}
+
+    def left(self, planned: dict[str, PageSet], dropped: list) -> dict[str, PageSet]:
+        """The planned pages not sent: never packed, or packed into batches that were dropped
+        (SendStats.dropped: the ledger recorded them as sent; the final round forces them)."""
+        gone: dict[str, PageSet] = {}
+        for name, data_flat, zero_flat in dropped:
+            self._add(gone, name, data_flat, zero_flat)
+        out = {}
+        for name, s in planned.items():
+            done = self._sent.get(name)
+            if done is not None and name in gone:
+                done = done - gone[name]
+            left = s - done if done is not None else s
+            if left:
+                out[name] = left
+        return out
+
+
 def _runs(dirty: dict[str, PageSet]) -> dict[str, list[tuple[int, int]]]:
     return {name: list(s.runs()) for name, s in dirty.items() if s}
 
@@ -253,29 +304,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         rewritten = getattr(tracker, "rewritten_fraction", None)
         can_cut = policy.switchover == "fits" or (round_no == 0 and rewritten is not None)
         cut = threading.Event() if can_cut else None
-        sent: dict[str, PageSet] = {}
-        sent_lock = threading.Lock()
-        npages = {r.name: r.npages for r in regions}
-        samples: dict[str, list[int]] = {}      # every SAMPLE_STRIDE-th data page sent
-
-        def add_runs(into: dict[str, PageSet], name: str, *flats) -> None:
-            s = into.get(name)
-            if s is None:
-                s = into[name] = PageSet(npages[name])
-            for flat in flats:
-                for i in range(0, len(flat), 2):
-                    s.add_range(flat[i], flat[i] + flat[i + 1])
-
-        def packed(name: str, data_flat, zero_flat, hashes: bytes) -> None:
-            # (from producer threads) what went out, for the pages left if the round is cut
-            if on_packed is not None:
-                on_packed(name, data_flat, zero_flat, hashes)
-            with sent_lock:
-                add_runs(sent, name, data_flat, zero_flat)
-                pages = samples.setdefault(name, [])
-                for i in range(0, len(data_flat), 2):
-                    if len(pages) < SAMPLE_PAGES:
-                        pages.extend(range(data_flat[i], data_flat[i] + data_flat[i + 1], SAMPLE_STRIDE))
+        sent = SentPages({r.name: r.npages for r in regions}, on_packed)
 
         async def cutter() -> None:
             """Once the bandwidth is measured (policy.sample_s), end the round early if even
@@ -294,8 +323,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                 if bound <= limit_s:
                     why = "the rest fits the limit"
                     if policy.switchover != "fits":
-                        with sent_lock:
-                            sample = {k: list(v) for k, v in samples.items()}
+                        sample = sent.sample()
                         frac = await trio.to_thread.run_sync(rewritten, sample)
                         n = sum(len(v) for v in sample.values())
                         if frac is None or frac < NONCONVERGENCE_RATIO or send_done.is_set():
@@ -342,26 +370,14 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                 nursery.start_soon(cutter)
             # what is sent is what the tracker compares with next (LedgerTracker.record_sent)
             box["st"] = await sender.send_pages(_runs(runs), source, round_no,
-                                                packed if cut is not None else on_packed, until=cut)
+                                                sent.packed if cut is not None else on_packed, until=cut)
             mark(f"round{round_no}-sent")
             send_done.set()
             # switching over now: the final round's end marker covers these pages too
             if not skip_collect():
                 await sender.end_round(round_no)
                 mark(f"round{round_no}-acked")
-        unsent: dict[str, PageSet] = {}
-        if cut is not None and cut.is_set():
-            # packed batches left in the queue were dropped: unsent too (the ledger recorded
-            # them as sent; the final round forces them)
-            dropped: dict[str, PageSet] = {}
-            for name, data_flat, zero_flat in box["st"].dropped:
-                add_runs(dropped, name, data_flat, zero_flat)
-            for name, d in dropped.items():
-                sent[name] = sent[name] - d
-            for name, s in runs.items():
-                left = s - sent[name] if name in sent else s
-                if left:
-                    unsent[name] = left
+        unsent = sent.left(runs, box["st"].dropped) if cut is not None and cut.is_set() else {}
         return box["st"], box["dirty"], box["at"], unsent
 
     limit_s = policy.downtime_limit_ms / 1000
