@@ -62,7 +62,12 @@ class DestinationHandoff:
                 os.close(fd)
         except OSError as e:
             raise MigratorError(f"cannot create the RAM image {path!r}: {e.strerror}") from None
-        vm = DestinationVM(self.cfg, path, self.ram_size)
+        await self._launch(path, self.ram_size, f"started for {self.ram_size >> 20} MiB of RAM, ")
+
+    async def _launch(self, path: str, size: int, note: str = "") -> None:
+        """Start the destination VM on the image at path (size bytes); it is self.vm once up.
+        Raises MigratorError if QEMU did not start."""
+        vm = DestinationVM(self.cfg, path, size)
         try:
             await trio.to_thread.run_sync(vm.start)
             self.vm = vm
@@ -70,8 +75,8 @@ class DestinationHandoff:
         except BaseException:
             vm.kill()
             raise
-        self.log(f"qemu: destination VM pid {vm.proc.pid} started for {self.ram_size >> 20} MiB of RAM, "
-                 f"maps {path}, waits for device state on {self.cfg.incoming} (QMP {vm.qmp_path})")
+        self.log(f"qemu: destination VM pid {vm.proc.pid} {note}maps {path}, waits for device state on "
+                 f"{self.cfg.incoming} (QMP {vm.qmp_path})")
 
     def on_setup(self, images: ImageSet) -> None:
         self.marks["dest-setup"] = time.time()
@@ -112,17 +117,11 @@ class DestinationHandoff:
     async def _start(self, images: ImageSet) -> None:
         if self.vm is not None:       # pre-started on this image
             return
-        path = os.path.join(images.out_dir, images.names[0])
-        vm = DestinationVM(self.cfg, path, images.regions[0].size)
         try:
-            await trio.to_thread.run_sync(vm.start)
+            await self._launch(os.path.join(images.out_dir, images.names[0]), images.regions[0].size)
         except MigratorError as e:
             self.error = str(e)
             self.log(f"qemu: {e}")
-            return
-        self.vm = vm
-        self.log(f"qemu: destination VM pid {vm.proc.pid} maps {path}, waits for device state on "
-                 f"{self.cfg.incoming} (QMP {vm.qmp_path})")
 
     async def _hand_over(self) -> None:
         vm = self.vm

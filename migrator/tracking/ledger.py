@@ -152,6 +152,18 @@ class ShmemLedger:
             return nbytes / max(rate, 1.0)
         return nbytes / ASSUMED_SWEEP_RATE
 
+    def count_changed(self, first_page: int, pages: list[int]) -> int | None:
+        """Of object pages first_page + p (p in pages: data pages), how many hash differently
+        from the ledger, read from the view (nothing updated: a sample, not a sweep); None
+        without a view."""
+        if self._view is None:
+            return None
+        if first_page < self.first_page or first_page + max(pages) >= self.end_page:
+            raise ValueError("sampled pages outside the ledger")
+        i = first_page - self.first_page
+        return lib.mg_count_changed(self._view + i * PAGE_SIZE, ffi.new("uint64_t[]", pages),
+                                    len(pages), PAGE_SIZE, self.hashes + i)
+
     def changed_since(self, since: int, first_page: int, npages: int) -> PageSet:
         """Object pages [first_page, first_page + npages) changed in a sweep after generation
         `since`, as a PageSet indexed from first_page."""
@@ -313,15 +325,12 @@ class LedgerTracker(Tracker):
             r = self._recorded.get(name)
             if r is None or not pages:
                 continue
-            led = self.registry.ledger_for(self.pid, r)
-            if led._view is None:
-                continue
-            i = r.offset // PAGE_SIZE - led.first_page
             if max(pages) >= r.npages:
                 raise ValueError(f"sampled page outside region {name}")
-            changed += lib.mg_count_changed(led._view + i * PAGE_SIZE, ffi.new("uint64_t[]", pages),
-                                            len(pages), PAGE_SIZE, led.hashes + i)
-            total += len(pages)
+            n = self.registry.ledger_for(self.pid, r).count_changed(r.offset // PAGE_SIZE, pages)
+            if n is not None:
+                changed += n
+                total += len(pages)
         return changed / total if total else None
 
     def collect(self, final: bool = False, exclude: frozenset[str] = frozenset()) -> DirtyPages:
