@@ -1,6 +1,7 @@
 """cffi out-of-line API builds of migrator's C fast paths (named in setup.py's cffi_modules):
 
-    track_ffi -> migrator._track_c   tracking, memory I/O, page stream (track.c, memio.c, stream.c)
+    track_ffi -> migrator._track_c   tracking, memory I/O, page stream, uffd injection
+                                     (track.c, memio.c, stream.c, inject.c)
     guest_ffi -> migrator._guest_c   the guest's write loops and page stamps (guest.c)
 """
 import os
@@ -47,8 +48,8 @@ def _ffi(module: str, headers: list[str], sources: list[str]) -> FFI:
     return ffi
 
 
-track_ffi = _ffi("migrator._track_c", ["track.h", "memio.h", "stream.h"],
-                 ["track.c", "memio.c", "stream.c", "hash_avx2.c"])
+track_ffi = _ffi("migrator._track_c", ["track.h", "memio.h", "stream.h", "inject.h"],
+                 ["track.c", "memio.c", "stream.c", "hash_avx2.c", "inject.c"])
 guest_ffi = _ffi("migrator._guest_c", ["guest.h"], ["guest.c"])
 
 if __name__ == "__main__":

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import TYPE_CHECKING
 
 from ..errors import TargetGoneError, UnsupportedError
 from .native import check, ffi, lib
+
+if TYPE_CHECKING:
+    from .inject import Injection
 
 UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
 UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
@@ -50,6 +54,19 @@ class Userfaultfd:
         self.fd = fd
         self.pid = pid
         self.features = 0
+        self.injection: Injection | None = None
+
+    @classmethod
+    def inject(cls, pid: int) -> "Userfaultfd":
+        """Create a userfaultfd inside process pid, which need not cooperate (ptrace injection:
+        migrator.kernel.inject.inject_userfaultfd), and take it.  The target keeps no copy; the
+        Injection (timings, user_mode_only) is kept as .injection."""
+        from .inject import inject_userfaultfd
+
+        inj = inject_userfaultfd(pid)
+        u = cls(inj.fd, pid)
+        u.injection = inj
+        return u
 
     @classmethod
     def take(cls, pid: int, target_fd: int | None = None) -> "Userfaultfd":
