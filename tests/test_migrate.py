@@ -51,7 +51,7 @@ async def test_workloads_migrate_exactly(receiver, workload, rate):
         # collect runs and decides
         rep = await run(g, receiver, max_bandwidth=400e6, min_round_s=0.05, downtime_limit_ms=50)
         assert rep.status == "completed", rep.reason
-        assert rep.tracker == "wp+ledger"
+        assert rep.tracker == "wp+wp-mappers+ledger"
         assert rep.source_state == "paused" and process_state(g.pid) == "T"
         assert_images_equal_source(g, receiver.out_dir)
         assert rep.rounds >= 2 and rep.per_round[-1].stop_and_copy
@@ -223,3 +223,25 @@ async def test_cgroup_freezer_pauses_guest_and_writers(receiver, tmp_path):
             with open(f"{base}/cgroup.procs", "w") as f:
                 f.write(pid)
         os.rmdir(cg)
+
+
+async def test_non_cooperating_guest_and_its_mapper_tracked_by_injected_write_protect(receiver):
+    """A guest that made no userfaultfd, with a vhost-like writer mapping its memfd: migrator
+    injects one into each (write-protect for the guest's private RAM, and on every mapper of the
+    shared RAM), the ledger beside them; the copy is exact and no process keeps a userfaultfd."""
+    side = WorkloadSpec(kind="random", rate=10e6, seed=5)
+    spec = GuestSpec(shared_ram=32 * MB, anon_ram=8 * MB, uffd=False, vhost=side,
+                     workload=WorkloadSpec(kind="random", rate=20e6, seed=3))
+    with start_guest(spec) as g:
+        vhost = g.writer_pids["vhost"]
+        rep = await run(g, receiver, writers=[vhost], max_bandwidth=300e6, min_round_s=0.05,
+                        downtime_limit_ms=50)
+        assert rep.status == "completed", rep.reason
+        assert rep.tracker == "wp+wp-mappers+ledger"
+        assert f"pid {g.pid}: injected into thread {g.pid} in " in rep.tracker_detail, rep.tracker_detail
+        assert f"pid {vhost}: injected into thread {vhost} in " in rep.tracker_detail, rep.tracker_detail
+        assert rep.rounds >= 2
+        assert_images_equal_source(g, receiver.out_dir)
+        for pid in (g.pid, vhost):
+            assert not [n for n in os.listdir(f"/proc/{pid}/fd")
+                        if os.readlink(f"/proc/{pid}/fd/{n}") == "anon_inode:[userfaultfd]"]

@@ -1,6 +1,7 @@
 """`migrator migrate` from the command line, as a user runs it: key file, JSON report, errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -47,7 +48,7 @@ def test_cli_migration_with_key_and_json_report(keyed, tmp_path):
         assert "migration completed" in p.stderr
         rep = json.loads((tmp_path / "report.json").read_text())
         assert REPORT_KEYS <= set(rep)
-        assert rep["status"] == "completed" and rep["tracker"] == "wp+ledger"
+        assert rep["status"] == "completed" and rep["tracker"] == "wp+wp-mappers+ledger"
         assert all(ROUND_KEYS <= set(r) for r in rep["per_round"])
         assert process_state(g.pid) == "T"
         assert_images_equal_source(g, receiver.out_dir)
@@ -79,21 +80,80 @@ def test_cli_user_mistakes_are_one_line(root):
         assert "Traceback" not in p.stderr
 
 
-def test_cli_any_process_with_hash_tracking(keyed, tmp_path):
-    """A process that does not cooperate (no userfaultfd): hash-based tracking, said in the report."""
+@pytest.mark.parametrize("inject", [True, False])
+def test_cli_any_process(keyed, tmp_path, inject):
+    """A process that does not cooperate (no userfaultfd of its own): write-protect through a
+    userfaultfd injected by ptrace, or with --no-inject hash-based tracking; the report says which
+    and why, and the process holds no userfaultfd afterwards."""
     receiver, key = keyed
     c = Child("--shm-pages", "256", "--anon-pages", "64")
     try:
         a0, a1 = c.span("anon")
         p = migrate_cli("--pid", str(c.pid), "--region", "test-shm", "--region", f"{a0:x}-{a1:x}",
-                        "--to", f"127.0.0.1:{receiver.port}", "--key-file", str(key), "--json", "-")
+                        "--to", f"127.0.0.1:{receiver.port}", "--key-file", str(key), "--json", "-",
+                        *([] if inject else ["--no-inject"]))
         assert p.returncode == 0, p.stderr
         rep = json.loads(p.stdout)
-        assert rep["tracker"] == "hash+ledger"
+        if inject:
+            assert rep["tracker"] == "wp+wp-mappers+ledger"
+            assert rep["tracker_detail"].startswith(f"wp: anon@{a0:x} (injected into thread {c.pid} in ")
+            assert f"wp-mappers: test-shm (pid {c.pid}: injected into thread {c.pid} in " in rep["tracker_detail"]
+        else:
+            assert rep["tracker"] == "hash+ledger"
+            assert "injection is off (--no-inject)" in rep["tracker_detail"]
         assert rep["status"] == "completed"
+        assert not [n for n in os.listdir(f"/proc/{c.pid}/fd")
+                    if os.readlink(f"/proc/{c.pid}/fd/{n}") == "anon_inode:[userfaultfd]"]
 
         class G:
             pid = c.pid
         assert_images_equal_source(G, receiver.out_dir)
     finally:
         c.kill()
+
+
+def test_cli_killed_mid_migration_leaves_no_write_protection(keyed, tmp_path):
+    """`migrator migrate` SIGKILLed while it tracks a non-cooperating guest by an injected
+    userfaultfd: only migrator held that uffd, so the kernel releases it with migrator, and the
+    guest's mappings are no longer registered (smaps VmFlags lose "uw"); the guest runs on."""
+    import signal
+    import time
+    receiver, key = keyed
+    spec = GuestSpec(shared_ram=64 << 20, anon_ram=16 << 20, uffd=False,
+                     workload=WorkloadSpec(kind="random", rate=20e6))
+    with start_guest(spec) as g:
+        a = g.regions["anon"]
+        p = subprocess.Popen([sys.executable, "-m", "migrator", "migrate", "--pid", str(g.pid),
+                              "--region", "guest-ram", "--region", f"{a.start:x}-{a.end:x}",
+                              "--to", f"127.0.0.1:{receiver.port}", "--key-file", str(key),
+                              "--max-bandwidth", "20MB/s"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while "uw" not in _vmflags(g.pid, a.start):
+            assert p.poll() is None, p.stderr.read()
+            assert time.monotonic() < deadline, "write-protect never armed"
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + 5
+        while "uw" in _vmflags(g.pid, a.start) or "uw" in _vmflags(g.pid, g.regions["guest-ram"].start):
+            assert time.monotonic() < deadline, "the guest's mappings stayed registered"
+            time.sleep(0.01)
+        assert process_state(g.pid) != "T"
+        before = g.stats().writers["vcpu"].pages
+        time.sleep(0.2)
+        assert g.stats().writers["vcpu"].pages > before
+
+
+def _vmflags(pid: int, addr: int) -> list[str]:
+    """VmFlags of the VMA at addr (smaps): "uw" marks a userfaultfd write-protect registration."""
+    inside = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    return []

@@ -8,7 +8,7 @@ import sys
 from conftest import swap_active
 
 KEYS = ["soft_dirty", "pagemap_scan", "uffd_wp_async_anon", "uffd_wp_async_shmem", "pidfd_getfd",
-        "map_files", "swap_active", "thp"]
+        "map_files", "swap_active", "thp", "uffd_injection"]
 
 
 def run(*args):
@@ -29,6 +29,8 @@ def test_probe_json_keys_and_values():
         assert "CONFIG_MEM_SOFT_DIRTY" in caps["soft_dirty"]["detail"]
         for k in ("pagemap_scan", "uffd_wp_async_anon", "uffd_wp_async_shmem", "pidfd_getfd", "map_files"):
             assert caps[k]["supported"] is True, (k, caps[k])
+        if os.geteuid() == 0:
+            assert caps["uffd_injection"]["supported"] is True, caps["uffd_injection"]
 
 
 def test_probe_table():

@@ -98,7 +98,7 @@ def test_ledger_ignores_rewrites_of_identical_bytes(child):
 
 def test_other_process_writes_missed_by_wp_caught_by_ledger(wp, child, side_mapping):
     r = child.region("shm")
-    with WriteProtectTracker(child.pid, [r]) as wp, make_tracker(child.pid, [r], "auto") as comp:
+    with WriteProtectTracker(child.pid, [r]) as wp, make_tracker(child.pid, [r], "auto", inject=False) as comp:
         assert comp.name == "ledger"
         side_mapping[3 * PS:3 * PS + 4] = b"side"
         side_mapping[40 * PS + 100:40 * PS + 101] = b"x"
@@ -173,7 +173,7 @@ def test_ledger_memory_per_page(child):
 def test_composite_exact_for_private_and_shared(wp, child, side_mapping):
     regions = [child.region("anon"), child.region("shm")]
     with make_tracker(child.pid, regions, "auto") as t:
-        assert t.name == "wp+ledger"
+        assert t.name == "wp+wp-mappers+ledger"
         child.write("anon", [1, 2])
         child.write("shm", [10])
         side_mapping[11 * PS:11 * PS + 1] = b"\x01"
@@ -184,12 +184,13 @@ def test_composite_exact_for_private_and_shared(wp, child, side_mapping):
 
 
 def test_full_hash_tracker_exact_on_any_process(root):
-    """A target with no userfaultfd: content hashing through process_vm_readv."""
+    """A target with no userfaultfd, none injected: content hashing through process_vm_readv."""
     c = Child("--shm-pages", "16", "--anon-pages", "16")
     try:
         regions = [c.region("anon"), c.region("shm")]
-        with make_tracker(c.pid, regions, "auto") as t:
+        with make_tracker(c.pid, regions, "auto", inject=False) as t:
             assert t.name in ("hash+ledger", "soft-dirty+ledger")
+            assert "injection is off" in t.statistics().detail
         with FullHashTracker(c.pid, regions) as t:
             c.write("anon", [0, 15])
             c.cmd("pwrite", pages=[3])

@@ -1,4 +1,7 @@
-"""Write-protect tracker (userfaultfd WP_ASYNC + PAGEMAP_SCAN) on real processes: exact page sets."""
+"""Write-protect tracker (userfaultfd WP_ASYNC + PAGEMAP_SCAN) on real processes: exact page sets.
+
+Every test on the `child` fixture runs twice: with the target's own userfaultfd (a cooperating
+target, --uffd) and with one injected into a target that made none (ptrace)."""
 
 import os
 
@@ -8,16 +11,20 @@ from child import Child
 from conftest import require, require_feature, swap_active
 from migrator.errors import TargetGoneError, UnsupportedError
 from migrator.kernel.probe import probe_uffd_wp_async_anon, probe_uffd_wp_async_shmem
+from migrator.tracking.uffds import UffdPool
 from migrator.tracking.writeprotect import WriteProtectTracker
 
 
-@pytest.fixture
-def child(root):
+@pytest.fixture(params=["own", "injected"])
+def child(root, request):
     require_feature("uffd_wp_async_anon", probe_uffd_wp_async_anon().supported)
     require_feature("uffd_wp_async_shmem", probe_uffd_wp_async_shmem().supported)
-    c = Child("--uffd", "--shm-pages", "64", "--anon-pages", "64")
+    c = Child(*(["--uffd"] if request.param == "own" else []), "--shm-pages", "64", "--anon-pages", "64")
+    c.pools = [] if request.param == "injected" else None
     yield c
     c.exit()
+    for pool in c.pools or []:
+        pool.close()
 
 
 def pages(tracker):
@@ -25,6 +32,10 @@ def pages(tracker):
 
 
 def make(c, *names, **kw):
+    """The tracker of the child's regions, with its own uffd or (fixture param) an injected one."""
+    if getattr(c, "pools", None) is not None:
+        c.pools.append(UffdPool())
+        kw["pool"] = c.pools[-1]
     return WriteProtectTracker(c.pid, [c.region(n) for n in names], **kw)
 
 
@@ -177,14 +188,17 @@ def test_target_without_userfaultfd_refused(root):
         c.exit()
 
 
-def test_thp_range(root):
+@pytest.mark.parametrize("uffd", ["own", "injected"])
+def test_thp_range(root, uffd):
     """A written 4 KiB page inside a transparent huge page: the scan reports exactly that page
     (the kernel splits the huge mapping when it re-protects part of it)."""
     from migrator.kernel.probe import probe_thp
     require_feature("uffd_wp_async_anon", probe_uffd_wp_async_anon().supported)
     require(probe_thp().supported, "needs anonymous THP (madvise mode)")
-    c = Child("--uffd", "--thp-pages", "1024", "--anon-pages", "1", "--shm-pages", "1")
+    c = Child(*(["--uffd"] if uffd == "own" else []), "--thp-pages", "1024", "--anon-pages", "1", "--shm-pages", "1")
+    c.pools = [] if uffd == "injected" else None
     try:
+        assert _anon_huge_kib(c.pid, c.span("thp")[0]) >= 2048, "the range is not backed by a huge page"
         with make(c, "thp") as t:
             c.write("thp", [5, 700])
             assert pages(t) == {"thp": [5, 700]}
@@ -192,3 +206,41 @@ def test_thp_range(root):
             assert pages(t) == {"thp": [6]}
     finally:
         c.exit()
+        for pool in c.pools or []:
+            pool.close()
+
+
+def test_mprotect_after_registration(child):
+    """mprotect splits the VMA; both parts keep the registration: writes after read-only and
+    writable again are reported exactly."""
+    with make(child, "anon") as t:
+        child.cmd("mprotect", region="anon", first=8, n=8, prot="r")
+        child.write("anon", [2])
+        assert pages(t) == {"anon": [2]}
+        child.cmd("mprotect", region="anon", first=8, n=8, prot="rw")
+        child.write("anon", [9, 15, 16])
+        assert pages(t) == {"anon": [9, 15, 16]}
+
+
+def test_mremap_moving_region_reported(child):
+    """mremap moving a registered region drops its registration (no UFFD_EVENT_REMAP): the
+    region is no longer mapped where it was tracked, which the tracker reports (the address
+    space keeps its size, so at the latest at the final collect, which always checks)."""
+    with make(child, "anon") as t:
+        child.cmd("move", region="anon")
+        res = t.collect(final=True)
+        a, b = child.span("anon")
+        assert [(e.what, e.detail.split()[0]) for e in res.events] == [("unmapped", f"{a:#x}-{b:#x}")]
+
+
+def _anon_huge_kib(pid: int, addr: int) -> int:
+    inside = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    return 0

@@ -30,6 +30,27 @@ ADVICE = {"pageout": getattr(mmap, "MADV_PAGEOUT", 21), "dontneed": mmap.MADV_DO
           "hugepage": getattr(mmap, "MADV_HUGEPAGE", 14)}
 
 
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_mremap_fixed = ctypes.CDLL(None, use_errno=True).mremap        # the 5-argument form
+_mremap_fixed.restype = ctypes.c_void_p
+_mremap_fixed.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+
+
+class _SharedFrom:
+    """npages of an existing shared object (a path such as /proc/PID/fd/N), from page offset."""
+
+    def __init__(self, path: str, npages: int, offset: int):
+        self.npages, self.size = npages, npages * PAGE_SIZE
+        self.fd = os.open(path, os.O_RDWR)
+        self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, offset=offset * PAGE_SIZE)
+        from migrator.kernel.scratch import address_of
+        self.addr = address_of(self.map)
+
+    def madvise(self, advice: int, first: int = 0, n: int | None = None) -> None:
+        n = self.npages - first if n is None else n
+        self.map.madvise(advice, first * PAGE_SIZE, n * PAGE_SIZE)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shm-pages", type=int, default=64)
@@ -37,11 +58,15 @@ def main() -> None:
     ap.add_argument("--thp-pages", type=int, default=0, help="a 2 MiB-aligned anonymous THP range")
     ap.add_argument("--uffd", action="store_true")
     ap.add_argument("--no-populate", action="store_true")
+    ap.add_argument("--shm-from", metavar="PATH",
+                    help="map another process's memfd (/proc/PID/fd/N) as shm instead of a new one")
+    ap.add_argument("--shm-offset", type=int, default=0, help="first object page mapped (--shm-from)")
     a = ap.parse_args()
 
     uffd = create_in_this_process() if a.uffd else None
     regions = {
-        "shm": Scratch(a.shm_pages, "test-shm"),
+        "shm": _SharedFrom(a.shm_from, a.shm_pages, a.shm_offset) if a.shm_from
+        else Scratch(a.shm_pages, "test-shm"),
         "anon": Scratch(a.anon_pages),
     }
     if a.thp_pages:
@@ -99,6 +124,16 @@ def main() -> None:
                 r = libc.mremap(s.addr, s.size, cmd["n"] * PAGE_SIZE, 0)
                 if r != s.addr:
                     raise OSError(ctypes.get_errno(), "mremap")
+            elif op == "mprotect":             # e.g. read-only, then writable again
+                prot = {"r": mmap.PROT_READ, "rw": mmap.PROT_READ | mmap.PROT_WRITE}[cmd["prot"]]
+                if libc.mprotect(s.addr + cmd["first"] * PAGE_SIZE, cmd["n"] * PAGE_SIZE, prot) != 0:
+                    raise OSError(ctypes.get_errno(), "mprotect")
+            elif op == "move":                 # mremap the whole region to a new address
+                dest = libc.mmap(None, s.size, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)   # PROT_NONE
+                r = _mremap_fixed(s.addr, s.size, s.size, 1 | 2, dest)   # MREMAP_MAYMOVE | MREMAP_FIXED
+                if r != dest:
+                    raise OSError(ctypes.get_errno(), "mremap")
+                reply["addr"] = r
             elif op == "munmap":
                 if libc.munmap(s.addr + cmd["first"] * PAGE_SIZE, cmd["n"] * PAGE_SIZE) != 0:
                     raise OSError(ctypes.get_errno(), "munmap")

@@ -33,7 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--writers", default="", metavar="PID,PID,...",
                    help="other processes writing the guest's memory: paused with it")
     p.add_argument("--cgroup", metavar="PATH", help="freeze this cgroup (v1 freezer) for the switch-over")
-    p.add_argument("--tracker", default="auto", choices=["auto", "wp", "soft-dirty", "hash"])
+    p.add_argument("--tracker", default="auto", choices=["auto", "wp", "soft-dirty", "hash"],
+                   help="auto (default): write-protect with the target's own userfaultfd or one "
+                        "injected by ptrace, else soft-dirty, else hashing; shared memory also goes "
+                        "to the shmem ledger")
+    p.add_argument("--no-inject", action="store_true",
+                   help="never inject a userfaultfd into a process: write-protect only for a target "
+                        "that made its own (e.g. migrator guest --uffd)")
     p.add_argument("--channels", type=int, default=1, metavar="N", help="parallel TCP connections")
     q = p.add_argument_group("QEMU VM (see docs/qemu.md)")
     q.add_argument("--qmp", metavar="PATH", help="migrate the QEMU VM behind this QMP socket: its RAM "
@@ -75,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         downtime_limit_ms=args.downtime_limit,
         max_bandwidth=parse_rate(args.max_bandwidth) if args.max_bandwidth else None,
         max_rounds=args.max_rounds, auto_converge=args.auto_converge, tracker=args.tracker,
-        channels=args.channels, switchover=args.switchover)
+        inject=not args.no_inject, channels=args.channels, switchover=args.switchover)
     if args.max_rounds < 1:
         raise UsageError("--max-rounds must be at least 1")
     ssl_ctx = client_ssl_context(args.tls_ca) if args.tls_ca else None

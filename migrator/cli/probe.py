@@ -13,8 +13,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..kernel.inject import probe_injection
     from ..kernel.probe import probe
     caps = probe().to_json()
+    # write-protect tracking of any process: a userfaultfd injected by ptrace into a scratch child
+    ok, detail = probe_injection()
+    caps["uffd_injection"] = {"supported": ok, "detail": detail}
     if args.json:
         print(json.dumps(caps, indent=2))
         return 0

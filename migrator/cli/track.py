@@ -14,6 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--region", action="append", required=True, metavar="SEL",
                    help="mapping name (guest-ram, [heap]), START-END in hex, or kind:anon|shared|file; repeatable")
     p.add_argument("--tracker", default="auto", help="auto, wp, soft-dirty or hash (default auto)")
+    p.add_argument("--no-inject", action="store_true",
+                   help="never inject a userfaultfd into a process (write-protect only with the target's own)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between collects (default 1)")
     p.add_argument("--count", type=int, default=0, help="stop after N collects (default: until Ctrl-C)")
     p.add_argument("--json", action="store_true", help="one JSON object per collect")
@@ -26,12 +28,14 @@ def run(args: argparse.Namespace) -> int:
     from ..tracking.choose import make_tracker
 
     regions = select_regions(read_maps(args.pid), args.region)
-    tracker = make_tracker(args.pid, regions, args.tracker)
+    tracker = make_tracker(args.pid, regions, args.tracker, inject=not args.no_inject)
     if not args.json:
         print(f"tracking pid {args.pid} with {tracker.name}: " +
               ", ".join(f"{r.name} ({r.kind.value}, {r.size >> 20} MiB)" for r in regions), file=sys.stderr)
     n = 0
     with tracker:
+        if not args.json:
+            print(f"  {tracker.statistics().detail}", file=sys.stderr)
         last = time.monotonic()
         try:
             while not args.count or n < args.count:

@@ -6,6 +6,7 @@ paused (QEMU's postmigrate); on any failure it is resumed and the report says wh
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,7 @@ class MigrationPolicy:
     max_rounds: int = 30
     auto_converge: bool = False
     tracker: str = "auto"
+    inject: bool = True                   # may inject a userfaultfd into a target without one
     channels: int = 1
     nonconvergence_rounds: int = 3        # rounds of dirty rate >= bandwidth before acting
     min_round_s: float = 0.0              # wait at least this long between collects
@@ -193,7 +195,8 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
     maps = target.maps if target.maps is not None else read_maps(target.pid)
     regions: list[Region] = select_regions(maps, target.regions)
     rep.regions = [r.to_json() for r in regions]
-    tracker = make_tracker(target.pid, regions, policy.tracker, uffd_fd=target.uffd_fd)
+    tracker = make_tracker(target.pid, regions, policy.tracker, uffd_fd=target.uffd_fd,
+                           inject=policy.inject, hint_pids=[*target.writers, *_cgroup_pids(target.cgroup)])
     rep.tracker = tracker.name
     mark("tracker-made")
     source = SourceMemory(target.pid, regions, maps)
@@ -409,7 +412,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         if dirty is None:        # the collect was skipped: switch over now (see collector)
             pending = unsent     # (a round cut short: its pages not sent)
             break
-        _check_events(dirty)
+        _check_events(dirty, rep, round_no)
         pending = dirty.pages
         n = _count(pending)
         dirty_rate = n / max(elapsed, 1e-6)                # pages/s
@@ -509,7 +512,13 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             mark("final-pending-sent")
             await got_final.wait()
             final = collected[0]
-            _check_events(final)
+            _check_events(final, rep, "final")
+            if target.pauser is None:
+                unpaused = tracker.writer_pids() - {target.pid, *target.writers, *_cgroup_pids(target.cgroup)}
+                for pid in sorted(unpaused):
+                    rep.events.append(f"warning: process {pid} maps the migrated shared memory and was "
+                                      "not paused: writes it makes after the final collect are not in "
+                                      "the copy (give it to --writers)")
             extra = _runs({name: (s - pending[name] if name in pending else s)
                            for name, s in final.pages.items() if name not in scanned})
             # (nothing beyond the pending pages, as when the guest rewrites them all: no send to
@@ -565,7 +574,23 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
     rep.status = "completed"
 
 
-def _check_events(d: DirtyPages) -> None:
+def _cgroup_pids(cgroup: str | None) -> list[int]:
+    """The processes of a (v1 freezer) cgroup, [] without one or when it cannot be read."""
+    if cgroup is None:
+        return []
+    path = cgroup if cgroup.startswith("/sys/") else os.path.join("/sys/fs/cgroup/freezer", cgroup.lstrip("/"))
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _check_events(d: DirtyPages, rep: MigrationReport, round_no: int | str) -> None:
+    """Fail on a tracked region that changed shape; note what else the tracker saw (mappers of
+    shared memory found or gone) in the report's events."""
     for e in d.events:
+        if e.what.startswith("mapper-"):
+            rep.events.append(f"round {round_no}: {e.region}: {e.what}: {e.detail}")
         if e.what == "unmapped":
             raise MigratorError(f"region {e.region} changed under the migration: {e.detail}")

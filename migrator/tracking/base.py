@@ -89,6 +89,11 @@ class Tracker(abc.ABC):
     def memory_bytes(self) -> int:
         return 0
 
+    def writer_pids(self) -> set[int]:
+        """Processes besides the target found writing the tracked memory (other mappers of its
+        shared objects): a switch-over must pause them too."""
+        return set()
+
     def statistics(self) -> TrackerStatistics:
         return TrackerStatistics(
             name=self.name, collects=self._collects, pages_reported=self._reported,

@@ -1,8 +1,9 @@
-"""Composite tracker (the default): a PTE-based tracker for private memory, the shmem ledger for
-shared memory.  The PTE tracker is exact for private memory (every write goes through the
-target's page tables); for shared objects PTE information can be lost (swap-out, other mappers,
-pwrite, fallocate), so they go to the ledger, which looks at the contents.  The union is exact for
-every write path."""
+"""Composite tracker (the default): a PTE-based tracker for private memory, write-protect on every
+mapper of the shared memory where the kernel allows it, and the shmem ledger for shared memory.
+The PTE tracker is exact for private memory (every write goes through the target's page tables);
+for shared objects PTE information can be lost (a mapper found late, a mapping gone, pwrite,
+fallocate, DMA), so they also go to the ledger, which looks at the contents.  The union is exact
+for every write path."""
 
 from __future__ import annotations
 
@@ -19,15 +20,22 @@ def is_shared(r: Region) -> bool:
 
 class CompositeTracker(Tracker):
     def __init__(self, pid: int, regions: list[Region], private: Tracker | None,
-                 registry: LedgerRegistry | None = None):
+                 registry: LedgerRegistry | None = None, *, mappers: Tracker | None = None,
+                 pool=None, notes: list[str] | None = None):
+        """mappers: page-table tracking of the shared regions (MapperTracker); pool: the
+        UffdPool the parts took their userfaultfds from (closed by end()); notes: why a
+        mechanism was not used (for the report's tracker_detail)."""
         super().__init__(pid, regions)
         shared = [r for r in regions if is_shared(r)]
         self.private = private
+        self.mappers = mappers
+        self.pool = pool
+        self.notes = list(notes or [])
         self.ledger = LedgerTracker(pid, shared, registry) if shared else None
-        self.name = "+".join([p.name for p in (private, self.ledger) if p is not None]) or "none"
+        self.name = "+".join([p.name for p in self.parts()]) or "none"
 
     def parts(self) -> list[Tracker]:
-        return [p for p in (self.private, self.ledger) if p is not None]
+        return [p for p in (self.private, self.mappers, self.ledger) if p is not None]
 
     def use_views(self, views: dict) -> None:
         """Mappings of shared regions for the ledger to sweep from (LedgerTracker.use_views)."""
@@ -55,6 +63,8 @@ class CompositeTracker(Tracker):
         except BaseException:
             for p in started:
                 p.end()
+            if self.pool is not None:
+                self.pool.close()
             raise
         return lazy
 
@@ -74,7 +84,8 @@ class CompositeTracker(Tracker):
         t0 = time.perf_counter()
         out = DirtyPages(pages={})
         for p in self.parts():
-            out.merge(p.collect(final, exclude) if isinstance(p, LedgerTracker) else p.collect(final))
+            out.merge(p.collect(final, exclude) if p is self.ledger or p is self.mappers
+                      else p.collect(final))
         out.cost_s = time.perf_counter() - t0
         return self._account(out)
 
@@ -84,11 +95,19 @@ class CompositeTracker(Tracker):
     def end(self) -> None:
         for p in self.parts():
             p.end()
+        if self.pool is not None:
+            self.pool.close()
 
     def memory_bytes(self) -> int:
         return sum(p.memory_bytes() for p in self.parts())
 
+    def writer_pids(self) -> set[int]:
+        return set().union(*(p.writer_pids() for p in self.parts()))
+
     def statistics(self) -> TrackerStatistics:
         base = super().statistics()
-        detail = "; ".join(f"{p.name}: {', '.join(r.name for r in p.regions)}" for p in self.parts())
-        return TrackerStatistics(**{**base.__dict__, "detail": detail})
+        lines = []
+        for p in self.parts():
+            d = p.statistics().detail       # e.g. where a write-protect part's uffd came from
+            lines.append(f"{p.name}: {', '.join(r.name for r in p.regions)}" + (f" ({d})" if d else ""))
+        return TrackerStatistics(**{**base.__dict__, "detail": "; ".join([*lines, *self.notes])})

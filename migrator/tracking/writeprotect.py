@@ -25,19 +25,23 @@ from ..kernel.pagemap import (DEFAULT_VEC_LEN, PAGE_IS_WPALLOWED, PAGE_IS_WRITTE
                               PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, Pagemap)
 from ..kernel.process import StatReader
 from ..kernel.uffd import Userfaultfd
-from .base import DirtyPages, RegionEvent, Tracker
+from .base import DirtyPages, RegionEvent, Tracker, TrackerStatistics
 from .layout import coverage_gaps, pages_of
 from .pageset import PageSet
+from .uffds import UffdPool
 
 
 class WriteProtectTracker(Tracker):
     name = "wp"
 
     def __init__(self, pid: int, regions: list[Region], *, uffd_fd: int | None = None,
-                 vec_len: int = DEFAULT_VEC_LEN):
+                 vec_len: int = DEFAULT_VEC_LEN, pool: UffdPool | None = None):
+        """uffd_fd: the target's own userfaultfd (found in /proc/PID/fd when None).  pool: where
+        the target's uffd comes from instead (its own or an injected one; the pool owns it)."""
         super().__init__(pid, regions)
         self.uffd_fd = uffd_fd
         self.vec_len = vec_len
+        self.pool = pool
         self.uffd: Userfaultfd | None = None
         self.pagemap: Pagemap | None = None
         self._vsize = -1
@@ -45,9 +49,13 @@ class WriteProtectTracker(Tracker):
         self.layout_checks = 0
 
     def begin(self) -> None:
-        self.uffd = Userfaultfd.take(self.pid, self.uffd_fd)
+        if self.pool is not None:
+            self.uffd = self.pool.get(self.pid)
+        else:
+            self.uffd = Userfaultfd.take(self.pid, self.uffd_fd)
         try:
-            self.uffd.api()
+            if self.pool is None:
+                self.uffd.api()
             self.pagemap = Pagemap(self.pid, self.vec_len)
             self._stat = StatReader(self.pid)
             self._vsize = self._stat.vsize()
@@ -66,6 +74,10 @@ class WriteProtectTracker(Tracker):
                 raise UnsupportedError(
                     f"region {name}: userfaultfd write-protect cannot register {start:#x}-{end:#x} "
                     "(mapping type not supported for WP on this kernel)") from None
+            if e.errno == errno.EBUSY:
+                raise UnsupportedError(
+                    f"region {name}: {start:#x}-{end:#x} is registered with another userfaultfd "
+                    "of the process (e.g. QEMU's postcopy)") from None
             raise
         self.uffd.writeprotect(start, end - start, True)
 
@@ -131,6 +143,12 @@ class WriteProtectTracker(Tracker):
         out.cost_s = time.perf_counter() - t0
         return self._account(out)
 
+    def statistics(self) -> TrackerStatistics:
+        base = super().statistics()
+        origin = self.pool.origins.get(self.pid) if self.pool is not None else None
+        detail = origin.detail if origin is not None else "its own userfaultfd"
+        return TrackerStatistics(**{**base.__dict__, "detail": detail})
+
     def end(self) -> None:
         if self.uffd is not None:
             for r in self.regions:
@@ -139,7 +157,8 @@ class WriteProtectTracker(Tracker):
                     self.uffd.unregister(r.start, r.size)
                 except OSError:
                     pass            # target gone or region unmapped: nothing left to disarm
-            self.uffd.close()
+            if self.pool is None:
+                self.uffd.close()
             self.uffd = None
         if self.pagemap is not None:
             self.pagemap.close()

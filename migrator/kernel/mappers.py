@@ -1,0 +1,61 @@
+"""Which processes map a shared memory object: a scan of /proc/*/maps by device + inode.
+
+A memfd, a shared anonymous region, a tmpfs file or a SysV segment is one object however many
+processes map it, and a write through any of their mappings changes it without touching the other
+processes' page tables.  Tracking it by page tables therefore means tracking every mapper.  The
+scan reads each process's maps file and parses only the lines that name one of the objects (a
+byte search for " MAJ:MIN INODE " first), so it costs about 10 us a process, whatever the memory
+size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from .maps import Mapping, parse_maps_text
+
+ObjectKey = tuple[int, int, int]          # (major, minor, inode), as Region.object_key
+
+
+def _needles(keys: Iterable[ObjectKey]) -> list[bytes]:
+    return [f" {ma:02x}:{mi:02x} {ino} ".encode() for ma, mi, ino in keys]
+
+
+def mappings_of(pid: int, keys: set[ObjectKey]) -> list[Mapping] | None:
+    """The shared mappings of process pid that map one of the objects, or None when the process
+    is gone (or its maps cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    lines = [ln for ln in text.splitlines() if any(n in ln for n in _needles(keys))]
+    if not lines:
+        return []
+    maps = parse_maps_text(b"\n".join(lines).decode(errors="replace"))
+    return [m for m in maps if m.shared and (m.dev[0], m.dev[1], m.inode) in keys]
+
+
+def find_mappers(keys: set[ObjectKey], *, skip: Iterable[int] = ()) -> dict[int, list[Mapping]]:
+    """Every process (thread groups from /proc, minus those in skip) that maps one of the
+    objects, with those mappings."""
+    skipped = set(skip)
+    needles = _needles(keys)
+    out: dict[int, list[Mapping]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in skipped:
+            continue
+        try:
+            with open(f"/proc/{name}/maps", "rb") as f:
+                text = f.read()
+        except OSError:
+            continue                       # exited, or a kernel thread we cannot read
+        if not any(n in text for n in needles):
+            continue
+        lines = [ln for ln in text.splitlines() if any(n in ln for n in needles)]
+        maps = parse_maps_text(b"\n".join(lines).decode(errors="replace"))
+        found = [m for m in maps if m.shared and (m.dev[0], m.dev[1], m.inode) in keys]
+        if found:
+            out[int(name)] = found
+    return out

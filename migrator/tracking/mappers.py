@@ -1,0 +1,318 @@
+"""Write-protect tracking of shared memory through every process that maps it.
+
+A shared object (memfd, shared anonymous, tmpfs, SysV) is written through the page tables of each
+process that maps it, and a write through one process's mapping never shows in another's.  So
+this tracker finds every mapper of the tracked regions' objects (kernel.mappers: /proc scan by
+device + inode; the target itself is one), gives each a userfaultfd from the pool (its own, or
+injected), registers and write-protects each of its mappings of the objects, and at every collect
+scans each mapping with PAGEMAP_SCAN (report + re-protect in one step) and unions the reports by
+object page into the target's regions.
+
+Mappers are looked for again at most every `discover_every_s` seconds (each look reads every
+process's maps: ~10 us a process) and always at begin and at the final collect.  A mapper found
+later is registered then: its writes before that are unknown to page tables, and so are writes
+through a mapping that went away before a collect scanned it (munmap drops the PTEs).  Such
+events are reported ("mapper-added", "mapper-gone", "mapper-untracked"); the shmem ledger, which
+reads the objects' contents, is what covers them (and writes by write/pwrite/fallocate, DMA, and
+mappers that cannot be injected).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+
+from ..errors import TargetGoneError, UnsupportedError
+from ..kernel.mappers import ObjectKey, find_mappers, mappings_of
+from ..kernel.maps import Mapping, Region
+from ..kernel.native import PAGE_SIZE
+from ..kernel.pagemap import (PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
+                              Pagemap)
+from ..kernel.process import process_exists
+from ..kernel.uffd import Userfaultfd
+from .base import DirtyPages, RegionEvent, Tracker, TrackerStatistics
+from .pageset import PageSet
+from .uffds import UffdPool
+
+DISCOVER_EVERY_S = 0.1
+
+
+@dataclass(frozen=True)
+class _Span:
+    """One mapping (VMA) of a tracked object in a mapper: [start, end) in the mapper's address
+    space, object page `first_page` at start."""
+
+    start: int
+    end: int
+    key: ObjectKey
+    first_page: int
+
+    @classmethod
+    def of(cls, m: Mapping) -> "_Span":
+        return cls(m.start, m.end, (m.dev[0], m.dev[1], m.inode), m.offset // PAGE_SIZE)
+
+    @property
+    def npages(self) -> int:
+        return (self.end - self.start) // PAGE_SIZE
+
+
+@dataclass
+class _Mapper:
+    pid: int
+    uffd: Userfaultfd | None = None
+    pagemap: Pagemap | None = None
+    spans: list[_Span] = field(default_factory=list)
+    why_not: str = ""                     # why its writes are not tracked (uffd is None)
+
+
+def _or_at(dst: PageSet, src: PageSet, at: int) -> None:
+    """dst pages at + i |= src pages i (src fits in dst from at)."""
+    if at % 8 == 0:
+        lo = at // 8
+        n = len(src.bits)
+        if lo + n > len(dst.bits):       # src's last byte may run past dst's end only in padding
+            n = len(dst.bits) - lo
+        seg = int.from_bytes(dst.bits[lo:lo + n], "little") | int.from_bytes(src.bits[:n], "little")
+        dst.bits[lo:lo + n] = seg.to_bytes(n, "little")
+    else:
+        for p in src:
+            dst.add(at + p)
+
+
+class MapperTracker(Tracker):
+    """Shared regions of pid, tracked by write-protect in every process that maps their objects.
+
+    hint_pids: processes known to map them (the target's writers, a cgroup's tasks): looked at
+    on every collect, beside the periodic /proc scan."""
+
+    name = "wp-mappers"
+
+    def __init__(self, pid: int, regions: list[Region], pool: UffdPool, *,
+                 hint_pids: list[int] | None = None, discover_every_s: float = DISCOVER_EVERY_S):
+        super().__init__(pid, regions)
+        self.pool = pool
+        self.hint_pids = list(hint_pids or [])
+        self.discover_every_s = discover_every_s
+        self._keys: set[ObjectKey] = {r.object_key for r in regions}
+        self._mappers: dict[int, _Mapper] = {}
+        self._last_discover = 0.0
+        self.discover_s = 0.0                 # time the last /proc scan took
+        self.discovers = 0
+        self._skip = {os.getpid()}            # migrator's own read-only views of the objects
+
+    # --- mappers ----------------------------------------------------------------------------
+    def _discover(self) -> dict[int, list[Mapping]]:
+        t0 = time.perf_counter()
+        found = find_mappers(self._keys, skip=self._skip)
+        self.discover_s = time.perf_counter() - t0
+        self.discovers += 1
+        self._last_discover = time.monotonic()
+        return found
+
+    def _arm(self, m: _Mapper, spans: list[_Span]) -> None:
+        """Register and write-protect the mapper's spans not armed yet."""
+        assert m.uffd is not None
+        for s in spans:
+            if s in m.spans:
+                continue
+            try:
+                m.uffd.register_wp(s.start, s.end - s.start)
+                m.uffd.writeprotect(s.start, s.end - s.start, True)
+            except OSError as e:
+                if e.errno == errno.EPERM:
+                    continue          # opened read-only (no VM_MAYWRITE): it cannot write
+                if e.errno == errno.EBUSY:
+                    raise UnsupportedError(f"its mapping {s.start:#x}-{s.end:#x} is registered with "
+                                           "another userfaultfd (in use by someone else)") from None
+                raise
+            m.spans.append(s)
+
+    def _add(self, pid: int, maps: list[Mapping], events: list[RegionEvent], initial: bool,
+             arm: bool = True) -> None:
+        m = _Mapper(pid)
+        self._mappers[pid] = m
+        spans = [_Span.of(x) for x in maps]
+        try:
+            if not arm:
+                raise UnsupportedError("found at the final collect (source paused): not injected")
+            m.uffd = self.pool.get(pid)
+            m.pagemap = Pagemap(pid)
+            self._arm(m, spans)
+        except (UnsupportedError, TargetGoneError, OSError) as e:
+            if pid == self.pid and isinstance(e, TargetGoneError):
+                self._close(m)
+                del self._mappers[pid]
+                raise
+            m.why_not = str(e)
+            self._close(m)
+            m.uffd = None
+        if pid == self.pid and initial and m.uffd is not None:
+            return
+        what = "mapper-untracked" if m.uffd is None else "mapper-added"
+        detail = (f"process {pid} maps it and cannot be write-protected ({m.why_not})" if m.uffd is None
+                  else f"process {pid} maps it" + ("" if initial else " since the last collect")
+                  + "; writes through it before it was registered are unknown to page tables")
+        for r in self._regions_of(spans):
+            events.append(RegionEvent(r.name, what, detail))
+
+    def _close(self, m: _Mapper) -> None:
+        if m.pagemap is not None:
+            m.pagemap.close()
+            m.pagemap = None
+        if m.uffd is not None and m.pid != self.pid:
+            self.pool.drop(m.pid)        # (the target's uffd also serves its private regions)
+        m.uffd = None
+
+    def _gone(self, pid: int, events: list[RegionEvent], why: str) -> None:
+        m = self._mappers.pop(pid)
+        spans = m.spans
+        self._close(m)
+        for r in self._regions_of(spans):
+            events.append(RegionEvent(r.name, "mapper-gone", f"process {pid} {why}"))
+
+    def _regions_of(self, spans: list[_Span]) -> list[Region]:
+        keys = {s.key for s in spans}
+        return [r for r in self.regions if r.object_key in keys]
+
+    def _refresh(self, events: list[RegionEvent], force: bool, arm: bool = True) -> None:
+        """Find new mappers, mappers gone and mappings changed; arm=False: register no new
+        mapper (the final collect: what it wrote before is unknown to page tables anyway, and
+        a frozen process cannot be ptrace-stopped)."""
+        if force or time.monotonic() - self._last_discover >= self.discover_every_s:
+            found = self._discover()
+        else:
+            found = {}
+            for pid in {self.pid, *self.hint_pids, *self._mappers}:
+                maps = mappings_of(pid, self._keys)
+                if maps:
+                    found[pid] = maps
+        if self.pid not in found:
+            if not process_exists(self.pid):
+                raise TargetGoneError(f"process {self.pid} exited")
+            found[self.pid] = []           # (the target's own layout checks report the unmapping)
+        for pid in [p for p in self._mappers if p not in found]:
+            self._gone(pid, events, "no longer maps it (exited or unmapped)")
+        for pid, maps in found.items():
+            m = self._mappers.get(pid)
+            if m is None:
+                self._add(pid, maps, events, initial=False, arm=arm)
+                continue
+            spans = [_Span.of(x) for x in maps]
+            lost = [s for s in m.spans if s not in spans]
+            if lost:
+                m.spans = [s for s in m.spans if s in spans]
+                for r in self._regions_of(lost):
+                    events.append(RegionEvent(r.name, "mapper-gone", f"process {pid} unmapped "
+                                              "part of it: writes through that mapping since the "
+                                              "last collect are unknown to page tables"))
+            if m.uffd is not None and arm:
+                fresh = [s for s in spans if s not in m.spans]
+                if fresh:
+                    self._arm(m, fresh)
+                    for r in self._regions_of(fresh):
+                        events.append(RegionEvent(r.name, "mapper-added", f"process {pid} mapped "
+                                                  "it again; earlier writes through it unknown"))
+
+    # --- Tracker ----------------------------------------------------------------------------
+    def begin(self) -> None:
+        events: list[RegionEvent] = []
+        try:
+            found = self._discover()
+            own = found.pop(self.pid, None)
+            if own is None:
+                raise TargetGoneError(f"process {self.pid} no longer maps the tracked shared memory")
+            self._add(self.pid, own, events, initial=True)
+            for pid, maps in found.items():
+                self._add(pid, maps, events, initial=True)
+        except BaseException:
+            self.end()
+            raise
+        self.begin_events = events
+
+    def collect(self, final: bool = False, exclude: frozenset[str] = frozenset()) -> DirtyPages:
+        """Pages written through any mapper since the previous collect.  exclude: regions not
+        reported (a sender compares them as it sends: see LedgerTracker.known_hashes)."""
+        t0 = time.perf_counter()
+        out = DirtyPages(pages={r.name: PageSet(r.npages) for r in self.regions})
+        self._refresh(out.events, force=final, arm=not final)
+        wanted = [r for r in self.regions if r.name not in exclude]
+        for pid in list(self._mappers):
+            m = self._mappers[pid]
+            if m.uffd is None or m.pagemap is None:
+                continue
+            try:
+                for s in m.spans:
+                    self._scan_span(m, s, wanted, out)
+            except TargetGoneError:
+                if pid == self.pid:
+                    raise
+                self._gone(pid, out.events, "exited")
+        for name in exclude:
+            out.pages.pop(name, None)
+        out.cost_s = time.perf_counter() - t0
+        return self._account(out)
+
+    def _scan_span(self, m: _Mapper, s: _Span, wanted: list[Region], out: DirtyPages) -> None:
+        assert m.pagemap is not None
+        for r in wanted:
+            if r.object_key != s.key:
+                continue
+            rfirst = r.offset // PAGE_SIZE
+            lo, hi = max(rfirst, s.first_page), min(rfirst + r.npages, s.first_page + s.npages)
+            if lo >= hi:
+                continue
+            a = s.start + (lo - s.first_page) * PAGE_SIZE
+            b = a + (hi - lo) * PAGE_SIZE
+            got = PageSet(hi - lo)
+            try:
+                n = m.pagemap.scan(a, b, got.bits, flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                                   category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN)
+            except OSError as e:
+                if e.errno != errno.EPERM:
+                    raise
+                # the span is no longer the registered VMA: what it reported before failing is
+                # lost, so report it whole and look at the mapper's mappings again
+                n = 1
+                got.add_range(0, hi - lo)
+                out.events.append(RegionEvent(r.name, "mapper-remapped",
+                                              f"process {m.pid}: a mapping changed; its pages reported"))
+                m.spans = [x for x in m.spans if x != s]
+                maps = mappings_of(m.pid, self._keys)
+                if maps:
+                    self._arm(m, [_Span.of(x) for x in maps])
+            if n:
+                _or_at(out.pages[r.name], got, lo - rfirst)
+
+    def end(self) -> None:
+        for m in list(self._mappers.values()):
+            if m.uffd is not None:
+                for s in m.spans:
+                    try:
+                        m.uffd.writeprotect(s.start, s.end - s.start, False)
+                        m.uffd.unregister(s.start, s.end - s.start)
+                    except OSError:
+                        pass        # exited, or unmapped: nothing left to disarm
+            self._close(m)
+        self._mappers.clear()
+
+    # --- reports ----------------------------------------------------------------------------
+    def mappers(self) -> dict[int, str]:
+        """pid -> how its writes are tracked ("own uffd", "injected ...") or why not."""
+        out = {}
+        for pid, m in sorted(self._mappers.items()):
+            if m.uffd is None:
+                out[pid] = f"not tracked: {m.why_not}"
+            else:
+                o = self.pool.origins.get(pid)
+                out[pid] = o.detail if o else "tracked"
+        return out
+
+    def writer_pids(self) -> set[int]:
+        return set(self._mappers) - {self.pid}
+
+    def statistics(self) -> TrackerStatistics:
+        base = super().statistics()
+        detail = "; ".join(f"pid {p}: {how}" for p, how in self.mappers().items())
+        return TrackerStatistics(**{**base.__dict__, "detail": detail})

@@ -1,0 +1,224 @@
+"""Write-protect tracking of shared memory through every process that maps it (MapperTracker), on
+real processes sharing a real memfd, each with a userfaultfd injected by ptrace: exact page sets
+by object page, mappers found late, mappers gone, mappers that cannot be injected."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from child import Child
+from conftest import require, require_feature, swap_active
+from migrator.errors import TargetGoneError
+from migrator.kernel.mappers import find_mappers
+from migrator.kernel.probe import probe_uffd_wp_async_shmem
+from migrator.tracking.composite import CompositeTracker
+from migrator.tracking.mappers import MapperTracker
+from migrator.tracking.uffds import UffdPool
+
+
+@pytest.fixture
+def target(root):
+    require_feature("uffd_wp_async_shmem", probe_uffd_wp_async_shmem().supported)
+    c = Child("--shm-pages", "64", "--anon-pages", "4")
+    yield c
+    c.exit()
+
+
+@pytest.fixture
+def others(target):
+    """Start extra mappers of the target's memfd: others(offset=0, pages=64)."""
+    started = []
+
+    def start(offset: int = 0, pages: int = 64) -> Child:
+        c = Child("--shm-from", f"/proc/{target.pid}/fd/{target.info['memfd']}",
+                  "--shm-offset", str(offset), "--shm-pages", str(pages), "--anon-pages", "1",
+                  "--no-populate")
+        started.append(c)
+        return c
+    yield start
+    for c in started:
+        c.exit()
+
+
+class Tracked:
+    """A MapperTracker over the target's shm region, with its own pool (closed at exit)."""
+
+    def __init__(self, target: Child, pool: UffdPool | None = None, **kw):
+        self.pool = pool or UffdPool()
+        self.t = MapperTracker(target.pid, [target.region("shm")], self.pool, discover_every_s=0, **kw)
+
+    def __enter__(self) -> MapperTracker:
+        self.t.begin()
+        return self.t
+
+    def __exit__(self, *exc) -> None:
+        self.t.end()
+        self.pool.close()
+
+
+def pages(t) -> list[int]:
+    return t.collect().pages["shm"].pages()
+
+
+def test_every_mapper_exact_union(target, others):
+    a, b = others(), others()
+    with Tracked(target) as t:
+        assert set(t.mappers()) == {target.pid, a.pid, b.pid}
+        assert all("injected" in how for how in t.mappers().values())
+        target.write("shm", [1])
+        a.write("shm", [2, 40])
+        b.write("shm", [63, 1])
+        assert pages(t) == [1, 2, 40, 63]
+        assert pages(t) == []
+        b.write("shm", [7])
+        assert pages(t) == [7]
+
+
+def test_mapper_at_an_offset_reported_by_object_page(target, others):
+    """A mapper of object pages 16..47 at its own address: its page k is object page 16 + k."""
+    a = others(offset=16, pages=32)
+    with Tracked(target) as t:
+        a.write("shm", [0, 5, 31])
+        assert pages(t) == [16, 21, 47]
+
+
+def test_without_the_mappers_only_the_target_is_seen(target, others):
+    """The reason for tracking every mapper: the target's own page tables miss the others."""
+    a = others()
+    pool = UffdPool()           # (one uffd per process: the pool gives both trackers the target's)
+    from migrator.tracking.writeprotect import WriteProtectTracker
+    with WriteProtectTracker(target.pid, [target.region("shm")], pool=pool) as wp, Tracked(target, pool) as t:
+        a.write("shm", [9])
+        assert wp.collect().pages["shm"].pages() == []
+        assert pages(t) == [9]
+
+
+def test_mapper_found_at_the_next_collect(target, others):
+    with Tracked(target) as t:
+        assert set(t.mappers()) == {target.pid}
+        a = others()
+        res = t.collect()
+        assert [(e.what, str(a.pid) in e.detail) for e in res.events] == [("mapper-added", True)]
+        a.write("shm", [3, 4])
+        assert pages(t) == [3, 4]
+
+
+def test_mapper_found_through_a_hint_without_a_proc_scan(target, others):
+    a = others()
+    with Tracked(target) as t:
+        t.discover_every_s = 3600          # no /proc scan after begin()
+        n = t.discovers
+        a.write("shm", [12])
+        assert pages(t) == [12]
+        assert t.discovers == n
+
+
+def test_mapper_exit_dropped_cleanly(target, others):
+    a = others()
+    with Tracked(target) as t:
+        a.write("shm", [5])
+        a.kill()
+        res = t.collect()
+        assert ("mapper-gone", a.pid) in [(e.what, int(e.detail.split()[1])) for e in res.events]
+        assert a.pid not in t.mappers()
+        target.write("shm", [6])
+        assert pages(t) == [6]
+
+
+def test_target_exit_is_a_clear_error(target):
+    with Tracked(target) as t:
+        target.kill()
+        with pytest.raises(TargetGoneError):
+            t.collect()
+
+
+def test_written_then_swapped_out_reported(target, others):
+    """PTE markers keep a written shmem page's state through a swap-out, in any mapper."""
+    require(swap_active(), "needs active swap (zram) for MADV_PAGEOUT of shmem pages")
+    a = others()
+    with Tracked(target) as t:
+        a.write("shm", [10, 11])
+        a.cmd("madvise", region="shm", advice="pageout", first=0, n=64)
+        target.cmd("madvise", region="shm", advice="pageout", first=0, n=64)
+        assert pages(t) == [10, 11]
+
+
+def test_pwrite_is_not_a_page_table_write_but_the_ledger_sees_it(target, others):
+    a = others()
+    pool = UffdPool()
+    shm = target.region("shm")
+    with CompositeTracker(target.pid, [shm], None, mappers=MapperTracker(target.pid, [shm], pool, discover_every_s=0),
+                          pool=pool) as t:
+        target.cmd("pwrite", pages=[20])
+        a.write("shm", [21])
+        res = t.collect()
+        assert res.pages["shm"].pages() == [20, 21]
+        assert t.name == "wp-mappers+ledger"
+
+
+def test_untrackable_mapper_reported_and_left_to_the_ledger(target, others):
+    """A mapper already traced (here by a process holding PTRACE_SEIZE on it) cannot be injected:
+    the tracker says so, and the ledger still sees its writes."""
+    a = others()
+    holder = subprocess.Popen([sys.executable, "-c", _SEIZE_HOLDER, str(a.pid)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "seized"
+        pool = UffdPool()
+        shm = target.region("shm")
+        mt = MapperTracker(target.pid, [shm], pool, discover_every_s=0)
+        with CompositeTracker(target.pid, [shm], None, mappers=mt, pool=pool) as t:
+            assert mt.begin_events and mt.begin_events[0].what == "mapper-untracked"
+            assert "traced" in mt.mappers()[a.pid]
+            a.write("shm", [30])
+            assert t.collect().pages["shm"].pages() == [30]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+_SEIZE_HOLDER = """
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+if libc.ptrace(0x4206, int(sys.argv[1]), None, None) != 0:   # PTRACE_SEIZE
+    print("error", ctypes.get_errno(), flush=True)
+else:
+    print("seized", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_find_mappers_by_device_and_inode(target, others):
+    a = others(offset=8, pages=8)
+    shm = target.region("shm")
+    found = find_mappers({shm.object_key}, skip=[os.getpid()])
+    assert set(found) >= {target.pid, a.pid}
+    assert [(m.offset, m.end - m.start) for m in found[a.pid]] == [(8 * 4096, 8 * 4096)]
+
+
+def test_no_uffd_left_after_end(target, others):
+    a = others()
+    with Tracked(target):
+        assert "uw" in _vmflags(a.pid, a.span("shm")[0])
+    time.sleep(0.05)
+    for c in (target, a):
+        assert "uw" not in _vmflags(c.pid, c.span("shm")[0])
+        assert not [n for n in os.listdir(f"/proc/{c.pid}/fd")
+                    if os.readlink(f"/proc/{c.pid}/fd/{n}") == "anon_inode:[userfaultfd]"]
+
+
+def _vmflags(pid: int, addr: int) -> list[str]:
+    """VmFlags of the VMA at addr (smaps): "uw" marks userfaultfd write-protect registration."""
+    inside = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise AssertionError(f"no VMA at {addr:#x} in process {pid}")
