@@ -14,7 +14,7 @@ import sys
 import tempfile
 from dataclasses import asdict
 
-from ..qemu.compare import DEFAULT_OUT_DIR, METHODS, TABLE_NOTE, CompareSettings, Run, prepare, run_method, table
+from ..qemu.compare import DEFAULT_OUT_DIR, EXTRA_METHODS, METHODS, TABLE_NOTE, CompareSettings, Run, prepare, run_method, table
 from ..qemu.vm import BINARY, qemu_available
 from ..units import parse_rate, parse_size
 
@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "converges with this guest)")
     p.add_argument("--runs", type=int, default=1, help="runs of each method (medians are shown)")
     p.add_argument("--channels", type=int, default=1, help="migrator TCP connections")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: qemu, migrator")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, of {', '.join(METHODS + EXTRA_METHODS)} (default: {', '.join(METHODS)})")
     p.add_argument("--json", metavar="FILE", help="write all runs as JSON")
     p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, metavar="DIR",
                    help="where the receiver writes the RAM image the destination QEMU runs on "
@@ -45,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
     settings = CompareSettings(downtime_limit_ms=args.downtime_limit, max_bandwidth=parse_rate(args.max_bandwidth),
                                channels=args.channels, out_dir=args.out_dir)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS + EXTRA_METHODS]
+    if unknown:
+        print(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS + EXTRA_METHODS)}",
+              file=sys.stderr)
+        return 2
     runs: list[Run] = []
     work = tempfile.mkdtemp(prefix="migrator-bench-qemu-")
     boot, layout = prepare(work)

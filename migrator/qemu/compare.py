@@ -44,8 +44,11 @@ from .testguest import GuestLayout, check_pattern, write_boot_image
 from .vm import BINARY, SourceVM, source_ram_args, vm_args
 
 # migrator: its default switch-over rule ("converge": at a round's end, the shortest pause);
-# migrator-fits: QEMU's rule ("fits": as soon as the rest is sure to fit the limit)
+# migrator-fits: QEMU's rule ("fits": as soon as the rest is sure to fit the limit);
+# migrator-noinject (on request only): the default, with no userfaultfd injected into QEMU (the
+# ledger alone tracks its RAM), for A/B runs of the injected write-protect's cost
 METHODS = ("qemu", "migrator", "migrator-fits")
+EXTRA_METHODS = ("migrator-noinject",)
 DEFAULT_OUT_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
@@ -110,7 +113,8 @@ def run_method(method: str, work: str, boot: str, size: int, settings: CompareSe
         if method == "qemu":
             return run_qemu(work, boot, size, settings, layout)
         return run_migrator(work, boot, size, settings, layout,
-                            switchover="fits" if method == "migrator-fits" else "converge")
+                            switchover="fits" if method == "migrator-fits" else "converge",
+                            inject=method != "migrator-noinject")
     except MigratorError as e:
         return Run(method, "failed", reason=str(e))
 
@@ -221,8 +225,8 @@ def run_qemu(work: str, boot: str, size: int, settings: CompareSettings, layout:
 
 
 def run_migrator(work: str, boot: str, size: int, settings: CompareSettings, layout: GuestLayout,
-                 switchover: str = "converge") -> Run:
-    name = "migrator" if switchover == "converge" else f"migrator-{switchover}"
+                 switchover: str = "converge", inject: bool = True) -> Run:
+    name = ("migrator" if switchover == "converge" else f"migrator-{switchover}") + ("" if inject else "-noinject")
     src = SourceVM(work, boot, size, name="m-source")
     out = tempfile.mkdtemp(prefix="migrator-qemu-img-", dir=settings.out_dir)
     dest_serial = os.path.join(work, "m-dest.serial")
@@ -253,7 +257,7 @@ def run_migrator(work: str, boot: str, size: int, settings: CompareSettings, lay
         # QEMU never gives up on converging; give migrator's non-convergence check some slack too
         policy = MigrationPolicy(downtime_limit_ms=settings.downtime_limit_ms,
                                  max_bandwidth=settings.max_bandwidth, channels=settings.channels,
-                                 nonconvergence_rounds=10, switchover=switchover)
+                                 nonconvergence_rounds=10, switchover=switchover, inject=inject)
         t0 = time.time()
         rep = trio.run(lambda: migrate_vm(src.qmp_path, "127.0.0.1", port, f"tcp:{incoming}",
                                           key=None, policy=policy))
