@@ -7,11 +7,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
-#include <sched.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/user.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -74,27 +74,29 @@ static void sleep_ns(uint64_t ns)
         ;
 }
 
-/* The next stop of tid: the wait status (> 0), -ESRCH if it exited, -ETIMEDOUT.  Polls, so that a
- * thread that never stops (e.g. in uninterruptible sleep) cannot hang us: spin with yields for the
- * first 200 µs (the usual case), then sleep 100 µs between looks. */
+static void on_alarm(int sig) { (void)sig; }   /* only to interrupt a blocking wait4 */
+
+/* The next stop of tid: the wait status (> 0), -ESRCH if it exited, -ETIMEDOUT.  A blocking wait,
+ * bounded by an interval timer whose SIGALRM interrupts it (it keeps firing every 10 ms after the
+ * deadline, so one that comes just before wait4 blocks is no race): a thread that never stops
+ * (uninterruptible sleep, a vfork parent) cannot hang us. */
 static int wait_stop(int tid)
 {
-    uint64_t start = now_ns(), waited;
-    for (;;) {
-        int st = 0;
-        long r = SYS(SYS_wait4, tid, &st, __WALL | WNOHANG, NULL);
-        if (r > 0)
-            return WIFSTOPPED(st) ? st : -ESRCH;
-        if (r < 0 && r != -EINTR)
-            return r == -ECHILD ? -ESRCH : (int)r;
-        waited = now_ns() - start;
-        if (waited > MG_INJ_STOP_TIMEOUT_NS)
-            return -ETIMEDOUT;
-        if (waited < 200000)
-            syscall(SYS_sched_yield);
-        else
-            sleep_ns(100000);
-    }
+    uint64_t deadline = now_ns() + MG_INJ_STOP_TIMEOUT_NS;
+    struct itimerval on = { { 0, 10000 }, { MG_INJ_STOP_TIMEOUT_NS / 1000000000ull,
+                                            MG_INJ_STOP_TIMEOUT_NS % 1000000000ull / 1000 } };
+    struct itimerval off = { { 0, 0 }, { 0, 0 } };
+    long r;
+    int st = 0;
+
+    if ((r = SYS(SYS_setitimer, ITIMER_REAL, &on, NULL)) < 0)
+        return (int)r;
+    while ((r = SYS(SYS_wait4, tid, &st, __WALL, NULL)) == -EINTR && now_ns() < deadline)
+        ;
+    syscall(SYS_setitimer, ITIMER_REAL, &off, NULL);
+    if (r > 0)
+        return WIFSTOPPED(st) ? st : -ESRCH;
+    return r == -EINTR ? -ETIMEDOUT : r == -ECHILD ? -ESRCH : (int)r;
 }
 
 /* Have the stopped thread execute syscall nr(a0) at s->ip.  0 with *ret = the syscall's return
@@ -269,13 +271,21 @@ out:
     syscall(SYS_close, pidfd);
 }
 
-/* The child: never returns.  Signals are blocked already (inherited from the caller's clone). */
+/* The child: never returns.  Every signal is blocked already (inherited from the caller's clone)
+ * but SIGALRM, unblocked here with a handler that does nothing: wait_stop's timer. */
 static void injector(int pid, int tid, uint64_t ip, uint64_t hold_ns, int report_fd)
 {
     struct mg_inject_result res = { .target_fd = -1, .fd = -1, .injector_pid = (int32_t)syscall(SYS_getpid) };
+    struct sigaction sa = { .sa_handler = on_alarm };   /* no SA_RESTART: wait4 returns EINTR */
+    sigset_t alrm;
 
     syscall(SYS_setsid);        /* out of the caller's process group and session */
-    injector_run(pid, tid, ip, hold_ns, &res);
+    sigemptyset(&alrm);
+    sigaddset(&alrm, SIGALRM);
+    if (sigaction(SIGALRM, &sa, NULL) < 0 || sigprocmask(SIG_UNBLOCK, &alrm, NULL) < 0)
+        fail(&res, MG_INJ_SPAWN, -errno);
+    else
+        injector_run(pid, tid, ip, hold_ns, &res);
     syscall(SYS_write, report_fd, &res, sizeof res);   /* < PIPE_BUF into an empty pipe: whole */
     syscall(SYS_exit_group, 0);
 }

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import TargetGoneError, UnsupportedError
-from .maps import read_maps
+from .maps import parse_maps_text
 from .native import ffi, lib
 
 __all__ = ["InjectionRefused", "Injection", "injection_refusal", "find_syscall_instruction",
@@ -61,6 +61,7 @@ class Injection:
     target_fd: int
     user_mode_only: bool    # the target lacked the right to a kernel-mode userfaultfd
     restarted: bool         # the thread was stopped inside a syscall, which was restarted
+    signal_kept: int        # a signal sent to the thread during the injection, delivered at detach
     total_s: float          # PTRACE_SEIZE .. PTRACE_DETACH
     stop_wait_s: float      # PTRACE_INTERRUPT .. the thread stopped
     window_s: float         # injection registers in the thread .. its own registers back
@@ -94,7 +95,8 @@ def injection_refusal(pid: int) -> str | None:
     Raises TargetGoneError if the process does not exist."""
     st = _status(pid)
     reasons = []
-    if st.get("State", "")[:1] in ("Z", "X"):
+    if st.get("State", "")[:1] in ("Z", "X") and not _live_threads(pid):
+        # (a zombie leader alone, with other threads alive, is no reason: see pick_thread)
         reasons.append(f"process {pid} is exiting (state {st['State']})")
     tracer = int(st.get("TracerPid", "0"))
     if tracer:
@@ -122,17 +124,21 @@ def _read_mem(mem_fd: int, start: int, length: int) -> bytes:
         return b""
 
 
-def find_syscall_instruction(pid: int) -> int:
+def find_syscall_instruction(pid: int, tid: int | None = None) -> int:
     """The address of a `0f 05` (syscall) in the executable memory of process pid: in its [vdso],
-    else in another executable mapping ([vsyscall] excepted: it faults when executed)."""
-    maps = [m for m in read_maps(pid) if "x" in m.perms and m.path != "[vsyscall]"]
-    maps.sort(key=lambda m: m.path != "[vdso]")
+    else in another executable mapping ([vsyscall] excepted: it faults when executed).  Read
+    through thread tid if given (a zombie leader's /proc/PID/maps and mem are empty)."""
+    proc = f"/proc/{pid}" if tid is None else f"/proc/{pid}/task/{tid}"
     try:
-        mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        with open(f"{proc}/maps") as f:
+            text = f.read()
+        mem_fd = os.open(f"{proc}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
         raise TargetGoneError(f"process {pid} exited") from None
     except PermissionError:
-        raise InjectionRefused(f"cannot read /proc/{pid}/mem: permission denied") from None
+        raise InjectionRefused(f"cannot read {proc}/maps or mem: permission denied") from None
+    maps = [m for m in parse_maps_text(text) if "x" in m.perms and m.path != "[vsyscall]"]
+    maps.sort(key=lambda m: m.path != "[vdso]")
     try:
         for m in maps:
             chunk = 1 << 20
@@ -155,18 +161,22 @@ def _thread_state(pid: int, tid: int) -> str:
         return "X"
 
 
-def pick_thread(pid: int) -> int:
-    """The thread to inject into: the thread group leader, unless it is a zombie (it called
-    pthread_exit); then the first other live thread."""
-    if _thread_state(pid, pid) not in ("Z", "X"):
-        return pid
+def _live_threads(pid: int) -> list[int]:
+    """The thread ids of process pid that are not zombies, in increasing order."""
     try:
         tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-    except FileNotFoundError:
-        raise TargetGoneError(f"process {pid} exited") from None
-    for tid in tids:
-        if tid != pid and _thread_state(pid, tid) not in ("Z", "X"):
-            return tid
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [tid for tid in tids if _thread_state(pid, tid) not in ("Z", "X")]
+
+
+def pick_thread(pid: int) -> int:
+    """The thread to inject into: the thread group leader, unless it is a zombie (it called
+    pthread_exit); then the live thread with the lowest id."""
+    if _thread_state(pid, pid) not in ("Z", "X"):
+        return pid
+    for tid in _live_threads(pid):
+        return tid
     raise TargetGoneError(f"process {pid} has no live thread")
 
 
@@ -181,6 +191,7 @@ def inject_userfaultfd_at(pid: int, tid: int, syscall_ip: int, *, hold_s: float 
     if r == 0:
         return Injection(pid=pid, tid=tid, fd=res.fd, target_fd=res.target_fd,
                          user_mode_only=bool(res.user_mode_only), restarted=bool(res.restarted),
+                         signal_kept=res.signal_kept,
                          total_s=res.ns_total / 1e9, stop_wait_s=res.ns_stop_wait / 1e9,
                          window_s=res.ns_window / 1e9)
     code, stage = -r, res.stage
@@ -213,7 +224,7 @@ def inject_userfaultfd(pid: int, *, hold_s: float = 0.0) -> Injection:
     if reason:
         raise InjectionRefused(f"will not inject into process {pid}: {reason}")
     tid = pick_thread(pid)
-    return inject_userfaultfd_at(pid, tid, find_syscall_instruction(pid), hold_s=hold_s)
+    return inject_userfaultfd_at(pid, tid, find_syscall_instruction(pid, tid), hold_s=hold_s)
 
 
 def probe_injection() -> tuple[bool, str]:
