@@ -19,24 +19,12 @@
 
 #include "inject.h"
 
-#ifndef __NR_pidfd_open
-#define __NR_pidfd_open 434
-#endif
-#ifndef __NR_pidfd_getfd
-#define __NR_pidfd_getfd 438
-#endif
-#ifndef PIDFD_THREAD
+#define NR_PIDFD_OPEN 434
+#define NR_PIDFD_GETFD 438
 #define PIDFD_THREAD O_EXCL
-#endif
-#ifndef PTRACE_EVENT_STOP
-#define PTRACE_EVENT_STOP 128
-#endif
 #define UFFD_USER_MODE_ONLY 1
-/* the kernel's internal restart codes, seen in rax of a thread stopped on its way out of a syscall */
-#define ERESTARTSYS 512
-#define ERESTARTNOINTR 513
-#define ERESTARTNOHAND 514
-#define ERESTART_RESTARTBLOCK 516
+/* the kernel's restart codes, in rax of a thread stopped on its way out of an interrupted syscall */
+enum { ERESTARTSYS = 512, ERESTARTNOINTR = 513, ERESTARTNOHAND = 514, ERESTART_RESTARTBLOCK = 516 };
 #define SIGBIT(s) (1ull << ((s) - 1))
 /* The thread's mask while injecting: everything, except the signals the kernel forces on a fault
  * or a single-step.  Forcing a signal that is blocked (or ignored) resets its handler to SIG_DFL
@@ -55,10 +43,7 @@ struct injector {               /* the child's whole state, on its stack */
 static long sys_ret(long r) { return r < 0 ? -errno : r; }
 #define SYS(...) sys_ret(syscall(__VA_ARGS__))
 
-static long pt(long req, int tid, long addr, const void *data)
-{
-    return SYS(SYS_ptrace, req, tid, addr, data);
-}
+static long pt(long req, int tid, long addr, const void *data) { return SYS(SYS_ptrace, req, tid, addr, data); }
 
 static uint64_t now_ns(void)
 {
@@ -70,7 +55,7 @@ static uint64_t now_ns(void)
 static void sleep_ns(uint64_t ns)
 {
     struct timespec ts = { (time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull) };
-    while (SYS(SYS_nanosleep, &ts, &ts) == -EINTR)
+    while (SYS(SYS_nanosleep, &ts, &ts) == -EINTR)   /* the rest of it, after a SIGALRM */
         ;
 }
 
@@ -186,47 +171,30 @@ static void injector_run(int pid, int tid, uint64_t ip, uint64_t hold_ns, struct
     int pidfd, gone = 0;
 
     /* a thread's pidfd reaches that thread's fd table even if the leader is a zombie (6.9+) */
-    pidfd = (int)SYS(__NR_pidfd_open, tid, tid == pid ? 0 : PIDFD_THREAD);
+    pidfd = (int)SYS(NR_PIDFD_OPEN, tid, tid == pid ? 0 : PIDFD_THREAD);
     if (pidfd < 0) {
-        fail(res, MG_INJ_PIDFD, pidfd);
+        fail(res, MG_INJ_PIDFD, pidfd);     /* ESRCH: no such process or thread */
         return;
     }
+#define TRY(stage, call, label) if ((e = (call)) < 0) { fail(res, stage, e); goto label; }
     t0 = now_ns();
-    if ((e = pt(PTRACE_SEIZE, tid, 0, 0)) < 0) {
-        fail(res, MG_INJ_SEIZE, e);
-        goto out;
-    }
-    /* from here until it stops, our exit would detach it untouched */
+    TRY(MG_INJ_SEIZE, pt(PTRACE_SEIZE, tid, 0, 0), out);
+    /* from here until it stops, our exit (even by SIGKILL) would detach it untouched */
     t1 = now_ns();
-    if ((e = pt(PTRACE_INTERRUPT, tid, 0, 0)) < 0) {
-        fail(res, MG_INJ_INTERRUPT, e);
-        goto out;
-    }
+    TRY(MG_INJ_INTERRUPT, pt(PTRACE_INTERRUPT, tid, 0, 0), out);
     for (int i = 0;; i++) {
-        int st = wait_stop(tid);
-        if (st < 0 || i == 16) {
-            fail(res, MG_INJ_STOP, st < 0 ? st : -EAGAIN);
-            goto out;
-        }
-        if (st >> 16 == PTRACE_EVENT_STOP)
+        TRY(MG_INJ_STOP, i == 16 ? -EAGAIN : wait_stop(tid), out);
+        if (e >> 16 == PTRACE_EVENT_STOP)
             break;
-        if ((e = pt(PTRACE_CONT, tid, 0, (void *)(long)WSTOPSIG(st))) < 0) {  /* pass it on */
-            fail(res, MG_INJ_STOP, e);
-            goto out;
-        }
+        /* a signal-delivery-stop came first: pass the signal on, wait again */
+        TRY(MG_INJ_STOP, pt(PTRACE_CONT, tid, 0, (void *)(long)WSTOPSIG(e)), out);
     }
     res->ns_stop_wait = now_ns() - t1;
-    if ((e = pt(PTRACE_GETREGS, tid, 0, &s.saved)) < 0 ||
-        (e = pt(PTRACE_GETSIGMASK, tid, sizeof mask, &mask)) < 0) {
-        fail(res, MG_INJ_SAVE, e);
-        goto detach;
-    }
+    TRY(MG_INJ_SAVE, pt(PTRACE_GETREGS, tid, 0, &s.saved), detach);
+    TRY(MG_INJ_SAVE, pt(PTRACE_GETSIGMASK, tid, sizeof mask, &mask), detach);
     restore = s.saved;
     res->restarted = apply_restart(&restore);
-    if ((e = pt(PTRACE_SETSIGMASK, tid, sizeof block, &block)) < 0) {
-        fail(res, MG_INJ_SAVE, e);
-        goto detach;
-    }
+    TRY(MG_INJ_SAVE, pt(PTRACE_SETSIGMASK, tid, sizeof block, &block), detach);
 
     /* the window: injection registers in the thread */
     e = inject_call(&s, __NR_userfaultfd, O_CLOEXEC | O_NONBLOCK, &ret);
@@ -234,16 +202,11 @@ static void injector_run(int pid, int tid, uint64_t ip, uint64_t hold_ns, struct
         res->user_mode_only = 1;
         e = inject_call(&s, __NR_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY, &ret);
     }
-    if (e < 0 || ret < 0) {
-        fail(res, MG_INJ_USERFAULTFD, e < 0 ? e : ret);
-        goto restore;
-    }
+    TRY(MG_INJ_USERFAULTFD, e < 0 ? e : ret, restore);
     res->target_fd = (int32_t)ret;
-    e = SYS(__NR_pidfd_getfd, pidfd, res->target_fd, 0);
-    if (e < 0)
-        fail(res, MG_INJ_GETFD, e);
-    else
-        res->fd = (int32_t)e;
+    if ((e = SYS(NR_PIDFD_GETFD, pidfd, res->target_fd, 0)) < 0)
+        fail(res, MG_INJ_GETFD, e);     /* and go on: the target's copy must be closed */
+    res->fd = (int32_t)e;
     if (hold_ns)
         sleep_ns(hold_ns);
     e = inject_call(&s, __NR_close, res->target_fd, &ret);
@@ -264,10 +227,10 @@ detach:
     res->signal_kept = s.kept_sig;
     res->ns_total = now_ns() - t0;
 out:
-    if (res->stage && res->fd >= 0) {
+    if (res->stage && res->fd >= 0)
         syscall(SYS_close, res->fd);
+    if (res->stage)
         res->fd = -1;
-    }
     syscall(SYS_close, pidfd);
 }
 
@@ -279,14 +242,15 @@ static void injector(int pid, int tid, uint64_t ip, uint64_t hold_ns, int report
     struct sigaction sa = { .sa_handler = on_alarm };   /* no SA_RESTART: wait4 returns EINTR */
     sigset_t alrm;
 
-    syscall(SYS_setsid);        /* out of the caller's process group and session */
     sigemptyset(&alrm);
     sigaddset(&alrm, SIGALRM);
-    if (sigaction(SIGALRM, &sa, NULL) < 0 || sigprocmask(SIG_UNBLOCK, &alrm, NULL) < 0)
+    /* setsid: out of the caller's process group and session, so a kill of those misses us */
+    if (SYS(SYS_setsid) < 0 || sigaction(SIGALRM, &sa, NULL) < 0 || sigprocmask(SIG_UNBLOCK, &alrm, NULL) < 0)
         fail(&res, MG_INJ_SPAWN, -errno);
     else
         injector_run(pid, tid, ip, hold_ns, &res);
-    syscall(SYS_write, report_fd, &res, sizeof res);   /* < PIPE_BUF into an empty pipe: whole */
+    /* < PIPE_BUF into an empty pipe: written whole.  If not, the caller reports us as died. */
+    syscall(SYS_write, report_fd, &res, sizeof res);
     syscall(SYS_exit_group, 0);
 }
 
@@ -294,7 +258,7 @@ int mg_inject_uffd(int pid, int tid, uint64_t syscall_ip, uint64_t hold_ns, stru
 {
     sigset_t all, old;
     int p[2], st, err;
-    long child;
+    long child = -1;
     ssize_t n;
 
     memset(res, 0, sizeof *res);
@@ -302,18 +266,16 @@ int mg_inject_uffd(int pid, int tid, uint64_t syscall_ip, uint64_t hold_ns, stru
     if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0)
         return fail(res, MG_INJ_SPAWN, -errno);
     sigfillset(&all);
-    if ((err = pthread_sigmask(SIG_SETMASK, &all, &old)) != 0) {
-        close(p[0]);
-        close(p[1]);
-        return fail(res, MG_INJ_SPAWN, -err);
+    /* the child starts with every signal blocked: no window in which one could kill it */
+    if ((err = pthread_sigmask(SIG_SETMASK, &all, &old)) == 0) {
+        /* fork semantics (no CLONE_VM, no new stack), but sharing our fd table */
+        child = syscall(SYS_clone, CLONE_FILES | SIGCHLD, 0, NULL, NULL, 0);
+        err = child < 0 ? errno : 0;
+        if (child == 0)
+            injector(pid, tid, syscall_ip, hold_ns, p[1]);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);    /* cannot fail: valid how and set */
     }
-    /* fork semantics (no CLONE_VM, no new stack), but sharing our fd table */
-    child = syscall(SYS_clone, CLONE_FILES | SIGCHLD, 0, NULL, NULL, 0);
-    err = errno;
-    if (child == 0)
-        injector(pid, tid, syscall_ip, hold_ns, p[1]);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (child < 0) {
+    if (err) {
         close(p[0]);
         close(p[1]);
         return fail(res, MG_INJ_SPAWN, -err);

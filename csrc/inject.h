@@ -5,9 +5,15 @@
  * and the thread's registers and signal mask are restored exactly.
  *
  * The tracer is a short-lived child of the caller (clone(CLONE_FILES): it shares the caller's fd
- * table, so the copied fd lands there), in its own session, with every signal blocked, and with no
- * ptrace option that would kill the target: if the caller dies mid-injection, the child still
- * restores the target and detaches.  Conventions as track.h: 0 or -errno, no global state.
+ * table, so the copied fd lands there), in its own session, with every signal blocked (SIGALRM
+ * excepted: a no-op handler, its own wait timeout), and with no ptrace option that would kill the
+ * target: if the caller dies mid-injection, even by SIGKILL, the child still restores the target
+ * and detaches.  Conventions as track.h: 0 or -errno, no global state.
+ *
+ * The thread's signal mask while it holds the injection registers blocks everything but the
+ * signals the kernel forces (SIGTRAP of the single-step, SIGSEGV/SIGBUS/SIGILL/SIGFPE/SIGSYS of a
+ * fault): forcing a blocked signal would reset the target's handler for it to SIG_DFL.  A signal
+ * sent to the thread meanwhile is kept and delivered at detach.
  */
 #ifndef MIGRATOR_INJECT_H
 #define MIGRATOR_INJECT_H
@@ -29,7 +35,8 @@
 #define MG_INJ_DETACH       11   /* PTRACE_DETACH */
 #define MG_INJ_INJECTOR_DIED 12  /* the injector child died without reporting (killed) */
 
-#define MG_INJ_STOP_TIMEOUT_NS 3000000000ull   /* longest wait for any one ptrace stop */
+#define MG_INJ_STOP_TIMEOUT_NS 3000000000ull   /* longest wait for any one ptrace stop; past it
+                                                  the injector exits, which detaches untouched */
 
 struct mg_inject_result {
     int32_t target_fd;       /* the uffd's number inside the target (closed there again before detach), -1 if none */
@@ -49,6 +56,10 @@ struct mg_inject_result {
  * syscall_ip (the address of a `0f 05` instruction in the target's executable memory), take the new fd with
  * pidfd_getfd, close the target's copy by an injected close(2), restore the thread exactly, detach.
  * hold_ns: tests only, sleep that long inside the window (target holding injection registers). Returns 0 or -errno.
+ *
+ * The fd is taken through a pidfd of pid when tid == pid, else of the thread (PIDFD_THREAD, Linux
+ * 6.9+), whose fd table it is: a zombie leader (after pthread_exit) has none.  A syscall the thread
+ * was stopped in is restarted on resume (-ERESTART* codes), as if no stop had come.
  *
  * What is left of the window: if the injector child itself is SIGKILLed between the first SETREGS and
  * the restore (a few µs, or hold_ns), the thread resumes with the injection registers.  The caller

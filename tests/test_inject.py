@@ -5,6 +5,7 @@ a writer thread stores to memory in a loop and a helper thread obeys commands on
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
 import select
@@ -30,7 +31,7 @@ from migrator.kernel.uffd import UFFD_FEATURE_WP_ASYNC, Userfaultfd, find_uffd_f
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-NR = {"read": 0, "pause": 34, "nanosleep": 35, "futex": 202, "restart_syscall": 219,
+NR = {"read": 0, "pause": 34, "nanosleep": 35, "vfork": 58, "futex": 202, "restart_syscall": 219,
       "ppoll": 271, "userfaultfd": 323}
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -347,6 +348,21 @@ def test_target_killed_during_injection(target):
     assert re.fullmatch(rf"process {t.pid} \(thread {t.pid}\) exited during .*", str(out["error"]))
 
 
+def test_thread_that_never_stops_times_out(target):
+    """A vfork parent waits in a sleep that PTRACE_INTERRUPT cannot break: the injection gives up
+    after MG_INJ_STOP_TIMEOUT_NS (3 s) and leaves the thread untouched."""
+    t = target("vfork")
+    t.wait_syscall(NR["vfork"])
+    started = time.monotonic()
+    with pytest.raises(OSError, match=r"the thread did not stop within 3 s .*left untouched") as e:
+        inject_userfaultfd(t.pid)
+    assert e.value.errno == errno.ETIMEDOUT and 3 <= time.monotonic() - started < 3.5
+    assert t.status("TracerPid") == "0" and find_uffd_fds(t.pid) == []
+    res = t.result(timeout=3)                 # the vfork child exits after 4 s
+    res.pop("ns")
+    assert res == {"ret": 0, "errno": 0, "data": "-", "mask_ok": 1}
+
+
 def test_signal_during_injection_delivered_at_detach(target):
     """A SIGSTOP sent to the thread while it holds the injection registers is kept and delivered
     when the injection detaches: the process ends stopped; SIGCONT lets the read complete."""
@@ -369,13 +385,50 @@ def test_signal_during_injection_delivered_at_detach(target):
     assert res == BLOCKED["read"][2]
 
 
+def uffds_here() -> set[int]:
+    out = set()
+    for n in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{n}") == "anon_inode:[userfaultfd]":
+                out.add(int(n))
+        except OSError:
+            pass
+    return out
+
+
+def test_injector_killed_reports_died(target):
+    """What is left of the window: SIGKILL of the injector child itself while the thread holds
+    the injection registers.  The caller gets the "died" error; the copy the injector had taken
+    stays, unreported, in our fd table; the thread resumed with the injection registers."""
+    t = target("read")
+    t.wait_syscall(NR["read"])
+    before = uffds_here()
+    th, out = inject_in_thread(t.pid, hold_s=1.0)
+    t.wait_syscall(NR["userfaultfd"])
+    deadline = time.monotonic() + 5
+    while not uffds_here() - before:          # the copy taken: the injector is in the hold
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    os.kill(int(t.status("TracerPid")), signal.SIGKILL)
+    th.join(timeout=5)
+    err = out.get("error")
+    assert isinstance(err, OSError) and err.errno == errno.ECHILD, out
+    assert "died without reporting" in str(err)
+    leaked = uffds_here() - before
+    assert len(leaked) == 1
+    for fd in leaked:
+        os.close(fd)
+    print(f"target after the injector's death: state {t.status('State')}, "
+          f"syscall {t.syscall() if t.proc.poll() is None else 'exited ' + str(t.proc.poll())}")
+
+
 def test_bad_syscall_address_leaves_target_intact(target):
     """An address that faults (unmapped): the forced SIGSEGV is dropped, the thread restored."""
     t = target("read")
     t.wait_syscall(NR["read"])
     with pytest.raises(OSError, match="the injected userfaultfd") as e:
         inject_userfaultfd_at(t.pid, t.pid, 0x1000)
-    assert e.value.errno == 14               # EFAULT
+    assert e.value.errno == errno.EFAULT
     t.wait_syscall(NR["read"])
     assert find_uffd_fds(t.pid) == [] and t.status("TracerPid") == "0"
     t.cmd("wake")

@@ -3,7 +3,8 @@
  * obeys commands from stdin.  Build: gcc -O1 -pthread -o blocker blocker.c
  *
  *   blocker MODE [--setuid UID] [--seccomp] [--ignore-trap] [--pages N]
- *   MODE: read | ppoll | futex | futex_timeout | nanosleep | idle | leader_exit
+ *   MODE: read | ppoll | futex | futex_timeout | nanosleep | vfork | idle | leader_exit
+ *   (vfork: the leader waits 4 s for a vfork child, a sleep no ptrace stop can interrupt)
  *
  * Prints "READY pid=P anon=HEX shm=HEX pages=N", then, when the blocking call returns,
  * "RESULT ret=R errno=E ns=NS data=D mask_ok=M" (data: what read/ppoll read; mask_ok: the thread's
@@ -207,6 +208,14 @@ int main(int argc, char **argv)
     } else if (strcmp(mode, "nanosleep") == 0) {
         struct timespec ts = { 3, 0 }, rem;
         ret = syscall(SYS_nanosleep, &ts, &rem);
+    } else if (strcmp(mode, "vfork") == 0) {
+        ret = vfork();
+        if (ret == 0) {
+            struct timespec ts = { 4, 0 };
+            syscall(SYS_nanosleep, &ts, NULL);
+            _exit(0);
+        }
+        ret = ret > 0 ? 0 : ret;
     } else {
         for (;;)
             pause();
