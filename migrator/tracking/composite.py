@@ -12,6 +12,7 @@ import time
 from ..kernel.maps import Region, RegionKind
 from .base import DirtyPages, Tracker, TrackerStatistics
 from .ledger import LedgerRegistry, LedgerTracker
+from .mappers import MapperTracker
 
 
 def is_shared(r: Region) -> bool:
@@ -84,7 +85,7 @@ class CompositeTracker(Tracker):
         t0 = time.perf_counter()
         out = DirtyPages(pages={})
         for p in self.parts():
-            out.merge(p.collect(final, exclude) if p is self.ledger or p is self.mappers
+            out.merge(p.collect(final, exclude) if isinstance(p, (LedgerTracker, MapperTracker))
                       else p.collect(final))
         out.cost_s = time.perf_counter() - t0
         return self._account(out)
