@@ -223,8 +223,8 @@ def test_injected_uffd_tracks_exact_pages(target):
     assert scan_written(t.pid, t.anon, t.pages) == []
     assert t.ask("write anon 0 5 63") == "OK"
     assert t.ask("write shm 7") == "OK"
-    assert t.ask(f"kwrite anon 20") == f"OK {PAGE_SIZE}"
-    assert t.ask(f"kwrite shm 30") == f"OK {PAGE_SIZE}"
+    assert t.ask("kwrite anon 20") == f"OK {PAGE_SIZE}"
+    assert t.ask("kwrite shm 30") == f"OK {PAGE_SIZE}"
     assert scan_written(t.pid, t.anon, t.pages) == [0, 5, 20, 63]
     assert scan_written(t.pid, t.shm, t.pages) == [7, 30]
     assert scan_written(t.pid, t.anon, t.pages) == []
@@ -420,6 +420,27 @@ def test_injector_killed_reports_died(target):
         os.close(fd)
     print(f"target after the injector's death: state {t.status('State')}, "
           f"syscall {t.syscall() if t.proc.poll() is None else 'exited ' + str(t.proc.poll())}")
+
+
+def test_stopped_process_stays_stopped(target):
+    """A process in group stop (SIGSTOP) is injected and is stopped again after the detach."""
+    t = target("read")
+    t.wait_syscall(NR["read"])
+    os.kill(t.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while not t.status("State").startswith("T"):
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    inj = inject_userfaultfd(t.pid)
+    os.close(inj.fd)
+    assert inj.restarted and inj.signal_kept == 0
+    assert t.status("State").startswith("T (stopped)") and t.status("TracerPid") == "0"
+    os.kill(t.pid, signal.SIGCONT)
+    t.wait_syscall(NR["read"])
+    t.cmd("wake")
+    res = t.result()
+    res.pop("ns")
+    assert res == BLOCKED["read"][2]
 
 
 def test_bad_syscall_address_leaves_target_intact(target):
