@@ -394,6 +394,8 @@ def _children(args, size: int, parts: list[str], rec, rec_other, info: dict) -> 
             pool.close()
         if "inject" in parts:
             _injections(tgt.pid, args.injections, "idle target", rec_other, info)
+            # the target, stopped in read(2) at every injection, still reads and writes
+            _write_spread([tgt], "anon", [0, 1], size // PAGE_SIZE)
     finally:
         for p in procs:
             p.close()
