@@ -146,7 +146,9 @@ def test_qemu_vm_migrates_and_runs_on(vm, tmp_path):
         assert p.returncode == 0, p.stderr
         rep = json.loads(p.stdout)
         assert rep["status"] == "completed" and rep["ram"]["status"] == "completed"
-        assert rep["ram"]["tracker"] == "ledger"          # exact for TCG's writes to the memfd
+        # write-protect on every mapper (QEMU, injected) and the ledger: exact for TCG's writes
+        assert rep["ram"]["tracker"] == "wp-mappers+ledger"
+        assert "injected into thread" in rep["ram"]["tracker_detail"], rep["ram"]["tracker_detail"]
         assert rep["source_state"] == "postmigrate"
         assert rep["memdev"] == "ram" and rep["ram_size"] == 128 << 20
         assert receiver.proc.wait(30) == 0, receiver.text()

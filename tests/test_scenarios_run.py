@@ -74,7 +74,7 @@ def test_real_run_writes_report_markdown_and_charts(tmp_path, root, capsys):
         rep = r["report"]
         assert r["passed"] and r["error"] == ""
         assert r["destination"] == "identical" and r["pages_compared"] == PAGES
-        assert rep["status"] == "completed" and rep["tracker"] == "wp+ledger" and rep["source_state"] == "paused"
+        assert rep["status"] == "completed" and rep["tracker"] == "wp+wp-mappers+ledger" and rep["source_state"] == "paused"
         rounds = rep["per_round"]
         assert len(rounds) == rep["rounds"] >= 2
         assert rounds[0]["round"] == 0 and rounds[0]["pages_sent"] == PAGES      # round 0: all populated pages
@@ -254,7 +254,10 @@ def test_qemu_scenario_migrates_the_vm_both_ways(tmp_path, root, capsys):
         assert m["status"] == "completed" and m["reason"] == "", m
         assert m["runs_on"] is True and m["pattern_ok"] is True and PATTERN.fullmatch(m["pattern"]), m
         assert 0 < m["downtime_ms"] < m["total_ms"] and m["bytes_sent"] > 100e6 and m["rounds"] >= 2, m
-        assert m["downtime_bytes"] > 100e6, m       # 1..100 MiB is all dirty at the switch-over
+        # most of 1..100 MiB is dirty at the switch-over (QEMU's own run: all of it; under
+        # migrator's write-protect each first write of a page after a collect faults, which
+        # slows the guest's passes, and it may not have rewritten every page since)
+        assert m["downtime_bytes"] > (100e6 if m["method"] == "qemu" else 50e6), m
     mig = r["methods"][1]
     rep = r["report"]          # the migrator-driven run's: RAM per round, VM-level figures on top
     assert rep["status"] == "completed" and rep["source_state"] == "postmigrate"
