@@ -32,7 +32,7 @@ from migrator.kernel.uffd import UFFD_FEATURE_WP_ASYNC, Userfaultfd, find_uffd_f
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 NR = {"read": 0, "pause": 34, "nanosleep": 35, "vfork": 58, "futex": 202, "restart_syscall": 219,
-      "ppoll": 271, "userfaultfd": 323}
+      "epoll_wait": 232, "ppoll": 271, "userfaultfd": 323}
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -546,3 +546,29 @@ def test_probe_injection(root):
     assert re.fullmatch(r"userfaultfd injected into a child in \d+ µs \(seize to detach, thread "
                         r"held \d+ µs\); WP_ASYNC granted", detail), detail
     print(detail)
+
+
+def test_thread_in_epoll_wait_is_not_the_one_injected(target):
+    """epoll_wait fails with EINTR after any stop of its thread (signal(7)); the leader blocked in
+    it is passed over for another thread, and its epoll_wait returns the event, no EINTR."""
+    t = target("epoll")
+    t.wait_syscall(NR["epoll_wait"])
+    inj = inject_userfaultfd(t.pid)
+    os.close(inj.fd)
+    assert inj.tid != t.pid and os.path.exists(f"/proc/{t.pid}/task/{inj.tid}")
+    assert find_uffd_fds(t.pid) == [] and t.status("TracerPid") == "0"
+    t.cmd("wake")
+    res = t.result()
+    res.pop("ns")
+    assert res == {"ret": 1, "errno": 0, "data": "hello", "mask_ok": 1}
+
+
+def test_epoll_wait_of_an_injected_thread_fails_with_eintr(target):
+    """Why pick_thread passes over such a thread: injected anyway (no preflight), its epoll_wait
+    returns EINTR, as after any ptrace stop or SIGSTOP/SIGCONT of it (signal(7))."""
+    t = target("epoll")
+    t.wait_syscall(NR["epoll_wait"])
+    os.close(inject_userfaultfd_at(t.pid, t.pid, find_syscall_instruction(t.pid)).fd)
+    res = t.result()
+    res.pop("ns")
+    assert res == {"ret": -1, "errno": 4, "data": "-", "mask_ok": 1}

@@ -170,14 +170,40 @@ def _live_threads(pid: int) -> list[int]:
     return [tid for tid in tids if _thread_state(pid, tid) not in ("Z", "X")]
 
 
+# x86-64 system calls that fail with EINTR when their thread is merely stopped and resumed (a
+# ptrace stop, SIGSTOP/SIGCONT), with no signal handler involved: signal(7), "Interruption of
+# system calls and library functions by stop signals".  No register restore can hide that, so a
+# thread blocked in one of them is injected only when no other thread can be.
+EINTR_ON_STOP = {
+    232: "epoll_wait", 281: "epoll_pwait", 441: "epoll_pwait2", 65: "semop", 220: "semtimedop",
+    128: "rt_sigtimedwait", 208: "io_getevents", 333: "io_pgetevents",
+}
+
+
+def _blocked_in(pid: int, tid: int) -> int | None:
+    """The system call thread tid is blocked in (/proc/.../syscall), None if it runs or cannot
+    be read."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+            first = f.read().split(" ", 1)[0]
+    except OSError:
+        return None
+    return int(first) if first.lstrip("-").isdigit() and int(first) >= 0 else None
+
+
 def pick_thread(pid: int) -> int:
     """The thread to inject into: the thread group leader, unless it is a zombie (it called
-    pthread_exit); then the live thread with the lowest id."""
-    if _thread_state(pid, pid) not in ("Z", "X"):
-        return pid
-    for tid in _live_threads(pid):
-        return tid
-    raise TargetGoneError(f"process {pid} has no live thread")
+    pthread_exit) or blocked in a call that a stop interrupts with EINTR (EINTR_ON_STOP, e.g. an
+    event loop's epoll_wait); then the live thread with the lowest id that is not; if every live
+    thread is, the leader (or the first live thread): that call then returns EINTR, as after any
+    ptrace stop or SIGSTOP/SIGCONT, which programs using it must handle."""
+    live = _live_threads(pid)
+    if not live:
+        raise TargetGoneError(f"process {pid} has no live thread")
+    for tid in sorted(live, key=lambda t: t != pid):       # the leader first
+        if _blocked_in(pid, tid) not in EINTR_ON_STOP:
+            return tid
+    return pid if pid in live else live[0]
 
 
 def inject_userfaultfd_at(pid: int, tid: int, syscall_ip: int, *, hold_s: float = 0.0) -> Injection:

@@ -3,7 +3,7 @@
  * obeys commands from stdin.  Build: gcc -O1 -pthread -o blocker blocker.c
  *
  *   blocker MODE [--setuid UID] [--seccomp] [--ignore-trap] [--pages N]
- *   MODE: read | ppoll | futex | futex_timeout | nanosleep | vfork | idle | leader_exit
+ *   MODE: read | ppoll | futex | futex_timeout | nanosleep | epoll | vfork | idle | leader_exit
  *   (vfork: the leader waits 4 s for a vfork child, a sleep no ptrace stop can interrupt)
  *
  * Prints "READY pid=P anon=HEX shm=HEX pages=N", then, when the blocking call returns,
@@ -18,6 +18,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <sys/epoll.h>
 #include <linux/filter.h>
 #include <linux/futex.h>
 #include <linux/seccomp.h>
@@ -208,6 +209,15 @@ int main(int argc, char **argv)
     } else if (strcmp(mode, "nanosleep") == 0) {
         struct timespec ts = { 3, 0 }, rem;
         ret = syscall(SYS_nanosleep, &ts, &rem);
+    } else if (strcmp(mode, "epoll") == 0) {    /* a stop makes epoll_wait fail with EINTR */
+        struct epoll_event ev = { .events = EPOLLIN }, got;
+        int ep = epoll_create1(0);
+        if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, wake_pipe[0], &ev) < 0)
+            die("epoll");
+        ret = epoll_wait(ep, &got, 1, 30000);
+        err = errno;
+        if (ret == 1 && read(wake_pipe[0], data, sizeof data - 1) < 0)
+            die("read after epoll_wait");
     } else if (strcmp(mode, "vfork") == 0) {
         ret = vfork();
         if (ret == 0) {
