@@ -1,14 +1,17 @@
 /* userfaultfd injection into a non-cooperating process (x86-64).  See inject.h for the contract.
  *
- * Caller: pipe, clone(CLONE_FILES|SIGCHLD) with every signal blocked, wait for the child, read its
- * report.  Child (the injector, a forked copy of the caller sharing its fd table): raw syscalls
- * only, no malloc or stdio; it never returns, it writes its report and exits. */
+ * Caller: clone(CLONE_VM|CLONE_VFORK|CLONE_FILES) of the injector on a stack of its own, with
+ * every signal blocked; once it has exited, read the report it left in the caller's memory.
+ * Injector: a separate process (its own session, so it outlives the caller) sharing the caller's
+ * memory and fd table; raw system calls only, no malloc or stdio. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <string.h>
+#include <sched.h>
+#include <sys/mman.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
@@ -234,10 +237,20 @@ out:
     syscall(SYS_close, pidfd);
 }
 
-/* The child: never returns.  Every signal is blocked already (inherited from the caller's clone)
- * but SIGALRM, unblocked here with a handler that does nothing: wait_stop's timer. */
-static void injector(int pid, int tid, uint64_t ip, uint64_t hold_ns, int report_fd)
+struct injector_args {          /* the caller's, on its stack; the injector shares the memory */
+    int pid, tid;
+    uint64_t ip, hold_ns;
+    struct mg_inject_result res;
+    int done;                   /* set last: the injector reported */
+};
+
+/* The injector (a clone sharing our memory and fd table, on its own stack).  Every signal is
+ * blocked already (inherited from the caller) but SIGALRM, unblocked here with a handler that
+ * does nothing: wait_stop's timer.  Raw system calls only (its errno is the caller's thread's,
+ * which is suspended until the injector exits: CLONE_VFORK). */
+static int injector(void *arg)
 {
+    struct injector_args *a = arg;
     struct mg_inject_result res = { .target_fd = -1, .fd = -1, .injector_pid = (int32_t)syscall(SYS_getpid) };
     struct sigaction sa = { .sa_handler = on_alarm };   /* no SA_RESTART: wait4 returns EINTR */
     sigset_t alrm;
@@ -248,50 +261,49 @@ static void injector(int pid, int tid, uint64_t ip, uint64_t hold_ns, int report
     if (SYS(SYS_setsid) < 0 || sigaction(SIGALRM, &sa, NULL) < 0 || sigprocmask(SIG_UNBLOCK, &alrm, NULL) < 0)
         fail(&res, MG_INJ_SPAWN, -errno);
     else
-        injector_run(pid, tid, ip, hold_ns, &res);
-    /* < PIPE_BUF into an empty pipe: written whole.  If not, the caller reports us as died. */
-    syscall(SYS_write, report_fd, &res, sizeof res);
-    syscall(SYS_exit_group, 0);
+        injector_run(a->pid, a->tid, a->ip, a->hold_ns, &res);
+    a->res = res;
+    __atomic_store_n(&a->done, 1, __ATOMIC_RELEASE);
+    return 0;
 }
+
+#define INJECTOR_STACK (256 * 1024)
 
 int mg_inject_uffd(int pid, int tid, uint64_t syscall_ip, uint64_t hold_ns, struct mg_inject_result *res)
 {
+    struct injector_args a = { .pid = pid, .tid = tid, .ip = syscall_ip, .hold_ns = hold_ns };
     sigset_t all, old;
-    int p[2], st, err;
+    int st, err;
     long child = -1;
-    ssize_t n;
+    void *stack;
 
     memset(res, 0, sizeof *res);
     res->target_fd = res->fd = -1;
-    if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0)
+    stack = mmap(NULL, INJECTOR_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED)
         return fail(res, MG_INJ_SPAWN, -errno);
     sigfillset(&all);
-    /* the child starts with every signal blocked: no window in which one could kill it */
+    /* the injector starts with every signal blocked: no window in which one could kill it */
     if ((err = pthread_sigmask(SIG_SETMASK, &all, &old)) == 0) {
-        /* fork semantics (no CLONE_VM, no new stack), but sharing our fd table */
-        child = syscall(SYS_clone, CLONE_FILES | SIGCHLD, 0, NULL, NULL, 0);
+        /* posix_spawn's way: the injector shares our memory (no page tables copied, however
+         * large this process is) and our fd table (pidfd_getfd's copy lands here); we resume
+         * when it has exited.  If we die meanwhile, it holds the memory and finishes. */
+        child = clone(injector, (char *)stack + INJECTOR_STACK,
+                      CLONE_VM | CLONE_VFORK | CLONE_FILES | SIGCHLD, &a);
         err = child < 0 ? errno : 0;
-        if (child == 0)
-            injector(pid, tid, syscall_ip, hold_ns, p[1]);
         pthread_sigmask(SIG_SETMASK, &old, NULL);    /* cannot fail: valid how and set */
     }
     if (err) {
-        close(p[0]);
-        close(p[1]);
+        munmap(stack, INJECTOR_STACK);
         return fail(res, MG_INJ_SPAWN, -err);
     }
-    /* The pipe's write end stays open in the shared table, so EOF cannot tell us the child died:
-     * wait for its exit, then read what it wrote (ECHILD: someone else reaped it; read anyway). */
-    while (waitpid((pid_t)child, &st, 0) < 0 && errno == EINTR)
+    while (waitpid((pid_t)child, &st, 0) < 0 && errno == EINTR)   /* ECHILD: reaped elsewhere */
         ;
-    n = read(p[0], res, sizeof *res);
-    close(p[0]);
-    close(p[1]);
-    if (n != (ssize_t)sizeof *res) {
-        memset(res, 0, sizeof *res);
-        res->target_fd = res->fd = -1;
+    munmap(stack, INJECTOR_STACK);
+    if (!__atomic_load_n(&a.done, __ATOMIC_ACQUIRE)) {
         res->injector_pid = (int32_t)child;
         return fail(res, MG_INJ_INJECTOR_DIED, -ECHILD);
     }
+    *res = a.res;
     return res->stage ? -res->error : 0;
 }

@@ -4,8 +4,9 @@
  * the new fd is copied out with pidfd_getfd, the target's copy is closed by an injected close(2),
  * and the thread's registers and signal mask are restored exactly.
  *
- * The tracer is a short-lived child of the caller (clone(CLONE_FILES): it shares the caller's fd
- * table, so the copied fd lands there), in its own session, with every signal blocked (SIGALRM
+ * The tracer is a short-lived child of the caller (clone(CLONE_VM|CLONE_VFORK|CLONE_FILES), as
+ * posix_spawn does: it shares the caller's memory, so starting it copies no page tables however
+ * large the caller is, and the caller's fd table, so the copied fd lands there), in its own session, with every signal blocked (SIGALRM
  * excepted: a no-op handler, its own wait timeout), and with no ptrace option that would kill the
  * target: if the caller dies mid-injection, even by SIGKILL, the child still restores the target
  * and detaches.  Conventions as track.h: 0 or -errno, no global state.
@@ -21,7 +22,7 @@
 
 /* stage: the step that failed */
 #define MG_INJ_OK            0
-#define MG_INJ_SPAWN         1   /* caller: pipe2 / clone of the injector */
+#define MG_INJ_SPAWN         1   /* caller: the injector's stack / clone */
 #define MG_INJ_PIDFD         2   /* pidfd_open of the target */
 #define MG_INJ_SEIZE         3   /* PTRACE_SEIZE (EPERM: no ptrace rights, or traced already) */
 #define MG_INJ_INTERRUPT     4   /* PTRACE_INTERRUPT */
