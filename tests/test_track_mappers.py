@@ -106,7 +106,7 @@ def test_mapper_found_at_the_next_collect(target, others):
         assert pages(t) == [3, 4]
 
 
-def test_mapper_found_through_a_hint_without_a_proc_scan(target, others):
+def test_known_mappers_tracked_without_a_proc_scan(target, others):
     a = others()
     with Tracked(target) as t:
         t.discover_every_s = 3600          # no /proc scan after begin()
@@ -114,6 +114,48 @@ def test_mapper_found_through_a_hint_without_a_proc_scan(target, others):
         a.write("shm", [12])
         assert pages(t) == [12]
         assert t.discovers == n
+
+
+def test_mapper_found_through_a_hint_without_a_proc_scan(target, others):
+    """A hinted process (a --writers pid) that maps the memory only after begin() is found at the
+    next collect by looking at it alone (its address-space size changed)."""
+    import subprocess as sp
+    late = sp.Popen([sys.executable, "-c", _MAP_LATER, f"/proc/{target.pid}/fd/{target.info['memfd']}"],
+                    stdin=sp.PIPE, stdout=sp.PIPE, text=True)
+    try:
+        assert late.stdout.readline() == "ready\n"
+        with Tracked(target, hint_pids=[late.pid]) as t:
+            t.discover_every_s = 3600
+            n = t.discovers
+            assert pages(t) == [] and set(t.mappers()) == {target.pid}
+            late.stdin.write("map\n")
+            late.stdin.flush()
+            assert late.stdout.readline() == "mapped\n"
+            res = t.collect()
+            assert [e.what for e in res.events] == ["mapper-added"] and t.discovers == n
+            late.stdin.write("write 33\n")
+            late.stdin.flush()
+            assert late.stdout.readline() == "written\n"
+            assert pages(t) == [33]
+    finally:
+        late.kill()
+        late.wait()
+
+
+_MAP_LATER = """
+import mmap, os, sys
+print("ready", flush=True)
+m = None
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == "map":
+        fd = os.open(sys.argv[1], os.O_RDWR)
+        m = mmap.mmap(fd, 64 * 4096, mmap.MAP_SHARED)
+        print("mapped", flush=True)
+    elif cmd[0] == "write":
+        m[int(cmd[1]) * 4096] = 1 + m[int(cmd[1]) * 4096] % 255
+        print("written", flush=True)
+"""
 
 
 def test_mapper_exit_dropped_cleanly(target, others):

@@ -22,19 +22,27 @@ def _needles(keys: Iterable[ObjectKey]) -> list[bytes]:
     return [f" {ma:02x}:{mi:02x} {ino} ".encode() for ma, mi, ino in keys]
 
 
-def mappings_of(pid: int, keys: set[ObjectKey]) -> list[Mapping] | None:
-    """The shared mappings of process pid that map one of the objects, or None when the process
-    is gone (or its maps cannot be read)."""
-    try:
-        with open(f"/proc/{pid}/maps", "rb") as f:
-            text = f.read()
-    except OSError:
-        return None
-    lines = [ln for ln in text.splitlines() if any(n in ln for n in _needles(keys))]
-    if not lines:
+def _matching(text: bytes, needles: list[bytes], keys: set[ObjectKey]) -> list[Mapping]:
+    """The shared mappings of the objects in the text of a maps file."""
+    if not any(n in text for n in needles):
         return []
+    lines = [ln for ln in text.splitlines() if any(n in ln for n in needles)]
     maps = parse_maps_text(b"\n".join(lines).decode(errors="replace"))
     return [m for m in maps if m.shared and (m.dev[0], m.dev[1], m.inode) in keys]
+
+
+def _read(pid: int | str) -> bytes | None:
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            return f.read()
+    except OSError:
+        return None                        # exited, or a kernel thread we cannot read
+
+
+def mappings_of(pid: int, keys: set[ObjectKey]) -> list[Mapping]:
+    """The shared mappings of process pid that map one of the objects ([] when it is gone)."""
+    text = _read(pid)
+    return _matching(text, _needles(keys), keys) if text else []
 
 
 def find_mappers(keys: set[ObjectKey], *, skip: Iterable[int] = ()) -> dict[int, list[Mapping]]:
@@ -46,16 +54,8 @@ def find_mappers(keys: set[ObjectKey], *, skip: Iterable[int] = ()) -> dict[int,
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) in skipped:
             continue
-        try:
-            with open(f"/proc/{name}/maps", "rb") as f:
-                text = f.read()
-        except OSError:
-            continue                       # exited, or a kernel thread we cannot read
-        if not any(n in text for n in needles):
-            continue
-        lines = [ln for ln in text.splitlines() if any(n in ln for n in needles)]
-        maps = parse_maps_text(b"\n".join(lines).decode(errors="replace"))
-        found = [m for m in maps if m.shared and (m.dev[0], m.dev[1], m.inode) in keys]
+        text = _read(name)
+        found = _matching(text, needles, keys) if text else []
         if found:
             out[int(name)] = found
     return out

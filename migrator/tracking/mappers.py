@@ -30,7 +30,7 @@ from ..kernel.maps import Mapping, Region
 from ..kernel.native import PAGE_SIZE
 from ..kernel.pagemap import (PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
                               Pagemap)
-from ..kernel.process import process_exists
+from ..kernel.process import StatReader, process_exists
 from ..kernel.uffd import Userfaultfd
 from .base import DirtyPages, RegionEvent, Tracker, TrackerStatistics
 from .pageset import PageSet
@@ -63,7 +63,8 @@ class _Mapper:
     pid: int
     uffd: Userfaultfd | None = None
     pagemap: Pagemap | None = None
-    spans: list[_Span] = field(default_factory=list)
+    spans: list[_Span] = field(default_factory=list)   # registered with its uffd
+    seen: list[Mapping] = field(default_factory=list)  # its mappings of the objects, last looked at
     why_not: str = ""                     # why its writes are not tracked (uffd is None)
 
 
@@ -101,6 +102,7 @@ class MapperTracker(Tracker):
         self.discover_s = 0.0                 # time the last /proc scan took
         self.discovers = 0
         self._skip = {os.getpid()}            # migrator's own read-only views of the objects
+        self._stats: dict[int, list] = {}     # pid -> [StatReader, address-space size last seen]
 
     # --- mappers ----------------------------------------------------------------------------
     def _discover(self) -> dict[int, list[Mapping]]:
@@ -131,7 +133,7 @@ class MapperTracker(Tracker):
 
     def _add(self, pid: int, maps: list[Mapping], events: list[RegionEvent], initial: bool,
              arm: bool = True) -> None:
-        m = _Mapper(pid)
+        m = _Mapper(pid, seen=maps)
         self._mappers[pid] = m
         spans = [_Span.of(x) for x in maps]
         try:
@@ -185,7 +187,7 @@ class MapperTracker(Tracker):
         else:
             found = {}
             for pid in {self.pid, *self.hint_pids, *self._mappers}:
-                maps = mappings_of(pid, self._keys)
+                maps = self._look(pid)
                 if maps:
                     found[pid] = maps
         if self.pid not in found:
@@ -199,6 +201,7 @@ class MapperTracker(Tracker):
             if m is None:
                 self._add(pid, maps, events, initial=False, arm=arm)
                 continue
+            m.seen = maps
             spans = [_Span.of(x) for x in maps]
             lost = [s for s in m.spans if s not in spans]
             if lost:
@@ -214,6 +217,27 @@ class MapperTracker(Tracker):
                     for r in self._regions_of(fresh):
                         events.append(RegionEvent(r.name, "mapper-added", f"process {pid} mapped "
                                                   "it again; earlier writes through it unknown"))
+
+    def _look(self, pid: int) -> list[Mapping]:
+        """pid's mappings of the objects: read again only when its address-space size changed
+        since the last look (/proc/PID/stat kept open: a few us), else as last seen.  A mapping
+        replaced by one of the same size is found by the periodic /proc scan, or by the scan
+        failing on it (see _scan_span)."""
+        st = self._stats.get(pid)
+        try:
+            if st is None:
+                st = self._stats[pid] = [StatReader(pid), -1]
+            size = st[0].vsize()
+        except TargetGoneError:
+            if st is not None:
+                st[0].close()
+            self._stats.pop(pid, None)
+            return []
+        m = self._mappers.get(pid)
+        if size == st[1] and m is not None:
+            return m.seen
+        st[1] = size
+        return mappings_of(pid, self._keys)
 
     # --- Tracker ----------------------------------------------------------------------------
     def begin(self) -> None:
@@ -296,6 +320,9 @@ class MapperTracker(Tracker):
                         pass        # exited, or unmapped: nothing left to disarm
             self._close(m)
         self._mappers.clear()
+        for st in self._stats.values():
+            st[0].close()
+        self._stats.clear()
 
     # --- reports ----------------------------------------------------------------------------
     def mappers(self) -> dict[int, str]:
