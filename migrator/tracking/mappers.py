@@ -70,16 +70,8 @@ class _Mapper:
 
 def _or_at(dst: PageSet, src: PageSet, at: int) -> None:
     """dst pages at + i |= src pages i (src fits in dst from at)."""
-    if at % 8 == 0:
-        lo = at // 8
-        n = len(src.bits)
-        if lo + n > len(dst.bits):       # src's last byte may run past dst's end only in padding
-            n = len(dst.bits) - lo
-        seg = int.from_bytes(dst.bits[lo:lo + n], "little") | int.from_bytes(src.bits[:n], "little")
-        dst.bits[lo:lo + n] = seg.to_bytes(n, "little")
-    else:
-        for p in src:
-            dst.add(at + p)
+    for p in src:
+        dst.add(at + p)
 
 
 class MapperTracker(Tracker):
@@ -289,25 +281,29 @@ class MapperTracker(Tracker):
                 continue
             a = s.start + (lo - s.first_page) * PAGE_SIZE
             b = a + (hi - lo) * PAGE_SIZE
-            got = PageSet(hi - lo)
+            dst, at = out.pages[r.name], lo - rfirst
+            # the scan sets bits from a byte boundary: straight into the region's set when the
+            # span starts at a multiple of 8 of its pages (the usual case), else through a copy
+            tmp = None if at % 8 == 0 else PageSet(hi - lo)
             try:
-                n = m.pagemap.scan(a, b, got.bits, flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                n = m.pagemap.scan(a, b, memoryview(dst.bits)[at // 8:] if tmp is None else tmp.bits,
+                                   flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
                                    category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN)
             except OSError as e:
                 if e.errno != errno.EPERM:
                     raise
                 # the span is no longer the registered VMA: what it reported before failing is
                 # lost, so report it whole and look at the mapper's mappings again
-                n = 1
-                got.add_range(0, hi - lo)
+                n = 0
+                dst.add_range(at, hi - rfirst)
                 out.events.append(RegionEvent(r.name, "mapper-remapped",
                                               f"process {m.pid}: a mapping changed; its pages reported"))
                 m.spans = [x for x in m.spans if x != s]
                 maps = mappings_of(m.pid, self._keys)
                 if maps:
                     self._arm(m, [_Span.of(x) for x in maps])
-            if n:
-                _or_at(out.pages[r.name], got, lo - rfirst)
+            if n and tmp is not None:
+                _or_at(dst, tmp, at)
 
     def end(self) -> None:
         for m in list(self._mappers.values()):
