@@ -24,6 +24,7 @@ from migrator.errors import TargetGoneError
 from migrator.kernel.inject import (InjectionRefused, find_syscall_instruction, inject_userfaultfd,
                                     inject_userfaultfd_at, injection_refusal, pick_thread,
                                     probe_injection)
+from migrator.kernel.maps import vma_smaps
 from migrator.kernel.native import PAGE_SIZE
 from migrator.kernel.pagemap import (PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
                                      Pagemap)
@@ -91,6 +92,13 @@ class Target:
         return {k: (v if k == "data" else int(v)) for k, v in
                 (kv.split("=") for kv in line.split()[1:])}
 
+    def woken(self) -> dict[str, int | str]:
+        """Wake the blocked call; its result, without the time it took."""
+        self.cmd("wake")
+        res = self.result()
+        res.pop("ns")
+        return res
+
     def syscall(self, tid: int | None = None) -> list[str]:
         with open(f"/proc/{self.pid}/task/{tid or self.pid}/syscall") as f:
             return f.read().split()
@@ -113,14 +121,7 @@ class Target:
         raise KeyError(key)
 
     def vmflags(self, start: int) -> list[str]:
-        with open(f"/proc/{self.pid}/smaps") as f:
-            inside = False
-            for line in f:
-                if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-                    inside = line.startswith(f"{start:x}-")
-                elif inside and line.startswith("VmFlags:"):
-                    return line.split()[1:]
-        raise KeyError(hex(start))
+        return vma_smaps(self.pid, start)["VmFlags"].split()
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -248,10 +249,7 @@ def test_non_root_target_gets_user_mode_only(target):
     assert t.ask("write anon 9") == "OK"
     assert scan_written(t.pid, t.anon, t.pages) == [3, 9]
     u.close()
-    t.cmd("wake")
-    res = t.result()
-    res.pop("ns")
-    assert res == BLOCKED["read"][2]
+    assert t.woken() == BLOCKED["read"][2]
 
 
 TRACER = r"""
@@ -287,10 +285,7 @@ def test_already_traced_target_refused(target):
         tracer.stdin.close()
         tracer.wait()
     assert t.status("TracerPid") == "0"
-    t.cmd("wake")
-    res = t.result()
-    res.pop("ns")
-    assert res == BLOCKED["read"][2]
+    assert t.woken() == BLOCKED["read"][2]
 
 
 @pytest.mark.parametrize("option,reason", [
@@ -379,10 +374,7 @@ def test_signal_during_injection_delivered_at_detach(target):
     assert find_uffd_fds(t.pid) == []
     os.kill(t.pid, signal.SIGCONT)
     t.wait_syscall(NR["read"])
-    t.cmd("wake")
-    res = t.result()
-    res.pop("ns")
-    assert res == BLOCKED["read"][2]
+    assert t.woken() == BLOCKED["read"][2]
 
 
 def uffds_here() -> set[int]:
@@ -437,10 +429,7 @@ def test_stopped_process_stays_stopped(target):
     assert t.status("State").startswith("T (stopped)") and t.status("TracerPid") == "0"
     os.kill(t.pid, signal.SIGCONT)
     t.wait_syscall(NR["read"])
-    t.cmd("wake")
-    res = t.result()
-    res.pop("ns")
-    assert res == BLOCKED["read"][2]
+    assert t.woken() == BLOCKED["read"][2]
 
 
 def test_bad_syscall_address_leaves_target_intact(target):
@@ -452,10 +441,7 @@ def test_bad_syscall_address_leaves_target_intact(target):
     assert e.value.errno == errno.EFAULT
     t.wait_syscall(NR["read"])
     assert find_uffd_fds(t.pid) == [] and t.status("TracerPid") == "0"
-    t.cmd("wake")
-    res = t.result()
-    res.pop("ns")
-    assert res == BLOCKED["read"][2]
+    assert t.woken() == BLOCKED["read"][2]
 
 
 def test_zombie_leader_injects_another_thread(target):
@@ -514,10 +500,7 @@ def test_caller_killed_mid_injection(target):
     c0 = t.count()
     time.sleep(0.01)
     assert t.count() > c0
-    t.cmd("wake")
-    res = t.result()
-    res.pop("ns")
-    assert res == BLOCKED["read"][2]
+    assert t.woken() == BLOCKED["read"][2]
 
 
 def test_timing_and_repeat(target):
@@ -534,10 +517,7 @@ def test_timing_and_repeat(target):
         us = [getattr(r, name) * 1e6 for r in runs]
         print(f"{name}: min {min(us):.0f} µs, median {statistics.median(us):.0f} µs, max {max(us):.0f} µs")
     t.wait_syscall(NR["read"])
-    t.cmd("wake")
-    res = t.result()
-    res.pop("ns")
-    assert res == BLOCKED["read"][2]
+    assert t.woken() == BLOCKED["read"][2]
 
 
 def test_probe_injection(root):
@@ -557,10 +537,7 @@ def test_thread_in_epoll_wait_is_not_the_one_injected(target):
     os.close(inj.fd)
     assert inj.tid != t.pid and os.path.exists(f"/proc/{t.pid}/task/{inj.tid}")
     assert find_uffd_fds(t.pid) == [] and t.status("TracerPid") == "0"
-    t.cmd("wake")
-    res = t.result()
-    res.pop("ns")
-    assert res == {"ret": 1, "errno": 0, "data": "hello", "mask_ok": 1}
+    assert t.woken() == {"ret": 1, "errno": 0, "data": "hello", "mask_ok": 1}
 
 
 def test_epoll_wait_of_an_injected_thread_fails_with_eintr(target):

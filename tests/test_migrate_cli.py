@@ -12,6 +12,7 @@ from migration_helpers import ReceiverProcess, assert_images_equal_source
 from migrator.guest.launcher import start_guest
 from migrator.guest.spec import GuestSpec
 from migrator.guest.workloads import WorkloadSpec
+from migrator.kernel.maps import vma_smaps
 from migrator.kernel.process import process_state
 from migrator.transport import generate_key_file
 
@@ -146,14 +147,5 @@ def test_cli_killed_mid_migration_leaves_no_write_protection(keyed, tmp_path):
 
 
 def _vmflags(pid: int, addr: int) -> list[str]:
-    """VmFlags of the VMA at addr (smaps): "uw" marks a userfaultfd write-protect registration."""
-    inside = False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            head = line.split(" ", 1)[0]
-            if "-" in head and ":" not in head:
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and line.startswith("VmFlags:"):
-                return line.split()[1:]
-    return []
+    """VmFlags of the VMA at addr: "uw" marks a userfaultfd write-protect registration."""
+    return vma_smaps(pid, addr).get("VmFlags", "").split()

@@ -1,13 +1,11 @@
 """make_tracker's choice on real processes: the cooperative uffd first, else an injected one; a
 refused injection falls back to the next mechanism and says why; --tracker wp refuses instead."""
 
-import subprocess
-import sys
-
 import pytest
 
 from child import Child
 from conftest import require_feature
+from tracer import Tracer
 from migrator.errors import UnsupportedError
 from migrator.kernel.probe import probe_uffd_wp_async_anon, probe_uffd_wp_async_shmem
 from migrator.tracking.choose import make_tracker
@@ -57,9 +55,8 @@ def test_non_cooperating_target_injected(wp_kernel):
 
 def test_traced_target_falls_back_and_says_why(wp_kernel):
     c = Child("--shm-pages", "16", "--anon-pages", "16")
-    holder = subprocess.Popen([sys.executable, "-c", SEIZE_HOLDER, str(c.pid)], stdout=subprocess.PIPE, text=True)
+    holder = Tracer(c.pid)
     try:
-        assert holder.stdout.readline().strip() == "seized"
         with make_tracker(c.pid, regions(c), "auto") as t:
             assert t.name in ("hash+ledger", "soft-dirty+ledger")
             detail = t.statistics().detail
@@ -72,8 +69,7 @@ def test_traced_target_falls_back_and_says_why(wp_kernel):
             make_tracker(c.pid, regions(c), "wp")
         assert open(f"/proc/{c.pid}/status").read().count(f"TracerPid:\t{holder.pid}") == 1
     finally:
-        holder.kill()
-        holder.wait()
+        holder.close()
         c.exit()
 
 
@@ -98,14 +94,3 @@ def test_hash_chosen_by_user_injects_nothing(wp_kernel):
     finally:
         c.exit()
 
-
-SEIZE_HOLDER = """
-import ctypes, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-if libc.ptrace(0x4206, int(sys.argv[1]), None, None) != 0:   # PTRACE_SEIZE
-    print("error", ctypes.get_errno(), flush=True)
-else:
-    print("seized", flush=True)
-time.sleep(3600)
-"""

@@ -11,8 +11,10 @@ import pytest
 
 from child import Child
 from conftest import require, require_feature, swap_active
+from tracer import Tracer
 from migrator.errors import TargetGoneError
 from migrator.kernel.mappers import find_mappers
+from migrator.kernel.maps import vma_smaps
 from migrator.kernel.probe import probe_uffd_wp_async_shmem
 from migrator.tracking.composite import CompositeTracker
 from migrator.tracking.mappers import MapperTracker
@@ -119,9 +121,8 @@ def test_known_mappers_tracked_without_a_proc_scan(target, others):
 def test_mapper_found_through_a_hint_without_a_proc_scan(target, others):
     """A hinted process (a --writers pid) that maps the memory only after begin() is found at the
     next collect by looking at it alone (its address-space size changed)."""
-    import subprocess as sp
-    late = sp.Popen([sys.executable, "-c", _MAP_LATER, f"/proc/{target.pid}/fd/{target.info['memfd']}"],
-                    stdin=sp.PIPE, stdout=sp.PIPE, text=True)
+    late = subprocess.Popen([sys.executable, "-c", _MAP_LATER, f"/proc/{target.pid}/fd/{target.info['memfd']}"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert late.stdout.readline() == "ready\n"
         with Tracked(target, hint_pids=[late.pid]) as t:
@@ -205,9 +206,7 @@ def test_untrackable_mapper_reported_and_left_to_the_ledger(target, others):
     """A mapper already traced (here by a process holding PTRACE_SEIZE on it) cannot be injected:
     the tracker says so, and the ledger still sees its writes."""
     a = others()
-    holder = subprocess.Popen([sys.executable, "-c", _SEIZE_HOLDER, str(a.pid)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "seized"
+    with Tracer(a.pid):
         pool = UffdPool()
         shm = target.region("shm")
         mt = MapperTracker(target.pid, [shm], pool, discover_every_s=0)
@@ -216,21 +215,7 @@ def test_untrackable_mapper_reported_and_left_to_the_ledger(target, others):
             assert "traced" in mt.mappers()[a.pid]
             a.write("shm", [30])
             assert t.collect().pages["shm"].pages() == [30]
-    finally:
-        holder.kill()
-        holder.wait()
 
-
-_SEIZE_HOLDER = """
-import ctypes, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-if libc.ptrace(0x4206, int(sys.argv[1]), None, None) != 0:   # PTRACE_SEIZE
-    print("error", ctypes.get_errno(), flush=True)
-else:
-    print("seized", flush=True)
-time.sleep(3600)
-"""
 
 
 def test_find_mappers_by_device_and_inode(target, others):
@@ -253,14 +238,5 @@ def test_no_uffd_left_after_end(target, others):
 
 
 def _vmflags(pid: int, addr: int) -> list[str]:
-    """VmFlags of the VMA at addr (smaps): "uw" marks userfaultfd write-protect registration."""
-    inside = False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            head = line.split(" ", 1)[0]
-            if "-" in head and ":" not in head:
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and line.startswith("VmFlags:"):
-                return line.split()[1:]
-    raise AssertionError(f"no VMA at {addr:#x} in process {pid}")
+    """VmFlags of the VMA at addr: "uw" marks a userfaultfd write-protect registration."""
+    return vma_smaps(pid, addr)["VmFlags"].split()

@@ -10,6 +10,7 @@ import pytest
 from child import Child
 from conftest import require, require_feature, swap_active
 from migrator.errors import TargetGoneError, UnsupportedError
+from migrator.kernel.maps import vma_smaps
 from migrator.kernel.probe import probe_uffd_wp_async_anon, probe_uffd_wp_async_shmem
 from migrator.tracking.uffds import UffdPool
 from migrator.tracking.writeprotect import WriteProtectTracker
@@ -234,13 +235,4 @@ def test_mremap_moving_region_reported(child):
 
 
 def _anon_huge_kib(pid: int, addr: int) -> int:
-    inside = False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            head = line.split(" ", 1)[0]
-            if "-" in head and ":" not in head:
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and line.startswith("AnonHugePages:"):
-                return int(line.split()[1])
-    return 0
+    return int(vma_smaps(pid, addr).get("AnonHugePages", "0 kB").split()[0])

@@ -225,3 +225,22 @@ def select_regions(maps: list[Mapping], selectors: list[str]) -> list[Region]:
 def mappings_in(maps: list[Mapping], start: int, end: int) -> list[Mapping]:
     """The VMAs overlapping [start, end)."""
     return [m for m in maps if m.start < end and m.end > start]
+
+
+def vma_smaps(pid: int | str, addr: int) -> dict[str, str]:
+    """The /proc/PID/smaps fields of the VMA holding addr (e.g. "AnonHugePages": "2048 kB",
+    "VmFlags": "rd wr mr mw me ac uw"); {} when no VMA holds it.  pid may be "self"."""
+    out: dict[str, str] = {}
+    inside = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:
+                if inside:
+                    break
+                a, b = (int(x, 16) for x in head.split("-"))
+                inside = a <= addr < b
+            elif inside:
+                key, _, value = line.partition(":")
+                out[key] = value.strip()
+    return out

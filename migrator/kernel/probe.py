@@ -9,6 +9,7 @@ import os
 import subprocess
 from dataclasses import asdict, dataclass
 
+from .maps import vma_smaps
 from .native import PAGE_SIZE, lib
 from .pagemap import (PAGE_IS_PRESENT, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
                       PM_SOFT_DIRTY, Pagemap)
@@ -215,16 +216,7 @@ def probe_thp() -> Feature:
 
 def _anon_huge_bytes(addr: int) -> int:
     """AnonHugePages of the VMA holding addr, from /proc/self/smaps (bytes)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(" ", 1)[0]
-            if "-" in head and ":" not in head:
-                a, b = (int(x, 16) for x in head.split("-"))
-                inside = a <= addr < b
-            elif inside and line.startswith("AnonHugePages:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return int(vma_smaps("self", addr).get("AnonHugePages", "0 kB").split()[0]) * 1024
 
 
 def probe() -> Capabilities:
