@@ -8,8 +8,9 @@ injected), registers and write-protects each of its mappings of the objects, and
 scans each mapping with PAGEMAP_SCAN (report + re-protect in one step) and unions the reports by
 object page into the target's regions.
 
-Mappers are looked for again at most every `discover_every_s` seconds (each look reads every
-process's maps: ~10 us a process) and always at begin and at the final collect.  A mapper found
+Mappers are looked for again at begin and then at most every `discover_every_s` seconds (each
+look reads every process's maps: ~10 us a process); in between, and at the final collect, only
+the known mappers and the hints are looked at, when their address-space size changed.  A mapper found
 later is registered then: its writes before that are unknown to page tables, and so are writes
 through a mapping that went away before a collect scanned it (munmap drops the PTEs).  Such
 events are reported ("mapper-added", "mapper-gone", "mapper-untracked"); the shmem ledger, which
@@ -251,9 +252,14 @@ class MapperTracker(Tracker):
         """Pages written through any mapper since the previous collect.  exclude: regions not
         reported (a sender compares them as it sends: see LedgerTracker.known_hashes)."""
         t0 = time.perf_counter()
-        out = DirtyPages(pages={r.name: PageSet(r.npages) for r in self.regions})
-        self._refresh(out.events, force=final, arm=not final)
         wanted = [r for r in self.regions if r.name not in exclude]
+        out = DirtyPages(pages={r.name: PageSet(r.npages) for r in wanted})
+        if not wanted:           # (the final collect of regions a sender scans as it sends)
+            return self._account(out)
+        # the final collect (source paused) looks for no new mapper with a /proc scan: that
+        # would lengthen the pause, and what a mapper found now wrote is unknown to page
+        # tables anyway (the ledger's); the periodic scans ran until the last live collect
+        self._refresh(out.events, force=False, arm=not final)
         for pid in list(self._mappers):
             m = self._mappers[pid]
             if m.uffd is None or m.pagemap is None:
@@ -265,8 +271,6 @@ class MapperTracker(Tracker):
                 if pid == self.pid:
                     raise
                 self._gone(pid, out.events, "exited")
-        for name in exclude:
-            out.pages.pop(name, None)
         out.cost_s = time.perf_counter() - t0
         return self._account(out)
 
