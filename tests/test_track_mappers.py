@@ -70,6 +70,7 @@ def test_every_mapper_exact_union(target, others):
     with Tracked(target) as t:
         assert set(t.mappers()) == {target.pid, a.pid, b.pid}
         assert all("injected" in how for how in t.mappers().values())
+        assert t.writer_pids() == {a.pid, b.pid}    # (a switch-over must pause them too)
         target.write("shm", [1])
         a.write("shm", [2, 40])
         b.write("shm", [63, 1])
