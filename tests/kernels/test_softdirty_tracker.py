@@ -130,10 +130,20 @@ def test_composite_other_write_paths(child):
         assert pages(t) == {"anon": [], "shm": []}
 
 
-def test_auto_without_userfaultfd_picks_soft_dirty(child, caps):
-    """A target holding no userfaultfd: auto takes soft-dirty (the best exact tracker left)."""
-    with make_tracker(child.pid, [child.region("anon"), child.region("shm")], "auto") as t:
+def test_auto_without_userfaultfd(child, caps):
+    """A target holding no userfaultfd: auto injects one where the kernel has async write-protect
+    (6.12), else takes soft-dirty, the best exact tracker left (6.1); with injection off, soft-dirty
+    on both, and the report says why."""
+    regions = [child.region("anon"), child.region("shm")]
+    wp = caps.uffd_wp_async_anon.supported and caps.pagemap_scan.supported
+    with make_tracker(child.pid, regions, "auto") as t:
+        assert t.name == ("wp+wp-mappers+ledger" if wp else "soft-dirty+ledger")
+        child.write("anon", [4])
+        child.write("shm", [5])
+        assert pages(t) == {"anon": [4], "shm": [5]}
+    with make_tracker(child.pid, regions, "auto", inject=False) as t:
         assert t.name == "soft-dirty+ledger"
+        assert "no write-protect: " in t.statistics().detail
 
 
 def test_new_mapping_false_positives_reported_once(child):
