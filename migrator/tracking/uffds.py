@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import TargetGoneError, UnsupportedError
+from ..errors import UnsupportedError
 from ..kernel.uffd import Userfaultfd, find_uffd_fds
 
 
@@ -39,9 +39,6 @@ class UffdPool:
         self._cooperative = dict(cooperative or {})
         self._uffds: dict[int, Userfaultfd] = {}
         self.origins: dict[int, UffdOrigin] = {}
-
-    def has(self, pid: int) -> bool:
-        return pid in self._uffds
 
     def get(self, pid: int) -> Userfaultfd:
         """The process's uffd, obtained on first use.  Raises UnsupportedError (the kernel lacks
@@ -96,12 +93,3 @@ class UffdPool:
         for pid in list(self._uffds):
             self.drop(pid)
 
-
-def try_get(pool: UffdPool, pid: int) -> tuple[Userfaultfd | None, str]:
-    """pool.get(pid), or (None, why not) when the process cannot be tracked by write-protect."""
-    try:
-        return pool.get(pid), ""
-    except TargetGoneError as e:
-        return None, str(e)
-    except UnsupportedError as e:
-        return None, str(e)
