@@ -241,3 +241,18 @@ def test_no_uffd_left_after_end(target, others):
 def _vmflags(pid: int, addr: int) -> list[str]:
     """VmFlags of the VMA at addr: "uw" marks a userfaultfd write-protect registration."""
     return vma_smaps(pid, addr)["VmFlags"].split()
+
+
+
+def test_mapper_mapping_replaced_found_by_the_proc_scan(target, others):
+    """A mapper maps anonymous memory over part of its mapping of the memfd: the replaced mapping
+    is reported gone (writes through it since the last collect are unknown to page tables: the
+    ledger's), its remaining parts registered again, and later writes reported exactly."""
+    a = others()
+    with Tracked(target) as t:
+        a.cmd("remap", region="shm", first=20, n=4)
+        res = t.collect()
+        assert [e.what for e in res.events] == ["mapper-gone", "mapper-added"]
+        a.write("shm", [30, 2])
+        target.write("shm", [21])
+        assert pages(t) == [2, 21, 30]

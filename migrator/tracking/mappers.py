@@ -124,6 +124,17 @@ class MapperTracker(Tracker):
                 raise
             m.spans.append(s)
 
+    def _arm_more(self, m: _Mapper, spans: list[_Span], events: list[RegionEvent], detail: str) -> None:
+        """Register more spans of a tracked mapper; one that cannot be is reported (the ledger
+        covers it), never an error of the collect."""
+        try:
+            self._arm(m, spans)
+            what = "mapper-added"
+        except (UnsupportedError, OSError) as e:
+            what, detail = "mapper-untracked", f"process {m.pid}: a new mapping of it cannot be write-protected ({e})"
+        for r in self._regions_of(spans):
+            events.append(RegionEvent(r.name, what, detail))
+
     def _add(self, pid: int, maps: list[Mapping], events: list[RegionEvent], initial: bool,
              arm: bool = True) -> None:
         m = _Mapper(pid, seen=maps)
@@ -206,10 +217,8 @@ class MapperTracker(Tracker):
             if m.uffd is not None and arm:
                 fresh = [s for s in spans if s not in m.spans]
                 if fresh:
-                    self._arm(m, fresh)
-                    for r in self._regions_of(fresh):
-                        events.append(RegionEvent(r.name, "mapper-added", f"process {pid} mapped "
-                                                  "it again; earlier writes through it unknown"))
+                    self._arm_more(m, fresh, events, f"process {pid} mapped it again; earlier "
+                                   "writes through it unknown")
 
     def _look(self, pid: int) -> list[Mapping]:
         """pid's mappings of the objects: read again only when its address-space size changed
@@ -305,7 +314,8 @@ class MapperTracker(Tracker):
                 m.spans = [x for x in m.spans if x != s]
                 maps = mappings_of(m.pid, self._keys)
                 if maps:
-                    self._arm(m, [_Span.of(x) for x in maps])
+                    self._arm_more(m, [_Span.of(x) for x in maps], out.events,
+                                   f"process {m.pid}: its new mapping registered")
             if n and tmp is not None:
                 _or_at(dst, tmp, at)
 
