@@ -9,6 +9,7 @@ BENCHES = {
     "wire": "migrator.bench.wire",
     "precopy": "migrator.bench.precopy",
     "qemu": "migrator.bench.qemu",
+    "scale": "migrator.bench.scale",
 }
 
 
