@@ -41,6 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="never inject a userfaultfd into a process: write-protect only for a target "
                         "that made its own (e.g. migrator guest --uffd)")
     p.add_argument("--channels", type=int, default=1, metavar="N", help="parallel TCP connections")
+    p.add_argument("--verify", choices=["hashes", "memory"], default="hashes",
+                   help="hashes (default): the receiver proves it holds every page as sent, from the "
+                        "per-page hashes both sides keep (no memory read in the pause); memory: "
+                        "besides, the paused source is read again and compared with what was sent "
+                        "(after the pause, reported as verify_memory_ms)")
     q = p.add_argument_group("QEMU VM (see docs/qemu.md)")
     q.add_argument("--qmp", metavar="PATH", help="migrate the QEMU VM behind this QMP socket: its RAM "
                    "by migrator, then its device state by QEMU (x-ignore-shared) to --qemu-incoming")
@@ -81,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         downtime_limit_ms=args.downtime_limit,
         max_bandwidth=parse_rate(args.max_bandwidth) if args.max_bandwidth else None,
         max_rounds=args.max_rounds, auto_converge=args.auto_converge, tracker=args.tracker,
-        inject=not args.no_inject, channels=args.channels, switchover=args.switchover)
+        inject=not args.no_inject, channels=args.channels, switchover=args.switchover,
+        verify=args.verify)
     if args.max_rounds < 1:
         raise UsageError("--max-rounds must be at least 1")
     ssl_ctx = client_ssl_context(args.tls_ca) if args.tls_ca else None

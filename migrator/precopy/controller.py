@@ -21,11 +21,11 @@ from ..kernel.native import PAGE_SIZE
 from ..kernel.process import process_exists
 from ..tracking.base import DirtyPages, Tracker
 from ..tracking.choose import make_tracker
-from ..tracking.ledger import LedgerTracker
 from ..tracking.pageset import PageSet
 from ..transport import FinishResult, KnownPages, RegionSpec, SendStats, connect_sender
 from .pause import Pauser, Throttle
 from .report import MigrationReport, RoundStats
+from .sent import SentHashes
 from .source import SourceMemory
 
 
@@ -48,6 +48,10 @@ class MigrationPolicy:
     sample_s: float = 0.05                # a round is cut no sooner (bandwidth measured by then)
     force_switchover: trio.Event | None = None
     verify_timeout_s: float = 60.0
+    # "hashes": the receiver proves it holds every page as sent (digests of the per-page hash
+    # tables both sides keep: no memory read in the pause); "memory": besides, the paused
+    # source is read again and compared with what was sent (verify_memory_ms, after the pause)
+    verify: str = "hashes"
 
 
 class SourcePauser(Protocol):
@@ -79,6 +83,8 @@ class MigrationTarget:
     uffd_fd: int | None = None
     pauser: SourcePauser | None = None
     maps: list | None = None              # the target's mappings if the caller just read them
+    no_syscall_writes: list[int] = field(default_factory=list)   # never write the shared memory
+                                          # by system call (QEMU: see tracking/sweepgate.py)
     after_pause: Callable[[], Awaitable[None]] | None = None
     alongside_verify: Callable[[], Awaitable[None]] | None = None
 
@@ -113,6 +119,7 @@ class Background:
 
 NONCONVERGENCE_RATIO = 0.95     # dirtied / previously sent at or above this: no progress
 SWITCHOVER_RULES = ("converge", "fits")
+VERIFY_MODES = ("hashes", "memory")
 SAMPLE_STRIDE = 16       # a round's sample of sent data pages: every 16th ...
 SAMPLE_PAGES = 4096      # ... up to this many (16 MiB hashed at most per check)
 
@@ -186,6 +193,8 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
     policy = policy or MigrationPolicy()
     if policy.channels < 1:
         raise UsageError("channels must be at least 1")
+    if policy.verify not in VERIFY_MODES:
+        raise UsageError(f"verify {policy.verify!r}: expected one of {', '.join(VERIFY_MODES)}")
     if policy.switchover not in SWITCHOVER_RULES:
         raise UsageError(f"switch-over rule {policy.switchover!r}: expected one of {', '.join(SWITCHOVER_RULES)}")
     rep = MigrationReport(downtime_limit_ms=policy.downtime_limit_ms)
@@ -196,7 +205,8 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
     regions: list[Region] = select_regions(maps, target.regions)
     rep.regions = [r.to_json() for r in regions]
     tracker = make_tracker(target.pid, regions, policy.tracker, uffd_fd=target.uffd_fd,
-                           inject=policy.inject, hint_pids=[*target.writers, *_cgroup_pids(target.cgroup)])
+                           inject=policy.inject, hint_pids=[*target.writers, *_cgroup_pids(target.cgroup)],
+                           no_syscall_writes=set(target.no_syscall_writes))
     rep.tracker = tracker.name
     mark("tracker-made")
     source = SourceMemory(target.pid, regions, maps)
@@ -238,8 +248,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
                             nursery.start_soon(throttle.run)
                         try:
                             await _run(rep, policy, tracker, source, sender, regions, pauser,
-                                       throttle, progress, target, first,
-                                       getattr(tracker, "record_sent", None))
+                                       throttle, progress, target, first)
                         finally:
                             nursery.cancel_scope.cancel()
                 except BaseExceptionGroup as eg:
@@ -270,10 +279,18 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
 
 async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, source: SourceMemory,
                sender, regions: list[Region], pauser: SourcePauser, throttle: Throttle,
-               progress, target: MigrationTarget, first: dict[str, PageSet],
-               on_packed=None) -> None:
+               progress, target: MigrationTarget, first: dict[str, PageSet]) -> None:
     rep.status = "active"
     mark = rep.timeline.mark
+    # what the destination holds, page by page (the digests come from it), and what the
+    # ledger compares with next (LedgerTracker.record_sent): both kept as pages are packed
+    sent_tables = SentHashes({r.name: r.npages for r in regions})
+    record_sent = getattr(tracker, "record_sent", None)
+
+    def on_packed(name: str, data_flat, zero_flat, hashes: bytes) -> None:
+        sent_tables.record(name, data_flat, zero_flat, hashes)
+        if record_sent is not None:
+            record_sent(name, data_flat, zero_flat, hashes)
 
     def account(round_no: int, dirtied: int, st, tracker_s: float, dirty_rate: float,
                 expected_ms: float, final: bool = False) -> RoundStats:
@@ -413,14 +430,16 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             pending = unsent     # (a round cut short: its pages not sent)
             break
         _check_events(dirty, rep, round_no)
+        _note_sweeps(dirty, rep, round_no)
         pending = dirty.pages
         n = _count(pending)
         dirty_rate = n / max(elapsed, 1e-6)                # pages/s
         rep.dirty_pages_rate = dirty_rate
         bandwidth = max(sender.statistics().bandwidth, 1.0)
         rep.bandwidth_bytes_per_s = bandwidth
-        # the pause will cost the final collect (about as long as this one) and the transfer
-        expected_s = dirty.cost_s + n * PAGE_SIZE / bandwidth
+        # the pause will cost the final collect (its page-table scans, and a sweep of each
+        # object this collect had to sweep) and the transfer
+        expected_s = tracker.final_collect_estimate_s() + n * PAGE_SIZE / bandwidth
         rep.expected_downtime_ms = expected_s * 1000
         rep.remaining_bytes = n * PAGE_SIZE
         forced = policy.force_switchover is not None and policy.force_switchover.is_set()
@@ -456,85 +475,70 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         pending = {}
 
     async def final_round() -> FinishResult:
-        """The source is paused: the last pages, the final collect and the digests, then the
-        receiver's verification (beside it, target.alongside_verify)."""
-        digests: dict[str, str] = {}
+        """The source is paused: the pages still pending, the final collect beside them, the
+        pages it found beyond them, a scanning send of the objects the ledger must sweep, then
+        the receiver's verification (beside it, target.alongside_verify)."""
         collected: list[DirtyPages] = []
         got_final = trio.Event()
-        first_sent = trio.Event()
-
-        ledger = getattr(tracker, "ledger", None)
-        # Regions whose final collect the sender does as it sends (the ledger's hashes are those
-        # of what the destination holds: every page is compared with them and only those that
-        # differ go out, with the pending ones): one pass over their memory, not a sweep and
-        # then a send.
+        # Where the ledger's hashes are those of what the destination holds, a sweep the final
+        # collect needs is done by the sender instead: it compares every page with them as it
+        # sends, one pass over the memory, not a sweep and then a send.
         known_hashes = getattr(tracker, "known_hashes", None)
         hashes = known_hashes() if known_hashes is not None else {}
-        scanned = frozenset(hashes)
-        rep.final_scanned = sorted(scanned)
-
-        async def digest_all() -> None:
-            # The source is paused: its digests are computed while the last pages go out.
-            # Shared regions: from the ledger's hashes once the final sweep (or the scanning
-            # send) left them final.
-            await got_final.wait()
-            if scanned:
-                await first_sent.wait()
-            known = {r.name: ledger.page_hashes(r.name) for r in ledger.regions} \
-                if isinstance(ledger, LedgerTracker) else {}
-            for r in regions:
-                digests[r.name] = await trio.to_thread.run_sync(source.digest, r.name, known.get(r.name))
-            mark("digests")
+        fusable = frozenset(hashes)
 
         async def collect_final() -> None:
-            collect = (lambda: tracker.collect(final=True, exclude=scanned)) if scanned \
+            collect = (lambda: tracker.collect(final=True, defer=fusable)) if fusable \
                 else (lambda: tracker.collect(final=True))
             collected.append(await trio.to_thread.run_sync(collect))
             mark("final-collect")
             got_final.set()
 
-        # The pages still pending from the last round go out at once (the source is paused,
-        # so what is read now is final), with the scanned regions' changed pages, while the
-        # final collect of the other regions runs beside them; then only the pages that
-        # collect found beyond them.
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(digest_all)
             nursery.start_soon(collect_final)
-            first = _runs({n: s for n, s in pending.items() if n not in scanned})
-            known = {}
-            for r in regions:
-                if r.name in scanned:
-                    first[r.name] = [(0, r.npages)]
-                    forced = pending.get(r.name)
-                    known[r.name] = KnownPages(hashes[r.name], forced.bits if forced else None, stable=True)
-            st1 = await sender.send_pages(first, source, round_no, known=known)
-            first_sent.set()
+            # the pages still pending from the last round go out at once (the source is
+            # paused, so what is read now is final)
+            st1 = await sender.send_pages(_runs(pending), source, round_no, on_packed)
             mark("final-pending-sent")
             await got_final.wait()
-            final = collected[0]
-            _check_events(final, rep, "final")
-            if target.pauser is None:
-                unpaused = tracker.writer_pids() - {target.pid, *target.writers, *_cgroup_pids(target.cgroup)}
-                for pid in sorted(unpaused):
-                    rep.events.append(f"warning: process {pid} maps the migrated shared memory and was "
-                                      "not paused: writes it makes after the final collect are not in "
-                                      "the copy (give it to --writers)")
-            extra = _runs({name: (s - pending[name] if name in pending else s)
-                           for name, s in final.pages.items() if name not in scanned})
-            # (nothing beyond the pending pages, as when the guest rewrites them all: no send to
-            # set up and drain)
-            st2 = await sender.send_pages(extra, source, round_no) if extra \
-                else SendStats(round_no, 0, 0, 0, 0, 0.0)
-            mark("final-sent")
-            await sender.end_round(round_no)
-            mark("final-acked")
+        final = collected[0]
+        _check_events(final, rep, "final")
+        _note_sweeps(final, rep, "final")
+        if target.pauser is None:
+            unpaused = tracker.writer_pids() - {target.pid, *target.writers, *_cgroup_pids(target.cgroup)}
+            for pid in sorted(unpaused):
+                rep.events.append(f"warning: process {pid} maps the migrated shared memory and was "
+                                  "not paused: writes it makes after the final collect are not in "
+                                  "the copy (give it to --writers)")
+        extra = _runs({name: (s - pending[name] if name in pending else s)
+                       for name, s in final.pages.items()})
+        # (nothing beyond the pending pages, as when the guest rewrites them all: no send to
+        # set up and drain)
+        st2 = await sender.send_pages(extra, source, round_no, on_packed) if extra \
+            else SendStats(round_no, 0, 0, 0, 0, 0.0)
+        scanned = sorted(final.unswept)
+        rep.final_scanned = scanned
+        st3 = SendStats(round_no, 0, 0, 0, 0, 0.0)
+        if scanned:
+            by_name = {r.name: r for r in regions}
+            st3 = await sender.send_pages({n: [(0, by_name[n].npages)] for n in scanned}, source, round_no,
+                                          on_packed, known={n: KnownPages(hashes[n], None, stable=True)
+                                                            for n in scanned})
+            mark("final-scanned")
+        mark("final-sent")
+        await sender.end_round(round_no)
+        mark("final-acked")
         # every page sent in this round is one the destination did not hold (each sent once)
-        nfinal = st1.pages_normal + st1.pages_zero + st2.pages_normal + st2.pages_zero
-        rep.final_dirty_pages = nfinal
-        st = SendStats(round_no, st1.bytes + st2.bytes, st1.pages_normal + st2.pages_normal,
-                       st1.pages_zero + st2.pages_zero, st1.batches + st2.batches,
-                       st1.duration + st2.duration)
-        account(round_no, nfinal, st, final.cost_s, rep.dirty_pages_rate, rep.expected_downtime_ms, final=True)
+        sts = (st1, st2, st3)
+        st = SendStats(round_no, sum(x.bytes for x in sts), sum(x.pages_normal for x in sts),
+                       sum(x.pages_zero for x in sts), sum(x.batches for x in sts),
+                       sum(x.duration for x in sts))
+        rep.final_dirty_pages = st.pages_normal + st.pages_zero
+        account(round_no, rep.final_dirty_pages, st, final.cost_s, rep.dirty_pages_rate,
+                rep.expected_downtime_ms, final=True)
+        # the digests, from what was sent (8 bytes a page hashed, no memory read)
+        digests = {r.name: sent_tables.digest(r.name) for r in regions}
+        mark("digests")
         t_verify = time.monotonic()
         mark("verify")
         if target.alongside_verify is None:
@@ -571,6 +575,24 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
     if not result.complete:
         bad = [n for n, v in result.regions.items() if not v.verified]
         raise MigratorError(f"receiver could not verify region(s) {', '.join(bad)}: {result.message}")
+    if policy.verify == "memory":
+        # the source is still paused (it stays so on success): its memory read once more and
+        # compared with what was sent, apart from the downtime
+        t = time.monotonic()
+        mark("verify-memory")
+        differ = {}
+        for r in regions:
+            now = await trio.to_thread.run_sync(source.page_hashes, r.name)
+            bad = sent_tables.compare(r.name, now)
+            if bad:
+                differ[r.name] = bad
+        rep.verify_memory_ms = (time.monotonic() - t) * 1000
+        mark("verified-memory")
+        if differ:
+            what = "; ".join(f"{n}: {len(b)}{'+' if len(b) >= 1000 else ''} pages (e.g. "
+                             f"{', '.join(map(str, b[:8]))})" for n, b in differ.items())
+            raise MigratorError(f"--verify memory: the paused source differs from what was sent in {what}: "
+                                "writes the trackers missed")
     rep.status = "completed"
 
 
@@ -584,6 +606,13 @@ def _cgroup_pids(cgroup: str | None) -> list[int]:
             return [int(x) for x in f.read().split()]
     except (OSError, ValueError):
         return []
+
+
+def _note_sweeps(d: DirtyPages, rep: MigrationReport, round_no: int | str) -> None:
+    """Record in the report each object the ledger swept (or the final send scanned), and why."""
+    for s in d.sweeps:
+        rep.sweeps.append({"round": round_no, "regions": list(s.regions), "bytes": s.nbytes,
+                           "reason": s.reason})
 
 
 def _check_events(d: DirtyPages, rep: MigrationReport, round_no: int | str) -> None:

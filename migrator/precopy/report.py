@@ -58,6 +58,8 @@ class MigrationReport:
     final_dirty_pages: int = 0
     final_scanned: list[str] = field(default_factory=list)   # regions whose final collect was the send's scan
     verify_ms: float = 0.0
+    verify_memory_ms: float = 0.0       # --verify memory: the paused source read and compared
+    sweeps: list[dict] = field(default_factory=list)   # ledger sweeps: round, regions, bytes, reason
     source_state: str = ""              # paused (postmigrate) or running
     regions: list[dict] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
@@ -82,4 +84,10 @@ class MigrationReport:
                  f"  {self.rounds} rounds, {self.transferred_bytes / 1e6:.1f} MB sent "
                  f"({self.pages_normal} pages + {self.pages_zero} zero pages), {self.mbps:.0f} Mbit/s",
                  f"  tracker {self.tracker}, throttle {self.throttle_percent} %, source {self.source_state}"]
+        if self.sweeps:
+            final = [s for s in self.sweeps if s["round"] == "final"]
+            lines.append(f"  ledger sweeps: {len(self.sweeps)} ({sum(s['bytes'] for s in self.sweeps) / 2**20:.0f} MiB)"
+                         + (f", in the pause: {final[0]['reason']}" if final else ""))
+        if self.verify_memory_ms:
+            lines.append(f"  source memory verified against what was sent in {self.verify_memory_ms:.0f} ms")
         return "\n".join(lines)

@@ -387,8 +387,14 @@ async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, 
             devices.append(await trio.to_thread.run_sync(devstate.finish))
             rep.device_state_done_at = time.time()
 
+        # QEMU writes guest RAM through its mapping only (vCPUs, device emulation, its block
+        # layer's reads into guest buffers); its RAM backend's descriptor serves mmap, discard
+        # (fallocate: the sweep gate sees the holes) and passing to vhost-user backends, never
+        # write(2).  So its many write calls (eventfds, logs) do not make the ledger sweep; its
+        # direct-I/O reads (O_DIRECT images) still do (see tracking/sweepgate.py)
         target = MigrationTarget(pid, [ram.selector], pauser=pauser, maps=maps,
-                                 after_pause=start_device_state, alongside_verify=device_state)
+                                 after_pause=start_device_state, alongside_verify=device_state,
+                                 no_syscall_writes=[pid])
         rep.ram = await migrate(target, host, port, key=key, policy=policy, ssl_context=ssl_context,
                                 progress=progress)
         timeline.update(rep.ram.timeline)

@@ -25,6 +25,9 @@ class DirtyPages:
     pages: dict[str, PageSet]
     events: list[RegionEvent] = field(default_factory=list)
     cost_s: float = 0.0          # wall time the collect took (seconds)
+    sweeps: list = field(default_factory=list)      # sweepgate.Sweep: objects the ledger swept
+    unswept: set[str] = field(default_factory=set)  # regions whose sweep the caller must do
+                                                    # (collect(defer=...))
 
     def count(self) -> int:
         """Total dirty pages across regions."""
@@ -38,6 +41,8 @@ class DirtyPages:
                 self.pages[name] = s
         self.events.extend(other.events)
         self.cost_s += other.cost_s
+        self.sweeps.extend(other.sweeps)
+        self.unswept |= other.unswept
 
 
 @dataclass(frozen=True)

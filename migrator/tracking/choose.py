@@ -30,7 +30,8 @@ CHOICES = ("auto", "wp", "soft-dirty", "hash")
 def make_tracker(pid: int, regions: list[Region], kind: str = "auto", *,
                  caps: Capabilities | None = None, registry: LedgerRegistry | None = None,
                  uffd_fd: int | None = None, inject: bool = True,
-                 hint_pids: list[int] | None = None) -> Tracker:
+                 hint_pids: list[int] | None = None,
+                 no_syscall_writes: set[int] | None = None) -> Tracker:
     """A composite tracker: `kind` picks the mechanism for private memory (see the module
     docstring); shared memory goes to write-protect on its mappers (auto and wp) and always to the
     shmem ledger (or full hashing without map_files access).  The name says what was picked
@@ -38,7 +39,8 @@ def make_tracker(pid: int, regions: list[Region], kind: str = "auto", *,
 
     uffd_fd: the target's own userfaultfd, if known; inject=False never injects one (the
     cooperative uffd or another mechanism); hint_pids: processes known to map the shared memory
-    (writers, a cgroup's tasks)."""
+    (writers, a cgroup's tasks); no_syscall_writes: processes known never to write the shared
+    memory by system call (a QEMU process: see tracking/sweepgate.py)."""
     if kind not in CHOICES:
         raise UsageError(f"unknown tracker {kind!r}: choose one of {', '.join(CHOICES)}")
     private = [r for r in regions if not is_shared(r)]
@@ -50,7 +52,8 @@ def make_tracker(pid: int, regions: list[Region], kind: str = "auto", *,
     pool = UffdPool(inject=inject, cooperative={pid: uffd_fd} if uffd_fd is not None else None)
     notes: list[str] = []
     try:
-        return _make(pid, regions, private, shared, kind, caps, registry, pool, notes, hint_pids)
+        return _make(pid, regions, private, shared, kind, caps, registry, pool, notes, hint_pids,
+                     no_syscall_writes)
     except BaseException:
         pool.close()
         raise
@@ -58,7 +61,7 @@ def make_tracker(pid: int, regions: list[Region], kind: str = "auto", *,
 
 def _make(pid: int, regions: list[Region], private: list[Region], shared: list[Region], kind: str,
           caps: Capabilities, registry: LedgerRegistry | None, pool: UffdPool, notes: list[str],
-          hint_pids: list[int] | None) -> Tracker:
+          hint_pids: list[int] | None, no_syscall_writes: set[int] | None = None) -> Tracker:
     scan_ok = caps.pagemap_scan.supported
     wp_private = scan_ok and caps.uffd_wp_async_anon.supported
     wp_shared = scan_ok and caps.uffd_wp_async_shmem.supported and caps.map_files.supported
@@ -108,7 +111,8 @@ def _make(pid: int, regions: list[Region], private: list[Region], shared: list[R
     mappers = None
     if shared and uffd_ok and wp_shared and wanted in ("auto", "wp"):
         mappers = MapperTracker(pid, shared, pool, hint_pids=hint_pids)
-    return CompositeTracker(pid, regions, priv, registry, mappers=mappers, pool=pool, notes=notes)
+    return CompositeTracker(pid, regions, priv, registry, mappers=mappers, pool=pool, notes=notes,
+                            no_syscall_writes=no_syscall_writes)
 
 
 def _shared_caps() -> Capabilities:

@@ -2,8 +2,11 @@
 mapper of the shared memory where the kernel allows it, and the shmem ledger for shared memory.
 The PTE tracker is exact for private memory (every write goes through the target's page tables);
 for shared objects PTE information can be lost (a mapper found late, a mapping gone, pwrite,
-fallocate, DMA), so they also go to the ledger, which looks at the contents.  The union is exact
-for every write path."""
+fallocate, DMA), so the ledger, which looks at the contents, sweeps an object whenever the sweep
+gate (sweepgate.py) cannot show that every write to it since the previous collect went through
+tracked page tables.  Without write-protect tracking of the mappers, it sweeps every object at
+every collect.  The union is exact for every write path; each sweep is reported with its reason
+(DirtyPages.sweeps)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from ..kernel.maps import Region, RegionKind
 from .base import DirtyPages, Tracker, TrackerStatistics
 from .ledger import LedgerRegistry, LedgerTracker
 from .mappers import MapperTracker
+from .sweepgate import Sweep, SweepGate
 
 
 def is_shared(r: Region) -> bool:
@@ -22,10 +26,12 @@ def is_shared(r: Region) -> bool:
 class CompositeTracker(Tracker):
     def __init__(self, pid: int, regions: list[Region], private: Tracker | None,
                  registry: LedgerRegistry | None = None, *, mappers: Tracker | None = None,
-                 pool=None, notes: list[str] | None = None):
+                 pool=None, notes: list[str] | None = None,
+                 no_syscall_writes: set[int] | None = None):
         """mappers: page-table tracking of the shared regions (MapperTracker); pool: the
         UffdPool the parts took their userfaultfds from (closed by end()); notes: why a
-        mechanism was not used (for the report's tracker_detail)."""
+        mechanism was not used (for the report's tracker_detail); no_syscall_writes: processes
+        known never to write the shared objects by system call (SweepGate)."""
         super().__init__(pid, regions)
         shared = [r for r in regions if is_shared(r)]
         self.private = private
@@ -33,6 +39,10 @@ class CompositeTracker(Tracker):
         self.pool = pool
         self.notes = list(notes or [])
         self.ledger = LedgerTracker(pid, shared, registry) if shared else None
+        self.shared = shared
+        # without page-table tracking of every mapper, nothing can show an object unchanged
+        self.gate = SweepGate(shared, {}, no_syscall_writes=no_syscall_writes) \
+            if shared and mappers is not None else None
         self.name = "+".join([p.name for p in self.parts()]) or "none"
 
     def parts(self) -> list[Tracker]:
@@ -61,6 +71,9 @@ class CompositeTracker(Tracker):
                 else:
                     p.begin()
                 started.append(p)
+            if self.gate is not None and isinstance(self.ledger, LedgerTracker):
+                self.gate.fds = self.ledger.object_fds()
+                self.gate.start()
         except BaseException:
             for p in started:
                 p.end()
@@ -81,17 +94,68 @@ class CompositeTracker(Tracker):
         """The ledger's (LedgerTracker.known_hashes)."""
         return self.ledger.known_hashes() if isinstance(self.ledger, LedgerTracker) else {}
 
-    def collect(self, final: bool = False, exclude: frozenset[str] = frozenset()) -> DirtyPages:
+    def collect(self, final: bool = False, exclude: frozenset[str] = frozenset(),
+                defer: frozenset[str] = frozenset()) -> DirtyPages:
+        """exclude: regions not collected at all; defer: shared regions whose sweep, if one
+        is needed, the caller does (a sender comparing every page with known_hashes() as it
+        sends): they are listed in the result's `unswept` instead."""
         t0 = time.perf_counter()
         out = DirtyPages(pages={})
-        for p in self.parts():
-            out.merge(p.collect(final, exclude) if isinstance(p, (LedgerTracker, MapperTracker))
-                      else p.collect(final))
+        scan = self.gate.observe() if self.gate is not None else None
+        if self.private is not None:
+            out.merge(self.private.collect(final))
+        if isinstance(self.mappers, MapperTracker):
+            found = {pid: h.maps for pid, h in scan.holders.items() if h.maps} if scan else None
+            out.merge(self.mappers.collect(final, exclude, found=found))
+        elif self.mappers is not None:
+            out.merge(self.mappers.collect(final))
+        if self.ledger is None:
+            out.cost_s = time.perf_counter() - t0
+            return self._account(out)
+        sweeps = self._sweeps(scan, out)
+        swept = {name for s in sweeps for name in s.regions}
+        skip = {r.name for r in self.shared if r.name not in swept}
+        deferred = (swept & defer) - exclude
+        if isinstance(self.ledger, LedgerTracker):
+            out.merge(self.ledger.collect(final, exclude | skip | deferred))
+        else:
+            out.merge(self.ledger.collect(final))
+        out.sweeps.extend(sweeps)
+        out.unswept |= deferred
         out.cost_s = time.perf_counter() - t0
         return self._account(out)
 
+    def _sweeps(self, scan, out: DirtyPages) -> list[Sweep]:
+        """The objects the ledger must sweep in this collect, with why."""
+        if self.gate is None or scan is None:
+            why = "; ".join(self.notes) or "the processes that map it are not write-protect tracked"
+            keys: dict = {}
+            for r in self.shared:
+                keys.setdefault(r.object_key, []).append(r)
+            return [Sweep(k, tuple(r.name for r in rs), sum(r.size for r in rs),
+                          f"no page-table tracking of its mappers ({why})") for k, rs in keys.items()]
+        uncovered: dict = {}
+        if isinstance(self.mappers, MapperTracker):
+            uncovered.update(self.mappers.untracked())
+        by_name = {r.name: r.object_key for r in self.shared}
+        for e in out.events:
+            if e.what.startswith("mapper-") and e.region in by_name:
+                uncovered.setdefault(by_name[e.region], f"{e.what}: {e.detail}")
+        if isinstance(self.ledger, LedgerTracker):
+            self.gate.fds = self.ledger.object_fds()     # (a grown ledger reopens its object)
+        return list(self.gate.decide(scan, uncovered).values())
+
     def final_collect_estimate_s(self) -> float:
-        return sum(p.final_collect_estimate_s() for p in self.parts())
+        """The page-table parts' last cost, the gate's /proc scan, and a sweep of each object
+        the previous collect had to sweep (a sender's scanning send included)."""
+        est = sum(p.final_collect_estimate_s() for p in (self.private, self.mappers) if p is not None)
+        if self.ledger is None:
+            return est
+        if not isinstance(self.ledger, LedgerTracker):
+            return est + self.ledger.final_collect_estimate_s()
+        if self.gate is None:
+            return est + self.ledger.sweep_estimate_s(None)
+        return est + self.gate.scan_s + self.ledger.sweep_estimate_s(set(self.gate.last))
 
     def end(self) -> None:
         for p in self.parts():

@@ -362,6 +362,16 @@ class LedgerTracker(Tracker):
         fused = {id(self.registry.ledger_for(self.pid, r)) for r in self._recorded.values()}
         return sum(led.sweep_estimate_s() for led in self.registry.ledgers() if id(led) not in fused)
 
+    def sweep_estimate_s(self, keys: set | None) -> float:
+        """How long sweeping the objects of `keys` (None: all) should take, seconds, a
+        sender's scanning send included."""
+        return sum(led.sweep_estimate_s() for led in self.registry.ledgers()
+                   if keys is None or led.key in keys)
+
+    def object_fds(self) -> dict:
+        """Object key -> the ledger's descriptor of the object (after begin)."""
+        return {led.key: led.fd for led in self.registry.ledgers()}
+
     def page_hashes(self, region_name: str) -> bytes:
         """The XXH3-64 of every page of a region as of the last sweep (8 bytes a page)."""
         r = next(r for r in self.regions if r.name == region_name)

@@ -182,11 +182,16 @@ class MapperTracker(Tracker):
         keys = {s.key for s in spans}
         return [r for r in self.regions if r.object_key in keys]
 
-    def _refresh(self, events: list[RegionEvent], force: bool, arm: bool = True) -> None:
+    def _refresh(self, events: list[RegionEvent], force: bool, arm: bool = True,
+                 found: dict[int, list[Mapping]] | None = None) -> None:
         """Find new mappers, mappers gone and mappings changed; arm=False: register no new
         mapper (the final collect: what it wrote before is unknown to page tables anyway, and
-        a frozen process cannot be ptrace-stopped)."""
-        if force or time.monotonic() - self._last_discover >= self.discover_every_s:
+        a frozen process cannot be ptrace-stopped).  found: every mapper and its mappings of
+        the objects, from a /proc scan the caller just made (used instead of one of ours)."""
+        if found is not None:
+            found = {p: m for p, m in found.items() if p not in self._skip and m}
+            self._last_discover = time.monotonic()
+        elif force or time.monotonic() - self._last_discover >= self.discover_every_s:
             found = self._discover()
         else:
             found = {}
@@ -257,9 +262,11 @@ class MapperTracker(Tracker):
             raise
         self.begin_events = events
 
-    def collect(self, final: bool = False, exclude: frozenset[str] = frozenset()) -> DirtyPages:
+    def collect(self, final: bool = False, exclude: frozenset[str] = frozenset(),
+                found: dict[int, list[Mapping]] | None = None) -> DirtyPages:
         """Pages written through any mapper since the previous collect.  exclude: regions not
-        reported (a sender compares them as it sends: see LedgerTracker.known_hashes)."""
+        reported (a sender compares them as it sends: see LedgerTracker.known_hashes); found:
+        a fresh /proc scan's mappers (see _refresh), e.g. the sweep gate's."""
         t0 = time.perf_counter()
         wanted = [r for r in self.regions if r.name not in exclude]
         out = DirtyPages(pages={r.name: PageSet(r.npages) for r in wanted})
@@ -268,7 +275,7 @@ class MapperTracker(Tracker):
         # the final collect (source paused) looks for no new mapper with a /proc scan: that
         # would lengthen the pause, and what a mapper found now wrote is unknown to page
         # tables anyway (the ledger's); the periodic scans ran until the last live collect
-        self._refresh(out.events, force=False, arm=not final)
+        self._refresh(out.events, force=False, arm=not final, found=found)
         for pid in list(self._mappers):
             m = self._mappers[pid]
             if m.uffd is None or m.pagemap is None:
@@ -348,6 +355,16 @@ class MapperTracker(Tracker):
 
     def writer_pids(self) -> set[int]:
         return set(self._mappers) - {self.pid}
+
+    def untracked(self) -> dict[ObjectKey, str]:
+        """Objects mapped by a process whose writes are not write-protect tracked, and why."""
+        out: dict[ObjectKey, str] = {}
+        for pid, m in self._mappers.items():
+            if m.uffd is None:
+                for x in m.seen:
+                    out.setdefault((x.dev[0], x.dev[1], x.inode),
+                                   f"process {pid} maps it and is not write-protect tracked ({m.why_not})")
+        return out
 
     def statistics(self) -> TrackerStatistics:
         base = super().statistics()

@@ -1,0 +1,61 @@
+"""What the destination holds: the XXH3-64 of every page as last sent, per region (8 bytes a
+page), kept as pages are packed.  The source's region digests come from these tables, so the
+switch-over reads no memory to verify: the receiver builds the same tables as pages arrive, and
+equal digests prove that it holds every page as sent.  That the pages sent are the source's
+memory is the trackers' claim; `--verify memory` checks it by reading the paused source
+(compare())."""
+
+from __future__ import annotations
+
+from ..kernel.native import PAGE_SIZE, ffi, lib
+from ..transport.digest import digest_of_hashes
+
+
+class SentHashes:
+    """Per-page hashes of what each region's destination holds (a zero page's hash for a page
+    never sent: the destination starts with zeros)."""
+
+    def __init__(self, npages: dict[str, int]):
+        self._zero = lib.mg_hash_zero_page(PAGE_SIZE)
+        self._tables: dict[str, object] = {}
+        self._npages = dict(npages)
+        for name, n in npages.items():
+            t = ffi.new("uint64_t[]", max(n, 1))
+            lib.mg_sweep_hole(n, self._zero, t, ffi.NULL, 0, ffi.NULL, 0)
+            self._tables[name] = t
+
+    def record(self, name: str, data_flat, zero_flat, hashes: bytes) -> None:
+        """A sender's on_packed hook (from producer threads; batches never overlap): the pages
+        of data runs went with these hashes, those of zero runs as zeros."""
+        t = self._tables[name]
+        n = self._npages[name]
+        for flat, values, fill in ((data_flat, hashes, 0), (zero_flat, None, self._zero)):
+            if flat:
+                vals = ffi.from_buffer("uint64_t[]", values) if values is not None else ffi.NULL
+                if lib.mg_set_hashes(t, n, ffi.new("uint64_t[]", list(flat)), len(flat) // 2, vals, fill) < 0:
+                    raise ValueError(f"pages recorded outside region {name}")
+
+    def hashes(self, name: str) -> bytes:
+        return bytes(ffi.buffer(self._tables[name], 8 * self._npages[name]))
+
+    def digest(self, name: str) -> str:
+        """The region's digest (transport/digest.py) from the table: 8 bytes a page hashed."""
+        return digest_of_hashes(ffi.buffer(self._tables[name], 8 * self._npages[name]))
+
+    def compare(self, name: str, now: bytes) -> list[int]:
+        """The pages whose hashes `now` (8 bytes a page, e.g. SourceMemory.page_hashes of the
+        paused source) differ from what was sent (at most 1000 listed)."""
+        n = self._npages[name]
+        if len(now) != 8 * n:
+            raise ValueError(f"{len(now)} bytes of page hashes for {n} pages")
+        sent = ffi.buffer(self._tables[name], 8 * n)
+        if now == sent[:]:
+            return []
+        bad = []
+        mv_now, mv_sent = memoryview(now).cast("Q"), memoryview(sent).cast("Q")
+        for i in range(n):
+            if mv_now[i] != mv_sent[i]:
+                bad.append(i)
+                if len(bad) >= 1000:
+                    break
+        return bad

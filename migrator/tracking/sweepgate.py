@@ -1,0 +1,197 @@
+"""When the shmem ledger must sweep an object, and when page tables prove it unchanged.
+
+The ledger (tracking/ledger.py) reads an object's whole contents: exact, but its cost grows with
+the object's size.  Page tables are cheap, and where every write went through page tables that
+write-protect tracking watches, the ledger would find nothing more.  At every collect, this gate
+looks at every holder of each shared object (kernel/holders.py: one pass over /proc) and lets the
+ledger skip the object only when all of these held since the previous collect:
+
+1. every process that maps it is write-protect tracked on every one of its mappings, the same
+   ones as at the previous collect (no mapper found, gone, untracked or remapped);
+2. no process holds it by a descriptor open for writing, other than those seen at the previous
+   collect whose write-call count (syscw) did not move, and those the caller vouches for
+   (`no_syscall_writes`: a QEMU process never writes its RAM by system call);
+3. no holder has asynchronous I/O (io_uring, aio), which completes into memory at any time;
+4. no mapper has long-term pinned pages (VmPin), written by devices without faults;
+5. no mapper completed a read call (syscr moved) — a direct-I/O read lands in pages pinned
+   before a collect re-protected them — except, for the processes vouched for, when none of
+   their descriptors is open with O_DIRECT;
+6. no holder forked (a child inherits mappings without write-protection, and descriptors): no
+   new process whose parent is a holder, and no child of a holder reaped (cminflt moved);
+7. no data page of the object became a hole (a hole punch, MADV_REMOVE, truncation).
+
+Otherwise the object is swept, and the decision says which condition failed (Sweep).  What stays
+out of reach is written in docs/tracking.md ("When the ledger sweeps").
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..kernel.holders import Holder, HolderScan, parent_of, read_counters, scan_holders
+from ..kernel.maps import Region
+from ..kernel.shmem import data_extents
+
+ObjectKey = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The ledger swept (or must sweep) an object: which, how many bytes, and why."""
+
+    key: ObjectKey
+    regions: tuple[str, ...]
+    nbytes: int
+    reason: str
+
+    def describe(self) -> str:
+        return f"{', '.join(self.regions)}: {self.nbytes / 2**20:.0f} MiB swept: {self.reason}"
+
+
+class SweepGate:
+    """Decides, at each collect, which shared objects the ledger must sweep (see the module
+    docstring).  regions: the tracked shared regions; fds: an open descriptor of each object
+    (key -> fd, for its extents); no_syscall_writes: pids that never write the objects by system
+    call (documented facts about them, e.g. QEMU)."""
+
+    def __init__(self, regions: list[Region], fds: dict[ObjectKey, int], *,
+                 no_syscall_writes: set[int] | None = None, skip: set[int] | None = None):
+        self.regions = list(regions)
+        self.keys = {r.object_key for r in regions}
+        self.fds = dict(fds)
+        self.vouched = set(no_syscall_writes or ())
+        self.skip = set(skip or ())
+        self._prev: HolderScan | None = None
+        self._extents: dict[ObjectKey, list[tuple[int, int]]] = {}
+        self.last: dict[ObjectKey, Sweep] = {}      # the previous decision's sweeps
+        self.scan_s = 0.0
+
+    def _range(self, key: ObjectKey) -> tuple[int, int]:
+        rs = [r for r in self.regions if r.object_key == key]
+        return min(r.offset for r in rs), max(r.offset + r.size for r in rs)
+
+    def _object_extents(self, key: ObjectKey) -> list[tuple[int, int]]:
+        fd = self.fds.get(key)
+        if fd is None:
+            return []
+        lo, hi = self._range(key)
+        return data_extents(fd, lo, hi)
+
+    def observe(self) -> HolderScan:
+        """Scan the holders now (the caller passes the result to decide())."""
+        scan = scan_holders(self.keys, skip=self.skip)
+        # migrator's own read-only mappings and descriptors (the sender's views, the ledger's
+        # descriptors) write nothing; the process counts as a holder only for writable ones
+        me = scan.holders.get(os.getpid())
+        if me is not None:
+            me.maps = [m for m in me.maps if "w" in m.perms]
+            if not me.maps and not me.writable:
+                del scan.holders[me.pid]
+        self.scan_s = scan.scan_s
+        return scan
+
+    def start(self, scan: HolderScan | None = None) -> None:
+        """The baseline: what holds the objects when tracking begins."""
+        self._prev = scan or self.observe()
+        self._extents = {k: self._object_extents(k) for k in self.keys}
+
+    def decide(self, scan: HolderScan, uncovered: dict[ObjectKey, str]) -> dict[ObjectKey, Sweep]:
+        """The objects to sweep this collect, with why.  uncovered: objects whose mappers'
+        page tables did not cover the interval (from the write-protect tracking), and why."""
+        prev = self._prev
+        assert prev is not None, "start() first"
+        reasons: dict[ObjectKey, list[str]] = {k: [] for k in self.keys}
+        for k, why in uncovered.items():
+            if k in reasons:
+                reasons[k].append(why)
+        # holders gone since the previous collect: their last calls are unknown unless they
+        # still live (a process that closed the descriptor: its counters are still readable)
+        gone: dict[int, Holder] = {}
+        for pid, old in prev.holders.items():
+            if pid in scan.holders:
+                continue
+            now = Holder(pid)
+            read_counters(now)
+            gone[pid] = now
+        for k in self.keys:
+            why = reasons[k]
+            for pid, h in scan.holders.items():
+                old = prev.holders.get(pid)
+                mapped, writable = k in h.mapped, k in h.writable
+                if not (mapped or writable or (old and (k in old.writable or k in old.mapped))):
+                    continue
+                if writable and pid not in self.vouched:
+                    if old is None or k not in old.writable:
+                        why.append(f"process {pid} opened it for writing since the last collect")
+                    elif h.syscw < 0 or old.syscw < 0:
+                        why.append(f"process {pid}'s write calls cannot be counted (/proc/{pid}/io)")
+                    elif h.syscw != old.syscw:
+                        why.append(f"process {pid} made {h.syscw - old.syscw} write calls")
+                if h.async_io:
+                    why.append(f"process {pid} has asynchronous I/O ({h.async_io})")
+                if mapped:
+                    if h.vm_pin_kb:
+                        why.append(f"process {pid} has {h.vm_pin_kb} kB of pinned memory (VmPin)")
+                    if old is not None and h.syscr != old.syscr:
+                        if pid not in self.vouched:
+                            why.append(f"process {pid} completed {h.syscr - old.syscr} read calls "
+                                       "(direct I/O may land in pages a collect re-protected)")
+                        elif h.direct_fds or old.direct_fds:
+                            why.append(f"process {pid} completed reads with O_DIRECT descriptors open")
+                if old is not None and h.cminflt != old.cminflt:
+                    why.append(f"process {pid} reaped a child (children inherit its mappings and descriptors)")
+            for pid, old in prev.holders.items():
+                if pid not in gone or not (k in old.writable or k in old.mapped):
+                    continue
+                now = gone[pid]
+                if now.syscw < 0:
+                    why.append(f"process {pid}, which held it, exited")
+                elif k in old.writable and pid not in self.vouched and now.syscw != old.syscw:
+                    why.append(f"process {pid} made write calls, then let it go")
+                elif now.cminflt != old.cminflt:
+                    why.append(f"process {pid} reaped a child")
+        # children of holders born since the previous collect
+        born = scan.pids - prev.pids
+        holder_pids = set(prev.holders) | set(scan.holders)
+        for child in born:
+            parent = parent_of(child)
+            if parent in holder_pids:
+                h = prev.holders.get(parent) or scan.holders[parent]
+                for k in self.keys:
+                    if k in h.mapped or k in h.writable:
+                        reasons[k].append(f"process {parent} forked process {child}")
+        # data pages that became holes
+        extents = {k: self._object_extents(k) for k in self.keys}
+        for k in self.keys:
+            if not _covers(extents[k], self._extents.get(k, [])):
+                reasons[k].append("some of its data pages became holes (punched, removed or truncated)")
+        self._prev = scan
+        self._extents = extents
+        out = {}
+        for k, why in reasons.items():
+            if why:
+                names = tuple(r.name for r in self.regions if r.object_key == k)
+                lo, hi = self._range(k)
+                out[k] = Sweep(k, names, hi - lo, "; ".join(dict.fromkeys(why)))
+        self.last = out
+        return out
+
+    def expected_sweep_bytes(self) -> int:
+        """Bytes the previous decision swept: what the next (final) collect should expect."""
+        return sum(s.nbytes for s in self.last.values())
+
+
+def _covers(now: list[tuple[int, int]], before: list[tuple[int, int]]) -> bool:
+    """Whether every byte range of `before` lies within the union of `now` (both sorted,
+    disjoint: data extents)."""
+    i = 0
+    for a, b in before:
+        while a < b:
+            while i < len(now) and now[i][1] <= a:
+                i += 1
+            if i == len(now) or now[i][0] > a:
+                return False
+            a = now[i][1]
+    return True
+
