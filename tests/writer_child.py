@@ -51,6 +51,17 @@ class _SharedFrom:
         self.map.madvise(advice, first * PAGE_SIZE, n * PAGE_SIZE)
 
 
+def _close_all(memfd: int) -> None:
+    """Close every descriptor of memfd's object, the one Python's mmap keeps (a dup) included."""
+    ino = os.fstat(memfd).st_ino
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            if os.fstat(fd).st_ino == ino:
+                os.close(fd)
+        except OSError:
+            pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shm-pages", type=int, default=64)
@@ -61,6 +72,8 @@ def main() -> None:
     ap.add_argument("--shm-from", metavar="PATH",
                     help="map another process's memfd (/proc/PID/fd/N) as shm instead of a new one")
     ap.add_argument("--shm-offset", type=int, default=0, help="first object page mapped (--shm-from)")
+    ap.add_argument("--close-memfd", action="store_true",
+                    help="close the memfd once mapped (a mapper only: no descriptor to write it by)")
     a = ap.parse_args()
 
     uffd = create_in_this_process() if a.uffd else None
@@ -83,8 +96,12 @@ def main() -> None:
         for s in regions.values():
             for p in range(s.npages):
                 write(s.addr + p * PAGE_SIZE)
+    memfd = regions["shm"].fd
+    if a.close_memfd:
+        _close_all(memfd)
+        memfd = None
     info = {"pid": os.getpid(), "uffd_fd": uffd, "page_size": PAGE_SIZE,
-            "memfd": regions["shm"].fd,
+            "memfd": memfd,
             "regions": {k: {"start": s.addr, "end": s.addr + s.size} for k, s in regions.items()}}
     print(json.dumps(info), flush=True)
 
@@ -149,6 +166,28 @@ def main() -> None:
                 os.read(r, 1)
                 forks.append(pid)
                 reply["child"] = pid
+            elif op == "close_memfd":          # a mapper only from now on
+                _close_all(regions["shm"].fd)
+            elif op == "fork_exit":            # a child writes pages through the inherited
+                pid = os.fork()                # mapping and exits; reaped at once
+                if pid == 0:
+                    for p in cmd.get("child_pages", []):
+                        write(s.addr + p * PAGE_SIZE)
+                    os._exit(0)
+                os.waitpid(pid, 0)
+            elif op == "direct_read":          # O_DIRECT read of a file page into a page;
+                fd = os.open(cmd["path"], os.O_RDONLY | os.O_DIRECT)   # the descriptor kept
+                view = memoryview(s.map)[cmd["page"] * PAGE_SIZE:(cmd["page"] + 1) * PAGE_SIZE]
+                if os.preadv(fd, [view], 0) != PAGE_SIZE:
+                    raise OSError("short O_DIRECT read")
+                view.release()
+                reply["fd"] = fd
+            elif op == "io_uring":             # an io_uring instance (io_uring_setup), kept
+                params = ctypes.create_string_buffer(120)
+                fd = libc.syscall(425, 4, params)
+                if fd < 0:
+                    raise OSError(ctypes.get_errno(), "io_uring_setup")
+                reply["fd"] = fd
             elif op == "read":
                 reply["data"] = ctypes.string_at(s.addr + cmd["page"] * PAGE_SIZE, 8).hex()
             elif op == "exit":

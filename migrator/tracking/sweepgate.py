@@ -13,9 +13,9 @@ ledger skip the object only when all of these held since the previous collect:
    (`no_syscall_writes`: a QEMU process never writes its RAM by system call);
 3. no holder has asynchronous I/O (io_uring, aio), which completes into memory at any time;
 4. no mapper has long-term pinned pages (VmPin), written by devices without faults;
-5. no mapper completed a read call (syscr moved) — a direct-I/O read lands in pages pinned
-   before a collect re-protected them — except, for the processes vouched for, when none of
-   their descriptors is open with O_DIRECT;
+5. no mapper with a descriptor open with O_DIRECT (now or at the previous collect) completed a
+   read call (syscr moved): a direct-I/O read lands in pages pinned before a collect
+   re-protected them, without a fault;
 6. no holder forked (a child inherits mappings without write-protection, and descriptors): no
    new process whose parent is a holder, and no child of a holder reaped (cminflt moved);
 7. no data page of the object became a hole (a hole punch, MADV_REMOVE, truncation).
@@ -133,12 +133,10 @@ class SweepGate:
                 if mapped:
                     if h.vm_pin_kb:
                         why.append(f"process {pid} has {h.vm_pin_kb} kB of pinned memory (VmPin)")
-                    if old is not None and h.syscr != old.syscr:
-                        if pid not in self.vouched:
-                            why.append(f"process {pid} completed {h.syscr - old.syscr} read calls "
-                                       "(direct I/O may land in pages a collect re-protected)")
-                        elif h.direct_fds or old.direct_fds:
-                            why.append(f"process {pid} completed reads with O_DIRECT descriptors open")
+                    if old is not None and h.syscr != old.syscr and (h.direct_fds or old.direct_fds):
+                        why.append(f"process {pid} completed {h.syscr - old.syscr} read calls with "
+                                   "O_DIRECT descriptors open (direct I/O lands in pinned pages "
+                                   "without a fault)")
                 if old is not None and h.cminflt != old.cminflt:
                     why.append(f"process {pid} reaped a child (children inherit its mappings and descriptors)")
             for pid, old in prev.holders.items():

@@ -1,0 +1,186 @@
+"""The sweep gate (tracking/sweepgate.py): the shmem ledger sweeps an object only when page tables
+cannot prove it unchanged.  Real processes share a real memfd, each write-protected through an
+injected userfaultfd; every test asserts the exact pages a collect reports and, where the ledger
+must sweep, the reason it gives."""
+
+import os
+
+import pytest
+
+from child import Child
+from conftest import require_feature
+from migrator.kernel.probe import probe_uffd_wp_async_shmem
+from migrator.tracking.choose import make_tracker
+from migrator.tracking.sweepgate import _covers
+
+
+@pytest.fixture
+def target(root):
+    require_feature("uffd_wp_async_shmem", probe_uffd_wp_async_shmem().supported)
+    c = Child("--shm-pages", "64", "--anon-pages", "4")
+    yield c
+    c.exit()
+
+
+@pytest.fixture
+def others(target):
+    """Start more processes mapping the memfd, opened through a read-only descriptor this test
+    keeps (a read-only holder cannot write it: the gate passes over it)."""
+    keeper = os.open(f"/proc/{target.pid}/fd/{target.info['memfd']}", os.O_RDONLY)
+    started = []
+
+    def start(*extra: str) -> Child:
+        c = Child("--shm-from", f"/proc/{os.getpid()}/fd/{keeper}", "--shm-pages", "64",
+                  "--anon-pages", "1", "--no-populate", *extra)
+        started.append(c)
+        return c
+    yield start
+    for c in started:
+        c.exit()
+    os.close(keeper)
+
+
+class Tracked:
+    """The default tracker of the target's shared region (write-protect on every mapper + the
+    ledger behind the sweep gate)."""
+
+    def __init__(self, target: Child, **kw):
+        self.t = make_tracker(target.pid, [target.region("shm")], **kw)
+
+    def __enter__(self):
+        self.t.begin()
+        assert self.t.name == "wp-mappers+ledger"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.t.end()
+
+    def collect(self, final: bool = False):
+        d = self.t.collect(final=final)
+        return d.pages["shm"].pages(), [s.reason for s in d.sweeps]
+
+
+def mapper_only(target: Child, others) -> Child:
+    """The target and one more process map the memfd; neither holds a descriptor of it."""
+    b = others("--close-memfd")
+    target.cmd("close_memfd")
+    return b
+
+
+def test_page_tables_alone_when_every_writer_is_a_tracked_mapper(target, others):
+    b = mapper_only(target, others)
+    with Tracked(target) as t:
+        target.write("shm", [1, 2])
+        b.write("shm", [40])
+        assert t.collect() == ([1, 2, 40], [])
+        assert t.collect() == ([], [])
+        b.write("shm", [63])
+        assert t.collect(final=True) == ([63], [])
+
+
+def test_write_calls_by_a_holder_make_it_sweep(target, others):
+    mapper_only(target, others)
+    writer = others()                  # maps it and holds a descriptor open for writing
+    with Tracked(target) as t:
+        assert t.collect() == ([], [])
+        writer.cmd("pwrite", pages=[5, 17])        # no page table sees these
+        pages, why = t.collect()
+        assert pages == [5, 17]
+        assert len(why) == 1 and f"process {writer.pid} made" in why[0] and "write calls" in why[0]
+        assert t.collect() == ([], [])             # (its counters did not move since)
+
+
+def test_a_holder_found_since_the_last_collect_makes_it_sweep(target, others):
+    mapper_only(target, others)
+    with Tracked(target) as t:
+        late = others()
+        late.cmd("pwrite", pages=[9])
+        pages, why = t.collect()
+        assert pages == [9]
+        assert any(f"process {late.pid} opened it for writing since the last collect" in w for w in why)
+
+
+def test_a_child_that_wrote_and_was_reaped_makes_it_sweep(target, others):
+    """A fork inherits the mapping without write-protection: its writes are in no tracked page
+    table.  The child is gone by the collect; its parent's reaped-children faults moved."""
+    mapper_only(target, others)
+    with Tracked(target) as t:
+        target.cmd("fork_exit", region="shm", child_pages=[7, 8])
+        pages, why = t.collect()
+        assert pages == [7, 8]
+        assert any(f"process {target.pid} reaped a child" in w for w in why), why
+        assert t.collect() == ([], [])
+
+
+def test_a_live_child_makes_it_sweep(target, others):
+    mapper_only(target, others)
+    with Tracked(target) as t:
+        child = target.cmd("fork", region="shm", child_pages=[11])["child"]
+        pages, why = t.collect()
+        assert pages == [11]
+        assert any(f"process {target.pid} forked process {child}" in w for w in why), why
+
+
+def test_holes_punched_make_it_sweep(target, others):
+    writer = others()
+    with Tracked(target) as t:
+        t.collect()
+        writer.cmd("punch", first=20, n=2)
+        pages, why = t.collect()
+        assert pages == [20, 21]
+        assert any("data pages became holes" in w for w in why), why
+
+
+def test_direct_io_reads_make_it_sweep(target, others, tmp_path):
+    """A mapper reading a file with O_DIRECT into the shared memory: the device writes pages
+    pinned before a collect may have re-protected them, without a fault."""
+    b = mapper_only(target, others)
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(4096))
+    with Tracked(target) as t:
+        b.cmd("direct_read", region="shm", path=str(path), page=30)
+        pages, why = t.collect()
+        assert pages == [30]
+        assert any(f"process {b.pid} completed" in w and "O_DIRECT" in w for w in why), why
+        b.write("shm", [31])       # (its O_DIRECT descriptor is still open, its reads go on)
+        pages, why = t.collect()
+        assert pages == [31] and why and "O_DIRECT" in why[0]
+
+
+def test_async_io_makes_it_sweep(target, others):
+    b = mapper_only(target, others)
+    with Tracked(target) as t:
+        b.cmd("io_uring")
+        b.write("shm", [2])
+        pages, why = t.collect()
+        assert pages == [2]
+        assert any(f"process {b.pid} has asynchronous I/O (io_uring)" in w for w in why), why
+
+
+def test_process_vouched_for_makes_write_calls_without_a_sweep(target, others):
+    """no_syscall_writes (QEMU): its write calls (eventfds, logs) are not writes to the memory."""
+    with Tracked(target, no_syscall_writes={target.pid}) as t:
+        target.write("shm", [3])                   # (its reply to each command is a write call)
+        assert t.collect() == ([3], [])
+
+
+def test_without_write_protect_every_collect_sweeps(target, others):
+    mapper_only(target, others)
+    t = make_tracker(target.pid, [target.region("shm")], inject=False)
+    with t:
+        assert t.name == "ledger"
+        target.write("shm", [4])
+        d = t.collect()
+        assert d.pages["shm"].pages() == [4]
+        [s] = d.sweeps
+        assert s.regions == ("shm",) and s.nbytes == 64 * 4096
+        assert s.reason.startswith("no page-table tracking of its mappers")
+
+
+def test_covers():
+    assert _covers([(0, 100)], [(0, 50), (60, 100)])
+    assert _covers([(0, 50), (50, 100)], [(10, 90)])
+    assert not _covers([(0, 50), (60, 100)], [(0, 100)])
+    assert not _covers([(10, 100)], [(0, 20)])
+    assert _covers([], [])
+    assert not _covers([], [(0, 1)])
