@@ -1,7 +1,8 @@
 """cffi out-of-line API builds of migrator's C fast paths (named in setup.py's cffi_modules):
 
-    track_ffi -> migrator._track_c   tracking, memory I/O, page stream, uffd injection
-                                     (track.c, memio.c, stream.c, inject.c)
+    track_ffi -> migrator._track_c   tracking, memory I/O, page stream, uffd injection, the
+                                     /proc scan for holders of shared memory
+                                     (track.c, memio.c, stream.c, inject.c, procscan.c)
     guest_ffi -> migrator._guest_c   the guest's write loops and page stamps (guest.c)
 """
 import os
@@ -48,8 +49,8 @@ def _ffi(module: str, headers: list[str], sources: list[str]) -> FFI:
     return ffi
 
 
-track_ffi = _ffi("migrator._track_c", ["track.h", "memio.h", "stream.h", "inject.h"],
-                 ["track.c", "memio.c", "stream.c", "hash_avx2.c", "inject.c"])
+track_ffi = _ffi("migrator._track_c", ["track.h", "memio.h", "stream.h", "inject.h", "procscan.h"],
+                 ["track.c", "memio.c", "stream.c", "hash_avx2.c", "inject.c", "procscan.c"])
 guest_ffi = _ffi("migrator._guest_c", ["guest.h"], ["guest.c"])
 
 if __name__ == "__main__":

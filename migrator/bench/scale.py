@@ -4,8 +4,8 @@ A guest that made no userfaultfd (`migrator guest` without --uffd), SIZE of popu
 plus 64 MiB of private RAM, written at random at 1 MB/s (optionally with a vhost-like writer
 mapping its memfd, or a pwrite writer), migrated with the default policy to a receiver in its
 own process writing to a folder on disk (not /dev/shm).  Per size and variant: tracker, status,
-rounds, collect ms per GiB (live rounds), downtime, total time, MB sent, and the destination
-checked byte for byte against the paused source.  A pause that grows with the memory, not with
+rounds, collect ms per GiB (live rounds), ledger sweeps (with their reasons in --json), downtime,
+total time, MB sent, and the destination checked byte for byte against the paused source.  A pause that grows with the memory, not with
 the pages written, shows here.
 """
 
@@ -74,6 +74,11 @@ def _one(size: int, variant: str, args: argparse.Namespace) -> dict:
         "downtime_ms": rep.downtime_ms, "expected_downtime_ms": rep.expected_downtime_ms,
         "total_ms": rep.total_time_ms, "mb_sent": rep.transferred_bytes / 1e6,
         "final_scanned": rep.final_scanned,
+        "final_collect_ms": rep.final_collect_ms, "sweeps": len(rep.sweeps), "final_sweep": next((x["reason"] for x in rep.sweeps if x["round"] == "final"), ""),
+        "sweep_reasons": sorted({x["reason"] for x in rep.sweeps}),
+        "pause_ms": {k: round((v - rep.timeline["pause"]) * 1000, 1) for k, v in
+                     sorted(rep.timeline.items(), key=lambda kv: kv[1]) if "pause" in rep.timeline
+                     and v >= rep.timeline["pause"]},
         "destination": "not checked" if check is None else ("identical" if check.identical else check.detail),
     }
 
@@ -111,16 +116,20 @@ def run(args: argparse.Namespace) -> int:
                       f"total {r['total_ms']:.0f} ms, destination {r['destination']}"
                       + (f" ({r['reason']})" if r["reason"] else ""), flush=True)
     print(f"\n{'variant':8} {'shared RAM':>10} {'tracker':22} {'status':14} {'rounds':>6} "
-          f"{'collect ms/GiB':>15} {'downtime ms':>13} {'total ms':>11} {'MB sent':>9}  destination")
+          f"{'collect ms/GiB':>15} {'sweeps':>7} {'downtime ms':>13} {'total ms':>11} {'MB sent':>9}  destination")
     for variant in variants:
         for size in sizes:
             runs = [r for r in results if r["size"] == size and r["variant"] == variant]
             print(f"{variant:8} {format_bytes(size):>10} {runs[0]['tracker']:22} "
                   f"{','.join(sorted({r['status'] for r in runs})):14} "
-                  f"{_med(runs, 'rounds'):>6} {_med(runs, 'collect_ms_per_gib'):>15} "
+                  f"{_med(runs, 'rounds'):>6} {_med(runs, 'collect_ms_per_gib'):>15} {_med(runs, 'sweeps'):>7} "
                   f"{_med(runs, 'downtime_ms'):>13} {_med(runs, 'total_ms'):>11} {_med(runs, 'mb_sent'):>9}  "
                   f"{','.join(sorted({r['destination'] for r in runs}))}")
-    print("(min / median when several runs; collect ms/GiB: the live rounds' collects, median)")
+    print("(min / median when several runs; collect ms/GiB: the live rounds' collects, median; "
+          "sweeps: collects in which the ledger swept the shared RAM, the pause's included)")
+    for r in results:
+        if r["final_sweep"]:
+            print(f"  {r['variant']} {format_bytes(r['size'])}: swept in the pause: {r['final_sweep']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -15,8 +15,9 @@ the counters that say whether it can have written the object without its page ta
 - asynchronous I/O (an io_uring descriptor, an aio ring mapping): completes at any time;
 - descriptors opened with O_DIRECT.
 
-Reading another process's /proc/PID/io needs ptrace rights (root here).  A scan costs about
-40 us a process (maps, the fd table, and a stat of each descriptor), whatever the memory size.
+Reading another process's /proc/PID/io needs ptrace rights (root here).  The pass over every
+process (its maps, its fd table and a stat of each descriptor) runs in C, about 15 us a
+process, whatever the memory size; only the holders are read in detail.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 
 from .maps import Mapping
 from .mappers import ObjectKey, _matching, _needles, _read
+from .native import check, ffi, lib
 
 O_ACCMODE = 0o3
 O_DIRECT = 0o40000
@@ -68,25 +70,6 @@ def _ppid(pid: str) -> int:
             return int(f.read().rsplit(b")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return 0
-
-
-def _held(pid: str, keys: set[ObjectKey]) -> set[ObjectKey]:
-    """The objects process pid has a descriptor of (a stat of each descriptor)."""
-    held: set[ObjectKey] = set()
-    try:
-        it = os.scandir(f"/proc/{pid}/fd")
-    except OSError:
-        return held
-    with it:
-        for e in it:
-            try:
-                st = os.stat(e.path)
-            except OSError:
-                continue
-            key = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-            if key in keys:
-                held.add(key)
-    return held
 
 
 def _fd_details(pid: str, keys: set[ObjectKey]) -> tuple[set[ObjectKey], str, int]:
@@ -168,31 +151,41 @@ def read_counters(h: Holder) -> None:
 
 def scan_holders(keys: Iterable[ObjectKey], *, skip: Iterable[int] = ()) -> HolderScan:
     """Every process (minus those in skip) that maps one of the objects or has one open, with
-    its counters; and every process seen (a new one's parent is found with parent_of)."""
+    its counters; and every process seen (a new one's parent is found with parent_of).  The
+    pass over /proc runs in C (csrc/procscan.c, without the GIL); each holder found is then read
+    in detail here."""
     t0 = time.perf_counter()
     keyset = set(keys)
     skipped = set(skip)
+    flat = ffi.new("uint64_t[]", [x for k in sorted(keyset) for x in k] or [0])
+    room = 1024
+    while True:
+        pids = ffi.new("int32_t[]", room)
+        flags = ffi.new("uint8_t[]", room)
+        seen = ffi.new("uint64_t *")
+        check(lib.mg_proc_holders(flat, len(keyset), pids, flags, room, seen), "scan /proc")
+        if seen[0] <= room:
+            break
+        room = seen[0] + 256          # (processes started meanwhile: room to spare)
     needles = _needles(keyset)
     holders: dict[int, Holder] = {}
-    pids: set[int] = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
+    all_pids: set[int] = set()
+    for i in range(seen[0]):
+        pid = pids[i]
+        all_pids.add(pid)
+        if not flags[i] or pid in skipped:
             continue
-        pid = int(name)
-        pids.add(pid)
-        if pid in skipped:
-            continue
-        text = _read(name)
+        text = _read(pid)
         maps = _matching(text, needles, keyset) if text else []
-        if not maps and not _held(name, keyset):
-            continue
-        writable, async_io, direct = _fd_details(name, keyset)
+        writable, async_io, direct = _fd_details(str(pid), keyset)
+        if not maps and not (flags[i] & 2):
+            continue                  # (unmapped it since)
         if text and b"/[aio]" in text:
             async_io = async_io or "aio"
         h = Holder(pid, maps=maps, writable=writable, async_io=async_io, direct_fds=direct)
         read_counters(h)
         holders[pid] = h
-    return HolderScan(holders, pids, time.perf_counter() - t0)
+    return HolderScan(holders, all_pids, time.perf_counter() - t0)
 
 
 def parent_of(pid: int) -> int:

@@ -23,11 +23,20 @@ def _needles(keys: Iterable[ObjectKey]) -> list[bytes]:
 
 
 def _matching(text: bytes, needles: list[bytes], keys: set[ObjectKey]) -> list[Mapping]:
-    """The shared mappings of the objects in the text of a maps file."""
-    if not any(n in text for n in needles):
+    """The shared mappings of the objects in the text of a maps file: only the lines holding a
+    needle are cut out and parsed (a maps file can have thousands of lines)."""
+    lines: dict[int, bytes] = {}
+    for n in needles:
+        i = text.find(n)
+        while i >= 0:
+            a = text.rfind(b"\n", 0, i) + 1
+            b = text.find(b"\n", i)
+            b = len(text) if b < 0 else b
+            lines[a] = text[a:b]
+            i = text.find(n, b)
+    if not lines:
         return []
-    lines = [ln for ln in text.splitlines() if any(n in ln for n in needles)]
-    maps = parse_maps_text(b"\n".join(lines).decode(errors="replace"))
+    maps = parse_maps_text(b"\n".join(lines[a] for a in sorted(lines)).decode(errors="replace"))
     return [m for m in maps if m.shared and (m.dev[0], m.dev[1], m.inode) in keys]
 
 

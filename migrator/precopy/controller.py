@@ -41,7 +41,9 @@ class MigrationPolicy:
     nonconvergence_rounds: int = 3        # rounds of dirty rate >= bandwidth before acting
     min_round_s: float = 0.0              # wait at least this long between collects
     # "converge": switch over at a round's end, once the pages written since fit the limit
-    # (the shortest pause), or cut round 0 when it is rewritten as fast as it goes (going on
+    # and one more round would not shorten the pause (it runs while their transfer takes over
+    # SHORT_TRANSFER_S and the guest writes at most half as many pages as a round sends): the
+    # shortest pause; or cut round 0 when it is rewritten as fast as it goes (going on
     # could not shorten the pause); "fits": as soon as the rest is sure to fit the limit, even
     # during a round (QEMU's rule: the shortest total time, a pause up to the limit)
     switchover: str = "converge"
@@ -118,6 +120,8 @@ class Background:
 
 
 NONCONVERGENCE_RATIO = 0.95     # dirtied / previously sent at or above this: no progress
+SHRINKING_RATIO = 0.5           # dirtied / previously sent at or below this: a round pays off
+SHORT_TRANSFER_S = 0.005        # a final transfer this short is not worth another round
 SWITCHOVER_RULES = ("converge", "fits")
 VERIFY_MODES = ("hashes", "memory")
 SAMPLE_STRIDE = 16       # a round's sample of sent data pages: every 16th ...
@@ -443,8 +447,16 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         rep.expected_downtime_ms = expected_s * 1000
         rep.remaining_bytes = n * PAGE_SIZE
         forced = policy.force_switchover is not None and policy.force_switchover.is_set()
-        if expected_s <= limit_s or round_no >= policy.max_rounds or forced:
+        if round_no >= policy.max_rounds or forced:
             break
+        if expected_s <= limit_s:
+            # it fits; "converge" still runs one more round when that shortens the pause: the
+            # transfer is not short, and the guest wrote far fewer pages during the last round
+            # than it sent (so the next one is short, and leaves fewer still)
+            transfer_s = n * PAGE_SIZE / bandwidth
+            if not (policy.switchover == "converge" and transfer_s > SHORT_TRANSFER_S
+                    and n <= SHRINKING_RATIO * prev_sent):
+                break
         # Not converging: the pages dirtied while the previous round was sent are (nearly) as many
         # as that round sent, i.e. the dirty rate is at or above the bandwidth.  (Counting pages,
         # not rates: a dirty set cannot grow past the memory size, so a rate saturates.)
@@ -502,6 +514,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             mark("final-pending-sent")
             await got_final.wait()
         final = collected[0]
+        rep.final_collect_ms = {"total": round(final.cost_s * 1000, 2), **final.parts_ms}
         _check_events(final, rep, "final")
         _note_sweeps(final, rep, "final")
         if target.pauser is None:

@@ -59,6 +59,7 @@ class MigrationReport:
     final_scanned: list[str] = field(default_factory=list)   # regions whose final collect was the send's scan
     verify_ms: float = 0.0
     verify_memory_ms: float = 0.0       # --verify memory: the paused source read and compared
+    final_collect_ms: dict = field(default_factory=dict)   # the final collect's time, by part
     sweeps: list[dict] = field(default_factory=list)   # ledger sweeps: round, regions, bytes, reason
     source_state: str = ""              # paused (postmigrate) or running
     regions: list[dict] = field(default_factory=list)

@@ -28,6 +28,7 @@ class DirtyPages:
     sweeps: list = field(default_factory=list)      # sweepgate.Sweep: objects the ledger swept
     unswept: set[str] = field(default_factory=set)  # regions whose sweep the caller must do
                                                     # (collect(defer=...))
+    parts_ms: dict[str, float] = field(default_factory=dict)   # where a collect's time went
 
     def count(self) -> int:
         """Total dirty pages across regions."""

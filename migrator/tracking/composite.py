@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 from ..kernel.maps import Region, RegionKind
+from ..kernel.native import ffi
 from .base import DirtyPages, Tracker, TrackerStatistics
 from .ledger import LedgerRegistry, LedgerTracker
 from .mappers import MapperTracker
@@ -49,9 +50,17 @@ class CompositeTracker(Tracker):
         return [p for p in (self.private, self.mappers, self.ledger) if p is not None]
 
     def use_views(self, views: dict) -> None:
-        """Mappings of shared regions for the ledger to sweep from (LedgerTracker.use_views)."""
+        """Mappings of shared regions for the ledger to sweep from (LedgerTracker.use_views),
+        and for the sweep gate to find holes in (SweepGate.use_view)."""
         if isinstance(self.ledger, LedgerTracker):
             self.ledger.use_views(views)
+        if self.gate is not None:
+            for r in self.shared:
+                v = views.get(r.name)
+                if v is not None:
+                    with ffi.from_buffer(v) as c:
+                        addr = int(ffi.cast("uintptr_t", c))
+                    self.gate.use_view(r.object_key, addr, r.npages)
 
     def begin(self) -> None:
         self._begin(from_sends=False)
@@ -101,18 +110,29 @@ class CompositeTracker(Tracker):
         sends): they are listed in the result's `unswept` instead."""
         t0 = time.perf_counter()
         out = DirtyPages(pages={})
+        parts: dict[str, float] = {}
+
+        def lap(name: str) -> None:
+            parts[name] = round((time.perf_counter() - t0) * 1000 - sum(parts.values()), 2)
+
         scan = self.gate.observe() if self.gate is not None else None
+        lap("holders")
         if self.private is not None:
             out.merge(self.private.collect(final))
+            lap(self.private.name)
         if isinstance(self.mappers, MapperTracker):
             found = {pid: h.maps for pid, h in scan.holders.items() if h.maps} if scan else None
             out.merge(self.mappers.collect(final, exclude, found=found))
         elif self.mappers is not None:
             out.merge(self.mappers.collect(final))
+        if self.mappers is not None:
+            lap(self.mappers.name)
         if self.ledger is None:
             out.cost_s = time.perf_counter() - t0
+            out.parts_ms = parts
             return self._account(out)
         sweeps = self._sweeps(scan, out)
+        lap("gate")
         swept = {name for s in sweeps for name in s.regions}
         skip = {r.name for r in self.shared if r.name not in swept}
         deferred = (swept & defer) - exclude
@@ -120,9 +140,11 @@ class CompositeTracker(Tracker):
             out.merge(self.ledger.collect(final, exclude | skip | deferred))
         else:
             out.merge(self.ledger.collect(final))
+        lap(self.ledger.name)
         out.sweeps.extend(sweeps)
         out.unswept |= deferred
         out.cost_s = time.perf_counter() - t0
+        out.parts_ms = parts
         return self._account(out)
 
     def _sweeps(self, scan, out: DirtyPages) -> list[Sweep]:
@@ -158,6 +180,8 @@ class CompositeTracker(Tracker):
         return est + self.gate.scan_s + self.ledger.sweep_estimate_s(set(self.gate.last))
 
     def end(self) -> None:
+        if self.gate is not None:
+            self.gate.close()
         for p in self.parts():
             p.end()
         if self.pool is not None:

@@ -1,0 +1,20 @@
+/*
+ * One pass over /proc for the processes that hold shared memory objects: those whose maps name
+ * one of the objects (" MAJ:MIN INODE " in a line) or whose fd table holds a descriptor of one
+ * (a stat of each /proc/PID/fd entry).  It only finds them; what each holder did is read by the
+ * Python side (kernel/holders.py), which owns the policy.  Conventions as track.h: counts or
+ * -errno, no global state.
+ */
+#ifndef MIGRATOR_PROCSCAN_H
+#define MIGRATOR_PROCSCAN_H
+#include <stdint.h>
+
+/* keys: n_keys triples (major, minor, inode) of the objects.
+ * pids: every process seen (all numeric /proc entries), up to max_pids; *n_pids set to how many
+ * there were (may exceed max_pids: call again with room).
+ * flags: per pid seen, bit 0 = maps one of the objects, bit 1 = holds a descriptor of one.
+ * Returns the number of holders, or -errno when /proc cannot be read. */
+int64_t mg_proc_holders(const uint64_t *keys, uint64_t n_keys, int32_t *pids, uint8_t *flags,
+                        uint64_t max_pids, uint64_t *n_pids);
+
+#endif
