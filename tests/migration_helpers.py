@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from migrator.guest.launcher import Guest
 from migrator.scenarios.processes import ReceiverProcess as _ReceiverProcess
@@ -22,9 +23,16 @@ class ReceiverProcess(_ReceiverProcess):
         self.proc.wait()
 
 
-def manifest(out_dir: str) -> dict:
-    with open(os.path.join(out_dir, "manifest.json")) as f:
-        return json.load(f)
+def manifest(out_dir: str, timeout_s: float = 30.0) -> dict:
+    """The receiver's manifest once final: complete, or failed (error set).  A complete one is
+    written after the verdict went out, once the images are on disk."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with open(os.path.join(out_dir, "manifest.json")) as f:
+            m = json.load(f)
+        if m["complete"] or m.get("error") or time.monotonic() > deadline:
+            return m
+        time.sleep(0.01)
 
 
 def source_bytes(guest: Guest, start: int, end: int) -> bytes:

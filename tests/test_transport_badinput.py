@@ -15,16 +15,17 @@ from migrator.transport.auth import client_handshake, proof
 from migrator.transport.framing import FrameStream
 
 from transport_helpers import KEY, PS, MemReader, batch_frame, random_memory, raw_session, start_receiver
+from migration_helpers import manifest
 
 REGIONS = [RegionSpec("ram", 0, 64 * PS)]
 
 
 def _manifest(out):
+    """The manifest once final (see migration_helpers.manifest), None if there is none."""
     path = os.path.join(out, "manifest.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return manifest(str(out))
 
 
 async def _good_migration(port, out):

@@ -14,11 +14,12 @@ from migrator.transport.images import ImageSet
 from migrator.transport.sender import RateLimiter
 
 from transport_helpers import KEY, PS, MemReader, batch_frame, random_memory, raw_session, read_image, start_receiver
+from migration_helpers import manifest
 
 
 def _manifest(out):
-    with open(os.path.join(out, "manifest.json")) as f:
-        return json.load(f)
+    """The manifest once final (see migration_helpers.manifest)."""
+    return manifest(str(out))
 
 
 def _regions():

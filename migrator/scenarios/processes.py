@@ -65,9 +65,15 @@ class DestinationCheck:
 
 def compare_with_source(pid: int, out_dir: str, page_size: int = 4096) -> DestinationCheck:
     """Every region image in out_dir (manifest.json) against /proc/PID/mem of the paused source,
-    byte for byte, in chunks (a 4 GiB guest needs no 4 GiB buffer)."""
-    with open(os.path.join(out_dir, "manifest.json")) as f:
-        manifest = json.load(f)
+    byte for byte, in chunks (a 4 GiB guest needs no 4 GiB buffer).  The manifest says complete
+    once the receiver has the images on disk, after its verdict: waited for (up to 60 s)."""
+    deadline = time.monotonic() + 60
+    while True:
+        with open(os.path.join(out_dir, "manifest.json")) as f:
+            manifest = json.load(f)
+        if manifest.get("complete") or manifest.get("error") or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     if not manifest.get("complete"):
         return DestinationCheck(False, 0, "the receiver's manifest is not complete")
     pages = 0

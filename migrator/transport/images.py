@@ -171,8 +171,9 @@ class ImageSet:
             raise MigratorError(f"writing image {self.names[batch.region]!r}: {what}")
 
     def verify(self, source_digests: Sequence[str]) -> list[Verdict]:
-        """Digest the images from their per-page hashes, compare, write the manifest (blocking:
-        run it in a thread).  The image files are flushed to disk afterwards by sync()."""
+        """Digest the images from their per-page hashes and compare (blocking: run it in a
+        thread).  A mismatch is written to the manifest at once; a complete verdict by sync(),
+        once the image files are on disk."""
         out = []
         for i, (img, src) in enumerate(zip(self._images, source_digests)):
             got = digest_of_hashes(img.hash_map[:8 * img.npages])
@@ -183,13 +184,17 @@ class ImageSet:
         if not self.complete:
             bad = [v.name for v in out if not v.verified]
             self.error = f"digest mismatch in {', '.join(bad)}"
-        self.write_manifest()
+            self.write_manifest()
         return out
 
     def sync(self) -> None:
-        """Flush the image files to disk (after the verdict went out: not part of the downtime)."""
+        """Flush the image files to disk, then record the verdict in the manifest (after the
+        verdict went out: not part of the downtime).  So the manifest says complete only once
+        the images it vouches for are on disk; writing it earlier, inside the pause, would also
+        wait for the file system to commit the images' data (ext4's ordered mode)."""
         for img in self._images:
             os.fsync(img.fd)
+        self.write_manifest()
 
     def fail(self, reason: str) -> None:
         """Mark the session failed on disk (never complete)."""
