@@ -1,6 +1,7 @@
 /* migrator page-stream fast path: see stream.h. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <string.h>
 #include <time.h>
@@ -319,4 +320,14 @@ int64_t mg_count_zero_pages(const uint8_t *buf, uint64_t npages, uint64_t page_s
     for (uint64_t i = 0; i < npages; i++)
         zeros += page_is_zero(buf + i * page_size, page_size, avx2);
     return zeros;
+}
+
+int mg_writeback(int fd, int wait)
+{
+    unsigned int flags = SYNC_FILE_RANGE_WRITE;
+    if (wait)
+        flags |= SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WAIT_AFTER;
+    if (sync_file_range(fd, 0, 0, flags) != 0)
+        return -errno;
+    return 0;
 }

@@ -108,4 +108,11 @@ int mg_apply_batch(int fd, uint32_t *stamps, uint64_t *img_hashes, uint64_t npag
                    uint32_t round_no, uint64_t zero_hash, uint64_t page_size,
                    const uint8_t *zero_buf, uint64_t zero_len, struct mg_apply_stats *st);
 
+/* Write back a file's dirty pages (sync_file_range over the whole file): wait = 0 starts the
+ * write-out without waiting; wait = 1 also waits for it (and for what was under write-out
+ * already).  Not an fsync: no metadata, no cache flush of the device.  A receiver writing
+ * gigabytes keeps the page cache's dirty pages low, so the kernel does not throttle its writes
+ * later, in the pause.  Returns 0 or -errno. */
+int mg_writeback(int fd, int wait);
+
 #endif

@@ -121,7 +121,7 @@ class Background:
 
 NONCONVERGENCE_RATIO = 0.95     # dirtied / previously sent at or above this: no progress
 SHRINKING_RATIO = 0.5           # dirtied / previously sent at or below this: a round pays off
-SHORT_TRANSFER_S = 0.005        # a final transfer this short is not worth another round
+SHORT_TRANSFER_S = 0.001        # a final transfer this short is not worth another round
 SWITCHOVER_RULES = ("converge", "fits")
 VERIFY_MODES = ("hashes", "memory")
 SAMPLE_STRIDE = 16       # a round's sample of sent data pages: every 16th ...
@@ -539,8 +539,19 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                                                             for n in scanned})
             mark("final-scanned")
         mark("final-sent")
-        await sender.end_round(round_no)
-        mark("final-acked")
+        # the digests, from what was sent (8 bytes a page hashed, no memory read), while the
+        # receiver acknowledges the round
+        digests: dict[str, str] = {}
+
+        async def digest_all() -> None:
+            for r in regions:
+                digests[r.name] = await trio.to_thread.run_sync(sent_tables.digest, r.name)
+            mark("digests")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(digest_all)
+            await sender.end_round(round_no)
+            mark("final-acked")
         # every page sent in this round is one the destination did not hold (each sent once)
         sts = (st1, st2, st3)
         st = SendStats(round_no, sum(x.bytes for x in sts), sum(x.pages_normal for x in sts),
@@ -549,9 +560,6 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         rep.final_dirty_pages = st.pages_normal + st.pages_zero
         account(round_no, rep.final_dirty_pages, st, final.cost_s, rep.dirty_pages_rate,
                 rep.expected_downtime_ms, final=True)
-        # the digests, from what was sent (8 bytes a page hashed, no memory read)
-        digests = {r.name: sent_tables.digest(r.name) for r in regions}
-        mark("digests")
         t_verify = time.monotonic()
         mark("verify")
         if target.alongside_verify is None:

@@ -115,6 +115,8 @@ class CompositeTracker(Tracker):
         def lap(name: str) -> None:
             parts[name] = round((time.perf_counter() - t0) * 1000 - sum(parts.values()), 2)
 
+        if self.gate is not None:
+            self.gate.begin_holes_check()
         scan = self.gate.observe() if self.gate is not None else None
         lap("holders")
         if self.private is not None:
@@ -137,7 +139,9 @@ class CompositeTracker(Tracker):
         skip = {r.name for r in self.shared if r.name not in swept}
         deferred = (swept & defer) - exclude
         if isinstance(self.ledger, LedgerTracker):
-            out.merge(self.ledger.collect(final, exclude | skip | deferred))
+            mine = scan.holders.get(self.pid) if scan is not None else None
+            out.merge(self.ledger.collect(final, exclude | skip | deferred,
+                                          maps=mine.maps if mine is not None else None))
         else:
             out.merge(self.ledger.collect(final))
         lap(self.ledger.name)

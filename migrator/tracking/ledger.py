@@ -333,11 +333,14 @@ class LedgerTracker(Tracker):
                 total += len(pages)
         return changed / total if total else None
 
-    def collect(self, final: bool = False, exclude: frozenset[str] = frozenset()) -> DirtyPages:
-        """exclude: regions not swept (see known_hashes); their layout is still checked."""
+    def collect(self, final: bool = False, exclude: frozenset[str] = frozenset(),
+                maps: list | None = None) -> DirtyPages:
+        """exclude: regions not swept (see known_hashes); their layout is still checked, in
+        maps if given (the target's mappings of the objects, from a /proc scan just made)."""
         t0 = time.perf_counter()
         out = DirtyPages(pages={})
-        maps = read_maps(self.pid)      # raises TargetGoneError when the process exited
+        if maps is None:
+            maps = read_maps(self.pid)      # raises TargetGoneError when the process exited
         swept: set[int] = set()
         for r in self.regions:
             out.events.extend(unmapped_events(r, maps))

@@ -33,6 +33,7 @@ out of reach is written in docs/tracking.md ("When the ledger sweeps").
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..kernel.holders import Holder, HolderScan, parent_of, read_counters, scan_holders
@@ -76,6 +77,8 @@ class SweepGate:
         self._views: dict[ObjectKey, tuple[int, int]] = {}     # key -> (address, pages)
         self._present: dict[ObjectKey, PageSet] = {}
         self._pagemap: Pagemap | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._holes: Future | None = None
         self.last: dict[ObjectKey, Sweep] = {}      # the previous decision's sweeps
         self.scan_s = 0.0
 
@@ -109,7 +112,21 @@ class SweepGate:
             pos = walk_end
         return absent
 
+    def begin_holes_check(self) -> None:
+        """Start this collect's hole check in a thread of its own (its page-table walk runs in
+        C without the GIL, beside the holder scan and the write-protect scans); decide()
+        takes its result."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sweep-gate")
+        self._holes = self._pool.submit(lambda: {k: self._holes_check(k) for k in self.keys})
+
     def close(self) -> None:
+        if self._holes is not None:
+            self._holes.exception()
+            self._holes = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if self._pagemap is not None:
             self._pagemap.close()
             self._pagemap = None
@@ -207,7 +224,10 @@ class SweepGate:
                     if k in h.mapped or k in h.writable:
                         reasons[k].append(f"process {parent} forked process {child}")
         # data pages that became holes
-        extents = {k: self._holes_check(k) for k in self.keys}
+        if self._holes is not None:
+            extents, self._holes = self._holes.result(), None
+        else:
+            extents = {k: self._holes_check(k) for k in self.keys}
         for k in self.keys:
             now, before = extents[k], self._extents.get(k)
             if isinstance(now, PageSet):     # absent pages: those absent now, present before

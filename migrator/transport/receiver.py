@@ -323,6 +323,7 @@ class Receiver:
                     q.join()          # everything before the round end is written
                     if failed:
                         break
+                    images.settle()
                     fs.send_blocking(wire.encode(wire.RoundAck(msg.round_no)))
                 else:
                     return msg
@@ -363,6 +364,7 @@ class Receiver:
                 images.prepare(msg.region, msg.runs_flat)
             elif isinstance(msg, wire.RoundEnd):
                 await flush()
+                await trio.to_thread.run_sync(images.settle)
                 await fs.send(wire.RoundAck(msg.round_no))
             elif isinstance(msg, wire.Close) and channel != 0:
                 await flush()
