@@ -145,6 +145,56 @@ async def test_side_writers_vhost_and_pwrite(receiver):
         assert_images_equal_source(g, receiver.out_dir)
         stats = g.stats().writers
         assert stats["vhost"].pages > 0 and stats["pwrite"].pages > 0
+        # the pwrite writer's write calls made the ledger sweep, and the report says so
+        pw = g.writer_pids["pwrite"]
+        assert rep.sweeps and all(f"process {pw} made" in s["reason"] for s in rep.sweeps), rep.sweeps
+        assert all(s["regions"] == ["guest-ram"] and s["bytes"] == 32 * MB for s in rep.sweeps)
+
+
+async def test_vhost_writer_tracked_by_page_tables(receiver):
+    """A vhost-user-like process writing the memfd through its own mapping: write-protected like
+    the guest, so the ledger never sweeps."""
+    side = WorkloadSpec(kind="random", rate=10e6, seed=5)
+    with guest("random", 10e6, vhost=side) as g:
+        rep = await run(g, receiver, writers=g.writer_pids.values(), max_bandwidth=300e6, min_round_s=0.05)
+        assert rep.status == "completed", rep.reason
+        assert rep.sweeps == [] and rep.final_scanned == []
+        assert_images_equal_source(g, receiver.out_dir)
+        assert g.stats().writers["vhost"].pages > 0
+
+
+async def test_verify_memory_finds_writes_after_the_pause(receiver):
+    """A writer left running (not given as a writer) goes on writing the memfd after the pause:
+    --verify memory reads the paused source again and finds pages that differ from what was
+    sent; the migration fails and the source is resumed."""
+    side = WorkloadSpec(kind="random", rate=50e6, seed=5)
+    with guest("idle", 0, vhost=side) as g:
+        rep = await run(g, receiver, max_bandwidth=300e6)
+        assert rep.status == "failed"
+        assert rep.reason.startswith("--verify memory: the paused source differs from what was sent in guest-ram"), rep.reason
+        assert any("was not paused" in e for e in rep.events), rep.events
+        assert rep.source_state == "running"
+
+
+async def test_direct_io_reads_into_the_memory_during_a_migration(receiver, tmp_path):
+    """A process mapping the guest's memfd reads a file with O_DIRECT into it all along: the
+    device writes pinned pages without a fault, so the ledger sweeps, and the copy is exact."""
+    from child import Child
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(256 * 4096))
+    with guest("random", 5e6) as g:
+        shared = next(r for r in g.regions.values() if r.kind == "shared")
+        reader = Child("--shm-from", f"/proc/{g.pid}/fd/{shared.fd}", "--shm-pages", str(shared.size // 4096),
+                       "--anon-pages", "1", "--no-populate", "--close-memfd")
+        try:
+            reader.cmd("direct_loop", region="shm", path=str(disk), file_pages=256, interval=0.002)
+            rep = await run(g, receiver, writers=[reader.pid], max_bandwidth=300e6, min_round_s=0.05)
+            assert rep.status == "completed", rep.reason
+            assert rep.sweeps and any(f"process {reader.pid} completed" in s["reason"] and "O_DIRECT" in s["reason"]
+                                      for s in rep.sweeps), rep.sweeps
+            assert_images_equal_source(g, receiver.out_dir)
+        finally:
+            reader.kill()
 
 
 async def test_dirty_rate_above_the_link_without_auto_converge(receiver):

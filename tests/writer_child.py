@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import sys
+import threading
 import time
 
 from migrator.kernel.native import PAGE_SIZE
@@ -60,6 +61,16 @@ def _close_all(memfd: int) -> None:
                 os.close(fd)
         except OSError:
             pass
+
+
+def _direct_loop(fd: int, s, file_pages: int, interval: float) -> None:
+    import random
+    rnd = random.Random(7)
+    view = memoryview(s.map)
+    while True:
+        p = rnd.randrange(s.npages)
+        os.preadv(fd, [view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]], rnd.randrange(file_pages) * PAGE_SIZE)
+        time.sleep(interval)
 
 
 def main() -> None:
@@ -182,6 +193,10 @@ def main() -> None:
                     raise OSError("short O_DIRECT read")
                 view.release()
                 reply["fd"] = fd
+            elif op == "direct_loop":          # a thread reading file pages with O_DIRECT
+                fd = os.open(cmd["path"], os.O_RDONLY | os.O_DIRECT)   # into random pages,
+                threading.Thread(target=_direct_loop, daemon=True,     # every interval, until exit
+                                 args=(fd, s, cmd["file_pages"], cmd["interval"])).start()
             elif op == "io_uring":             # an io_uring instance (io_uring_setup), kept
                 params = ctypes.create_string_buffer(120)
                 fd = libc.syscall(425, 4, params)

@@ -201,9 +201,15 @@ async def test_migration_with_soft_dirty_is_byte_identical(receiver, workload, r
         target = MigrationTarget(pid=g.pid, regions=sel, writers=[], uffd_fd=g.uffd_fd)
         rep = await migrate(target, "127.0.0.1", receiver.port, key=None,
                             policy=MigrationPolicy(tracker="soft-dirty", max_bandwidth=200e6,
-                                                   min_round_s=0.05, auto_converge=True))
+                                                   min_round_s=0.05, auto_converge=True,
+                                                   verify="memory"))
         assert rep.status == "completed", rep.reason
         assert rep.tracker == "soft-dirty+ledger"
+        # no write-protect on the mappers: soft-dirty loses a written shmem page on swap-out and
+        # on MADV_DONTNEED, so the ledger sweeps the shared memory at every collect, and says why
+        assert rep.sweeps and all(s["reason"].startswith("no page-table tracking of its mappers")
+                                  for s in rep.sweeps), rep.sweeps
+        assert rep.sweeps[-1]["round"] == "final" and rep.verify_memory_ms > 0
         assert rep.rounds >= 2 and rep.per_round[-1].stop_and_copy
         assert_images_equal_source(g, receiver.out_dir)
         if workload == "idle":
