@@ -301,3 +301,18 @@ async def test_non_cooperating_guest_and_its_mapper_tracked_by_injected_write_pr
         for pid in (g.pid, vhost):
             assert not [n for n in os.listdir(f"/proc/{pid}/fd")
                         if os.readlink(f"/proc/{pid}/fd/{n}") == "anon_inode:[userfaultfd]"]
+
+
+async def test_a_sweep_every_collect_that_overruns_the_limit_is_not_converging(receiver):
+    """A pwrite writer makes every collect sweep the 64 MiB memfd (~5-15 ms); with a 1 ms limit
+    the final collect alone overruns it, whatever the rounds: the migration stops, says why, and
+    the guest runs on."""
+    side = WorkloadSpec(kind="random", rate=5e6, seed=5)
+    with guest("random", 1e6, shared=64 * MB, pwrite=side) as g:
+        rep = await run(g, receiver, writers=g.writer_pids.values(), max_bandwidth=300e6,
+                        min_round_s=0.05, downtime_limit_ms=1)
+        assert rep.status == "not-converged", rep.reason
+        pw = g.writer_pids["pwrite"]
+        assert "the shmem ledger must sweep guest-ram (64 MiB) at every collect" in rep.reason, rep.reason
+        assert f"process {pw} made" in rep.reason
+        assert rep.source_state == "running" and process_state(g.pid) != "T"

@@ -425,6 +425,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
     elapsed = last_collect - t0
 
     hot_rounds = 0
+    sweep_rounds = 0          # rounds in which the final collect alone would overrun the limit
     round_no = 0
     prev_sent = _count(first)
     pending: dict[str, PageSet] = {}
@@ -464,6 +465,19 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             hot_rounds += 1
         else:
             hot_rounds = 0
+        # The final collect alone overruns the limit (a ledger sweep that every collect needs,
+        # e.g. a writer's write calls): no number of rounds, and no throttling, can help
+        collect_s = tracker.final_collect_estimate_s()
+        sweep_rounds = sweep_rounds + 1 if collect_s > limit_s and dirty.sweeps else 0
+        if sweep_rounds >= policy.nonconvergence_rounds:
+            s = dirty.sweeps[-1]
+            rep.status = "not-converged"
+            rep.reason = (f"not converging: the final collect alone would take about {collect_s * 1000:.0f} ms, "
+                          f"over the {policy.downtime_limit_ms:.0f} ms limit: the shmem ledger must sweep "
+                          f"{', '.join(s.regions)} ({s.nbytes / 2**20:.0f} MiB) at every collect, because "
+                          f"{s.reason}; raise --downtime-limit, or pause or stop what writes it by system "
+                          "calls; the guest keeps running")
+            return
         if hot_rounds >= policy.nonconvergence_rounds:
             if policy.auto_converge and throttle.percent < Throttle.MAX:
                 throttle.step_up()
