@@ -184,3 +184,31 @@ def test_covers():
     assert not _covers([(10, 100)], [(0, 20)])
     assert _covers([], [])
     assert not _covers([], [(0, 1)])
+
+
+def test_holes_found_in_migrators_own_view(target, others):
+    """With migrator's read-only view of the memfd (as a migration has), a punched page leaves
+    the view's page tables: found without the page-cache walk, even from a process vouched for
+    (no write call to give it away) and even when the page is faulted back in at once."""
+    from migrator.precopy.source import SourceMemory
+    puncher = others()
+    target.cmd("close_memfd")
+    region = target.region("shm")
+    src = SourceMemory(target.pid, [region])
+    view = src.mapped("shm")
+    assert view is None         # (the test memfd is not sealed: map it ourselves)
+    import mmap
+    view = mmap.mmap(src.memory_object("shm")[0], region.size, mmap.MAP_SHARED, mmap.PROT_READ)
+    try:
+        with Tracked(target, no_syscall_writes={puncher.pid}) as t:
+            t.t.use_views({"shm": view})
+            assert sum(view[i * 4096] for i in range(64)) >= 0      # fault the view in
+            assert t.collect() == ([], [])
+            puncher.cmd("punch", first=20, n=2)
+            target.cmd("read", region="shm", page=20)           # faulted back in by the guest
+            pages, why = t.collect()
+            assert pages == [20, 21]
+            assert why == ["2 of its pages left migrator's view of it (punched, removed, truncated or reclaimed)"]
+    finally:
+        view.close()
+        src.close()

@@ -185,8 +185,9 @@ class SweepGate:
                 mapped, writable = k in h.mapped, k in h.writable
                 if not (mapped or writable or (old and (k in old.writable or k in old.mapped))):
                     continue
-                if writable and pid not in self.vouched:
-                    if old is None or k not in old.writable:
+                was_writable = old is not None and k in old.writable
+                if (writable or was_writable) and pid not in self.vouched:
+                    if not was_writable:
                         why.append(f"process {pid} opened it for writing since the last collect")
                     elif h.syscw < 0 or old.syscw < 0:
                         why.append(f"process {pid}'s write calls cannot be counted (/proc/{pid}/io)")
