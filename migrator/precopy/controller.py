@@ -458,13 +458,6 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             if not (policy.switchover == "converge" and transfer_s > SHORT_TRANSFER_S
                     and n <= SHRINKING_RATIO * prev_sent):
                 break
-        # Not converging: the pages dirtied while the previous round was sent are (nearly) as many
-        # as that round sent, i.e. the dirty rate is at or above the bandwidth.  (Counting pages,
-        # not rates: a dirty set cannot grow past the memory size, so a rate saturates.)
-        if n >= NONCONVERGENCE_RATIO * prev_sent:
-            hot_rounds += 1
-        else:
-            hot_rounds = 0
         # The final collect alone overruns the limit (a ledger sweep that every collect needs,
         # e.g. a writer's write calls): no number of rounds, and no throttling, can help
         collect_s = tracker.final_collect_estimate_s()
@@ -478,6 +471,13 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                           f"{s.reason}; raise --downtime-limit, or pause or stop what writes it by system "
                           "calls; the guest keeps running")
             return
+        # Not converging: the pages dirtied while the previous round was sent are (nearly) as many
+        # as that round sent, i.e. the dirty rate is at or above the bandwidth.  (Counting pages,
+        # not rates: a dirty set cannot grow past the memory size, so a rate saturates.)
+        if n >= NONCONVERGENCE_RATIO * prev_sent:
+            hot_rounds += 1
+        else:
+            hot_rounds = 0
         if hot_rounds >= policy.nonconvergence_rounds:
             if policy.auto_converge and throttle.percent < Throttle.MAX:
                 throttle.step_up()
