@@ -227,7 +227,7 @@ async def test_delay_proxy_adds_latency_both_ways_and_keeps_bytes():
 # -- kind = "qemu": the same VM migrated by migrator and by QEMU -------------------------------
 
 PATTERN = re.compile(r"(all 25344 pages at \d+|pages 0\.\.\d+ at \d+, \d+\.\.25343 at \d+)")
-SIDE_BY_SIDE = ("| method | runs | total ms | downtime ms | reported total/downtime ms | MB sent | "
+SIDE_BY_SIDE = ("| method | tracker | runs | total ms | downtime ms | reported total/downtime ms | MB sent | "
                 "MB in downtime | rounds | guest speed |")
 
 
@@ -248,6 +248,9 @@ def test_qemu_scenario_migrates_the_vm_both_ways(tmp_path, root, capsys):
     assert s["policy"]["downtime_limit_ms"] == 300
     assert [row["method"] for row in s["side_by_side"]] == ["qemu", "migrator", "migrator-fits"]
     assert [row["runs"] for row in s["side_by_side"]] == ["1/1", "1/1", "1/1"]
+    # QEMU's RAM tracked by page tables (write-protect injected into QEMU), no ledger sweep
+    assert [row["tracker"] for row in s["side_by_side"]] == [
+        "QEMU's dirty log", "wp-mappers+ledger, 0 sweeps", "wp-mappers+ledger, 0 sweeps"]
     [r] = s["runs"]
     assert [m["method"] for m in r["methods"]] == ["qemu", "migrator", "migrator-fits"]
     for m in r["methods"]:
@@ -273,7 +276,8 @@ def test_qemu_scenario_migrates_the_vm_both_ways(tmp_path, root, capsys):
     assert "| [qemu](#qemu) | pass | completed |" in md
     assert md.count(SIDE_BY_SIDE) == 2                   # medians over the runs, then run 1
     for m in r["methods"]:
-        row = f"| {m['method']} | 1/1 | {m['total_ms']:.0f} | {m['downtime_ms']:.1f} | "
+        tracker = m["tracker"] or "QEMU's dirty log"
+        row = f"| {m['method']} | {tracker} | 1/1 | {m['total_ms']:.0f} | {m['downtime_ms']:.1f} | "
         assert md.count(row) == 2, row
     assert "| stop-and-copy |" in md
     # (PATTERN's two forms: "pages 0..N at K, ..." or "all 25344 pages at K" when the VM
@@ -318,7 +322,7 @@ def test_qemu_scenario_failed_qemu_run_is_reported_not_checked(tmp_path):
     assert [row["runs"] for row in o.side_by_side()] == ["0/1", "1/1"]
     md = markdown({"created": "t", "host": {"kernel": "k", "cpus": 2}, "duration_s": 1, "baseline": None,
                    "scenarios": [o.to_json()]})
-    assert "| qemu | 0/1 | - | - |" in md and "- **qemu failed**: connection refused" in md
+    assert "| qemu | - | 0/1 | - | - |" in md and "- **qemu failed**: connection refused" in md
 
     # a migrator run whose destination does not run on fails the named expectation
     scn, res = _fake_qemu_result("completed", "")

@@ -83,6 +83,8 @@ class Run:
     reason: str = ""
     timeline: dict | None = None       # step -> ms after the start
     report: dict | None = None         # migrator: QemuMigrationReport.to_json()
+    tracker: str = ""                  # how written pages were found (migrator: its tracker and
+                                       # how many times the ledger swept)
 
     @property
     def ok(self) -> bool:
@@ -280,6 +282,7 @@ def run_migrator(work: str, boot: str, size: int, settings: CompareSettings, lay
         if m:
             stamps.update(json.loads(m.group(1)))
         r.timeline = _relative(stamps, t0)
+        r.tracker = f"{rep.ram.tracker}, {len(rep.ram.sweeps)} sweeps"
         fin = rep.ram.per_round[-1]
         r.downtime_bytes = fin.bytes + rep.device_state_bytes
         r.detail = (f"stop-and-copy {fin.pages_sent} pages: collect {fin.tracker_ms:.0f} ms, send "
@@ -323,15 +326,16 @@ TABLE_NOTE = ("total: migration start -> destination running; downtime: source S
 
 def table_rows(runs: list[Run]) -> list[tuple[str, ...]]:
     """Header, then one row per method (medians of its good runs; `0/N` and dashes if none)."""
-    rows = [("method", "runs", "total ms", "downtime ms", "reported total/downtime ms", "MB sent",
+    rows = [("method", "tracker", "runs", "total ms", "downtime ms", "reported total/downtime ms", "MB sent",
              "MB in downtime", "rounds", "guest speed")]
     for method in dict.fromkeys(r.method for r in runs):
         ok = [r for r in runs if r.method == method and r.ok]
         n = len([r for r in runs if r.method == method])
+        trackers = ", ".join(sorted({r.tracker or "QEMU's dirty log" for r in ok})) if ok else "-"
         if not ok:
-            rows.append((method, f"0/{n}", "-", "-", "-", "-", "-", "-", "-"))
+            rows.append((method, trackers, f"0/{n}", "-", "-", "-", "-", "-", "-", "-"))
             continue
-        rows.append((method, f"{len(ok)}/{n}", f"{_median(ok, 'total_ms'):.0f}",
+        rows.append((method, trackers, f"{len(ok)}/{n}", f"{_median(ok, 'total_ms'):.0f}",
                      f"{_median(ok, 'downtime_ms'):.1f}",
                      f"{_median(ok, 'reported_total_ms'):.0f} / {_median(ok, 'reported_downtime_ms'):.1f}",
                      f"{_median(ok, 'bytes_sent') / 1e6:.1f}", f"{_median(ok, 'downtime_bytes') / 1e6:.1f}",
