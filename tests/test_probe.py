@@ -48,7 +48,8 @@ def test_unknown_command_is_a_usage_error():
 
 def test_track_and_regions_commands_on_a_real_process():
     """`migrator regions` lists the memfd by name; `migrator track` reports exactly the pages the
-    child wrote between collects (the ledger counts content changes)."""
+    child wrote between collects (the ledger counts content changes), and says when and why the
+    ledger swept."""
     from child import Child
     c = Child("--shm-pages", "32", "--anon-pages", "8")
     try:
@@ -56,9 +57,15 @@ def test_track_and_regions_commands_on_a_real_process():
         assert p.returncode == 0
         assert any(l.split()[-1] == "test-shm" and " shared " in l for l in p.stdout.splitlines())
         p = subprocess.Popen([sys.executable, "-m", "migrator", "track", "--pid", str(c.pid),
-                              "--region", "test-shm", "--json", "--interval", "0.01", "--count", "1"],
+                              "--region", "test-shm", "--json", "--interval", "0.3", "--count", "2"],
                              stdout=subprocess.PIPE, text=True)
-        assert json.loads(p.stdout.readline())["pages"] == {"test-shm": 0}
+        first = json.loads(p.stdout.readline())
+        assert first["pages"] == {"test-shm": 0} and first["sweeps"] == []
+        c.cmd("pwrite", pages=[3])       # a write call: no page table sees it, the ledger does
+        second = json.loads(p.stdout.readline())
+        assert second["pages"] == {"test-shm": 1}
+        [sweep] = second["sweeps"]
+        assert sweep["regions"] == ["test-shm"] and f"process {c.pid} made" in sweep["reason"], sweep
         p.wait(timeout=30)
         bad = run("track", "--pid", str(c.pid), "--region", "no-such-region")
         assert bad.returncode == 2

@@ -50,12 +50,16 @@ def run(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps({"collect": n, "pages": per, "dirty_MBps": round(rate, 2),
                                       "cost_ms": round(res.cost_s * 1000, 3),
-                                      "events": [e.__dict__ for e in res.events]}), flush=True)
+                                      "events": [e.__dict__ for e in res.events],
+                                      "sweeps": [{"regions": list(s.regions), "bytes": s.nbytes,
+                                                  "reason": s.reason} for s in res.sweeps]}), flush=True)
                 else:
                     parts = "  ".join(f"{k}={v}" for k, v in per.items())
                     print(f"#{n:<4} {total:>9} pages  {rate:9.1f} MB/s  collect {res.cost_s * 1000:7.2f} ms  {parts}", flush=True)
                     for e in res.events:
                         print(f"      {e.region}: {e.what}: {e.detail}", flush=True)
+                    for s in res.sweeps:
+                        print(f"      ledger: {s.describe()}", flush=True)
         except KeyboardInterrupt:
             pass
     return 0
