@@ -118,6 +118,7 @@ class ImageSet:
         self.error: str | None = None
         self._images: list[_Image] = []
         self._lock = threading.Lock()   # apply() may run in several worker threads at once
+        self._closed = False
         self._preparer: threading.Thread | None = None      # see prepare()
         self._prep_stop = False
         self.bytes_prepared = 0
@@ -153,9 +154,16 @@ class ImageSet:
         })
 
     def apply(self, batch: Batch) -> None:
-        """Write a validated batch (wire.check_batch passed) into its image (thread-safe)."""
+        """Write a validated batch (wire.check_batch passed) into its image (thread-safe).
+        After close() (the session failed on another channel) a batch is refused, never
+        written into unmapped tables."""
         with self._lock:
+            self._check_open()
             self._apply(batch)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MigratorError("the session's images are closed (the session ended)")
 
     def _apply(self, batch: Batch) -> None:
         img = self._images[batch.region]
@@ -189,6 +197,7 @@ class ImageSet:
         not inherit its backlog (the kernel would throttle the pause's writes); a small round,
         such as the stop-and-copy's, does not wait.  Nothing to do on tmpfs."""
         with self._lock:
+            self._check_open()
             for img in self._images:
                 if img.unsettled >= WRITEBACK_EVERY:
                     img.unsettled = img.unflushed = 0
@@ -199,12 +208,14 @@ class ImageSet:
         thread).  A mismatch is written to the manifest at once; a complete verdict by sync(),
         once the image files are on disk."""
         out = []
-        for i, (img, src) in enumerate(zip(self._images, source_digests)):
-            with memoryview(img.hash_map) as mv:        # (no copy: 16 MiB at 8 GiB)
-                got = digest_of_hashes(mv[:8 * img.npages])
-            self.digests[i] = got
-            self.status[i] = "verified" if got == src else "mismatch"
-            out.append(Verdict(img.region.name, got == src, src, got))
+        with self._lock:
+            self._check_open()
+            for i, (img, src) in enumerate(zip(self._images, source_digests)):
+                with memoryview(img.hash_map) as mv:        # (no copy: 16 MiB at 8 GiB)
+                    got = digest_of_hashes(mv[:8 * img.npages])
+                self.digests[i] = got
+                self.status[i] = "verified" if got == src else "mismatch"
+                out.append(Verdict(img.region.name, got == src, src, got))
         self.complete = all(v.verified for v in out)
         if not self.complete:
             bad = [v.name for v in out if not v.verified]
@@ -217,8 +228,10 @@ class ImageSet:
         verdict went out: not part of the downtime).  So the manifest says complete only once
         the images it vouches for are on disk; writing it earlier, inside the pause, would also
         wait for the file system to commit the images' data (ext4's ordered mode)."""
-        for img in self._images:
-            os.fsync(img.fd)
+        with self._lock:
+            self._check_open()
+            for img in self._images:
+                os.fsync(img.fd)
         self.write_manifest()
 
     def fail(self, reason: str) -> None:
@@ -278,7 +291,11 @@ class ImageSet:
             self._preparer = None
 
     def close(self) -> None:
+        """Free the images.  Safe while other channels' writer threads are inside apply():
+        it waits for the batch being written, and later batches are refused."""
         self._stop_preparing()      # (before its file descriptors go)
-        for img in self._images:
-            img.close()
-        self._images = []
+        with self._lock:
+            self._closed = True
+            for img in self._images:
+                img.close()
+            self._images = []
