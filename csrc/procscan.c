@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/inotify.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
@@ -136,4 +137,16 @@ int64_t mg_proc_holders(const uint64_t *keys, uint64_t n_keys, int32_t *pids, ui
     free(buf);
     *n_pids = seen;
     return holders;
+}
+
+int mg_inotify_open(void)
+{
+    int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+int mg_inotify_watch(int fd, const char *path)
+{
+    int wd = inotify_add_watch(fd, path, IN_MODIFY);
+    return wd < 0 ? -errno : wd;
 }

@@ -17,4 +17,11 @@
 int64_t mg_proc_holders(const uint64_t *keys, uint64_t n_keys, int32_t *pids, uint8_t *flags,
                         uint64_t max_pids, uint64_t *n_pids);
 
+/* inotify on shared memory objects: a descriptor (IN_NONBLOCK | IN_CLOEXEC), and a watch of
+ * IN_MODIFY on the inode behind path (e.g. /proc/self/fd/N of a memfd).  Writes through a file
+ * opened by path (a tmpfs file, or a memfd reopened through /proc/PID/fd or map_files) raise it;
+ * writes through a memfd's own descriptor do not.  Return the descriptor / watch, or -errno. */
+int mg_inotify_open(void);
+int mg_inotify_watch(int fd, const char *path);
+
 #endif

@@ -186,25 +186,24 @@ def test_covers():
     assert not _covers([], [(0, 1)])
 
 
-def test_holes_found_in_migrators_own_view(target, others):
+def test_holes_found_in_migrators_own_view(target):
     """With migrator's read-only view of the memfd (as a migration has), a punched page leaves
-    the view's page tables: found without the page-cache walk, even from a process vouched for
-    (no write call to give it away) and even when the page is faulted back in at once."""
+    the view's page tables: found without the page-cache walk, even when the punch is made
+    through the memfd's own descriptor (no inotify event) by a process vouched for (no write
+    call to give it away), and even when the page is faulted back in at once."""
+    import mmap
+
     from migrator.precopy.source import SourceMemory
-    puncher = others()
-    target.cmd("close_memfd")
     region = target.region("shm")
     src = SourceMemory(target.pid, [region])
-    view = src.mapped("shm")
-    assert view is None         # (the test memfd is not sealed: map it ourselves)
-    import mmap
+    assert src.mapped("shm") is None       # (the test memfd is not sealed: map it ourselves)
     view = mmap.mmap(src.memory_object("shm")[0], region.size, mmap.MAP_SHARED, mmap.PROT_READ)
     try:
-        with Tracked(target, no_syscall_writes={puncher.pid}) as t:
+        with Tracked(target, no_syscall_writes={target.pid}) as t:
             t.t.use_views({"shm": view})
             assert sum(view[i * 4096] for i in range(64)) >= 0      # fault the view in
             assert t.collect() == ([], [])
-            puncher.cmd("punch", first=20, n=2)
+            target.cmd("punch", first=20, n=2)
             target.cmd("read", region="shm", page=20)           # faulted back in by the guest
             pages, why = t.collect()
             assert pages == [20, 21]
@@ -212,3 +211,31 @@ def test_holes_found_in_migrators_own_view(target, others):
     finally:
         view.close()
         src.close()
+
+
+def test_a_writer_through_a_proc_path_gone_before_the_collect(target, others):
+    """A process that reopens the memfd through /proc/PID/fd, writes it and exits between two
+    collects holds it at no scan; the inotify watch on the object sees the write."""
+    import subprocess
+    import sys
+    mapper_only(target, others)
+    keeper_path = next(f"/proc/{os.getpid()}/fd/{fd}" for fd in map(int, os.listdir("/proc/self/fd"))
+                       if _is_memfd_of(fd, target))
+    with Tracked(target) as t:
+        assert t.collect() == ([], [])
+        subprocess.run([sys.executable, "-c", "import os, sys\n"
+                        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+                        "os.pwrite(fd, b'written by a passer-by', 9 * 4096)\n"
+                        "os.close(fd)\n", keeper_path], check=True)
+        pages, why = t.collect()
+        assert pages == [9]
+        assert why == ["it was written through a file opened by path (inotify: a tmpfs path, "
+                       "/proc/PID/fd or map_files)"], why
+
+
+def _is_memfd_of(fd: int, target) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:test-shm") and \
+            os.fstat(fd).st_ino == target.region("shm").inode
+    except OSError:
+        return False

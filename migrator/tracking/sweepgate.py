@@ -33,12 +33,13 @@ out of reach is written in docs/tracking.md ("When the ledger sweeps").
 from __future__ import annotations
 
 import os
+import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..kernel.holders import Holder, HolderScan, parent_of, read_counters, scan_holders
 from ..kernel.maps import Region
-from ..kernel.native import PAGE_SIZE
+from ..kernel.native import PAGE_SIZE, lib
 from ..kernel.pagemap import PAGE_IS_PRESENT, Pagemap
 from ..kernel.shmem import data_extents
 from .pageset import PageSet
@@ -81,6 +82,8 @@ class SweepGate:
         self._holes: Future | None = None
         self.last: dict[ObjectKey, Sweep] = {}      # the previous decision's sweeps
         self.scan_s = 0.0
+        self._inotify = -1
+        self._watches: dict[int, ObjectKey] = {}     # inotify watch -> object
 
     def use_view(self, key: ObjectKey, address: int, npages: int) -> None:
         """Migrator maps the object's pages [range start, + npages) read-only at address (kept
@@ -121,6 +124,10 @@ class SweepGate:
         self._holes = self._pool.submit(lambda: {k: self._holes_check(k) for k in self.keys})
 
     def close(self) -> None:
+        if self._inotify >= 0:
+            os.close(self._inotify)
+            self._inotify = -1
+            self._watches.clear()
         if self._holes is not None:
             self._holes.exception()
             self._holes = None
@@ -157,8 +164,44 @@ class SweepGate:
 
     def start(self, scan: HolderScan | None = None) -> None:
         """The baseline: what holds the objects when tracking begins."""
+        self._watch()
         self._prev = scan or self.observe()
         self._extents = {k: self._holes_check(k) for k in self.keys}
+
+    def _watch(self) -> None:
+        """An inotify watch (IN_MODIFY) on each object: writes through a file opened by path (a
+        tmpfs file, a memfd reopened through /proc/PID/fd or map_files, by any process) raise
+        it, however short-lived the writer.  Best effort: where it cannot be set, those
+        writers stay out of reach (docs/tracking.md)."""
+        if self._inotify < 0:
+            fd = lib.mg_inotify_open()
+            if fd < 0:
+                return
+            self._inotify = fd
+        for k in self.keys:
+            fd = self.fds.get(k)
+            if fd is None or k in self._watches.values():
+                continue
+            wd = lib.mg_inotify_watch(self._inotify, f"/proc/self/fd/{fd}".encode())
+            if wd >= 0:
+                self._watches[wd] = k
+
+    def _modified_by_path(self) -> set[ObjectKey]:
+        """The objects whose watch fired since the last call."""
+        out: set[ObjectKey] = set()
+        if self._inotify < 0:
+            return out
+        while True:
+            try:
+                data = os.read(self._inotify, 65536)
+            except BlockingIOError:
+                return out
+            pos = 0
+            while pos + 16 <= len(data):
+                wd, _mask, _cookie, n = struct.unpack_from("iIII", data, pos)
+                if wd in self._watches:
+                    out.add(self._watches[wd])
+                pos += 16 + n
 
     def decide(self, scan: HolderScan, uncovered: dict[ObjectKey, str]) -> dict[ObjectKey, Sweep]:
         """The objects to sweep this collect, with why.  uncovered: objects whose mappers'
@@ -169,6 +212,9 @@ class SweepGate:
         for k, why in uncovered.items():
             if k in reasons:
                 reasons[k].append(why)
+        for k in self._modified_by_path():
+            reasons[k].append("it was written through a file opened by path (inotify: a tmpfs path, "
+                              "/proc/PID/fd or map_files)")
         # holders gone since the previous collect: their last calls are unknown unless they
         # still live (a process that closed the descriptor: its counters are still readable)
         gone: dict[int, Holder] = {}
