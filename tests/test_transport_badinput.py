@@ -202,3 +202,28 @@ async def test_busy_receiver_rejects_second_session(nursery, tmp_path):
     (o,) = await rx.wait_sessions(1)
     assert "disconnected" in o.error
     await _good_migration(port, out)
+
+
+# files: the receiver never writes through a symbolic link planted in its output folder
+async def test_planted_symlinks_in_the_output_folder_are_not_followed(nursery, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious" * 512)
+    (out / "000-ram.img").symlink_to(victim)                        # the image's name
+    rx, port, logs = await start_receiver(nursery, out)
+    with pytest.raises(Exception, match="Too many levels of symbolic links|symbolic link"):
+        async with connect_sender("127.0.0.1", port, key=KEY, regions=REGIONS):
+            pass
+    assert victim.read_bytes() == b"precious" * 512
+    assert any("symbolic link" in line for line in logs), list(logs)
+    # the manifest's temporary file, whose name is predictable, is not followed either
+    (out / "000-ram.img").unlink()
+    tmp_manifest = out / f"manifest.json.tmp.{os.getpid()}"
+    tmp_manifest.symlink_to(victim)
+    with pytest.raises(Exception):
+        async with connect_sender("127.0.0.1", port, key=KEY, regions=REGIONS):
+            pass
+    assert victim.read_bytes() == b"precious" * 512
+    tmp_manifest.unlink()
+    await _good_migration(port, out)

@@ -82,7 +82,8 @@ class DestinationVM:
         if os.path.exists(self.qmp_path):
             os.unlink(self.qmp_path)
         self.marks.mark("dest-spawn")
-        log = open(self.log_path, "w")
+        log = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_TRUNC | os.O_CREAT | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, 0o644), "w")     # (never through a planted link)
         try:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)

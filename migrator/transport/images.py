@@ -37,9 +37,15 @@ def image_name(index: int, name: str) -> str:
     return f"{index:03d}-{safe}.img"
 
 
+# files the receiver creates are never opened through a symbolic link: one planted in the
+# output folder would make it truncate or overwrite another file
+O_CREATE_SAFE = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | O_CREATE_SAFE, 0o644)
+    with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
         f.flush()
@@ -70,15 +76,23 @@ class _Image:
         self.path = path
         self.region = region
         self.npages = region.size // page_size
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.ftruncate(self.fd, region.size)
-        if preallocate:      # allocate now, not page by page while the migration runs
-            os.posix_fallocate(self.fd, 0, region.size)
-        # anonymous mapping: zero pages on demand, so a huge region costs only what is touched
-        self._map = mmap.mmap(-1, 4 * self.npages)
+        self.fd = os.open(path, os.O_RDWR | os.O_TRUNC | O_CREATE_SAFE, 0o600)
+        try:
+            os.ftruncate(self.fd, region.size)
+            if preallocate:      # allocate now, not page by page while the migration runs
+                os.posix_fallocate(self.fd, 0, region.size)
+            # anonymous mapping: zero pages on demand, so a huge region costs only what is touched
+            self._map = mmap.mmap(-1, 4 * self.npages)
+            try:
+                # the XXH3-64 of every page as it is now on disk (the digest is computed from these)
+                self.hash_map = mmap.mmap(-1, 8 * max(self.npages, 1))
+            except BaseException:
+                self._map.close()
+                raise
+        except BaseException:
+            os.close(self.fd)          # (no descriptor left behind by a failed set-up)
+            raise
         self.stamps_c = ffi.from_buffer("uint32_t[]", self._map)
-        # the XXH3-64 of every page as it is now on disk (the digest is computed from these)
-        self.hash_map = mmap.mmap(-1, 8 * max(self.npages, 1))
         self.hashes = memoryview(self.hash_map).cast("Q")
         self.hashes_c = ffi.from_buffer("uint64_t[]", self.hash_map)
         self.zero_hash = zero_page_hash(page_size)
