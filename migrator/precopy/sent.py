@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..kernel.native import PAGE_SIZE, ffi, lib
 from ..transport.digest import digest_of_hashes
+from ..tracking.ledger import record_runs
 
 
 class SentHashes:
@@ -27,13 +28,10 @@ class SentHashes:
     def record(self, name: str, data_flat, zero_flat, hashes: bytes) -> None:
         """A sender's on_packed hook (from producer threads; batches never overlap): the pages
         of data runs went with these hashes, those of zero runs as zeros."""
-        t = self._tables[name]
-        n = self._npages[name]
-        for flat, values, fill in ((data_flat, hashes, 0), (zero_flat, None, self._zero)):
-            if flat:
-                vals = ffi.from_buffer("uint64_t[]", values) if values is not None else ffi.NULL
-                if lib.mg_set_hashes(t, n, ffi.new("uint64_t[]", list(flat)), len(flat) // 2, vals, fill) < 0:
-                    raise ValueError(f"pages recorded outside region {name}")
+        try:
+            record_runs(self._tables[name], self._npages[name], data_flat, zero_flat, hashes, self._zero)
+        except ValueError:
+            raise ValueError(f"pages recorded outside region {name}") from None
 
     def hashes(self, name: str) -> bytes:
         return bytes(ffi.buffer(self._tables[name], 8 * self._npages[name]))

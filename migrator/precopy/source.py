@@ -111,20 +111,10 @@ class SourceMemory:
         except OSError as e:
             raise self._failed(region_name, e) from None
 
-    def digest(self, region_name: str, page_hashes: bytes | None = None) -> str:
+    def digest(self, region_name: str) -> str:
         """The region's digest as migrator.transport defines it (XXH3-128 over per-page XXH3-64
-        hashes).  page_hashes: the current per-page hashes if the caller has them (the shmem
-        ledger after its final sweep), else they are computed by reading the region in C."""
-        r = self.regions[region_name]
-        if page_hashes is None:
-            fd, base, _ = self._where(region_name)
-            try:
-                page_hashes = fd_page_hashes(fd, base, r.npages, PAGE_SIZE)
-            except OSError as e:
-                raise self._failed(region_name, e) from None
-        if len(page_hashes) != 8 * r.npages:
-            raise ValueError(f"{len(page_hashes)} bytes of page hashes for {r.npages} pages")
-        return digest_of_hashes(page_hashes)
+        hashes), read now (a migration's digests come from what was sent: precopy/sent.py)."""
+        return digest_of_hashes(self.page_hashes(region_name))
 
     def populated(self, region: Region) -> PageSet:
         """The pages of region that hold data: allocated object pages (swapped ones included) for

@@ -43,6 +43,18 @@ ASSUMED_SWEEP_RATE = 2e9      # bytes/s a sweep is assumed to hash before one wa
                               # (measured here: 5-10 GB/s with two threads)
 
 
+def record_runs(table, npages: int, data_flat, zero_flat, hashes: bytes, zero_hash: int) -> None:
+    """Set table[p] (a uint64_t cdata array of npages) for the pages of flat (first, count) runs:
+    data runs take the page hashes in order, zero runs the zero page's hash (what a sender's
+    on_packed hook hands over).  ValueError for a run outside the table."""
+    for flat, values, fill in ((data_flat, hashes, 0), (zero_flat, None, zero_hash)):
+        if flat:
+            vals = ffi.from_buffer("uint64_t[]", values) if values is not None else ffi.NULL
+            if lib.mg_set_hashes(table, npages, ffi.new("uint64_t[]", list(flat)), len(flat) // 2,
+                                 vals, fill) < 0:
+                raise ValueError("pages recorded outside the table")
+
+
 def _populate(addr: int, nbytes: int) -> None:
     """Fill the page tables of a mapped range in one call (read faults, without the GIL);
     where the kernel lacks it, the hashing faults the pages in one by one."""
@@ -118,14 +130,11 @@ class ShmemLedger:
         """Object pages of (first, count) runs from first_page on were sent with these page
         hashes (data runs) or as zeros (zero runs): the baseline the next sweep compares with,
         without a new generation."""
-        base = self.hashes + (first_page - self.first_page)
-        room = self.end_page - first_page
-        for flat, values, fill in ((data_flat, hashes, 0), (zero_flat, None, self._zero)):
-            if flat:
-                vals = ffi.from_buffer("uint64_t[]", values) if values is not None else ffi.NULL
-                if lib.mg_set_hashes(base, room, ffi.new("uint64_t[]", flat), len(flat) // 2,
-                                     vals, fill) < 0:
-                    raise ValueError("pages recorded outside the ledger")
+        try:
+            record_runs(self.hashes + (first_page - self.first_page), self.end_page - first_page,
+                        data_flat, zero_flat, hashes, self._zero)
+        except ValueError:
+            raise ValueError("pages recorded outside the ledger") from None
 
     def _sweep_chunk(self, chunk: tuple[int, int], g: int) -> int:
         offset, n = chunk
@@ -374,13 +383,6 @@ class LedgerTracker(Tracker):
     def object_fds(self) -> dict:
         """Object key -> the ledger's descriptor of the object (after begin)."""
         return {led.key: led.fd for led in self.registry.ledgers()}
-
-    def page_hashes(self, region_name: str) -> bytes:
-        """The XXH3-64 of every page of a region as of the last sweep (8 bytes a page)."""
-        r = next(r for r in self.regions if r.name == region_name)
-        led = self.registry.ledger_for(self.pid, r)
-        i = r.offset // PAGE_SIZE - led.first_page
-        return bytes(ffi.buffer(led.hashes + i, 8 * r.npages))
 
     def memory_bytes(self) -> int:
         return sum(led.memory_bytes() for led in self.registry.ledgers())
