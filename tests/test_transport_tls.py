@@ -1,6 +1,7 @@
 """TLS with certificate verification (certificates made with the openssl command)."""
 
 import shutil
+import ssl
 import subprocess
 
 import pytest
@@ -35,6 +36,17 @@ async def test_tls_verified_and_wrong_ca_refused(nursery, tmp_path):
         async with connect_sender("127.0.0.1", port, key=KEY, regions=regions,
                                   ssl_context=client_ssl_context(other)):
             pass
+
+
+def test_sender_trusts_only_the_given_ca(tmp_path):
+    """--tls-ca: the sender's context holds that CA alone, not the system's authorities (a
+    receiver with any publicly trusted certificate would pass otherwise)."""
+    require(shutil.which("openssl") is not None, "needs the openssl command to make certificates")
+    cert, _ = _cert(tmp_path, "rx")
+    ctx = client_ssl_context(cert)
+    assert ctx.cert_store_stats()["x509_ca"] == 1
+    assert [c["subject"] for c in ctx.get_ca_certs()] == [((("commonName", "127.0.0.1"),),)]
+    assert ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])

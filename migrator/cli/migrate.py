@@ -17,7 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="mapping name, START-END in hex, or kind:anon|shared|file; repeatable")
     p.add_argument("--to", required=True, metavar="HOST:PORT", help="the receiver")
     p.add_argument("--key-file", metavar="F", help="pre-shared key (as given to migrator receive)")
-    p.add_argument("--tls-ca", metavar="PEM", help="use TLS, verifying the receiver with this CA")
+    p.add_argument("--tls-ca", metavar="PEM", help="use TLS, verifying the receiver with this CA "
+                                                    "(and trusting no other)")
+    p.add_argument("--encrypt", action="store_true",
+                   help="encrypt pages and messages (AES-GCM, keys from --key-file) without TLS; "
+                        "with a key they are always authenticated")
     p.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS",
                    help="allowed pause, ms (default 300)")
     p.add_argument("--max-bandwidth", metavar="RATE", help="cap, e.g. 100MB/s (default: none)")
@@ -87,9 +91,11 @@ def run(args: argparse.Namespace) -> int:
         max_bandwidth=parse_rate(args.max_bandwidth) if args.max_bandwidth else None,
         max_rounds=args.max_rounds, auto_converge=args.auto_converge, tracker=args.tracker,
         inject=not args.no_inject, channels=args.channels, switchover=args.switchover,
-        verify=args.verify)
+        verify=args.verify, encrypt=args.encrypt)
     if args.max_rounds < 1:
         raise UsageError("--max-rounds must be at least 1")
+    if args.encrypt and key is None:
+        raise UsageError("--encrypt needs --key-file (the key the receiver was given)")
     ssl_ctx = client_ssl_context(args.tls_ca) if args.tls_ca else None
     progress = _progress_printer() if sys.stderr.isatty() else None
     if args.qmp:

@@ -31,6 +31,12 @@ def register(subparsers) -> None:
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain)")
     p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--tls-ca", metavar="PEM", help="require sender certificates signed by this CA")
+    p.add_argument("--encrypt", action="store_true",
+                   help="accept only senders that encrypt (migrate --encrypt; needs --key-file)")
+    p.add_argument("--max-memory", default="2G", metavar="SIZE",
+                   help="memory one session may make the receiver use: 12 bytes a page of the "
+                        "declared regions plus 48 MiB a channel (default 2G: ~650 GiB of guest "
+                        "memory over one channel); a larger session is refused at set-up")
     q = p.add_argument_group("QEMU destination (see docs/qemu.md)")
     q.add_argument("--qemu-incoming", metavar="HOST:PORT",
                    help="start a destination QEMU on the received RAM image, listening here for the "
@@ -55,6 +61,11 @@ def _log(line: str) -> None:
 def run(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     key = load_key(args.key_file) if args.key_file else None
+    if args.encrypt and key is None:
+        raise UsageError("--encrypt needs --key-file")
+    max_memory = parse_size(args.max_memory)
+    if max_memory <= 0:
+        raise UsageError(f"bad --max-memory {args.max_memory!r}: a size, e.g. 2G")
     ssl_context = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -85,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             outcomes.extend(await serve(
                 host, port, args.out, key=key, once=args.once, preallocate=args.preallocate,
-                ssl_context=ssl_context, log=_log,
+                ssl_context=ssl_context, log=_log, require_encryption=args.encrypt,
+                max_memory=max_memory,
                 on_setup=handoff.on_setup if handoff else None,
                 on_verified=handoff.on_verified if handoff else None,
                 on_session_end=handoff.on_session_end if handoff else None,

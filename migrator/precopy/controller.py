@@ -54,6 +54,9 @@ class MigrationPolicy:
     # tables both sides keep: no memory read in the pause); "memory": besides, the paused
     # source is read again and compared with what was sent (verify_memory_ms, after the pause)
     verify: str = "hashes"
+    # encrypt every frame after the handshake (AES-GCM; needs a key); with a key, frames are
+    # always authenticated
+    encrypt: bool = False
 
 
 class SourcePauser(Protocol):
@@ -197,6 +200,8 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
     policy = policy or MigrationPolicy()
     if policy.channels < 1:
         raise UsageError("channels must be at least 1")
+    if policy.encrypt and key is None:
+        raise UsageError("--encrypt needs a key: pass --key-file (as given to migrator receive)")
     if policy.verify not in VERIFY_MODES:
         raise UsageError(f"verify {policy.verify!r}: expected one of {', '.join(VERIFY_MODES)}")
     if policy.switchover not in SWITCHOVER_RULES:
@@ -242,7 +247,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
         try:
             async with connect_sender(host, port, key=key, regions=specs, channels=policy.channels,
                                       page_size=PAGE_SIZE, max_bandwidth=policy.max_bandwidth,
-                                      ssl_context=ssl_context) as sender:
+                                      ssl_context=ssl_context, encrypt=policy.encrypt) as sender:
                 mark("connected")
                 first = await arming.result()
                 rep.setup_time_ms = (time.monotonic() - t_start) * 1000

@@ -17,6 +17,7 @@ import trio
 from .._track_c import ffi, lib
 from ..errors import ProtocolError, TransportError
 from . import wire
+from .seal import TAG_SIZE, FrameSeal
 
 _SMALL_READ = 4096          # headers and metadata are read with reads this small, so page data
                             # is never read ahead into the frame buffer (and copied again)
@@ -74,12 +75,30 @@ class FrameStream:
         self._raw: socket.socket | None = None
         self._io_lock = threading.Lock()    # held by a worker thread while it moves page data
         self.should_stop = lambda: False    # polled by blocking reads in worker threads
+        self._send_seal: FrameSeal | None = None    # see arm()
+        self._recv_seal: FrameSeal | None = None
         if self._sock is not None:
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 try:
                     self._sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
                 except OSError:
                     pass
+
+    def arm(self, send: FrameSeal | None = None, recv: FrameSeal | None = None) -> None:
+        """From now on, seal every frame sent (send) / check every frame received (recv)."""
+        if send is not None:
+            self._send_seal = send
+        if recv is not None:
+            self._recv_seal = recv
+
+    @property
+    def sealed(self) -> bool:
+        return self._recv_seal is not None
+
+    @property
+    def encrypts(self) -> bool:
+        """Frames sent are encrypted (in place: their data must be in writable buffers)."""
+        return self._send_seal is not None and self._send_seal.mode == "aead"
 
     # -- bulk page data: straight syscalls in a worker thread, not one trio wake-up per chunk --
 
@@ -191,21 +210,41 @@ class FrameStream:
         self._pos += n
         return out
 
-    def receive_blocking(self, page_size: int) -> wire.Message:
+    def receive_blocking(self, page_size: int, expect: tuple[type, ...] | None = None) -> wire.Message:
         """receive() for a worker thread (plain TCP only): blocks; a Batch's data is a view of
         one of three buffers used in turn, valid until the third-next call."""
-        t, meta_len, data_len = wire.parse_header(
-            self._read_exact_blocking(wire.HEADER_SIZE, "a frame header", at_boundary=True))
+        header = self._read_exact_blocking(wire.HEADER_SIZE, "a frame header", at_boundary=True)
+        t, meta_len, data_len = self._check_header(header, expect)
         meta = self._read_exact_blocking(meta_len, f"a {t.name} frame")
-        msg = wire.decode(t, meta, data_len, page_size)
-        if isinstance(msg, wire.Batch):
+        view = None
+        if data_len:
             view = self._next_buffer(data_len)
             have = min(len(self._buf) - self._pos, data_len)
             view[:have] = self._buf[self._pos:self._pos + have]
             self._pos += have
             if have < data_len:
                 self._bulk(view[have:], False)
-            hashes = wire.check_digest(msg, view, page_size)
+        if self._recv_seal is not None:
+            tag = self._read_exact_blocking(TAG_SIZE, f"a {t.name} frame's tag")
+            meta = self._recv_seal.open(header, meta, view, tag)
+        return self._decoded(t, meta, data_len, page_size, view)
+
+    def _check_header(self, header: bytes, expect: tuple[type, ...] | None) -> tuple[wire.T, int, int]:
+        """The header's fields; a frame type the caller does not expect now is refused before
+        its meta is read (ERROR is always expected)."""
+        t, meta_len, data_len = wire.parse_header(header)
+        if expect is not None and t is not wire.T.ERROR and t not in {wire.type_of(k) for k in expect}:
+            want = " or ".join(k.__name__.upper() for k in expect)
+            raise ProtocolError(f"unexpected {t.name} from {self.peer} (expected {want})")
+        return t, meta_len, data_len
+
+    def _decoded(self, t: wire.T, meta: bytes, data_len: int, page_size: int | None,
+                 view: memoryview | None) -> wire.Message:
+        msg = wire.decode(t, meta, data_len, page_size)
+        if isinstance(msg, wire.Batch):
+            if view is None:        # (zero runs only)
+                view = memoryview(b"")
+            hashes = wire.check_digest(msg, view, page_size or 4096)
             return dataclasses.replace(msg, data=view, page_hashes=hashes)
         if isinstance(msg, wire.Error):
             raise TransportError(f"{self.peer} reported: {msg.message}")
@@ -215,18 +254,30 @@ class FrameStream:
 
     def send_blocking(self, head: bytes, data: Any = None) -> None:
         """send_raw() for a worker thread (plain TCP only)."""
-        self._bulk(memoryview(head), True)
         pieces = _pieces(data)
+        tag = b""
+        if self._send_seal is not None:
+            head, tag = self._send_seal.seal(head, pieces)
+        self._bulk(memoryview(head), True)
         for piece in pieces:
             self._bulk(memoryview(piece).cast("B"), True)
-        self.bytes_sent += len(head) + sum(len(p) for p in pieces)
+        if tag:
+            self._bulk(memoryview(tag), True)
+        self.bytes_sent += len(head) + sum(len(p) for p in pieces) + len(tag)
 
     async def send(self, msg: wire.Message) -> None:
         await self.send_raw(wire.encode(msg))
 
     async def send_raw(self, head: bytes, data: Any = None) -> None:
-        """Send head, then data: a buffer, or a tuple of buffers sent one after the other."""
+        """Send head (header + meta), then data: a buffer, or a tuple of buffers sent one after
+        the other; sealed if armed (then data is encrypted in place in "aead" mode)."""
         pieces = _pieces(data)
+        tag = b""
+        if self._send_seal is not None:
+            if sum(len(p) for p in pieces) >= BULK_BYTES:
+                head, tag = await trio.to_thread.run_sync(self._send_seal.seal, head, pieces)
+            else:
+                head, tag = self._send_seal.seal(head, pieces)
         try:
             await self.stream.send_all(head)
             for piece in pieces:
@@ -235,9 +286,11 @@ class FrameStream:
                     await trio.to_thread.run_sync(self._bulk, view, True)
                 else:
                     await self.stream.send_all(piece)
+            if tag:
+                await self.stream.send_all(tag)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             raise TransportError(f"connection to {self.peer} lost while sending ({e or 'closed'})") from None
-        self.bytes_sent += len(head) + sum(len(p) for p in pieces)
+        self.bytes_sent += len(head) + sum(len(p) for p in pieces) + len(tag)
 
     async def send_error(self, message: str) -> None:
         """Best effort: tell the peer why we give up (it may be gone already)."""
@@ -311,29 +364,30 @@ class FrameStream:
                     self._buf = bytearray(chunk[take:])
                     self._pos = 0
 
-    async def receive(self, page_size: int | None = None) -> wire.Message:
-        """The next frame, validated.  A Batch's data is a memoryview of one of three buffers used
-        in turn: it stays valid until the third-next batch is received (so one batch can be
-        written while the next one arrives).  An ERROR frame raises TransportError."""
-        t, meta_len, data_len = wire.parse_header(
-            await self._read_exact(wire.HEADER_SIZE, "a frame header", at_boundary=True))
+    async def receive(self, page_size: int | None = None,
+                      expect: tuple[type, ...] | None = None) -> wire.Message:
+        """The next frame, checked (its tag first, when sealed) and validated.  expect: the
+        message types acceptable now (others are refused before their meta is read).  A
+        Batch's data is a memoryview of one of three buffers used in turn: it stays valid until
+        the third-next batch is received (so one batch can be written while the next one
+        arrives).  An ERROR frame raises TransportError."""
+        header = await self._read_exact(wire.HEADER_SIZE, "a frame header", at_boundary=True)
+        t, meta_len, data_len = self._check_header(header, expect)
         meta = await self._read_exact(meta_len, f"a {t.name} frame")
-        msg = wire.decode(t, meta, data_len, page_size)
-        if isinstance(msg, wire.Batch):
+        view = None
+        if data_len:
             view = self._next_buffer(data_len)
             await self._read_into(view, "a BATCH frame's page data")
-            hashes = wire.check_digest(msg, view, page_size or 4096)
-            msg = dataclasses.replace(msg, data=view, page_hashes=hashes)
-        elif isinstance(msg, wire.Error):
-            raise TransportError(f"{self.peer} reported: {msg.message}")
-        return msg
+        if self._recv_seal is not None:
+            tag = await self._read_exact(TAG_SIZE, f"a {t.name} frame's tag")
+            if data_len >= BULK_BYTES:
+                meta = await trio.to_thread.run_sync(self._recv_seal.open, header, meta, view, tag)
+            else:
+                meta = self._recv_seal.open(header, meta, view, tag)
+        return self._decoded(t, meta, data_len, page_size, view)
 
     async def expect(self, kind: type, page_size: int | None = None) -> Any:
-        msg = await self.receive(page_size)
-        if not isinstance(msg, kind):
-            raise ProtocolError(f"unexpected {type(msg).__name__.upper()} from {self.peer} "
-                                f"(expected {kind.__name__.upper()})")
-        return msg
+        return await self.receive(page_size, expect=(kind,))
 
 
 def _pieces(data: Any) -> tuple:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .._track_c import ffi, lib
-from ..errors import MigratorError
+from ..errors import MigratorError, ProtocolError
 from .digest import digest_of_hashes, page_hashes, zero_page_hash
 from .wire import Batch, RegionSpec
 
@@ -136,6 +136,7 @@ class ImageSet:
         self._preparer: threading.Thread | None = None      # see prepare()
         self._prep_stop = False
         self.bytes_prepared = 0
+        self._announced = [0] * len(self.regions)     # pages PREPAREd per region (capped)
         try:
             os.makedirs(out_dir, exist_ok=True)
             # first the manifest (so an earlier 'complete' never survives), then the files
@@ -261,9 +262,16 @@ class ImageSet:
     def prepare(self, region: int, runs_flat: Sequence[int]) -> None:
         """Allocate (fallocate) pages of a region's image that are about to get data (a PREPARE,
         checked by wire.check_batch), in a thread of its own beside the stream: the writes
-        then find their pages allocated.  Best effort: a failure only ends the preparing."""
+        then find their pages allocated.  Best effort: a failure only ends the preparing.
+        A session may announce each page of a region once in all (ProtocolError beyond that),
+        so the work a peer can queue is one pass over its regions."""
         img = self._images[region]
         ps = self.page_size
+        pages = sum(runs_flat[1::2])
+        self._announced[region] += pages
+        if self._announced[region] > img.npages:
+            raise ProtocolError(f"PREPARE announces {self._announced[region]} pages of region "
+                                f"{img.region.name!r} in all, which holds {img.npages}")
         jobs = [(img, off, min(PREPARE_CHUNK, first * ps + count * ps - off))
                 for first, count in zip(runs_flat[0::2], runs_flat[1::2])
                 for off in range(first * ps, (first + count) * ps, PREPARE_CHUNK)]

@@ -23,8 +23,13 @@ from .framing import FrameStream, PeerClosed
 from .images import ImageSet
 from .wire import RegionSpec
 
-HANDSHAKE_TIMEOUT = 10.0
-MAX_PENDING_CONNECTIONS = 64
+HANDSHAKE_TIMEOUT = 5.0       # seconds a connection may take to authenticate (and set up)
+MAX_PENDING_CONNECTIONS = 64  # connections still in their handshake, from all addresses ...
+MAX_PENDING_PER_ADDRESS = 8   # ... and from one address (so one host cannot lock others out)
+RESERVE_BYTES = 4 << 20       # receive buffer reserved per channel at set-up (3 of them; they
+                              # grow with the batches, to wire.MAX_DATA at most)
+DEFAULT_MAX_MEMORY = 2 << 30  # bytes of bookkeeping and buffers one session may need
+PAGE_BOOKKEEPING = 12         # bytes per declared page: a 4-byte stamp and an 8-byte hash
 DRAIN_BYTES = 64 << 20
 FLUSH_WAIT_S = 30.0     # a new session waits this long for the previous one's image flush
 
@@ -82,6 +87,9 @@ class Receiver:
         image_names: called with a session's regions before its images are created: the file
             name of each (default image_name()); a MigratorError it raises refuses the session
             with its message (e.g. regions a destination VM cannot take).
+        require_encryption: refuse senders that do not ask for encrypted frames.
+        max_memory: bytes of memory one session may make the receiver use (page bookkeeping
+            and receive buffers: session_memory()); a larger session is refused at SETUP.
     """
 
     def __init__(self, out_dir: str, *, key: bytes | None, ssl_context=None,
@@ -90,8 +98,11 @@ class Receiver:
                  preallocate: bool = False,
                  on_setup: Callable[[ImageSet], None] | None = None,
                  on_verified: Callable[[ImageSet], None] | None = None,
-                 image_names: Callable[[list[RegionSpec]], list[str]] | None = None):
+                 image_names: Callable[[list[RegionSpec]], list[str]] | None = None,
+                 require_encryption: bool = False, max_memory: int = DEFAULT_MAX_MEMORY):
         self.on_setup = on_setup
+        self.require_encryption = require_encryption
+        self.max_memory = max_memory
         self.image_names = image_names
         self.on_verified = on_verified
         self.out_dir = out_dir
@@ -104,6 +115,7 @@ class Receiver:
         self.session_ended = trio.Event()
         self._active: _Session | None = None
         self._pending = 0
+        self._pending_from: dict[str, int] = {}
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -182,11 +194,18 @@ class Receiver:
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one accepted connection to its end; never raises for a peer's misbehaviour."""
         peer = _peer_name(stream)
+        host = _peer_host(stream)
         if self._pending >= MAX_PENDING_CONNECTIONS:
-            self.log(f"connection from {peer}: rejected: too many connections")
+            self.log(f"connection from {peer}: rejected: too many connections in their handshake")
+            await trio.aclose_forcefully(stream)
+            return
+        if self._pending_from.get(host, 0) >= MAX_PENDING_PER_ADDRESS:
+            self.log(f"connection from {peer}: rejected: {MAX_PENDING_PER_ADDRESS} connections "
+                     f"from {host} are still in their handshake")
             await trio.aclose_forcefully(stream)
             return
         self._pending += 1
+        self._pending_from[host] = self._pending_from.get(host, 0) + 1
         fs = FrameStream(stream, f"sender {peer}")
         session: _Session | None = None
         try:
@@ -199,7 +218,7 @@ class Receiver:
                             await stream.do_handshake()
                         except trio.BrokenResourceError as e:
                             raise TransportError(f"TLS handshake failed: {e.__cause__ or e}") from None
-                    who = await server_handshake(fs, self.key)
+                    who = await server_handshake(fs, self.key, self.require_encryption)
                     if who.channel == 0:
                         if self._active is not None and self._active.verdict_sent:
                             # the previous session is only flushing its images: wait for it
@@ -209,19 +228,31 @@ class Receiver:
                         if self._active is not None:
                             raise TransportError("receiver busy with another migration")
                         session = self._active = _Session(who.session, peer)
-                        await fs.send(wire.Welcome())
+                        await self._welcome(fs, who)
                         setup = await fs.expect(wire.Setup)
                         session.channels = setup.channels
+                        need = session_memory(setup.regions, setup.page_size, setup.channels)
+                        if need > self.max_memory:
+                            raise ProtocolError(
+                                f"session refused: it would need {need / (1 << 20):.0f} MiB of receiver "
+                                f"memory ({PAGE_BOOKKEEPING} bytes a page for "
+                                f"{sum(r.size // setup.page_size for r in setup.regions)} pages, "
+                                f"{3 * wire.MAX_DATA >> 20} MiB a channel for {setup.channels} "
+                                f"channel(s)), over its limit of {self.max_memory / (1 << 20):.0f} MiB "
+                                f"(receive --max-memory)")
                         names = self.image_names(list(setup.regions)) if self.image_names else None
-                        session.images = ImageSet(self.out_dir, setup.regions, setup.page_size,
-                                                  session.sid.hex(), self.preallocate, names)
+                        # (off the event loop: 8 bytes a page are written here, 64 MiB at 32 GiB)
+                        session.images = await trio.to_thread.run_sync(
+                            ImageSet, self.out_dir, setup.regions, setup.page_size,
+                            session.sid.hex(), self.preallocate, names)
                         if self.on_setup is not None:
                             self.on_setup(session.images)
                         session.joined.add(0)
                         await fs.send(wire.SetupOk(tuple(session.images.names)))
                         self.log(f"session {session.name} from {peer}: {len(setup.regions)} region(s), "
                                  f"{sum(r.size for r in setup.regions) / (1 << 20):.1f} MiB, "
-                                 f"page size {setup.page_size}, {setup.channels} channel(s)")
+                                 f"page size {setup.page_size}, {setup.channels} channel(s)"
+                                 f"{', encrypted' if who.mode == 'aead' else ''}")
                     else:
                         s = self._active
                         if s is None or s.sid != who.session or s.images is None:
@@ -230,14 +261,17 @@ class Receiver:
                             raise ProtocolError(f"channel {who.channel} is not expected in session {s.name}")
                         s.joined.add(who.channel)
                         session = s
-                        await fs.send(wire.Welcome())
+                        await self._welcome(fs, who)
             except trio.TooSlowError:
                 raise TransportError("handshake timed out") from None
             finally:
                 self._pending -= 1
+                self._pending_from[host] -= 1
+                if not self._pending_from[host]:
+                    del self._pending_from[host]
             assert session.images is not None
-            # page buffers for the usual batch size, before the first batch (grown if needed)
-            fs.reserve(wire.DEFAULT_BATCH_PAGES * session.images.page_size)
+            # page buffers for the usual batch, before the first one (they grow if needed)
+            fs.reserve(min(wire.DEFAULT_BATCH_PAGES * session.images.page_size, RESERVE_BYTES))
             await self._serve_channel(fs, session, who.channel)
         except MigratorError as e:
             if session is None:
@@ -253,6 +287,13 @@ class Receiver:
             if session is not None and session.error is not None and not session.verdict_sent:
                 await _refuse(fs, session.error)
             await fs.aclose()
+
+    @staticmethod
+    async def _welcome(fs: FrameStream, who) -> None:
+        """Accept the channel; what we send after WELCOME is sealed (with a key)."""
+        await fs.send(wire.Welcome())
+        if who.send_seal is not None:
+            fs.arm(send=who.send_seal)
 
     async def _serve_channel(self, fs: FrameStream, s: _Session, channel: int) -> None:
         with trio.CancelScope() as scope:
@@ -283,7 +324,8 @@ class Receiver:
                 await trio.to_thread.run_sync(images.apply, item)
                 s.bytes_received += len(item.data)
 
-    def _pump(self, fs: FrameStream, s: _Session, region_pages: list[int], ps: int) -> wire.Message:
+    def _pump(self, fs: FrameStream, s: _Session, region_pages: list[int], ps: int,
+              expect: tuple[type, ...]) -> wire.Message:
         """In a worker thread: receive and check page batches, and acknowledge round ends,
         until another frame comes; return that one once every batch before it is written.
         A second thread writes, so writing one batch overlaps receiving the next; a round end
@@ -312,7 +354,7 @@ class Receiver:
         t.start()
         try:
             while not failed:
-                msg = fs.receive_blocking(ps)
+                msg = fs.receive_blocking(ps, expect)
                 if isinstance(msg, wire.Batch):
                     wire.check_batch(msg, region_pages)
                     q.put(msg)
@@ -340,6 +382,9 @@ class Receiver:
         region_pages = images.region_pages
         ps = images.page_size
 
+        # what a channel may send now (anything else is refused before its meta is read)
+        expect = (wire.Batch, wire.Prepare, wire.RoundEnd) + ((wire.End,) if channel == 0 else (wire.Close,))
+
         async def flush() -> None:
             done = trio.Event()
             await to_writer.send(done)
@@ -348,9 +393,9 @@ class Receiver:
         while True:
             try:
                 if fs.can_block:
-                    msg = await trio.to_thread.run_sync(self._pump, fs, s, region_pages, ps)
+                    msg = await trio.to_thread.run_sync(self._pump, fs, s, region_pages, ps, expect)
                 else:
-                    msg = await fs.receive(ps)
+                    msg = await fs.receive(ps, expect)
             except PeerClosed:
                 raise TransportError(f"sender disconnected on channel {channel} "
                                      f"before the end of the migration") from None
@@ -397,6 +442,20 @@ class Receiver:
             self.on_verified(images)
         await trio.to_thread.run_sync(images.sync)
         self._end(s, complete=complete)
+
+
+def session_memory(regions, page_size: int, channels: int) -> int:
+    """Bytes of receiver memory a session may use at most: PAGE_BOOKKEEPING per declared page
+    and, per channel, three receive buffers of the largest batch (wire.MAX_DATA)."""
+    pages = sum(r.size // page_size for r in regions)
+    return PAGE_BOOKKEEPING * pages + channels * 3 * wire.MAX_DATA
+
+
+def _peer_host(stream: trio.abc.Stream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (AttributeError, OSError):
+        return "?"
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:
@@ -455,6 +514,7 @@ async def serve(listen_host: str, port: int, out_dir: str, *, key: bytes | None,
                 on_verified: Callable[[ImageSet], None] | None = None,
                 on_session_end: Callable[[SessionOutcome], None] | None = None,
                 image_names: Callable[[list[RegionSpec]], list[str]] | None = None,
+                require_encryption: bool = False, max_memory: int = DEFAULT_MAX_MEMORY,
                 task_status=trio.TASK_STATUS_IGNORED) -> list[SessionOutcome]:
     """Listen and serve migrations until cancelled, or until one session ended if `once`.
 
@@ -466,8 +526,10 @@ async def serve(listen_host: str, port: int, out_dir: str, *, key: bytes | None,
     """
     receiver = Receiver(out_dir, key=key, ssl_context=ssl_context, log=log, preallocate=preallocate,
                         on_setup=on_setup, on_verified=on_verified, on_session_end=on_session_end,
-                        image_names=image_names)
+                        image_names=image_names, require_encryption=require_encryption,
+                        max_memory=max_memory)
     return await receiver.serve(listen_host, port, once=once, task_status=task_status)
 
 
-__all__ = ["Receiver", "SessionOutcome", "serve", "parse_listen"]
+__all__ = ["Receiver", "SessionOutcome", "serve", "parse_listen", "session_memory",
+           "DEFAULT_MAX_MEMORY"]

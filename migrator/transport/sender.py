@@ -166,8 +166,10 @@ class _Packer:
 
     def __init__(self, page_size: int, batch_pages: int, pool: "queue.Queue[mmap.mmap]",
                  stop: Callable[[], bool], on_packed: OnPacked | None = None,
-                 known: Mapping[str, Any] | None = None):
+                 known: Mapping[str, Any] | None = None, nocopy: bool = True):
         self.ps = page_size
+        self.nocopy = nocopy         # stable pages may go out from where they lie (not when
+                                     # frames are encrypted: that happens in the batch buffer)
         self.on_packed = on_packed
         self.batch_pages = batch_pages
         self.pool = pool
@@ -179,7 +181,8 @@ class _Packer:
 
     def twin(self) -> "_Packer":
         """Another packer on the same buffers, for another producer thread."""
-        return _Packer(self.ps, self.batch_pages, self.pool, self.stop, self.on_packed, self.known)
+        return _Packer(self.ps, self.batch_pages, self.pool, self.stop, self.on_packed, self.known,
+                       self.nocopy)
 
     def _buffer(self) -> mmap.mmap:
         while True:
@@ -198,7 +201,7 @@ class _Packer:
         if known is not None:
             st.known, st.force, st.stable = known
             st.zero_hash = self._zero_hash
-            st.nocopy = int(mapped and st.stable)
+            st.nocopy = int(mapped and st.stable and self.nocopy)
         if self._arrays is None:
             self._arrays = (ffi.new("uint64_t[]", self.batch_pages),
                             ffi.new("uint64_t[]", 2 * wire.MAX_RUNS),
@@ -479,7 +482,8 @@ class Sender:
             depth = _queue_depth(len(self._fs))
             pool = self._pool(_pool_size(len(self._fs)))
             stop = threading.Event()
-            packer = _Packer(self.page_size, self._batch_pages, pool, stop.is_set, on_packed, known)
+            packer = _Packer(self.page_size, self._batch_pages, pool, stop.is_set, on_packed, known,
+                             nocopy=not any(fs.encrypts for fs in self._fs))
             self._sending_since = t0
             try:
                 args = (plan, reader, round_no, totals, packer, depth, stop, until, dropped)
@@ -758,7 +762,8 @@ async def _reason(fs: FrameStream, err: TransportError) -> TransportError:
 
 
 async def _open_channel(host: str, port: int, key: bytes | None, session: bytes, channel: int,
-                        ssl_context, then: wire.Message | None = None) -> FrameStream:
+                        ssl_context, then: wire.Message | None = None,
+                        encrypt: bool = False) -> FrameStream:
     try:
         stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
     except OSError as e:
@@ -773,7 +778,7 @@ async def _open_channel(host: str, port: int, key: bytes | None, session: bytes,
             raise TransportError(f"TLS handshake with {peer} failed: {e.__cause__ or e}") from None
     fs = FrameStream(stream, peer)
     try:
-        await client_handshake(fs, key, session, channel, then)
+        await client_handshake(fs, key, session, channel, then, encrypt)
     except MigratorError as e:
         await fs.send_error(f"sender gives up: {e}")
         await fs.aclose()
@@ -785,7 +790,8 @@ async def _open_channel(host: str, port: int, key: bytes | None, session: bytes,
 async def connect_sender(host: str, port: int, *, key: bytes | None, regions: list[RegionSpec],
                          channels: int = 1, page_size: int = 4096,
                          max_bandwidth: float | None = None, ssl_context=None,
-                         batch_pages: int = DEFAULT_BATCH_PAGES) -> AsyncIterator[Sender]:
+                         batch_pages: int = DEFAULT_BATCH_PAGES,
+                         encrypt: bool = False) -> AsyncIterator[Sender]:
     """Open a migration session to a receiver and yield its Sender.
 
     Args:
@@ -797,6 +803,8 @@ async def connect_sender(host: str, port: int, *, key: bytes | None, regions: li
         max_bandwidth: bytes/s cap over all channels, or None.
         ssl_context: client TLS context (auth.client_ssl_context), or None.
         batch_pages: pages read and sent per batch.
+        encrypt: encrypt every frame after the handshake (AES-GCM; needs a key).  With a key,
+            frames are always authenticated (docs/protocol.md).
 
     Raises:
         TransportError / AuthError / ProtocolError: connecting, authenticating or set-up failed.
@@ -818,11 +826,11 @@ async def connect_sender(host: str, port: int, *, key: bytes | None, regions: li
     try:
         # (SETUP goes right after our proof, not after the receiver's WELCOME)
         fs0 = await _open_channel(host, port, key, session, 0, ssl_context,
-                                  then=wire.Setup(page_size, channels, tuple(regions)))
+                                  then=wire.Setup(page_size, channels, tuple(regions)), encrypt=encrypt)
         opened.append(fs0)
         await fs0.expect(wire.SetupOk)
         for i in range(1, channels):
-            opened.append(await _open_channel(host, port, key, session, i, ssl_context))
+            opened.append(await _open_channel(host, port, key, session, i, ssl_context, encrypt=encrypt))
         sender = Sender(opened, list(regions), page_size, max_bandwidth, batch_pages)
         yield sender
         if not sender._finished:

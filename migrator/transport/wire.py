@@ -27,7 +27,7 @@ from ..errors import ProtocolError
 from .pagehash import page_hashes
 
 MAGIC = b"MG"
-VERSION = 2                   # 2: PREPARE
+VERSION = 3                   # 2: PREPARE; 3: every frame after the handshake sealed (seal.py)
 HEADER = struct.Struct("!2sBBII")
 HEADER_SIZE = HEADER.size
 
@@ -106,6 +106,7 @@ class Hello:
     session: bytes
     channel: int
     auth: bool
+    encrypt: bool = False     # the sender asks for encrypted frames (needs auth)
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ def batch_digest(region: int, round_no: int, data_flat: list[int], zero_flat: li
 def _meta(msg: Message) -> dict:
     if isinstance(msg, Hello):
         return {"v": msg.version, "nonce": msg.nonce, "session": msg.session,
-                "channel": msg.channel, "auth": msg.auth}
+                "channel": msg.channel, "auth": msg.auth, "enc": msg.encrypt}
     if isinstance(msg, Challenge):
         return {"nonce": msg.nonce, "mac": msg.mac}
     if isinstance(msg, Auth):
@@ -266,6 +267,11 @@ def _meta(msg: Message) -> dict:
     if isinstance(msg, Error):
         return {"message": msg.message[:MAX_MESSAGE]}
     return {}
+
+
+def type_of(kind: type) -> T:
+    """The frame type of a message class."""
+    return _TYPE_OF[kind]
 
 
 def encode(msg: Message) -> bytes:
@@ -411,10 +417,10 @@ def decode(t: T, meta: bytes, data_len: int = 0, page_size: int | None = None) -
     attached by the caller once read: dataclasses.replace(batch, data=...))."""
     m = _unpack(t, meta)
     if t is T.HELLO:
-        f = _Fields(t, m, {"v", "nonce", "session", "channel", "auth"})
+        f = _Fields(t, m, {"v", "nonce", "session", "channel", "auth", "enc"})
         return Hello(f.int("v", 0, 255), f.bytes("nonce", NONCE_SIZE),
                      f.bytes("session", SESSION_ID_SIZE), f.int("channel", 0, MAX_CHANNELS - 1),
-                     f.bool("auth"))
+                     f.bool("auth"), f.bool("enc"))
     if t is T.CHALLENGE:
         f = _Fields(t, m, {"nonce", "mac"})
         return Challenge(f.bytes("nonce", NONCE_SIZE), f.bytes("mac", MAC_SIZE, optional=True))
