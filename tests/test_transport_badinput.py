@@ -225,13 +225,51 @@ async def test_planted_symlinks_in_the_output_folder_are_not_followed(nursery, t
             pass
     assert victim.read_bytes() == b"precious" * 512
     assert any("symbolic link" in line for line in logs), list(logs)
-    # the manifest's temporary file, whose name is predictable, is not followed either
+    # a hard link to the victim under the image's name is refused too
     (out / "000-ram.img").unlink()
-    tmp_manifest = out / f"manifest.json.tmp.{os.getpid()}"
-    tmp_manifest.symlink_to(victim)
-    with pytest.raises(Exception):
+    os.link(victim, out / "000-ram.img")
+    with pytest.raises(Exception, match="not a regular file of ours with a single link"):
         async with connect_sender("127.0.0.1", port, key=KEY, regions=REGIONS):
             pass
     assert victim.read_bytes() == b"precious" * 512
-    tmp_manifest.unlink()
+    (out / "000-ram.img").unlink()
+    # the manifest's temporary file, whose name is predictable, is removed, never followed
+    tmp_manifest = out / f"manifest.json.tmp.{os.getpid()}"
+    tmp_manifest.symlink_to(victim)
     await _good_migration(port, out)
+    assert victim.read_bytes() == b"precious" * 512
+    assert not tmp_manifest.exists() and not tmp_manifest.is_symlink()
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770])
+async def test_output_folder_writable_by_others_is_refused(tmp_path, mode):
+    """A folder others can write to (such as /tmp itself) is refused before listening: they
+    could plant links in it between two sessions."""
+    from migrator.errors import UsageError
+    from migrator.transport.receiver import Receiver
+    out = tmp_path / "shared"
+    out.mkdir()
+    out.chmod(mode)
+    rx = Receiver(str(out), key=KEY)
+    with pytest.raises(UsageError, match="writable by (others|its group).*chmod go-w"):
+        await rx.serve("127.0.0.1", 0)
+    assert os.listdir(out) == []
+
+
+async def test_session_refused_at_setup_leaves_no_complete_manifest(nursery, tmp_path):
+    """After a complete session, a new one whose second image cannot be created (a link planted
+    under its name) is refused; by then the first image was truncated for the new session, so
+    the old manifest must no longer say complete."""
+    out = tmp_path / "out"
+    rx, port, logs = await start_receiver(nursery, out)
+    await _good_migration(port, out)
+    assert _manifest(out)["complete"] is True
+    two = [RegionSpec("ram", 0, 64 * PS), RegionSpec("heap", 0, 8 * PS)]
+    (out / "001-heap.img").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(Exception, match="symbolic link"):
+        async with connect_sender("127.0.0.1", port, key=KEY, regions=two):
+            pass
+    m = _manifest(out)
+    assert m["complete"] is False and len(m["regions"]) == 2 and "symbolic link" in m["error"]
+    assert [r["status"] for r in m["regions"]] == ["failed", "failed"]
+    assert not (tmp_path / "elsewhere").exists()

@@ -37,25 +37,105 @@ def image_name(index: int, name: str) -> str:
     return f"{index:03d}-{safe}.img"
 
 
-# files the receiver creates are never opened through a symbolic link: one planted in the
-# output folder would make it truncate or overwrite another file
-O_CREATE_SAFE = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+# Files under the output folder are opened relative to a descriptor of the folder, never through
+# a symbolic link, and created exclusively: something planted in the folder (a link to another
+# file, a hard link, a FIFO) makes the receiver refuse the session naming it, never write
+# through it.  The folder itself must be ours and writable by nobody else (check_out_dir).
+O_CREATE_SAFE = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | O_CREATE_SAFE, 0o644)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+def check_out_dir(path: str, create: bool = True) -> None:
+    """The receiver's output folder must be a directory owned by this user and not writable by
+    group or others (who could plant links in it); MigratorError naming the problem."""
+    if create:
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise MigratorError(f"cannot create output folder {path!r}: {e.strerror}") from None
     try:
-        os.fsync(dfd)
+        st = os.stat(path)
+    except OSError as e:
+        raise MigratorError(f"output folder {path!r}: {e.strerror}") from None
+    _check_dir_stat(path, st)
+
+
+def _check_dir_stat(path: str, st: os.stat_result) -> None:
+    import stat as _stat
+    if not _stat.S_ISDIR(st.st_mode):
+        raise MigratorError(f"output folder {path!r} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise MigratorError(f"output folder {path!r} belongs to uid {st.st_uid}, not to this user "
+                            f"(uid {os.geteuid()}): use a folder of your own")
+    if st.st_mode & 0o022:
+        raise MigratorError(f"output folder {path!r} is writable by "
+                            f"{'others' if st.st_mode & 0o002 else 'its group'} (mode "
+                            f"{st.st_mode & 0o7777:o}), who could plant links in it: use a folder "
+                            f"of your own, or chmod go-w it")
+
+
+def open_dir(path: str) -> int:
+    """A descriptor of the output folder (checked as check_out_dir does)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _check_dir_stat(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_image_file(dirfd: int, name: str) -> int:
+    """The image file `name` in the folder, read-write: created if missing; if it exists, it
+    must be a regular file of ours with no other link (an earlier image, perhaps mapped by a
+    destination VM: then the same file is reused)."""
+    import stat as _stat
+    try:
+        return os.open(name, os.O_RDWR | O_CREATE_SAFE, 0o600, dir_fd=dirfd)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dirfd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise MigratorError(f"{name!r} in the output folder is a symbolic link: refusing to "
+                                f"write through it") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not _stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+            raise MigratorError(f"{name!r} in the output folder is not a regular file of ours with a "
+                                f"single link: refusing to write it")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_json_atomic(path: str, obj: Any, dirfd: int | None = None) -> None:
+    """Write obj as JSON to path (a name in dirfd's folder if given) through a temporary file
+    created exclusively, fsynced, renamed over it; then the folder is fsynced."""
+    own = dirfd is None
+    if own:
+        dirfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    name = os.path.basename(path)
+    tmp = f"{name}.tmp.{os.getpid()}"
+    try:
+        try:
+            os.unlink(tmp, dir_fd=dirfd)      # (left by a crash)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | O_CREATE_SAFE, 0o644, dir_fd=dirfd)
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        os.fsync(dirfd)
     finally:
-        os.close(dfd)
+        if own:
+            os.close(dirfd)
 
 
 @dataclass(frozen=True)
@@ -72,12 +152,21 @@ WRITEBACK_EVERY = 64 << 20
 
 
 class _Image:
-    def __init__(self, path: str, region: RegionSpec, page_size: int, preallocate: bool = False):
+    def __init__(self, path: str, region: RegionSpec, page_size: int, preallocate: bool = False,
+                 dirfd: int | None = None):
         self.path = path
         self.region = region
         self.npages = region.size // page_size
-        self.fd = os.open(path, os.O_RDWR | os.O_TRUNC | O_CREATE_SAFE, 0o600)
+        if dirfd is None:
+            dirfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self.fd = open_image_file(dirfd, os.path.basename(path))
+            finally:
+                os.close(dirfd)
+        else:
+            self.fd = open_image_file(dirfd, os.path.basename(path))
         try:
+            os.ftruncate(self.fd, 0)       # (an earlier image's pages are not this session's)
             os.ftruncate(self.fd, region.size)
             if preallocate:      # allocate now, not page by page while the migration runs
                 os.posix_fallocate(self.fd, 0, region.size)
@@ -137,15 +226,26 @@ class ImageSet:
         self._prep_stop = False
         self.bytes_prepared = 0
         self._announced = [0] * len(self.regions)     # pages PREPAREd per region (capped)
+        self._dirfd = -1
         try:
-            os.makedirs(out_dir, exist_ok=True)
+            check_out_dir(out_dir)
+            self._dirfd = open_dir(out_dir)
             # first the manifest (so an earlier 'complete' never survives), then the files
             self.write_manifest()
             for name, region in zip(self.names, self.regions):
-                self._images.append(_Image(os.path.join(out_dir, name), region, page_size, preallocate))
-        except OSError as e:
+                self._images.append(_Image(os.path.join(out_dir, name), region, page_size, preallocate,
+                                           self._dirfd))
+        except (OSError, MigratorError) as e:
+            if isinstance(e, OSError):
+                e = MigratorError(f"cannot create images in {out_dir!r}: {e.strerror}"
+                                  f"{f' ({e.filename!r})' if e.filename else ''}")
+            if self._dirfd >= 0:
+                self.fail(str(e))       # (the manifest says so: never 'receiving' forever)
             self.close()
-            raise MigratorError(f"cannot create images in {out_dir!r}: {e.strerror}") from None
+            raise e from None
+        except BaseException:
+            self.close()
+            raise
         self.pages_written = 0
         self.pages_zeroed = 0
         self.pages_stale = 0
@@ -166,7 +266,7 @@ class ImageSet:
                  "image": name, "digest": digest, "status": status}
                 for r, name, digest, status in zip(self.regions, self.names, self.digests, self.status)
             ],
-        })
+        }, self._dirfd if self._dirfd >= 0 else None)
 
     def apply(self, batch: Batch) -> None:
         """Write a validated batch (wire.check_batch passed) into its image (thread-safe).
@@ -321,3 +421,6 @@ class ImageSet:
             for img in self._images:
                 img.close()
             self._images = []
+            if self._dirfd >= 0:
+                os.close(self._dirfd)
+                self._dirfd = -1

@@ -20,7 +20,7 @@ from ..errors import MigratorError, ProtocolError, TransportError, UsageError, f
 from . import wire
 from .auth import check_listen_policy, server_handshake
 from .framing import FrameStream, PeerClosed
-from .images import ImageSet
+from .images import ImageSet, check_out_dir
 from .wire import RegionSpec
 
 HANDSHAKE_TIMEOUT = 5.0       # seconds a connection may take to authenticate (and set up)
@@ -170,6 +170,10 @@ class Receiver:
             UsageError: no key on a non-loopback address, or the address cannot be bound.
         """
         check_listen_policy(listen_host, self.key)
+        try:
+            check_out_dir(self.out_dir)
+        except MigratorError as e:
+            raise UsageError(str(e)) from None
         try:
             listeners = await trio.open_tcp_listeners(port, host=listen_host)
         except OSError as e:
