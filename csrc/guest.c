@@ -70,6 +70,12 @@ static inline uint64_t stamp_checksum(const uint8_t *page, uint64_t page_size)
     return XXH3_64bits_withSeed(page + HDR_BYTES, page_size - HDR_BYTES, XXH3_64bits(page, 24));
 }
 
+/* the words of a text body: 8 bytes each, one picked per word by the pattern's top 4 bits */
+static const char TEXT_WORDS[16][9] = {
+    "memory  ", "guest   ", "kernel  ", "page    ", "dirty   ", "round   ", "shared  ", "write   ",
+    "the     ", "of      ", "migrate ", "ledger  ", "\n       ", "record: ", "value=1 ", "id=42   ",
+};
+
 void mg_stamp(uint8_t *page, uint64_t page_size, uint16_t region, uint16_t writer,
               uint64_t index, uint64_t seq)
 {
@@ -79,8 +85,13 @@ void mg_stamp(uint8_t *page, uint64_t page_size, uint16_t region, uint16_t write
     uint64_t x = mix64(seq ^ (index << 20) ^ ((uint64_t)writer << 48) ^ ((uint64_t)region << 60));
     uint64_t *w = (uint64_t *)(page + HDR_BYTES);
     uint64_t nw = (page_size - HDR_BYTES) / 8;
-    for (uint64_t k = 0; k < nw; k++)
-        w[k] = x + k * GOLDEN;
+    if (writer & MG_WRITER_TEXT) {
+        for (uint64_t k = 0; k < nw; k++)
+            memcpy(&w[k], TEXT_WORDS[mix64(x + k) >> 60], 8);
+    } else {
+        for (uint64_t k = 0; k < nw; k++)
+            w[k] = x + k * GOLDEN;
+    }
     memcpy(page, &h, 24);
     h.checksum = stamp_checksum(page, page_size);
     memcpy(page + 24, &h.checksum, 8);

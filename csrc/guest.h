@@ -16,7 +16,7 @@
 struct mg_stamp_hdr {
     uint32_t magic;              /* MG_STAMP_MAGIC */
     uint16_t region;             /* 1 shared RAM, 2 private anonymous */
-    uint16_t writer;             /* 0 populate, 1 vcpu, 2 vhost, 3 pwrite */
+    uint16_t writer;             /* 0 populate, 1 vcpu, 2 vhost, 3 pwrite; | MG_WRITER_TEXT */
     uint64_t index;              /* page index inside its region */
     uint64_t seq;                /* per-writer sequence number of this write (1, 2, ...) */
     uint64_t checksum;
@@ -32,6 +32,9 @@ enum {                           /* per-page status from mg_check_pages */
     MG_ST_DIFFERS = 6            /* differs from expected otherwise (e.g. expected is zero) */
 };
 #define MG_STAMP_MAGIC 0x4750474du   /* "MGPG" little-endian */
+/* writer flag: the body is words of text (compressible, like a heap of strings or a database's
+ * buffers) instead of the incompressible default pattern */
+#define MG_WRITER_TEXT 0x100
 
 /* Stamp one page of page_size bytes at page. */
 void mg_stamp(uint8_t *page, uint64_t page_size, uint16_t region, uint16_t writer,

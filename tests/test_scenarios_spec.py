@@ -238,7 +238,7 @@ def test_cli_bad_file_is_one_line_error(tmp_path, capsys):
     assert main(["scenario", "run", str(f), "--report", str(tmp_path / "r")]) == 2
     e = capsys.readouterr().err
     assert e.strip() == ("migrator: error: oops.toml: [guest] shared_rma: unknown key (known here: "
-                         "anon_ram, anon_tail, shared_ram, shared_tail, target)")
+                         "anon_ram, anon_tail, content, shared_ram, shared_tail, target)")
     assert not (tmp_path / "r").exists()
 
 

@@ -58,6 +58,8 @@ SESSION_CASES = {
     "end-too-early": ([wire.encode(wire.RoundEnd(0)), wire.encode(wire.Close())], "unexpected CLOSE"),
     "prepare-beyond-region": (wire.encode(wire.Prepare(0, (60, 10))), "PREPARE page index 69 beyond region"),
     "prepare-undeclared": (wire.encode(wire.Prepare(2, (0, 1))), "PREPARE for undeclared region #2"),
+    "compressed-unannounced": (batch_frame(0, 0, [(0, 2)], [], b"a" * 2 * PS, compressed=b"xyz", codec=2),
+                               "compressed with lz4, which the session did not announce"),
     "prepare-twice": ([wire.encode(wire.Prepare(0, (0, 64))), wire.encode(wire.Prepare(0, (0, 64)))],
                       "PREPARE announces 128 pages of region 'ram' in all, which holds 64"),
     "prepare-empty": (_hdr(wire.T.PREPARE, 7) + msgpack.packb({"r": 0, "p": []}), "PREPARE frame: no pages"),
@@ -158,7 +160,8 @@ async def _unknown_channel(port):
 async def _bad_setup(port):
     fs = FrameStream(await trio.open_tcp_stream("127.0.0.1", port), "receiver")
     await client_handshake(fs, KEY, b"b" * 16, 0)
-    meta = msgpack.packb({"page_size": 4096, "channels": 1, "regions": [["../../etc/x", 0, 1 << 60]]})
+    meta = msgpack.packb({"page_size": 4096, "channels": 1, "regions": [["../../etc/x", 0, 1 << 60]],
+                          "compress": 0})
     await fs.send_raw(_hdr(wire.T.SETUP, len(meta)) + meta)
     with pytest.raises(Exception, match="bad range|larger"):
         await fs.receive()

@@ -20,6 +20,7 @@ SAMPLES = [
     wire.Auth(b"a" * 32),
     wire.Welcome(),
     wire.Setup(4096, 2, (RegionSpec("ram", 0x10000, 0x20000), RegionSpec("/memfd:guest (deleted)", 0, 4096))),
+    wire.Setup(4096, 1, (RegionSpec("ram", 0, 4096),), compress=1),
     wire.SetupOk(("000-ram.img",)),
     wire.RoundEnd(7),
     wire.RoundAck(7),
@@ -72,19 +73,21 @@ def _frame(t, meta, data=b"", meta_len=None, data_len=None):
     (_frame(wire.T.ROUND_END, {"n": -1}), "out of range"),
     (_frame(wire.T.ROUND_END, {"n": 1, "x": 2}), "unexpected field"),
     (_frame(wire.T.ROUND_END, {}), "lacks field"),
-    (_frame(wire.T.SETUP, {"page_size": 4097, "channels": 1, "regions": [["a", 0, 4096]]}), "out of range|power of two"),
-    (_frame(wire.T.SETUP, {"page_size": 4096, "channels": 1, "regions": [["a", 0, 4095]]}), "aligned"),
-    (_frame(wire.T.SETUP, {"page_size": 4096, "channels": 1, "regions": [["a", 8192, 4096]]}), "bad range"),
-    (_frame(wire.T.SETUP, {"page_size": 4096, "channels": 1, "regions": [["a", 0, 4096], ["a", 4096, 8192]]}), "twice"),
-    (_frame(wire.T.SETUP, {"page_size": 4096, "channels": 1, "regions": [["a\n", 0, 4096]]}), "control"),
-    (_frame(wire.T.SETUP, {"page_size": 4096, "channels": 1, "regions": [["a", 0, 1 << 50]]}), "larger"),
-    (_frame(wire.T.SETUP, {"page_size": 4096, "channels": 1, "regions": []}), "empty"),
-    (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [0, 1], "z": [], "h": 0}, b"x" * 100), "announce 4096 bytes"),
-    (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [0], "z": [], "h": 0}), "odd length"),
-    (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [], "z": [0, 0], "h": 0}), "bad run"),
-    (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [], "z": [], "h": 0}), "no pages"),
-    (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [], "z": [0, 1 << 21], "h": 0}), "more than"),
-    (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [0, 1], "z": [], "h": 1}, b"x" * 4096), "hash mismatch"),
+    (_frame(wire.T.SETUP, {"page_size": 4097, "channels": 1, "regions": [["a", 0, 4096]], "compress": 0}), "out of range|power of two"),
+    (_frame(wire.T.SETUP, {"page_size": 4096, "channels": 1, "regions": [["a", 0, 4095]], "compress": 0}), "aligned"),
+    (_frame(wire.T.SETUP, {"page_size": 4096, "channels": 1, "regions": [["a", 8192, 4096]], "compress": 0}), "bad range"),
+    (_frame(wire.T.SETUP, {"page_size": 4096, "channels": 1, "regions": [["a", 0, 4096], ["a", 4096, 8192]], "compress": 0}), "twice"),
+    (_frame(wire.T.SETUP, {"page_size": 4096, "channels": 1, "regions": [["a\n", 0, 4096]], "compress": 0}), "control"),
+    (_frame(wire.T.SETUP, {"page_size": 4096, "channels": 1, "regions": [["a", 0, 1 << 50]], "compress": 0}), "larger"),
+    (_frame(wire.T.SETUP, {"page_size": 4096, "channels": 1, "regions": [], "compress": 0}), "empty"),
+    (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [0, 1], "z": [], "h": 0, "c": 0}, b"x" * 100), "announce 4096 bytes"),
+    (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [0], "z": [], "h": 0, "c": 0}), "odd length"),
+    (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [], "z": [0, 0], "h": 0, "c": 0}), "bad run"),
+    (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [], "z": [], "h": 0, "c": 0}), "no pages"),
+    (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [], "z": [0, 1 << 21], "h": 0, "c": 0}), "more than"),
+    (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [0, 1], "z": [], "h": 1, "c": 0}, b"x" * 4096), "hash mismatch"),
+    (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [0, 1], "z": [], "h": 0, "c": 1}, b"x" * 4096), "must be smaller"),
+    (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [0, 1], "z": [], "h": 0, "c": 3}, b"x" * 9), "out of range"),
     (_frame(wire.T.END, {"digests": ["xyz"]}), "hex digest"),
     (_frame(wire.T.ERROR, {"message": "x" * 2000}), "at most"),
 ])
@@ -95,7 +98,7 @@ def test_bad_frames(frame, match):
 
 def test_batch_needs_setup():
     with pytest.raises(ProtocolError, match="BATCH before SETUP"):
-        wire.decode_frames(_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [], "z": [0, 1], "h": 0}), page_size=None)
+        wire.decode_frames(_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [], "z": [0, 1], "h": 0, "c": 0}), page_size=None)
 
 
 _valid = b"".join(wire.encode(m) for m in SAMPLES)

@@ -71,20 +71,24 @@ async def start_receiver(nursery, out_dir, key=KEY, ssl_context=None):
 
 
 async def raw_session(port: int, regions: list[RegionSpec], key=KEY, page_size=PS,
-                      channels: int = 1, session: bytes = b"s" * 16) -> FrameStream:
+                      channels: int = 1, session: bytes = b"s" * 16, compress: int = 0) -> FrameStream:
     """An authenticated channel 0 with SETUP done: the caller then sends what it likes."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     fs = FrameStream(stream, "receiver")
     await client_handshake(fs, key, session, 0)
-    await fs.send(wire.Setup(page_size, channels, tuple(regions)))
+    await fs.send(wire.Setup(page_size, channels, tuple(regions), compress))
     await fs.expect(wire.SetupOk)
     return fs
 
 
 def batch_frame(region: int, round_no: int, data_runs, zero_runs, data: bytes,
-                digest: int | None = None) -> bytes:
+                digest: int | None = None, compressed: bytes | None = None, codec: int = 0) -> bytes:
+    """A BATCH frame of data (its hash computed unless given); with compressed, those bytes
+    go on the wire instead, marked with codec."""
     dflat = [x for r in data_runs for x in r]
     zflat = [x for r in zero_runs for x in r]
     if digest is None:
         digest = wire.batch_digest(region, round_no, dflat, zflat, [data])
+    if compressed is not None:
+        return wire.encode_batch(region, round_no, dflat, zflat, len(compressed), digest, codec) + compressed
     return wire.encode_batch(region, round_no, dflat, zflat, len(data), digest) + data

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "converges with this guest)")
     p.add_argument("--runs", type=int, default=1, help="runs of each method (medians are shown)")
     p.add_argument("--channels", type=int, default=1, help="migrator TCP connections")
+    p.add_argument("--compress", default="none", choices=["auto", "zstd", "lz4", "none"],
+                   help="migrator's --compress (default none: QEMU compresses nothing either)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated, of {', '.join(METHODS + EXTRA_METHODS)} (default: {', '.join(METHODS)})")
     p.add_argument("--json", metavar="FILE", help="write all runs as JSON")
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     size = parse_size(args.ram)
     settings = CompareSettings(downtime_limit_ms=args.downtime_limit, max_bandwidth=parse_rate(args.max_bandwidth),
-                               channels=args.channels, out_dir=args.out_dir)
+                               channels=args.channels, out_dir=args.out_dir, compress=args.compress)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS + EXTRA_METHODS]
     if unknown:

@@ -134,12 +134,12 @@ def _rss_peak_kib(pid: int) -> int:
 
 
 async def _pages(port: int, mem: _Memory, channels: int, rx_pid: int, key: bytes | None = KEY,
-                 encrypt: bool = False) -> tuple[float, int, int]:
+                 encrypt: bool = False, compress: str = "none") -> tuple[float, int, int]:
     npages = mem.size // PS
     name = mem.region.name
     region = RegionSpec(name, 0, mem.size)
     async with connect_sender("127.0.0.1", port, key=key, regions=[region], channels=channels,
-                              encrypt=encrypt) as s:
+                              encrypt=encrypt, compress=compress) as s:
         # the stream, not the session set-up: its batch buffers are faulted in by then (a
         # migration overlaps that with its own set-up)
         await trio.to_thread.run_sync(s.buffers_ready.wait, 5.0)
@@ -166,6 +166,11 @@ def run(args: argparse.Namespace) -> int:
     for p in range(0, size // PS, 64):          # 1 page in 64 holds data
         zero_mem[p * PS:(p + 1) * PS] = random_mem[p * PS:(p + 1) * PS]
     sealed = args.reader == "mapped"
+    from ..guest.stamp import WRITER_VCPU, stamp_page, writer_id
+    text_writer = writer_id(WRITER_VCPU, "text")
+    text_mem = b"".join(stamp_page(1, text_writer, i, 1) for i in range(size // PS))
+    text = _Memory("bench-text", text_mem, sealed)
+    del text_mem
     sources = {"random": _Memory("bench-random", random_mem, sealed),
                "zero_heavy": _Memory("bench-zero-heavy", bytes(zero_mem), sealed),
                "untouched": _Memory("bench-untouched", bytes(zero_mem), sealed, holes=True)}
@@ -186,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
     rx = receiver("images", True)
     rx_plain = receiver("images-plain", False)
     results: dict[str, list[float]] = {"raw_tcp": [], "random": [], "random_unsealed": [],
-                                       "random_encrypted": [], "zero_heavy": [], "untouched": [],
+                                       "random_encrypted": [], "random_auto": [], "text": [],
+                                       "text_auto": [], "zero_heavy": [], "untouched": [],
                                        "bare_zero_scan": []}
     rss_kib = []
 
@@ -207,10 +213,19 @@ def run(args: argparse.Namespace) -> int:
             results["random_unsealed"].append(bw)
             bw, _, _ = trio.run(_pages, rx_port, sources["random"], args.channels, rx.pid, KEY, True)
             results["random_encrypted"].append(bw)
+            # --compress auto on this fast link: it must find compressing not worth it
+            bw, _, _ = trio.run(_pages, rx_port, sources["random"], args.channels, rx.pid, KEY, False, "auto")
+            results["random_auto"].append(bw)
+            for kind, comp in (("text", "none"), ("text_auto", "auto")):
+                bw, _, _ = trio.run(_pages, rx_port, text, args.channels, rx.pid, KEY, False, comp)
+                results[kind].append(bw)
             print(f"  run {i + 1}: raw TCP {results['raw_tcp'][-1] / 1e6:6.0f} MB/s   "
                   f"random pages {results['random'][-1] / 1e6:6.0f} MB/s "
                   f"(unsealed {results['random_unsealed'][-1] / 1e6:.0f}, "
-                  f"encrypted {results['random_encrypted'][-1] / 1e6:.0f})   "
+                  f"encrypted {results['random_encrypted'][-1] / 1e6:.0f}, "
+                  f"compress auto {results['random_auto'][-1] / 1e6:.0f})   "
+                  f"text {results['text'][-1] / 1e6:6.0f} MB/s (compress auto "
+                  f"{results['text_auto'][-1] / 1e6:.0f})   "
                   f"zero-heavy {results['zero_heavy'][-1] / 1e6:6.0f} MB/s   "
                   f"untouched {results['untouched'][-1] / 1e6:6.0f} MB/s", flush=True)
     finally:
@@ -223,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(out, ignore_errors=True)
         for m in sources.values():
             m.close()
+        text.close()
 
     def mm(xs):
         return min(xs), statistics.median(xs)
@@ -232,7 +248,10 @@ def run(args: argparse.Namespace) -> int:
     uratio = summary["untouched"]["median_Bps"] / summary["random"]["median_Bps"]
     sealed = summary["random"]["median_Bps"] / summary["random_unsealed"]["median_Bps"]
     encrypted = summary["random_encrypted"]["median_Bps"] / summary["random_unsealed"]["median_Bps"]
-    summary.update(ratio_sealed_to_unsealed=sealed, ratio_encrypted_to_unsealed=encrypted)
+    auto_random = summary["random_auto"]["median_Bps"] / summary["random"]["median_Bps"]
+    auto_text = summary["text_auto"]["median_Bps"] / summary["text"]["median_Bps"]
+    summary.update(ratio_sealed_to_unsealed=sealed, ratio_encrypted_to_unsealed=encrypted,
+                   ratio_auto_to_none_random=auto_random, ratio_auto_to_none_text=auto_text)
     summary.update(ratio_random_to_raw=ratio, ratio_zero_to_random=zratio,
                    ratio_untouched_to_random=uratio,
                    receiver_peak_rss_kib=max(rss_kib), size=size, channels=args.channels,
@@ -244,6 +263,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  sealed / unsealed  = {sealed:.2f}  (every frame authenticated, the default with a "
           f"key; target >= 0.80)")
     print(f"  encrypted / unsealed = {encrypted:.2f}  (--encrypt)")
+    print(f"  compress auto / none = {auto_random:.2f} random pages, {auto_text:.2f} text pages "
+          f"(a fast link: target >= 0.95)")
     print(f"  zero-heavy / random = {zratio:.1f}x (target >= 10x; 63 of 64 pages written zeros)")
     print(f"  untouched / random  = {uratio:.1f}x (the same, zero pages never written: memfd holes)")
     if summary["bare_zero_scan"]["median_Bps"]:

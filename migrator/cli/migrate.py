@@ -22,6 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encrypt", action="store_true",
                    help="encrypt pages and messages (AES-GCM, keys from --key-file) without TLS; "
                         "with a key they are always authenticated")
+    p.add_argument("--compress", choices=["auto", "zstd", "lz4", "none"], default="auto",
+                   help="compress page batches: auto (default: zstd, only while the link is slower "
+                        "than the sender, so a fast link is never slowed), zstd or lz4 (every batch "
+                        "that shrinks by 1/8), none")
     p.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS",
                    help="allowed pause, ms (default 300)")
     p.add_argument("--max-bandwidth", metavar="RATE", help="cap, e.g. 100MB/s (default: none)")
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         max_bandwidth=parse_rate(args.max_bandwidth) if args.max_bandwidth else None,
         max_rounds=args.max_rounds, auto_converge=args.auto_converge, tracker=args.tracker,
         inject=not args.no_inject, channels=args.channels, switchover=args.switchover,
-        verify=args.verify, encrypt=args.encrypt)
+        verify=args.verify, encrypt=args.encrypt, compress=args.compress)
     if args.max_rounds < 1:
         raise UsageError("--max-rounds must be at least 1")
     if args.encrypt and key is None:

@@ -20,7 +20,7 @@ from ..errors import MigratorError, UnsupportedError, UsageError
 from ._native import PAGE_SIZE, ffi
 from .control import ControlBlock
 from .spec import GuestSpec, Layout, PageoutRange
-from .stamp import REGION_ANON, REGION_SHARED, WRITER_VCPU
+from .stamp import REGION_ANON, REGION_SHARED, WRITER_POPULATE, WRITER_VCPU, writer_id
 from .workloads import Target, WriteLoop, populate
 
 RUN_CHUNK = 0.1          # seconds a C call runs before Python looks at signals and children
@@ -109,10 +109,11 @@ def run_guest(spec: GuestSpec, out: TextIO = sys.stdout, *, die_with_parent: boo
         raise MigratorError(f"cannot create the guest's memory ({lay.shared_pages * ps} bytes "
                             f"shared, {lay.anon_pages * ps} bytes anon): {e.strerror}") from None
     pop_shared = lay.shared_tail[0]
-    populate(Target(npages=pop_shared, first_index=0, region=REGION_SHARED, address=shared_at), ps)
+    populate(Target(npages=pop_shared, first_index=0, region=REGION_SHARED, address=shared_at), ps,
+             writer_id(WRITER_POPULATE, spec.content))
     if anon_at is not None and lay.anon_populated[1]:
         populate(Target(npages=lay.anon_populated[1], first_index=0, region=REGION_ANON,
-                        address=anon_at), ps)
+                        address=anon_at), ps, writer_id(WRITER_POPULATE, spec.content))
 
     regions = [{"name": spec.name, "kind": "shared", "start": shared_at,
                 "end": shared_at + lay.shared_pages * ps, "size": lay.shared_pages * ps,
@@ -134,11 +135,11 @@ def run_guest(spec: GuestSpec, out: TextIO = sys.stdout, *, die_with_parent: boo
     if spec.target in ("anon", "both") and anon_at is not None and lay.anon_populated[1]:
         targets.append(Target(npages=lay.anon_populated[1], first_index=0, region=REGION_ANON,
                               address=anon_at))
-    loop = WriteLoop(spec.workload, targets, vslot, WRITER_VCPU)
+    loop = WriteLoop(spec.workload, targets, vslot, writer_id(WRITER_VCPU, spec.content))
 
     pageout = _pager_ranges(spec, regions) if spec.pager_interval is not None else []
     base = {"guest_pid": os.getpid(), "ctl_fd": ctl.fd, "memfd": memfd,
-            "shared_size": lay.shared_pages * ps}
+            "shared_size": lay.shared_pages * ps, "content": spec.content}
     children: dict[str, subprocess.Popen] = {}
     for kind, ws, area in (("vhost", spec.vhost, lay.vhost), ("pwrite", spec.pwrite, lay.pwrite)):
         if ws is not None:

@@ -50,8 +50,11 @@ class GuestSpec:
     pager_interval: float | None = None
     pager_ranges: tuple[PageoutRange, ...] = ()
     uffd: bool = False
+    content: str = "stamp"        # page bodies: "stamp" (incompressible) or "text" (compressible)
 
     def __post_init__(self) -> None:
+        if self.content not in ("stamp", "text"):
+            raise UsageError(f"unknown page content {self.content!r}: expected stamp or text")
         if self.target not in TARGETS:
             raise UsageError(f"unknown target {self.target!r}: expected one of {', '.join(TARGETS)}")
         if not self.name or "/" in self.name:

@@ -27,6 +27,13 @@ WRITER_POPULATE = 0
 WRITER_VCPU = 1
 WRITER_VHOST = 2
 WRITER_PWRITE = 3
+WRITER_TEXT = lib.MG_WRITER_TEXT   # flag: the page's body is words of text (GuestSpec.content)
+CONTENTS = ("stamp", "text")        # page bodies: incompressible pattern, or text
+
+
+def writer_id(writer: int, content: str = "stamp") -> int:
+    """The stamp's writer field for a writer whose pages have this content."""
+    return writer | (WRITER_TEXT if content == "text" else 0)
 WRITER_NAMES = {WRITER_POPULATE: "populate", WRITER_VCPU: "vcpu", WRITER_VHOST: "vhost",
                 WRITER_PWRITE: "pwrite"}
 
@@ -42,6 +49,7 @@ Image = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
 def stamp_page(region: int, writer: int, index: int, seq: int,
                page_size: int = PAGE_SIZE) -> bytes:
+    # (writer may carry WRITER_TEXT: see writer_id)
     """One stamped page, as the C writers write it (for tests and tools)."""
     buf = ffi.new("uint8_t[]", page_size)
     lib.mg_stamp(buf, page_size, region, writer, index, seq)
@@ -156,4 +164,4 @@ def verify_image(image: Image, region: str, expected: Image | None = None, *,
 
 
 def _writer_name(writer: int) -> str:
-    return WRITER_NAMES.get(writer, f"writer{writer}")
+    return WRITER_NAMES.get(writer & ~WRITER_TEXT, f"writer{writer}")

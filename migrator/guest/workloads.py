@@ -99,9 +99,10 @@ class WriteLoop:
         return check(lib.mg_run(self._w, seconds), "mg_run")
 
 
-def populate(target: Target, page_size: int = PAGE_SIZE) -> int:
-    """Stamp every page of a mapped target as the populate writer (seq 0).  Returns pages."""
+def populate(target: Target, page_size: int = PAGE_SIZE, writer: int = 0) -> int:
+    """Stamp every page of a mapped target as the populate writer (seq 0; writer: its id,
+    with the text flag if so: stamp.writer_id).  Returns pages."""
     t = ffi.new("struct mg_target *")
     t.base = ffi.cast("uint8_t *", target.address)
     t.fd, t.npages, t.first_index, t.region = -1, target.npages, target.first_index, target.region
-    return check(lib.mg_populate(t, page_size, 0), "mg_populate")
+    return check(lib.mg_populate(t, page_size, writer), "mg_populate")

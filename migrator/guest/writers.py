@@ -20,7 +20,7 @@ import time
 
 from ._native import PAGE_SIZE, check, ffi, lib
 from .control import ControlBlock
-from .stamp import REGION_SHARED, WRITER_PWRITE, WRITER_VHOST
+from .stamp import REGION_SHARED, WRITER_PWRITE, WRITER_VHOST, writer_id
 from .workloads import Target, WorkloadSpec, WriteLoop
 
 RUN_CHUNK = 0.1        # seconds a C call runs before Python looks at signals again
@@ -40,7 +40,7 @@ def _run_writer(cfg: dict, slot) -> None:
         target = Target(npages=e - s, first_index=s, region=REGION_SHARED, fd=cfg["memfd"],
                         fd_offset=s * PAGE_SIZE)
         writer = WRITER_PWRITE
-    loop = WriteLoop(ws, [target], slot, writer)
+    loop = WriteLoop(ws, [target], slot, writer_id(writer, cfg.get("content", "stamp")))
     slot.pid = os.getpid()
     while not slot.stop:
         loop.run(RUN_CHUNK)

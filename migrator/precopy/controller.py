@@ -57,6 +57,8 @@ class MigrationPolicy:
     # encrypt every frame after the handshake (AES-GCM; needs a key); with a key, frames are
     # always authenticated
     encrypt: bool = False
+    # batch compression: "auto" (zstd while the link is the bottleneck), "zstd", "lz4", "none"
+    compress: str = "auto"
 
 
 class SourcePauser(Protocol):
@@ -206,7 +208,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
         raise UsageError(f"verify {policy.verify!r}: expected one of {', '.join(VERIFY_MODES)}")
     if policy.switchover not in SWITCHOVER_RULES:
         raise UsageError(f"switch-over rule {policy.switchover!r}: expected one of {', '.join(SWITCHOVER_RULES)}")
-    rep = MigrationReport(downtime_limit_ms=policy.downtime_limit_ms)
+    rep = MigrationReport(downtime_limit_ms=policy.downtime_limit_ms, compress=policy.compress)
     t_start = time.monotonic()
     mark = rep.timeline.mark
     mark("start")
@@ -247,7 +249,8 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
         try:
             async with connect_sender(host, port, key=key, regions=specs, channels=policy.channels,
                                       page_size=PAGE_SIZE, max_bandwidth=policy.max_bandwidth,
-                                      ssl_context=ssl_context, encrypt=policy.encrypt) as sender:
+                                      ssl_context=ssl_context, encrypt=policy.encrypt,
+                                      compress=policy.compress) as sender:
                 mark("connected")
                 first = await arming.result()
                 rep.setup_time_ms = (time.monotonic() - t_start) * 1000
@@ -314,6 +317,10 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         rep.transferred_bytes += st.bytes
         rep.pages_normal += st.pages_normal
         rep.pages_zero += st.pages_zero
+        ss = sender.statistics()
+        rep.compressed_batches = ss.compressed_batches
+        rep.compressed_raw_bytes = ss.compressed_raw_bytes
+        rep.compressed_wire_bytes = ss.compressed_wire_bytes
         if progress:
             progress(rs)
         return rs

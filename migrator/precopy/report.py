@@ -45,6 +45,10 @@ class MigrationReport:
     expected_downtime_ms: float = 0.0   # the estimate when stop-and-copy was decided
     transferred_bytes: int = 0
     remaining_bytes: int = 0
+    compress: str = ""                  # the --compress policy
+    compressed_batches: int = 0         # batches sent compressed ...
+    compressed_raw_bytes: int = 0       # ... their pages' bytes ...
+    compressed_wire_bytes: int = 0      # ... and what they took on the wire
     pages_normal: int = 0
     pages_zero: int = 0
     dirty_pages_rate: float = 0.0       # pages/s, last measured
@@ -89,6 +93,10 @@ class MigrationReport:
             final = [s for s in self.sweeps if s["round"] == "final"]
             lines.append(f"  ledger sweeps: {len(self.sweeps)} ({sum(s['bytes'] for s in self.sweeps) / 2**20:.0f} MiB)"
                          + (f", in the pause: {final[0]['reason']}" if final else ""))
+        if self.compressed_batches:
+            lines.append(f"  compressed ({self.compress}): {self.compressed_batches} batches, "
+                         f"{self.compressed_raw_bytes / 1e6:.1f} MB of pages in "
+                         f"{self.compressed_wire_bytes / 1e6:.1f} MB")
         if self.verify_memory_ms:
             lines.append(f"  source memory verified against what was sent in {self.verify_memory_ms:.0f} ms")
         return "\n".join(lines)

@@ -62,6 +62,9 @@ class CompareSettings:
     max_bandwidth: float = 10e9
     channels: int = 1
     out_dir: str | None = DEFAULT_OUT_DIR
+    # migrator's --compress; none by default: QEMU's own migration (without multifd
+    # compression) sends pages raw, so the comparison is like for like
+    compress: str = "none"
 
 
 @dataclass
@@ -259,7 +262,8 @@ def run_migrator(work: str, boot: str, size: int, settings: CompareSettings, lay
         # QEMU never gives up on converging; give migrator's non-convergence check some slack too
         policy = MigrationPolicy(downtime_limit_ms=settings.downtime_limit_ms,
                                  max_bandwidth=settings.max_bandwidth, channels=settings.channels,
-                                 nonconvergence_rounds=10, switchover=switchover, inject=inject)
+                                 nonconvergence_rounds=10, switchover=switchover, inject=inject,
+                                 compress=settings.compress)
         t0 = time.time()
         rep = trio.run(lambda: migrate_vm(src.qmp_path, "127.0.0.1", port, f"tcp:{incoming}",
                                           key=None, policy=policy))

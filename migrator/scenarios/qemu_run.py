@@ -67,7 +67,8 @@ async def run_qemu_once(scn: Scenario, run_dir: str, repeat: int = 1,
         res.error, res.skipped = missing
     else:
         settings = CompareSettings(downtime_limit_ms=scn.policy.downtime_limit_ms,
-                                   max_bandwidth=scn.link.bandwidth, channels=scn.policy.channels)
+                                   max_bandwidth=scn.link.bandwidth, channels=scn.policy.channels,
+                                   compress=scn.policy.compress)
         work = tempfile.mkdtemp(prefix="migrator-scn-qemu-")    # short paths: QMP unix sockets
         try:
             boot, layout = prepare(work)

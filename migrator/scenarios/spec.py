@@ -48,6 +48,7 @@ class PolicySpec:
     channels: int = 1
     nonconvergence_rounds: int = 3
     min_round_s: float = 0.0
+    compress: str = "auto"        # migrate --compress
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,8 @@ def parse_scenario(text: str, path: str = "<string>") -> Scenario:
     gkw: dict[str, Any] = dict(
         shared_ram=g.get("shared_ram", _size, 64 << 20), anon_ram=g.get("anon_ram", _size, 16 << 20),
         shared_tail=g.get("shared_tail", _size, 0), anon_tail=g.get("anon_tail", _size, 0),
-        target=g.get("target", _choice(("shared", "anon", "both")), "both"), uffd=True)
+        target=g.get("target", _choice(("shared", "anon", "both")), "both"), uffd=True,
+        content=g.get("content", _choice(("stamp", "text")), "stamp"))
     g.done()
     w = top.sub("workload")
     if w is not None:
@@ -387,7 +389,8 @@ def parse_scenario(text: str, path: str = "<string>") -> Scenario:
         tracker=pt.get("tracker", _choice(TRACKERS), "auto"),
         channels=pt.get("channels", _int(1), 1),
         nonconvergence_rounds=pt.get("nonconvergence_rounds", _int(1), 3),
-        min_round_s=pt.get("min_round_s", _num(0), 0.0))
+        min_round_s=pt.get("min_round_s", _num(0), 0.0),
+        compress=pt.get("compress", _choice(("auto", "zstd", "lz4", "none")), "auto"))
     pt.done()
 
     # events
@@ -454,7 +457,8 @@ def _qemu_scenario(file: str, top: _Table, common: dict[str, Any]) -> Scenario:
     lt.done()
     pt = top.sub("policy") or _Table(file, "[policy]", {})
     policy = PolicySpec(downtime_limit_ms=pt.get("downtime_limit_ms", _num(0, lo_open=True), 300.0),
-                        channels=pt.get("channels", _int(1), 1))
+                        channels=pt.get("channels", _int(1), 1),
+                        compress=pt.get("compress", _choice(("auto", "zstd", "lz4", "none")), "none"))
     methods = pt.get("compare", _methods, DEFAULT_QEMU_METHODS)
     pt.done()
     et = top.sub("expect") or _Table(file, "[expect]", {})

@@ -17,6 +17,7 @@ import trio
 from .._track_c import ffi, lib
 from ..errors import ProtocolError, TransportError
 from . import wire
+from . import compress
 from .seal import TAG_SIZE, FrameSeal
 
 _SMALL_READ = 4096          # headers and metadata are read with reads this small, so page data
@@ -75,6 +76,7 @@ class FrameStream:
         self._raw: socket.socket | None = None
         self._io_lock = threading.Lock()    # held by a worker thread while it moves page data
         self.should_stop = lambda: False    # polled by blocking reads in worker threads
+        self.codec = compress.NONE              # receiver: the codec batches may use (SETUP)
         self._send_seal: FrameSeal | None = None    # see arm()
         self._recv_seal: FrameSeal | None = None
         if self._sock is not None:
@@ -244,6 +246,15 @@ class FrameStream:
         if isinstance(msg, wire.Batch):
             if view is None:        # (zero runs only)
                 view = memoryview(b"")
+            if msg.compression:
+                what = (f"BATCH of region #{msg.region}, round {msg.round_no}, from page "
+                        f"{msg.data_flat[0] if msg.data_flat else 0}")
+                if msg.compression != self.codec:
+                    raise ProtocolError(f"{what}: compressed with "
+                                        f"{compress.CODEC_NAMES[msg.compression]}, which the session "
+                                        f"did not announce")
+                view = memoryview(compress.decompress(msg.compression, view,
+                                                      msg.pages_data * (page_size or 4096), what))
             hashes = wire.check_digest(msg, view, page_size or 4096)
             return dataclasses.replace(msg, data=view, page_hashes=hashes)
         if isinstance(msg, wire.Error):

@@ -19,6 +19,7 @@ import trio
 from ..errors import MigratorError, ProtocolError, TransportError, UsageError, first_error
 from . import wire
 from .auth import check_listen_policy, server_handshake
+from . import compress
 from .framing import FrameStream, PeerClosed
 from .images import ImageSet, check_out_dir
 from .wire import RegionSpec
@@ -65,6 +66,7 @@ class _Session:
     started: float = field(default_factory=time.monotonic)
     bytes_received: int = 0
     verdict_sent: bool = False
+    compress: int = 0           # codec the sender may compress batches with
 
     @property
     def name(self) -> str:
@@ -235,6 +237,7 @@ class Receiver:
                         await self._welcome(fs, who)
                         setup = await fs.expect(wire.Setup)
                         session.channels = setup.channels
+                        session.compress = setup.compress
                         need = session_memory(setup.regions, setup.page_size, setup.channels)
                         if need > self.max_memory:
                             raise ProtocolError(
@@ -256,7 +259,8 @@ class Receiver:
                         self.log(f"session {session.name} from {peer}: {len(setup.regions)} region(s), "
                                  f"{sum(r.size for r in setup.regions) / (1 << 20):.1f} MiB, "
                                  f"page size {setup.page_size}, {setup.channels} channel(s)"
-                                 f"{', encrypted' if who.mode == 'aead' else ''}")
+                                 f"{', encrypted' if who.mode == 'aead' else ''}"
+                                 f"{f', {compress.CODEC_NAMES[setup.compress]} allowed' if setup.compress else ''}")
                     else:
                         s = self._active
                         if s is None or s.sid != who.session or s.images is None:
@@ -274,6 +278,7 @@ class Receiver:
                 if not self._pending_from[host]:
                     del self._pending_from[host]
             assert session.images is not None
+            fs.codec = session.compress
             # page buffers for the usual batch, before the first one (they grow if needed)
             fs.reserve(min(wire.DEFAULT_BATCH_PAGES * session.images.page_size, RESERVE_BYTES))
             await self._serve_channel(fs, session, who.channel)

@@ -24,6 +24,7 @@ from .._track_c import ffi, lib
 from ..errors import MigratorError, RegionError, TransportError, first_error
 from . import wire
 from .auth import client_handshake
+from .compress import BatchCompressor, codec_for
 from .digest import PageReader
 from .framing import FrameStream, page_buffer, populate_in_background
 from .wire import RegionSpec
@@ -66,8 +67,13 @@ class SenderStatistics:
     rounds: int          # rounds ended (acknowledged)
     channels: int
     busy_time: float     # seconds spent in send_pages() and end_round()
-    bandwidth: float     # transferred bytes / busy time (bytes/s)
-    last_bandwidth: float  # of the last send_pages() call
+    # bytes/s of pages moved: transferred bytes, plus what compression saved, per busy second
+    # (what estimates of the time to send N pages need); wire rate = transferred / busy_time
+    bandwidth: float
+    last_bandwidth: float  # the same, of the last send_pages() call
+    compressed_batches: int = 0     # batches sent compressed ...
+    compressed_raw_bytes: int = 0   # ... their pages' bytes ...
+    compressed_wire_bytes: int = 0  # ... and what they took on the wire
 
 
 @dataclass(frozen=True)
@@ -139,12 +145,28 @@ class _Built:
     name: str = ""          # the region
     data_flat: list | None = None
     zero_flat: list | None = None
+    region: int = 0
+    round_no: int = 0
+    digest: int = 0         # the batch hash (of the raw pages)
 
     @property
     def size(self) -> int:
         """Bytes on the wire."""
         data = self.data if isinstance(self.data, tuple) else (self.data,)
         return len(self.head) + sum(len(d) for d in data)
+
+    def compress_with(self, compressor: BatchCompressor) -> None:
+        """Replace the data by its compressed bytes if that saves enough (producer thread)."""
+        pieces = self.data if isinstance(self.data, tuple) else (self.data,)
+        out = compressor.compress(pieces)
+        if out is None:
+            return
+        self.release()
+        # into the batch's own buffer (writable: an encrypted session seals it in place)
+        self.buf[:len(out)] = out
+        self.data = memoryview(self.buf)[:len(out)]
+        self.head = wire.encode_batch(self.region, self.round_no, self.data_flat, self.zero_flat,
+                                      len(out), self.digest, compressor.codec)
 
     def release(self) -> None:
         """Once sent (or dropped): release the views (those of the source's mapping would
@@ -166,8 +188,17 @@ class _Packer:
 
     def __init__(self, page_size: int, batch_pages: int, pool: "queue.Queue[mmap.mmap]",
                  stop: Callable[[], bool], on_packed: OnPacked | None = None,
-                 known: Mapping[str, Any] | None = None, nocopy: bool = True):
+                 known: Mapping[str, Any] | None = None, nocopy: bool = True,
+                 compression: tuple[int, bool, list, float] | None = None):
         self.ps = page_size
+        # (codec, auto, list every packer's compressor is added to for the totals, the last
+        # measured compression speed) or None
+        self.compression = compression
+        self.compressor: BatchCompressor | None = None
+        if compression is not None and compression[0]:
+            self.compressor = BatchCompressor(compression[0], compression[1], PRODUCERS)
+            self.compressor.speed = compression[3]
+            compression[2].append(self.compressor)
         self.nocopy = nocopy         # stable pages may go out from where they lie (not when
                                      # frames are encrypted: that happens in the batch buffer)
         self.on_packed = on_packed
@@ -182,7 +213,13 @@ class _Packer:
     def twin(self) -> "_Packer":
         """Another packer on the same buffers, for another producer thread."""
         return _Packer(self.ps, self.batch_pages, self.pool, self.stop, self.on_packed, self.known,
-                       self.nocopy)
+                       self.nocopy, self.compression)
+
+    def maybe_compress(self, built: _Built, link_bps: float) -> _Built:
+        """Compress the batch if the session's policy wants it now (see compress.py)."""
+        if self.compressor is not None and built.pages_normal and self.compressor.wanted(link_bps):
+            built.compress_with(self.compressor)
+        return built
 
     def _buffer(self) -> mmap.mmap:
         while True:
@@ -230,7 +267,8 @@ class _Packer:
             nbytes = len(data)
         digest = wire.batch_digest(region, round_no, data_flat, zero_flat, (), ps, hashes)
         head = wire.encode_batch(region, round_no, data_flat, zero_flat, nbytes, digest)
-        return _Built(head, data, buf, st.out_pages, st.zero_pages, name, data_flat, zero_flat)
+        return _Built(head, data, buf, st.out_pages, st.zero_pages, name, data_flat, zero_flat,
+                      region, round_no, digest)
 
     def batches(self, plan: list[tuple[int, str, list[tuple[int, int]]]], reader: PageReader,
                 round_no: int) -> Iterator[_Built]:
@@ -375,8 +413,13 @@ class Sender:
     """An open migration session.  Use connect_sender() to get one."""
 
     def __init__(self, channels: list[FrameStream], regions: list[RegionSpec], page_size: int,
-                 max_bandwidth: float | None, batch_pages: int):
+                 max_bandwidth: float | None, batch_pages: int, compress: str = "none"):
         self._fs = channels
+        self._codec = codec_for(compress)
+        self._auto = compress == "auto"
+        self._compressed = [0, 0, 0]     # batches sent compressed, their raw and wire bytes
+        self._link_bps = [0.0] * len(channels)   # each channel's send rate (moving average)
+        self._compress_speed = 0.0               # a producer's, as last measured
         self.regions = regions
         self.page_size = page_size
         self._index = {r.name: i for i, r in enumerate(regions)}
@@ -482,8 +525,10 @@ class Sender:
             depth = _queue_depth(len(self._fs))
             pool = self._pool(_pool_size(len(self._fs)))
             stop = threading.Event()
+            compressors: list[BatchCompressor] = []
             packer = _Packer(self.page_size, self._batch_pages, pool, stop.is_set, on_packed, known,
-                             nocopy=not any(fs.encrypts for fs in self._fs))
+                             nocopy=not any(fs.encrypts for fs in self._fs),
+                             compression=(self._codec, self._auto, compressors, self._compress_speed))
             self._sending_since = t0
             try:
                 args = (plan, reader, round_no, totals, packer, depth, stop, until, dropped)
@@ -496,10 +541,18 @@ class Sender:
             dt = time.monotonic() - t0
             nbytes = self._sent() - sent0
             self._busy += dt
-            self._last_bw = nbytes / dt if dt > 0 else 0.0
             self._pages_normal += totals[0]
             self._pages_zero += totals[1]
             self._batches += totals[2]
+            saved = 0          # bytes compression kept off the wire in this send
+            for c in compressors:
+                if c.speed:
+                    self._compress_speed = c.speed
+                self._compressed[0] += c.batches
+                self._compressed[1] += c.raw_bytes
+                self._compressed[2] += c.wire_bytes
+                saved += c.raw_bytes - c.wire_bytes
+            self._last_bw = (nbytes + saved) / dt if dt > 0 else 0.0
             return SendStats(round_no, nbytes, totals[0], totals[1], totals[2], dt, dropped)
 
     async def _send_async(self, plan, reader, round_no, totals, packer: _Packer, depth: int,
@@ -520,6 +573,9 @@ class Sender:
                     totals[0] += built.pages_normal
                     totals[1] += built.pages_zero
                     totals[2] += 1
+                    if packer.compressor is not None:
+                        built = await trio.to_thread.run_sync(packer.maybe_compress, built,
+                                                              self._link_estimate())
                     await send_ch.send(built)
                 batches.close()          # ended early (until)
 
@@ -532,10 +588,12 @@ class Sender:
                         packer.pool.put(built.buf)
                         continue
                     size = built.size
+                    t0 = time.perf_counter()
                     if self._limiter is not None:
                         await self._limiter.take(size)
                     try:
                         await fs.send_raw(built.head, built.data)
+                        self._measure_link(self._fs.index(fs), size, time.perf_counter() - t0)
                         built.release()
                     except TransportError as e:
                         raise await _reason(fs, e) from None
@@ -592,6 +650,8 @@ class Sender:
                             totals[0] += built.pages_normal
                             totals[1] += built.pages_zero
                             totals[2] += 1
+                        if pk.compressor is not None:
+                            pk.maybe_compress(built, self._link_estimate())
                         put(built)
                         if until is not None and until.is_set():
                             batches.close()      # (its buffer back to the pool)
@@ -605,6 +665,8 @@ class Sender:
                 if last:                     # the last producer out tells the senders
                     for _ in self._fs:
                         put(None)
+
+        index = {fs: i for i, fs in enumerate(self._fs)}
 
         def consume(fs: FrameStream) -> None:
             fs.should_stop = stop.is_set
@@ -621,9 +683,12 @@ class Sender:
                     built.release()
                     packer.pool.put(built.buf)
                     continue
+                t0 = time.perf_counter()
+                size = built.size
                 if self._limiter is not None:
-                    self._limiter.take_blocking(built.size)
+                    self._limiter.take_blocking(size)
                 fs.send_blocking(built.head, built.data)
+                self._measure_link(index[fs], size, time.perf_counter() - t0)
                 built.release()
                 packer.pool.put(built.buf)
 
@@ -733,6 +798,22 @@ class Sender:
     def _sent(self) -> int:
         return sum(fs.bytes_sent for fs in self._fs)
 
+    def _link_estimate(self) -> float:
+        """The link's rate, bytes/s: what the channels measured, at most --max-bandwidth
+        (known from the start); 0 if neither is known yet."""
+        measured = sum(self._link_bps)
+        if self._limiter is not None:
+            return min(measured, self._limiter.rate) if measured else self._limiter.rate
+        return measured
+
+    def _measure_link(self, channel: int, nbytes: int, seconds: float) -> None:
+        """A batch went out on a channel: its bytes per second of sending (a cap's wait
+        included), averaged (for --compress auto)."""
+        if seconds > 0:
+            rate = nbytes / seconds
+            old = self._link_bps[channel]
+            self._link_bps[channel] = rate if not old else 0.8 * old + 0.2 * rate
+
     def statistics(self) -> SenderStatistics:
         """The figures so far, a send under way included (its time and bytes until now)."""
         sent = self._sent()
@@ -743,8 +824,10 @@ class Sender:
         return SenderStatistics(
             transferred_bytes=sent, pages_normal=self._pages_normal, pages_zero=self._pages_zero,
             batches=self._batches, rounds=self._rounds, channels=len(self._fs),
-            busy_time=busy, bandwidth=sent / busy if busy > 0 else 0.0,
-            last_bandwidth=self._last_bw)
+            busy_time=busy,
+            bandwidth=(sent + self._compressed[1] - self._compressed[2]) / busy if busy > 0 else 0.0,
+            last_bandwidth=self._last_bw, compressed_batches=self._compressed[0],
+            compressed_raw_bytes=self._compressed[1], compressed_wire_bytes=self._compressed[2])
 
 
 async def _reason(fs: FrameStream, err: TransportError) -> TransportError:
@@ -791,7 +874,7 @@ async def connect_sender(host: str, port: int, *, key: bytes | None, regions: li
                          channels: int = 1, page_size: int = 4096,
                          max_bandwidth: float | None = None, ssl_context=None,
                          batch_pages: int = DEFAULT_BATCH_PAGES,
-                         encrypt: bool = False) -> AsyncIterator[Sender]:
+                         encrypt: bool = False, compress: str = "none") -> AsyncIterator[Sender]:
     """Open a migration session to a receiver and yield its Sender.
 
     Args:
@@ -805,6 +888,8 @@ async def connect_sender(host: str, port: int, *, key: bytes | None, regions: li
         batch_pages: pages read and sent per batch.
         encrypt: encrypt every frame after the handshake (AES-GCM; needs a key).  With a key,
             frames are always authenticated (docs/protocol.md).
+        compress: "none", "zstd", "lz4" (every batch that shrinks), or "auto" (zstd, only
+            while the link is the bottleneck): see transport/compress.py.
 
     Raises:
         TransportError / AuthError / ProtocolError: connecting, authenticating or set-up failed.
@@ -826,12 +911,13 @@ async def connect_sender(host: str, port: int, *, key: bytes | None, regions: li
     try:
         # (SETUP goes right after our proof, not after the receiver's WELCOME)
         fs0 = await _open_channel(host, port, key, session, 0, ssl_context,
-                                  then=wire.Setup(page_size, channels, tuple(regions)), encrypt=encrypt)
+                                  then=wire.Setup(page_size, channels, tuple(regions), codec_for(compress)),
+                                  encrypt=encrypt)
         opened.append(fs0)
         await fs0.expect(wire.SetupOk)
         for i in range(1, channels):
             opened.append(await _open_channel(host, port, key, session, i, ssl_context, encrypt=encrypt))
-        sender = Sender(opened, list(regions), page_size, max_bandwidth, batch_pages)
+        sender = Sender(opened, list(regions), page_size, max_bandwidth, batch_pages, compress)
         yield sender
         if not sender._finished:
             raise MigratorError("session left without finish()")

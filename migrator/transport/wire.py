@@ -51,6 +51,7 @@ MAX_MESSAGE = 1000            # characters of an ERROR message
 NONCE_SIZE = 32
 SESSION_ID_SIZE = 16
 MAC_SIZE = 32
+MAX_CODEC = 2                 # BATCH compression codecs: 0 none, 1 zstd, 2 lz4 (compress.py)
 DIGEST_HEX = 32               # xxh3_128 hex digest length
 
 
@@ -130,6 +131,7 @@ class Setup:
     page_size: int
     channels: int
     regions: tuple[RegionSpec, ...]
+    compress: int = 0       # codec BATCH data may be compressed with (compress.py; 0: none)
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,8 @@ class Batch:
     data_flat: tuple[int, ...]
     zero_flat: tuple[int, ...]
     digest: int
-    data: Any = b""   # bytes-like, len == sum(data counts) * page_size
+    data: Any = b""   # bytes-like, len == sum(data counts) * page_size (once decompressed)
+    compression: int = 0       # codec of the data on the wire (0: raw)
     page_hashes: bytes = b""   # receiver side: XXH3-64 of each data page (from the hash check)
 
     @property
@@ -249,12 +252,12 @@ def _meta(msg: Message) -> dict:
         return {"mac": msg.mac}
     if isinstance(msg, Setup):
         return {"page_size": msg.page_size, "channels": msg.channels,
-                "regions": [[r.name, r.start, r.end] for r in msg.regions]}
+                "regions": [[r.name, r.start, r.end] for r in msg.regions], "compress": msg.compress}
     if isinstance(msg, SetupOk):
         return {"images": list(msg.images)}
     if isinstance(msg, Batch):
         return {"r": msg.region, "n": msg.round_no, "d": list(msg.data_flat),
-                "z": list(msg.zero_flat), "h": msg.digest}
+                "z": list(msg.zero_flat), "h": msg.digest, "c": msg.compression}
     if isinstance(msg, (RoundEnd, RoundAck)):
         return {"n": msg.round_no}
     if isinstance(msg, Prepare):
@@ -282,10 +285,11 @@ def encode(msg: Message) -> bytes:
 
 
 def encode_batch(region: int, round_no: int, data_flat: list[int], zero_flat: list[int],
-                 data_len: int, digest: int) -> bytes:
-    """Header + meta of a BATCH frame from already-flat run lists; the data_len bytes follow."""
+                 data_len: int, digest: int, compression: int = 0) -> bytes:
+    """Header + meta of a BATCH frame from already-flat run lists; the data_len bytes follow
+    (compressed with codec `compression` if not 0)."""
     meta = msgpack.packb({"r": region, "n": round_no, "d": data_flat, "z": zero_flat,
-                          "h": digest}, use_bin_type=True)
+                          "h": digest, "c": compression}, use_bin_type=True)
     return HEADER.pack(MAGIC, VERSION, T.BATCH, len(meta), data_len) + meta
 
 
@@ -431,7 +435,7 @@ def decode(t: T, meta: bytes, data_len: int = 0, page_size: int | None = None) -
         _Fields(t, m, set())
         return {T.WELCOME: Welcome, T.CLOSE: Close, T.CLOSED: Closed}[t]()
     if t is T.SETUP:
-        f = _Fields(t, m, {"page_size", "channels", "regions"})
+        f = _Fields(t, m, {"page_size", "channels", "regions", "compress"})
         ps = f.int("page_size", MIN_PAGE_SIZE, MAX_PAGE_SIZE)
         if ps & (ps - 1):
             raise f.fail("page_size", f"= {ps} is not a power of two")
@@ -459,25 +463,29 @@ def decode(t: T, meta: bytes, data_len: int = 0, page_size: int | None = None) -
             raise f.fail("regions", "is empty")
         if total > MAX_TOTAL_BYTES:
             raise ProtocolError(f"SETUP message: regions total {total} bytes (limit {MAX_TOTAL_BYTES})")
-        return Setup(ps, channels, tuple(regions))
+        return Setup(ps, channels, tuple(regions), f.int("compress", 0, MAX_CODEC))
     if t is T.SETUP_OK:
         f = _Fields(t, m, {"images"})
         return SetupOk(tuple(_img(x) for x in f.list("images", MAX_REGIONS)))
     if t is T.BATCH:
         if page_size is None:
             raise ProtocolError("BATCH before SETUP")
-        f = _Fields(t, m, {"r", "n", "d", "z", "h"})
+        f = _Fields(t, m, {"r", "n", "d", "z", "h", "c"})
         region = f.int("r", 0, MAX_REGIONS - 1)
         round_no = f.int("n", 0, MAX_ROUND)
         data_flat, data_pages = _runs(f, "d", MAX_DATA // page_size)
         zero_flat, _ = _runs(f, "z", MAX_ZERO_PAGES)
         digest = f.int("h", 0, (1 << 64) - 1)
+        compression = f.int("c", 0, MAX_CODEC)
         want = data_pages * page_size
-        if want != data_len:
+        if not compression and want != data_len:
             raise ProtocolError(f"BATCH frame: runs announce {want} bytes of data, frame carries {data_len}")
+        if compression and not 0 < data_len < want:
+            raise ProtocolError(f"BATCH frame: {data_len} bytes of compressed data for {want} bytes "
+                                f"of pages (compressed data must be smaller)")
         if not data_flat and not zero_flat:
             raise ProtocolError("BATCH frame: no pages")
-        return Batch(region, round_no, data_flat, zero_flat, digest)
+        return Batch(region, round_no, data_flat, zero_flat, digest, compression=compression)
     if t is T.PREPARE:
         f = _Fields(t, m, {"r", "p"})
         region = f.int("r", 0, MAX_REGIONS - 1)
