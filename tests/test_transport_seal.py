@@ -297,3 +297,22 @@ async def test_session_over_the_memory_budget_is_refused(nursery, tmp_path):
     async with connect_sender("127.0.0.1", port, key=KEY, regions=REGIONS) as s:
         await s.send_pages({"ram": [(0, NPAGES)]}, MemReader(small), 0)
         assert (await s.finish({"ram": digest_bytes(small["ram"])})).complete
+
+
+async def test_a_silent_link_fails_the_sender_instead_of_hanging(nursery, tmp_path, monkeypatch):
+    """A link that accepts bytes but delivers nothing (a blackhole, here after SETUP): waiting
+    for the receiver's acknowledgement ends with a 'stalled' error after STALL_S (shortened
+    here), it does not wait forever (found by bench faults: migrate hung on such a link)."""
+    from migrator.transport import framing
+    monkeypatch.setattr(framing, "STALL_S", 1.0)
+
+    def blackhole(f: Frame) -> list[bytes]:
+        return [f.raw()] if f.type in (wire.T.HELLO, wire.T.CHALLENGE, wire.T.AUTH, wire.T.WELCOME,
+                                       wire.T.SETUP, wire.T.SETUP_OK) else []
+    rx, proxy, pport, logs = await _through_proxy(nursery, tmp_path / "out", KEY, blackhole)
+    mem = {"ram": random_memory(NPAGES, 10)}
+    with trio.fail_after(30):
+        with pytest.raises(TransportError, match="stalled: nothing received for 1 s"):
+            async with connect_sender("127.0.0.1", pport, key=KEY, regions=REGIONS) as s:
+                await s.send_pages({"ram": [(0, NPAGES)]}, MemReader(mem), 0)
+                await s.end_round(0)

@@ -394,7 +394,7 @@ async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, 
         # direct-I/O reads (O_DIRECT images) still do (see tracking/sweepgate.py)
         target = MigrationTarget(pid, [ram.selector], pauser=pauser, maps=maps,
                                  after_pause=start_device_state, alongside_verify=device_state,
-                                 no_syscall_writes=[pid])
+                                 no_syscall_writes=[pid], wait_durable=False)
         rep.ram = await migrate(target, host, port, key=key, policy=policy, ssl_context=ssl_context,
                                 progress=progress)
         timeline.update(rep.ram.timeline)

@@ -290,18 +290,25 @@ class FrameStream:
             else:
                 head, tag = self._send_seal.seal(head, pieces)
         try:
-            await self.stream.send_all(head)
+            await self._send_all(head)
             for piece in pieces:
                 if self._sock is not None and len(piece) >= BULK_BYTES:
                     view = memoryview(piece).cast("B")
                     await trio.to_thread.run_sync(self._bulk, view, True)
                 else:
-                    await self.stream.send_all(piece)
+                    await self._send_all(piece)
             if tag:
-                await self.stream.send_all(tag)
+                await self._send_all(tag)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             raise TransportError(f"connection to {self.peer} lost while sending ({e or 'closed'})") from None
         self.bytes_sent += len(head) + sum(len(p) for p in pieces) + len(tag)
+
+    async def _send_all(self, data) -> None:
+        """send_all, or TransportError once the peer has taken nothing for STALL_S."""
+        with trio.move_on_after(STALL_S) as idle:
+            await self.stream.send_all(data)
+        if idle.cancelled_caught:
+            raise TransportError(f"connection to {self.peer} stalled: nothing sent for {STALL_S:.0f} s")
 
     async def send_error(self, message: str) -> None:
         """Best effort: tell the peer why we give up (it may be gone already)."""
@@ -334,10 +341,15 @@ class FrameStream:
     # -- receiving -------------------------------------------------------------------------
 
     async def _receive_some(self, n: int) -> bytes:
+        """Up to max(n, 4 KiB) bytes; TransportError if nothing comes for STALL_S (a link that
+        went silent: a peer that waits on it must not wait forever)."""
         try:
-            return await self.stream.receive_some(max(n, _SMALL_READ))
+            with trio.move_on_after(STALL_S) as idle:
+                return await self.stream.receive_some(max(n, _SMALL_READ))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             raise TransportError(f"connection to {self.peer} lost ({e or 'closed'})") from None
+        assert idle.cancelled_caught
+        raise TransportError(f"connection to {self.peer} stalled: nothing received for {STALL_S:.0f} s")
 
     async def _read_exact(self, n: int, what: str, at_boundary: bool = False) -> bytes:
         while self._missing(n):
@@ -355,10 +367,15 @@ class FrameStream:
             return
         while got < n:
             if self._sock is not None:
+                k = -1
                 try:
-                    k = await self._sock.recv_into(view[got:], n - got)
+                    with trio.move_on_after(STALL_S):
+                        k = await self._sock.recv_into(view[got:], n - got)
                 except OSError as e:
                     raise TransportError(f"connection to {self.peer} lost ({e})") from None
+                if k < 0:
+                    raise TransportError(f"connection to {self.peer} stalled: nothing received "
+                                         f"for {STALL_S:.0f} s")
                 if k == 0:
                     raise ProtocolError(f"truncated frame: {self.peer} went away in the middle of "
                                         f"{what} ({got} of {n} bytes)")

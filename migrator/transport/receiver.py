@@ -449,7 +449,19 @@ class Receiver:
         s.verdict_sent = True
         if complete and self.on_verified is not None:
             self.on_verified(images)
-        await trio.to_thread.run_sync(images.sync)
+        try:
+            await trio.to_thread.run_sync(images.sync)
+        except OSError as e:        # (a full or failing disk: the session fails, we serve on)
+            s.error = f"images verified but not stored: {e.strerror or e}"
+            images.fail(s.error)
+            await fs.send_error(s.error)
+            self._end(s, complete=False)
+            return
+        if complete:
+            try:
+                await fs.send(wire.Synced())
+            except TransportError:
+                pass                # (a sender that did not wait for it)
         self._end(s, complete=complete)
 
 

@@ -780,6 +780,23 @@ class Sender:
                      for r, v, d in zip(self.regions, res.verified, res.digests)},
             message=res.message)
 
+    async def wait_synced(self, timeout_s: float = 120.0) -> None:
+        """After a complete finish(): wait until the receiver has its images and the manifest
+        saying complete on disk (it fsyncs them after its verdict, out of the downtime).
+
+        Raises:
+            MigratorError: it could not (its reason), or did not say so within timeout_s.
+        """
+        fs0 = self._fs[0]
+        try:
+            with trio.fail_after(timeout_s):
+                await fs0.expect(wire.Synced)
+        except trio.TooSlowError:
+            raise MigratorError(f"the receiver verified the pages but did not store them within "
+                                f"{timeout_s:.0f} s") from None
+        except MigratorError as e:
+            raise MigratorError(f"the receiver verified the pages but could not store them: {e}") from None
+
     async def _close_channel(self, fs: FrameStream) -> None:
         try:
             await fs.send(wire.Close())

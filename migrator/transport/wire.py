@@ -73,6 +73,7 @@ class T(enum.IntEnum):
     RESULT = 13     # S->C  verification verdict per region
     ERROR = 14      # both  a fatal error, explained; the connection closes after it
     PREPARE = 15    # C->S  pages of a region that will get data (a hint: allocate them)
+    SYNCED = 16     # S->C  after a complete RESULT: the images and the manifest are on disk
 
 
 _META_LIMIT = {t: MAX_SMALL_META for t in T}
@@ -218,13 +219,18 @@ class Error:
     message: str
 
 
+@dataclass(frozen=True)
+class Synced:
+    pass
+
+
 Message = (Hello | Challenge | Auth | Welcome | Setup | SetupOk | Batch | RoundEnd | RoundAck
-           | Close | Closed | End | Result | Error | Prepare)
+           | Close | Closed | End | Result | Error | Prepare | Synced)
 
 _TYPE_OF = {Hello: T.HELLO, Challenge: T.CHALLENGE, Auth: T.AUTH, Welcome: T.WELCOME,
             Setup: T.SETUP, SetupOk: T.SETUP_OK, Batch: T.BATCH, RoundEnd: T.ROUND_END,
             RoundAck: T.ROUND_ACK, Close: T.CLOSE, Closed: T.CLOSED, End: T.END,
-            Result: T.RESULT, Error: T.ERROR, Prepare: T.PREPARE}
+            Result: T.RESULT, Error: T.ERROR, Prepare: T.PREPARE, Synced: T.SYNCED}
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -511,6 +517,9 @@ def decode(t: T, meta: bytes, data_len: int = 0, page_size: int | None = None) -
     if t is T.ERROR:
         f = _Fields(t, m, {"message"})
         return Error(f.str("message", MAX_MESSAGE))
+    if t is T.SYNCED:
+        _Fields(t, m, set())
+        return Synced()
     raise ProtocolError(f"unknown message type {int(t)}")  # pragma: no cover (enum is closed)
 
 
