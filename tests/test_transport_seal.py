@@ -71,7 +71,9 @@ class PageRewriter:
                 pos += count * PS
             return [out]
         if f.type is wire.T.END:
-            meta = msgpack.packb({"digests": [digest_bytes(self.forwarded)]}, use_bin_type=True)
+            m = msgpack.unpackb(f.meta)
+            m["digests"] = [digest_bytes(self.forwarded)]
+            meta = msgpack.packb(m, use_bin_type=True)
             header = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.T.END, len(meta), 0)
             return [header + meta + f.tag]
         return [f.raw()]
@@ -316,3 +318,47 @@ async def test_a_silent_link_fails_the_sender_instead_of_hanging(nursery, tmp_pa
             async with connect_sender("127.0.0.1", pport, key=KEY, regions=REGIONS) as s:
                 await s.send_pages({"ram": [(0, NPAGES)]}, MemReader(mem), 0)
                 await s.end_round(0)
+
+
+# -- the commit: a verdict lost on the way never leaves two valid copies (found by bench faults) --
+
+def _drop_s2c(kind: wire.T):
+    def tamper(f: Frame) -> list[bytes]:
+        return [] if f.direction == "s2c" and f.type is kind else [f.raw()]
+    return tamper
+
+
+async def test_manifest_is_complete_only_once_the_sender_commits(nursery, tmp_path):
+    out = tmp_path / "out"
+    rx, proxy, pport, logs = await _through_proxy(nursery, out, KEY, lambda f: [f.raw()])
+    mem = {"ram": random_memory(NPAGES, 11)}
+    async with connect_sender("127.0.0.1", pport, key=KEY, regions=REGIONS) as s:
+        await s.send_pages({"ram": [(0, NPAGES)]}, MemReader(mem), 0)
+        assert (await s.finish({"ram": digest_bytes(mem["ram"])}, commit=True)).complete
+        await s.wait_synced(30)
+        with open(out / "manifest.json") as f:
+            assert __import__("json").load(f)["complete"] is False      # not before the commit
+        await s.commit()
+    (o,) = await rx.wait_sessions(1)
+    assert o.complete and manifest(str(out))["complete"] is True
+    assert read_image(out, manifest(str(out)), "ram") == bytes(mem["ram"])
+
+
+@pytest.mark.parametrize("lost", ["result-forged", "synced-dropped"])
+async def test_a_lost_verdict_leaves_the_destination_incomplete(nursery, tmp_path, lost):
+    """The receiver verified everything, but its RESULT is forged (the sender refuses it) or its
+    SYNCED never arrives (the sender gives up): the sender fails, so its source would resume,
+    and the destination must not say complete."""
+    out = tmp_path / "out"
+    tamper = _forge_result if lost == "result-forged" else _drop_s2c(wire.T.SYNCED)
+    rx, proxy, pport, logs = await _through_proxy(nursery, out, KEY, tamper)
+    mem = {"ram": random_memory(NPAGES, 12)}
+    with pytest.raises(MigratorError):
+        async with connect_sender("127.0.0.1", pport, key=KEY, regions=REGIONS) as s:
+            await s.send_pages({"ram": [(0, NPAGES)]}, MemReader(mem), 0)
+            assert (await s.finish({"ram": digest_bytes(mem["ram"])}, commit=True)).complete
+            await s.wait_synced(2)
+            await s.commit()
+    (o,) = await rx.wait_sessions(1)
+    assert not o.complete and any(w in o.error for w in ("commit", "sender aborted")), o.error
+    assert manifest(str(out))["complete"] is False

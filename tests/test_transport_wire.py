@@ -88,7 +88,7 @@ def _frame(t, meta, data=b"", meta_len=None, data_len=None):
     (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [0, 1], "z": [], "h": 1, "c": 0}, b"x" * 4096), "hash mismatch"),
     (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [0, 1], "z": [], "h": 0, "c": 1}, b"x" * 4096), "must be smaller"),
     (_frame(wire.T.BATCH, {"r": 0, "n": 0, "d": [0, 1], "z": [], "h": 0, "c": 3}, b"x" * 9), "out of range"),
-    (_frame(wire.T.END, {"digests": ["xyz"]}), "hex digest"),
+    (_frame(wire.T.END, {"digests": ["xyz"], "commit": False}), "hex digest"),
     (_frame(wire.T.ERROR, {"message": "x" * 2000}), "at most"),
 ])
 def test_bad_frames(frame, match):

@@ -277,10 +277,11 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
                 rep.reason = str(e)
     finally:
         arming.join()
-        if pauser.paused and rep.status != "completed":
+        if pauser.paused and rep.status != "completed" and not rep.committing:
             with trio.CancelScope(shield=True):
                 pauser.resume()
-        rep.source_state = "paused" if pauser.paused else ("running" if process_exists(target.pid) else "exited")
+        alive = process_exists(target.pid)
+        rep.source_state = "exited" if not alive else ("paused" if pauser.paused else "running")
         rep.throttle_percent = throttle.percent
         rep.tracker_detail = tracker.statistics().detail
         tracker.end()
@@ -592,11 +593,11 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         t_verify = time.monotonic()
         mark("verify")
         if target.alongside_verify is None:
-            result = await sender.finish(digests)
+            result = await sender.finish(digests, commit=target.wait_durable)
         else:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(target.alongside_verify)
-                result = await sender.finish(digests)
+                result = await sender.finish(digests, commit=target.wait_durable)
                 mark("verify-result")
         mark("verified")
         rep.verify_ms = (time.monotonic() - t_verify) * 1000
@@ -644,11 +645,21 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             raise MigratorError(f"--verify memory: the paused source differs from what was sent in {what}: "
                                 "writes the trackers missed")
     if target.wait_durable:
-        # after the downtime: the destination fsyncs its images, then the manifest says complete
+        # after the downtime: the destination fsyncs its images and says so; then we commit
+        # (its manifest says complete only then).  From the commit on, the source never resumes:
+        # if sending it fails, whether the destination got it is unknown, and a resumed source
+        # beside a complete destination would be two live copies
         t = time.monotonic()
         mark("durable")
         await sender.wait_synced(policy.verify_timeout_s)
         rep.durable_ms = (time.monotonic() - t) * 1000
+        rep.committing = True
+        try:
+            await sender.commit()
+        except MigratorError as e:
+            raise MigratorError(f"the commit may not have reached the receiver ({e}): the source stays "
+                                f"paused; check the destination's manifest.json before resuming it") from None
+        mark("committed")
     rep.status = "completed"
 
 

@@ -320,6 +320,11 @@ class FrameStream:
 
     async def aclose(self) -> None:
         self._closing = True
+        # the page buffers go now, not when a reference cycle through this stream (a failed
+        # session's traceback) is collected: 12 MiB a channel otherwise stayed mapped
+        self._bufs = [None, None, None]
+        self._buf = bytearray()
+        self._pos = 0
         if self._raw is not None:
             try:   # wakes a worker thread in the middle of page data (it then fails at once)
                 self._raw.shutdown(socket.SHUT_RDWR)

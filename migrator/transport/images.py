@@ -338,15 +338,23 @@ class ImageSet:
             self.write_manifest()
         return out
 
-    def sync(self) -> None:
-        """Flush the image files to disk, then record the verdict in the manifest (after the
-        verdict went out: not part of the downtime).  So the manifest says complete only once
-        the images it vouches for are on disk; writing it earlier, inside the pause, would also
-        wait for the file system to commit the images' data (ext4's ordered mode)."""
+    def sync(self, record: bool = True) -> None:
+        """Flush the image files to disk, then (record) write the verdict into the manifest
+        (after the verdict went out: not part of the downtime).  So the manifest says complete
+        only once the images it vouches for are on disk; writing it earlier, inside the pause,
+        would also wait for the file system to commit the images' data (ext4's ordered mode).
+        Without record, the manifest waits for record_verdict() (the sender's COMMIT)."""
         with self._lock:
             self._check_open()
             for img in self._images:
                 os.fsync(img.fd)
+        if record:
+            self.write_manifest()
+
+    def record_verdict(self) -> None:
+        """Write the manifest with the verdict (complete, once the sender committed)."""
+        with self._lock:
+            self._check_open()
         self.write_manifest()
 
     def fail(self, reason: str) -> None:

@@ -752,9 +752,11 @@ class Sender:
         if ack.round_no != round_no:
             raise wire.ProtocolError(f"receiver acknowledged round {ack.round_no}, not {round_no}")
 
-    async def finish(self, digests: Mapping[str, str]) -> FinishResult:
+    async def finish(self, digests: Mapping[str, str], commit: bool = False) -> FinishResult:
         """End the migration: send each region's source digest (see region_digest) and wait for
-        the receiver to verify its images against them."""
+        the receiver to verify its images against them.  commit: the receiver's manifest says
+        complete only once commit() is called (after wait_synced), so a verdict lost on the way
+        never leaves both the source and the destination looking valid."""
         missing = [r.name for r in self.regions if r.name not in digests]
         if missing:
             raise RegionError(f"no digest for region(s) {missing}")
@@ -768,7 +770,7 @@ class Sender:
                 raise first_error(eg) from None
             fs0 = self._fs[0]
             try:
-                await fs0.send(wire.End(tuple(digests[r.name] for r in self.regions)))
+                await fs0.send(wire.End(tuple(digests[r.name] for r in self.regions), commit))
             except TransportError as e:
                 raise await _reason(fs0, e) from None
             res = await fs0.expect(wire.Result)
@@ -796,6 +798,16 @@ class Sender:
                                 f"{timeout_s:.0f} s") from None
         except MigratorError as e:
             raise MigratorError(f"the receiver verified the pages but could not store them: {e}") from None
+
+    async def commit(self) -> None:
+        """After wait_synced() (finish(commit=True)): the migration is kept; the receiver may
+        now mark its manifest complete.  Once this is called, the source must not resume: if
+        it raises, whether the receiver got it is unknown.
+
+        Raises:
+            TransportError: the COMMIT could not be sent.
+        """
+        await self._fs[0].send(wire.Commit())
 
     async def _close_channel(self, fs: FrameStream) -> None:
         try:

@@ -73,7 +73,8 @@ class T(enum.IntEnum):
     RESULT = 13     # S->C  verification verdict per region
     ERROR = 14      # both  a fatal error, explained; the connection closes after it
     PREPARE = 15    # C->S  pages of a region that will get data (a hint: allocate them)
-    SYNCED = 16     # S->C  after a complete RESULT: the images and the manifest are on disk
+    SYNCED = 16     # S->C  after a complete RESULT: the images are on disk
+    COMMIT = 17     # C->S  after SYNCED: the sender keeps the migration (the manifest may say complete)
 
 
 _META_LIMIT = {t: MAX_SMALL_META for t in T}
@@ -204,6 +205,8 @@ class Closed:
 @dataclass(frozen=True)
 class End:
     digests: tuple[str, ...]
+    commit: bool = False      # the sender will send COMMIT after SYNCED (then, and only then,
+                              # the receiver's manifest says complete)
 
 
 @dataclass(frozen=True)
@@ -224,13 +227,19 @@ class Synced:
     pass
 
 
+@dataclass(frozen=True)
+class Commit:
+    pass
+
+
 Message = (Hello | Challenge | Auth | Welcome | Setup | SetupOk | Batch | RoundEnd | RoundAck
-           | Close | Closed | End | Result | Error | Prepare | Synced)
+           | Close | Closed | End | Result | Error | Prepare | Synced | Commit)
 
 _TYPE_OF = {Hello: T.HELLO, Challenge: T.CHALLENGE, Auth: T.AUTH, Welcome: T.WELCOME,
             Setup: T.SETUP, SetupOk: T.SETUP_OK, Batch: T.BATCH, RoundEnd: T.ROUND_END,
             RoundAck: T.ROUND_ACK, Close: T.CLOSE, Closed: T.CLOSED, End: T.END,
-            Result: T.RESULT, Error: T.ERROR, Prepare: T.PREPARE, Synced: T.SYNCED}
+            Result: T.RESULT, Error: T.ERROR, Prepare: T.PREPARE, Synced: T.SYNCED,
+            Commit: T.COMMIT}
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -269,7 +278,7 @@ def _meta(msg: Message) -> dict:
     if isinstance(msg, Prepare):
         return {"r": msg.region, "p": list(msg.runs_flat)}
     if isinstance(msg, End):
-        return {"digests": list(msg.digests)}
+        return {"digests": list(msg.digests), "commit": msg.commit}
     if isinstance(msg, Result):
         return {"complete": msg.complete, "verified": list(msg.verified),
                 "digests": list(msg.digests), "message": msg.message}
@@ -504,8 +513,9 @@ def decode(t: T, meta: bytes, data_len: int = 0, page_size: int | None = None) -
         n = f.int("n", 0, MAX_ROUND)
         return RoundEnd(n) if t is T.ROUND_END else RoundAck(n)
     if t is T.END:
-        f = _Fields(t, m, {"digests"})
-        return End(tuple(_digest_hex(d, "END digest") for d in f.list("digests", MAX_REGIONS)))
+        f = _Fields(t, m, {"digests", "commit"})
+        return End(tuple(_digest_hex(d, "END digest") for d in f.list("digests", MAX_REGIONS)),
+                   f.bool("commit"))
     if t is T.RESULT:
         f = _Fields(t, m, {"complete", "verified", "digests", "message"})
         verified = f.list("verified", MAX_REGIONS)
@@ -517,9 +527,9 @@ def decode(t: T, meta: bytes, data_len: int = 0, page_size: int | None = None) -
     if t is T.ERROR:
         f = _Fields(t, m, {"message"})
         return Error(f.str("message", MAX_MESSAGE))
-    if t is T.SYNCED:
+    if t in (T.SYNCED, T.COMMIT):
         _Fields(t, m, set())
-        return Synced()
+        return Synced() if t is T.SYNCED else Commit()
     raise ProtocolError(f"unknown message type {int(t)}")  # pragma: no cover (enum is closed)
 
 
