@@ -10,6 +10,8 @@ BENCHES = {
     "precopy": "migrator.bench.precopy",
     "qemu": "migrator.bench.qemu",
     "scale": "migrator.bench.scale",
+    "faults": "migrator.bench.faults",
+    "round0": "migrator.bench.round0",
 }
 
 

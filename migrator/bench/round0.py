@@ -1,0 +1,160 @@
+"""Round 0 of real migrations, end to end with the CLI, beside raw TCP measured in the same run.
+
+Each run migrates, with `migrator migrate` in its own process (the code path users run) to
+`migrator receive` in its own process (with a key: frames sealed, as users run it):
+- a `migrator guest` (memfd RAM + 64 MiB private, random writes at 1 MB/s);
+- a plain process holding a memfd of the same size, filled with random bytes (no userfaultfd,
+  no stamps: the floor of what any target costs);
+and reads round 0's bytes and duration from the migration's JSON report.  Raw TCP is one
+`sendall` loop into one `recv_into` loop, both in their own processes.  The receiver writes to
+/dev/shm (tmpfs: the stream, not the disk) or to a folder on disk (--out-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from ..guest.launcher import start_guest
+from ..guest.spec import GuestSpec
+from ..guest.workloads import WorkloadSpec
+from ..units import parse_size
+from .wire import _RAW_RECEIVER, _raw_tcp
+
+KEY = b"bench-key-bench-key-bench-key-00"
+
+# a process with a memfd of N bytes of random data, mapped shared (named bench-memfd), idle
+_MEMFD_PROCESS = r"""
+import mmap, os, sys, time
+n = int(sys.argv[1])
+fd = os.memfd_create("bench-memfd", os.MFD_CLOEXEC)
+os.ftruncate(fd, n)
+m = mmap.mmap(fd, n, mmap.MAP_SHARED)
+chunk = os.urandom(1 << 24)
+for off in range(0, n, len(chunk)):
+    m[off:off + min(len(chunk), n - off)] = chunk[:min(len(chunk), n - off)]
+print("ready", flush=True)
+while True:
+    time.sleep(60)
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("round0", help="round 0 of real CLI migrations vs raw TCP (guest and plain memfd)")
+    p.add_argument("--size", default="1G", help="shared memory of each target (default 1G)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--targets", default="guest,memfd", help="which of guest,memfd (default both)")
+    p.add_argument("--out-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                   help="where the receiver writes (default /dev/shm; a disk folder such as "
+                        "/var/tmp measures the disk-backed receiver)")
+    p.add_argument("--compress", default="auto", choices=["auto", "zstd", "lz4", "none"])
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.set_defaults(handler=run)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "migrator", *args]
+
+
+def _migrate(pid: int, regions: list[str], port: int, key_file: str, channels: int,
+             compress: str, report: str) -> dict:
+    cmd = _cli("migrate", "--pid", str(pid), *[x for r in regions for x in ("--region", r)],
+               "--to", f"127.0.0.1:{port}", "--key-file", key_file, "--channels", str(channels),
+               "--compress", compress, "--downtime-limit", "1000", "--json", report)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        raise SystemExit(f"migration failed ({p.returncode}): {p.stderr.strip()[-800:]}")
+    with open(report) as f:
+        return json.load(f)
+
+
+def _round0(rep: dict) -> tuple[float, int]:
+    r0 = rep["per_round"][0]
+    return r0["bytes"] / (r0["duration_ms"] / 1000), r0["bytes"]
+
+
+def run(args: argparse.Namespace) -> int:
+    size = parse_size(args.size)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    bad = [t for t in targets if t not in ("guest", "memfd")]
+    if bad:
+        raise SystemExit(f"unknown target(s) {bad}: guest, memfd")
+    work = tempfile.mkdtemp(prefix="migrator-bench-round0-", dir=args.out_dir)
+    os.chmod(work, 0o700)
+    key_file = os.path.join(work, "key")
+    with open(key_file, "wb") as f:
+        f.write(KEY)
+    print(f"round 0 benchmark: {size >> 20} MiB targets {', '.join(targets)}, {args.runs} runs, "
+          f"{args.channels} channel(s), --compress {args.compress}, receiver writing to {work}",
+          flush=True)
+    raw = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER], stdout=subprocess.PIPE, text=True)
+    rx = subprocess.Popen(_cli("receive", "--listen", "127.0.0.1:0", "--out", os.path.join(work, "images"),
+                               "--key-file", key_file), stdout=subprocess.PIPE, text=True)
+    procs: dict[str, object] = {}
+    results: dict[str, list[float]] = {"raw_tcp": [], **{t: [] for t in targets}}
+    try:
+        raw_port = int(raw.stdout.readline())
+        line = rx.stdout.readline()
+        port = int(line.split("listening on ")[1].split(",")[0].rsplit(":", 1)[1])
+        if "guest" in targets:
+            g = start_guest(GuestSpec(shared_ram=size, anon_ram=64 << 20,
+                                      workload=WorkloadSpec(kind="random", rate=1e6, seed=1)))
+            procs["guest"] = g
+        if "memfd" in targets:
+            m = subprocess.Popen([sys.executable, "-c", _MEMFD_PROCESS, str(size)],
+                                 stdout=subprocess.PIPE, text=True)
+            if m.stdout.readline().strip() != "ready":
+                raise SystemExit("the memfd process did not start")
+            procs["memfd"] = m
+        for i in range(args.runs):
+            results["raw_tcp"].append(_raw_tcp(raw_port, size))
+            line = f"  run {i + 1}: raw TCP {results['raw_tcp'][-1] / 1e6:6.0f} MB/s"
+            for t in targets:
+                report = os.path.join(work, f"{t}.json")
+                if t == "guest":
+                    g = procs["guest"]
+                    a = g.regions["anon"]
+                    pid, regions = g.pid, [g.region("shared").name, f"{a.start:x}-{a.end:x}"]
+                else:
+                    pid, regions = procs["memfd"].pid, ["bench-memfd"]
+                rep = _migrate(pid, regions, port, key_file, args.channels, args.compress, report)
+                bps, _ = _round0(rep)
+                results[t].append(bps)
+                line += f"   {t} round 0 {bps / 1e6:6.0f} MB/s ({bps / results['raw_tcp'][-1]:.2f}x)"
+            print(line, flush=True)
+    finally:
+        for name, p in procs.items():
+            if name == "guest":
+                p.stop()
+            else:
+                p.kill()
+                p.wait()
+        for p in (raw, rx):
+            p.send_signal(signal.SIGINT if p is rx else signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    summary: dict = {k: {"min_Bps": min(v), "median_Bps": statistics.median(v), "runs": v}
+                     for k, v in results.items()}
+    print("summary (min / median MB/s, and median / raw TCP median):")
+    for k, v in summary.items():
+        ratio = v["median_Bps"] / summary["raw_tcp"]["median_Bps"]
+        v["ratio_to_raw"] = ratio
+        print(f"  {k:8s} {v['min_Bps'] / 1e6:7.0f} / {v['median_Bps'] / 1e6:7.0f}   {ratio:.2f}x"
+              + ("   (target >= 0.60, issue 16)" if k != "raw_tcp" else ""))
+    summary.update(size=size, channels=args.channels, out_dir=args.out_dir, compress=args.compress)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
