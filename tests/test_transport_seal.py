@@ -339,9 +339,30 @@ async def test_manifest_is_complete_only_once_the_sender_commits(nursery, tmp_pa
         with open(out / "manifest.json") as f:
             assert __import__("json").load(f)["complete"] is False      # not before the commit
         await s.commit()
+        await s.wait_committed(30)
+        # COMMITTED means the manifest is on disk: no race with the receiver writing it (the
+        # thin-link scenarios read it while the COMMIT was still in flight)
+        assert manifest(str(out))["complete"] is True
     (o,) = await rx.wait_sessions(1)
     assert o.complete and manifest(str(out))["complete"] is True
     assert read_image(out, manifest(str(out)), "ram") == bytes(mem["ram"])
+
+
+async def test_a_lost_committed_is_reported_not_ignored(nursery, tmp_path):
+    """The receiver's COMMITTED never arrives: the sender says it got no word (its caller keeps
+    the source paused); the destination, which did commit, says complete."""
+    out = tmp_path / "out"
+    rx, proxy, pport, logs = await _through_proxy(nursery, out, KEY, _drop_s2c(wire.T.COMMITTED))
+    mem = {"ram": random_memory(NPAGES, 13)}
+    async with connect_sender("127.0.0.1", pport, key=KEY, regions=REGIONS) as s:
+        await s.send_pages({"ram": [(0, NPAGES)]}, MemReader(mem), 0)
+        assert (await s.finish({"ram": digest_bytes(mem["ram"])}, commit=True)).complete
+        await s.wait_synced(30)
+        await s.commit()
+        with pytest.raises(MigratorError, match="closed the connection|no word within 1 s"):
+            await s.wait_committed(1)
+    (o,) = await rx.wait_sessions(1)
+    assert o.complete and manifest(str(out))["complete"] is True
 
 
 @pytest.mark.parametrize("lost", ["result-forged", "synced-dropped"])

@@ -659,6 +659,14 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         except MigratorError as e:
             raise MigratorError(f"the commit may not have reached the receiver ({e}): the source stays "
                                 f"paused; check the destination's manifest.json before resuming it") from None
+        # the receiver's manifest says complete once it answers: when migrate returns, the
+        # destination can be used (not a race against the COMMIT still in flight)
+        try:
+            await sender.wait_committed(policy.verify_timeout_s)
+        except MigratorError as e:
+            raise MigratorError(f"committed, but the receiver did not confirm its manifest ({e}): the "
+                                f"source stays paused; check the destination's manifest.json") from None
+        rep.durable_ms = (time.monotonic() - t) * 1000
         mark("committed")
     rep.status = "completed"
 

@@ -62,7 +62,7 @@ class MigrationReport:
     final_dirty_pages: int = 0
     final_scanned: list[str] = field(default_factory=list)   # regions whose final collect was the send's scan
     verify_ms: float = 0.0
-    durable_ms: float = 0.0             # after the downtime: until the images were on disk
+    durable_ms: float = 0.0             # after the downtime: until the images were on disk and committed
     committing: bool = False            # the commit went out (or may have): the source stays paused
     verify_memory_ms: float = 0.0       # --verify memory: the paused source read and compared
     final_collect_ms: dict = field(default_factory=dict)   # the final collect's time, by part

@@ -486,8 +486,13 @@ class Receiver:
                 await trio.to_thread.run_sync(images.record_verdict)
             except OSError as e:
                 s.error = f"committed, but the manifest could not be written: {e.strerror or e}"
+                await fs.send_error(s.error)
                 self._end(s, complete=False)
                 return
+            try:
+                await fs.send(wire.Committed())
+            except TransportError:
+                pass        # (the manifest is written: the sender's report says it did not hear so)
         self._end(s, complete=complete)
 
 

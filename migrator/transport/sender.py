@@ -809,6 +809,18 @@ class Sender:
         """
         await self._fs[0].send(wire.Commit())
 
+    async def wait_committed(self, timeout_s: float) -> None:
+        """After commit(): the receiver says its manifest is complete, on disk (COMMITTED).
+
+        Raises:
+            MigratorError: it could not write it (its reason), or did not say so within timeout_s.
+        """
+        try:
+            with trio.fail_after(timeout_s):
+                await self._fs[0].expect(wire.Committed)
+        except trio.TooSlowError:
+            raise MigratorError(f"no word within {timeout_s:.0f} s") from None
+
     async def _close_channel(self, fs: FrameStream) -> None:
         try:
             await fs.send(wire.Close())

@@ -75,6 +75,7 @@ class T(enum.IntEnum):
     PREPARE = 15    # C->S  pages of a region that will get data (a hint: allocate them)
     SYNCED = 16     # S->C  after a complete RESULT: the images are on disk
     COMMIT = 17     # C->S  after SYNCED: the sender keeps the migration (the manifest may say complete)
+    COMMITTED = 18  # S->C  after COMMIT: the manifest says complete, on disk
 
 
 _META_LIMIT = {t: MAX_SMALL_META for t in T}
@@ -232,14 +233,19 @@ class Commit:
     pass
 
 
+@dataclass(frozen=True)
+class Committed:
+    pass
+
+
 Message = (Hello | Challenge | Auth | Welcome | Setup | SetupOk | Batch | RoundEnd | RoundAck
-           | Close | Closed | End | Result | Error | Prepare | Synced | Commit)
+           | Close | Closed | End | Result | Error | Prepare | Synced | Commit | Committed)
 
 _TYPE_OF = {Hello: T.HELLO, Challenge: T.CHALLENGE, Auth: T.AUTH, Welcome: T.WELCOME,
             Setup: T.SETUP, SetupOk: T.SETUP_OK, Batch: T.BATCH, RoundEnd: T.ROUND_END,
             RoundAck: T.ROUND_ACK, Close: T.CLOSE, Closed: T.CLOSED, End: T.END,
             Result: T.RESULT, Error: T.ERROR, Prepare: T.PREPARE, Synced: T.SYNCED,
-            Commit: T.COMMIT}
+            Commit: T.COMMIT, Committed: T.COMMITTED}
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -527,9 +533,9 @@ def decode(t: T, meta: bytes, data_len: int = 0, page_size: int | None = None) -
     if t is T.ERROR:
         f = _Fields(t, m, {"message"})
         return Error(f.str("message", MAX_MESSAGE))
-    if t in (T.SYNCED, T.COMMIT):
+    if t in (T.SYNCED, T.COMMIT, T.COMMITTED):
         _Fields(t, m, set())
-        return Synced() if t is T.SYNCED else Commit()
+        return {T.SYNCED: Synced, T.COMMIT: Commit, T.COMMITTED: Committed}[t]()
     raise ProtocolError(f"unknown message type {int(t)}")  # pragma: no cover (enum is closed)
 
 
