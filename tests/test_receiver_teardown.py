@@ -65,3 +65,45 @@ async def test_channel_failure_while_another_writes_does_not_crash(tmp_path):
         assert manifest(out)["complete"] is True
     finally:
         rx.stop()
+
+
+async def _stream_prepares(fs: FrameStream, stop: trio.Event) -> None:
+    try:
+        for first in range(NPAGES):
+            if stop.is_set():
+                return
+            await fs.send_raw(wire.encode(wire.Prepare(0, (first, 1))))
+    except Exception:
+        pass                          # the receiver ended the session: expected
+
+
+async def test_channel_failure_while_another_prepares_leaves_no_thread(nursery, tmp_path):
+    """Channel 1 streams PREPAREs (its thread inside ImageSet.prepare(), which starts the
+    image-prepare thread) while channel 0 fails the session, many times: the teardown never
+    joins a thread not yet started (a RuntimeError that ended `migrator receive`), nor leaves
+    an image-prepare thread behind on a closed session (found by bench fuzz)."""
+    import threading
+    from transport_helpers import start_receiver
+    out = tmp_path / "out"
+    rx, port, logs = await start_receiver(nursery, out)
+    for i in range(20):
+        sid = secrets.token_bytes(16)
+        ch0 = await raw_session(port, REGIONS, channels=2, session=sid)
+        ch1 = FrameStream(await trio.open_tcp_stream("127.0.0.1", port), "receiver")
+        await client_handshake(ch1, KEY, sid, 1)
+        stop = trio.Event()
+        async with trio.open_nursery() as n:
+            n.start_soon(_stream_prepares, ch1, stop)
+            await trio.sleep(0.002 * (i % 10))     # (the failure at varying points)
+            await ch0.send_raw(batch_frame(3, 0, [(0, 1)], [], b"x" * PS))     # undeclared region
+            await rx.wait_sessions(i + 1)
+            stop.set()
+        await ch0.aclose()
+        await ch1.aclose()
+    outcomes = await rx.wait_sessions(20)
+    assert all(not o.complete and "undeclared region" in o.error for o in outcomes)
+    assert [t for t in threading.enumerate() if t.name == "image-prepare"] == []
+    mem = {"ram": random_memory(NPAGES, 8)}
+    async with connect_sender("127.0.0.1", port, key=KEY, regions=REGIONS) as s:
+        await s.send_pages({"ram": [(0, NPAGES)]}, MemReader(mem), 0)
+        assert (await s.finish({"ram": digest_bytes(mem["ram"])})).complete

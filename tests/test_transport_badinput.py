@@ -44,8 +44,29 @@ def _hdr(t, meta_len, data_len=0):
     return struct.pack("!2sBBII", b"MG", wire.VERSION, t, meta_len, data_len)
 
 
+# a msgpack value nested 1000 deep ([[[...nil...]]]): repr() of it in an error message overflowed
+# the stack, and the RecursionError took the whole receiver down (found by bench fuzz)
+_MARK = b"\xfe" * 16
+_DEEP = b"\x91" * 1000 + b"\xc0"
+
+
+def _with_deep(obj) -> bytes:
+    """obj packed, with the value _MARK replaced by the deeply nested one."""
+    return msgpack.packb(obj, use_bin_type=True).replace(msgpack.packb(_MARK), _DEEP, 1)
+
+
+def _deep_run_batch() -> bytes:
+    f = batch_frame(0, 0, [(0, 1)], [], b"x" * PS)
+    _, _, _, meta_len, data_len = struct.unpack("!2sBBII", f[:12])
+    meta = msgpack.unpackb(f[12:12 + meta_len], raw=False)
+    meta["d"] = [_MARK, 1]
+    deep = _with_deep(meta)
+    return _hdr(wire.T.BATCH, len(deep), data_len) + deep + f[12 + meta_len:]
+
+
 # after a valid handshake and SETUP: what the bad sender sends, and the error the receiver names
 SESSION_CASES = {
+    "nested-run": (_deep_run_batch(), "has a bad run (a list, 1)"),
     "garbage": (b"\x00garbage\xff" * 10, "bad magic"),
     "truncated": (_hdr(wire.T.ROUND_END, 50) + b"\x81", "truncated frame"),
     "oversized": (_hdr(wire.T.BATCH, 10, 1 << 31), "oversized BATCH"),
@@ -168,7 +189,17 @@ async def _bad_setup(port):
     await fs.aclose()
 
 
-PRE_CASES = {"garbage": (_garbage, "bad magic"), "wrong-key": (_wrong_key_sender, "wrong key"),
+async def _deep_setup(port):
+    fs = FrameStream(await trio.open_tcp_stream("127.0.0.1", port), "receiver")
+    await client_handshake(fs, KEY, b"d" * 16, 0)
+    meta = _with_deep({"page_size": 4096, "channels": 1, "regions": [[_MARK, 0, 4096]], "compress": 0})
+    await fs.send_raw(_hdr(wire.T.SETUP, len(meta)) + meta)
+    with pytest.raises(Exception, match="bad region name a list"):
+        await fs.receive()
+    await fs.aclose()
+
+
+PRE_CASES = {"deep-setup": (_deep_setup, "bad region name a list"),"garbage": (_garbage, "bad magic"), "wrong-key": (_wrong_key_sender, "wrong key"),
              "wrong-mac": (_impostor_wrong_mac, "failed authentication"),
              "replayed-handshake": (_replayed_handshake, "replayed"),
              "no-key": (_no_key_sender, "requires a key"),
@@ -276,3 +307,27 @@ async def test_session_refused_at_setup_leaves_no_complete_manifest(nursery, tmp
     assert m["complete"] is False and len(m["regions"]) == 2 and "symbolic link" in m["error"]
     assert [r["status"] for r in m["regions"]] == ["failed", "failed"]
     assert not (tmp_path / "elsewhere").exists()
+
+
+async def test_an_internal_error_fails_the_session_not_the_receiver(nursery, tmp_path, monkeypatch):
+    """A bug of ours in a session (simulated: END's handling raises a ValueError) fails that
+    session with a clear 'internal error', and the receiver serves the next one (an uncaught
+    exception used to end `migrator receive` for every later migration)."""
+    from migrator.transport.receiver import Receiver
+    real = Receiver._finish
+
+    async def broken(self, fs, s, end):
+        raise ValueError("simulated bug")
+    monkeypatch.setattr(Receiver, "_finish", broken)
+    out = tmp_path / "out"
+    rx, port, logs = await start_receiver(nursery, out)
+    mem = {"ram": random_memory(64, 7)}
+    with pytest.raises(Exception, match="receiver internal error: ValueError: simulated bug"):
+        async with connect_sender("127.0.0.1", port, key=KEY, regions=REGIONS) as s:
+            await s.send_pages({"ram": [(0, 64)]}, MemReader(mem), 0)
+            await s.finish({"ram": digest_bytes(mem["ram"])})
+    (o,) = await rx.wait_sessions(1)
+    assert not o.complete and "simulated bug" in o.error
+    assert _manifest(out)["complete"] is False
+    monkeypatch.setattr(Receiver, "_finish", real)
+    await _good_migration(port, out)

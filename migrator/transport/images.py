@@ -373,23 +373,24 @@ class ImageSet:
         then find their pages allocated.  Best effort: a failure only ends the preparing.
         A session may announce each page of a region once in all (ProtocolError beyond that),
         so the work a peer can queue is one pass over its regions."""
-        img = self._images[region]
         ps = self.page_size
         pages = sum(runs_flat[1::2])
-        self._announced[region] += pages
-        if self._announced[region] > img.npages:
-            raise ProtocolError(f"PREPARE announces {self._announced[region]} pages of region "
-                                f"{img.region.name!r} in all, which holds {img.npages}")
-        jobs = [(img, off, min(PREPARE_CHUNK, first * ps + count * ps - off))
-                for first, count in zip(runs_flat[0::2], runs_flat[1::2])
-                for off in range(first * ps, (first + count) * ps, PREPARE_CHUNK)]
+        # under the lock: close() (another channel failed the session) may run meanwhile, from
+        # the event loop; after it no thread may start and no job may reach a closed file
         with self._lock:
+            self._check_open()
+            img = self._images[region]
+            self._announced[region] += pages
+            if self._announced[region] > img.npages:
+                raise ProtocolError(f"PREPARE announces {self._announced[region]} pages of region "
+                                    f"{img.region.name!r} in all, which holds {img.npages}")
             if self._preparer is None:
                 self._prep_jobs: queue.Queue = queue.Queue()
                 self._preparer = threading.Thread(target=self._prepare_loop, name="image-prepare", daemon=True)
                 self._preparer.start()
-        for job in jobs:
-            self._prep_jobs.put(job)
+            for first, count in zip(runs_flat[0::2], runs_flat[1::2]):
+                for off in range(first * ps, (first + count) * ps, PREPARE_CHUNK):
+                    self._prep_jobs.put((img, off, min(PREPARE_CHUNK, (first + count) * ps - off)))
 
     def _prepare_loop(self) -> None:
         while True:
@@ -414,18 +415,21 @@ class ImageSet:
             self._prep_jobs.join()
 
     def _stop_preparing(self) -> None:
-        if self._preparer is not None:
+        with self._lock:
+            preparer, self._preparer = self._preparer, None
             self._prep_stop = True
-            self._prep_jobs.put(None)
-            self._preparer.join()
-            self._preparer = None
+            if preparer is not None:
+                self._prep_jobs.put(None)
+        if preparer is not None:
+            preparer.join()         # (not under the lock: a fallocate may take a while)
 
     def close(self) -> None:
-        """Free the images.  Safe while other channels' writer threads are inside apply():
-        it waits for the batch being written, and later batches are refused."""
+        """Free the images.  Safe while other channels' writer threads are inside apply() or
+        prepare(): it waits for the batch being written, and later batches are refused."""
+        with self._lock:
+            self._closed = True     # (from now on apply() and prepare() refuse)
         self._stop_preparing()      # (before its file descriptors go)
         with self._lock:
-            self._closed = True
             for img in self._images:
                 img.close()
             self._images = []

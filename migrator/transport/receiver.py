@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import queue
 import threading
+import traceback
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -299,6 +300,16 @@ class Receiver:
             if session is not None and not session.done:
                 self._fail(session, "receiver shutting down")
             raise
+        except Exception as e:
+            # a bug of ours, not the peer's fault: this session fails, the receiver serves on
+            # (one connection must never take down every later migration)
+            what = f"receiver internal error: {type(e).__name__}: {str(e)[:200]}"
+            self.log(f"connection from {peer}: {what}\n"
+                     + "".join(traceback.format_exception(e, limit=-8)).rstrip())
+            if session is None:
+                await _refuse(fs, what)
+            else:
+                self._fail(session, what)
         finally:
             if session is not None and session.error is not None and not session.verdict_sent:
                 await _refuse(fs, session.error)

@@ -418,8 +418,20 @@ def _runs(f: _Fields, key: str, limit_pages: int) -> tuple[tuple[int, ...], int]
     for i in range(0, len(flat), 2):
         first, count = flat[i], flat[i + 1]
         if type(first) is not int or type(count) is not int or first < 0 or count < 1:
-            raise f.fail(key, f"has a bad run ({first!r}, {count!r})")
+            raise f.fail(key, f"has a bad run ({_show(first)}, {_show(count)})")
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _show(v: Any) -> str:
+    """A peer's value, for an error message: never repr() of what a peer built (a list nested
+    a thousand deep overflows the stack; a megabyte string floods the log)."""
+    if type(v) is int:
+        return str(v)           # (msgpack integers fit in 64 bits)
+    if type(v) is str:
+        return repr(v[:MAX_NAME]) + ("..." if len(v) > MAX_NAME else "")
+    if type(v) in (bool, float) or v is None:
+        return repr(v)
+    return f"a {type(v).__name__}"
 
 
 def _digest_hex(v: Any, what: str) -> str:
@@ -431,15 +443,22 @@ def _digest_hex(v: Any, what: str) -> str:
 
 def check_region_name(name: Any) -> str:
     if type(name) is not str or not name or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME:
-        raise ProtocolError(f"bad region name {name!r}: 1 to {MAX_NAME} bytes of text expected")
+        raise ProtocolError(f"bad region name {_show(name)}: 1 to {MAX_NAME} bytes of text expected")
     if any(ord(c) < 32 or ord(c) == 127 for c in name) or not name.isprintable():
-        raise ProtocolError(f"bad region name {name!r}: control characters")
+        raise ProtocolError(f"bad region name {_show(name)}: control characters")
     return name
 
 
 def decode(t: T, meta: bytes, data_len: int = 0, page_size: int | None = None) -> Message:
     """Validate and decode a frame's meta.  A BATCH needs the session's page size (its data is
     attached by the caller once read: dataclasses.replace(batch, data=...))."""
+    try:
+        return _decode(t, meta, data_len, page_size)
+    except RecursionError:      # (a value nested deeper than any check expects: never a crash)
+        raise ProtocolError(f"{t.name} message: values nested too deep") from None
+
+
+def _decode(t: T, meta: bytes, data_len: int, page_size: int | None) -> Message:
     m = _unpack(t, meta)
     if t is T.HELLO:
         f = _Fields(t, m, {"v", "nonce", "session", "channel", "auth", "enc"})
@@ -473,7 +492,7 @@ def decode(t: T, meta: bytes, data_len: int = 0, page_size: int | None = None) -
                 raise ProtocolError(f"SETUP message: region name {name!r} appears twice")
             names.add(name)
             if type(start) is not int or type(end) is not int or not 0 <= start < end < 1 << 64:
-                raise ProtocolError(f"SETUP message: region {name!r} has a bad range {start!r}-{end!r}")
+                raise ProtocolError(f"SETUP message: region {name!r} has a bad range {_show(start)}-{_show(end)}")
             if start % ps or end % ps:
                 raise ProtocolError(f"SETUP message: region {name!r} is not aligned to {ps}-byte pages")
             if end - start > MAX_REGION_BYTES:
