@@ -11,6 +11,7 @@ BENCHES = {
     "qemu": "migrator.bench.qemu",
     "scale": "migrator.bench.scale",
     "faults": "migrator.bench.faults",
+    "fuzz": "migrator.bench.fuzz",
     "round0": "migrator.bench.round0",
 }
 
