@@ -42,6 +42,12 @@ class Pauser:
                 raise MigratorError(f"cgroup {cgroup}: no freezer.state under {self._freezer}")
 
     def pause(self, timeout_s: float = 5.0) -> None:
+        """Stop every process (or freeze the cgroup) and wait until each thread is stopped.
+
+        Raises:
+            TargetGoneError: a process exited; none is left stopped.
+            MigratorError: one did not stop within timeout_s; none is left stopped.
+        """
         if self.cgroup is not None:
             # the freezer stops every task of the cgroup (frozen tasks cannot take a SIGSTOP)
             self.paused = True
@@ -52,30 +58,40 @@ class Pauser:
                     raise MigratorError(f"cgroup {self.cgroup} did not freeze within {timeout_s} s")
                 time.sleep(0.0005)
             return
-        for pid in self.pids:
-            try:
-                os.kill(pid, signal.SIGSTOP)
-            except ProcessLookupError:
-                raise TargetGoneError(f"process {pid} exited") from None
+        # all or none: if one process is gone (a side writer killed) or does not stop, those
+        # already stopped are let go again before the error (the soak found the guest left
+        # stopped after its writer died, with the report saying 'running')
+        try:
+            for pid in self.pids:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    raise TargetGoneError(f"process {pid} exited") from None
+            deadline = time.monotonic() + timeout_s
+            for pid in self.pids:
+                while not _tasks_stopped(pid):
+                    if time.monotonic() > deadline:
+                        raise MigratorError(f"process {pid} did not stop within {timeout_s} s")
+                    time.sleep(0.0002)
+        except BaseException:
+            self._continue()
+            raise
         self.paused = True
-        deadline = time.monotonic() + timeout_s
-        for pid in self.pids:
-            while not _tasks_stopped(pid):
-                if time.monotonic() > deadline:
-                    raise MigratorError(f"process {pid} did not stop within {timeout_s} s")
-                time.sleep(0.0002)
 
     def resume(self) -> None:
         if self.cgroup is not None:
             self._write_freezer("THAWED")
             self.paused = False
             return
+        self._continue()
+        self.paused = False
+
+    def _continue(self) -> None:
         for pid in self.pids:
             try:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        self.paused = False
 
     def _write_freezer(self, state: str) -> None:
         with open(os.path.join(self._freezer, "freezer.state"), "w") as f:
