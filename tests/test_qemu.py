@@ -395,3 +395,46 @@ def test_resume_cancels_a_migration_waiting_before_its_device_state(vm):
     lsock.close()
     assert sum(received) > 0               # QEMU's set-up went out, then the stream ended
     assert _grows(vm.serial_path), "the source guest did not run on"
+
+
+def test_guardian_resumes_a_qemu_source_when_migrate_dies(vm):
+    """migrate died (its QMP connection and its end of the guardian's pipe closed by the kernel)
+    with the VM stopped and QEMU's own migration waiting before its device state: the guardian
+    cancels that migration and runs the VM on, as migrate's own clean-up would (issue 19)."""
+    from migrator.guardian import Guardian
+    from migrator.qemu.source import DeviceStateMigration, QmpPauser, prepare_device_migration
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+
+    def drain():
+        c, _ = lsock.accept()
+        while c.recv(1 << 16):
+            pass
+        c.close()
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    q = QMP(vm.qmp_path)
+    prepare_device_migration(q, None)
+    pauser = QmpPauser(q)
+    g = Guardian(pauser.resume_spec())
+    g.start()
+    assert g.problem is None
+    g.arm()
+    ds = pauser.devstate = DeviceStateMigration(q, f"tcp:127.0.0.1:{lsock.getsockname()[1]}")
+    pauser.pause()
+    ds.start()
+    deadline = time.monotonic() + 10
+    while q.execute("query-migrate")["status"] != "pre-switchover":
+        assert time.monotonic() < deadline, q.execute("query-migrate")
+        time.sleep(0.01)
+    q.close()                          # migrate dies: its QMP connection goes ...
+    proc = g._proc
+    proc.stdin.close()                 # ... and so does its end of the guardian's pipe
+    assert proc.wait(timeout=30) == 0
+    with QMP(vm.qmp_path) as q2:
+        assert q2.execute("query-migrate")["status"] == "cancelled"
+        assert q2.execute("query-status")["status"] == "running"
+    t.join(10)
+    lsock.close()
+    assert _grows(vm.serial_path), "the source guest did not run on"

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import signal
 import sys
 
 
@@ -11,7 +12,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "round the pages written since, until the rest fits the downtime "
                                    "limit; then pause the process (and its writers), send the last "
                                    "pages and verify. Exit status 0 only for a completed, verified "
-                                   "migration; on failure the process is resumed.")
+                                   "migration; on failure the process is resumed, also when "
+                                   "migrate gets SIGTERM, SIGHUP or SIGINT (exit status 1), and, "
+                                   "through a guardian process, when it is killed (SIGKILL, OOM) "
+                                   "before the destination took over.")
     p.add_argument("--pid", type=int, help="process to migrate (not with --qmp)")
     p.add_argument("--region", action="append", metavar="SEL",
                    help="mapping name, START-END in hex, or kind:anon|shared|file; repeatable")
@@ -109,15 +113,56 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--qmp needs --qemu-incoming HOST:PORT (the destination QEMU)")
         from ..qemu.source import migrate_vm
         parse_listen(args.qemu_incoming)
-        report = trio.run(lambda: migrate_vm(args.qmp, host, port, f"tcp:{args.qemu_incoming}", key=key,
-                                             policy=policy, ssl_context=ssl_ctx, progress=progress))
+        report = trio.run(_until_signalled, lambda stop: migrate_vm(
+            args.qmp, host, port, f"tcp:{args.qemu_incoming}", key=key, policy=policy,
+            ssl_context=ssl_ctx, progress=progress, stop=stop))
         return _finish(args, report)
     if args.pid is None or not args.region:
         raise UsageError("give --pid and --region (or --qmp for a QEMU VM)")
     target = MigrationTarget(pid=args.pid, regions=args.region, writers=writers, cgroup=args.cgroup)
-    report = trio.run(lambda: migrate(target, host, port, key=key, policy=policy,
-                                      ssl_context=ssl_ctx, progress=progress))
+    report = trio.run(_until_signalled, lambda stop: migrate(
+        target, host, port, key=key, policy=policy, ssl_context=ssl_ctx, progress=progress, stop=stop))
     return _finish(args, report)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+async def _until_signalled(run):
+    """run(stop) -> report, stopped cleanly by SIGTERM, SIGHUP or SIGINT (the source resumed,
+    the report saying which signal); a second signal cancels outright (the source is still
+    resumed: the controller's clean-up is shielded)."""
+    import trio
+
+    from ..errors import MigratorError, first_error
+    from ..precopy.controller import StopToken
+
+    stop = StopToken()
+    report = None
+    try:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            async with trio.open_nursery() as nursery:
+                async def watch() -> None:
+                    async for signum in signals:
+                        if stop.reason is not None:
+                            nursery.cancel_scope.cancel()
+                            return
+                        name = signal.Signals(signum).name
+                        print(f"migrator: {name}: stopping the migration (the source is resumed)",
+                              file=sys.stderr, flush=True)
+                        stop.request(name)
+
+                nursery.start_soon(watch)
+                try:
+                    report = await run(stop)
+                finally:
+                    nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as eg:
+        raise first_error(eg) from None
+    if report is None:
+        raise MigratorError(f"{stop.reason} twice: the migration was abandoned (its clean-up ran: "
+                            "check the source)")
+    return report
 
 
 def _finish(args: argparse.Namespace, report) -> int:

@@ -16,6 +16,7 @@ from typing import Protocol
 import trio
 
 from ..errors import MigratorError, UsageError, first_error
+from ..guardian import Guardian, ResumeSpec
 from ..kernel.maps import Region, read_maps, select_regions
 from ..kernel.native import PAGE_SIZE
 from ..kernel.process import process_exists
@@ -71,6 +72,10 @@ class SourcePauser(Protocol):
 
     def resume(self) -> None: ...
 
+    def resume_spec(self) -> ResumeSpec:
+        """How a process of its own (the guardian) would resume the source, should migrate die."""
+        ...
+
 
 @dataclass
 class MigrationTarget:
@@ -97,6 +102,28 @@ class MigrationTarget:
     # wait until the destination's images are on disk before calling the migration complete
     # (a QEMU destination runs from the received RAM once verified: not needed there)
     wait_durable: bool = True
+
+
+class StopToken:
+    """Asks a migration to stop (migrate's SIGTERM, SIGHUP or SIGINT): it fails cleanly, its
+    source resumed (unless the destination may have taken over already), and its report says
+    why.  Made by the caller, passed to migrate(); request() may come at any time, before too."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._scope: trio.CancelScope | None = None
+
+    def request(self, reason: str) -> None:
+        """Stop the migration (from the event loop's thread); later requests are ignored."""
+        if self.reason is None:
+            self.reason = reason
+            if self._scope is not None:
+                self._scope.cancel()
+
+    def _attach(self, scope: trio.CancelScope) -> None:
+        self._scope = scope
+        if self.reason is not None:
+            scope.cancel()
 
 
 class Background:
@@ -197,8 +224,10 @@ def _count(d: dict[str, PageSet]) -> int:
 
 async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes | None,
                   policy: MigrationPolicy | None = None, ssl_context=None,
-                  progress: Callable[[RoundStats], None] | None = None) -> MigrationReport:
+                  progress: Callable[[RoundStats], None] | None = None,
+                  stop: StopToken | None = None) -> MigrationReport:
     """Live-migrate the selected regions of a running process to a receiver at host:port.
+    `stop` lets the caller end it early (a signal): the report then says failed, "stopped by ...".
 
     Returns the report (status completed, failed or not-converged); raises MigratorError only for
     problems found before anything was sent (bad selection, unsupported tracker, no receiver)."""
@@ -227,6 +256,11 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
     pauser = target.pauser or Pauser([target.pid, *target.writers], target.cgroup)
     throttle = Throttle([target.pid, *target.writers])
     specs = [RegionSpec(r.name, r.start, r.end) for r in regions]
+    # a process that resumes the source should migrate die (SIGKILL, OOM) while it may be stopped
+    # (by the pause, or auto-converge's duty cycles), started beside the set-up
+    spec = pauser.resume_spec()
+    guardian = Guardian(ResumeSpec(tuple(dict.fromkeys([*throttle.pids, *spec.pids])), spec.freezer, spec.qmp))
+    guarding = Background(guardian.start)
 
     def arm() -> dict[str, PageSet]:
         # The ledger sweeps the mappings the sender packs from, where there are (their page
@@ -249,25 +283,35 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
 
     arming = Background(arm)        # beside the connection's set-up
     try:
+        stopping = trio.CancelScope()
+        if stop is not None:
+            stop._attach(stopping)
         try:
-            async with connect_sender(host, port, key=key, regions=specs, channels=policy.channels,
-                                      page_size=PAGE_SIZE, max_bandwidth=policy.max_bandwidth,
-                                      ssl_context=ssl_context, encrypt=policy.encrypt,
-                                      compress=policy.compress) as sender:
-                mark("connected")
-                first = await arming.result()
-                rep.setup_time_ms = (time.monotonic() - t_start) * 1000
-                try:
-                    async with trio.open_nursery() as nursery:
-                        if policy.auto_converge:
-                            nursery.start_soon(throttle.run)
-                        try:
-                            await _run(rep, policy, tracker, source, sender, regions, pauser,
-                                       throttle, progress, target, first)
-                        finally:
-                            nursery.cancel_scope.cancel()
-                except BaseExceptionGroup as eg:
-                    raise first_error(eg) from None
+            with stopping:
+                async with connect_sender(host, port, key=key, regions=specs, channels=policy.channels,
+                                          page_size=PAGE_SIZE, max_bandwidth=policy.max_bandwidth,
+                                          ssl_context=ssl_context, encrypt=policy.encrypt,
+                                          compress=policy.compress) as sender:
+                    mark("connected")
+                    first = await arming.result()
+                    await guarding.result()
+                    guardian.arm()
+                    if guardian.problem:
+                        rep.events.append(guardian.problem)
+                    rep.setup_time_ms = (time.monotonic() - t_start) * 1000
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            if policy.auto_converge:
+                                nursery.start_soon(throttle.run)
+                            try:
+                                await _run(rep, policy, tracker, source, sender, regions, pauser,
+                                           throttle, progress, target, first, guardian)
+                            finally:
+                                nursery.cancel_scope.cancel()
+                    except BaseExceptionGroup as eg:
+                        raise first_error(eg) from None
+            if stopping.cancelled_caught:
+                raise MigratorError(f"stopped by {stop.reason if stop else 'request'}")
         except MigratorError as e:
             if e is arming.error:
                 raise                # found before anything was sent (as a failed connection)
@@ -280,6 +324,8 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
         if pauser.paused and rep.status != "completed" and not rep.committing:
             with trio.CancelScope(shield=True):
                 pauser.resume()
+        guarding.join()
+        guardian.close()        # (the source is settled: resumed, or kept paused on purpose)
         alive = process_exists(target.pid)
         rep.source_state = "exited" if not alive else ("paused" if pauser.paused else "running")
         rep.throttle_percent = throttle.percent
@@ -295,7 +341,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
 
 async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, source: SourceMemory,
                sender, regions: list[Region], pauser: SourcePauser, throttle: Throttle,
-               progress, target: MigrationTarget, first: dict[str, PageSet]) -> None:
+               progress, target: MigrationTarget, first: dict[str, PageSet], guardian: Guardian) -> None:
     rep.status = "active"
     mark = rep.timeline.mark
     # what the destination holds, page by page (the digests come from it), and what the
@@ -592,6 +638,10 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                 rep.expected_downtime_ms, final=True)
         t_verify = time.monotonic()
         mark("verify")
+        if not target.wait_durable:
+            # a destination that runs once verified (QEMU) may take over from END on: from here
+            # a source resumed by the guardian could make two live copies
+            guardian.disarm()
         if target.alongside_verify is None:
             result = await sender.finish(digests, commit=target.wait_durable)
         else:
@@ -654,6 +704,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         await sender.wait_synced(policy.verify_timeout_s)
         rep.durable_ms = (time.monotonic() - t) * 1000
         rep.committing = True
+        guardian.disarm()               # (before the COMMIT: see the guardian's docstring)
         try:
             await sender.commit()
         except MigratorError as e:

@@ -10,6 +10,7 @@ import time
 import trio
 
 from ..errors import MigratorError, TargetGoneError
+from ..guardian import ResumeSpec
 
 
 def _tasks_stopped(pid: int) -> bool:
@@ -85,6 +86,9 @@ class Pauser:
             return
         self._continue()
         self.paused = False
+
+    def resume_spec(self) -> ResumeSpec:
+        return ResumeSpec(tuple(self.pids), self._freezer if self.cgroup is not None else None)
 
     def _continue(self) -> None:
         for pid in self.pids:

@@ -17,8 +17,9 @@ from typing import Callable
 import trio
 
 from ..errors import MigratorError, RegionError
+from ..guardian import ResumeSpec
 from ..kernel.maps import RegionKind, read_maps
-from ..precopy.controller import Background, MigrationPolicy, MigrationTarget, migrate
+from ..precopy.controller import Background, MigrationPolicy, MigrationTarget, StopToken, migrate
 from ..precopy.report import MigrationReport, RoundStats, Timeline
 from .qmp import QMP, QmpError
 
@@ -99,6 +100,9 @@ class QmpPauser:
             self.stopped_at = self.qmp.wait_event("STOP", 2.0, since=since).timestamp
         except QmpError:
             self.stopped_at = t
+
+    def resume_spec(self) -> ResumeSpec:
+        return ResumeSpec(qmp=self.qmp.path)
 
     def resume(self) -> None:
         if self.devstate is not None:
@@ -337,7 +341,8 @@ class QemuMigrationReport:
 
 async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, key: bytes | None,
                      policy: MigrationPolicy | None = None, ssl_context=None,
-                     progress: Callable[[RoundStats], None] | None = None) -> QemuMigrationReport:
+                     progress: Callable[[RoundStats], None] | None = None,
+                     stop: StopToken | None = None) -> QemuMigrationReport:
     """Live-migrate the QEMU VM behind qmp_path: its RAM by pre-copy to the receiver at host:port,
     then its device state by QEMU (x-ignore-shared) to incoming_uri (e.g. tcp:HOST:PORT).
 
@@ -396,7 +401,7 @@ async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, 
                                  after_pause=start_device_state, alongside_verify=device_state,
                                  no_syscall_writes=[pid], wait_durable=False)
         rep.ram = await migrate(target, host, port, key=key, policy=policy, ssl_context=ssl_context,
-                                progress=progress)
+                                progress=progress, stop=stop)
         timeline.update(rep.ram.timeline)
         if pauser.stopped_at is not None:
             timeline.mark("src-qemu-STOP", pauser.stopped_at)

@@ -964,7 +964,8 @@ async def connect_sender(host: str, port: int, *, key: bytes | None, regions: li
             raise MigratorError("session left without finish()")
     except BaseException as e:
         with trio.CancelScope(shield=True):
-            why = str(e) if isinstance(e, MigratorError) else type(e).__name__
+            why = (str(e) if isinstance(e, MigratorError)
+                   else "the migration was stopped" if isinstance(e, trio.Cancelled) else type(e).__name__)
             for fs in opened:
                 await fs.send_error(f"sender aborted: {why}"[:wire.MAX_MESSAGE])
         raise
