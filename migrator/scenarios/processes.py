@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import MigratorError
 
-START_WAIT = 20.0
+START_WAIT = 60.0      # seconds until it listens (a TCG guest of the kernel matrix under load: >20 s seen)
 CHUNK = 8 << 20
 
 
