@@ -1,8 +1,9 @@
 """`python -m migrator.bench faults` as a user runs it, short: real migrations through the
 bench's proxy with one fault each (receiver SIGKILL, channel reset, guest SIGKILL, a flipped
-byte, a full disk), and the checks that gate its exit status: no receiver crash, no complete
-manifest for a failed migration, every no-fault run completed and verified, no source left
-paused, no fd or thread leak in the long-running receiver, no hang.  (The stalled link is left
+byte, a full disk, migrate itself killed or told to stop), and the checks that gate its exit
+status: no receiver crash, no complete manifest for a failed migration, every no-fault run
+completed and verified, no source left paused, none resumed after its destination took over, no
+guardian left behind, no fd or thread leak in the long-running receiver, no hang.  (The stalled link is left
 to the soak: the transport takes 60 s to give up on it.)
 
 The detectors themselves are checked too, so the gate cannot pass for want of looking."""
@@ -16,7 +17,7 @@ import time
 
 from migrator.bench import faults
 
-KINDS = ("receiver-kill", "rst", "guest-kill", "corrupt", "disk-full")
+KINDS = ("receiver-kill", "rst", "guest-kill", "corrupt", "disk-full", "migrate-kill")
 
 
 def test_bench_faults_short(root, tmp_path):
@@ -45,7 +46,8 @@ def test_bench_faults_short(root, tmp_path):
     assert res["checks"] == {k: 0 for k in res["checks"]}, (res["checks"], [r["problems"] for r in runs])
     assert set(res["checks"]) >= {"receiver_crashes", "complete_manifests_for_failed_sessions",
                                   "no_fault_runs_not_verified", "sources_left_paused", "fd_leaks",
-                                  "thread_leaks", "hangs"}
+                                  "thread_leaks", "hangs", "sources_resumed_after_completion",
+                                  "guardians_left"}
     assert res["ok"] and p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     # the receiver's tmpfs is unmounted and the bench's folder removed
     assert list(tmp_path.iterdir()) == [out]

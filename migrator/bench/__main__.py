@@ -13,6 +13,7 @@ BENCHES = {
     "faults": "migrator.bench.faults",
     "fuzz": "migrator.bench.fuzz",
     "round0": "migrator.bench.round0",
+    "rxsoak": "migrator.bench.rxsoak",
 }
 
 

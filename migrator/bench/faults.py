@@ -19,6 +19,10 @@ descriptor and thread counts after its first session); each later run draws ONE 
                  with the key, so the session must fail
   disk-full      the receiver's tmpfs shrunk below the guest's RAM before the run (small), or
                  filled by a ballast file at the fault's moment (fill)
+  migrate-kill   SIGTERM, SIGHUP or SIGKILL of `migrate` itself (its guardian resumes the source
+                 after a SIGKILL); the moment is often in or after the pause.  The destination's
+                 manifest decides: complete (the commit had gone out) means the source must stay
+                 paused; otherwise it must run
 
 The moment: a byte offset of the stream (uniform over the reference run's bytes each way), or a
 delay after the source was seen paused (the stop-and-copy).  Checked per run: migrate's exit
@@ -57,9 +61,9 @@ from ..guest.launcher import Guest, _read_line
 from ..scenarios.processes import ReceiverProcess, compare_with_source
 from ..units import format_bytes, parse_size
 
-FAULTS = ("none", "receiver-kill", "rst", "stall", "guest-kill", "corrupt", "disk-full")
+FAULTS = ("none", "receiver-kill", "rst", "stall", "guest-kill", "corrupt", "disk-full", "migrate-kill")
 DEFAULT_WEIGHTS = {"none": 2, "receiver-kill": 2, "rst": 2, "stall": 1, "guest-kill": 2,
-                   "corrupt": 3, "disk-full": 2}
+                   "corrupt": 3, "disk-full": 2, "migrate-kill": 3}
 C2S, S2C = "c2s", "s2c"
 GUEST_START_WAIT = 60.0
 GUEST_TRIES, GUEST_RETRY_S = 6, 10.0
@@ -155,6 +159,27 @@ def is_stopped(pid: int) -> bool:
     """pid exists and a thread of it is stopped (SIGSTOP 'T', or held by a tracer 't')."""
     states = task_states(pid)
     return bool(states) and any(s in ("T", "t") for s in states)
+
+
+def guardians_of(pid: int, wait_s: float = 5.0) -> list[int]:
+    """migrate's guardian processes watching pid still alive wait_s after migrate ended."""
+    deadline = time.monotonic() + wait_s
+    needle = f" --pid {pid} "
+    while True:
+        found = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    cmd = " " + f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "migrator/guardian.py" in cmd and needle in cmd:
+                found.append(int(name))
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def left_stopped(pids: list[int], recheck_s: float = 0.3) -> list[int]:
@@ -704,10 +729,10 @@ def choose(fault: str, rng: random.Random, b: Bench) -> dict:
     ref_c2s = b.ref.get(C2S) or b.guest_bytes
     ref_s2c = b.ref.get(S2C) or 256
 
-    def trigger(s2c_share: float = 0.0) -> Trigger:
+    def trigger(s2c_share: float = 0.0, pause_share: float = 0.25, pause_s: float = 0.02) -> Trigger:
         x = rng.random()
-        if x < 0.25:
-            return Trigger("pause", delay_s=rng.uniform(0, 0.02))
+        if x < pause_share:
+            return Trigger("pause", delay_s=rng.uniform(0, pause_s))
         if x < 0.25 + s2c_share:
             return Trigger(S2C, offset=rng.randrange(max(ref_s2c, 1)))
         return Trigger(C2S, offset=rng.randrange(max(int(ref_c2s * 0.97), 1)))
@@ -723,6 +748,11 @@ def choose(fault: str, rng: random.Random, b: Bench) -> dict:
             plan["tmpfs_size"] = rng.randrange(lo, hi) & ~0xFFFFF
         else:
             plan["trigger"] = trigger()
+        return plan
+    if fault == "migrate-kill":
+        # (half of them from the pause on, up to 0.4 s after it: the verdict, the commit)
+        plan["variant"] = rng.choices(["term", "hup", "kill"], [3, 1, 4])[0]
+        plan["trigger"] = trigger(pause_share=0.5, pause_s=0.4)
         return plan
     plan["trigger"] = trigger(0.2 if fault == "corrupt" else 0.0)
     if fault == "stall":
@@ -795,8 +825,15 @@ def one_run(b: Bench, no: int, fault: str, rng: random.Random) -> dict:
     def fill_disk() -> None:
         rec["ballast"] = b.tmpfs.fill()
 
+    migrate_proc: list[subprocess.Popen] = []
+
+    def kill_migrate() -> None:
+        sig = {"term": signal.SIGTERM, "hup": signal.SIGHUP, "kill": signal.SIGKILL}[plan["variant"]]
+        if migrate_proc and migrate_proc[0].poll() is None:
+            os.kill(migrate_proc[0].pid, sig)    # (our child, not reaped yet: its own pid)
+
     plan["action"] = {"receiver-kill": kill_receiver, "guest-kill": kill_guest,
-                      "disk-full": fill_disk}.get(fault)
+                      "disk-full": fill_disk, "migrate-kill": kill_migrate}.get(fault)
     if plan["trigger"] is not None:
         rec["when"] = plan["trigger"].describe(b.ref)
     b.proxy.begin(plan)
@@ -825,6 +862,7 @@ def one_run(b: Bench, no: int, fault: str, rng: random.Random) -> dict:
     with open(mlog_path, "wb") as mlog:
         t0 = time.time()
         mproc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=mlog, stderr=subprocess.STDOUT)
+        migrate_proc.append(mproc)
         watcher = None
         if plan["trigger"] is not None and plan["trigger"].where == "pause":
             watcher = threading.Thread(target=watch_pause, name="faults-pause-watch", daemon=True)
@@ -888,11 +926,19 @@ def one_run(b: Bench, no: int, fault: str, rng: random.Random) -> dict:
         "status": [x.get("status") for x in manifest.get("regions", [])]}
     completed = rc == 0 and rec["status"] == "completed"
     rec["completed"] = completed
-    rec["manifest_complete_on_failure"] = (not completed) and bool(manifest and manifest.get("complete"))
-    rec["completed_manifest_incomplete"] = completed and not (manifest and manifest.get("complete"))
+    dest_complete = bool(manifest and manifest.get("complete"))
+    # migrate killed: the destination says whether the migration took place (the commit went
+    # out); a migrate stopped after its commit fails, keeping its source paused, rightly
+    migrate_killed = fault == "migrate-kill" and rec["fired"]
+    rec["manifest_complete_on_failure"] = (not completed) and dest_complete and not migrate_killed
+    rec["completed_manifest_incomplete"] = completed and not dest_complete
     # the source: a failed migration must resume it (a hang's kill of migrate is not counted here)
     rec["source_left_paused"] = []
-    if not completed and not hang:
+    rec["source_resumed_after_completion"] = []
+    if (completed or (migrate_killed and dest_complete)) and not hang:
+        rec["source_resumed_after_completion"] = [p for p in source_pids
+                                                  if main_state(p) not in ("", "T", "t", "Z", "X")]
+    elif not completed and not hang:
         rec["source_left_paused"] = left_stopped(source_pids)
     # the destination of a completed migration, byte for byte against the paused source
     rec["destination"] = "not checked"
@@ -906,6 +952,9 @@ def one_run(b: Bench, no: int, fault: str, rng: random.Random) -> dict:
             rec["destination"] = f"not checked: {e}"
     rec["verified"] = completed and bool(manifest and manifest.get("complete")) and \
         all(s == "verified" for s in rec["manifest"]["status"]) and rec["destination"] in ("identical", "not checked")
+    # the guardian (python .../guardian.py --pid GUEST ...) ends with migrate, or once it has
+    # resumed the source: none may be left
+    rec["guardians_left"] = guardians_of(g.pid)
     stop_guest(g, gproc)
     guest_log.close()
     # leaks in the long-running receiver, against its counts after its first session
@@ -966,6 +1015,10 @@ def problems(rec: dict) -> list[str]:
                    f"destination {rec['destination']})")
     if rec["source_left_paused"]:
         out.append(f"source left paused: pids {rec['source_left_paused']}")
+    if rec.get("guardians_left"):
+        out.append(f"guardian process(es) left behind: {rec['guardians_left']}")
+    if rec.get("source_resumed_after_completion"):
+        out.append(f"source resumed after the destination took over: pids {rec['source_resumed_after_completion']}")
     if rec["fd_leak"]:
         out.append("receiver fd leak")
     if rec["thread_leak"]:
@@ -999,7 +1052,7 @@ def _line(rec: dict, total: int) -> str:
 # --- summary ----------------------------------------------------------------------------------
 
 COLUMNS = ("runs", "fired", "completed", "failed", "crashes", "complete_on_failure", "paused_sources",
-           "fd_leaks", "thread_leaks", "hangs", "migrate_tracebacks")
+           "resumed_after_completion", "fd_leaks", "thread_leaks", "hangs", "migrate_tracebacks")
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -1014,6 +1067,7 @@ def summarize(runs: list[dict]) -> dict:
             s["crashes"] += bool(rec["receiver_crash"])
             s["complete_on_failure"] += bool(rec["manifest_complete_on_failure"])
             s["paused_sources"] += bool(rec["source_left_paused"])
+            s["resumed_after_completion"] += bool(rec.get("source_resumed_after_completion"))
             s["fd_leaks"] += bool(rec["fd_leak"])
             s["thread_leaks"] += bool(rec["thread_leak"])
             s["hangs"] += bool(rec["hang"]) + bool(rec["receiver_hang"])
@@ -1033,6 +1087,8 @@ def checks(runs: list[dict]) -> dict:
         "unfired_fault_runs_not_verified": sum(not r["verified"] for r in runs
                                                if r["fault"] != "none" and not r["fired"]),
         "sources_left_paused": sum(bool(r["source_left_paused"]) for r in runs),
+        "sources_resumed_after_completion": sum(bool(r.get("source_resumed_after_completion")) for r in runs),
+        "guardians_left": sum(bool(r.get("guardians_left")) for r in runs),
         "fd_leaks": sum(r["fd_leak"] for r in runs),
         "thread_leaks": sum(r["thread_leak"] for r in runs),
         "hangs": sum(r["hang"] + r["receiver_hang"] for r in runs),
