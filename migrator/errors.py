@@ -28,6 +28,14 @@ class TransportError(MigratorError):
     """The migration stream failed: peer gone, refused, or reported an error."""
 
 
+class PeerReportedError(TransportError):
+    """The peer sent ERROR: its reason is in the message ("PEER reported: REASON")."""
+
+
+class CommitRefusedError(MigratorError):
+    """The receiver answered the COMMIT with an error: its manifest does not say complete."""
+
+
 class ProtocolError(TransportError):
     """A peer sent bytes that break the wire protocol (bad frame, bad field, out-of-range page)."""
 
@@ -48,7 +56,7 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
         else:
             leaves.append(e)
     walk(group)
-    for wanted in (lambda e: isinstance(e, TransportError) and "reported" in str(e),
+    for wanted in (lambda e: isinstance(e, PeerReportedError),
                    lambda e: isinstance(e, MigratorError),
                    lambda e: True):
         for e in leaves:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import trio
 
-from ..errors import MigratorError, UsageError, first_error
+from ..errors import CommitRefusedError, MigratorError, UsageError, first_error
 from ..guardian import Guardian, ResumeSpec
 from ..kernel.maps import Region, read_maps, select_regions
 from ..kernel.native import PAGE_SIZE
@@ -714,6 +714,12 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         # destination can be used (not a race against the COMMIT still in flight)
         try:
             await sender.wait_committed(policy.verify_timeout_s)
+        except CommitRefusedError as e:
+            # it says its manifest does not say complete: the destination is not usable, and
+            # the source resumes (the guardian stays disarmed: a kill -9 now leaves it paused)
+            rep.committing = False
+            raise MigratorError(f"the receiver could not record the commit ({e}): the source "
+                                f"resumes") from None
         except MigratorError as e:
             raise MigratorError(f"committed, but the receiver did not confirm its manifest ({e}): the "
                                 f"source stays paused; check the destination's manifest.json") from None

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from .._track_c import ffi, lib
-from ..errors import ProtocolError, TransportError
+from ..errors import PeerReportedError, ProtocolError, TransportError
 from . import wire
 from . import compress
 from .seal import TAG_SIZE, FrameSeal
@@ -258,7 +258,7 @@ class FrameStream:
             hashes = wire.check_digest(msg, view, page_size or 4096)
             return dataclasses.replace(msg, data=view, page_hashes=hashes)
         if isinstance(msg, wire.Error):
-            raise TransportError(f"{self.peer} reported: {msg.message}")
+            raise PeerReportedError(f"{self.peer} reported: {msg.message}")
         return msg
 
     # -- sending ---------------------------------------------------------------------------

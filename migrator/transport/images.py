@@ -112,9 +112,18 @@ def open_image_file(dirfd: int, name: str) -> int:
     return fd
 
 
+class ManifestUncertain(OSError):
+    """The new file may be in place (renamed) but not durable: what the folder holds is unknown."""
+
+
 def write_json_atomic(path: str, obj: Any, dirfd: int | None = None) -> None:
     """Write obj as JSON to path (a name in dirfd's folder if given) through a temporary file
-    created exclusively, fsynced, renamed over it; then the folder is fsynced."""
+    created exclusively, fsynced, renamed over it; then the folder is fsynced.
+
+    Raises:
+        ManifestUncertain: the rename was done, the folder's fsync failed.
+        OSError: before the rename (the old file, if any, is untouched; the temporary one gone).
+    """
     own = dirfd is None
     if own:
         dirfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -126,13 +135,23 @@ def write_json_atomic(path: str, obj: Any, dirfd: int | None = None) -> None:
         except FileNotFoundError:
             pass
         fd = os.open(tmp, os.O_WRONLY | O_CREATE_SAFE, 0o644, dir_fd=dirfd)
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-        os.fsync(dirfd)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(obj, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dirfd)     # (a full disk: no half-written file left)
+            except OSError:
+                pass
+            raise
+        try:
+            os.fsync(dirfd)
+        except OSError as e:
+            raise ManifestUncertain(e.errno, e.strerror) from None
     finally:
         if own:
             os.close(dirfd)
@@ -352,10 +371,24 @@ class ImageSet:
             self.write_manifest()
 
     def record_verdict(self) -> None:
-        """Write the manifest with the verdict (complete, once the sender committed)."""
+        """Write the manifest with the verdict (complete, once the sender committed).
+
+        Raises:
+            OSError: it could not be written, and the manifest on disk does not say complete
+                (the sender may resume its source).
+            ManifestUncertain: it may say complete, or not (the sender must not resume).
+        """
         with self._lock:
             self._check_open()
-        self.write_manifest()
+        try:
+            self.write_manifest()
+        except ManifestUncertain as e:
+            # the complete manifest may be in place without being durable: a failed one over it
+            reason = f"the manifest could not be made durable: {e.strerror}"
+            self.complete = False
+            self.error = reason
+            self.write_manifest()          # (ManifestUncertain again: nothing more to do)
+            raise OSError(e.errno, reason) from None
 
     def fail(self, reason: str) -> None:
         """Mark the session failed on disk (never complete)."""

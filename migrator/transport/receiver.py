@@ -23,7 +23,7 @@ from . import wire
 from .auth import check_listen_policy, server_handshake
 from . import compress
 from .framing import FrameStream, PeerClosed
-from .images import ImageSet, check_out_dir
+from .images import ImageSet, ManifestUncertain, check_out_dir
 from .wire import RegionSpec
 
 HANDSHAKE_TIMEOUT = 5.0       # seconds a connection may take to authenticate (and set up)
@@ -495,8 +495,16 @@ class Receiver:
                 raise TransportError("the sender closed the connection without committing") from None
             try:
                 await trio.to_thread.run_sync(images.record_verdict)
+            except ManifestUncertain as e:
+                # the manifest may say complete: no answer (the sender keeps its source paused)
+                s.error = f"committed, but whether the manifest says so is unknown: {e.strerror or e}"
+                await trio.to_thread.run_sync(images.fail, s.error)     # (best effort)
+                self._end(s, complete=False)
+                return
             except OSError as e:
+                # the manifest does not say complete: the answer lets the sender resume its source
                 s.error = f"committed, but the manifest could not be written: {e.strerror or e}"
+                await trio.to_thread.run_sync(images.fail, s.error)     # (best effort: room again?)
                 await fs.send_error(s.error)
                 self._end(s, complete=False)
                 return

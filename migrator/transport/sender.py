@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 import trio
 
 from .._track_c import ffi, lib
-from ..errors import MigratorError, RegionError, TransportError, first_error
+from ..errors import CommitRefusedError, MigratorError, PeerReportedError, RegionError, TransportError, first_error
 from . import wire
 from .auth import client_handshake
 from .compress import BatchCompressor, codec_for
@@ -813,13 +813,17 @@ class Sender:
         """After commit(): the receiver says its manifest is complete, on disk (COMMITTED).
 
         Raises:
-            MigratorError: it could not write it (its reason), or did not say so within timeout_s.
+            CommitRefusedError: it answered that it could not write it: the manifest does not
+                say complete (the source may resume).
+            MigratorError: no answer within timeout_s, or the connection ended: unknown.
         """
         try:
             with trio.fail_after(timeout_s):
                 await self._fs[0].expect(wire.Committed)
         except trio.TooSlowError:
             raise MigratorError(f"no word within {timeout_s:.0f} s") from None
+        except PeerReportedError as e:
+            raise CommitRefusedError(str(e)) from None
 
     async def _close_channel(self, fs: FrameStream) -> None:
         try:
@@ -877,9 +881,8 @@ async def _reason(fs: FrameStream, err: TransportError) -> TransportError:
         try:
             while True:
                 await fs.receive(None)
-        except TransportError as e:
-            if "reported" in str(e):
-                return e
+        except PeerReportedError as e:
+            return e
         except MigratorError:
             pass
     return err
