@@ -383,3 +383,23 @@ async def test_a_lost_verdict_leaves_the_destination_incomplete(nursery, tmp_pat
     (o,) = await rx.wait_sessions(1)
     assert not o.complete and any(w in o.error for w in ("commit", "sender aborted")), o.error
     assert manifest(str(out))["complete"] is False
+
+
+async def test_a_send_interrupted_part_way_ends_sending_on_that_connection():
+    """A sealed send cancelled while its bytes go out (the session failed meanwhile): its frame
+    may be half sent and its sequence number is spent, so nothing may follow it; before, the
+    ERROR sent next failed the peer's authentication ("frame #0 ... forged on the way", seen by
+    bench fuzz), as if the link had been tampered with.  Its reason is simply not sent."""
+    a, b = trio.socket.socketpair()
+    fs = FrameStream(trio.SocketStream(a), "peer")
+    send_seal, _ = derive(KEY, transcript(b"c" * 32, b"s" * 32, b"x" * 16, 0, "mac"), "mac", server=True)
+    fs.arm(send=send_seal)
+    with trio.move_on_after(0.3) as cs:          # the peer reads nothing: the send blocks
+        await fs.send_raw(wire.encode(wire.Closed()), tuple(bytearray(128 << 10) for _ in range(256)))
+    assert cs.cancelled_caught
+    with pytest.raises(TransportError, match="an earlier send was interrupted part-way"):
+        await fs.send(wire.Closed())
+    await fs.send_error("too late")              # (best effort: says nothing, raises nothing)
+    assert send_seal.seq == 1                    # (no further frame was sealed)
+    await fs.aclose()
+    b.close()

@@ -72,6 +72,7 @@ class FrameStream:
         # plain TCP: page data goes straight from the socket into our buffer with recv_into
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.bytes_sent = 0
+        self._send_broken = False     # a send was interrupted part-way (see send_raw)
         self._closing = False
         self._raw: socket.socket | None = None
         self._io_lock = threading.Lock()    # held by a worker thread while it moves page data
@@ -265,15 +266,20 @@ class FrameStream:
 
     def send_blocking(self, head: bytes, data: Any = None) -> None:
         """send_raw() for a worker thread (plain TCP only)."""
+        self._check_sendable()
         pieces = _pieces(data)
         tag = b""
         if self._send_seal is not None:
             head, tag = self._send_seal.seal(head, pieces)
-        self._bulk(memoryview(head), True)
-        for piece in pieces:
-            self._bulk(memoryview(piece).cast("B"), True)
-        if tag:
-            self._bulk(memoryview(tag), True)
+        try:
+            self._bulk(memoryview(head), True)
+            for piece in pieces:
+                self._bulk(memoryview(piece).cast("B"), True)
+            if tag:
+                self._bulk(memoryview(tag), True)
+        except BaseException:
+            self._send_broken = True
+            raise
         self.bytes_sent += len(head) + sum(len(p) for p in pieces) + len(tag)
 
     async def send(self, msg: wire.Message) -> None:
@@ -281,7 +287,12 @@ class FrameStream:
 
     async def send_raw(self, head: bytes, data: Any = None) -> None:
         """Send head (header + meta), then data: a buffer, or a tuple of buffers sent one after
-        the other; sealed if armed (then data is encrypted in place in "aead" mode)."""
+        the other; sealed if armed (then data is encrypted in place in "aead" mode).
+
+        A send interrupted part-way (cancelled, or failed) leaves the stream unable to send:
+        a frame may be half out, and its sequence number is spent (a later frame would fail the
+        peer's authentication, as if the link had been tampered with)."""
+        self._check_sendable()
         pieces = _pieces(data)
         tag = b""
         if self._send_seal is not None:
@@ -300,8 +311,17 @@ class FrameStream:
             if tag:
                 await self._send_all(tag)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self._send_broken = True
             raise TransportError(f"connection to {self.peer} lost while sending ({e or 'closed'})") from None
+        except BaseException:
+            self._send_broken = True
+            raise
         self.bytes_sent += len(head) + sum(len(p) for p in pieces) + len(tag)
+
+    def _check_sendable(self) -> None:
+        if self._send_broken:
+            raise TransportError(f"connection to {self.peer}: an earlier send was interrupted "
+                                 f"part-way, no frame can follow it")
 
     async def _send_all(self, data) -> None:
         """send_all, or TransportError once the peer has taken nothing for STALL_S."""
