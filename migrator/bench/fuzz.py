@@ -767,6 +767,10 @@ class Model:
         self.stamps = [[0] * n for n in self.npages]
         self.hashes = [[self.zh] * n for n in self.npages]
         self.announced = [0] * len(regions)
+        # a mutated (or duplicated) PREPARE went out: its page count may differ from the base's
+        # and its acceptance is not always known (another channel's failure): the receiver's
+        # per-region announce cap can no longer be modelled, so no more "valid" PREPAREs
+        self.prepare_uncertain = False
         self.valid = True
 
     def batch(self, r: int, n: int, dflat, zflat, hashes: bytes) -> None:
@@ -1263,7 +1267,7 @@ class Gen:
         r = self.rng
         reg = r.randrange(len(s.regions))
         room = s.model.npages[reg] - s.model.announced[reg]
-        if room <= 0:
+        if room <= 0 or s.model.prepare_uncertain:
             return None
         flat, total = self._runs(0, s.model.npages[reg], wire.MAX_RUNS, room)
         if not flat:
@@ -1449,6 +1453,8 @@ class Gen:
             return f, tag, None, False
         if k < 0.34 and ch in s.last:
             last = s.last[ch]
+            if last[3] == T.PREPARE:
+                s.model.prepare_uncertain = True
             return last, "dup", None, last[3] != T.PREPARE
         # a valid frame of this state, mutated
         pick = r.random()
@@ -1462,6 +1468,8 @@ class Gen:
         elif pick < 0.85:
             got = self.valid_prepare(s, ch)       # (every page announced already: a ROUND_END)
             base = got[0] if got else wire.encode(wire.RoundEnd(r.randrange(4)))
+            if got:
+                s.model.prepare_uncertain = True
         elif pick < 0.93:
             base = wire.encode(wire.RoundEnd(r.randrange(4)))
         elif ch == 0:
