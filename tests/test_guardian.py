@@ -69,7 +69,7 @@ def test_armed_guardian_resumes_every_process_when_migrate_dies():
         _stopped(a)
         _stopped(b)
         assert _die(g) == 0
-        assert process_state(a.pid) == "S" and process_state(b.pid) == "S"
+        assert process_state(a.pid) in ("S", "R") and process_state(b.pid) in ("S", "R")
     finally:
         for p in (a, b):
             p.kill()
