@@ -152,6 +152,7 @@ class Guardian:
 
     spec: ResumeSpec
     problem: str | None = None
+    armed: bool = False
     _proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self, timeout_s: float = 5.0) -> None:
@@ -173,6 +174,7 @@ class Guardian:
 
     def arm(self) -> None:
         """From now on the source may be stopped: resume it if migrate dies."""
+        self.armed = True
         self._send(ARM)
 
     def disarm(self) -> None:

@@ -262,6 +262,15 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
     guardian = Guardian(ResumeSpec(tuple(dict.fromkeys([*throttle.pids, *spec.pids])), spec.freezer, spec.qmp))
     guarding = Background(guardian.start)
 
+    async def guarded() -> None:
+        """Before anything stops the source: the guardian is up and armed (its start, ~20-200 ms
+        of a Python process's, runs beside round 0, not before it)."""
+        if not guardian.armed:
+            await guarding.result()
+            guardian.arm()
+            if guardian.problem:
+                rep.events.append(guardian.problem)
+
     def arm() -> dict[str, PageSet]:
         # The ledger sweeps the mappings the sender packs from, where there are (their page
         # tables are then filled before round 0).  Round 0's pages are found after the tracker
@@ -294,10 +303,6 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
                                           compress=policy.compress) as sender:
                     mark("connected")
                     first = await arming.result()
-                    await guarding.result()
-                    guardian.arm()
-                    if guardian.problem:
-                        rep.events.append(guardian.problem)
                     rep.setup_time_ms = (time.monotonic() - t_start) * 1000
                     try:
                         async with trio.open_nursery() as nursery:
@@ -305,7 +310,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
                                 nursery.start_soon(throttle.run)
                             try:
                                 await _run(rep, policy, tracker, source, sender, regions, pauser,
-                                           throttle, progress, target, first, guardian)
+                                           throttle, progress, target, first, guardian, guarded)
                             finally:
                                 nursery.cancel_scope.cancel()
                     except BaseExceptionGroup as eg:
@@ -341,7 +346,8 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
 
 async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, source: SourceMemory,
                sender, regions: list[Region], pauser: SourcePauser, throttle: Throttle,
-               progress, target: MigrationTarget, first: dict[str, PageSet], guardian: Guardian) -> None:
+               progress, target: MigrationTarget, first: dict[str, PageSet], guardian: Guardian,
+               guarded: Callable[[], Awaitable[None]]) -> None:
     rep.status = "active"
     mark = rep.timeline.mark
     # what the destination holds, page by page (the digests come from it), and what the
@@ -542,6 +548,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             hot_rounds = 0
         if hot_rounds >= policy.nonconvergence_rounds:
             if policy.auto_converge and throttle.percent < Throttle.MAX:
+                await guarded()
                 throttle.step_up()
                 hot_rounds = policy.nonconvergence_rounds - 1   # next step after one more hot round
             elif not policy.auto_converge:
@@ -654,6 +661,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         return result
 
     # stop-and-copy
+    await guarded()
     with trio.CancelScope(shield=True):
         await throttle.stop()        # its last SIGCONT must come before our SIGSTOP
     t_pause = time.monotonic()
