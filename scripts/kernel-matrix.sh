@@ -21,4 +21,4 @@ done
 # kernels are cached here between runs (CI may keep this directory)
 export MIGRATOR_KERNEL_CACHE="${MIGRATOR_KERNEL_CACHE:-/var/cache/migrator-kernels}"
 mkdir -p reports
-exec .venv/bin/python tests/kernels/vmrun.py --matrix --quiet --log-dir reports/kernels --timeout 900 "$@"
+exec .venv/bin/python tests/kernels/vmrun.py --matrix --quiet --log-dir reports/kernels --timeout 1200 "$@"
