@@ -126,6 +126,28 @@ class StopToken:
             scope.cancel()
 
 
+class _Guard:
+    """migrate's guardian (migrator/guardian.py), started beside round 0 in a thread of its own
+    (a Python process's start, ~20-200 ms) and awaited only before the first stop."""
+
+    def __init__(self, guardian: Guardian, rep: MigrationReport):
+        self.guardian = guardian
+        self._rep = rep
+        self._starting = Background(guardian.start)
+
+    async def armed(self) -> None:
+        """Before anything stops the source: the guardian is up and armed."""
+        if not self.guardian.armed:
+            await self._starting.result()
+            self.guardian.arm()
+            if self.guardian.problem:
+                self._rep.events.append(self.guardian.problem)
+
+    def close(self) -> None:
+        self._starting.join()
+        self.guardian.close()
+
+
 class Background:
     """A blocking call running in a thread of its own from now on (set-up work beside I/O)."""
 
@@ -259,17 +281,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
     # a process that resumes the source should migrate die (SIGKILL, OOM) while it may be stopped
     # (by the pause, or auto-converge's duty cycles), started beside the set-up
     spec = pauser.resume_spec()
-    guardian = Guardian(ResumeSpec(tuple(dict.fromkeys([*throttle.pids, *spec.pids])), spec.freezer, spec.qmp))
-    guarding = Background(guardian.start)
-
-    async def guarded() -> None:
-        """Before anything stops the source: the guardian is up and armed (its start, ~20-200 ms
-        of a Python process's, runs beside round 0, not before it)."""
-        if not guardian.armed:
-            await guarding.result()
-            guardian.arm()
-            if guardian.problem:
-                rep.events.append(guardian.problem)
+    guard = _Guard(Guardian(ResumeSpec((*throttle.pids, *spec.pids), spec.freezer, spec.qmp)), rep)
 
     def arm() -> dict[str, PageSet]:
         # The ledger sweeps the mappings the sender packs from, where there are (their page
@@ -310,7 +322,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
                                 nursery.start_soon(throttle.run)
                             try:
                                 await _run(rep, policy, tracker, source, sender, regions, pauser,
-                                           throttle, progress, target, first, guardian, guarded)
+                                           throttle, progress, target, first, guard)
                             finally:
                                 nursery.cancel_scope.cancel()
                     except BaseExceptionGroup as eg:
@@ -329,8 +341,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
         if pauser.paused and rep.status != "completed" and not rep.committing:
             with trio.CancelScope(shield=True):
                 pauser.resume()
-        guarding.join()
-        guardian.close()        # (the source is settled: resumed, or kept paused on purpose)
+        guard.close()           # (the source is settled: resumed, or kept paused on purpose)
         alive = process_exists(target.pid)
         rep.source_state = "exited" if not alive else ("paused" if pauser.paused else "running")
         rep.throttle_percent = throttle.percent
@@ -346,8 +357,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
 
 async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, source: SourceMemory,
                sender, regions: list[Region], pauser: SourcePauser, throttle: Throttle,
-               progress, target: MigrationTarget, first: dict[str, PageSet], guardian: Guardian,
-               guarded: Callable[[], Awaitable[None]]) -> None:
+               progress, target: MigrationTarget, first: dict[str, PageSet], guard: "_Guard") -> None:
     rep.status = "active"
     mark = rep.timeline.mark
     # what the destination holds, page by page (the digests come from it), and what the
@@ -548,7 +558,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
             hot_rounds = 0
         if hot_rounds >= policy.nonconvergence_rounds:
             if policy.auto_converge and throttle.percent < Throttle.MAX:
-                await guarded()
+                await guard.armed()
                 throttle.step_up()
                 hot_rounds = policy.nonconvergence_rounds - 1   # next step after one more hot round
             elif not policy.auto_converge:
@@ -648,7 +658,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         if not target.wait_durable:
             # a destination that runs once verified (QEMU) may take over from END on: from here
             # a source resumed by the guardian could make two live copies
-            guardian.disarm()
+            guard.guardian.disarm()
         if target.alongside_verify is None:
             result = await sender.finish(digests, commit=target.wait_durable)
         else:
@@ -661,7 +671,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         return result
 
     # stop-and-copy
-    await guarded()
+    await guard.armed()
     with trio.CancelScope(shield=True):
         await throttle.stop()        # its last SIGCONT must come before our SIGSTOP
     t_pause = time.monotonic()
@@ -712,7 +722,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         await sender.wait_synced(policy.verify_timeout_s)
         rep.durable_ms = (time.monotonic() - t) * 1000
         rep.committing = True
-        guardian.disarm()               # (before the COMMIT: see the guardian's docstring)
+        guard.guardian.disarm()               # (before the COMMIT: see the guardian's docstring)
         try:
             await sender.commit()
         except MigratorError as e:
