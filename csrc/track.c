@@ -377,9 +377,52 @@ int64_t mg_bitmap_runs(const uint8_t *bitmap, uint64_t nbits, uint64_t *pos, uin
 int64_t mg_bitmap_count(const uint8_t *bitmap, uint64_t nbytes)
 {
     int64_t c = 0;
-    for (uint64_t i = 0; i < nbytes; i++)
+    uint64_t i = 0;
+    for (; i + 8 <= nbytes; i += 8) {     /* a word at a time (unaligned-safe through memcpy) */
+        uint64_t w;
+        memcpy(&w, bitmap + i, 8);
+        c += __builtin_popcountll(w);
+    }
+    for (; i < nbytes; i++)
         c += __builtin_popcount(bitmap[i]);
     return c;
+}
+
+int mg_mark_chunks(const uint64_t *runs, uint64_t nruns, uint64_t npages, unsigned shift,
+                   uint8_t *stale)
+{
+    if (shift > 32)
+        return -EINVAL;
+    for (uint64_t r = 0; r < nruns; r++) {
+        uint64_t first = runs[2 * r], count = runs[2 * r + 1];
+        if (count == 0)
+            continue;
+        if (first >= npages || count > npages - first)
+            return -EINVAL;
+        for (uint64_t c = first >> shift; c <= (first + count - 1) >> shift; c++)
+            stale[c] = 1;
+    }
+    return 0;
+}
+
+int64_t mg_hash_leaves(const uint8_t *hashes, uint64_t npages, unsigned shift, uint8_t *stale,
+                       uint8_t *leaves)
+{
+    if (shift > 32)
+        return -EINVAL;
+    uint64_t nleaves = (npages + (1ull << shift) - 1) >> shift;
+    int64_t done = 0;
+    for (uint64_t c = 0; c < nleaves; c++) {
+        /* (marked clean before it is hashed: a change racing this leaves it marked) */
+        if (stale && !__atomic_exchange_n(&stale[c], 0, __ATOMIC_ACQ_REL))
+            continue;
+        uint64_t first = c << shift;
+        uint64_t n = npages - first < (1ull << shift) ? npages - first : (1ull << shift);
+        XXH64_canonicalFromHash((XXH64_canonical_t *)(void *)(leaves + 8 * c),
+                                XXH3_64bits(hashes + 8 * first, 8 * n));
+        done++;
+    }
+    return done;
 }
 
 int mg_set_hashes(uint64_t *hashes, uint64_t npages, const uint64_t *runs, uint64_t nruns,

@@ -87,6 +87,16 @@ int64_t mg_sweep_hole(uint64_t n, uint64_t zero_hash, uint64_t *hashes, uint8_t 
  * in order, or to fill when values is NULL.  Returns 0, or -EINVAL for a run beyond npages. */
 int mg_set_hashes(uint64_t *hashes, uint64_t npages, const uint64_t *runs, uint64_t nruns,
                   const uint64_t *values, uint64_t fill);
+/* Set stale[c] = 1 for every chunk c (of 1 << shift pages) that one of nruns flat (first, count)
+ * runs touches.  Returns 0, or -EINVAL for a run beyond npages or a bad shift. */
+int mg_mark_chunks(const uint64_t *runs, uint64_t nruns, uint64_t npages, unsigned shift,
+                   uint8_t *stale);
+/* A digest's leaves (transport/digest.py): for every leaf c (the 8-byte page hashes of pages
+ * [c << shift, (c + 1) << shift), the last one shorter) whose stale[c] is set (every leaf when
+ * stale is NULL): clear stale[c], then leaves[8c..8c+8) = XXH3-64 of its hashes, big-endian
+ * (xxhash's canonical form).  Returns the leaves hashed, or -EINVAL for a bad shift. */
+int64_t mg_hash_leaves(const uint8_t *hashes, uint64_t npages, unsigned shift, uint8_t *stale,
+                       uint8_t *leaves);
 /* Set bit i of bitmap for every i < n with gens[i] > since.  Returns bits set. */
 int64_t mg_gens_since(const uint32_t *gens, uint64_t n, uint32_t since, uint8_t *bitmap);
 uint64_t mg_hash_zero_page(uint64_t page_size);

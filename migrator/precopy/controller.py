@@ -475,6 +475,9 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                                                 sent.packed if cut is not None else on_packed, until=cut)
             mark(f"round{round_no}-sent")
             send_done.set()
+            # the digests brought up to date with this round (the switch-over's then hash only
+            # the pages of its last rounds)
+            nursery.start_soon(trio.to_thread.run_sync, sent_tables.refresh)
             # switching over now: the final round's end marker covers these pages too
             if not skip_collect():
                 await sender.end_round(round_no)

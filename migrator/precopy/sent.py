@@ -8,7 +8,7 @@ memory is the trackers' claim; `--verify memory` checks it by reading the paused
 from __future__ import annotations
 
 from ..kernel.native import PAGE_SIZE, ffi, lib
-from ..transport.digest import digest_of_hashes
+from ..transport.digest import TableDigest
 from ..tracking.ledger import record_runs
 
 
@@ -24,21 +24,33 @@ class SentHashes:
             t = ffi.new("uint64_t[]", max(n, 1))
             lib.mg_sweep_hole(n, self._zero, t, ffi.NULL, 0, ffi.NULL, 0)
             self._tables[name] = t
+        self._digests = {name: TableDigest(ffi.buffer(self._tables[name], 8 * n), n)
+                         for name, n in npages.items()}
 
     def record(self, name: str, data_flat, zero_flat, hashes: bytes) -> None:
         """A sender's on_packed hook (from producer threads; batches never overlap): the pages
         of data runs went with these hashes, those of zero runs as zeros."""
         try:
             record_runs(self._tables[name], self._npages[name], data_flat, zero_flat, hashes, self._zero)
+            d = self._digests[name]
+            d.touch(data_flat)
+            d.touch(zero_flat)
         except ValueError:
             raise ValueError(f"pages recorded outside region {name}") from None
 
     def hashes(self, name: str) -> bytes:
         return bytes(ffi.buffer(self._tables[name], 8 * self._npages[name]))
 
+    def refresh(self) -> None:
+        """Bring the digests up to date with what was recorded (blocking: between sends, so
+        that the switch-over's digests hash only its last pages)."""
+        for d in self._digests.values():
+            d.refresh()
+
     def digest(self, name: str) -> str:
-        """The region's digest (transport/digest.py) from the table: 8 bytes a page hashed."""
-        return digest_of_hashes(ffi.buffer(self._tables[name], 8 * self._npages[name]))
+        """The region's digest (transport/digest.py) from the table: the leaves recorded into
+        since the last refresh() or digest() hashed again (not between sends)."""
+        return self._digests[name].digest()
 
     def compare(self, name: str, now: bytes) -> list[int]:
         """The pages whose hashes `now` (8 bytes a page, e.g. SourceMemory.page_hashes of the

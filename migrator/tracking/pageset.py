@@ -78,10 +78,11 @@ class PageSet:
 
     # --- queries ------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return int.from_bytes(self.bits, "little").bit_count()
+        with ffi.from_buffer(self.bits) as b:
+            return lib.mg_bitmap_count(b, len(self.bits))
 
     def __bool__(self) -> bool:
-        return any(self.bits)
+        return len(self) > 0
 
     def __contains__(self, page: int) -> bool:
         return 0 <= page < self.npages and bool(self.bits[page >> 3] & (1 << (page & 7)))

@@ -1,15 +1,21 @@
 """Region digests, computed the same way on both sides.
 
-A region's digest is XXH3-128 over the little-endian XXH3-64 hashes of its pages, in page order
-(pages never written, and holes, count as zero pages), as 32 lower-case hex digits.  Hashing page
-by page lets each side keep the per-page hashes it already has: the receiver updates them as pages
-arrive, the source's shmem ledger holds them after its final sweep, so verifying a migration does
-not need a second pass over the whole memory during the downtime.
+A region's digest is built from the little-endian XXH3-64 hashes of its pages, in page order
+(pages never written, and holes, count as zero pages): the table of those hashes is cut into
+leaves of LEAF_PAGES (256) pages (2 KiB of hashes; the last one shorter), each leaf is hashed with
+XXH3-64 (8 bytes, big-endian: xxhash's canonical form), and the digest is XXH3-128 over those leaf
+hashes in order, as 32 lower-case hex digits.  Hashing page by page lets each side keep the
+per-page hashes it already has: the receiver updates them as pages arrive, the sender as it sends,
+so verifying a migration needs no second pass over the memory during the downtime.  The leaves let
+each side keep the digest up to date (TableDigest): a digest then costs the leaves whose pages
+changed since the last one, not the region's size (8 GiB has 8192 leaves: 64 KiB hashed for
+the top, plus 2 KiB for each leaf changed).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import xxhash
@@ -18,15 +24,72 @@ from .._track_c import ffi, lib
 from .pagehash import page_hashes, zero_page_hash
 from .wire import RegionSpec
 
-__all__ = ["page_hashes", "zero_page_hash", "digest_of_hashes", "digest_bytes", "region_digest",
+__all__ = ["page_hashes", "zero_page_hash", "digest_of_hashes", "TableDigest", "digest_bytes", "region_digest",
            "fd_page_hashes", "file_digest", "PageReader"]
 
 CHUNK_BYTES = 4 << 20
+LEAF_SHIFT = 8
+LEAF_PAGES = 1 << LEAF_SHIFT          # pages a leaf of the digest covers (2 KiB of hashes)
+
+
+def _leaves(hashes: Any, npages: int, stale: Any, out: bytearray) -> int:
+    with ffi.from_buffer(hashes) as h, ffi.from_buffer(out) as o:
+        r = lib.mg_hash_leaves(h, npages, LEAF_SHIFT, ffi.NULL if stale is None else ffi.from_buffer(stale), o)
+    if r < 0:
+        raise ValueError("bad leaf size")
+    return r
 
 
 def digest_of_hashes(hashes: Any) -> str:
     """The region digest from its per-page hashes (bytes-like, 8 bytes a page)."""
-    return xxhash.xxh3_128(hashes).hexdigest()
+    with memoryview(hashes) as mv, mv.cast("B") as b:
+        npages = len(b) // 8
+        leaves = bytearray(8 * ((npages + LEAF_PAGES - 1) >> LEAF_SHIFT))
+        _leaves(b, npages, None, leaves)
+    return xxhash.xxh3_128(leaves).hexdigest()
+
+
+class TableDigest:
+    """The digest of a per-page hash table (8 bytes a page) kept up to date as the table
+    changes: touch() marks the leaves whose pages changed, and digest() rehashes only those
+    (refresh() does it ahead, e.g. after a round, so the switch-over's digest costs only the
+    pages of its last rounds).  digest() equals digest_of_hashes() of the table.
+
+    touch() may be called from several threads at once; refresh() and digest() must not run
+    while the table changes (a leaf is marked clean before it is hashed, so a change racing
+    a refresh leaves it marked, never clean and wrong)."""
+
+    def __init__(self, table: Any, npages: int):
+        """table: a writable buffer of at least 8 * npages bytes (kept until close())."""
+        self.npages = npages
+        self._table = memoryview(table).cast("B")
+        if len(self._table) < 8 * npages:
+            self._table.release()
+            raise ValueError(f"a hash table of {len(self._table)} bytes for {npages} pages")
+        n = (npages + LEAF_PAGES - 1) >> LEAF_SHIFT
+        self._leaves = bytearray(8 * n)
+        self._stale = bytearray(b"\x01") * n
+
+    def touch(self, flat: Sequence[int]) -> None:
+        """The pages of flat (first, count) runs changed.  ValueError for a run outside the table."""
+        if flat and lib.mg_mark_chunks(ffi.new("uint64_t[]", list(flat)), len(flat) // 2, self.npages,
+                                       LEAF_SHIFT, ffi.from_buffer(self._stale)) < 0:
+            raise ValueError("pages outside the table")
+
+    def touch_all(self) -> None:
+        """Every leaf to be hashed again."""
+        self._stale[:] = b"\x01" * len(self._stale)
+
+    def refresh(self) -> int:
+        """Rehash the leaves marked changed (in C, without the GIL); returns how many."""
+        return _leaves(self._table, self.npages, self._stale, self._leaves)
+
+    def digest(self) -> str:
+        self.refresh()
+        return xxhash.xxh3_128(self._leaves).hexdigest()
+
+    def close(self) -> None:
+        self._table.release()
 
 
 class PageReader(Protocol):

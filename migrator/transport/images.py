@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from .._track_c import ffi, lib
 from ..errors import MigratorError, ProtocolError
-from .digest import digest_of_hashes, page_hashes, zero_page_hash
+from .digest import TableDigest, page_hashes, zero_page_hash
 from .wire import Batch, RegionSpec
 
 MANIFEST = "manifest.json"
@@ -208,12 +208,14 @@ class _Image:
         self.unsettled = 0          # bytes written since the last settle()
         if self.npages:
             self.hashes[:self.npages] = array.array("Q", [self.zero_hash]) * self.npages
+        self.digest = TableDigest(self.hash_map, self.npages)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
         self.hashes.release()
+        self.digest.close()
         ffi.release(self.stamps_c)
         ffi.release(self.hashes_c)
         self._map.close()
@@ -312,6 +314,11 @@ class ImageSet:
                 ffi.new("uint64_t[]", data_flat), len(data_flat) // 2,
                 ffi.new("uint64_t[]", zero_flat), len(zero_flat) // 2,
                 batch.round_no, img.zero_hash, self.page_size, self._zeros, len(self._zeros), st)
+        if r < 0:
+            img.digest.touch_all()      # (a batch refused part-way may have changed pages)
+        else:
+            img.digest.touch(data_flat)
+            img.digest.touch(zero_flat)
         self.pages_written += st.written
         self.pages_zeroed += st.zeroed
         self.pages_stale += st.stale
@@ -337,6 +344,14 @@ class ImageSet:
                     img.unsettled = img.unflushed = 0
                     lib.mg_writeback(img.fd, 1)     # (best effort, as in _apply)
 
+    def refresh_digests(self) -> None:
+        """Bring the images' digests up to date (blocking: after a round's acknowledgement), so
+        that the verification hashes only the pages of the rounds since."""
+        with self._lock:
+            if not self._closed:
+                for img in self._images:
+                    img.digest.refresh()
+
     def verify(self, source_digests: Sequence[str]) -> list[Verdict]:
         """Digest the images from their per-page hashes and compare (blocking: run it in a
         thread).  A mismatch is written to the manifest at once; a complete verdict by sync(),
@@ -345,8 +360,7 @@ class ImageSet:
         with self._lock:
             self._check_open()
             for i, (img, src) in enumerate(zip(self._images, source_digests)):
-                with memoryview(img.hash_map) as mv:        # (no copy: 16 MiB at 8 GiB)
-                    got = digest_of_hashes(mv[:8 * img.npages])
+                got = img.digest.digest()       # (the leaves changed since the last refresh)
                 self.digests[i] = got
                 self.status[i] = "verified" if got == src else "mismatch"
                 out.append(Verdict(img.region.name, got == src, src, got))

@@ -394,6 +394,7 @@ class Receiver:
                         break
                     images.settle()
                     fs.send_blocking(wire.encode(wire.RoundAck(msg.round_no)))
+                    images.refresh_digests()     # (off the pause: the round is acknowledged)
                 else:
                     return msg
             raise failed[0]

@@ -27,7 +27,7 @@ from ..errors import ProtocolError
 from .pagehash import page_hashes
 
 MAGIC = b"MG"
-VERSION = 3                   # 2: PREPARE; 3: every frame after the handshake sealed (seal.py)
+VERSION = 4                   # 2: PREPARE; 3: every frame after the handshake sealed (seal.py); 4: digests over leaves (digest.py)
 HEADER = struct.Struct("!2sBBII")
 HEADER_SIZE = HEADER.size
 
