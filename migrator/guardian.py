@@ -95,7 +95,10 @@ def _qmp_cont(path: str, wait_s: float = 5.0) -> str:
                 if "error" not in r:
                     return "QEMU resumed (cont)"
                 desc = r["error"].get("desc", "")
-                if "not finished" not in desc or time.monotonic() >= deadline:
+                # the cancel takes effect asynchronously: QEMU refuses cont until it has
+                # ("Migration is not finalized yet", or "... not finished" on older versions)
+                busy = "not finished" in desc or "not finalized" in desc
+                if not busy or time.monotonic() >= deadline:
                     return f"QEMU refused cont: {desc}"
                 time.sleep(0.005)
     except (OSError, ValueError) as e:
