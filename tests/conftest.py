@@ -11,6 +11,9 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# a project of its own, with its own test suite (run by test_pytest_plugin.py as a user would)
+collect_ignore = ["sample_project"]
+
 
 def require(condition: bool, reason: str) -> None:
     """Skip (outside CI) or fail (CI=true) when condition is false."""

@@ -28,6 +28,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--ci", action="store_true", help="skip scenarios marked `ci = false` (e.g. the 4 GiB guest)")
     r.add_argument("--keep-images", action="store_true", help="keep the destination images under DIR/runs/")
     r.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    r.add_argument("--junit", metavar="FILE",
+                   help="also write JUnit XML: a test case per run (key numbers as properties, failed "
+                        "expectations as failures) and one per baseline regression")
+    r.add_argument("--summary", metavar="FILE",
+                   help="also append a Markdown summary for a CI job page (e.g. $GITHUB_STEP_SUMMARY): "
+                        "the table, the failures and the convergence charts as image links")
+    r.add_argument("--charts-url", default="", metavar="URL",
+                   help="prefix of the chart links in --summary (where DIR is published; default: "
+                        "relative to DIR)")
     r.set_defaults(handler=run)
     ls = ssub.add_parser("list", help="show the scenarios, one line each")
     ls.add_argument("files", nargs="*", metavar="FILE", help="files or folders (default: the suite)")
@@ -93,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
     if comparison is not None:
         failures += [f"baseline: {f}" for f in comparison.failures]
         print(f"baseline {args.baseline}: " + ("counts within tolerance" if comparison.passed else "FAILED"))
-    print(f"reports: {args.report}/report.md, {args.report}/report.json, {args.report}/charts/")
+    from ..scenarios.suite import write_ci_outputs
+    write_ci_outputs(doc, junit=args.junit, summary=args.summary, charts_url=args.charts_url)
+    extra = "".join(f", {p}" for p in (args.junit, args.summary) if p)
+    print(f"reports: {args.report}/report.md, {args.report}/report.json, {args.report}/charts/{extra}")
     if failures:
         print(f"{len(failures)} expectation(s) failed:")
         for f in failures:

@@ -79,6 +79,11 @@ class Guest:
         """The guest and its side writers."""
         return [self.pid, *self.writer_pids.values()]
 
+    def selectors(self) -> list[str]:
+        """Region selectors of all its memory, for migrate(regions=...): the shared block by
+        name, the anonymous one by its address range."""
+        return [r.name if r.kind == "shared" else f"{r.start:x}-{r.end:x}" for r in self.regions.values()]
+
     # --- control ---------------------------------------------------------------------------
     def pause(self) -> None:
         """Stop the guest and every side writer; returns once all are in state T."""

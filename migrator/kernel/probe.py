@@ -40,6 +40,17 @@ class Capabilities:
     def to_json(self) -> dict:
         return {k: asdict(v) for k, v in self.__dict__.items()}
 
+    def tracking_problem(self) -> str | None:
+        """None when page-table tracking can run here (userfaultfd write-protect with
+        PAGEMAP_SCAN, or soft-dirty); else why not, in words."""
+        if self.pagemap_scan.supported and self.uffd_wp_async_anon.supported:
+            return None
+        if self.soft_dirty.supported:
+            return None
+        return ("neither userfaultfd write-protect with PAGEMAP_SCAN "
+                f"({self.uffd_wp_async_anon.detail or self.pagemap_scan.detail}) nor soft-dirty "
+                f"({self.soft_dirty.detail}) is available")
+
 
 def _safe(fn):
     def run() -> Feature:

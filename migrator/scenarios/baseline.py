@@ -93,6 +93,8 @@ def baseline_document(outcomes: list["ScenarioOutcome"]) -> dict:
 
 
 def save_baseline(path: str, outcomes: list["ScenarioOutcome"]) -> None:
+    """Write the outcomes' medians (rounds, bytes, pages, times) and statuses as a baseline
+    file for later runs' --baseline."""
     with open(path, "w") as f:
         json.dump(baseline_document(outcomes), f, indent=1, sort_keys=True)
         f.write("\n")

@@ -57,6 +57,8 @@ def _yaxis(ticks: list[float], top: float, bottom: float, label: str) -> list[st
 
 
 def convergence_svg(name: str, run: "RunResult") -> str:
+    """An SVG chart (str) of one run's convergence: the bytes still to send at each round's end
+    over time, the downtime window shaded, events marked."""
     rep = run.report
     rounds = rep["per_round"]
     status = rep["status"]

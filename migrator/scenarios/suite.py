@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from .baseline import DEFAULT_TOLERANCE, Comparison, compare, save_baseline
 from .report import ScenarioOutcome, write_reports
@@ -40,6 +40,79 @@ async def run_suite(scenarios: list[Scenario], report_dir: str, *, repeat: int |
     if save_baseline_to:
         save_baseline(save_baseline_to, outcomes)
     return outcomes, comparison, doc
+
+
+@dataclass
+class SuiteResult:
+    """What scenarios.run() returns: the outcome of each scenario (its runs), the baseline
+    comparison (None without a baseline), and the report document (report.json's contents)."""
+
+    outcomes: list[ScenarioOutcome]
+    comparison: Comparison | None
+    report: dict
+
+    @property
+    def passed(self) -> bool:
+        return self.report["passed"]
+
+    def failures(self) -> list[str]:
+        """One line per failed expectation or baseline gate."""
+        out = [f for o in self.outcomes for f in o.failures()]
+        out += [f"{o.scenario.name}: run {r.repeat}: {r.error}" for o in self.outcomes for r in o.runs if r.error]
+        if self.comparison is not None:
+            out += [f"baseline: {f}" for f in self.comparison.failures]
+        return out
+
+
+async def run(scenarios: Sequence["Scenario | str | os.PathLike"], report_dir: "str | os.PathLike", *,
+              repeat: int | None = None, baseline: str | None = None,
+              tolerance: float = DEFAULT_TOLERANCE, ci: bool = False,
+              junit: "str | os.PathLike | None" = None, summary: "str | os.PathLike | None" = None,
+              charts_url: str = "", keep_images: bool = False,
+              log: Callable[[str], None] = lambda s: None,
+              progress: Callable[[str], None] | None = None) -> SuiteResult:
+    """Run scenarios (Scenario objects, or TOML files, folders or suite names as the CLI takes
+    them) and write report.json, report.md and charts/ into report_dir; with junit / summary,
+    also the JUnit XML and the Markdown job summary (ci.py).  ci: leave out scenarios marked
+    `ci = false`.  baseline: a report.json or baseline file to gate counts against (tolerance:
+    allowed growth, a fraction).  Returns a SuiteResult; failures do not raise.
+
+    Raises:
+        UsageError: a bad scenario file, two scenarios of one name, a bad baseline file."""
+    from ..errors import UsageError
+    from .spec import load_scenario, resolve
+
+    paths = [x for x in scenarios if not isinstance(x, Scenario)]
+    scns = [x for x in scenarios if isinstance(x, Scenario)]
+    scns += [load_scenario(p) for p in resolve([os.fspath(p) for p in paths])] if paths else []
+    seen: dict[str, str] = {}
+    for sc in scns:
+        if sc.name in seen:
+            raise UsageError(f"two scenarios are named {sc.name!r}: {seen[sc.name]} and {sc.path}")
+        seen[sc.name] = sc.path
+    if baseline:
+        from .baseline import load_baseline
+        load_baseline(baseline)                     # a bad file fails now, not after the runs
+    if ci:
+        scns = [sc for sc in scns if sc.ci]
+    outcomes, comparison, doc = await run_suite(
+        scns, os.fspath(report_dir), repeat=repeat, baseline=baseline, tolerance=tolerance,
+        keep_images=keep_images, log=log, progress=progress)
+    write_ci_outputs(doc, junit=junit, summary=summary, charts_url=charts_url)
+    return SuiteResult(outcomes, comparison, doc)
+
+
+def write_ci_outputs(doc: dict, *, junit: "str | os.PathLike | None" = None,
+                     summary: "str | os.PathLike | None" = None, charts_url: str = "") -> None:
+    """Write the JUnit XML and the Markdown summary (ci.py) of a report document; summary is
+    appended to (a CI job's summary file may have other steps' parts)."""
+    from .ci import junit_xml, summary_markdown
+    if junit:
+        with open(junit, "w", encoding="utf-8") as f:
+            f.write(junit_xml(doc))
+    if summary:
+        with open(summary, "a", encoding="utf-8") as f:
+            f.write(summary_markdown(doc, charts_url))
 
 
 def run_line(scn: Scenario, res) -> str:
