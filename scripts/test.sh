@@ -13,7 +13,8 @@ echo "== tests"
 .venv/bin/python -m pytest tests "$@" || failed+=("tests")
 echo "== scenario suite (CI subset) against scenarios/baseline.json"
 .venv/bin/migrator scenario run scenarios --ci --baseline scenarios/baseline.json \
-    --report scenario-report --quiet || failed+=("scenarios")
+    --report scenario-report --junit scenario-report/junit.xml \
+    --summary scenario-report/summary.md --quiet || failed+=("scenarios")
 echo "== kernel matrix"
 bash scripts/kernel-matrix.sh || failed+=("kernel matrix")
 if [ ${#failed[@]} -gt 0 ]; then
