@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <string.h>
+#include <sys/vfs.h>
 #include <time.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -139,7 +140,21 @@ int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint6
     return (int64_t)i;
 }
 
-int mg_apply_batch(int fd, uint32_t *stamps, uint64_t *img_hashes, uint64_t npages,
+/* pwrite of n bytes at off, in calls of at most chunk bytes (0: one call). */
+static int put(int fd, const uint8_t *src, uint64_t n, uint64_t off, uint64_t chunk)
+{
+    if (chunk == 0)
+        return mg_pwrite_full(fd, src, n, off);
+    for (uint64_t done = 0; done < n; done += chunk) {
+        uint64_t len = n - done < chunk ? n - done : chunk;
+        int r = mg_pwrite_full(fd, src + done, len, off + done);
+        if (r < 0)
+            return r;
+    }
+    return 0;
+}
+
+int mg_apply_batch(int fd, uint64_t write_chunk, uint32_t *stamps, uint64_t *img_hashes, uint64_t npages,
                    const uint8_t *data, const uint64_t *page_hashes,
                    const uint64_t *data_runs, uint64_t n_data_runs,
                    const uint64_t *zero_runs, uint64_t n_zero_runs,
@@ -152,7 +167,7 @@ int mg_apply_batch(int fd, uint32_t *stamps, uint64_t *img_hashes, uint64_t npag
     uint64_t off = 0;     /* pages of data consumed */
     int r;
 
-    if (page_size == 0 || zero_chunk == 0 || round_no > (UINT32_MAX - 3) / 2)
+    if (page_size == 0 || zero_chunk == 0 || round_no > (UINT32_MAX - 3) / 2 || write_chunk % page_size)
         return -EINVAL;
     for (uint64_t k = 0; k < n_data_runs; k++) {
         uint64_t first = data_runs[2 * k], count = data_runs[2 * k + 1];
@@ -162,7 +177,7 @@ int mg_apply_batch(int fd, uint32_t *stamps, uint64_t *img_hashes, uint64_t npag
         for (uint64_t p = first; p < first + count; p++)
             newest = stamps[p] > newest ? stamps[p] : newest;
         if (newest <= limit) {
-            r = mg_pwrite_full(fd, data + off * page_size, count * page_size, first * page_size);
+            r = put(fd, data + off * page_size, count * page_size, first * page_size, write_chunk);
             if (r < 0)
                 return r;
             for (uint64_t i = 0; i < count; i++) {
@@ -207,7 +222,7 @@ int mg_apply_batch(int fd, uint32_t *stamps, uint64_t *img_hashes, uint64_t npag
             uint64_t q = p;             /* a stretch of pages holding older data: zero them */
             while (q < end && q - p < zero_chunk && stamps[q] <= limit && (stamps[q] & 1))
                 q++;
-            r = mg_pwrite_full(fd, zero_buf, (q - p) * page_size, p * page_size);
+            r = put(fd, zero_buf, (q - p) * page_size, p * page_size, write_chunk);
             if (r < 0)
                 return r;
             for (; p < q; p++) {
@@ -320,6 +335,15 @@ int64_t mg_count_zero_pages(const uint8_t *buf, uint64_t npages, uint64_t page_s
     for (uint64_t i = 0; i < npages; i++)
         zeros += page_is_zero(buf + i * page_size, page_size, avx2);
     return zeros;
+}
+
+int mg_fs_type(int fd, uint64_t *type)
+{
+    struct statfs sf;
+    if (fstatfs(fd, &sf) != 0)
+        return -errno;
+    *type = (uint64_t)sf.f_type;
+    return 0;
 }
 
 int mg_writeback(int fd, int wait)

@@ -73,9 +73,14 @@ def _one(size: int, variant: str, args: argparse.Namespace) -> dict:
         "collect_ms_per_gib": statistics.median(r.tracker_ms for r in live) / gib if live else None,
         "downtime_ms": rep.downtime_ms, "expected_downtime_ms": rep.expected_downtime_ms,
         "total_ms": rep.total_time_ms, "mb_sent": rep.transferred_bytes / 1e6,
-        "final_scanned": rep.final_scanned,
+        "final_scanned": rep.final_scanned, "final_pages": rep.final_dirty_pages,
+        "per_round": [{"round": r.round, "pages": r.pages_sent, "ms": round(r.duration_ms, 1),
+                       "tracker_ms": round(r.tracker_ms, 1), "expected_downtime_ms": round(r.expected_downtime_ms, 1)}
+                      for r in rep.per_round],
         "final_collect_ms": rep.final_collect_ms, "sweeps": len(rep.sweeps), "final_sweep": next((x["reason"] for x in rep.sweeps if x["round"] == "final"), ""),
         "sweep_reasons": sorted({x["reason"] for x in rep.sweeps}),
+        "timeline_s": {k: round(v - min(rep.timeline.values()), 3) for k, v in
+                       sorted(rep.timeline.items(), key=lambda kv: kv[1])},
         "pause_ms": {k: round((v - rep.timeline["pause"]) * 1000, 1) for k, v in
                      sorted(rep.timeline.items(), key=lambda kv: kv[1]) if "pause" in rep.timeline
                      and v >= rep.timeline["pause"]},
