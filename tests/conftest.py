@@ -11,9 +11,6 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-# a project of its own, with its own test suite (run by test_pytest_plugin.py as a user would)
-collect_ignore = ["sample_project"]
-
 
 def require(condition: bool, reason: str) -> None:
     """Skip (outside CI) or fail (CI=true) when condition is false."""
@@ -55,3 +52,5 @@ def root():
 # kernel class); a plain pytest run collects only the runner's own unit tests there.
 collect_ignore = [] if os.environ.get("MIGRATOR_KERNEL") else [
     "kernels/test_kernel_facts.py", "kernels/test_softdirty_tracker.py"]
+# a project of its own, with its own test suite (run by test_pytest_plugin.py as a user would)
+collect_ignore.append("sample_project")
