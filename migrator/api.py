@@ -24,7 +24,7 @@ from .kernel.probe import probe as _probe
 from .precopy.controller import MigrationPolicy, MigrationTarget, StopToken
 from .precopy.controller import migrate as _migrate
 from .precopy.report import MigrationReport, RoundStats
-from .transport.receiver import SessionOutcome
+from .transport.receiver import SessionOutcome, parse_listen
 from .transport.receiver import serve as _serve
 from .units import parse_rate, parse_size
 
@@ -37,10 +37,7 @@ def _address(to: "Address | Receiver") -> tuple[str, int]:
     if isinstance(to, tuple):
         host, port = to
         return str(host), int(port)
-    host, sep, port = str(to).rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise UsageError(f"receiver address {to!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
+    return parse_listen(str(to))
 
 
 async def migrate(*, pid: int, regions: Sequence[str], to: "Address | Receiver",

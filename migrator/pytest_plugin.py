@@ -21,7 +21,6 @@ fails it when the CI environment variable is "true".  See docs/ci.md.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
@@ -63,12 +62,9 @@ class Migration:
                 _unavailable(problem)
         if self._receiver is None:
             from .scenarios.processes import ReceiverProcess
-            from .transport.auth import load_key
+            from .transport.auth import generate_key_file
             os.makedirs(self.workdir, mode=0o700, exist_ok=True)
-            fd = os.open(self._key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32) + "\n")
-            self._key = load_key(self._key_file)
+            self._key = generate_key_file(self._key_file)
             self._receiver = ReceiverProcess(self.receiver_dir, os.path.join(self.workdir, "receiver.log"),
                                              key_file=self._key_file)
 

@@ -72,8 +72,12 @@ class TableDigest:
 
     def touch(self, flat: Sequence[int]) -> None:
         """The pages of flat (first, count) runs changed.  ValueError for a run outside the table."""
-        if flat and lib.mg_mark_chunks(ffi.new("uint64_t[]", list(flat)), len(flat) // 2, self.npages,
-                                       LEAF_SHIFT, ffi.from_buffer(self._stale)) < 0:
+        if flat:
+            self.touch_c(ffi.new("uint64_t[]", list(flat)), len(flat) // 2)
+
+    def touch_c(self, runs: Any, nruns: int) -> None:
+        """touch() of runs already in a uint64_t cdata array (nruns (first, count) pairs)."""
+        if nruns and lib.mg_mark_chunks(runs, nruns, self.npages, LEAF_SHIFT, ffi.from_buffer(self._stale)) < 0:
             raise ValueError("pages outside the table")
 
     def touch_all(self) -> None:

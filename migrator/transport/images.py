@@ -319,21 +319,21 @@ class ImageSet:
     def _apply(self, batch: Batch) -> None:
         img = self._images[batch.region]
         hashes = batch.page_hashes if batch.page_hashes else page_hashes(batch.data, self.page_size)
-        data_flat = batch.data_flat
-        zero_flat = batch.zero_flat
+        n_data, n_zero = len(batch.data_flat) // 2, len(batch.zero_flat) // 2
+        data_runs = ffi.new("uint64_t[]", batch.data_flat)
+        zero_runs = ffi.new("uint64_t[]", batch.zero_flat)
         st = ffi.new("struct mg_apply_stats *")
         # (buffers released at once: see framing.FrameStream._bulk)
         with ffi.from_buffer(batch.data) as data, ffi.from_buffer("uint64_t[]", hashes) as hs:
             r = lib.mg_apply_batch(
                 img.fd, img.write_chunk, img.stamps_c, img.hashes_c, img.npages, data, hs,
-                ffi.new("uint64_t[]", data_flat), len(data_flat) // 2,
-                ffi.new("uint64_t[]", zero_flat), len(zero_flat) // 2,
+                data_runs, n_data, zero_runs, n_zero,
                 batch.round_no, img.zero_hash, self.page_size, self._zeros, len(self._zeros), st)
         if r < 0:
             img.digest.touch_all()      # (a batch refused part-way may have changed pages)
         else:
-            img.digest.touch(data_flat)
-            img.digest.touch(zero_flat)
+            img.digest.touch_c(data_runs, n_data)
+            img.digest.touch_c(zero_runs, n_zero)
         self.pages_written += st.written
         self.pages_zeroed += st.zeroed
         self.pages_stale += st.stale
