@@ -89,6 +89,20 @@ def _comm(pid: int) -> str:
         return "?"
 
 
+_SLEEP_SYSCALLS = {"35", "230"}      # x86-64 nanosleep, clock_nanosleep
+
+
+def _asleep_in_syscall(pid: int) -> bool:
+    """Whether process pid is `sleep` blocked in nanosleep/clock_nanosleep (its exec done)."""
+    if _comm(pid) != "sleep":
+        return False
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split(" ", 1)[0] in _SLEEP_SYSCALLS
+    except OSError:
+        return False
+
+
 def injection_refusal(pid: int) -> str | None:
     """Why not to inject into process pid (read from /proc/PID/status), or None.
 
@@ -269,7 +283,10 @@ def probe_injection() -> tuple[bool, str]:
         return False, f"cannot start a throw-away child (sleep): {e}"
     try:
         deadline = time.monotonic() + 2.0
-        while _comm(child.pid) != "sleep":      # wait for the exec
+        # Wait until the child sleeps in its syscall.  Its comm turns "sleep" early in the exec,
+        # before the new image (and its [vdso]) is mapped: reading its maps then can find no
+        # syscall instruction at all.
+        while not _asleep_in_syscall(child.pid):
             if time.monotonic() > deadline:
                 return False, "the throw-away child (sleep) did not start"
             time.sleep(0.001)
