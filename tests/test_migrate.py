@@ -81,6 +81,11 @@ async def test_collect_skipped_when_everything_would_fit(receiver):
         assert "round0-sent" in rep.timeline and "round0-acked" not in rep.timeline
         assert rep.rounds == 2 and rep.per_round[1].stop_and_copy
         assert rep.per_round[1].pages_dirtied == rep.final_dirty_pages > 0
+        # CPU time of this process while sending: some, and never more than every core for
+        # the whole send (a clock tick of slack)
+        for r in rep.per_round:
+            assert 0 <= r.cpu_ms <= r.duration_ms * os.cpu_count() + 10
+        assert rep.per_round[0].cpu_ms > 0
         # the final collect is page tables only: nothing but page-table writes happened
         assert rep.final_scanned == [] and rep.sweeps == []
         assert rep.expected_downtime_ms <= 2000

@@ -8,6 +8,13 @@ Each run migrates, with `migrator migrate` in its own process (the code path use
 and reads round 0's bytes and duration from the migration's JSON report.  Raw TCP is one
 `sendall` loop into one `recv_into` loop, both in their own processes.  The receiver writes to
 /dev/shm (tmpfs: the stream, not the disk) or to a folder on disk (--out-dir).
+
+It also counts CPU seconds per GiB moved: raw TCP's sender and receiver; migrator's sending
+process during round 0 (`cpu_ms` of the round, every thread) and its receiver over the whole
+session (from /proc/PID/stat).  Where the sender and the receiver share the machine's cores, as
+here, the two divide the cores between them: raw TCP's CPU per GiB over migrator's is the
+throughput ratio to expect when both are CPU-bound (raw TCP on loopback is not always: it can
+run above it).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 from ..guest.launcher import start_guest
 from ..guest.spec import GuestSpec
@@ -82,6 +90,20 @@ def _round0(rep: dict) -> tuple[float, int]:
     return r0["bytes"] / (r0["duration_ms"] / 1000), r0["bytes"]
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) process pid has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_during(pid: int, fn: Callable[[], object]) -> tuple[object, float]:
+    """fn()'s result, and the CPU seconds process pid used meanwhile."""
+    c0 = _cpu_s(pid)
+    out = fn()
+    return out, _cpu_s(pid) - c0
+
+
 def run(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -101,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
                                "--key-file", key_file), stdout=subprocess.PIPE, text=True)
     procs: dict[str, object] = {}
     results: dict[str, list[float]] = {"raw_tcp": [], **{t: [] for t in targets}}
+    gib = size / (1 << 30)
+    # CPU seconds per GiB: raw TCP's two sides, and each target's sender (round 0) and receiver
+    cpu: dict[str, dict[str, list[float]]] = {k: {"sender": [], "receiver": []} for k in results}
     try:
         raw_port = int(raw.stdout.readline())
         line = rx.stdout.readline()
@@ -116,7 +141,11 @@ def run(args: argparse.Namespace) -> int:
                 raise SystemExit("the memfd process did not start")
             procs["memfd"] = m
         for i in range(args.runs):
-            results["raw_tcp"].append(_raw_tcp(raw_port, size))
+            t0 = time.thread_time()
+            bps, raw_rx_cpu = _cpu_during(raw.pid, lambda: _raw_tcp(raw_port, size))
+            cpu["raw_tcp"]["sender"].append((time.thread_time() - t0) / gib)
+            cpu["raw_tcp"]["receiver"].append(raw_rx_cpu / gib)
+            results["raw_tcp"].append(bps)
             line = f"  run {i + 1}: raw TCP {results['raw_tcp'][-1] / 1e6:6.0f} MB/s"
             for t in targets:
                 report = os.path.join(work, f"{t}.json")
@@ -126,9 +155,12 @@ def run(args: argparse.Namespace) -> int:
                     pid, regions = g.pid, [g.region("shared").name, f"{a.start:x}-{a.end:x}"]
                 else:
                     pid, regions = procs["memfd"].pid, ["bench-memfd"]
-                rep = _migrate(pid, regions, port, key_file, args.channels, args.compress, report)
-                bps, _ = _round0(rep)
+                rep, rx_cpu = _cpu_during(rx.pid, lambda: _migrate(
+                    pid, regions, port, key_file, args.channels, args.compress, report))
+                bps, nbytes = _round0(rep)
                 results[t].append(bps)
+                cpu[t]["sender"].append(rep["per_round"][0]["cpu_ms"] / 1000 / (nbytes / (1 << 30)))
+                cpu[t]["receiver"].append(rx_cpu / (rep["transferred_bytes"] / (1 << 30)))
                 line += f"   {t} round 0 {bps / 1e6:6.0f} MB/s ({bps / results['raw_tcp'][-1]:.2f}x)"
             print(line, flush=True)
     finally:
@@ -153,7 +185,22 @@ def run(args: argparse.Namespace) -> int:
         v["ratio_to_raw"] = ratio
         print(f"  {k:8s} {v['min_Bps'] / 1e6:7.0f} / {v['median_Bps'] / 1e6:7.0f}   {ratio:.2f}x"
               + ("   (target >= 0.60, issue 16)" if k != "raw_tcp" else ""))
-    summary.update(size=size, channels=args.channels, out_dir=args.out_dir, compress=args.compress)
+    print("CPU seconds per GiB moved (median; sender: round 0, receiver: the whole session):")
+    raw_cpu = None
+    for k, v in cpu.items():
+        med = {side: statistics.median(x) for side, x in v.items()}
+        summary[k]["cpu_s_per_gib"] = med
+        total = med["sender"] + med["receiver"]
+        if k == "raw_tcp":
+            raw_cpu = total
+            print(f"  {k:8s} sender {med['sender']:.2f}  receiver {med['receiver']:.2f}  total {total:.2f}")
+        else:
+            bound = raw_cpu / total if raw_cpu and total else 0.0
+            summary[k]["cpu_ratio"] = bound
+            print(f"  {k:8s} sender {med['sender']:.2f}  receiver {med['receiver']:.2f}  total {total:.2f}"
+                  f"   CPU ratio raw / this = {bound:.2f}")
+    summary.update(size=size, channels=args.channels, out_dir=args.out_dir, compress=args.compress,
+                   cpus=os.cpu_count())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

@@ -377,7 +377,8 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                         bytes=st.bytes, duration_ms=st.duration * 1000, tracker_ms=tracker_s * 1000,
                         bandwidth_mbps=st.bytes * 8 / st.duration / 1e6 if st.duration > 0 else 0.0,
                         dirty_rate_pps=dirty_rate, expected_downtime_ms=expected_ms,
-                        throttle_percent=throttle.percent, stop_and_copy=final)
+                        throttle_percent=throttle.percent, stop_and_copy=final,
+                        cpu_ms=st.cpu * 1000)
         rep.per_round.append(rs)
         rep.rounds = len(rep.per_round)
         rep.transferred_bytes += st.bytes
@@ -652,7 +653,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         sts = (st1, st2, st3)
         st = SendStats(round_no, sum(x.bytes for x in sts), sum(x.pages_normal for x in sts),
                        sum(x.pages_zero for x in sts), sum(x.batches for x in sts),
-                       sum(x.duration for x in sts))
+                       sum(x.duration for x in sts), cpu=sum(x.cpu for x in sts))
         rep.final_dirty_pages = st.pages_normal + st.pages_zero
         account(round_no, rep.final_dirty_pages, st, final.cost_s, rep.dirty_pages_rate,
                 rep.expected_downtime_ms, final=True)

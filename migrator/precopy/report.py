@@ -33,6 +33,7 @@ class RoundStats:
     expected_downtime_ms: float
     throttle_percent: int = 0
     stop_and_copy: bool = False
+    cpu_ms: float = 0.0         # CPU time of the migrating process (all threads) while sending
 
 
 @dataclass

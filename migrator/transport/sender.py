@@ -50,6 +50,10 @@ class SendStats:
     duration: float     # seconds
     # batches packed but not sent (the send ended early, `until`): (region, data_flat, zero_flat)
     dropped: list = field(default_factory=list)
+    # CPU seconds of this whole process (every thread: packing, sealing, sending, and any
+    # tracking running beside) while the send ran; on a machine whose cores the receiver
+    # shares, what bounds the rate
+    cpu: float = 0.0
 
     @property
     def bandwidth(self) -> float:
@@ -519,6 +523,7 @@ class Sender:
         async with self._lock:
             self._round = round_no
             t0 = time.monotonic()
+            cpu0 = time.process_time()
             sent0 = self._sent()
             totals = [0, 0, 0]
             dropped: list = []
@@ -553,7 +558,8 @@ class Sender:
                 self._compressed[2] += c.wire_bytes
                 saved += c.raw_bytes - c.wire_bytes
             self._last_bw = (nbytes + saved) / dt if dt > 0 else 0.0
-            return SendStats(round_no, nbytes, totals[0], totals[1], totals[2], dt, dropped)
+            return SendStats(round_no, nbytes, totals[0], totals[1], totals[2], dt, dropped,
+                             cpu=time.process_time() - cpu0)
 
     async def _send_async(self, plan, reader, round_no, totals, packer: _Packer, depth: int,
                           stop: threading.Event, until: threading.Event | None, dropped: list) -> None:
