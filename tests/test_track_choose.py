@@ -94,3 +94,30 @@ def test_hash_chosen_by_user_injects_nothing(wp_kernel):
     finally:
         c.exit()
 
+
+
+def test_without_map_files_private_tracker_beside_full_hashing(wp_kernel):
+    """Where the shared objects cannot be opened (/proc/PID/map_files refused, as for a
+    non-root user: simulated here by the capabilities passed in, since this test runs as root),
+    the private memory keeps its page-table tracker and the shared memory is hashed through the
+    target's mappings: every write path still found, exactly, and no content baseline offered."""
+    import dataclasses
+
+    from migrator.kernel.probe import Feature, probe
+    from migrator.tracking.composite import PairTracker
+    caps = dataclasses.replace(probe(), map_files=Feature(False, "test: map_files refused"))
+    c = Child("--shm-pages", "16", "--anon-pages", "16")
+    try:
+        with make_tracker(c.pid, regions(c), "auto", caps=caps) as t:
+            assert isinstance(t, PairTracker) and t.name == "wp+hash"
+            assert t.content_baseline() is None
+            assert "shared memory hashed through the target's mappings: test: map_files refused" \
+                in t.statistics().detail
+            c.write("anon", [2, 9])
+            c.write("shm", [5])
+            c.cmd("pwrite", pages=[11])
+            assert pages(t) == {"anon": [2, 9], "shm": [5, 11]}
+            assert pages(t) == {"anon": [], "shm": []}     # (nothing written since)
+            assert t.final_collect_estimate_s() >= 0 and t.memory_bytes() > 0
+    finally:
+        c.exit()

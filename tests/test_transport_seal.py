@@ -14,6 +14,7 @@ from migrator.errors import AuthError, MigratorError, ProtocolError, TransportEr
 from migrator.transport import RegionSpec, connect_sender, digest_bytes, wire
 from migrator.transport import receiver as receiver_mod
 from migrator.transport.auth import client_handshake
+from migrator.transport.digest import BufferReader
 from migrator.transport.framing import FrameStream
 from migrator.transport.receiver import Receiver
 from migrator.transport.seal import derive, transcript
@@ -276,7 +277,7 @@ async def test_receive_buffers_are_bounded_by_bytes_not_page_size(nursery, tmp_p
         grown = _vm_size() - before
         mem = {"ram": bytearray(64 << 20)}
 
-        class Big:
+        class Big(BufferReader):
             def read(self, name, first, n):
                 return memoryview(mem[name])[first * (64 << 10):(first + n) * (64 << 10)]
         await s.send_pages({"ram": [(0, 1024)]}, Big(), 0)

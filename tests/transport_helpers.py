@@ -10,13 +10,14 @@ import trio
 
 from migrator.transport import RegionSpec, Receiver, wire
 from migrator.transport.auth import client_handshake
+from migrator.transport.digest import BufferReader
 from migrator.transport.framing import FrameStream
 
 PS = 4096
 KEY = b"0123456789abcdef0123456789abcdef"
 
 
-class MemReader:
+class MemReader(BufferReader):
     """Regions held in bytearrays; read() returns a view (as a live source would)."""
 
     def __init__(self, mem: dict[str, bytearray]):

@@ -78,6 +78,7 @@ import xxhash
 from ..errors import MigratorError, ProtocolError, TransportError
 from ..transport import RegionSpec, connect_sender, wire
 from ..transport.auth import proof
+from ..transport.digest import BufferReader
 from ..transport.framing import FrameStream, PeerClosed
 from ..transport.pagehash import page_hashes, zero_page_hash
 from ..transport.seal import derive, transcript
@@ -2453,7 +2454,7 @@ async def probe(t: Target, seed: int) -> tuple[bool, float, str]:
     region = RegionSpec("probe", 0, 16 * PS)
     mem = random.Random(seed).randbytes(8 * PS) + bytes(8 * PS)
 
-    class Reader:
+    class Reader(BufferReader):
         def read(self, name, first, n):
             return memoryview(mem)[first * PS:(first + n) * PS]
     from ..transport.digest import digest_bytes

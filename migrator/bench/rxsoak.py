@@ -202,6 +202,7 @@ def sender_main(argv: list[str]) -> int:
     import trio
 
     from ..transport import RegionSpec, connect_sender, digest_bytes
+    from ..transport.digest import BufferReader
 
     port, key_file, size, seed, channels = int(argv[0]), argv[1], int(argv[2]), int(argv[3]), int(argv[4])
     with open(key_file, "rb") as f:
@@ -209,7 +210,7 @@ def sender_main(argv: list[str]) -> int:
     mem = bytearray(random.Random(seed).randbytes(size))
     npages = size // PAGE
 
-    class Reader:
+    class Reader(BufferReader):
         def read(self, name: str, first: int, n: int):
             return memoryview(mem)[first * PAGE:(first + n) * PAGE]
 

@@ -273,6 +273,7 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
                            inject=policy.inject, hint_pids=[*target.writers, *_cgroup_pids(target.cgroup)],
                            no_syscall_writes=set(target.no_syscall_writes))
     rep.tracker = tracker.name
+    baseline = tracker.content_baseline()
     mark("tracker-made")
     source = SourceMemory(target.pid, regions, maps)
     pauser = target.pauser or Pauser([target.pid, *target.writers], target.cgroup)
@@ -288,13 +289,10 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
         # tables are then filled before round 0).  Round 0's pages are found after the tracker
         # is armed: a page populated in between is then either in round 0 or reported by the
         # first collect.
-        use_views = getattr(tracker, "use_views", None)
-        if use_views is not None:
-            use_views({r.name: source.mapped(r.name) for r in regions})
-        # where the tracker can, what round 0 sends is its baseline: no sweep of everything first
-        begin_from_sends = getattr(tracker, "begin_from_sends", None)
-        if begin_from_sends is not None:
-            begin_from_sends()
+        if baseline is not None:
+            baseline.use_views({r.name: source.mapped(r.name) for r in regions})
+            # what round 0 sends is the ledger's baseline: no sweep of everything first
+            baseline.begin_from_sends()
         else:
             tracker.begin()
         mark("tracker-begun")
@@ -360,10 +358,11 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
                progress, target: MigrationTarget, first: dict[str, PageSet], guard: "_Guard") -> None:
     rep.status = "active"
     mark = rep.timeline.mark
+    baseline = tracker.content_baseline()
     # what the destination holds, page by page (the digests come from it), and what the
     # ledger compares with next (LedgerTracker.record_sent): both kept as pages are packed
     sent_tables = SentHashes({r.name: r.npages for r in regions})
-    record_sent = getattr(tracker, "record_sent", None)
+    record_sent = baseline.record_sent if baseline is not None else None
 
     def on_packed(name: str, data_flat, zero_flat, hashes: bytes) -> None:
         sent_tables.record(name, data_flat, zero_flat, hashes)
@@ -404,7 +403,7 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         send_done = trio.Event()
         # "converge" cuts only round 0, where the tracker can tell how much of what the round
         # sent is rewritten already (no collect has measured the dirty rate yet)
-        rewritten = getattr(tracker, "rewritten_fraction", None)
+        rewritten = baseline.rewritten_fraction if baseline is not None else None
         can_cut = policy.switchover == "fits" or (round_no == 0 and rewritten is not None)
         cut = threading.Event() if can_cut else None
         sent = SentPages({r.name: r.npages for r in regions}, on_packed)
@@ -592,12 +591,11 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         # Where the ledger's hashes are those of what the destination holds, a sweep the final
         # collect needs is done by the sender instead: it compares every page with them as it
         # sends, one pass over the memory, not a sweep and then a send.
-        known_hashes = getattr(tracker, "known_hashes", None)
-        hashes = known_hashes() if known_hashes is not None else {}
+        hashes = baseline.known_hashes() if baseline is not None else {}
         fusable = frozenset(hashes)
 
         async def collect_final() -> None:
-            collect = (lambda: tracker.collect(final=True, defer=fusable)) if fusable \
+            collect = (lambda: baseline.collect(final=True, defer=fusable)) if baseline and fusable \
                 else (lambda: tracker.collect(final=True))
             collected.append(await trio.to_thread.run_sync(collect))
             mark("final-collect")

@@ -50,9 +50,12 @@ class SourceMemory:
             return TargetGoneError(f"process {self.pid} exited")
         return MigratorError(f"reading region {region_name}: {err.strerror}")
 
-    def read_into(self, region_name: str, runs: list[tuple[int, int]], buf) -> None:
+    def read_into(self, region_name: str, runs: list[tuple[int, int]], buf,
+                  page_size: int = PAGE_SIZE) -> None:
         """Read the pages of runs [(first_page, npages), ...] of a region into buf, one after
         the other, in one C call."""
+        if page_size != PAGE_SIZE:
+            raise ValueError(f"a process's memory is read in pages of {PAGE_SIZE} bytes, not {page_size}")
         fd, base, is_object = self._where(region_name)
         total = sum(n for _, n in runs)
         if len(buf) < total * PAGE_SIZE:

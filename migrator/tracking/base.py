@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import Mapping, Protocol
 
 from ..kernel.maps import Region
 from .pageset import PageSet
@@ -59,6 +60,37 @@ class TrackerStatistics:
     detail: str = ""
 
 
+class ContentBaseline(Protocol):
+    """What a tracker that compares page contents with what was sent (the shmem ledger, inside
+    the composite tracker) offers the pre-copy controller, got from Tracker.content_baseline():
+    round 0's sends become the baseline (no sweep first), the sender keeps it up to date, and
+    the final collect can leave a sweep to the sender, which compares every page as it sends."""
+
+    def use_views(self, views: Mapping[str, object]) -> None:
+        """Region name -> a read-only mapping of its object (or None), before begin: what the
+        ledger sweeps from and the sweep gate finds holes in."""
+
+    def begin_from_sends(self) -> set[str]:
+        """Arm, taking what record_sent() is given as the ledger's baseline instead of sweeping
+        now: returns the regions whose every page the caller must then send (round 0)."""
+
+    def record_sent(self, region_name: str, data_flat, zero_flat, hashes: bytes) -> None:
+        """The sender's on_packed hook: these pages went out with these hashes (or as zeros)."""
+
+    def rewritten_fraction(self, samples: dict[str, list[int]]) -> float | None:
+        """Of sampled pages sent (region name -> page numbers), the fraction rewritten already;
+        None if it cannot tell."""
+
+    def known_hashes(self) -> dict[str, object]:
+        """Region name -> the hashes of what the destination holds (8 bytes a page, writable),
+        for a sender doing the final sweep of those regions itself (Sender.send_pages known=)."""
+
+    def collect(self, final: bool = False, exclude: frozenset[str] = frozenset(),
+                defer: frozenset[str] = frozenset()) -> "DirtyPages":
+        """Tracker.collect, leaving the sweeps of the regions in defer to the caller (listed in
+        the result's `unswept`)."""
+
+
 class Tracker(abc.ABC):
     """Reports, per collect, the pages of its regions written since the previous collect.
 
@@ -94,6 +126,11 @@ class Tracker(abc.ABC):
 
     def memory_bytes(self) -> int:
         return 0
+
+    def content_baseline(self) -> ContentBaseline | None:
+        """The content-baseline features, where this tracker has them (None: page tables or
+        plain hashing only)."""
+        return None
 
     def writer_pids(self) -> set[int]:
         """Processes besides the target found writing the tracked memory (other mappers of its

@@ -16,7 +16,7 @@ from ..kernel.maps import Region
 from ..kernel.probe import (Capabilities, probe, probe_map_files, probe_pagemap_scan,
                             probe_uffd_wp_async_shmem)
 from .base import Tracker
-from .composite import CompositeTracker, is_shared
+from .composite import CompositeTracker, PairTracker, is_shared
 from .fullhash import FullHashTracker
 from .ledger import LedgerRegistry
 from .mappers import MapperTracker
@@ -107,7 +107,7 @@ def _make(pid: int, regions: list[Region], private: list[Region], shared: list[R
         hashed = FullHashTracker(pid, shared)
         if priv is None:
             return hashed
-        return _Pair(pid, regions, priv, hashed, pool, notes)
+        return PairTracker(pid, regions, priv, hashed, pool, notes)
     mappers = None
     if shared and uffd_ok and wp_shared and wanted in ("auto", "wp"):
         mappers = MapperTracker(pid, shared, pool, hint_pids=hint_pids)
@@ -125,13 +125,3 @@ def _shared_caps() -> Capabilities:
                         pidfd_getfd=skipped, map_files=probe_map_files(), swap_active=skipped,
                         thp=skipped)
 
-
-class _Pair(CompositeTracker):
-    """Private tracker + full hashing of shared regions (when map_files cannot be opened)."""
-
-    def __init__(self, pid: int, regions: list[Region], private: Tracker, shared: Tracker,
-                 pool: UffdPool, notes: list[str]):
-        Tracker.__init__(self, pid, regions)
-        self.private, self.ledger, self.mappers = private, shared, None
-        self.pool, self.notes = pool, notes
-        self.name = f"{private.name}+{shared.name}"

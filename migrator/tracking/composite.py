@@ -11,6 +11,7 @@ every collect.  The union is exact for every write path; each sweep is reported 
 from __future__ import annotations
 
 import time
+from typing import Mapping
 
 from ..kernel.maps import Region, RegionKind
 from ..kernel.native import ffi
@@ -24,7 +25,84 @@ def is_shared(r: Region) -> bool:
     return r.kind == RegionKind.SHARED
 
 
-class CompositeTracker(Tracker):
+class PartsTracker(Tracker):
+    """A tracker made of parts, each tracking some of the regions: begin, end, memory, writers
+    and statistics over the parts; collect() and parts() are the subclass's."""
+
+    def __init__(self, pid: int, regions: list[Region], pool=None, notes: list[str] | None = None):
+        """pool: the UffdPool the parts took their userfaultfds from (closed by end()); notes:
+        why a mechanism was not used (for the report's tracker_detail)."""
+        super().__init__(pid, regions)
+        self.pool = pool
+        self.notes = list(notes or [])
+
+    def parts(self) -> list[Tracker]:
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        started: list[Tracker] = []
+        try:
+            for p in self.parts():
+                p.begin()
+                started.append(p)
+        except BaseException:
+            self._abort(started)
+            raise
+
+    def _abort(self, started: list[Tracker]) -> None:
+        """A begin failed: end the parts begun, free the pool."""
+        for p in started:
+            p.end()
+        if self.pool is not None:
+            self.pool.close()
+
+    def end(self) -> None:
+        for p in self.parts():
+            p.end()
+        if self.pool is not None:
+            self.pool.close()
+
+    def memory_bytes(self) -> int:
+        return sum(p.memory_bytes() for p in self.parts())
+
+    def writer_pids(self) -> set[int]:
+        return set().union(*(p.writer_pids() for p in self.parts()))
+
+    def statistics(self) -> TrackerStatistics:
+        base = super().statistics()
+        lines = []
+        for p in self.parts():
+            d = p.statistics().detail       # e.g. where a write-protect part's uffd came from
+            lines.append(f"{p.name}: {', '.join(r.name for r in p.regions)}" + (f" ({d})" if d else ""))
+        return TrackerStatistics(**{**base.__dict__, "detail": "; ".join([*lines, *self.notes])})
+
+
+class PairTracker(PartsTracker):
+    """A tracker of private memory beside full hashing of the shared regions, where their
+    objects cannot be opened (no /proc/PID/map_files access): no ledger, no sweep gate."""
+
+    def __init__(self, pid: int, regions: list[Region], private: Tracker, hashed: Tracker,
+                 pool=None, notes: list[str] | None = None):
+        super().__init__(pid, regions, pool, notes)
+        self.private, self.hashed = private, hashed
+        self.name = f"{private.name}+{hashed.name}"
+
+    def parts(self) -> list[Tracker]:
+        return [self.private, self.hashed]
+
+    def collect(self, final: bool = False) -> DirtyPages:
+        t0 = time.perf_counter()
+        out = DirtyPages(pages={})
+        for p in self.parts():
+            out.merge(p.collect(final))
+        out.cost_s = time.perf_counter() - t0
+        return self._account(out)
+
+    def final_collect_estimate_s(self) -> float:
+        return sum(p.final_collect_estimate_s() for p in self.parts())
+
+
+class CompositeTracker(PartsTracker):
     def __init__(self, pid: int, regions: list[Region], private: Tracker | None,
                  registry: LedgerRegistry | None = None, *, mappers: Tracker | None = None,
                  pool=None, notes: list[str] | None = None,
@@ -33,13 +111,11 @@ class CompositeTracker(Tracker):
         UffdPool the parts took their userfaultfds from (closed by end()); notes: why a
         mechanism was not used (for the report's tracker_detail); no_syscall_writes: processes
         known never to write the shared objects by system call (SweepGate)."""
-        super().__init__(pid, regions)
+        super().__init__(pid, regions, pool, notes)
         shared = [r for r in regions if is_shared(r)]
         self.private = private
         self.mappers = mappers
-        self.pool = pool
-        self.notes = list(notes or [])
-        self.ledger = LedgerTracker(pid, shared, registry) if shared else None
+        self.ledger: LedgerTracker | None = LedgerTracker(pid, shared, registry) if shared else None
         self.shared = shared
         # without page-table tracking of every mapper, nothing can show an object unchanged
         self.gate = SweepGate(shared, {}, no_syscall_writes=no_syscall_writes) \
@@ -49,10 +125,14 @@ class CompositeTracker(Tracker):
     def parts(self) -> list[Tracker]:
         return [p for p in (self.private, self.mappers, self.ledger) if p is not None]
 
-    def use_views(self, views: dict) -> None:
+    def content_baseline(self) -> "CompositeTracker | None":
+        """Itself where it has shared regions (the ledger's content baseline: base.ContentBaseline)."""
+        return self if self.ledger is not None else None
+
+    def use_views(self, views: Mapping[str, object]) -> None:
         """Mappings of shared regions for the ledger to sweep from (LedgerTracker.use_views),
         and for the sweep gate to find holes in (SweepGate.use_view)."""
-        if isinstance(self.ledger, LedgerTracker):
+        if self.ledger is not None:
             self.ledger.use_views(views)
         if self.gate is not None:
             for r in self.shared:
@@ -75,33 +155,30 @@ class CompositeTracker(Tracker):
         lazy: set[str] = set()
         try:
             for p in self.parts():
-                if from_sends and isinstance(p, LedgerTracker):
-                    lazy = p.begin_from_sends()
+                if from_sends and p is self.ledger:
+                    lazy = self.ledger.begin_from_sends()
                 else:
                     p.begin()
                 started.append(p)
-            if self.gate is not None and isinstance(self.ledger, LedgerTracker):
+            if self.gate is not None and self.ledger is not None:
                 self.gate.fds = self.ledger.object_fds()
                 self.gate.start()
         except BaseException:
-            for p in started:
-                p.end()
-            if self.pool is not None:
-                self.pool.close()
+            self._abort(started)
             raise
         return lazy
 
     def record_sent(self, region_name: str, data_flat, zero_flat, hashes: bytes) -> None:
-        if isinstance(self.ledger, LedgerTracker):
+        if self.ledger is not None:
             self.ledger.record_sent(region_name, data_flat, zero_flat, hashes)
 
     def rewritten_fraction(self, samples: dict[str, list[int]]) -> float | None:
         """The ledger's (LedgerTracker.rewritten_fraction)."""
-        return self.ledger.rewritten_fraction(samples) if isinstance(self.ledger, LedgerTracker) else None
+        return self.ledger.rewritten_fraction(samples) if self.ledger is not None else None
 
     def known_hashes(self) -> dict[str, object]:
         """The ledger's (LedgerTracker.known_hashes)."""
-        return self.ledger.known_hashes() if isinstance(self.ledger, LedgerTracker) else {}
+        return self.ledger.known_hashes() if self.ledger is not None else {}
 
     def collect(self, final: bool = False, exclude: frozenset[str] = frozenset(),
                 defer: frozenset[str] = frozenset()) -> DirtyPages:
@@ -138,12 +215,9 @@ class CompositeTracker(Tracker):
         swept = {name for s in sweeps for name in s.regions}
         skip = {r.name for r in self.shared if r.name not in swept}
         deferred = (swept & defer) - exclude
-        if isinstance(self.ledger, LedgerTracker):
-            mine = scan.holders.get(self.pid) if scan is not None else None
-            out.merge(self.ledger.collect(final, exclude | skip | deferred,
-                                          maps=mine.maps if mine is not None else None))
-        else:
-            out.merge(self.ledger.collect(final))
+        mine = scan.holders.get(self.pid) if scan is not None else None
+        out.merge(self.ledger.collect(final, exclude | skip | deferred,
+                                      maps=mine.maps if mine is not None else None))
         lap(self.ledger.name)
         out.sweeps.extend(sweeps)
         out.unswept |= deferred
@@ -167,7 +241,7 @@ class CompositeTracker(Tracker):
         for e in out.events:
             if e.what.startswith("mapper-") and e.region in by_name:
                 uncovered.setdefault(by_name[e.region], f"{e.what}: {e.detail}")
-        if isinstance(self.ledger, LedgerTracker):
+        if self.ledger is not None:
             self.gate.fds = self.ledger.object_fds()     # (a grown ledger reopens its object)
         return list(self.gate.decide(scan, uncovered).values())
 
@@ -177,8 +251,6 @@ class CompositeTracker(Tracker):
         est = sum(p.final_collect_estimate_s() for p in (self.private, self.mappers) if p is not None)
         if self.ledger is None:
             return est
-        if not isinstance(self.ledger, LedgerTracker):
-            return est + self.ledger.final_collect_estimate_s()
         if self.gate is None:
             return est + self.ledger.sweep_estimate_s(None)
         return est + self.gate.scan_s + self.ledger.sweep_estimate_s(set(self.gate.last))
@@ -186,21 +258,4 @@ class CompositeTracker(Tracker):
     def end(self) -> None:
         if self.gate is not None:
             self.gate.close()
-        for p in self.parts():
-            p.end()
-        if self.pool is not None:
-            self.pool.close()
-
-    def memory_bytes(self) -> int:
-        return sum(p.memory_bytes() for p in self.parts())
-
-    def writer_pids(self) -> set[int]:
-        return set().union(*(p.writer_pids() for p in self.parts()))
-
-    def statistics(self) -> TrackerStatistics:
-        base = super().statistics()
-        lines = []
-        for p in self.parts():
-            d = p.statistics().detail       # e.g. where a write-protect part's uffd came from
-            lines.append(f"{p.name}: {', '.join(r.name for r in p.regions)}" + (f" ({d})" if d else ""))
-        return TrackerStatistics(**{**base.__dict__, "detail": "; ".join([*lines, *self.notes])})
+        super().end()

@@ -25,7 +25,7 @@ from .pagehash import page_hashes, zero_page_hash
 from .wire import RegionSpec
 
 __all__ = ["page_hashes", "zero_page_hash", "digest_of_hashes", "TableDigest", "digest_bytes", "region_digest",
-           "fd_page_hashes", "file_digest", "PageReader"]
+           "fd_page_hashes", "file_digest", "PageReader", "BufferReader"]
 
 CHUNK_BYTES = 4 << 20
 LEAF_SHIFT = 8
@@ -98,17 +98,46 @@ class TableDigest:
 
 class PageReader(Protocol):
     """What the sender reads pages from: blocking calls from worker threads, possibly several at
-    once (one per producer).  Optional methods, used when present:
-
-    - read_into(region_name, [(first_page, npages), ...], buf): those pages into buf, in order;
-    - mapped(region_name): a read-only buffer of the whole region (zero pages are then found in
-      place and only the others copied), or None;
-    - memory_object(region_name): (fd, byte offset of page 0) of the object behind mapped(),
-      whose holes are then packed as zeros without being read, or None.
-    """
+    once (one per producer).  BufferReader gives every method but read() a plain default."""
 
     def read(self, region_name: str, first_page: int, npages: int) -> Any:
         """npages * page_size bytes (bytes, bytearray or memoryview) from first_page on."""
+
+    def read_into(self, region_name: str, runs: list[tuple[int, int]], buf: Any,
+                  page_size: int) -> None:
+        """The pages of runs [(first_page, npages), ...] into buf, one after the other."""
+
+    def mapped(self, region_name: str) -> Any | None:
+        """A read-only buffer of the whole region (zero pages are then found in place and only
+        the others copied), or None."""
+
+    def memory_object(self, region_name: str) -> tuple[int, int] | None:
+        """(fd, byte offset of page 0) of the object behind mapped(), whose holes are then
+        packed as zeros without being read, or None."""
+
+
+class BufferReader:
+    """A PageReader needing only read(): pages are read run by run, nothing is mapped."""
+
+    def read(self, region_name: str, first_page: int, npages: int) -> Any:
+        raise NotImplementedError
+
+    def read_into(self, region_name: str, runs: list[tuple[int, int]], buf: Any,
+                  page_size: int) -> None:
+        pos = 0
+        for first, n in runs:
+            got = self.read(region_name, first, n)
+            if len(got) != n * page_size:
+                raise ValueError(f"page reader returned {len(got)} bytes for {n} pages of "
+                                 f"region {region_name!r}")
+            buf[pos:pos + n * page_size] = got
+            pos += n * page_size
+
+    def mapped(self, region_name: str) -> Any | None:
+        return None
+
+    def memory_object(self, region_name: str) -> tuple[int, int] | None:
+        return None
 
 
 def digest_bytes(data: Any, page_size: int = 4096) -> str:

@@ -277,9 +277,8 @@ class _Packer:
     def batches(self, plan: list[tuple[int, str, list[tuple[int, int]]]], reader: PageReader,
                 round_no: int) -> Iterator[_Built]:
         """The batches of plan ([(region index, name, [(first, end), ...])]), in order."""
-        mapped = getattr(reader, "mapped", None)
         for idx, name, runs in plan:
-            view = mapped(name) if mapped is not None else None
+            view = reader.mapped(name)
             if view is not None:
                 yield from self._from_mapping(idx, name, runs, view, reader, round_no)
             else:
@@ -292,8 +291,7 @@ class _Packer:
         ps = self.ps
         if len(view) < max(end for _, end in runs) * ps:
             raise MigratorError(f"the mapping of region {name!r} is smaller than the region")
-        where = getattr(reader, "memory_object", None)
-        obj = where(name) if where is not None and ps == mmap.PAGESIZE else None
+        obj = reader.memory_object(name) if ps == mmap.PAGESIZE else None
         hint = self._extents.get(name)      # the object's layout as found so far (this call)
         if hint is None:
             hint = self._extents[name] = ffi.new("struct mg_extent *")
@@ -324,21 +322,13 @@ class _Packer:
 
     def _from_reads(self, idx, name, runs, reader, round_no) -> Iterator[_Built]:
         ps = self.ps
-        read_into = getattr(reader, "read_into", None)
         for pieces in _windows(runs, self.batch_pages):
             total = sum(n for _, n in pieces)
             buf = self._buffer()
-            if read_into is not None:
-                read_into(name, pieces, buf)
-            else:
-                pos = 0
-                for first, n in pieces:
-                    got = reader.read(name, first, n)
-                    if len(got) != n * ps:
-                        raise MigratorError(f"page reader returned {len(got)} bytes for {n} pages "
-                                            f"of region {name!r}")
-                    buf[pos:pos + n * ps] = got
-                    pos += n * ps
+            try:
+                reader.read_into(name, pieces, buf, ps)
+            except ValueError as e:      # (a reader that gave the wrong number of bytes)
+                raise MigratorError(str(e)) from None
             st, keep = self._state(buf, name)
             src = st.out
             pos = 0
