@@ -30,6 +30,7 @@ import tempfile
 import time
 
 from ..scenarios.processes import ReceiverProcess
+from ..transport.auth import generate_key_file, load_key
 from .faults import END_RE, SETUP_RE, Counts, process_counts, settle_counts
 
 PAGE = 4096
@@ -68,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
     os.chmod(base, 0o700)
     out_dir = os.path.join(base, "out")
     key_file = os.path.join(base, "key")
-    with open(key_file, "wb") as f:
-        f.write(os.urandom(32))
-    os.chmod(key_file, 0o600)
+    # (64 hex digits: raw random bytes could start or end with white space, which a key file
+    # loses; the sender then held another key than the receiver, once in ~20 runs)
+    generate_key_file(key_file)
     print(f"receiver soak: {args.sessions} sessions of {args.size} on {args.channels} channel(s), "
           f"{args.abort:.0%} senders SIGKILLed, seed {seed}", flush=True)
     rx = ReceiverProcess(out_dir, os.path.join(base, "receiver.log"), key_file)
@@ -205,8 +206,7 @@ def sender_main(argv: list[str]) -> int:
     from ..transport.digest import BufferReader
 
     port, key_file, size, seed, channels = int(argv[0]), argv[1], int(argv[2]), int(argv[3]), int(argv[4])
-    with open(key_file, "rb") as f:
-        key = f.read()
+    key = load_key(key_file)
     mem = bytearray(random.Random(seed).randbytes(size))
     npages = size // PAGE
 
