@@ -25,6 +25,7 @@ from ..tracking.choose import make_tracker
 from ..tracking.pageset import PageSet
 from ..transport import FinishResult, KnownPages, RegionSpec, SendStats, connect_sender
 from .pause import Pauser, Throttle
+from .policy import NONCONVERGENCE_RATIO, Action, Observation, RoundRules, Streaks, decide
 from .report import MigrationReport, RoundStats
 from .sent import SentHashes
 from .source import SourceMemory
@@ -176,9 +177,6 @@ class Background:
         return self._value
 
 
-NONCONVERGENCE_RATIO = 0.95     # dirtied / previously sent at or above this: no progress
-SHRINKING_RATIO = 0.5           # dirtied / previously sent at or below this: a round pays off
-SHORT_TRANSFER_S = 0.001        # a final transfer this short is not worth another round
 SWITCHOVER_RULES = ("converge", "fits")
 VERIFY_MODES = ("hashes", "memory")
 SAMPLE_STRIDE = 16       # a round's sample of sent data pages: every 16th ...
@@ -505,8 +503,10 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
     account(0, _count(first), st, 0.0, 0.0, 0.0)
     elapsed = last_collect - t0
 
-    hot_rounds = 0
-    sweep_rounds = 0          # rounds in which the final collect alone would overrun the limit
+    rules = RoundRules(limit_s=limit_s, switchover=policy.switchover, max_rounds=policy.max_rounds,
+                       nonconvergence_rounds=policy.nonconvergence_rounds,
+                       auto_converge=policy.auto_converge)
+    streaks = Streaks()
     round_no = 0
     prev_sent = _count(first)
     pending: dict[str, PageSet] = {}
@@ -525,55 +525,39 @@ async def _run(rep: MigrationReport, policy: MigrationPolicy, tracker: Tracker, 
         rep.bandwidth_bytes_per_s = bandwidth
         # the pause will cost the final collect (its page-table scans, and a sweep of each
         # object this collect had to sweep) and the transfer
-        expected_s = tracker.final_collect_estimate_s() + n * PAGE_SIZE / bandwidth
+        obs = Observation(round_no=round_no, dirty_pages=n, prev_sent=prev_sent, bandwidth=bandwidth,
+                          final_collect_s=tracker.final_collect_estimate_s(), swept=bool(dirty.sweeps),
+                          forced=policy.force_switchover is not None and policy.force_switchover.is_set(),
+                          throttle_at_max=throttle.percent >= Throttle.MAX, page_size=PAGE_SIZE)
+        expected_s = obs.expected_s
         rep.expected_downtime_ms = expected_s * 1000
         rep.remaining_bytes = n * PAGE_SIZE
-        forced = policy.force_switchover is not None and policy.force_switchover.is_set()
-        if round_no >= policy.max_rounds or forced:
+        action, streaks = decide(obs, streaks, rules)
+        if action is Action.SWITCH_OVER:
             break
-        if expected_s <= limit_s:
-            # it fits; "converge" still runs one more round when that shortens the pause: the
-            # transfer is not short, and the guest wrote far fewer pages during the last round
-            # than it sent (so the next one is short, and leaves fewer still)
-            transfer_s = n * PAGE_SIZE / bandwidth
-            if not (policy.switchover == "converge" and transfer_s > SHORT_TRANSFER_S
-                    and n <= SHRINKING_RATIO * prev_sent):
-                break
-        # The final collect alone overruns the limit (a ledger sweep that every collect needs,
-        # e.g. a writer's write calls): no number of rounds, and no throttling, can help
-        collect_s = tracker.final_collect_estimate_s()
-        sweep_rounds = sweep_rounds + 1 if collect_s > limit_s and dirty.sweeps else 0
-        if sweep_rounds >= policy.nonconvergence_rounds:
+        if action is Action.GIVE_UP_SWEEPS:
             s = dirty.sweeps[-1]
             rep.status = "not-converged"
-            rep.reason = (f"not converging: the final collect alone would take about {collect_s * 1000:.0f} ms, "
-                          f"over the {policy.downtime_limit_ms:.0f} ms limit: the shmem ledger must sweep "
-                          f"{', '.join(s.regions)} ({s.nbytes / 2**20:.0f} MiB) at every collect, because "
-                          f"{s.reason}; raise --downtime-limit, or pause or stop what writes it by system "
-                          "calls; the guest keeps running")
+            rep.reason = (f"not converging: the final collect alone would take about "
+                          f"{obs.final_collect_s * 1000:.0f} ms, over the {policy.downtime_limit_ms:.0f} ms "
+                          f"limit: the shmem ledger must sweep {', '.join(s.regions)} "
+                          f"({s.nbytes / 2**20:.0f} MiB) at every collect, because {s.reason}; raise "
+                          "--downtime-limit, or pause or stop what writes it by system calls; the guest "
+                          "keeps running")
             return
-        # Not converging: the pages dirtied while the previous round was sent are (nearly) as many
-        # as that round sent, i.e. the dirty rate is at or above the bandwidth.  (Counting pages,
-        # not rates: a dirty set cannot grow past the memory size, so a rate saturates.)
-        if n >= NONCONVERGENCE_RATIO * prev_sent:
-            hot_rounds += 1
-        else:
-            hot_rounds = 0
-        if hot_rounds >= policy.nonconvergence_rounds:
-            if policy.auto_converge and throttle.percent < Throttle.MAX:
-                await guard.armed()
-                throttle.step_up()
-                hot_rounds = policy.nonconvergence_rounds - 1   # next step after one more hot round
-            elif not policy.auto_converge:
-                rep.status = "not-converged"
-                rep.reason = (f"not converging: for {hot_rounds} rounds the dirty set did not shrink "
-                              f"({n} pages, {n * PAGE_SIZE / 1e6:.1f} MB, dirtied at "
-                              f"{dirty_rate * PAGE_SIZE / 1e6:.1f} MB/s against {bandwidth / 1e6:.1f} MB/s "
-                              f"of bandwidth): a switch-over now would pause the guest about "
-                              f"{expected_s * 1000:.0f} ms, over the {policy.downtime_limit_ms:.0f} ms limit; "
-                              "enable --auto-converge, raise --downtime-limit or --max-bandwidth; "
-                              "the guest keeps running")
-                return
+        if action is Action.GIVE_UP_HOT:
+            rep.status = "not-converged"
+            rep.reason = (f"not converging: for {streaks.hot} rounds the dirty set did not shrink "
+                          f"({n} pages, {n * PAGE_SIZE / 1e6:.1f} MB, dirtied at "
+                          f"{dirty_rate * PAGE_SIZE / 1e6:.1f} MB/s against {bandwidth / 1e6:.1f} MB/s "
+                          f"of bandwidth): a switch-over now would pause the guest about "
+                          f"{expected_s * 1000:.0f} ms, over the {policy.downtime_limit_ms:.0f} ms limit; "
+                          "enable --auto-converge, raise --downtime-limit or --max-bandwidth; "
+                          "the guest keeps running")
+            return
+        if action is Action.THROTTLE_UP:
+            await guard.armed()
+            throttle.step_up()
         lead = max(0.0, n * PAGE_SIZE / bandwidth - dirty.cost_s)
         st, next_dirty, at, unsent = await send_and_collect(pending, round_no, lead, last_collect)
         account(round_no, n, st, dirty.cost_s, dirty_rate, expected_s * 1000)
