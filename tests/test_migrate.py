@@ -9,6 +9,7 @@ import trio
 
 from conftest import require, swap_active
 from migration_helpers import ReceiverProcess, assert_images_equal_source, manifest
+from stall_watch import StallWatch
 from migrator.errors import UsageError
 from migrator.guest.launcher import start_guest
 from migrator.guest.spec import GuestSpec
@@ -321,3 +322,29 @@ async def test_a_sweep_every_collect_that_overruns_the_limit_is_not_converging(r
         assert "the shmem ledger must sweep guest-ram (64 MiB) at every collect" in rep.reason, rep.reason
         assert f"process {pw} made" in rep.reason
         assert rep.source_state == "running" and process_state(g.pid) != "T"
+
+
+async def test_event_loop_never_blocked(receiver):
+    """No task step of a whole migration (set-up, rounds with collects beside them, the pause,
+    verification, settling) holds the event loop over 50 ms while sleeping in the kernel: every
+    wait on a thread, a process or a retry goes through trio.to_thread.  (StallWatch tells a
+    blocked step from one starved of CPU by its voluntary context switches; a step can still
+    wait that long for the GIL on a loaded machine, so a migration with stalls is run once more,
+    and only stalls in both runs fail.)"""
+    runs = []
+    for _ in range(2):
+        watch = StallWatch(threshold_s=0.05)
+        trio.lowlevel.add_instrument(watch)
+        try:
+            with guest("random", 20e6) as g:
+                rep = await run(g, receiver, max_bandwidth=400e6, min_round_s=0.05,
+                                downtime_limit_ms=50, auto_converge=True)
+                assert rep.status == "completed", rep.reason
+        finally:
+            trio.lowlevel.remove_instrument(watch)
+        assert watch.steps > 50          # (it watched the migration's steps)
+        runs.append(watch.stalls)
+        if not watch.stalls:
+            break
+    assert not all(runs), "\n".join(f"{s.wall_ms:.0f} ms ({s.voluntary_switches} sleeps) in {s.task}: "
+                                     f"{s.where}" for r in runs for s in r)

@@ -333,16 +333,22 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
             if not rep.reason:
                 rep.reason = str(e)
     finally:
-        arming.join()
-        if pauser.paused and rep.status != "completed" and not rep.committing:
-            with trio.CancelScope(shield=True):
-                pauser.resume()
-        guard.close()           # (the source is settled: resumed, or kept paused on purpose)
+        def settle() -> None:
+            arming.join()
+            if pauser.paused and rep.status != "completed" and not rep.committing:
+                pauser.resume()     # (retried for up to seconds while a thread will not run)
+            guard.close()           # (the source is settled: resumed, or kept paused on purpose)
+
+        # in a worker thread: each of these waits (the set-up thread, the resume, the guardian's
+        # exit), and the event loop never blocks; shielded, so a cancelled migration settles too
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(settle)
         alive = process_exists(target.pid)
         rep.source_state = "exited" if not alive else ("paused" if pauser.paused else "running")
         rep.throttle_percent = throttle.percent
         rep.tracker_detail = tracker.statistics().detail
-        tracker.end()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(tracker.end)      # (frees userfaultfds: may wait)
         source.close()
         rep.total_time_ms = (time.monotonic() - t_start) * 1000
         mark("end")
