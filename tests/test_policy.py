@@ -57,3 +57,30 @@ def test_expected_pause_is_collect_plus_transfer():
     o = obs(2441, final_collect_s=0.02)
     assert o.transfer_s == pytest.approx(2441 * 4096 / BW)
     assert o.expected_s == pytest.approx(0.02 + 2441 * 4096 / BW)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("downtime_limit_ms", 0, "downtime_limit_ms must be above 0 ms, not 0"),
+    ("max_bandwidth", -1.0, "max_bandwidth must be above 0 bytes/s"),
+    ("max_rounds", 0, "max_rounds must be at least 1, not 0"),
+    ("channels", 0, "channels must be at least 1, not 0"),
+    ("nonconvergence_rounds", 0, "nonconvergence_rounds must be at least 1"),
+    ("min_round_s", -0.1, "min_round_s must not be negative"),
+    ("tracker", "magic", "tracker 'magic': expected one of auto, wp, soft-dirty, hash"),
+    ("switchover", "soon", "switch-over rule 'soon': expected one of converge, fits"),
+    ("verify", "eyes", "verify 'eyes': expected one of hashes, memory"),
+    ("compress", "gzip", "compress 'gzip': expected one of auto, zstd, lz4, none"),
+])
+def test_migration_policy_checks_itself(field, value, message):
+    """A bad value is refused when the policy is made, naming the field; a policy is frozen."""
+    import dataclasses
+
+    from migrator.errors import UsageError
+    from migrator.precopy.controller import MigrationPolicy
+    with pytest.raises(UsageError) as e:
+        MigrationPolicy(**{field: value})
+    assert str(e.value).startswith(f"migration policy: {message}")
+    p = MigrationPolicy()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.max_rounds = 3
+    assert dataclasses.replace(p, max_rounds=3).max_rounds == 3

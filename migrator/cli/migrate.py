@@ -100,10 +100,6 @@ def run(args: argparse.Namespace) -> int:
         max_rounds=args.max_rounds, auto_converge=args.auto_converge, tracker=args.tracker,
         inject=not args.no_inject, channels=args.channels, switchover=args.switchover,
         verify=args.verify, encrypt=args.encrypt, compress=args.compress)
-    if args.max_rounds < 1:
-        raise UsageError("--max-rounds must be at least 1")
-    if args.encrypt and key is None:
-        raise UsageError("--encrypt needs --key-file (the key the receiver was given)")
     ssl_ctx = client_ssl_context(args.tls_ca) if args.tls_ca else None
     progress = _progress_printer() if sys.stderr.isatty() else None
     if args.qmp:

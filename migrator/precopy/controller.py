@@ -21,9 +21,11 @@ from ..kernel.maps import Region, read_maps, select_regions
 from ..kernel.native import PAGE_SIZE
 from ..kernel.process import process_exists
 from ..tracking.base import DirtyPages, Tracker
+from ..tracking.choose import CHOICES as TRACKER_CHOICES
 from ..tracking.choose import make_tracker
 from ..tracking.pageset import PageSet
 from ..transport import FinishResult, KnownPages, RegionSpec, SendStats, connect_sender
+from ..transport.compress import CHOICES as COMPRESS_CHOICES
 from .pause import Pauser, Throttle
 from .policy import NONCONVERGENCE_RATIO, Action, Observation, RoundRules, Streaks, decide
 from .report import MigrationReport, RoundStats
@@ -31,8 +33,11 @@ from .sent import SentHashes
 from .source import SourceMemory
 
 
-@dataclass
+@dataclass(frozen=True)
 class MigrationPolicy:
+    """How a migration runs.  Frozen, and checked when made: a bad value is a UsageError naming
+    the field (dataclasses.replace() gives a changed copy)."""
+
     downtime_limit_ms: float = 300.0      # QEMU's default
     max_bandwidth: float | None = None    # bytes/s, enforced by the sender
     max_rounds: int = 30
@@ -61,6 +66,35 @@ class MigrationPolicy:
     encrypt: bool = False
     # batch compression: "auto" (zstd while the link is the bottleneck), "zstd", "lz4", "none"
     compress: str = "auto"
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise UsageError(f"migration policy: {what}")
+
+        def one_of(name: str, value: str, choices: tuple[str, ...], label: str) -> None:
+            need(value in choices, f"{label} {value!r}: expected one of {', '.join(choices)}")
+
+        need(self.downtime_limit_ms > 0, f"downtime_limit_ms must be above 0 ms, not {self.downtime_limit_ms:g}")
+        need(self.max_bandwidth is None or self.max_bandwidth > 0,
+             f"max_bandwidth must be above 0 bytes/s (or None: no cap), not {self.max_bandwidth!r}")
+        need(self.max_rounds >= 1, f"max_rounds must be at least 1, not {self.max_rounds}")
+        need(self.channels >= 1, f"channels must be at least 1, not {self.channels}")
+        need(self.nonconvergence_rounds >= 1,
+             f"nonconvergence_rounds must be at least 1, not {self.nonconvergence_rounds}")
+        need(self.min_round_s >= 0, f"min_round_s must not be negative ({self.min_round_s:g})")
+        need(self.sample_s > 0, f"sample_s must be above 0 s, not {self.sample_s:g}")
+        need(self.verify_timeout_s > 0, f"verify_timeout_s must be above 0 s, not {self.verify_timeout_s:g}")
+        one_of("tracker", self.tracker, TRACKER_CHOICES, "tracker")
+        one_of("switchover", self.switchover, SWITCHOVER_RULES, "switch-over rule")
+        one_of("verify", self.verify, VERIFY_MODES, "verify")
+        one_of("compress", self.compress, COMPRESS_CHOICES, "compress")
+
+
+def check_key(policy: MigrationPolicy, key: bytes | None) -> None:
+    """UsageError if the policy needs a key and there is none (before anything starts)."""
+    if policy.encrypt and key is None:
+        raise UsageError("--encrypt needs a key: pass --key-file (as given to migrator receive)")
 
 
 class SourcePauser(Protocol):
@@ -251,15 +285,8 @@ async def migrate(target: MigrationTarget, host: str, port: int, *, key: bytes |
 
     Returns the report (status completed, failed or not-converged); raises MigratorError only for
     problems found before anything was sent (bad selection, unsupported tracker, no receiver)."""
-    policy = policy or MigrationPolicy()
-    if policy.channels < 1:
-        raise UsageError("channels must be at least 1")
-    if policy.encrypt and key is None:
-        raise UsageError("--encrypt needs a key: pass --key-file (as given to migrator receive)")
-    if policy.verify not in VERIFY_MODES:
-        raise UsageError(f"verify {policy.verify!r}: expected one of {', '.join(VERIFY_MODES)}")
-    if policy.switchover not in SWITCHOVER_RULES:
-        raise UsageError(f"switch-over rule {policy.switchover!r}: expected one of {', '.join(SWITCHOVER_RULES)}")
+    policy = policy or MigrationPolicy()        # (checked when made)
+    check_key(policy, key)
     rep = MigrationReport(downtime_limit_ms=policy.downtime_limit_ms, compress=policy.compress)
     t_start = time.monotonic()
     mark = rep.timeline.mark

@@ -19,7 +19,8 @@ import trio
 from ..errors import MigratorError, RegionError
 from ..guardian import ResumeSpec
 from ..kernel.maps import RegionKind, read_maps
-from ..precopy.controller import Background, MigrationPolicy, MigrationTarget, StopToken, migrate
+from ..precopy.controller import (Background, MigrationPolicy, MigrationTarget, StopToken, check_key,
+                                  migrate)
 from ..precopy.report import MigrationReport, RoundStats, Timeline
 from .qmp import QMP, QmpError
 
@@ -352,6 +353,7 @@ async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, 
         MigratorError: problems found before anything moved (no QMP, no shared RAM, ...).
     """
     policy = policy or MigrationPolicy()
+    check_key(policy, key)
     t0 = time.monotonic()
     timeline = Timeline()
     timeline.mark("qmp-start")
