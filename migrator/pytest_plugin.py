@@ -61,7 +61,7 @@ class Migration:
             if problem:
                 _unavailable(problem)
         if self._receiver is None:
-            from .scenarios.processes import ReceiverProcess
+            from .receiver_process import ReceiverProcess
             from .transport.auth import generate_key_file
             os.makedirs(self.workdir, mode=0o700, exist_ok=True)
             self._key = generate_key_file(self._key_file)

@@ -8,7 +8,7 @@ import os
 import time
 
 from migrator.guest.launcher import Guest
-from migrator.scenarios.processes import ReceiverProcess as _ReceiverProcess
+from migrator.receiver_process import ReceiverProcess as _ReceiverProcess
 
 
 class ReceiverProcess(_ReceiverProcess):

@@ -291,7 +291,7 @@ def test_qemu_scenario_migrates_the_vm_both_ways(tmp_path, root, capsys):
 
 def _fake_qemu_result(qemu_status: str, reason: str):
     from migrator.precopy.report import MigrationReport
-    from migrator.qemu.compare import Run
+    from migrator.bench.qemu_compare import Run
     from migrator.scenarios.expect import check_expectations
     from migrator.scenarios.qemu_run import method_json
     from migrator.scenarios.runner import RunResult

@@ -19,7 +19,9 @@ def _cmd(*args):
 def test_user_errors_are_one_line(tmp_path):
     for args, text in [(["--listen", "0.0.0.0:0", "--out", str(tmp_path)], "without a key"),
                        (["--listen", "127.0.0.1:0", "--out", str(tmp_path), "--key-file", "/nonexistent"], "No such file"),
-                       (["--listen", "127.0.0.1", "--out", str(tmp_path)], "bad address")]:
+                       (["--listen", "127.0.0.1", "--out", str(tmp_path)], "bad address"),
+                       (["--listen", "127.0.0.1:0", "--out", str(tmp_path), "--port-file",
+                         str(tmp_path / "no" / "such" / "dir")], "--port-file")]:
         p = subprocess.run(_cmd(*args), capture_output=True, text=True, timeout=30)
         assert p.returncode == 2
         assert p.stderr.count("\n") == 1 and text in p.stderr and "Traceback" not in p.stderr
@@ -62,3 +64,22 @@ async def test_once_migration_and_interrupt(tmp_path):
         err += chunk
     assert b"Traceback" not in err and b"interrupted" in err
     assert os.path.exists(out / "manifest.json")
+
+
+def test_port_file_names_the_port_it_listens_on(tmp_path):
+    """--port-file: the port, whole, written before the "listening on" line: the port that line
+    gives, and one that accepts connections."""
+    import socket
+
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen(_cmd("--listen", "127.0.0.1:0", "--out", str(tmp_path / "out"),
+                                 "--port-file", str(port_file)), stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        logged = int(line.split("listening on ")[1].split(",")[0].rsplit(":", 1)[1])
+        assert port_file.read_text() == f"{logged}\n"
+        assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []   # (renamed)
+        socket.create_connection(("127.0.0.1", logged), timeout=10).close()
+    finally:
+        proc.terminate()
+        proc.wait(10)

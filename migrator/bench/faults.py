@@ -58,7 +58,8 @@ from dataclasses import dataclass, field
 
 from ..errors import MigratorError
 from ..guest.launcher import Guest, _read_line
-from ..scenarios.processes import ReceiverProcess, compare_with_source
+from ..receiver_process import ReceiverProcess
+from ..scenarios.processes import compare_with_source
 from ..units import format_bytes, parse_size
 
 FAULTS = ("none", "receiver-kill", "rst", "stall", "guest-kill", "corrupt", "disk-full", "migrate-kill")

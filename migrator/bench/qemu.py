@@ -1,7 +1,7 @@
 """Migrate the same QEMU VM both ways, migrator-driven and QEMU's own, side by side.
 
 The runs themselves (a fresh VM per run, the destination checks, the table) are
-migrator/qemu/compare.py, shared with the scenario suite's `kind = "qemu"` scenarios; this is
+migrator/bench/qemu_compare.py, shared with the scenario suite's `kind = "qemu"` scenarios; this is
 the command line around them: several runs of each method, interleaved, medians in the table.
 """
 
@@ -14,7 +14,7 @@ import sys
 import tempfile
 from dataclasses import asdict
 
-from ..qemu.compare import DEFAULT_OUT_DIR, EXTRA_METHODS, METHODS, TABLE_NOTE, CompareSettings, Run, prepare, run_method, table
+from .qemu_compare import DEFAULT_OUT_DIR, EXTRA_METHODS, METHODS, TABLE_NOTE, CompareSettings, Run, prepare, run_method, table
 from ..qemu.vm import BINARY, qemu_available
 from ..units import parse_rate, parse_size
 

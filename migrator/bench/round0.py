@@ -34,6 +34,7 @@ from typing import Callable
 from ..guest.launcher import start_guest
 from ..guest.spec import GuestSpec
 from ..guest.workloads import WorkloadSpec
+from ..receiver_process import wait_port_file
 from ..units import parse_size
 from .wire import _RAW_RECEIVER, _raw_tcp
 
@@ -120,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
     raw = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER], stdout=subprocess.PIPE, text=True)
     rx = subprocess.Popen(_cli("receive", "--listen", "127.0.0.1:0", "--out", os.path.join(work, "images"),
-                               "--key-file", key_file), stdout=subprocess.PIPE, text=True)
+                               "--key-file", key_file, "--port-file", os.path.join(work, "port")),
+                          stdout=subprocess.DEVNULL)
     procs: dict[str, object] = {}
     results: dict[str, list[float]] = {"raw_tcp": [], **{t: [] for t in targets}}
     gib = size / (1 << 30)
@@ -128,8 +130,7 @@ def run(args: argparse.Namespace) -> int:
     cpu: dict[str, dict[str, list[float]]] = {k: {"sender": [], "receiver": []} for k in results}
     try:
         raw_port = int(raw.stdout.readline())
-        line = rx.stdout.readline()
-        port = int(line.split("listening on ")[1].split(",")[0].rsplit(":", 1)[1])
+        port = wait_port_file(os.path.join(work, "port"), rx)
         if "guest" in targets:
             g = start_guest(GuestSpec(shared_ram=size, anon_ram=64 << 20,
                                       workload=WorkloadSpec(kind="random", rate=1e6, seed=1)))

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from ..scenarios.processes import ReceiverProcess
+from ..receiver_process import ReceiverProcess
 from ..transport.auth import generate_key_file, load_key
 from .faults import END_RE, SETUP_RE, Counts, process_counts, settle_counts
 

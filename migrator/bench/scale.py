@@ -24,7 +24,8 @@ from ..guest.launcher import start_guest
 from ..guest.spec import GuestSpec
 from ..guest.workloads import WorkloadSpec
 from ..precopy.controller import MigrationPolicy, MigrationTarget, migrate
-from ..scenarios.processes import ReceiverProcess, compare_with_source
+from ..receiver_process import ReceiverProcess
+from ..scenarios.processes import compare_with_source
 from ..units import format_bytes, parse_rate, parse_size
 
 VARIANTS = ("plain", "vhost", "pwrite")

@@ -24,6 +24,7 @@ import trio
 from .._track_c import ffi, lib
 from ..kernel.maps import read_maps, select_regions
 from ..precopy.source import SourceMemory
+from ..receiver_process import wait_port_file
 from ..transport import RegionSpec, connect_sender
 from ..units import parse_size
 
@@ -182,10 +183,10 @@ def run(args: argparse.Namespace) -> int:
     raw = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER], stdout=subprocess.PIPE, text=True)
     def receiver(sub: str, keyed: bool) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-c", _RECEIVER, "receive", "--listen", "127.0.0.1:0",
-                                 "--out", os.path.join(out, sub)]
+                                 "--out", os.path.join(out, sub), "--port-file", os.path.join(out, sub + ".port")]
                                 + (["--key-file", key_file] if keyed else [])
                                 + (["--preallocate"] if args.preallocate else []),
-                                stdout=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL)
     # a receiver with the key (frames sealed: the default "mac", and --encrypt), and one
     # without a key (loopback only: nothing sealed), for the price of sealing in the same run
     rx = receiver("images", True)
@@ -196,12 +197,10 @@ def run(args: argparse.Namespace) -> int:
                                        "bare_zero_scan": []}
     rss_kib = []
 
-    def port_of(p: subprocess.Popen) -> int:
-        line = p.stdout.readline()
-        return int(line.split("listening on ")[1].split(",")[0].rsplit(":", 1)[1])
     try:
         raw_port = int(raw.stdout.readline())
-        rx_port, plain_port = port_of(rx), port_of(rx_plain)
+        rx_port = wait_port_file(os.path.join(out, "images.port"), rx)
+        plain_port = wait_port_file(os.path.join(out, "images-plain.port"), rx_plain)
         for i in range(args.runs):
             results["raw_tcp"].append(_raw_tcp(raw_port, size))
             results["bare_zero_scan"].append(_bare_zero_scan(sources["zero_heavy"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -25,6 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--key-file", metavar="F",
                    help="pre-shared key (required unless HOST is a loopback address)")
     p.add_argument("--once", action="store_true", help="exit after one migration session")
+    p.add_argument("--port-file", metavar="FILE",
+                   help="once listening, write the port to FILE (a number and a newline, written "
+                        "whole: for scripts that start a receiver on port 0)")
     p.add_argument("--preallocate", action="store_true",
                    help="allocate each image in full when a session starts (fewer page faults "
                         "while pages arrive; on tmpfs it takes the memory up front)")
@@ -52,6 +56,17 @@ def register(subparsers) -> None:
     q.add_argument("--qemu-binary", default="qemu-system-x86_64", metavar="PATH",
                    help="the QEMU executable (default qemu-system-x86_64)")
     p.set_defaults(handler=run)
+
+
+def write_port_file(path: str, port: int) -> None:
+    """The port, written to a temporary name and renamed: a reader sees all of it or nothing."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{port}\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UsageError(f"--port-file {path!r}: {e.strerror}") from None
 
 
 def _log(line: str) -> None:
@@ -125,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
                 if handoff.ram_size is not None:
                     await handoff.prestart()   # before listening: ready when a migration comes
             bound = await nursery.start(_serve)
+            if args.port_file:
+                write_port_file(args.port_file, bound)
             _log(f"listening on {host}:{bound}, writing to {args.out}"
                  f"{'' if key else ' (no key: loopback only)'}")
 

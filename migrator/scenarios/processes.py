@@ -1,59 +1,16 @@
-"""The destination side of a scenario run: `migrator receive` in its own process, and the byte
-for byte check of its images against the paused source."""
+"""The destination side of a scenario run: the byte for byte check of a receiver's images
+against the paused source (the receiver itself: migrator/receiver_process.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
 from ..errors import MigratorError
 
-START_WAIT = 60.0      # seconds until it listens (a TCG guest of the kernel matrix under load: >20 s seen)
 CHUNK = 8 << 20
-
-
-class ReceiverProcess:
-    """`migrator receive --listen 127.0.0.1:0` in its own process; .port once it listens."""
-
-    def __init__(self, out_dir: str, log_path: str, key_file: str | None = None,
-                 extra: tuple[str, ...] = ()) -> None:
-        self.out_dir, self.log_path = out_dir, log_path
-        self._log = open(log_path, "w")
-        extra = (["--key-file", key_file] if key_file else []) + list(extra)
-        self.proc = subprocess.Popen([sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0",
-                                      "--out", out_dir, *extra],
-                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
-        self.port = 0
-        deadline = time.monotonic() + START_WAIT
-        while time.monotonic() < deadline:
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.text())
-            if m:
-                self.port = int(m.group(1))
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        self.stop()
-        raise MigratorError(f"the receiver did not start: {self.text().strip()[-300:] or 'no output'}")
-
-    def text(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Running a `kind = "qemu"` scenario once: the same VM set-up (QEMU, TCG, the test guest)
 migrated by each method the scenario compares, one fresh VM per method
-(migrator/qemu/compare.py, shared with `python -m migrator.bench qemu`).
+(migrator/bench/qemu_compare.py, shared with `python -m migrator.bench qemu`).
 
 The run's `report` is the migrator-driven run's (its RAM report, per round, with the VM-level
 status, total, downtime, bytes and rounds on top), so the summary, the baseline and the
@@ -21,7 +21,7 @@ from dataclasses import asdict
 
 import trio
 
-from ..qemu.compare import CompareSettings, Run, prepare, run_method
+from ..bench.qemu_compare import CompareSettings, Run, prepare, run_method
 from ..qemu.vm import BINARY, qemu_available
 from .expect import check_expectations
 from .runner import RunResult

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from .baseline import Comparison
-from ..qemu.compare import TABLE_NOTE, Run, markdown_table, table_rows
+from ..bench.qemu_compare import TABLE_NOTE, Run, markdown_table, table_rows
 from .chart import convergence_svg
 from .runner import PAGE_SIZE, RunResult
 from .spec import Scenario

@@ -20,7 +20,8 @@ from ..precopy import MigrationPolicy, MigrationTarget, RoundStats, migrate
 from ..transport import generate_key_file
 from .expect import Check, check_expectations
 from .link import DelayProxy
-from .processes import ReceiverProcess, compare_with_source
+from ..receiver_process import ReceiverProcess
+from .processes import compare_with_source
 from .spec import Event, Scenario
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")

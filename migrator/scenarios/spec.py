@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import UsageError
 from ..guest.spec import GuestSpec, PageoutRange
 from ..guest.workloads import WORKLOADS, WorkloadSpec
-from ..qemu.compare import METHODS as QEMU_METHODS
+from ..bench.qemu_compare import METHODS as QEMU_METHODS
 
 DEFAULT_QEMU_METHODS = ("qemu", "migrator")     # (migrator-fits: QEMU's switch-over rule, on request)
 from ..qemu.testguest import GuestLayout
@@ -440,7 +440,7 @@ def _methods(v: Any) -> tuple[str, ...]:
 
 
 def _qemu_scenario(file: str, top: _Table, common: dict[str, Any]) -> Scenario:
-    """kind = "qemu": one VM set-up migrated by each method (migrator/qemu/compare.py)."""
+    """kind = "qemu": one VM set-up migrated by each method (migrator/bench/qemu_compare.py)."""
     g = top.sub("guest") or _Table(file, "[guest]", {})
     ram = g.get("ram", _size, 128 << 20)
     floor = GuestLayout().end >> 20

@@ -38,10 +38,11 @@ import trio
 
 from ..errors import MigratorError
 from ..precopy.controller import MigrationPolicy
-from .qmp import QMP
-from .source import migrate_vm, wait_migration
-from .testguest import GuestLayout, check_pattern, write_boot_image
-from .vm import BINARY, SourceVM, source_ram_args, vm_args
+from ..qemu.qmp import QMP
+from ..receiver_process import wait_port_file
+from ..qemu.source import migrate_vm, wait_migration
+from ..qemu.testguest import GuestLayout, check_pattern, write_boot_image
+from ..qemu.vm import BINARY, SourceVM, source_ram_args, vm_args
 
 # migrator: its default switch-over rule ("converge": at a round's end, the shortest pause);
 # migrator-fits: QEMU's rule ("fits": as soon as the rest is sure to fit the limit);
@@ -240,20 +241,12 @@ def run_migrator(work: str, boot: str, size: int, settings: CompareSettings, lay
     log = open(log_path, "w")
     # the destination QEMU starts before the clock, as QEMU's own method's does (--qemu-ram-size)
     recv = subprocess.Popen([sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0",
-                             "--out", out, "--qemu-incoming", incoming, "--qemu-ram-size", f"{size >> 20}M",
+                             "--out", out, "--port-file", log_path + ".port",
+                             "--qemu-incoming", incoming, "--qemu-ram-size", f"{size >> 20}M",
                              "--qemu-args", shlex.join(vm_args(boot, dest_serial))],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 20
-        port = 0
-        while not port:
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", open(log_path).read())
-            if m:
-                port = int(m.group(1))
-            elif recv.poll() is not None or time.monotonic() > deadline:
-                raise MigratorError(f"receiver did not start: {open(log_path).read()}")
-            else:
-                time.sleep(0.01)
+        port = wait_port_file(log_path + ".port", recv, 20, lambda: open(log_path).read())
         src.wait_serial(100)
         src.qmp.close()          # QEMU serves one QMP client at a time
         src.qmp = None
