@@ -43,7 +43,7 @@ class Pagemap:
         self.pid = pid
         try:
             self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):     # (ESRCH: a zombie's)
             raise TargetGoneError(f"process {pid} does not exist (or exited)") from None
         except PermissionError:
             raise UnsupportedError(f"cannot open /proc/{pid}/pagemap: permission denied") from None

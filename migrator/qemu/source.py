@@ -19,8 +19,8 @@ import trio
 from ..errors import MigratorError, RegionError
 from ..guardian import ResumeSpec
 from ..kernel.maps import RegionKind, read_maps
-from ..precopy.controller import (Background, MigrationPolicy, MigrationTarget, StopToken, check_key,
-                                  migrate)
+from ..precopy.background import Background
+from ..precopy.controller import MigrationPolicy, MigrationTarget, StopToken, check_key, migrate
 from ..precopy.report import MigrationReport, RoundStats, Timeline
 from .qmp import QMP, QmpError
 
