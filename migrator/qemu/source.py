@@ -340,12 +340,59 @@ class QemuMigrationReport:
             self.ram.summary()])
 
 
+@dataclass
+class _Checked:
+    """What migrate_vm learns from QMP and procfs before anything moves."""
+
+    pid: int
+    maps: list
+    ram: GuestRam
+
+
+def _check_vm(qmp: QMP) -> _Checked:
+    """The VM runs, is not migrating, and has its RAM in shared memory (blocking: QMP, procfs)."""
+    status, memdevs, migration = qmp.execute_many("query-status", "query-memdev", "query-migrate")
+    if status.get("status") != "running":
+        raise MigratorError("the VM is not running (QMP query-status); start it or `cont` first")
+    check_not_migrating(migration)
+    pid = qemu_pid(qmp)
+    maps = read_maps(pid)
+    return _Checked(pid, maps, find_guest_ram(pid, qmp, memdevs=memdevs, maps=maps))
+
+
+class _DeviceState:
+    """QEMU's own migration of the device state, hooked into the RAM migration's stop-and-copy
+    (MigrationTarget.after_pause and alongside_verify)."""
+
+    def __init__(self, migration: DeviceStateMigration, caps: Background, rep: QemuMigrationReport):
+        self.migration, self._caps, self._rep = migration, caps, rep
+        self.done: list[DeviceState] = []
+
+    async def start(self) -> None:
+        """The VM is stopped: QEMU's migration starts beside the final pages and waits in
+        pre-switchover, before its device state."""
+        try:
+            await self._caps.result()
+        except QmpError as e:
+            raise QmpError(f"QEMU could not send its device state: {e}") from None
+        await trio.to_thread.run_sync(self.migration.start)
+
+    async def finish(self) -> None:
+        """Every RAM page is at the destination: QEMU sends the device state while the receiver
+        verifies the RAM digests.  The destination VM is resumed only if both succeed; if either
+        fails, the controller resumes the source (the pauser cancels QEMU's migration first;
+        `cont` works from postmigrate too: QEMU re-activates the disks)."""
+        self.done.append(await trio.to_thread.run_sync(self.migration.finish))
+        self._rep.device_state_done_at = time.time()
+
+
 async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, key: bytes | None,
                      policy: MigrationPolicy | None = None, ssl_context=None,
                      progress: Callable[[RoundStats], None] | None = None,
                      stop: StopToken | None = None) -> QemuMigrationReport:
     """Live-migrate the QEMU VM behind qmp_path: its RAM by pre-copy to the receiver at host:port,
     then its device state by QEMU (x-ignore-shared) to incoming_uri (e.g. tcp:HOST:PORT).
+    Every QMP call runs in a worker thread: the event loop never waits on QEMU.
 
     On any failure the source VM runs on (`cont`) and the report says why.
 
@@ -361,69 +408,52 @@ async def migrate_vm(qmp_path: str, host: str, port: int, incoming_uri: str, *, 
     timeline.mark("qmp-connected")
     caps: Background | None = None
     try:
-        status, memdevs, migration = qmp.execute_many("query-status", "query-memdev", "query-migrate")
-        if status.get("status") != "running":
-            raise MigratorError("the VM is not running (QMP query-status); start it or `cont` first")
-        check_not_migrating(migration)
-        pid = qemu_pid(qmp)
-        maps = read_maps(pid)
-        ram = find_guest_ram(pid, qmp, memdevs=memdevs, maps=maps)
+        vm = await trio.to_thread.run_sync(_check_vm, qmp)
         timeline.mark("qmp-checked")
         # the capabilities are set beside the RAM migration's set-up; needed at the pause
         caps = Background(lambda: set_device_migration_capabilities(qmp, policy.max_bandwidth))
         pauser = QmpPauser(qmp)
-        rep = QemuMigrationReport(memdev=ram.memdev, ram_size=ram.size, timeline=timeline)
-        devstate = pauser.devstate = DeviceStateMigration(qmp, incoming_uri, timeline=timeline)
-        devices: list[DeviceState] = []
-
-        async def start_device_state() -> None:
-            # The VM is stopped: QEMU's migration starts beside the final pages and waits in
-            # pre-switchover, before its device state.
-            try:
-                await caps.result()
-            except QmpError as e:
-                raise QmpError(f"QEMU could not send its device state: {e}") from None
-            await trio.to_thread.run_sync(devstate.start)
-
-        async def device_state() -> None:
-            # Every RAM page is at the destination: QEMU sends the device state while the
-            # receiver verifies the RAM digests.  The destination VM is resumed only if both
-            # succeed; if either fails, the controller resumes the source (the pauser cancels
-            # QEMU's migration first; `cont` works from postmigrate too: QEMU re-activates the
-            # disks).
-            devices.append(await trio.to_thread.run_sync(devstate.finish))
-            rep.device_state_done_at = time.time()
-
+        rep = QemuMigrationReport(memdev=vm.ram.memdev, ram_size=vm.ram.size, timeline=timeline)
+        pauser.devstate = DeviceStateMigration(qmp, incoming_uri, timeline=timeline)
+        devices = _DeviceState(pauser.devstate, caps, rep)
         # QEMU writes guest RAM through its mapping only (vCPUs, device emulation, its block
         # layer's reads into guest buffers); its RAM backend's descriptor serves mmap, discard
         # (fallocate: the sweep gate sees the holes) and passing to vhost-user backends, never
         # write(2).  So its many write calls (eventfds, logs) do not make the ledger sweep; its
         # direct-I/O reads (O_DIRECT images) still do (see tracking/sweepgate.py)
-        target = MigrationTarget(pid, [ram.selector], pauser=pauser, maps=maps,
-                                 after_pause=start_device_state, alongside_verify=device_state,
-                                 no_syscall_writes=[pid], wait_durable=False)
+        target = MigrationTarget(vm.pid, [vm.ram.selector], pauser=pauser, maps=vm.maps,
+                                 after_pause=devices.start, alongside_verify=devices.finish,
+                                 no_syscall_writes=[vm.pid], wait_durable=False)
         rep.ram = await migrate(target, host, port, key=key, policy=policy, ssl_context=ssl_context,
                                 progress=progress, stop=stop)
-        timeline.update(rep.ram.timeline)
-        if pauser.stopped_at is not None:
-            timeline.mark("src-qemu-STOP", pauser.stopped_at)
-        rep.rounds = rep.ram.rounds
-        rep.transferred_bytes = rep.ram.transferred_bytes
-        rep.stopped_at = pauser.stopped_at
-        if rep.ram.status != "completed":
-            rep.status, rep.reason = rep.ram.status, rep.ram.reason
-        else:
-            dev = devices[0]
-            rep.status = "completed"
-            rep.device_state_ms = dev.duration_ms
-            rep.device_state_bytes = dev.bytes
-            rep.transferred_bytes += dev.bytes
-            rep.downtime_ms = rep.ram.downtime_ms       # pause -> RAM verified and device state sent
+        _sum_up(rep, pauser, devices.done)
         rep.source_state = await trio.to_thread.run_sync(_settled_state, qmp)
         timeline.mark("settled")
         rep.total_time_ms = (time.monotonic() - t0) * 1000
         return rep
     finally:
-        if caps is not None:
-            caps.join()
-        qmp.close()
+        def close() -> None:
+            if caps is not None:
+                caps.join()
+            qmp.close()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(close)
+
+
+def _sum_up(rep: QemuMigrationReport, pauser: QmpPauser, devices: list[DeviceState]) -> None:
+    """The VM's report from its RAM migration's and its device state's."""
+    rep.timeline.update(rep.ram.timeline)
+    if pauser.stopped_at is not None:
+        rep.timeline.mark("src-qemu-STOP", pauser.stopped_at)
+    rep.rounds = rep.ram.rounds
+    rep.transferred_bytes = rep.ram.transferred_bytes
+    rep.stopped_at = pauser.stopped_at
+    if rep.ram.status != "completed":
+        rep.status, rep.reason = rep.ram.status, rep.ram.reason
+        return
+    dev = devices[0]
+    rep.status = "completed"
+    rep.device_state_ms = dev.duration_ms
+    rep.device_state_bytes = dev.bytes
+    rep.transferred_bytes += dev.bytes
+    rep.downtime_ms = rep.ram.downtime_ms       # pause -> RAM verified and device state sent
