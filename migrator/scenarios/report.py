@@ -136,17 +136,30 @@ def _mmm(s: dict, key: str, fmt=lambda v: f"{v:g}") -> str:
 
 def markdown(doc: dict) -> str:
     """report.md from the JSON document."""
-    L: list[str] = []
+    scen = doc["scenarios"]
+    L = _overview(doc)
+    fails = [f for s in scen for f in s["failures"]]
+    if fails:
+        L += ["", "## Failed expectations", ""] + [f"- {f}" for f in fails]
+    if doc["baseline"] is not None:
+        L += _baseline_section(doc["baseline"])
+    for s in scen:
+        L += _scenario_section(s)
+    return "\n".join(L) + "\n"
+
+
+def _overview(doc: dict) -> list[str]:
+    """The heading and one line per scenario."""
     scen = doc["scenarios"]
     npass = sum(1 for s in scen if s["passed"])
-    L += ["# Migration scenarios", "",
-          f"{doc['created']}, kernel {doc['host']['kernel']}, {doc['host']['cpus']} CPUs, "
-          f"{doc['duration_s']} s. **{npass} of {len(scen)} scenarios passed**"
-          + ("" if doc["baseline"] is None else
-             f"; baseline {'passed' if doc['baseline']['passed'] else '**failed**'}") + ".", "",
-          "Values across repeats are min / median / max (one value when all agree).", "",
-          "| scenario | result | status | rounds | downtime ms | total s | sent MB | sent / memory |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    L = ["# Migration scenarios", "",
+         f"{doc['created']}, kernel {doc['host']['kernel']}, {doc['host']['cpus']} CPUs, "
+         f"{doc['duration_s']} s. **{npass} of {len(scen)} scenarios passed**"
+         + ("" if doc["baseline"] is None else
+            f"; baseline {'passed' if doc['baseline']['passed'] else '**failed**'}") + ".", "",
+         "Values across repeats are min / median / max (one value when all agree).", "",
+         "| scenario | result | status | rounds | downtime ms | total s | sent MB | sent / memory |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in scen:
         sm = s["summary"]
         L.append(f"| [{s['name']}](#{s['name']}) | {'pass' if s['passed'] else '**FAIL**'} | "
@@ -154,75 +167,83 @@ def markdown(doc: dict) -> str:
                  f"{_mmm(sm, 'downtime_ms', lambda v: f'{v:.1f}')} | "
                  f"{_mmm(sm, 'total_time_ms', lambda v: f'{v / 1000:.2f}')} | "
                  f"{_mmm(sm, 'transferred_bytes', _mb)} | {_mmm(sm, 'bytes_ratio', lambda v: f'{v:.2f}')} |")
-    fails = [f for s in scen for f in s["failures"]]
-    if fails:
-        L += ["", "## Failed expectations", ""] + [f"- {f}" for f in fails]
-    if doc["baseline"] is not None:
-        b = doc["baseline"]
-        L += ["", "## Against the baseline", "",
-              f"Baseline `{b['file']}`; counts gated at +{b['tolerance'] * 100:g} % "
-              "(rounds also +1); times reported, not gated.", "",
-              "| scenario | metric | baseline | now | change | verdict |", "| --- | --- | --- | --- | --- | --- |"]
-        for row in b["rows"]:
-            ch = f"{row['change'] * 100:+.1f} %" if row["change"] is not None else "-"
-            L.append(f"| {row['scenario']} | {row['metric']} | {row['baseline']:g} | {row['now']:g} | {ch} | "
-                     f"{row['verdict']} |")
-        for n in b["notes"]:
-            L.append(f"\n- {n}")
-    for s in scen:
-        L += ["", f"## {s['name']}", ""]
-        if s["description"]:
-            L += [s["description"], ""]
-        link = f"{s['link']['bandwidth'] / 1e6:g} MB/s" if s["link"]["bandwidth"] else "unlimited"
-        if s["link"]["latency_ms"]:
-            link += f", +{s['link']['latency_ms']:g} ms each way"
-        p = s["policy"]
-        if s.get("kind") == "qemu":
-            L += _qemu_section(s, link)
-        else:
-            L += [f"`{s['file']}`: {s['memory_bytes'] / (1 << 20):g} MiB guest, link {link}, downtime limit "
-                  f"{p['downtime_limit_ms']:g} ms, max rounds {p['max_rounds']}, tracker {p['tracker']}, "
-                  f"{p['channels']} channel(s)" + (", auto-converge" if p["auto_converge"] else "") + "."
-                  + (f" Events: {'; '.join(s['events'])}." if s["events"] else ""), ""]
-        sm = s["summary"]
-        if sm:
-            L += ["| metric | min | median | max |", "| --- | --- | --- | --- |"]
-            for k, m in sm.items():
-                L.append(f"| {k} | {_num(m['min'])} | {_num(m['median'])} | {_num(m['max'])} |")
-        for run in s["runs"]:
-            L += ["", f"### {s['name']}, run {run['repeat']}: "
-                  + ("pass" if run["passed"] else "**FAIL**"), ""]
-            if run["error"]:
-                L += [f"Error: {run['error']}", ""]
-            if run.get("skipped"):
-                L += [f"Skipped: {run['skipped']}", ""]
-            if run.get("methods"):
-                L += _side_by_side([Run(**m) for m in run["methods"]]) + [""]
-            rep = run["report"]
-            if rep:
-                L += [f"Status **{rep['status']}**" + (f" ({rep['reason']})" if rep["reason"] else "")
-                      + f"; tracker {rep['tracker']}; destination {run['destination']}; "
-                      f"downtime {rep['downtime_ms']:.1f} ms (expected {rep['expected_downtime_ms']:.1f} ms); "
-                      f"total {rep['total_time_ms'] / 1000:.2f} s; {_mb(rep['transferred_bytes'])} MB sent; "
-                      f"throttle {rep['throttle_percent']} %.", ""]
-                if run["timeline"]:
-                    L += [f"![convergence chart]({chart_name(s['name'], run['repeat'])})", ""]
-                L += ["| round | pages dirtied | pages sent | zero pages | MB sent | ms | Mbit/s | "
-                      "dirty MB/s | expected downtime ms | tracker ms | throttle % |",
-                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-                for rs in rep["per_round"]:
-                    name = "stop-and-copy" if rs["stop_and_copy"] else str(rs["round"])
-                    L.append(f"| {name} | {rs['pages_dirtied']} | {rs['pages_sent']} | {rs['pages_zero']} | "
-                             f"{_mb(rs['bytes'])} | {rs['duration_ms']:.1f} | {rs['bandwidth_mbps']:.0f} | "
-                             f"{rs['dirty_rate_pps'] * PAGE_SIZE / 1e6:.1f} | {rs['expected_downtime_ms']:.1f} | "
-                             f"{rs['tracker_ms']:.1f} | {rs['throttle_percent']} |")
-            if run["events"]:
-                L += ["", "Events: " + "; ".join(f"{e['t_s']:.2f} s {e['what']}"
-                                                 + (f" ({e['detail']})" if e["detail"] else "")
-                                                 for e in run["events"][:20])
-                      + (f"; … {len(run['events']) - 20} more" if len(run["events"]) > 20 else "")]
-            L += [""] + [f"- {'ok' if c['ok'] else '**FAILED**'} {c['name']}: {c['message']}" for c in run["checks"]]
-    return "\n".join(L) + "\n"
+    return L
+
+
+def _baseline_section(b: dict) -> list[str]:
+    L = ["", "## Against the baseline", "",
+         f"Baseline `{b['file']}`; counts gated at +{b['tolerance'] * 100:g} % "
+         "(rounds also +1); times reported, not gated.", "",
+         "| scenario | metric | baseline | now | change | verdict |", "| --- | --- | --- | --- | --- | --- |"]
+    for row in b["rows"]:
+        ch = f"{row['change'] * 100:+.1f} %" if row["change"] is not None else "-"
+        L.append(f"| {row['scenario']} | {row['metric']} | {row['baseline']:g} | {row['now']:g} | {ch} | "
+                 f"{row['verdict']} |")
+    for n in b["notes"]:
+        L.append(f"\n- {n}")
+    return L
+
+
+def _scenario_section(s: dict) -> list[str]:
+    """A scenario's set-up, its summary across repeats, then each run."""
+    L = ["", f"## {s['name']}", ""]
+    if s["description"]:
+        L += [s["description"], ""]
+    link = f"{s['link']['bandwidth'] / 1e6:g} MB/s" if s["link"]["bandwidth"] else "unlimited"
+    if s["link"]["latency_ms"]:
+        link += f", +{s['link']['latency_ms']:g} ms each way"
+    p = s["policy"]
+    if s.get("kind") == "qemu":
+        L += _qemu_section(s, link)
+    else:
+        L += [f"`{s['file']}`: {s['memory_bytes'] / (1 << 20):g} MiB guest, link {link}, downtime limit "
+              f"{p['downtime_limit_ms']:g} ms, max rounds {p['max_rounds']}, tracker {p['tracker']}, "
+              f"{p['channels']} channel(s)" + (", auto-converge" if p["auto_converge"] else "") + "."
+              + (f" Events: {'; '.join(s['events'])}." if s["events"] else ""), ""]
+    sm = s["summary"]
+    if sm:
+        L += ["| metric | min | median | max |", "| --- | --- | --- | --- |"]
+        for k, m in sm.items():
+            L.append(f"| {k} | {_num(m['min'])} | {_num(m['median'])} | {_num(m['max'])} |")
+    for run in s["runs"]:
+        L += _run_section(s["name"], run)
+    return L
+
+
+def _run_section(name: str, run: dict) -> list[str]:
+    """One run: its error, its report with the per-round table and chart, events, checks."""
+    L = ["", f"### {name}, run {run['repeat']}: " + ("pass" if run["passed"] else "**FAIL**"), ""]
+    if run["error"]:
+        L += [f"Error: {run['error']}", ""]
+    if run.get("skipped"):
+        L += [f"Skipped: {run['skipped']}", ""]
+    if run.get("methods"):
+        L += _side_by_side([Run(**m) for m in run["methods"]]) + [""]
+    rep = run["report"]
+    if rep:
+        L += [f"Status **{rep['status']}**" + (f" ({rep['reason']})" if rep["reason"] else "")
+              + f"; tracker {rep['tracker']}; destination {run['destination']}; "
+              f"downtime {rep['downtime_ms']:.1f} ms (expected {rep['expected_downtime_ms']:.1f} ms); "
+              f"total {rep['total_time_ms'] / 1000:.2f} s; {_mb(rep['transferred_bytes'])} MB sent; "
+              f"throttle {rep['throttle_percent']} %.", ""]
+        if run["timeline"]:
+            L += [f"![convergence chart]({chart_name(name, run['repeat'])})", ""]
+        L += ["| round | pages dirtied | pages sent | zero pages | MB sent | ms | Mbit/s | "
+              "dirty MB/s | expected downtime ms | tracker ms | throttle % |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for rs in rep["per_round"]:
+            rname = "stop-and-copy" if rs["stop_and_copy"] else str(rs["round"])
+            L.append(f"| {rname} | {rs['pages_dirtied']} | {rs['pages_sent']} | {rs['pages_zero']} | "
+                     f"{_mb(rs['bytes'])} | {rs['duration_ms']:.1f} | {rs['bandwidth_mbps']:.0f} | "
+                     f"{rs['dirty_rate_pps'] * PAGE_SIZE / 1e6:.1f} | {rs['expected_downtime_ms']:.1f} | "
+                     f"{rs['tracker_ms']:.1f} | {rs['throttle_percent']} |")
+    if run["events"]:
+        L += ["", "Events: " + "; ".join(f"{e['t_s']:.2f} s {e['what']}"
+                                         + (f" ({e['detail']})" if e["detail"] else "")
+                                         for e in run["events"][:20])
+              + (f"; … {len(run['events']) - 20} more" if len(run["events"]) > 20 else "")]
+    L += [""] + [f"- {'ok' if c['ok'] else '**FAILED**'} {c['name']}: {c['message']}" for c in run["checks"]]
+    return L
 
 
 def _side_by_side(runs: list[Run]) -> list[str]:

@@ -335,8 +335,23 @@ def parse_scenario(text: str, path: str = "<string>") -> Scenario:
     if top.get("kind", _choice(KINDS), "process") == "qemu":
         return _qemu_scenario(file, top, common)
     warmup_s = top.get("warmup_s", _num(0), 0.5)
+    guest = _guest(file, top)
+    link, policy = _link(file, top), _policy(file, top)
+    events = _events(file, top, guest)
+    et = top.sub("expect") or _Table(file, "[expect]", {})
+    expect = Expectations(
+        **_common_expectations(et),
+        max_bytes_ratio=et.get("max_bytes_ratio", _num(0, lo_open=True), None),
+        max_rounds=et.get("max_rounds", _int(1), None),
+        min_throttle_percent=et.get("min_throttle_percent", _int(0), None))
+    et.done()
+    top.done()
+    return Scenario(**common, warmup_s=warmup_s, guest=guest, link=link, policy=policy,
+                    events=events, expect=expect)
 
-    # guest, workload, side writers, pager
+
+def _guest(file: str, top: _Table) -> GuestSpec:
+    """[guest], [workload], [writers.vhost|pwrite] and [pager]: the guest process to run."""
     g = top.sub("guest") or _Table(file, "[guest]", {})
     gkw: dict[str, Any] = dict(
         shared_ram=g.get("shared_ram", _size, 64 << 20), anon_ram=g.get("anon_ram", _size, 16 << 20),
@@ -370,17 +385,24 @@ def parse_scenario(text: str, path: str = "<string>") -> Scenario:
         gkw["pager_ranges"] = tuple(ranges)
         pager.done()
     try:
-        guest = GuestSpec(**gkw)
+        return GuestSpec(**gkw)
     except UsageError as e:
         raise UsageError(f"{file}: [guest]: {e}") from None
 
-    # link and policy
+
+def _link(file: str, top: _Table) -> LinkSpec:
+    """[link]: the emulated link's bandwidth cap and latency."""
     lt = top.sub("link") or _Table(file, "[link]", {})
     bw = lt.get("bandwidth", _rate, None)
     if bw is not None and bw <= 0:
         raise lt.err("bandwidth", "must be a positive rate (leave it out for no cap)")
     link = LinkSpec(bandwidth=bw, latency_ms=lt.get("latency_ms", _num(0, 10_000), 0.0))
     lt.done()
+    return link
+
+
+def _policy(file: str, top: _Table) -> PolicySpec:
+    """[policy]: the migration policy's fields a scenario may set."""
     pt = top.sub("policy") or _Table(file, "[policy]", {})
     policy = PolicySpec(
         downtime_limit_ms=pt.get("downtime_limit_ms", _num(0, lo_open=True), 300.0),
@@ -392,8 +414,11 @@ def parse_scenario(text: str, path: str = "<string>") -> Scenario:
         min_round_s=pt.get("min_round_s", _num(0), 0.0),
         compress=pt.get("compress", _choice(("auto", "zstd", "lz4", "none")), "auto"))
     pt.done()
+    return policy
 
-    # events
+
+def _events(file: str, top: _Table, guest: GuestSpec) -> tuple:
+    """[[events]]: each checked against the guest (its regions, its writers)."""
     events = []
     raw_events = top.get("events", lambda v: v if isinstance(v, list) else _bad_list(v), [])
     for i, e in enumerate(raw_events):
@@ -407,18 +432,7 @@ def parse_scenario(text: str, path: str = "<string>") -> Scenario:
             raise UsageError(f"{file}: [[events]] #{i + 1} writer: the guest has no {ev.writer} writer "
                              f"(add [writers.{ev.writer}])")
         events.append(ev)
-
-    # expectations
-    et = top.sub("expect") or _Table(file, "[expect]", {})
-    expect = Expectations(
-        **_common_expectations(et),
-        max_bytes_ratio=et.get("max_bytes_ratio", _num(0, lo_open=True), None),
-        max_rounds=et.get("max_rounds", _int(1), None),
-        min_throttle_percent=et.get("min_throttle_percent", _int(0), None))
-    et.done()
-    top.done()
-    return Scenario(**common, warmup_s=warmup_s, guest=guest, link=link, policy=policy,
-                    events=tuple(events), expect=expect)
+    return tuple(events)
 
 
 def _common_expectations(et: _Table) -> dict[str, Any]:
