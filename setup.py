@@ -3,7 +3,8 @@ from setuptools import setup
 
 setup(
     cffi_modules=[
-        "csrc/build.py:track_ffi",
+        "csrc/build.py:kernel_ffi",
+        "csrc/build.py:stream_ffi",
         "csrc/build.py:guest_ffi",
     ],
 )

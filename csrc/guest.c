@@ -11,11 +11,9 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
+#include "common.h"
 #include "guest.h"
 
-#ifndef __NR_pidfd_open
-#define __NR_pidfd_open 434
-#endif
 #ifndef __NR_process_madvise
 #define __NR_process_madvise 440
 #endif
@@ -97,15 +95,6 @@ void mg_stamp(uint8_t *page, uint64_t page_size, uint16_t region, uint16_t write
     memcpy(page + 24, &h.checksum, 8);
 }
 
-static int page_is_zero(const uint8_t *p, uint64_t page_size)
-{
-    const uint64_t *w = (const uint64_t *)p;
-    uint64_t acc = 0;
-    for (uint64_t k = 0; k < page_size / 8; k++)
-        acc |= w[k];
-    return acc == 0;
-}
-
 /* 1 if the page carries a consistent stamp (whatever its index), 0 if not */
 static int stamp_valid(const uint8_t *p, uint64_t page_size, struct mg_stamp_hdr *h)
 {
@@ -124,7 +113,7 @@ int64_t mg_check_pages(const uint8_t *image, uint64_t npages, uint64_t page_size
         const uint8_t *p = image + i * page_size;
         struct mg_stamp_hdr h = { 0 };
         uint8_t st;
-        int zero = page_is_zero(p, page_size);
+        int zero = mg_page_is_zero(p, page_size);
         int valid = !zero && stamp_valid(p, page_size, &h);
         if (zero)
             st = MG_ST_ZERO;
@@ -139,7 +128,7 @@ int64_t mg_check_pages(const uint8_t *image, uint64_t npages, uint64_t page_size
             if (memcmp(p, e, page_size) != 0) {
                 if (zero)
                     st = MG_ST_MISSING;
-                else if (page_is_zero(e, page_size))
+                else if (mg_page_is_zero(e, page_size))
                     st = MG_ST_DIFFERS;
                 else
                     st = MG_ST_STALE;
@@ -280,7 +269,7 @@ int64_t mg_run(struct mg_workload *w, double seconds)
     return written;
 }
 
-int64_t mg_populate(const struct mg_target *t, uint64_t page_size, uint16_t writer)
+int64_t mg_stamp_target(const struct mg_target *t, uint64_t page_size, uint16_t writer)
 {
     if (!t->base || page_size < 64)
         return -EINVAL;
@@ -298,19 +287,12 @@ int64_t mg_hash_fd_pages(int fd, uint64_t offset, uint64_t npages, uint64_t page
         return -EINVAL;
     for (uint64_t done = 0; done < npages;) {
         uint64_t n = npages - done < chunk ? npages - done : chunk;
-        uint64_t want = n * page_size, got = 0;
-        while (got < want) {
-            ssize_t r = pread(fd, buf + got, want - got, (off_t)(offset + done * page_size + got));
-            if (r < 0 && errno == EINTR)
-                continue;
-            if (r < 0)
-                return -errno;
-            if (r == 0)
-                break;
-            got += (uint64_t)r;
-        }
-        if (got < want)
-            memset(buf + got, 0, want - got);
+        uint64_t want = n * page_size;
+        int64_t got = mg_pread_full(fd, buf, want, offset + done * page_size);
+        if (got < 0)
+            return got;
+        if ((uint64_t)got < want)
+            memset(buf + got, 0, want - (uint64_t)got);
         for (uint64_t i = 0; i < n; i++)
             hashes[done + i] = XXH3_64bits(buf + i * page_size, page_size);
         done += n;
@@ -318,7 +300,7 @@ int64_t mg_hash_fd_pages(int fd, uint64_t offset, uint64_t npages, uint64_t page
     return (int64_t)npages;
 }
 
-int64_t mg_count_changed(const uint64_t *a, const uint64_t *b, uint64_t n, uint8_t *changed)
+int64_t mg_count_different(const uint64_t *a, const uint64_t *b, uint64_t n, uint8_t *changed)
 {
     int64_t c = 0;
     for (uint64_t i = 0; i < n; i++) {
@@ -336,24 +318,16 @@ int64_t mg_count_present(int pagemap_fd, uint64_t addr, uint64_t npages, uint64_
     int64_t present = 0;
     for (uint64_t done = 0; done < npages;) {
         uint64_t n = npages - done < 512 ? npages - done : 512;
-        ssize_t r = pread(pagemap_fd, buf, n * 8, (off_t)((addr / page_size + done) * 8));
-        if (r < 0 && errno == EINTR)
-            continue;
+        int64_t r = mg_pread_full(pagemap_fd, buf, n * 8, (addr / page_size + done) * 8);
         if (r < 0)
-            return -errno;
-        if (r != (ssize_t)(n * 8))
+            return r;
+        if ((uint64_t)r != n * 8)
             return -ENXIO;
         for (uint64_t i = 0; i < n; i++)
             present += (int64_t)(buf[i] >> 63);
         done += n;
     }
     return present;
-}
-
-int mg_pidfd_open_(int pid)
-{
-    long fd = syscall(__NR_pidfd_open, pid, 0);
-    return fd < 0 ? -errno : (int)fd;
 }
 
 int64_t mg_pageout(int pidfd, const uint64_t *addrs, const uint64_t *lens, uint64_t n)

@@ -1,6 +1,7 @@
 /*
- * migrator guest fast path: the write loops of the simulated guest and its side writers, the
- * page stamp (write and check), and a few helpers for looking at a guest from outside.
+ * migrator guest fast path (module migrator._guest_c): the write loops of the simulated guest
+ * and its side writers, the page stamp (write and check), and a few helpers for looking at a
+ * guest from outside.
  *
  * Conventions: functions return >= 0 on success and -errno on failure.  No global state.
  * Units: sizes in pages of page_size bytes unless a name says bytes; times in seconds (double);
@@ -96,7 +97,7 @@ int64_t mg_workload_init(struct mg_workload *w, uint64_t seed);
 /* Write at ctl->rate for up to seconds (or until ctl->stop).  Returns pages written or -errno. */
 int64_t mg_run(struct mg_workload *w, double seconds);
 /* Stamp every page of a mapped target (populate at start, writer 0, seq 0). */
-int64_t mg_populate(const struct mg_target *t, uint64_t page_size, uint16_t writer);
+int64_t mg_stamp_target(const struct mg_target *t, uint64_t page_size, uint16_t writer);
 
 /* --- outside views ------------------------------------------------------------------------- */
 /* XXH3-64 of npages pages read with pread from fd at byte offset (a memfd, or /proc/PID/mem with
@@ -104,12 +105,11 @@ int64_t mg_populate(const struct mg_target *t, uint64_t page_size, uint16_t writ
 int64_t mg_hash_fd_pages(int fd, uint64_t offset, uint64_t npages, uint64_t page_size,
                          uint8_t *buf, uint64_t buf_len, uint64_t *hashes);
 /* Count i < n with a[i] != b[i]; set changed[i] (may be NULL) to 1 or 0. */
-int64_t mg_count_changed(const uint64_t *a, const uint64_t *b, uint64_t n, uint8_t *changed);
+int64_t mg_count_different(const uint64_t *a, const uint64_t *b, uint64_t n, uint8_t *changed);
 /* Pages of [addr, addr + npages pages) present (pagemap bit 63) in the process of pagemap_fd. */
 int64_t mg_count_present(int pagemap_fd, uint64_t addr, uint64_t npages, uint64_t page_size);
 
 /* --- process helpers ----------------------------------------------------------------------- */
-int mg_pidfd_open_(int pid);
 /* process_madvise(MADV_PAGEOUT) of n ranges (addrs[i], lens[i] bytes).  Returns bytes advised. */
 int64_t mg_pageout(int pidfd, const uint64_t *addrs, const uint64_t *lens, uint64_t n);
 int mg_set_pdeathsig(int sig);

@@ -1,5 +1,5 @@
 /* Per-page kernels compiled for AVX2: XXH3-64 of each page (about 25 % faster per page than the
- * SSE2 build) and the zero-page test.  Called only through dispatchers (track.c, stream.c) that
+ * SSE2 build) and the zero-page test.  Called only through dispatchers (pages.c, stream.c) that
  * check the CPU at run time. */
 #pragma GCC target("avx2")
 #define XXH_INLINE_ALL

@@ -2,13 +2,12 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
-#include "io.h"
+#include "common.h"
 #include "memio.h"
 
 
@@ -58,19 +57,5 @@ int mg_digest_fd(int fd, uint64_t offset, uint64_t nbytes, uint8_t *buf, uint64_
     XXH128_hash_t h = XXH3_128bits_digest(&state);
     out[0] = h.high64;
     out[1] = h.low64;
-    return 0;
-}
-
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22
-#define MADV_POPULATE_WRITE 23
-#endif
-
-int mg_populate(uint8_t *addr, uint64_t len, int write)
-{
-    if (len == 0)
-        return 0;
-    if (madvise(addr, len, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ) < 0)
-        return -errno;
     return 0;
 }

@@ -1,6 +1,7 @@
 /*
- * migrator memory I/O fast path: reading runs of pages of a memory object (memfd via map_files,
- * /proc/PID/mem, an image file) into one buffer, and XXH3-128 digests of byte ranges.
+ * migrator memory I/O fast path (module migrator._kernel_c): reading runs of pages of a memory
+ * object (memfd via map_files, /proc/PID/mem, an image file) into one buffer, and XXH3-128
+ * digests of byte ranges.
  * Functions return >= 0 on success and -errno on failure; no global state.
  */
 #ifndef MIGRATOR_MEMIO_H
@@ -17,9 +18,5 @@ int64_t mg_read_runs(int fd, uint64_t base, const uint64_t *runs, uint64_t nruns
  * of the file count as zeros.  out[0] = high 64 bits, out[1] = low 64 bits. */
 int mg_digest_fd(int fd, uint64_t offset, uint64_t nbytes, uint8_t *buf, uint64_t buf_len,
                  uint64_t *out);
-
-/* Fault in the pages of a mapped range in one call (MADV_POPULATE_READ, or _WRITE if write),
- * so later accesses do not fault one by one.  Linux 5.14+: older kernels give -EINVAL. */
-int mg_populate(uint8_t *addr, uint64_t len, int write);
 
 #endif

@@ -10,10 +10,13 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "io.h"
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#include "common.h"
 #include "pagehash.h"
+#include "pages.h"
 #include "stream.h"
-#include "track.h"
 
 static int64_t now_ms(void)
 {
@@ -60,15 +63,7 @@ static int page_is_zero(const uint8_t *p, uint64_t page_size, int avx2)
 {
     if (avx2 && page_size % 128 == 0)
         return mg_page_is_zero_avx2(p, page_size);
-    uint64_t acc = 0;
-    for (uint64_t i = 0; i < page_size; i += 8) {
-        uint64_t w;
-        memcpy(&w, p + i, 8);      /* pages may be unaligned in a caller's buffer */
-        acc |= w;
-        if (acc)
-            return 0;
-    }
-    return 1;
+    return mg_page_is_zero(p, page_size);
 }
 
 /* Append page to a flat list of (first, count) runs; 0 if it needs a new run and none is left. */
@@ -354,4 +349,41 @@ int mg_writeback(int fd, int wait)
     if (sync_file_range(fd, 0, 0, flags) != 0)
         return -errno;
     return 0;
+}
+
+int mg_mark_chunks(const uint64_t *runs, uint64_t nruns, uint64_t npages, unsigned shift,
+                   uint8_t *stale)
+{
+    if (shift > 32)
+        return -EINVAL;
+    for (uint64_t r = 0; r < nruns; r++) {
+        uint64_t first = runs[2 * r], count = runs[2 * r + 1];
+        if (count == 0)
+            continue;
+        if (first >= npages || count > npages - first)
+            return -EINVAL;
+        for (uint64_t c = first >> shift; c <= (first + count - 1) >> shift; c++)
+            stale[c] = 1;
+    }
+    return 0;
+}
+
+int64_t mg_hash_leaves(const uint8_t *hashes, uint64_t npages, unsigned shift, uint8_t *stale,
+                       uint8_t *leaves)
+{
+    if (shift > 32)
+        return -EINVAL;
+    uint64_t nleaves = (npages + (1ull << shift) - 1) >> shift;
+    int64_t done = 0;
+    for (uint64_t c = 0; c < nleaves; c++) {
+        /* (marked clean before it is hashed: a change racing this leaves it marked) */
+        if (stale && !__atomic_exchange_n(&stale[c], 0, __ATOMIC_ACQ_REL))
+            continue;
+        uint64_t first = c << shift;
+        uint64_t n = npages - first < (1ull << shift) ? npages - first : (1ull << shift);
+        XXH64_canonicalFromHash((XXH64_canonical_t *)(void *)(leaves + 8 * c),
+                                XXH3_64bits(hashes + 8 * first, 8 * n));
+        done++;
+    }
+    return done;
 }

@@ -1,6 +1,7 @@
 /*
- * migrator page-stream fast path: the loops of the sender and the receiver that Python cannot
- * run fast, with the policy (batch sizes, which round wins, errors) left to Python.
+ * migrator page-stream fast path (module migrator._stream_c, with pages.h): the loops of the
+ * sender and the receiver that Python cannot run fast, with the policy (batch sizes, which round
+ * wins, errors) left to Python.
  *   - mg_sock_io: send or receive a whole buffer on a non-blocking socket;
  *   - mg_pack_pages: the source side of a batch: zero pages become zero runs, the other pages
  *     are copied out (a snapshot) and hashed while hot in cache; given the hashes of what the
@@ -110,6 +111,18 @@ int mg_apply_batch(int fd, uint64_t write_chunk, uint32_t *stamps, uint64_t *img
                    const uint64_t *zero_runs, uint64_t n_zero_runs,
                    uint32_t round_no, uint64_t zero_hash, uint64_t page_size,
                    const uint8_t *zero_buf, uint64_t zero_len, struct mg_apply_stats *st);
+
+/* --- a region digest's leaves (transport/digest.py) ---------------------------------------- */
+/* Set stale[c] = 1 for every chunk c (of 1 << shift pages) that one of nruns flat (first, count)
+ * runs touches.  Returns 0, or -EINVAL for a run beyond npages or a bad shift. */
+int mg_mark_chunks(const uint64_t *runs, uint64_t nruns, uint64_t npages, unsigned shift,
+                   uint8_t *stale);
+/* For every leaf c (the 8-byte page hashes of pages [c << shift, (c + 1) << shift), the last one
+ * shorter) whose stale[c] is set (every leaf when stale is NULL): clear stale[c], then
+ * leaves[8c..8c+8) = XXH3-64 of its hashes, big-endian (xxhash's canonical form).  Returns the
+ * leaves hashed, or -EINVAL for a bad shift. */
+int64_t mg_hash_leaves(const uint8_t *hashes, uint64_t npages, unsigned shift, uint8_t *stale,
+                       uint8_t *leaves);
 
 /* The file system type of fd's file (statfs f_type) into *type.  Returns 0 or -errno. */
 int mg_fs_type(int fd, uint64_t *type);

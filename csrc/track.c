@@ -9,11 +9,9 @@
 #include <sys/uio.h>
 #include <linux/userfaultfd.h>
 
-#define XXH_INLINE_ALL
-#include <xxhash.h>
-
-#include "io.h"
+#include "common.h"
 #include "pagehash.h"
+#include "pages.h"
 #include "track.h"
 
 /* Defined here because the 6.1 linux-libc-dev headers predate PAGEMAP_SCAN and WP_ASYNC. */
@@ -33,8 +31,6 @@ struct mg_pm_scan_arg {
 #define __NR_pidfd_getfd 438
 #endif
 
-static inline void bit_set(uint8_t *bm, uint64_t i) { bm[i >> 3] |= (uint8_t)(1u << (i & 7)); }
-
 
 int64_t mg_pagemap_read(int pagemap_fd, uint64_t vaddr, uint64_t npages, uint64_t page_size,
                         uint64_t *out)
@@ -51,7 +47,7 @@ int64_t mg_pagemap_match(const uint64_t *entries, uint64_t n, uint64_t mask, uin
     int64_t count = 0;
     for (uint64_t i = 0; i < n; i++) {
         if ((entries[i] & mask) == want) {
-            bit_set(bitmap, bit_offset + i);
+            mg_bit_set(bitmap, bit_offset + i);
             count++;
         }
     }
@@ -122,7 +118,7 @@ int64_t mg_pagemap_scan_bitmap(int pagemap_fd, uint64_t start, uint64_t end, uin
             if (a < start || b > end || a >= b)
                 return -ERANGE;   /* the kernel reported outside the range asked */
             for (uint64_t p = (a - start) / page_size; p < (b - start) / page_size; p++)
-                bit_set(bitmap, p);
+                mg_bit_set(bitmap, p);
             pages += (int64_t)((b - a) / page_size);
         }
         if (walk_end <= pos)
@@ -197,54 +193,6 @@ int mg_uffd_writeprotect(int uffd, uint64_t start, uint64_t len, int protect)
     return r < 0 ? -errno : 0;
 }
 
-void mg_hash_mem_pages(const uint8_t *addr, uint64_t npages, uint64_t page_size,
-                       uint64_t *hashes)
-{
-    if (__builtin_cpu_supports("avx2")) {
-        mg_page_hashes_avx2(addr, npages, page_size, hashes);
-        return;
-    }
-    for (uint64_t i = 0; i < npages; i++)
-        hashes[i] = XXH3_64bits(addr + i * page_size, page_size);
-}
-
-uint64_t mg_hash_zero_page(uint64_t page_size)
-{
-    static const uint8_t zero[65536];   /* read-only constant, not mutable state */
-    if (page_size > sizeof(zero))
-        return 0;
-    return XXH3_64bits(zero, page_size);
-}
-
-/* Compare freshly read pages in buf with stored hashes; returns pages changed. */
-static int64_t compare_pages(const uint8_t *buf, uint64_t n, uint64_t page_size,
-                             uint64_t *hashes, uint8_t *bitmap, uint64_t bit_offset,
-                             uint32_t *gens, uint32_t gen)
-{
-    int64_t changed = 0;
-    uint64_t fresh[64];
-    for (uint64_t i = 0; i < n; i++) {
-        if (i % 64 == 0)     /* hash up to 64 pages at a time with the fastest build */
-            mg_hash_mem_pages(buf + i * page_size, n - i < 64 ? n - i : 64, page_size, fresh);
-        uint64_t h = fresh[i % 64];
-        if (h != hashes[i]) {
-            hashes[i] = h;
-            if (bitmap)
-                bit_set(bitmap, bit_offset + i);
-            if (gens)
-                gens[i] = gen;
-            changed++;
-        }
-    }
-    return changed;
-}
-
-int64_t mg_sweep_mem(const uint8_t *addr, uint64_t npages, uint64_t page_size, uint64_t *hashes,
-                     uint8_t *bitmap, uint64_t bit_offset, uint32_t *gens, uint32_t gen)
-{
-    return compare_pages(addr, npages, page_size, hashes, bitmap, bit_offset, gens, gen);
-}
-
 int64_t mg_count_changed(const uint8_t *addr, const uint64_t *pages, uint64_t n,
                          uint64_t page_size, const uint64_t *hashes)
 {
@@ -253,28 +201,6 @@ int64_t mg_count_changed(const uint8_t *addr, const uint64_t *pages, uint64_t n,
         uint64_t h;
         mg_hash_mem_pages(addr + pages[i] * page_size, 1, page_size, &h);
         changed += h != hashes[pages[i]];
-    }
-    return changed;
-}
-
-int64_t mg_sweep_fd(int fd, uint64_t offset, uint64_t npages, uint64_t page_size,
-                    uint8_t *buf, uint64_t buf_len, uint64_t *hashes, uint8_t *bitmap,
-                    uint64_t bit_offset, uint32_t *gens, uint32_t gen)
-{
-    uint64_t chunk = buf_len / page_size;
-    int64_t changed = 0;
-    if (chunk == 0)
-        return -EINVAL;
-    for (uint64_t done = 0; done < npages;) {
-        uint64_t n = npages - done < chunk ? npages - done : chunk;
-        int64_t got = mg_pread_full(fd, buf, n * page_size, offset + done * page_size);
-        if (got < 0)
-            return got;
-        if ((uint64_t)got < n * page_size)   /* past the end of the object: zeros */
-            memset(buf + got, 0, n * page_size - (uint64_t)got);
-        changed += compare_pages(buf, n, page_size, hashes + done, bitmap, bit_offset + done,
-                                 gens ? gens + done : NULL, gen);
-        done += n;
     }
     return changed;
 }
@@ -297,8 +223,8 @@ int64_t mg_sweep_remote(int pid, uint64_t vaddr, uint64_t npages, uint64_t page_
         if (r < 0 && errno != EFAULT)
             return -errno;
         uint64_t ok_pages = r < 0 ? 0 : (uint64_t)r / page_size;
-        changed += compare_pages(buf, ok_pages, page_size, hashes + done, bitmap,
-                                 bit_offset + done, NULL, 0);
+        changed += mg_compare_pages(buf, ok_pages, page_size, hashes + done, bitmap,
+                                    bit_offset + done, NULL, 0);
         if (ok_pages < n) {
             /* the first unreadable page: skip it, continue after it */
             bad++;
@@ -312,29 +238,12 @@ int64_t mg_sweep_remote(int pid, uint64_t vaddr, uint64_t npages, uint64_t page_
     return changed;
 }
 
-int64_t mg_sweep_hole(uint64_t n, uint64_t zero_hash, uint64_t *hashes, uint8_t *bitmap,
-                      uint64_t bit_offset, uint32_t *gens, uint32_t gen)
-{
-    int64_t changed = 0;
-    for (uint64_t i = 0; i < n; i++) {
-        if (hashes[i] != zero_hash) {
-            hashes[i] = zero_hash;
-            if (bitmap)
-                bit_set(bitmap, bit_offset + i);
-            if (gens)
-                gens[i] = gen;
-            changed++;
-        }
-    }
-    return changed;
-}
-
 int64_t mg_gens_since(const uint32_t *gens, uint64_t n, uint32_t since, uint8_t *bitmap)
 {
     int64_t count = 0;
     for (uint64_t i = 0; i < n; i++) {
         if (gens[i] > since) {
-            bit_set(bitmap, i);
+            mg_bit_set(bitmap, i);
             count++;
         }
     }
@@ -386,55 +295,4 @@ int64_t mg_bitmap_count(const uint8_t *bitmap, uint64_t nbytes)
     for (; i < nbytes; i++)
         c += __builtin_popcount(bitmap[i]);
     return c;
-}
-
-int mg_mark_chunks(const uint64_t *runs, uint64_t nruns, uint64_t npages, unsigned shift,
-                   uint8_t *stale)
-{
-    if (shift > 32)
-        return -EINVAL;
-    for (uint64_t r = 0; r < nruns; r++) {
-        uint64_t first = runs[2 * r], count = runs[2 * r + 1];
-        if (count == 0)
-            continue;
-        if (first >= npages || count > npages - first)
-            return -EINVAL;
-        for (uint64_t c = first >> shift; c <= (first + count - 1) >> shift; c++)
-            stale[c] = 1;
-    }
-    return 0;
-}
-
-int64_t mg_hash_leaves(const uint8_t *hashes, uint64_t npages, unsigned shift, uint8_t *stale,
-                       uint8_t *leaves)
-{
-    if (shift > 32)
-        return -EINVAL;
-    uint64_t nleaves = (npages + (1ull << shift) - 1) >> shift;
-    int64_t done = 0;
-    for (uint64_t c = 0; c < nleaves; c++) {
-        /* (marked clean before it is hashed: a change racing this leaves it marked) */
-        if (stale && !__atomic_exchange_n(&stale[c], 0, __ATOMIC_ACQ_REL))
-            continue;
-        uint64_t first = c << shift;
-        uint64_t n = npages - first < (1ull << shift) ? npages - first : (1ull << shift);
-        XXH64_canonicalFromHash((XXH64_canonical_t *)(void *)(leaves + 8 * c),
-                                XXH3_64bits(hashes + 8 * first, 8 * n));
-        done++;
-    }
-    return done;
-}
-
-int mg_set_hashes(uint64_t *hashes, uint64_t npages, const uint64_t *runs, uint64_t nruns,
-                  const uint64_t *values, uint64_t fill)
-{
-    uint64_t k = 0;
-    for (uint64_t r = 0; r < nruns; r++) {
-        uint64_t first = runs[2 * r], count = runs[2 * r + 1];
-        if (first >= npages || count > npages - first)
-            return -EINVAL;
-        for (uint64_t i = 0; i < count; i++)
-            hashes[first + i] = values ? values[k++] : fill;
-    }
-    return 0;
 }

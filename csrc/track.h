@@ -1,6 +1,7 @@
 /*
- * migrator tracking fast path: pagemap decoding, PAGEMAP_SCAN walks, userfaultfd set-up and
- * per-page hashing.  Small, boring loops and syscalls; Python owns every policy decision.
+ * migrator tracking fast path (module migrator._kernel_c): pagemap decoding, PAGEMAP_SCAN walks,
+ * userfaultfd set-up, the ledger's content sweeps beside pages.h's, bitmaps.  Small, boring
+ * loops and syscalls; Python owns every policy decision.
  *
  * Conventions: functions return >= 0 on success and -errno on failure.  No global state: callers
  * pass every buffer in.  Bitmaps are LSB-first: page i is bit (i % 8) of byte (i / 8).
@@ -53,53 +54,19 @@ int mg_uffd_register_wp(int uffd, uint64_t start, uint64_t len);
 int mg_uffd_unregister(int uffd, uint64_t start, uint64_t len);
 int mg_uffd_writeprotect(int uffd, uint64_t start, uint64_t len, int protect);
 
-/* --- hashing (XXH3-64, one hash per page) ------------------------------------------------- */
-/* Hash npages pages of memory at addr into hashes. */
-void mg_hash_mem_pages(const uint8_t *addr, uint64_t npages, uint64_t page_size,
-                       uint64_t *hashes);
-/* Ledger sweep: pread npages pages from fd at byte offset, in chunks through buf (buf_len
- * bytes, a multiple of page_size), hash each page, compare with hashes[i]; where different, store
- * the new hash, set bit (bit_offset + i) in bitmap (bitmap may be NULL) and gens[i] = gen (gens may
- * be NULL).  Pages that read short
- * (end of object) hash as zero pages.  Returns the number of changed pages. */
-int64_t mg_sweep_fd(int fd, uint64_t offset, uint64_t npages, uint64_t page_size,
-                    uint8_t *buf, uint64_t buf_len, uint64_t *hashes, uint8_t *bitmap,
-                    uint64_t bit_offset, uint32_t *gens, uint32_t gen);
-/* mg_sweep_fd's comparison on memory that is mapped already (a read-only mapping of the
- * object: no copy; the caller keeps it to pages that hold data, since a read fault on a shmem
- * hole allocates the page). */
-int64_t mg_sweep_mem(const uint8_t *addr, uint64_t npages, uint64_t page_size, uint64_t *hashes,
-                     uint8_t *bitmap, uint64_t bit_offset, uint32_t *gens, uint32_t gen);
+/* --- content sweeps beside pages.h's (XXH3-64, one hash per page) ------------------------- */
 /* Of the n pages listed in pages (page numbers from addr, data pages of a mapping), how many
  * hash differently from hashes[page]; nothing is updated (a sample, not a sweep). */
 int64_t mg_count_changed(const uint8_t *addr, const uint64_t *pages, uint64_t n,
                          uint64_t page_size, const uint64_t *hashes);
-/* Same as mg_sweep_fd for memory of a (possibly) other process, read with process_vm_readv.
+/* pages.h's mg_sweep_fd for memory of a (possibly) other process, read with process_vm_readv.
  * Pages that cannot be read (unmapped) are skipped with their hash left unchanged; the count of
  * those goes to *unreadable. */
 int64_t mg_sweep_remote(int pid, uint64_t vaddr, uint64_t npages, uint64_t page_size,
                         uint8_t *buf, uint64_t buf_len, uint64_t *hashes, uint8_t *bitmap,
                         uint64_t bit_offset, uint64_t *unreadable);
-/* Pages [first, first + n) are holes (read as zero): compare with the zero-page hash as above. */
-int64_t mg_sweep_hole(uint64_t n, uint64_t zero_hash, uint64_t *hashes, uint8_t *bitmap,
-                      uint64_t bit_offset, uint32_t *gens, uint32_t gen);
-/* Set hashes[p] for every page p of nruns (first, count) runs: to values[k] for the k-th page
- * in order, or to fill when values is NULL.  Returns 0, or -EINVAL for a run beyond npages. */
-int mg_set_hashes(uint64_t *hashes, uint64_t npages, const uint64_t *runs, uint64_t nruns,
-                  const uint64_t *values, uint64_t fill);
-/* Set stale[c] = 1 for every chunk c (of 1 << shift pages) that one of nruns flat (first, count)
- * runs touches.  Returns 0, or -EINVAL for a run beyond npages or a bad shift. */
-int mg_mark_chunks(const uint64_t *runs, uint64_t nruns, uint64_t npages, unsigned shift,
-                   uint8_t *stale);
-/* A digest's leaves (transport/digest.py): for every leaf c (the 8-byte page hashes of pages
- * [c << shift, (c + 1) << shift), the last one shorter) whose stale[c] is set (every leaf when
- * stale is NULL): clear stale[c], then leaves[8c..8c+8) = XXH3-64 of its hashes, big-endian
- * (xxhash's canonical form).  Returns the leaves hashed, or -EINVAL for a bad shift. */
-int64_t mg_hash_leaves(const uint8_t *hashes, uint64_t npages, unsigned shift, uint8_t *stale,
-                       uint8_t *leaves);
 /* Set bit i of bitmap for every i < n with gens[i] > since.  Returns bits set. */
 int64_t mg_gens_since(const uint32_t *gens, uint64_t n, uint32_t since, uint8_t *bitmap);
-uint64_t mg_hash_zero_page(uint64_t page_size);
 
 /* --- bitmaps -------------------------------------------------------------------------------- */
 /* Emit runs of set bits as (start, end) pairs into runs (max_runs pairs), beginning the search

@@ -337,7 +337,7 @@ def test_cli_guest_then_verify(tmp_path):
 def test_uffd_lets_a_tracker_see_the_vcpu_writes():
     """The guest's userfaultfd (created in its mm) taken with pidfd_getfd, registered for async
     write-protect: PAGEMAP_SCAN reports exactly the pages the vcpu wrote."""
-    from migrator._track_c import ffi, lib
+    from migrator.kernel.native import ffi, lib
 
     spec = GuestSpec(shared_ram=4 * M, anon_ram=4 * M, target="anon",
                      workload=WorkloadSpec("sweep", 0), uffd=True)

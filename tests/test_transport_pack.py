@@ -17,7 +17,7 @@ import pytest
 import xxhash
 
 from conftest import require, swap_active
-from migrator._track_c import ffi, lib
+from migrator.transport._native import ffi, lib
 from migrator.kernel.maps import read_maps, select_regions
 from migrator.precopy.source import SourceMemory
 from migrator.transport import wire

@@ -147,7 +147,7 @@ def _in_process(args: argparse.Namespace, size: int, rec) -> dict:
     src = ffi.cast("uint8_t *", shm.addr)
     entries = ffi.new("uint64_t[]", npages)
     for _ in range(args.runs):
-        rec("bare xxh3 (C, per page)", 0, _timed(lambda: lib.mg_hash_mem_pages(src, npages, PAGE_SIZE, hashes)))
+        rec("bare xxh3 (C, per page)", 0, _timed(lambda: lib.mgk_hash_mem_pages(src, npages, PAGE_SIZE, hashes)))
         view = memoryview(shm.map)
         rec("bare xxh3 (1 call)", 0, _timed(lambda: xxhash.xxh3_64_intdigest(view)))
         view.release()

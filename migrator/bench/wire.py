@@ -21,7 +21,7 @@ import time
 
 import trio
 
-from .._track_c import ffi, lib
+from ..transport._native import ffi, lib
 from ..kernel.maps import read_maps, select_regions
 from ..precopy.source import SourceMemory
 from ..receiver_process import wait_port_file

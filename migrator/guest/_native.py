@@ -1,18 +1,7 @@
-"""The compiled guest fast path (csrc/guest.c) and the helper that turns its -errno returns into
-exceptions.  Only migrator.guest modules call `lib` directly."""
+"""Binding of migrator._guest_c (csrc/guest.c, csrc/build.py): the guest's write loops, page
+stamps and outside views.  Owned by migrator.guest: only guest/ modules use `lib`."""
 
-import os
-
+from .._binding import PAGE_SIZE, check
 from .._guest_c import ffi, lib
 
 __all__ = ["ffi", "lib", "check", "PAGE_SIZE"]
-
-PAGE_SIZE: int = os.sysconf("SC_PAGE_SIZE")
-
-
-def check(ret: int, call: str, *, pid: int | None = None) -> int:
-    """Return ret if >= 0; else raise OSError(-ret) naming the call (and the pid)."""
-    if ret >= 0:
-        return ret
-    where = f"{call} (pid {pid})" if pid is not None else call
-    raise OSError(-ret, f"{where}: {os.strerror(-ret)}")

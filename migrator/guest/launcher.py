@@ -217,8 +217,8 @@ def changed_pages(before: array, after: array) -> bytes:
     if len(before) != len(after):
         raise UsageError("hash arrays of different regions")
     out = ffi.new("uint8_t[]", max(len(before), 1))
-    lib.mg_count_changed(ffi.from_buffer("uint64_t[]", before), ffi.from_buffer("uint64_t[]", after),
-                         len(before), out)
+    lib.mg_count_different(ffi.from_buffer("uint64_t[]", before), ffi.from_buffer("uint64_t[]", after),
+                           len(before), out)
     return bytes(ffi.buffer(out, len(before)))
 
 

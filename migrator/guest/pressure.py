@@ -7,17 +7,18 @@ from __future__ import annotations
 import os
 
 from ..errors import TargetGoneError, UsageError
+from ..kernel.resources import Closing, close_fd
 from ._native import PAGE_SIZE, check, ffi, lib
 from .launcher import Guest
 
 
-class PageOut:
+class PageOut(Closing):
     """process_madvise(MADV_PAGEOUT) into one guest; holds a pidfd for the guest's life."""
 
     def __init__(self, guest: Guest) -> None:
         self.guest = guest
         try:
-            self._pidfd = check(lib.mg_pidfd_open_(guest.pid), "pidfd_open", pid=guest.pid)
+            self._pidfd = os.pidfd_open(guest.pid)
         except ProcessLookupError:
             raise TargetGoneError(f"guest {guest.pid} is gone") from None
 
@@ -41,12 +42,4 @@ class PageOut:
         return check(lib.mg_pageout(self._pidfd, addrs, lens, 1), "process_madvise", pid=self.guest.pid)
 
     def close(self) -> None:
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
-
-    def __enter__(self) -> "PageOut":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self._pidfd = close_fd(self._pidfd)

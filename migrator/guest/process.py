@@ -88,10 +88,12 @@ def run_guest(spec: GuestSpec, out: TextIO = sys.stdout, *, die_with_parent: boo
     _check_fits((lay.shared_tail[0] + lay.anon_populated[1]) * ps)
     uffd = None
     if spec.uffd:
-        from .._track_c import lib as track_lib
-        uffd = track_lib.mg_uffd_create()
-        if uffd < 0:
-            raise UnsupportedError(f"userfaultfd: {os.strerror(-uffd)}")
+        from ..kernel.uffd import create_in_this_process   # the kernel layer owns uffd calls
+
+        try:
+            uffd = create_in_this_process()
+        except OSError as e:
+            raise UnsupportedError(f"userfaultfd: {os.strerror(e.errno)}") from None
     try:
         memfd = os.memfd_create(spec.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(memfd, lay.shared_pages * ps)

@@ -105,4 +105,4 @@ def populate(target: Target, page_size: int = PAGE_SIZE, writer: int = 0) -> int
     t = ffi.new("struct mg_target *")
     t.base = ffi.cast("uint8_t *", target.address)
     t.fd, t.npages, t.first_index, t.region = -1, target.npages, target.first_index, target.region
-    return check(lib.mg_populate(t, page_size, writer), "mg_populate")
+    return check(lib.mg_stamp_target(t, page_size, writer), "mg_stamp_target")

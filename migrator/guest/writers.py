@@ -48,7 +48,7 @@ def _run_writer(cfg: dict, slot) -> None:
 
 def _run_pager(cfg: dict, slot) -> None:
     pid = cfg["guest_pid"]
-    pidfd = check(lib.mg_pidfd_open_(pid), "pidfd_open", pid=pid)
+    pidfd = os.pidfd_open(pid)
     pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     ranges = cfg["ranges"]                              # [[address, bytes], ...]
     addrs = ffi.new("uint64_t[]", [a for a, _ in ranges])

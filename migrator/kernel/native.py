@@ -1,21 +1,10 @@
-"""The compiled fast path (csrc/track.c) and the one helper that turns its -errno returns into
-exceptions.  Only migrator.kernel and migrator.tracking modules call `lib` directly."""
+"""Binding of migrator._kernel_c (csrc/build.py): pagemap and PAGEMAP_SCAN, userfaultfd and
+pidfd calls, uffd injection, the /proc holder scan, memory reads (memio.c), the ledger's content
+sweeps and bitmaps.  Owned by migrator.kernel: only kernel/ and tracking/ modules use `lib`
+(precopy/source.py's memory reads too, through kernel/memio.py); others call their functions.
+pages.h's functions are exported here as mgk_* (the stream module has the mg_* names)."""
 
-import os
-
-from .._track_c import ffi, lib
+from .._binding import PAGE_SIZE, check
+from .._kernel_c import ffi, lib
 
 __all__ = ["ffi", "lib", "check", "PAGE_SIZE"]
-
-PAGE_SIZE: int = os.sysconf("SC_PAGE_SIZE")
-
-
-def check(ret: int, call: str, *, pid: int | None = None) -> int:
-    """Return ret if >= 0; else raise OSError(-ret) naming the call (and the pid)."""
-    if ret >= 0:
-        return ret
-    code = -ret
-    where = f"{call} (pid {pid})" if pid is not None else call
-    err = OSError(code, f"{where}: {os.strerror(code)}")
-    err.errno = code
-    raise err

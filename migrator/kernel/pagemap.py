@@ -8,8 +8,10 @@ from __future__ import annotations
 import errno
 import os
 
-from ..errors import TargetGoneError, UnsupportedError
+from ..errors import TargetGoneError
 from .native import PAGE_SIZE, check, ffi, lib
+from .process import open_proc
+from .resources import Closing, close_fd
 
 # pagemap entry bits
 PM_SOFT_DIRTY = 1 << 55
@@ -36,32 +38,19 @@ DEFAULT_VEC_LEN = 4096          # page_region entries per ioctl (96 KiB of vec)
 _READ_WINDOW = 65536            # pagemap entries per pread (512 KiB)
 
 
-class Pagemap:
+class Pagemap(Closing):
     """An open /proc/PID/pagemap.  Close it (or use `with`) when done."""
 
     def __init__(self, pid: int, vec_len: int = DEFAULT_VEC_LEN):
         self.pid = pid
-        try:
-            self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):     # (ESRCH: a zombie's)
-            raise TargetGoneError(f"process {pid} does not exist (or exited)") from None
-        except PermissionError:
-            raise UnsupportedError(f"cannot open /proc/{pid}/pagemap: permission denied") from None
+        self.fd = open_proc(pid, "pagemap")
         self.vec_len = vec_len
         self._vec = ffi.new("struct mg_page_region[]", vec_len)
         self._buf = ffi.new("uint64_t[]", _READ_WINDOW)
         self.ioctl_calls = 0
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> "Pagemap":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self.fd = close_fd(self.fd)
 
     def _gone_check(self, err: OSError) -> None:
         if err.errno in (errno.ESRCH, errno.ENOENT) or not os.path.exists(f"/proc/{self.pid}"):

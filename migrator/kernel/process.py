@@ -5,7 +5,20 @@ from __future__ import annotations
 import os
 import time
 
-from ..errors import TargetGoneError
+from ..errors import MigratorError, TargetGoneError, UnsupportedError
+from .resources import Closing, close_fd
+
+
+def open_proc(pid: int, name: str, denied: type[MigratorError] = UnsupportedError,
+              hint: str = "") -> int:
+    """A read-only descriptor (O_CLOEXEC) of /proc/PID/NAME.  TargetGoneError if the process does
+    not exist; denied("cannot open ...: permission denied" + hint) if we may not read it."""
+    try:
+        return os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):     # (ESRCH: a zombie's pagemap)
+        raise TargetGoneError(f"process {pid} does not exist (or exited)") from None
+    except PermissionError:
+        raise denied(f"cannot open /proc/{pid}/{name}: permission denied{hint}") from None
 
 
 def process_state(pid: int) -> str:
@@ -54,15 +67,12 @@ def vsize(pid: int) -> int:
         raise TargetGoneError(f"process {pid} exited") from None
 
 
-class StatReader:
+class StatReader(Closing):
     """/proc/PID/stat kept open and re-read with pread (a few microseconds a read)."""
 
     def __init__(self, pid: int):
         self.pid = pid
-        try:
-            self.fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise TargetGoneError(f"process {pid} does not exist (or exited)") from None
+        self.fd = open_proc(pid, "stat")
 
     def fields(self) -> list[bytes]:
         """Fields after the command name: [0] is the state, [20] the vsize."""
@@ -78,6 +88,4 @@ class StatReader:
         return int(self.fields()[20])
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.fd = close_fd(self.fd)

@@ -7,6 +7,7 @@ import mmap
 import os
 
 from .native import PAGE_SIZE
+from .resources import Closing, close_fd
 
 
 def address_of(m: mmap.mmap) -> int:
@@ -17,7 +18,7 @@ def address_of(m: mmap.mmap) -> int:
     return addr
 
 
-class Scratch:
+class Scratch(Closing):
     """An anonymous private (memfd_name=None) or memfd shared mapping of npages pages."""
 
     def __init__(self, npages: int, memfd_name: str | None = None, align: int = PAGE_SIZE):
@@ -53,12 +54,4 @@ class Scratch:
 
     def close(self) -> None:
         self.map.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> "Scratch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self.fd = close_fd(self.fd)

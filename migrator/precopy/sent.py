@@ -7,7 +7,7 @@ memory is the trackers' claim; `--verify memory` checks it by reading the paused
 
 from __future__ import annotations
 
-from ..kernel.native import PAGE_SIZE, ffi, lib
+from ..transport._native import PAGE_SIZE, ffi, lib
 from ..transport.digest import TableDigest
 from ..tracking.ledger import record_runs
 

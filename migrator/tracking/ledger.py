@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from ..errors import TargetGoneError
 from ..kernel.maps import Region, RegionKind, read_maps
@@ -43,6 +44,19 @@ ASSUMED_SWEEP_RATE = 2e9      # bytes/s a sweep is assumed to hash before one wa
                               # (measured here: 5-10 GB/s with two threads)
 
 
+def zero_page_hash() -> int:
+    """XXH3-64 of a page of zeros (PAGE_SIZE bytes): the hash of a page never written."""
+    return lib.mgk_hash_zero_page(PAGE_SIZE)
+
+
+def zero_hash_table(npages: int) -> tuple[Any, Any]:
+    """A table of npages 8-byte page hashes (uint64_t cdata of at least one entry), each a zero
+    page's hash, and a writable buffer of its 8 * npages bytes: what record_runs() fills."""
+    table = ffi.new("uint64_t[]", max(npages, 1))
+    lib.mgk_sweep_hole(npages, zero_page_hash(), table, ffi.NULL, 0, ffi.NULL, 0)
+    return table, ffi.buffer(table, 8 * npages)
+
+
 def record_runs(table, npages: int, data_flat, zero_flat, hashes: bytes, zero_hash: int) -> None:
     """Set table[p] (a uint64_t cdata array of npages) for the pages of flat (first, count) runs:
     data runs take the page hashes in order, zero runs the zero page's hash (what a sender's
@@ -50,7 +64,7 @@ def record_runs(table, npages: int, data_flat, zero_flat, hashes: bytes, zero_ha
     for flat, values, fill in ((data_flat, hashes, 0), (zero_flat, None, zero_hash)):
         if flat:
             vals = ffi.from_buffer("uint64_t[]", values) if values is not None else ffi.NULL
-            if lib.mg_set_hashes(table, npages, ffi.new("uint64_t[]", list(flat)), len(flat) // 2,
+            if lib.mgk_set_hashes(table, npages, ffi.new("uint64_t[]", list(flat)), len(flat) // 2,
                                  vals, fill) < 0:
                 raise ValueError("pages recorded outside the table")
 
@@ -58,7 +72,7 @@ def record_runs(table, npages: int, data_flat, zero_flat, hashes: bytes, zero_ha
 def _populate(addr: int, nbytes: int) -> None:
     """Fill the page tables of a mapped range in one call (read faults, without the GIL);
     where the kernel lacks it, the hashing faults the pages in one by one."""
-    lib.mg_populate(ffi.cast("uint8_t *", addr), nbytes, 0)
+    lib.mgk_populate(ffi.cast("uint8_t *", addr), nbytes, 0)
 
 
 class ShmemLedger:
@@ -78,7 +92,7 @@ class ShmemLedger:
         self.bytes_read = 0
         self._local = threading.local()       # one read buffer per sweeping thread
         self._pool: ThreadPoolExecutor | None = None
-        self._zero = lib.mg_hash_zero_page(PAGE_SIZE)
+        self._zero = zero_page_hash()
         self._view = None                     # object pages [first_page, end_page) mapped
 
     def use_view(self, view) -> None:
@@ -110,7 +124,7 @@ class ShmemLedger:
         for a, b in data_extents(self.fd, lo, hi) + [(hi, hi)]:
             if a > pos:    # hole [pos, a): reads as zeros
                 i = (pos - lo) // PAGE_SIZE
-                changed += lib.mg_sweep_hole((a - pos) // PAGE_SIZE, self._zero, self.hashes + i,
+                changed += lib.mgk_sweep_hole((a - pos) // PAGE_SIZE, self._zero, self.hashes + i,
                                              ffi.NULL, 0, self.gens + i, g)
             for c in range(a, b, SWEEP_CHUNK):
                 chunks.append((c, (min(b, c + SWEEP_CHUNK) - c) // PAGE_SIZE))
@@ -142,13 +156,13 @@ class ShmemLedger:
             i = offset // PAGE_SIZE - self.first_page
             if self.sweeps == 0:     # (data extents only: a hole would be allocated)
                 _populate(int(ffi.cast("uintptr_t", self._view + i * PAGE_SIZE)), n * PAGE_SIZE)
-            return lib.mg_sweep_mem(self._view + i * PAGE_SIZE, n, PAGE_SIZE, self.hashes + i,
+            return lib.mgk_sweep_mem(self._view + i * PAGE_SIZE, n, PAGE_SIZE, self.hashes + i,
                                     ffi.NULL, 0, self.gens + i, g)
         buf = getattr(self._local, "buf", None)
         if buf is None:
             buf = self._local.buf = ffi.new("uint8_t[]", SWEEP_BUFFER)
         i = offset // PAGE_SIZE - self.first_page
-        return check(lib.mg_sweep_fd(self.fd, offset, n, PAGE_SIZE, buf, SWEEP_BUFFER,
+        return check(lib.mgk_sweep_fd(self.fd, offset, n, PAGE_SIZE, buf, SWEEP_BUFFER,
                                      self.hashes + i, ffi.NULL, 0, self.gens + i, g),
                      "pread shmem object")
 
@@ -222,7 +236,7 @@ class LedgerRegistry:
         if sweep:
             led.sweep()
         else:
-            lib.mg_sweep_hole(led.npages, led._zero, led.hashes, ffi.NULL, 0, led.gens, 0)
+            lib.mgk_sweep_hole(led.npages, led._zero, led.hashes, ffi.NULL, 0, led.gens, 0)
         self._ledgers[region.object_key] = led
         return led
 

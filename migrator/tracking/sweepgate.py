@@ -41,6 +41,7 @@ from ..kernel.holders import Holder, HolderScan, parent_of, read_counters, scan_
 from ..kernel.maps import Region
 from ..kernel.native import PAGE_SIZE, lib
 from ..kernel.pagemap import PAGE_IS_PRESENT, Pagemap
+from ..kernel.resources import close_fd, closed
 from ..kernel.shmem import data_extents
 from .pageset import PageSet
 
@@ -124,19 +125,15 @@ class SweepGate:
         self._holes = self._pool.submit(lambda: {k: self._holes_check(k) for k in self.keys})
 
     def close(self) -> None:
-        if self._inotify >= 0:
-            os.close(self._inotify)
-            self._inotify = -1
-            self._watches.clear()
+        self._inotify = close_fd(self._inotify)
+        self._watches.clear()
         if self._holes is not None:
             self._holes.exception()
             self._holes = None
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        if self._pagemap is not None:
-            self._pagemap.close()
-            self._pagemap = None
+        self._pagemap = closed(self._pagemap)
 
     def _range(self, key: ObjectKey) -> tuple[int, int]:
         rs = [r for r in self.regions if r.object_key == key]

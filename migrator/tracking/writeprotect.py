@@ -24,6 +24,7 @@ from ..kernel.native import PAGE_SIZE
 from ..kernel.pagemap import (DEFAULT_VEC_LEN, PAGE_IS_WPALLOWED, PAGE_IS_WRITTEN,
                               PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, Pagemap)
 from ..kernel.process import StatReader
+from ..kernel.resources import closed
 from ..kernel.uffd import Userfaultfd
 from .base import DirtyPages, RegionEvent, Tracker, TrackerStatistics
 from .layout import coverage_gaps, pages_of
@@ -160,9 +161,5 @@ class WriteProtectTracker(Tracker):
             if self.pool is None:
                 self.uffd.close()
             self.uffd = None
-        if self.pagemap is not None:
-            self.pagemap.close()
-            self.pagemap = None
-        if self._stat is not None:
-            self._stat.close()
-            self._stat = None
+        self.pagemap = closed(self.pagemap)
+        self._stat = closed(self._stat)

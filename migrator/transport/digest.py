@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import xxhash
 
-from .._track_c import ffi, lib
+from ._native import ffi, lib
 from .pagehash import page_hashes, zero_page_hash
 from .wire import RegionSpec
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from .._track_c import ffi, lib
+from ._native import ffi, lib
 from ..errors import PeerReportedError, ProtocolError, TransportError
 from . import wire
 from . import compress

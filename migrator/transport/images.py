@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .._track_c import ffi, lib
+from ._native import ffi, lib
 from ..errors import MigratorError, ProtocolError
 from .digest import TableDigest, page_hashes, zero_page_hash
 from .wire import Batch, RegionSpec

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._track_c import ffi, lib
+from ._native import ffi, lib
 
 
 def zero_page_hash(page_size: int = 4096) -> int:

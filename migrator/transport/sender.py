@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 import trio
 
-from .._track_c import ffi, lib
+from ._native import ffi, lib
 from ..errors import CommitRefusedError, MigratorError, PeerReportedError, RegionError, TransportError, first_error
 from . import wire
 from .auth import client_handshake
