@@ -29,7 +29,16 @@ class TransportError(MigratorError):
 
 
 class PeerReportedError(TransportError):
-    """The peer sent ERROR: its reason is in the message ("PEER reported: REASON")."""
+    """The peer sent ERROR: its reason is in the message ("PEER reported: REASON") and, alone,
+    in `reason`."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = message if reason is None else reason
+
+
+class PeerClosed(TransportError):
+    """The peer closed the connection at a frame boundary."""
 
 
 class CommitRefusedError(MigratorError):
@@ -38,6 +47,10 @@ class CommitRefusedError(MigratorError):
 
 class ProtocolError(TransportError):
     """A peer sent bytes that break the wire protocol (bad frame, bad field, out-of-range page)."""
+
+
+class TruncatedFrameError(ProtocolError):
+    """The peer went away in the middle of a frame (the message says which part, how much came)."""
 
 
 class AuthError(TransportError):

@@ -1,24 +1,24 @@
-"""Frames over a trio stream: buffered reading (straight into a reused buffer for page data),
-writing, and turning connection failures into TransportError.  All parsing is delegated to
-wire.py."""
+"""Frames over a trio stream: reading (page data straight into a reused buffer), writing, and
+turning connection failures into TransportError.  Both readers, receive() on the event loop and
+receive_blocking() in a worker thread, only move bytes: the frame decoder (decoder.py) says what
+to read next and checks what was read; parsing is wire.py's."""
 
 from __future__ import annotations
 
-import dataclasses
 import mmap
 import os
 import select
 import socket
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
 from ._native import ffi, lib
-from ..errors import PeerReportedError, ProtocolError, TransportError
+from ..errors import PeerClosed, TransportError
 from . import wire
-from . import compress
-from .seal import TAG_SIZE, FrameSeal
+from .decoder import FrameDecoder, RawFrame, page_buffer
+from .seal import FrameSeal
 
 _SMALL_READ = 4096          # headers and metadata are read with reads this small, so page data
                             # is never read ahead into the frame buffer (and copied again)
@@ -26,11 +26,11 @@ BULK_BYTES = 256 << 10      # page data at least this large moves in a worker th
 SOCKET_BUFFER = 4 << 20     # SO_SNDBUF / SO_RCVBUF asked for
 STALL_S = 60.0              # a bulk transfer with no progress for this long fails
 
+Stop = Callable[[], bool]       # polled by blocking I/O in worker threads: True = give up
 
-def page_buffer(nbytes: int) -> mmap.mmap:
-    """An anonymous mapping for page data (memory taken as it is written, never zeroed up front
-    as a bytearray would be; see populate_in_background)."""
-    return mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+def _never() -> bool:
+    return False
 
 
 def populate_in_background(buffers: list[mmap.mmap]) -> threading.Event:
@@ -54,32 +54,22 @@ def populate_in_background(buffers: list[mmap.mmap]) -> threading.Event:
     return done
 
 
-class PeerClosed(TransportError):
-    """The peer closed the connection at a frame boundary."""
-
-
 class FrameStream:
     """One connection: send and receive whole frames."""
 
     def __init__(self, stream: trio.abc.Stream, peer: str = "peer"):
         self.stream = stream
         self.peer = peer
-        self._buf = bytearray()
-        self._pos = 0
-        # page data rotates through three buffers: one being written out, one queued, one arriving
-        self._bufs: list[mmap.mmap | None] = [None, None, None]
-        self._which = 0
+        self._decoder = FrameDecoder(peer)
         # plain TCP: page data goes straight from the socket into our buffer with recv_into
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
-        self.bytes_sent = 0
+        self.bytes_sent = 0             # bytes on the wire so far (see _count_sent)
+        self._sent_lock = threading.Lock()
         self._send_broken = False     # a send was interrupted part-way (see send_raw)
         self._closing = False
         self._raw: socket.socket | None = None
         self._io_lock = threading.Lock()    # held by a worker thread while it moves page data
-        self.should_stop = lambda: False    # polled by blocking reads in worker threads
-        self.codec = compress.NONE              # receiver: the codec batches may use (SETUP)
         self._send_seal: FrameSeal | None = None    # see arm()
-        self._recv_seal: FrameSeal | None = None
         if self._sock is not None:
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 try:
@@ -92,11 +82,20 @@ class FrameStream:
         if send is not None:
             self._send_seal = send
         if recv is not None:
-            self._recv_seal = recv
+            self._decoder.arm(recv)
 
     @property
     def sealed(self) -> bool:
-        return self._recv_seal is not None
+        return self._decoder.sealed
+
+    @property
+    def codec(self) -> int:
+        """The codec BATCH data may be compressed with (receiver: the one SETUP announced)."""
+        return self._decoder.codec
+
+    @codec.setter
+    def codec(self, codec: int) -> None:
+        self._decoder.codec = codec
 
     @property
     def encrypts(self) -> bool:
@@ -105,9 +104,10 @@ class FrameStream:
 
     # -- bulk page data: straight syscalls in a worker thread, not one trio wake-up per chunk --
 
-    def _bulk(self, view: memoryview, sending: bool) -> None:
+    def _bulk(self, view: memoryview, sending: bool, stop: Stop = _never) -> int:
         """Send or receive all of view on the (non-blocking) socket: a C loop (send/recv and
-        poll, without the GIL), back in Python every 200 ms to check for a stop."""
+        poll, without the GIL), back in Python every 200 ms to check for a stop.  Returns the
+        bytes moved: len(view), or fewer if the peer closed the connection (receiving)."""
         with self._io_lock:
             if self._closing:
                 raise TransportError(f"connection to {self.peer} closed")
@@ -116,27 +116,24 @@ class FrameStream:
             # released on the way out, even by an exception: a memoryview still exported when
             # a traceback's frame dies in a reference cycle crashes CPython's garbage collector
             with ffi.from_buffer(view, require_writable=not sending) as buf:
-                self._move(buf, len(view), sending)
+                return self._move(buf, len(view), sending, stop)
 
-    def _move(self, buf, n: int, sending: bool) -> None:
+    def _move(self, buf, n: int, sending: bool, stop: Stop) -> int:
         assert self._raw is not None
         done = ffi.new("uint64_t *")
         idle = 0.0
         while True:
             before = done[0]
             r = lib.mg_sock_io(self._raw.fileno(), buf, n, int(sending), 200, done)
-            if r == lib.MG_IO_DONE:
-                return
+            if r == lib.MG_IO_DONE or r == lib.MG_IO_EOF:
+                return done[0]
             if r == lib.MG_IO_AGAIN:
-                if self._closing or self.should_stop():
+                if self._closing or stop():
                     raise TransportError(f"connection to {self.peer} closed")
                 idle = idle + 0.2 if done[0] == before else 0.0
                 if idle >= STALL_S:
                     raise TransportError(f"connection to {self.peer} stalled for {STALL_S:.0f} s")
                 continue
-            if r == lib.MG_IO_EOF:
-                raise ProtocolError(f"truncated frame: {self.peer} went away in the middle of "
-                                    f"a BATCH frame's page data ({done[0]} of {n} bytes)")
             raise TransportError(f"connection to {self.peer} lost ({os.strerror(-r)})")
 
     # -- blocking receive, for a worker thread that pumps page batches ----------------------
@@ -146,14 +143,15 @@ class FrameStream:
         """Plain TCP: frames can be read with blocking calls from a worker thread."""
         return self._sock is not None
 
-    def _recv_some_blocking(self, n: int) -> bytes:
+    def _recv_some_blocking(self, n: int, stop: Stop) -> bytes:
+        """Up to n bytes (at least one; b"" once the peer closed the connection)."""
         if self._raw is None:
             self._raw = socket.fromfd(self._sock.fileno(), self._sock.family, self._sock.type)
         poller = select.poll()
         poller.register(self._raw.fileno(), select.POLLIN)
         idle = 0.0
         while True:
-            if self._closing or self.should_stop():
+            if self._closing or stop():
                 raise TransportError(f"connection to {self.peer} closed")
             try:
                 return self._raw.recv(n)
@@ -165,122 +163,47 @@ class FrameStream:
             except OSError as e:
                 raise TransportError(f"connection to {self.peer} lost ({e})") from None
 
-    def _read_exact_blocking(self, n: int, what: str, at_boundary: bool = False) -> bytes:
-        while self._missing(n):
-            self._absorb(self._recv_some_blocking(max(self._missing(n), _SMALL_READ)), n, what,
-                         at_boundary)
-        return self._take(n)
-
-    # the frame buffer, shared by the event-loop and the blocking readers (never both at once)
-
     def reserve(self, nbytes: int) -> None:
         """Have the page-data buffers hold nbytes already, their memory faulted in while the
         session sets up (not by the first batches)."""
-        fresh = []
-        for i, buf in enumerate(self._bufs):
-            if buf is None or len(buf) < nbytes:
-                self._bufs[i] = page_buffer(nbytes)
-                fresh.append(self._bufs[i])
-        populate_in_background(fresh)
+        populate_in_background(self._decoder.reserve(nbytes))
 
-    def _next_buffer(self, n: int) -> memoryview:
-        """The next of the three page-data buffers, at least n bytes."""
-        self._which = (self._which + 1) % 3
-        buf = self._bufs[self._which]
-        if buf is None or len(buf) < n:
-            buf = self._bufs[self._which] = page_buffer(n)
-        return memoryview(buf)[:n]
-
-    def _missing(self, n: int) -> int:
-        """Bytes still to read before n are buffered."""
-        return max(0, n - (len(self._buf) - self._pos))
-
-    def _absorb(self, chunk: bytes, n: int, what: str, at_boundary: bool) -> None:
-        """Append what a read returned; an empty read means the peer went away."""
-        if not chunk:
-            have = len(self._buf) - self._pos
-            if at_boundary and have == 0:
-                raise PeerClosed(f"{self.peer} closed the connection")
-            raise ProtocolError(f"truncated frame: {self.peer} went away in the middle of "
-                                f"{what} ({have} of {n} bytes)")
-        if self._pos:
-            del self._buf[:self._pos]
-            self._pos = 0
-        self._buf += chunk
-
-    def _take(self, n: int) -> bytes:
-        out = bytes(self._buf[self._pos:self._pos + n])
-        self._pos += n
-        return out
-
-    def receive_blocking(self, page_size: int, expect: tuple[type, ...] | None = None) -> wire.Message:
-        """receive() for a worker thread (plain TCP only): blocks; a Batch's data is a view of
-        one of three buffers used in turn, valid until the third-next call."""
-        header = self._read_exact_blocking(wire.HEADER_SIZE, "a frame header", at_boundary=True)
-        t, meta_len, data_len = self._check_header(header, expect)
-        meta = self._read_exact_blocking(meta_len, f"a {t.name} frame")
-        view = None
-        if data_len:
-            view = self._next_buffer(data_len)
-            have = min(len(self._buf) - self._pos, data_len)
-            view[:have] = self._buf[self._pos:self._pos + have]
-            self._pos += have
-            if have < data_len:
-                self._bulk(view[have:], False)
-        if self._recv_seal is not None:
-            tag = self._read_exact_blocking(TAG_SIZE, f"a {t.name} frame's tag")
-            meta = self._recv_seal.open(header, meta, view, tag)
-        return self._decoded(t, meta, data_len, page_size, view)
-
-    def _check_header(self, header: bytes, expect: tuple[type, ...] | None) -> tuple[wire.T, int, int]:
-        """The header's fields; a frame type the caller does not expect now is refused before
-        its meta is read (ERROR is always expected)."""
-        t, meta_len, data_len = wire.parse_header(header)
-        if expect is not None and t is not wire.T.ERROR and t not in {wire.type_of(k) for k in expect}:
-            want = " or ".join(k.__name__.upper() for k in expect)
-            raise ProtocolError(f"unexpected {t.name} from {self.peer} (expected {want})")
-        return t, meta_len, data_len
-
-    def _decoded(self, t: wire.T, meta: bytes, data_len: int, page_size: int | None,
-                 view: memoryview | None) -> wire.Message:
-        msg = wire.decode(t, meta, data_len, page_size)
-        if isinstance(msg, wire.Batch):
-            if view is None:        # (zero runs only)
-                view = memoryview(b"")
-            if msg.compression:
-                what = (f"BATCH of region #{msg.region}, round {msg.round_no}, from page "
-                        f"{msg.data_flat[0] if msg.data_flat else 0}")
-                if msg.compression != self.codec:
-                    raise ProtocolError(f"{what}: compressed with "
-                                        f"{compress.CODEC_NAMES[msg.compression]}, which the session "
-                                        f"did not announce")
-                view = memoryview(compress.decompress(msg.compression, view,
-                                                      msg.pages_data * (page_size or 4096), what))
-            hashes = wire.check_digest(msg, view, page_size or 4096)
-            return dataclasses.replace(msg, data=view, page_hashes=hashes)
-        if isinstance(msg, wire.Error):
-            raise PeerReportedError(f"{self.peer} reported: {msg.message}")
-        return msg
+    def receive_blocking(self, page_size: int, expect: tuple[type, ...] | None = None,
+                         stop: Stop = _never) -> wire.Message:
+        """receive() for a worker thread (plain TCP only): blocks, polling stop every 200 ms
+        (True: TransportError); a Batch's data is a view of one of three buffers used in turn,
+        valid until the third-next call."""
+        d = self._decoder
+        while not isinstance(step := d.next_frame(expect), RawFrame):
+            if step.into is None:
+                d.feed(self._recv_some_blocking(max(step.nbytes, _SMALL_READ), stop))
+            else:
+                k = self._bulk(step.into, False, stop)
+                d.filled(k)
+                if k < len(step.into):
+                    d.eof()
+        return d.decode(step, page_size)
 
     # -- sending ---------------------------------------------------------------------------
 
-    def send_blocking(self, head: bytes, data: Any = None) -> None:
-        """send_raw() for a worker thread (plain TCP only)."""
+    def send_blocking(self, head: bytes, data: Any = None, stop: Stop = _never) -> None:
+        """send_raw() for a worker thread (plain TCP only), polling stop every 200 ms while
+        the peer takes nothing (True: TransportError)."""
         self._check_sendable()
         pieces = _pieces(data)
         tag = b""
         if self._send_seal is not None:
             head, tag = self._send_seal.seal(head, pieces)
         try:
-            self._bulk(memoryview(head), True)
+            self._bulk(memoryview(head), True, stop)
             for piece in pieces:
-                self._bulk(memoryview(piece).cast("B"), True)
+                self._bulk(memoryview(piece).cast("B"), True, stop)
             if tag:
-                self._bulk(memoryview(tag), True)
+                self._bulk(memoryview(tag), True, stop)
         except BaseException:
             self._send_broken = True
             raise
-        self.bytes_sent += len(head) + sum(len(p) for p in pieces) + len(tag)
+        self._count_sent(len(head) + sum(len(p) for p in pieces) + len(tag))
 
     async def send(self, msg: wire.Message) -> None:
         await self.send_raw(wire.encode(msg))
@@ -316,7 +239,12 @@ class FrameStream:
         except BaseException:
             self._send_broken = True
             raise
-        self.bytes_sent += len(head) + sum(len(p) for p in pieces) + len(tag)
+        self._count_sent(len(head) + sum(len(p) for p in pieces) + len(tag))
+
+    def _count_sent(self, nbytes: int) -> None:
+        """A frame went out (from a worker thread or the event loop: under a lock)."""
+        with self._sent_lock:
+            self.bytes_sent += nbytes
 
     def _check_sendable(self) -> None:
         if self._send_broken:
@@ -342,9 +270,7 @@ class FrameStream:
         self._closing = True
         # the page buffers go now, not when a reference cycle through this stream (a failed
         # session's traceback) is collected: 12 MiB a channel otherwise stayed mapped
-        self._bufs = [None, None, None]
-        self._buf = bytearray()
-        self._pos = 0
+        self._decoder.close()
         if self._raw is not None:
             try:   # wakes a worker thread in the middle of page data (it then fails at once)
                 self._raw.shutdown(socket.SHUT_RDWR)
@@ -376,46 +302,19 @@ class FrameStream:
         assert idle.cancelled_caught
         raise TransportError(f"connection to {self.peer} stalled: nothing received for {STALL_S:.0f} s")
 
-    async def _read_exact(self, n: int, what: str, at_boundary: bool = False) -> bytes:
-        while self._missing(n):
-            self._absorb(await self._receive_some(self._missing(n)), n, what, at_boundary)
-        return self._take(n)
-
-    async def _read_into(self, view: memoryview, what: str) -> None:
-        n = len(view)
-        have = min(len(self._buf) - self._pos, n)
-        view[:have] = self._buf[self._pos:self._pos + have]
-        self._pos += have
-        got = have
-        if self._sock is not None and n - got >= BULK_BYTES:
-            await trio.to_thread.run_sync(self._bulk, view[got:], False)
-            return
-        while got < n:
-            if self._sock is not None:
-                k = -1
-                try:
-                    with trio.move_on_after(STALL_S):
-                        k = await self._sock.recv_into(view[got:], n - got)
-                except OSError as e:
-                    raise TransportError(f"connection to {self.peer} lost ({e})") from None
-                if k < 0:
-                    raise TransportError(f"connection to {self.peer} stalled: nothing received "
-                                         f"for {STALL_S:.0f} s")
-                if k == 0:
-                    raise ProtocolError(f"truncated frame: {self.peer} went away in the middle of "
-                                        f"{what} ({got} of {n} bytes)")
-                got += k
-            else:
-                chunk = await self._receive_some(n - got)
-                if not chunk:
-                    raise ProtocolError(f"truncated frame: {self.peer} went away in the middle of "
-                                        f"{what} ({got} of {n} bytes)")
-                take = min(len(chunk), n - got)
-                view[got:got + take] = chunk[:take]
-                got += take
-                if take < len(chunk):  # (receive_some never returns more than asked, but be safe)
-                    self._buf = bytearray(chunk[take:])
-                    self._pos = 0
+    async def _recv_into(self, view: memoryview) -> int:
+        """Up to len(view) bytes of page data into view, from the event loop (plain TCP): the
+        bytes read, 0 once the peer closed the connection."""
+        k = -1
+        try:
+            with trio.move_on_after(STALL_S):
+                k = await self._sock.recv_into(view, len(view))
+        except OSError as e:
+            raise TransportError(f"connection to {self.peer} lost ({e})") from None
+        if k < 0:
+            raise TransportError(f"connection to {self.peer} stalled: nothing received "
+                                 f"for {STALL_S:.0f} s")
+        return k
 
     async def receive(self, page_size: int | None = None,
                       expect: tuple[type, ...] | None = None) -> wire.Message:
@@ -423,21 +322,25 @@ class FrameStream:
         message types acceptable now (others are refused before their meta is read).  A
         Batch's data is a memoryview of one of three buffers used in turn: it stays valid until
         the third-next batch is received (so one batch can be written while the next one
-        arrives).  An ERROR frame raises TransportError."""
-        header = await self._read_exact(wire.HEADER_SIZE, "a frame header", at_boundary=True)
-        t, meta_len, data_len = self._check_header(header, expect)
-        meta = await self._read_exact(meta_len, f"a {t.name} frame")
-        view = None
-        if data_len:
-            view = self._next_buffer(data_len)
-            await self._read_into(view, "a BATCH frame's page data")
-        if self._recv_seal is not None:
-            tag = await self._read_exact(TAG_SIZE, f"a {t.name} frame's tag")
-            if data_len >= BULK_BYTES:
-                meta = await trio.to_thread.run_sync(self._recv_seal.open, header, meta, view, tag)
+        arrives).  An ERROR frame raises PeerReportedError."""
+        d = self._decoder
+        while not isinstance(step := d.next_frame(expect), RawFrame):
+            into = step.into
+            if into is None or self._sock is None:      # (TLS: fed into the page buffer)
+                d.feed(await self._receive_some(step.nbytes))
+            elif len(into) >= BULK_BYTES:
+                k = await trio.to_thread.run_sync(self._bulk, into, False)
+                d.filled(k)
+                if k < len(into):
+                    d.eof()
             else:
-                meta = self._recv_seal.open(header, meta, view, tag)
-        return self._decoded(t, meta, data_len, page_size, view)
+                k = await self._recv_into(into)
+                if not k:
+                    d.eof()
+                d.filled(k)
+        if step.data_len >= BULK_BYTES and d.sealed:      # (the tag over the page data)
+            return await trio.to_thread.run_sync(d.decode, step, page_size)
+        return d.decode(step, page_size)
 
     async def expect(self, kind: type, page_size: int | None = None) -> Any:
         return await self.receive(page_size, expect=(kind,))
@@ -448,3 +351,6 @@ def _pieces(data: Any) -> tuple:
     if data is None:
         return ()
     return tuple(d for d in (data if isinstance(data, tuple) else (data,)) if len(d))
+
+
+__all__ = ["FrameStream", "PeerClosed", "page_buffer", "populate_in_background"]
