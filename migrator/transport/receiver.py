@@ -70,10 +70,35 @@ class _Session:
     bytes_received: int = 0
     verdict_sent: bool = False
     compress: int = 0           # codec the sender may compress batches with
+    _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def name(self) -> str:
         return self.sid.hex()[:12]
+
+    def count_received(self, nbytes: int) -> None:
+        """Page bytes written (from every channel's writer thread at once)."""
+        with self._count_lock:
+            self.bytes_received += nbytes
+
+
+@dataclass(frozen=True)
+class _ChannelIO:
+    """How a channel's batch pipeline, in a worker thread, reads frames and answers them:
+    blocking calls on plain TCP (no event-loop round trip per batch), calls into the event loop
+    on TLS channels."""
+
+    receive: Callable[[tuple[type, ...]], wire.Message]   # the next frame of these types
+    send: Callable[[wire.Message], None]
+
+    @classmethod
+    def of(cls, fs: FrameStream, page_size: int, stop: Callable[[], bool]) -> "_ChannelIO":
+        """stop: polled by blocking calls (True: the session ended or the receiver stops)."""
+        if fs.can_block:
+            return cls(lambda expect: fs.receive_blocking(page_size, expect, stop),
+                       lambda msg: fs.send_blocking(wire.encode(msg), stop=stop))
+        return cls(lambda expect: trio.from_thread.run(fs.receive, page_size, expect),
+                   lambda msg: trio.from_thread.run(fs.send, msg))
 
 
 class Receiver:
@@ -124,20 +149,21 @@ class Receiver:
 
     # -- sessions ----------------------------------------------------------------------------
 
-    def _fail(self, s: _Session, reason: str) -> None:
+    async def _fail(self, s: _Session, reason: str) -> None:
+        """Fail the session: its manifest says why, every channel is cancelled (shielded: it
+        runs to its end even in a cancelled task)."""
         if s.done:
             return
         s.error = reason
-        if s.images is not None:
-            s.images.fail(reason)
         for scope in s.scopes:
             scope.cancel()
-        self._end(s, complete=False)
+        await self._end(s, complete=False, failed=True)
 
-    def _end(self, s: _Session, complete: bool) -> None:
-        s.done = True
-        if self._active is s:
-            self._active = None
+    async def _end(self, s: _Session, complete: bool, failed: bool = False) -> None:
+        """The session is over: its images closed (in a worker thread: writing the failed
+        manifest, and closing, which waits for a fallocate under way, block), its outcome
+        recorded.  failed: mark the images failed first."""
+        s.done = True       # (first: nothing else ends it meanwhile)
         im = s.images
         out = SessionOutcome(
             session=s.sid.hex(), peer=s.peer, complete=complete, error=s.error,
@@ -145,13 +171,10 @@ class Receiver:
             pages_written=im.pages_written if im else 0, pages_zeroed=im.pages_zeroed if im else 0,
             pages_stale=im.pages_stale if im else 0, channels=s.channels,
             duration=time.monotonic() - s.started)
-        if im is not None:
-            im.close()
-        if not complete:
-            # a failed session's tracebacks hold its channels' receive buffers (views of them)
-            # in reference cycles: collect them now, not whenever the collector next runs
-            # (the fault soak saw the receiver's memory drift by ~12 MiB a failed channel)
-            gc.collect()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_close_images, im, s.error if failed else None, not complete)
+        if self._active is s:       # (only now may the next session use the folder)
+            self._active = None
         self.outcomes.append(out)
         mib = out.bytes_received / (1 << 20)
         if complete:
@@ -234,8 +257,8 @@ class Receiver:
                             raise TransportError(f"TLS handshake failed: {e.__cause__ or e}") from None
                     who = await server_handshake(fs, self.key, self.require_encryption)
                     if who.channel == 0:
-                        if self._active is not None and self._active.verdict_sent:
-                            # the previous session is only flushing its images: wait for it
+                        if self._active is not None and (self._active.verdict_sent or self._active.done):
+                            # the previous session is only flushing or closing its images: wait
                             with trio.move_on_after(FLUSH_WAIT_S):
                                 while self._active is not None:
                                     await self.session_ended.wait()
@@ -295,10 +318,10 @@ class Receiver:
                 self.log(f"connection from {peer}: rejected: {e}")
                 await _refuse(fs, str(e))
             else:
-                self._fail(session, str(e))
+                await self._fail(session, str(e))
         except trio.Cancelled:
             if session is not None and not session.done:
-                self._fail(session, "receiver shutting down")
+                await self._fail(session, "receiver shutting down")
             raise
         except Exception as e:
             # a bug of ours, not the peer's fault: this session fails, the receiver serves on
@@ -309,7 +332,7 @@ class Receiver:
             if session is None:
                 await _refuse(fs, what)
             else:
-                self._fail(session, what)
+                await self._fail(session, what)
         finally:
             if session is not None and session.error is not None and not session.verdict_sent:
                 await _refuse(fs, session.error)
@@ -328,37 +351,25 @@ class Receiver:
             if s.done:
                 return
             stopping = threading.Event()     # the channel was cancelled (receiver stopping)
-            fs.should_stop = lambda: s.done or stopping.is_set()
+            io = _ChannelIO.of(fs, s.images.page_size, lambda: s.done or stopping.is_set())
             try:
                 async with trio.open_nursery() as nursery:
-                    to_writer, from_reader = trio.open_memory_channel(0)
-                    nursery.start_soon(self._writer, s, from_reader)
                     flagger = await nursery.start(_flag_when_cancelled, stopping)
-                    await self._read_channel(fs, s, channel, to_writer)
-                    await to_writer.aclose()
+                    await self._read_channel(fs, io, s, channel)
                     flagger.cancel()
             except BaseExceptionGroup as eg:
                 raise first_error(eg) from None
 
-    async def _writer(self, s: _Session, rx) -> None:
-        """Writes batches in a worker thread while the next one is being received."""
-        images = s.images
-        async with rx:
-            async for item in rx:
-                if isinstance(item, trio.Event):   # a flush point: all before it is written
-                    item.set()
-                    continue
-                await trio.to_thread.run_sync(images.apply, item)
-                s.bytes_received += len(item.data)
-
-    def _pump(self, fs: FrameStream, s: _Session, region_pages: list[int], ps: int,
-              expect: tuple[type, ...]) -> wire.Message:
-        """In a worker thread: receive and check page batches, and acknowledge round ends,
-        until another frame comes; return that one once every batch before it is written.
-        A second thread writes, so writing one batch overlaps receiving the next; a round end
-        is acknowledged from here, once the writer has caught up (no event-loop round trip)."""
+    def _pump(self, io: _ChannelIO, s: _Session, expect: tuple[type, ...]) -> wire.Message:
+        """In a worker thread: receive and check page batches (and PREPAREs), and acknowledge
+        round ends, until another frame comes; return that one once every batch before it is
+        written.  A second thread writes, so writing one batch overlaps receiving the next (a
+        batch's buffer is reused by the third-next one: one being written, one queued, one
+        arriving); a round end is acknowledged once the writer has caught up."""
         images = s.images
         assert images is not None
+        region_pages = images.region_pages
+        ps = images.page_size
         q: queue.Queue = queue.Queue(maxsize=1)
         failed: list[BaseException] = []
 
@@ -371,7 +382,7 @@ class Receiver:
                     if failed:
                         continue
                     images.apply(batch)
-                    s.bytes_received += batch.pages_data * ps
+                    s.count_received(batch.pages_data * ps)
                 except BaseException as e:   # reported by the pump
                     failed.append(e)
                 finally:
@@ -381,7 +392,7 @@ class Receiver:
         t.start()
         try:
             while not failed:
-                msg = fs.receive_blocking(ps, expect)
+                msg = io.receive(expect)
                 if isinstance(msg, wire.Batch):
                     wire.check_batch(msg, region_pages)
                     q.put(msg)
@@ -393,7 +404,7 @@ class Receiver:
                     if failed:
                         break
                     images.settle()
-                    fs.send_blocking(wire.encode(wire.RoundAck(msg.round_no)))
+                    io.send(wire.RoundAck(msg.round_no))
                     images.refresh_digests()     # (off the pause: the round is acknowledged)
                 else:
                     return msg
@@ -404,52 +415,22 @@ class Receiver:
             if failed:
                 raise failed[0]
 
-    async def _read_channel(self, fs: FrameStream, s: _Session, channel: int, to_writer) -> None:
-        images = s.images
-        assert images is not None
-        region_pages = images.region_pages
-        ps = images.page_size
-
+    async def _read_channel(self, fs: FrameStream, io: _ChannelIO, s: _Session, channel: int) -> None:
+        """Batches until the channel's last frame (CLOSE, or END on channel 0), then its answer."""
         # what a channel may send now (anything else is refused before its meta is read)
         expect = (wire.Batch, wire.Prepare, wire.RoundEnd) + ((wire.End,) if channel == 0 else (wire.Close,))
-
-        async def flush() -> None:
-            done = trio.Event()
-            await to_writer.send(done)
-            await done.wait()
-
-        while True:
-            try:
-                if fs.can_block:
-                    msg = await trio.to_thread.run_sync(self._pump, fs, s, region_pages, ps, expect)
-                else:
-                    msg = await fs.receive(ps, expect)
-            except PeerClosed:
-                raise TransportError(f"sender disconnected on channel {channel} "
-                                     f"before the end of the migration") from None
-            if isinstance(msg, wire.Batch):
-                wire.check_batch(msg, region_pages)
-                # rendezvous: the writer has finished the previous batch, whose buffer the
-                # next receive() reuses
-                await to_writer.send(msg)
-            elif isinstance(msg, wire.Prepare):
-                wire.check_batch(msg, region_pages)
-                images.prepare(msg.region, msg.runs_flat)
-            elif isinstance(msg, wire.RoundEnd):
-                await flush()
-                await trio.to_thread.run_sync(images.settle)
-                await fs.send(wire.RoundAck(msg.round_no))
-            elif isinstance(msg, wire.Close) and channel != 0:
-                await flush()
-                s.closed.add(channel)
-                await fs.send(wire.Closed())
-                return
-            elif isinstance(msg, wire.End) and channel == 0:
-                await flush()
-                await self._finish(fs, s, msg)
-                return
-            else:
-                raise ProtocolError(f"unexpected {type(msg).__name__.upper()} on channel {channel}")
+        try:
+            msg = await trio.to_thread.run_sync(self._pump, io, s, expect)
+        except PeerClosed:
+            raise TransportError(f"sender disconnected on channel {channel} "
+                                 f"before the end of the migration") from None
+        if isinstance(msg, wire.Close) and channel != 0:
+            s.closed.add(channel)
+            await fs.send(wire.Closed())
+        elif isinstance(msg, wire.End) and channel == 0:
+            await self._finish(fs, s, msg)
+        else:
+            raise ProtocolError(f"unexpected {type(msg).__name__.upper()} on channel {channel}")
 
     async def _finish(self, fs: FrameStream, s: _Session, end: wire.End) -> None:
         images = s.images
@@ -476,9 +457,9 @@ class Receiver:
             await trio.to_thread.run_sync(images.sync, not wait_commit)
         except OSError as e:        # (a full or failing disk: the session fails, we serve on)
             s.error = f"images verified but not stored: {e.strerror or e}"
-            images.fail(s.error)
+            await trio.to_thread.run_sync(images.fail, s.error)
             await fs.send_error(s.error)
-            self._end(s, complete=False)
+            await self._end(s, complete=False)
             return
         if complete:
             try:
@@ -500,20 +481,33 @@ class Receiver:
                 # the manifest may say complete: no answer (the sender keeps its source paused)
                 s.error = f"committed, but whether the manifest says so is unknown: {e.strerror or e}"
                 await trio.to_thread.run_sync(images.fail, s.error)     # (best effort)
-                self._end(s, complete=False)
+                await self._end(s, complete=False)
                 return
             except OSError as e:
                 # the manifest does not say complete: the answer lets the sender resume its source
                 s.error = f"committed, but the manifest could not be written: {e.strerror or e}"
                 await trio.to_thread.run_sync(images.fail, s.error)     # (best effort: room again?)
                 await fs.send_error(s.error)
-                self._end(s, complete=False)
+                await self._end(s, complete=False)
                 return
             try:
                 await fs.send(wire.Committed())
             except TransportError:
                 pass        # (the manifest is written: the sender's report says it did not hear so)
-        self._end(s, complete=complete)
+        await self._end(s, complete=complete)
+
+
+def _close_images(images: ImageSet | None, failure: str | None, collect: bool) -> None:
+    """(Worker thread) A session's end: its images marked failed (failure, if given) and closed;
+    collect: the session failed, whose tracebacks hold its channels' receive buffers (views of
+    them) in reference cycles: collect them now, not whenever the collector next runs (the fault
+    soak saw the receiver's memory drift by ~12 MiB a failed channel)."""
+    if images is not None:
+        if failure is not None:
+            images.fail(failure)
+        images.close()
+    if collect:
+        gc.collect()
 
 
 def session_memory(regions, page_size: int, channels: int) -> int:
