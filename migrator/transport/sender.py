@@ -344,12 +344,38 @@ class _Packer:
             del keep
 
 
-def _drop(built: _Built, totals: list, dropped: list) -> None:
-    """A packed batch not sent (the send ended early): uncounted, listed for the caller."""
-    totals[0] -= built.pages_normal
-    totals[1] -= built.pages_zero
-    totals[2] -= 1
-    dropped.append((built.name, built.data_flat, built.zero_flat))
+class _Tally:
+    """The batches of one send_pages() call: counted as they are packed, given back to the
+    buffer pool once sent, or dropped (packed but not sent: the send ended early).  Producer
+    and channel threads report at once: the counts are under a lock."""
+
+    def __init__(self, pool: "queue.Queue[mmap.mmap]"):
+        self.pool = pool
+        self._lock = threading.Lock()
+        self.pages_normal = 0
+        self.pages_zero = 0
+        self.batches = 0
+        self.dropped: list[tuple[str, list | None, list | None]] = []   # (region, data_flat, zero_flat)
+
+    def packed(self, built: _Built) -> None:
+        with self._lock:
+            self.pages_normal += built.pages_normal
+            self.pages_zero += built.pages_zero
+            self.batches += 1
+
+    def sent(self, built: _Built) -> None:
+        """Its views released, its buffer back in the pool."""
+        built.release()
+        self.pool.put(built.buf)
+
+    def drop(self, built: _Built) -> None:
+        """Not sent: uncounted, listed for the caller, its buffer back in the pool."""
+        with self._lock:
+            self.pages_normal -= built.pages_normal
+            self.pages_zero -= built.pages_zero
+            self.batches -= 1
+            self.dropped.append((built.name, built.data_flat, built.zero_flat))
+        self.sent(built)
 
 
 def _queue_depth(channels: int) -> int:
@@ -515,10 +541,9 @@ class Sender:
             t0 = time.monotonic()
             cpu0 = time.process_time()
             sent0 = self._sent()
-            totals = [0, 0, 0]
-            dropped: list = []
             depth = _queue_depth(len(self._fs))
             pool = self._pool(_pool_size(len(self._fs)))
+            tally = _Tally(pool)
             stop = threading.Event()
             compressors: list[BatchCompressor] = []
             packer = _Packer(self.page_size, self._batch_pages, pool, stop.is_set, on_packed, known,
@@ -526,7 +551,7 @@ class Sender:
                              compression=(self._codec, self._auto, compressors, self._compress_speed))
             self._sending_since = t0
             try:
-                args = (plan, reader, round_no, totals, packer, depth, stop, until, dropped)
+                args = (plan, reader, round_no, tally, packer, depth, stop, until)
                 if all(fs.can_block for fs in self._fs):
                     await self._send_threaded(*args)
                 else:
@@ -536,9 +561,9 @@ class Sender:
             dt = time.monotonic() - t0
             nbytes = self._sent() - sent0
             self._busy += dt
-            self._pages_normal += totals[0]
-            self._pages_zero += totals[1]
-            self._batches += totals[2]
+            self._pages_normal += tally.pages_normal
+            self._pages_zero += tally.pages_zero
+            self._batches += tally.batches
             saved = 0          # bytes compression kept off the wire in this send
             for c in compressors:
                 if c.speed:
@@ -548,11 +573,11 @@ class Sender:
                 self._compressed[2] += c.wire_bytes
                 saved += c.raw_bytes - c.wire_bytes
             self._last_bw = (nbytes + saved) / dt if dt > 0 else 0.0
-            return SendStats(round_no, nbytes, totals[0], totals[1], totals[2], dt, dropped,
-                             cpu=time.process_time() - cpu0)
+            return SendStats(round_no, nbytes, tally.pages_normal, tally.pages_zero, tally.batches, dt,
+                             tally.dropped, cpu=time.process_time() - cpu0)
 
-    async def _send_async(self, plan, reader, round_no, totals, packer: _Packer, depth: int,
-                          stop: threading.Event, until: threading.Event | None, dropped: list) -> None:
+    async def _send_async(self, plan, reader, round_no, tally: _Tally, packer: _Packer, depth: int,
+                          stop: threading.Event, until: threading.Event | None) -> None:
         """Batches built in a worker thread, sent by trio tasks (TLS channels)."""
         send_ch, recv_ch = trio.open_memory_channel[_Built](depth)
 
@@ -566,9 +591,7 @@ class Sender:
                         return
                     if built is None:
                         return
-                    totals[0] += built.pages_normal
-                    totals[1] += built.pages_zero
-                    totals[2] += 1
+                    tally.packed(built)
                     if packer.compressor is not None:
                         built = await trio.to_thread.run_sync(packer.maybe_compress, built,
                                                               self._link_estimate())
@@ -579,9 +602,7 @@ class Sender:
             async with rx:
                 async for built in rx:
                     if until is not None and until.is_set():
-                        _drop(built, totals, dropped)
-                        built.release()
-                        packer.pool.put(built.buf)
+                        tally.drop(built)
                         continue
                     size = built.size
                     t0 = time.perf_counter()
@@ -589,11 +610,10 @@ class Sender:
                         await self._limiter.take(size)
                     try:
                         await fs.send_raw(built.head, built.data)
-                        self._measure_link(self._fs.index(fs), size, time.perf_counter() - t0)
-                        built.release()
                     except TransportError as e:
                         raise await _reason(fs, e) from None
-                    packer.pool.put(built.buf)
+                    self._measure_link(self._fs.index(fs), size, time.perf_counter() - t0)
+                    tally.sent(built)
 
         async def run(fn, *args) -> None:
             try:
@@ -611,8 +631,8 @@ class Sender:
         except BaseExceptionGroup as eg:
             raise first_error(eg) from None
 
-    async def _send_threaded(self, plan, reader, round_no, totals, packer: _Packer, depth: int,
-                             stop: threading.Event, until: threading.Event | None, dropped: list) -> None:
+    async def _send_threaded(self, plan, reader, round_no, tally: _Tally, packer: _Packer, depth: int,
+                             stop: threading.Event, until: threading.Event | None) -> None:
         """Plain TCP: producer threads build batches from chunks of the plan taken in turn, one
         thread per channel sends them with blocking calls (no event-loop round trip per batch).
         Batches of one round may go out in any order: the receiver orders copies by round."""
@@ -621,7 +641,7 @@ class Sender:
         chunks = _chunks(plan, CHUNK_PAGES)
         npages = sum(end - first for _, _, runs in plan for first, end in runs)
         producers = [packer] + [packer.twin() for _ in range(min(PRODUCERS, -(-npages // CHUNK_PAGES)) - 1)]
-        active = [len(producers)]
+        active = len(producers)         # producers still running (under lock)
 
         def put(item) -> None:
             while not stop.is_set():
@@ -636,16 +656,14 @@ class Sender:
                 return None if until is not None and until.is_set() else next(chunks, None)
 
         def produce(pk: _Packer) -> None:
+            nonlocal active
             try:
                 while (chunk := take()) is not None:
                     batches = pk.batches([chunk], reader, round_no)
                     for built in batches:
                         if stop.is_set():
                             return
-                        with lock:
-                            totals[0] += built.pages_normal
-                            totals[1] += built.pages_zero
-                            totals[2] += 1
+                        tally.packed(built)
                         if pk.compressor is not None:
                             pk.maybe_compress(built, self._link_estimate())
                         put(built)
@@ -656,8 +674,8 @@ class Sender:
                 return
             finally:
                 with lock:
-                    active[0] -= 1
-                    last = active[0] == 0
+                    active -= 1
+                    last = active == 0
                 if last:                     # the last producer out tells the senders
                     for _ in self._fs:
                         put(None)
@@ -665,7 +683,6 @@ class Sender:
         index = {fs: i for i, fs in enumerate(self._fs)}
 
         def consume(fs: FrameStream) -> None:
-            fs.should_stop = stop.is_set
             while not stop.is_set():
                 try:
                     built = q.get(timeout=0.2)
@@ -674,19 +691,15 @@ class Sender:
                 if built is None:
                     return
                 if until is not None and until.is_set():
-                    with lock:
-                        _drop(built, totals, dropped)
-                    built.release()
-                    packer.pool.put(built.buf)
+                    tally.drop(built)
                     continue
                 t0 = time.perf_counter()
                 size = built.size
                 if self._limiter is not None:
                     self._limiter.take_blocking(size)
-                fs.send_blocking(built.head, built.data)
+                fs.send_blocking(built.head, built.data, stop.is_set)
                 self._measure_link(index[fs], size, time.perf_counter() - t0)
-                built.release()
-                packer.pool.put(built.buf)
+                tally.sent(built)
 
         async def run(fn, *args) -> None:
             try:
