@@ -125,8 +125,12 @@ class Auth:
 
 
 @dataclass(frozen=True)
-class Welcome:
-    pass
+class _Signal:
+    """A message without fields: its type says it all."""
+
+
+class Welcome(_Signal):
+    """The channel is authenticated and accepted."""
 
 
 @dataclass(frozen=True)
@@ -184,23 +188,24 @@ class Prepare:
 
 
 @dataclass(frozen=True)
-class RoundEnd:
+class _RoundMark:
     round_no: int
 
 
-@dataclass(frozen=True)
-class RoundAck:
-    round_no: int
+class RoundEnd(_RoundMark):
+    """Every batch of round_no on this channel was sent."""
 
 
-@dataclass(frozen=True)
-class Close:
-    pass
+class RoundAck(_RoundMark):
+    """... and written."""
 
 
-@dataclass(frozen=True)
-class Closed:
-    pass
+class Close(_Signal):
+    """This (secondary) channel is done."""
+
+
+class Closed(_Signal):
+    """... acknowledged, all its batches written."""
 
 
 @dataclass(frozen=True)
@@ -223,19 +228,16 @@ class Error:
     message: str
 
 
-@dataclass(frozen=True)
-class Synced:
-    pass
+class Synced(_Signal):
+    """After a complete RESULT: the images are on disk."""
 
 
-@dataclass(frozen=True)
-class Commit:
-    pass
+class Commit(_Signal):
+    """After SYNCED: the sender keeps the migration."""
 
 
-@dataclass(frozen=True)
-class Committed:
-    pass
+class Committed(_Signal):
+    """After COMMIT: the manifest says complete, on disk."""
 
 
 Message = (Hello | Challenge | Auth | Welcome | Setup | SetupOk | Batch | RoundEnd | RoundAck
@@ -279,7 +281,7 @@ def _meta(msg: Message) -> dict:
     if isinstance(msg, Batch):
         return {"r": msg.region, "n": msg.round_no, "d": list(msg.data_flat),
                 "z": list(msg.zero_flat), "h": msg.digest, "c": msg.compression}
-    if isinstance(msg, (RoundEnd, RoundAck)):
+    if isinstance(msg, _RoundMark):
         return {"n": msg.round_no}
     if isinstance(msg, Prepare):
         return {"r": msg.region, "p": list(msg.runs_flat)}
