@@ -26,6 +26,31 @@ class QmpError(MigratorError):
     """QMP failed: no socket, no greeting, or a command answered with an error."""
 
 
+class QmpCommandError(QmpError):
+    """QEMU answered a command with an error (QMP's `error`: class and description)."""
+
+    def __init__(self, command: str, error: Any):
+        desc = error.get("desc", error) if isinstance(error, dict) else error
+        super().__init__(f"QEMU refused {command}: {desc}")
+        self.command = command
+        self.error_class = error.get("class", "") if isinstance(error, dict) else ""
+        self.desc = str(desc)
+
+
+class MigrationUnfinishedError(QmpCommandError):
+    """QEMU refused a command (`cont`) because the end of a failed or cancelled migration is
+    still under way (finish-migrate -> postmigrate): worth retrying in a moment."""
+
+    # QEMU says so only in words: "Migration is not finalized yet" (current), "... not finished"
+    # (older versions); the guardian (standard library only) knows the same two
+    WORDING = ("not finished", "not finalized")
+
+    @classmethod
+    def matches(cls, error: Any) -> bool:
+        desc = error.get("desc", "") if isinstance(error, dict) else str(error)
+        return any(w in desc for w in cls.WORDING)
+
+
 @dataclass(frozen=True)
 class QmpEvent:
     name: str
@@ -160,7 +185,8 @@ class QMP:
                 raise QmpError(f"QMP {self.path}: {command}: {e.strerror or e}") from None
             value, err = self._reply(time.monotonic() + self.reply_wait_s)
             if err is not None:
-                raise QmpError(f"QEMU refused {command}: {err.get('desc', err)}")
+                kind = MigrationUnfinishedError if MigrationUnfinishedError.matches(err) else QmpCommandError
+                raise kind(command, err)
             return value
 
     def _reply(self, deadline: float) -> tuple[Any, Any]:

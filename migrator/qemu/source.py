@@ -22,7 +22,7 @@ from ..kernel.maps import RegionKind, read_maps
 from ..precopy.background import Background
 from ..precopy.controller import MigrationPolicy, MigrationTarget, StopToken, check_key, migrate
 from ..precopy.report import MigrationReport, RoundStats, Timeline
-from .qmp import QMP, QmpError
+from .qmp import QMP, MigrationUnfinishedError, QmpError
 
 TERMINAL = ("completed", "failed", "cancelled")
 UNCAPPED = 10_000_000_000          # bytes/s: QEMU's default cap (32 MiB/s) would crawl
@@ -116,9 +116,9 @@ class QmpPauser:
             try:
                 self.qmp.execute("cont")
                 break
-            except QmpError as e:
+            except MigrationUnfinishedError:
                 # a failed migration's end (finish-migrate -> postmigrate) may still be under way
-                if "not finished" not in str(e) or time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     raise
                 time.sleep(0.001)
         self.paused = False
