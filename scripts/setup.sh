@@ -26,7 +26,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import migrator._track_c" || { echo "setup: the C extension did not build" >&2; exit 1; }
+.venv/bin/python -c "import migrator._kernel_c, migrator._stream_c, migrator._guest_c" || { echo "setup: the C extensions did not build" >&2; exit 1; }
 
 # swap on zram, for the tests that push pages out to swap
 if [ "$(id -u)" = 0 ] && [ "$(wc -l < /proc/swaps)" -le 1 ]; then
