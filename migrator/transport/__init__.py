@@ -1,7 +1,8 @@
 """Page streaming: wire format, authentication, sender, receiver, destination images.
 
     wire.py      frames and messages; the only parser of network bytes
-    framing.py   frames over a trio stream
+    decoder.py   the frame decoder (sans-IO: bytes in, checked messages out)
+    framing.py   frames over a trio stream (async and blocking), driving the decoder
     auth.py      key file, HMAC challenge-response, TLS contexts, loopback rule
     sender.py    source side: connect_sender() -> Sender
     receiver.py  destination side: serve(), Receiver.handle_stream
