@@ -69,19 +69,21 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import msgpack
 import trio
 import xxhash
 
 from ..errors import MigratorError, ProtocolError, TransportError
+from ..receiver_process import START_WAIT, wait_port_file
 from ..transport import RegionSpec, connect_sender, wire
 from ..transport.auth import proof
 from ..transport.digest import BufferReader
 from ..transport.framing import FrameStream, PeerClosed
 from ..transport.pagehash import page_hashes, zero_page_hash
 from ..transport.seal import derive, transcript
+from ._procs import state_letter, stop_process, thread_counts
 
 try:        # batch compression (protocol extension; absent in older trees)
     from ..transport import compress as _compress
@@ -146,6 +148,24 @@ def raw_frame(t: int, meta: bytes, data: bytes = b"", *, magic: bytes = wire.MAG
               data_len: int | None = None) -> bytes:
     return HEADER.pack(magic, version & 0xFF, t & 0xFF, len(meta) if meta_len is None else meta_len,
                        len(data) if data_len is None else data_len) + meta + data
+
+
+async def drain(receive: Callable[[int], Awaitable[bytes]], into: bytearray | None = None,
+                limit: int | None = None) -> None:
+    """Read with receive (a trio socket's recv, a stream's receive_some) 64 KiB at a time until
+    the peer closes or the connection fails, appending to `into` (None: dropped) until it holds
+    over `limit` bytes.  Under the caller's timeout, `into` keeps what came before it."""
+    while True:
+        try:
+            d = await receive(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+        if not d:
+            return
+        if into is not None:
+            into += d
+            if limit is not None and len(into) > limit:
+                return
 
 
 def consistent(buf: bytes) -> bool:
@@ -281,26 +301,9 @@ def proc_sample(pid: int) -> dict:
             elif line.startswith("VmHWM:"):
                 hwm = int(line.split()[1])
     fds = len(os.listdir(f"/proc/{pid}/fd"))
-    tasks = os.listdir(f"/proc/{pid}/task")
-    idle = 0
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                if f.read().startswith("Trio thread"):
-                    idle += 1
-        except OSError:
-            pass
-    return {"rss_kib": rss, "peak_kib": hwm, "fds": fds, "threads": len(tasks),
-            "busy_threads": len(tasks) - idle}
-
-
-def proc_state(pid: int) -> str:
-    """The process's state letter (R, S, D, T = stopped, Z ...), "" if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
+    threads, idle = thread_counts(pid)
+    return {"rss_kib": rss, "peak_kib": hwm, "fds": fds, "threads": threads,
+            "busy_threads": threads - idle}
 
 
 def reset_peak(pid: int) -> None:
@@ -367,8 +370,9 @@ class Target:
         self.generation += 1
         self.out = os.path.join(self.root, f"{self.name}-{self.generation}")
         os.makedirs(self.out, exist_ok=True)
+        port_file = os.path.join(self.root, f"{self.name}-{self.generation}.port")
         cmd = [sys.executable, "-c", _RECEIVER, "receive", "--listen", "127.0.0.1:0", "--out",
-               self.out, "--max-memory", self.max_memory]
+               self.out, "--max-memory", self.max_memory, "--port-file", port_file]
         if self.keyed:
             key_file = os.path.join(self.root, "key")
             with open(key_file, "wb") as f:
@@ -383,14 +387,13 @@ class Target:
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env,
                                          cwd=self.root, stdin=subprocess.DEVNULL, text=True, bufsize=1)
-        line = self.proc.stdout.readline()
-        if "listening on " not in line:
-            self.proc.wait(5)
-            raise SystemExit(f"fuzz: the {self.name} receiver did not start: {line!r}\n"
-                             f"{self.stderr_tail()}")
-        self.port = int(line.split("listening on ")[1].split(",")[0].rsplit(":", 1)[1])
         threading.Thread(target=self._drain, args=(self.proc,), daemon=True,
                          name=f"drain-{self.name}").start()
+        try:
+            self.port = wait_port_file(port_file, self.proc, START_WAIT, self.stderr_tail)
+        except MigratorError as e:
+            stop_process(self.proc, signal.SIGKILL, 5)
+            raise SystemExit(f"fuzz: the {self.name} receiver did not start: {e}") from None
         self.launch = proc_sample(self.pid)
         reset_peak(self.pid)
         self.baseline = None
@@ -425,15 +428,8 @@ class Target:
                 "signature": crash_signature(tail, f"signal {sig}" if sig else f"exit {rc}")}
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            if self.proc.send_signal(signal.SIGINT) is None:
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGINT, 5)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -1594,16 +1590,7 @@ class Fuzzer:
             except OSError:
                 pass
             with trio.move_on_after(self.timeout) as cs:
-                while True:
-                    try:
-                        d = await sock.recv(65536)
-                    except OSError:
-                        break
-                    if not d:
-                        break
-                    resp += d
-                    if len(resp) > 1 << 20:
-                        break
+                await drain(sock.recv, resp, limit=1 << 20)
             if cs.cancelled_caught:
                 self.stuck_(t, rec, f"the receiver neither answered nor closed a pre-auth "
                                     f"connection {self.timeout:.0f} s after its EOF")
@@ -1727,12 +1714,7 @@ class Fuzzer:
                         and "busy" not in refusal):
                     self.unexpected_(t, f"the right proof was refused: {refusal}", rec)
                 # drain until the receiver closes (its session, if any, fails: no SETUP)
-                while True:
-                    try:
-                        if not await stream.receive_some(65536):
-                            break
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        break
+                await drain(stream.receive_some)
             if cs.cancelled_caught:
                 self.stuck_(t, rec, "an AUTH exchange got no verdict")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -1762,12 +1744,7 @@ class Fuzzer:
                 await sock.send(payload)
             limit = HANDSHAKE_TIMEOUT + max(4.0, self.timeout - HANDSHAKE_TIMEOUT)
             with trio.move_on_after(limit) as cs:
-                while True:
-                    try:
-                        if not await sock.recv(65536):
-                            break
-                    except OSError:
-                        break
+                await drain(sock.recv)
             self.counted(t, "slow_inputs")
             if cs.cancelled_caught:
                 self.stuck_(t, rec, f"a silent pre-auth connection was still open after {limit:.0f} s "
@@ -2170,7 +2147,7 @@ class Fuzzer:
             if not ok:
                 # (a receiver dying right now, still writing its traceback, is a crash:
                 # handled with the crashes, not as a hang)
-                if proc_state(t.pid) not in ("T", "t"):      # (a stopped one is not dying)
+                if state_letter(t.pid) not in ("T", "t"):      # (a stopped one is not dying)
                     try:
                         await trio.to_thread.run_sync(t.proc.wait, 3.0)
                     except subprocess.TimeoutExpired:
@@ -2537,14 +2514,7 @@ async def replay_record(t: Target, rec: dict, timeout: float) -> str:
                 sock.shutdown(socket.SHUT_WR)
             resp = bytearray()
             with trio.move_on_after(timeout if kind == "conn" else HANDSHAKE_TIMEOUT + 4):
-                while True:
-                    try:
-                        d = await sock.recv(65536)
-                    except OSError:
-                        break
-                    if not d:
-                        break
-                    resp += d
+                await drain(sock.recv, resp)
             return ">".join(n for n, _ in parse_plain(bytes(resp))) or "closed"
         finally:
             sock.close()
@@ -2563,14 +2533,7 @@ async def replay_record(t: Target, rec: dict, timeout: float) -> str:
             await stream.send_eof()
             resp = bytearray()
             with trio.move_on_after(timeout):
-                while True:
-                    try:
-                        d = await stream.receive_some(65536)
-                    except (trio.BrokenResourceError, OSError):
-                        break
-                    if not d:
-                        break
-                    resp += d
+                await drain(stream.receive_some, resp)
             return ">".join(n for n, _ in parse_plain(bytes(resp))) or "closed"
         finally:
             await stream.aclose()
@@ -2712,12 +2675,12 @@ def register(sub) -> None:
                         "(default mix: both, inputs split evenly)")
     g.add_argument("--keyed", dest="mode", action="store_const", const="keyed", help="= --mode keyed")
     g.add_argument("--no-key", dest="mode", action="store_const", const="no-key", help="= --mode no-key")
-    p.add_argument("--checkpoint", type=int, default=50_000,
-                   help="inputs between checkpoints (probe migration, RSS/fds/threads; default 50000)")
+    p.add_argument("--progress", type=float, default=10.0, help="seconds between progress lines")
     p.add_argument("--warmup", type=int, default=20_000,
                    help="inputs before the RSS/fd/thread baseline is taken (default 20000, "
                         "at most a tenth of --inputs)")
-    p.add_argument("--progress", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--checkpoint", type=int, default=50_000,
+                   help="inputs between checkpoints (probe migration, RSS/fds/threads; default 50000)")
     p.add_argument("--io-timeout", type=float, default=10.0,
                    help="seconds the receiver may take to answer or close (a stuck connection beyond)")
     p.add_argument("--rss-leak-mib", type=float, default=128.0,

@@ -36,6 +36,7 @@ from ..guest.spec import GuestSpec
 from ..guest.workloads import WorkloadSpec
 from ..receiver_process import wait_port_file
 from ..units import parse_size
+from ._procs import stop_process
 from .wire import _RAW_RECEIVER, _raw_tcp
 
 KEY = b"bench-key-bench-key-bench-key-00"
@@ -172,11 +173,7 @@ def run(args: argparse.Namespace) -> int:
                 p.kill()
                 p.wait()
         for p in (raw, rx):
-            p.send_signal(signal.SIGINT if p is rx else signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop_process(p, signal.SIGINT if p is rx else signal.SIGTERM, 10)
         shutil.rmtree(work, ignore_errors=True)
     summary: dict = {k: {"min_Bps": min(v), "median_Bps": statistics.median(v), "runs": v}
                      for k, v in results.items()}

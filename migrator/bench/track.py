@@ -238,6 +238,30 @@ def _pick(rng: random.Random, npages: int, k: int) -> list[int] | None:
     return sorted(rng.sample(range(npages), k))
 
 
+def _tracker_vs_bare(rng: random.Random, npages: int, runs: int, rec, labels: tuple[str, str],
+                     write, collect, bare, check=lambda collected: None) -> None:
+    """For each of FRACTIONS, `runs` times: write(pages) k picked pages, then time collect()
+    (the tracker) and bare() (the bare kernel calls: pages found) in turn, tracker first on even
+    runs, each finding exactly k pages (check() looks at the tracker's result too), the pages
+    written again after each; rec(labels[0] or labels[1], fraction, seconds)."""
+    for frac in FRACTIONS:
+        k = int(npages * frac)
+        for i in range(runs):
+            pages = _pick(rng, npages, k)
+            write(pages)
+            for what in (("tracker", "bare") if i % 2 == 0 else ("bare", "tracker")):
+                out: list = []
+                if what == "tracker":
+                    rec(labels[0], frac, _timed(lambda: out.append(collect())))
+                    assert out[0].count() == k, (out[0].count(), k)
+                    check(out[0])
+                else:
+                    rec(labels[1], frac, _timed(lambda: out.append(bare())))
+                    assert out[0] == k, (out[0], k)
+                write(pages)
+            collect()            # consume the last round of writes
+
+
 def _write_spread(writers: list[_Target], region: str, pages: list[int] | None, npages: int) -> None:
     """Write pages (None: all) split over the writers (page i of the set by writer i mod n), in
     parallel; returns once every writer is done."""
@@ -270,23 +294,9 @@ def _rows_injected(args, tgt: _Target, pool: UffdPool, rec, info: dict) -> None:
     pm = Pagemap(tgt.pid)
     bits = bytearray((npages + 7) // 8)
     try:
-        for frac in FRACTIONS:
-            k = int(npages * frac)
-            for i in range(args.runs):
-                pages = _pick(rng, npages, k)
-                _write_spread([tgt], "anon", pages, npages)
-                res = {}
-                for what in (["tracker", "bare"] if i % 2 == 0 else ["bare", "tracker"]):
-                    if what == "tracker":
-                        rec("wp collect (injected)", frac,
-                            _timed(lambda: res.__setitem__("wp", wp.collect())))
-                        assert res["wp"].count() == k, (res["wp"].count(), k)
-                    else:
-                        rec("bare ioctl (target)", frac,
-                            _timed(lambda: res.__setitem__("bare", _scan(pm, r.start, r.end, bits))))
-                        assert res["bare"] == k, (res["bare"], k)
-                    _write_spread([tgt], "anon", pages, npages)
-                wp.collect()         # consume the last round of writes
+        _tracker_vs_bare(rng, npages, args.runs, rec, ("wp collect (injected)", "bare ioctl (target)"),
+                         lambda pages: _write_spread([tgt], "anon", pages, npages), wp.collect,
+                         lambda: _scan(pm, r.start, r.end, bits))
         info["injected_layout_checks"] = wp.layout_checks
     finally:
         pm.close()
@@ -316,24 +326,10 @@ def _rows_mappers(args, tgt: _Target, others: list[_Target], pool: UffdPool, rec
         return sum(_scan(pm, a, b, bits) for pm, a, b in pms)
 
     try:
-        for frac in FRACTIONS:
-            k = int(npages * frac)
-            for i in range(args.runs):
-                pages = _pick(rng, npages, k)
-                _write_spread(writers, "shm", pages, npages)
-                res = {}
-                for what in (["tracker", "bare"] if i % 2 == 0 else ["bare", "tracker"]):
-                    if what == "tracker":
-                        rec("mappers collect (3 mappers)", frac,
-                            _timed(lambda: res.__setitem__("mt", mt.collect())))
-                        assert res["mt"].count() == k, (res["mt"].count(), k)
-                        assert not res["mt"].events, res["mt"].events
-                    else:
-                        rec("bare ioctls (3 mappers)", frac,
-                            _timed(lambda: res.__setitem__("bare", bare())))
-                        assert res["bare"] == k, (res["bare"], k)
-                    _write_spread(writers, "shm", pages, npages)
-                mt.collect()
+        def no_events(collected) -> None:
+            assert not collected.events, collected.events
+        _tracker_vs_bare(rng, npages, args.runs, rec, ("mappers collect (3 mappers)", "bare ioctls (3 mappers)"),
+                         lambda pages: _write_spread(writers, "shm", pages, npages), mt.collect, bare, no_events)
         keys = {r.object_key}
         me = {os.getpid()}
         for _ in range(args.runs):

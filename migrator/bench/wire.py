@@ -27,6 +27,7 @@ from ..precopy.source import SourceMemory
 from ..receiver_process import wait_port_file
 from ..transport import RegionSpec, connect_sender
 from ..units import parse_size
+from ._procs import stop_process
 
 PS = 4096
 KEY = b"bench-key-bench-key-bench-key-00"
@@ -229,11 +230,7 @@ def run(args: argparse.Namespace) -> int:
                   f"untouched {results['untouched'][-1] / 1e6:6.0f} MB/s", flush=True)
     finally:
         for p in (raw, rx, rx_plain):
-            p.send_signal(signal.SIGINT if p is rx else signal.SIGTERM)
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop_process(p, signal.SIGINT if p is rx else signal.SIGTERM, 5)
         shutil.rmtree(out, ignore_errors=True)
         for m in sources.values():
             m.close()

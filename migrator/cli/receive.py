@@ -23,24 +23,25 @@ def register(subparsers) -> None:
     p.add_argument("--listen", required=True, metavar="HOST:PORT",
                    help="address to listen on (port 0 picks one; it is printed)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for images and manifest.json")
-    p.add_argument("--key-file", metavar="F",
-                   help="pre-shared key (required unless HOST is a loopback address)")
-    p.add_argument("--once", action="store_true", help="exit after one migration session")
     p.add_argument("--port-file", metavar="FILE",
                    help="once listening, write the port to FILE (a number and a newline, written "
                         "whole: for scripts that start a receiver on port 0)")
+    p.add_argument("--once", action="store_true", help="exit after one migration session")
     p.add_argument("--preallocate", action="store_true",
                    help="allocate each image in full when a session starts (fewer page faults "
                         "while pages arrive; on tmpfs it takes the memory up front)")
-    p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain)")
-    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
-    p.add_argument("--tls-ca", metavar="PEM", help="require sender certificates signed by this CA")
-    p.add_argument("--encrypt", action="store_true",
-                   help="accept only senders that encrypt (migrate --encrypt; needs --key-file)")
     p.add_argument("--max-memory", default="2G", metavar="SIZE",
                    help="memory one session may make the receiver use: 12 bytes a page of the "
                         "declared regions plus 48 MiB a channel (default 2G: ~650 GiB of guest "
                         "memory over one channel); a larger session is refused at set-up")
+    a = p.add_argument_group("authentication and encryption (see docs/protocol.md)")
+    a.add_argument("--key-file", metavar="F",
+                   help="pre-shared key (required unless HOST is a loopback address)")
+    a.add_argument("--encrypt", action="store_true",
+                   help="accept only senders that encrypt (migrate --encrypt; needs --key-file)")
+    a.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain)")
+    a.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    a.add_argument("--tls-ca", metavar="PEM", help="require sender certificates signed by this CA")
     q = p.add_argument_group("QEMU destination (see docs/qemu.md)")
     q.add_argument("--qemu-incoming", metavar="HOST:PORT",
                    help="start a destination QEMU on the received RAM image, listening here for the "

@@ -35,8 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also append a Markdown summary for a CI job page (e.g. $GITHUB_STEP_SUMMARY): "
                         "the table, the failures and the convergence charts as image links")
     r.add_argument("--charts-url", default="", metavar="URL",
-                   help="prefix of the chart links in --summary (where DIR is published; default: "
-                        "relative to DIR)")
+                   help="prefix of the chart links in --summary (where DIR is published; default: relative to DIR)")
     r.set_defaults(handler=run)
     ls = ssub.add_parser("list", help="show the scenarios, one line each")
     ls.add_argument("files", nargs="*", metavar="FILE", help="files or folders (default: the suite)")
