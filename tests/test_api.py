@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import migrator
-from migrator.scenarios.processes import compare_with_source
+from migrator.scenarios.destination import compare_with_source
 
 PUBLIC = ["Address", "AuthError", "Capabilities", "Feature", "Guest", "GuestSpec", "MigrationPolicy",
           "MigrationReport", "MigratorError", "ProtocolError", "Receiver", "RegionError",

@@ -25,7 +25,7 @@ from ..guest.spec import GuestSpec
 from ..guest.workloads import WorkloadSpec
 from ..precopy.controller import MigrationPolicy, MigrationTarget, migrate
 from ..receiver_process import ReceiverProcess
-from ..scenarios.processes import compare_with_source
+from ..scenarios.destination import compare_with_source
 from ..units import format_bytes, parse_rate, parse_size
 
 VARIANTS = ("plain", "vhost", "pwrite")

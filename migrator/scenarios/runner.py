@@ -21,7 +21,7 @@ from ..transport import generate_key_file
 from .expect import Check, check_expectations
 from .link import DelayProxy
 from ..receiver_process import ReceiverProcess
-from .processes import compare_with_source
+from .destination import compare_with_source
 from .spec import Event, Scenario
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")

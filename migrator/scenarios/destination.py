@@ -24,13 +24,7 @@ def compare_with_source(pid: int, out_dir: str, page_size: int = 4096) -> Destin
     """Every region image in out_dir (manifest.json) against /proc/PID/mem of the paused source,
     byte for byte, in chunks (a 4 GiB guest needs no 4 GiB buffer).  The manifest says complete
     once the receiver has the images on disk, after its verdict: waited for (up to 60 s)."""
-    deadline = time.monotonic() + 60
-    while True:
-        with open(os.path.join(out_dir, "manifest.json")) as f:
-            manifest = json.load(f)
-        if manifest.get("complete") or manifest.get("error") or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
+    manifest = final_manifest(out_dir)
     if not manifest.get("complete"):
         return DestinationCheck(False, 0, "the receiver's manifest is not complete")
     pages = 0
@@ -63,6 +57,18 @@ def compare_with_source(pid: int, out_dir: str, page_size: int = 4096) -> Destin
     finally:
         os.close(mem)
     return DestinationCheck(True, pages, "")
+
+
+def final_manifest(out_dir: str, timeout_s: float = 60.0) -> dict:
+    """The receiver's manifest.json once final: complete (written after its verdict went out,
+    once the images are on disk) or failed (error set); as it is after timeout_s otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with open(os.path.join(out_dir, "manifest.json")) as f:
+            manifest = json.load(f)
+        if manifest.get("complete") or manifest.get("error") or time.monotonic() > deadline:
+            return manifest
+        time.sleep(0.01)
 
 
 def _pread_full(fd: int, n: int, offset: int) -> bytes:
