@@ -15,11 +15,15 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from migrator.bench import faults
+from waiting import wait_until
 
 KINDS = ("receiver-kill", "rst", "guest-kill", "corrupt", "disk-full", "migrate-kill")
 
 
+@pytest.mark.slow
 def test_bench_faults_short(root, tmp_path):
     out = tmp_path / "faults.json"
     t0 = time.monotonic()
@@ -61,9 +65,7 @@ def test_detectors_see_a_paused_source_a_leak_and_a_crash():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         os.kill(child.pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 5
-        while not faults.is_stopped(child.pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: faults.is_stopped(child.pid), 5, "the child to stop")
         assert faults.left_stopped([child.pid], recheck_s=0.05) == [child.pid]
         os.kill(child.pid, signal.SIGCONT)
         assert faults.left_stopped([child.pid], recheck_s=0.05) == []

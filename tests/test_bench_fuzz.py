@@ -16,6 +16,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+pytestmark = pytest.mark.slow          # (each test runs the fuzzer against live receivers: 6-17 s)
+
 FUZZ = [sys.executable, "-m", "migrator.bench", "fuzz"]
 
 

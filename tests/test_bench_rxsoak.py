@@ -6,6 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow          # (a 30-session soak: ~25 s)
+
 
 def test_receiver_soak_short(tmp_path):
     out = tmp_path / "rxsoak.json"

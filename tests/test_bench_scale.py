@@ -5,7 +5,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_bench_scale_small(root, tmp_path):
     out = tmp_path / "runs.json"
     p = subprocess.run([sys.executable, "-m", "migrator.bench", "scale", "--sizes", "16M,32M",

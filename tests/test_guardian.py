@@ -20,6 +20,7 @@ from migrator.guest.launcher import start_guest
 from migrator.guest.spec import GuestSpec
 from migrator.guest.workloads import WorkloadSpec
 from migrator.kernel.process import process_state
+from waiting import wait_until
 
 
 def _sleeper() -> subprocess.Popen:
@@ -138,10 +139,8 @@ def test_guardian_thaws_a_frozen_cgroup(tmp_path):
         g.arm()
         with open(os.path.join(cg, "freezer.state"), "w") as f:
             f.write("FROZEN")
-        deadline = time.monotonic() + 5
-        while open(os.path.join(cg, "freezer.state")).read().strip() != "FROZEN":
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: open(os.path.join(cg, "freezer.state")).read().strip() == "FROZEN", 5,
+                   "the cgroup to freeze")
         assert _die(g) == 0
         assert open(os.path.join(cg, "freezer.state")).read().strip() == "THAWED"
     finally:
@@ -179,13 +178,13 @@ def _paused_migration(g, receiver, *extra: str) -> subprocess.Popen:
                           "--to", f"127.0.0.1:{receiver.port}", "--downtime-limit", "100000",
                           "--max-bandwidth", "40MB/s", *extra],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while process_state(g.pid) != "T":
+    pids = (g.pid, *g.writer_pids.values())
+
+    def paused() -> bool:
         assert p.poll() is None, p.stderr.read()
-        assert time.monotonic() < deadline, "the guest was never paused"
-        time.sleep(0.005)
-    time.sleep(0.2)               # (well inside the pause)
-    assert process_state(g.pid) == "T"
+        return all(process_state(pid) == "T" for pid in pids)
+    # the guest and its writers all stopped: the pause is complete, the stop-and-copy under way
+    wait_until(paused, 60, "migrate to pause the guest and its writers")
     return p
 
 
@@ -193,6 +192,7 @@ GUEST = GuestSpec(shared_ram=128 << 20, anon_ram=0, workload=WorkloadSpec(kind="
                   vhost=WorkloadSpec(kind="random", rate=5e6))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGHUP", "SIGINT"])
 def test_migrate_stopped_during_the_pause_resumes_the_source(receiver, sig):
     with start_guest(GUEST) as g:
@@ -209,12 +209,12 @@ def test_migrate_stopped_during_the_pause_resumes_the_source(receiver, sig):
         for pid in (g.pid, *g.writer_pids.values()):
             assert _wait_state(pid, "S", 5) in "SR", f"process {pid} left stopped after {sig}"
         before = g.stats().writers["vcpu"].pages
-        time.sleep(0.2)
-        assert g.stats().writers["vcpu"].pages > before, "the guest does not run"
+        wait_until(lambda: g.stats().writers["vcpu"].pages > before, 10, f"the guest to run again after {sig}")
         assert manifest(receiver.out_dir)["complete"] is False
     assert _guardians() == []
 
 
+@pytest.mark.slow
 def test_completed_migration_keeps_the_source_paused_and_leaves_no_guardian(receiver):
     """On success the source stays paused (the destination has taken over): the guardian was
     disarmed before the commit and exits with migrate."""
@@ -226,7 +226,9 @@ def test_completed_migration_keeps_the_source_paused_and_leaves_no_guardian(rece
                             "--to", f"127.0.0.1:{receiver.port}", "--verify", "memory"],
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
-        time.sleep(0.5)           # (a guardian that wrongly acted would have by now)
+        # the guardian exits with migrate: once gone, one that wrongly acted would have
+        wait_until(lambda: not [c for c in _guardians() if f"--pid {g.pid} " in c + " "], 10,
+                   "this migration's guardian to exit")
         for pid in (g.pid, *g.writer_pids.values()):
             assert process_state(pid) == "T"
         assert_images_equal_source(g, receiver.out_dir)

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import require, swap_active
 from guest_model import Model, stamps
+from waiting import wait_until
 from migrator.guest import GuestSpec, PageoutRange, WorkloadSpec, changed_pages, start_guest, verify_image
 from migrator.guest.stamp import REGION_ANON, REGION_SHARED, WRITER_PWRITE, WRITER_VCPU, WRITER_VHOST
 
@@ -24,15 +25,12 @@ MAGIC = 0x4750474D
 
 def wait_for(cond, what: str, limit: float = 10.0) -> None:
     """Poll cond() until true (a condition, not a fixed sleep)."""
-    deadline = time.monotonic() + limit
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
+    wait_until(cond, limit, what, interval_s=0.002)
 
 
 def hold(seconds: float) -> None:
-    """Let the clock run (the interval over which pages are counted)."""
+    """Let the clock run: the time itself is under test (the interval over which pages are
+    counted, or over which a paused guest must write nothing), not a wait for an event."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         time.sleep(end - time.monotonic())
@@ -104,7 +102,7 @@ def test_pause_stops_every_writer():
                 assert f.read().rsplit(")", 1)[1].split()[0] == "T"
         s0 = g.stats()
         h0 = (g.page_hashes("guest-ram"), g.page_hashes("anon"))
-        hold(0.3)
+        hold(0.3)                     # (nothing may change while paused: the time is the test)
         h1 = (g.page_hashes("guest-ram"), g.page_hashes("anon"))
         s1 = g.stats()
         assert h0 == h1
@@ -134,6 +132,7 @@ def measured_rate(g, region: str, area: tuple[int, int], kind: str, seconds: flo
     return writes * PS / (t1 - t0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("writer,kind,rate,size,seconds", [
     ("vcpu", "sweep", 4e6, 16 * M, 0.5),
     ("vcpu", "random", 100e6, 64 * M, 0.5),
@@ -152,6 +151,7 @@ def test_rate_within_20_percent(writer, kind, rate, size, seconds):
         assert 0.8 * rate <= got <= 1.2 * rate, f"{got / 1e6:.1f} MB/s for {rate / 1e6:.1f} MB/s"
 
 
+@pytest.mark.slow
 def test_set_rate_while_running():
     spec = GuestSpec(shared_ram=64 * M, anon_ram=0, workload=WorkloadSpec("sweep", 0, seed=1))
     with start_guest(spec) as g:
@@ -305,6 +305,7 @@ def test_cli_bad_input_is_one_line(args, message):
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(message)
 
 
+@pytest.mark.slow
 def test_cli_guest_then_verify(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "migrator", "guest", "--shared-ram", "4M",
                           "--anon-ram", "1M", "--workload", "sweep", "--rate", "20000pages/s",

@@ -29,6 +29,7 @@ from migrator.kernel.native import PAGE_SIZE
 from migrator.kernel.pagemap import (PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
                                      Pagemap)
 from migrator.kernel.uffd import UFFD_FEATURE_WP_ASYNC, Userfaultfd, find_uffd_fds
+from waiting import wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -85,6 +86,11 @@ class Target:
 
     def count(self) -> int:
         return int(self.ask("count").split()[1])
+
+    def runs_on(self) -> None:
+        """Returns once the target's writer thread counts on (it was not left stopped)."""
+        c0 = self.count()
+        wait_until(lambda: self.count() > c0, 5, f"target {self.pid}'s writer thread to count on from {c0}")
 
     def result(self, timeout: float = 5.0) -> dict[str, int | str]:
         line = self.readline(timeout)
@@ -180,7 +186,8 @@ BLOCKED = {
 }
 
 
-@pytest.mark.parametrize("mode", list(BLOCKED))
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=pytest.mark.slow) if m == "nanosleep" else m
+                                  for m in BLOCKED])
 def test_blocked_call_completes_without_eintr(target, mode):
     """The leader, blocked in a syscall, is injected; it goes back into the same call (or into
     restart_syscall for the calls with a restart block) and completes as if nothing happened."""
@@ -194,9 +201,7 @@ def test_blocked_call_completes_without_eintr(target, mode):
     assert inj.target_fd >= 0 and find_uffd_fds(t.pid) == []
     assert t.status("TracerPid") == "0"
     t.wait_syscall(after)
-    c0 = t.count()
-    time.sleep(0.01)
-    assert t.count() > c0                       # the writer thread runs on
+    t.runs_on()                       # the writer thread runs on
     if mode != "nanosleep":
         t.cmd("wake")
     res = t.result(timeout=6)
@@ -278,9 +283,7 @@ def test_already_traced_target_refused(target):
         # without the preflight, PTRACE_SEIZE itself says no
         with pytest.raises(InjectionRefused, match=f"no ptrace rights over {t.pid} "):
             inject_userfaultfd_at(t.pid, t.pid, find_syscall_instruction(t.pid))
-        c0 = t.count()
-        time.sleep(0.01)
-        assert t.count() > c0
+        t.runs_on()
     finally:
         tracer.stdin.close()
         tracer.wait()
@@ -330,6 +333,7 @@ def inject_in_thread(pid: int, hold_s: float) -> tuple[threading.Thread, dict]:
     return th, out
 
 
+@pytest.mark.slow
 def test_target_killed_during_injection(target):
     t = target("read")
     t.wait_syscall(NR["read"])
@@ -343,6 +347,7 @@ def test_target_killed_during_injection(target):
     assert re.fullmatch(rf"process {t.pid} \(thread {t.pid}\) exited during .*", str(out["error"]))
 
 
+@pytest.mark.slow
 def test_thread_that_never_stops_times_out(target):
     """A vfork parent waits in a sleep that PTRACE_INTERRUPT cannot break: the injection gives up
     after MG_INJ_STOP_TIMEOUT_NS (3 s) and leaves the thread untouched."""
@@ -370,7 +375,8 @@ def test_signal_during_injection_delivered_at_detach(target):
     inj = out["injection"]
     os.close(inj.fd)
     assert inj.signal_kept == signal.SIGSTOP
-    assert t.status("State").startswith("T (stopped)")
+    # (the kept SIGSTOP is pending at the detach: the thread stops once it next runs)
+    wait_until(lambda: t.status("State").startswith("T (stopped)"), 5, f"target {t.pid} to stop")
     assert find_uffd_fds(t.pid) == []
     os.kill(t.pid, signal.SIGCONT)
     t.wait_syscall(NR["read"])
@@ -397,10 +403,8 @@ def test_injector_killed_reports_died(target):
     before = uffds_here()
     th, out = inject_in_thread(t.pid, hold_s=1.0)
     t.wait_syscall(NR["userfaultfd"])
-    deadline = time.monotonic() + 5
-    while not uffds_here() - before:          # the copy taken: the injector is in the hold
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    # the copy taken: the injector is in the hold
+    wait_until(lambda: uffds_here() - before, 5, "the injector's copy of the userfaultfd in our fd table")
     os.kill(int(t.status("TracerPid")), signal.SIGKILL)
     th.join(timeout=5)
     err = out.get("error")
@@ -419,10 +423,7 @@ def test_stopped_process_stays_stopped(target):
     t = target("read")
     t.wait_syscall(NR["read"])
     os.kill(t.pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 5
-    while not t.status("State").startswith("T"):
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    wait_until(lambda: t.status("State").startswith("T"), 5, f"target {t.pid} to stop")
     inj = inject_userfaultfd(t.pid)
     os.close(inj.fd)
     assert inj.restarted and inj.signal_kept == 0
@@ -446,10 +447,8 @@ def test_bad_syscall_address_leaves_target_intact(target):
 
 def test_zombie_leader_injects_another_thread(target):
     t = target("leader_exit")
-    deadline = time.monotonic() + 5
-    while open(f"/proc/{t.pid}/task/{t.pid}/stat").read().rpartition(")")[2].split()[0] != "Z":
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    wait_until(lambda: open(f"/proc/{t.pid}/task/{t.pid}/stat").read().rpartition(")")[2].split()[0] == "Z",
+               5, f"target {t.pid}'s leader to be a zombie")
     tid = pick_thread(t.pid)
     assert tid != t.pid and os.path.exists(f"/proc/{t.pid}/task/{tid}")
     u = Userfaultfd.inject(t.pid)
@@ -459,9 +458,7 @@ def test_zombie_leader_injects_another_thread(target):
     # /proc/PID/pagemap of a zombie leader has no mm (ESRCH); /proc/TID/... is the same mm
     assert scan_written(tid, t.anon, t.pages) == [2, 3]
     u.close()
-    c0 = t.count()
-    time.sleep(0.01)
-    assert t.count() > c0
+    t.runs_on()
 
 
 CALLER = r"""
@@ -473,6 +470,7 @@ print("returned", flush=True)
 PR_SET_CHILD_SUBREAPER = 36
 
 
+@pytest.mark.slow
 def test_caller_killed_mid_injection(target):
     """SIGKILL to the injecting process (and its whole process group) while the target holds the
     injection registers: the injector child, in its own session, finishes, restores and detaches."""
@@ -488,18 +486,14 @@ def test_caller_killed_mid_injection(target):
         assert injector not in (0, caller.pid)
         os.killpg(caller.pid, signal.SIGKILL)
         assert caller.wait() == -signal.SIGKILL and caller.stdout.read() == b""
-        deadline = time.monotonic() + 5
-        while (r := os.waitpid(injector, os.WNOHANG))[0] == 0:
-            assert time.monotonic() < deadline, "injector never finished"
-            time.sleep(0.01)
+        r = wait_until(lambda: (w := os.waitpid(injector, os.WNOHANG))[0] and w, 5,
+                       f"the orphaned injector {injector} to finish")
         assert os.WIFEXITED(r[1]) and os.WEXITSTATUS(r[1]) == 0
     finally:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
     assert t.status("TracerPid") == "0" and find_uffd_fds(t.pid) == []
     t.wait_syscall(NR["read"])
-    c0 = t.count()
-    time.sleep(0.01)
-    assert t.count() > c0
+    t.runs_on()
     assert t.woken() == BLOCKED["read"][2]
 
 

@@ -10,6 +10,7 @@ import trio
 from conftest import require, swap_active
 from migration_helpers import ReceiverProcess, assert_images_equal_source, manifest
 from stall_watch import StallWatch
+from waiting import await_until
 from migrator.errors import UsageError
 from migrator.guest.launcher import start_guest
 from migrator.guest.spec import GuestSpec
@@ -25,6 +26,22 @@ def receiver(tmp_path, root):
     r = ReceiverProcess(str(tmp_path / "out"))
     yield r
     r.stop()
+
+
+async def session_started(receiver) -> None:
+    """Until round 0 is under way: the receiver logged the session's set-up, and the first MiB of
+    its first image holds data (the guest's random pages; the image was preallocated as zeros).
+    At 20 MB/s, ~2 s of round 0's 40 MiB are then left."""
+    await await_until(lambda: "region(s)" in receiver.text(), 30, "the receiver's session set-up line")
+
+    def first_data() -> bool:
+        try:
+            image = manifest(receiver.out_dir, 0)["regions"][0]["image"]
+            with open(os.path.join(receiver.out_dir, image), "rb") as f:
+                return f.read(1 << 20).strip(b"\0") != b""
+        except (OSError, KeyError, IndexError, ValueError):
+            return False        # (not written yet, or being replaced)
+    await await_until(first_data, 30, "round 0's first pages in the receiver's image")
 
 
 def target_of(g, writers=()):
@@ -49,7 +66,8 @@ def guest(workload="idle", rate=0.0, shared=32 * MB, anon=8 * MB, **kw):
                                  workload=WorkloadSpec(kind=workload, rate=rate, seed=3), **kw))
 
 
-@pytest.mark.parametrize("workload,rate", [("idle", 0), ("random", 20e6), ("hotcold", 40e6), ("sweep", 30e6)])
+@pytest.mark.parametrize("workload,rate", [("idle", 0)] + [pytest.param(*p, marks=pytest.mark.slow) for p in
+                                             [("random", 20e6), ("hotcold", 40e6), ("sweep", 30e6)]])
 async def test_workloads_migrate_exactly(receiver, workload, rate):
     with guest(workload, rate) as g:
         # 50 ms: resending all 40 MiB at 400 MB/s (~105 ms) would not fit, so each round's
@@ -68,6 +86,7 @@ async def test_workloads_migrate_exactly(receiver, workload, rate):
             assert rep.final_dirty_pages == 0
 
 
+@pytest.mark.slow
 async def test_collect_skipped_when_everything_would_fit(receiver):
     """After round 0, resending every page (40 MiB at 400 MB/s, ~105 ms) fits the 2 s limit: no
     collect can change the decision, so none runs while the guest runs and the final collect
@@ -93,6 +112,7 @@ async def test_collect_skipped_when_everything_would_fit(receiver):
         assert_images_equal_source(g, receiver.out_dir)
 
 
+@pytest.mark.slow
 async def test_switchover_fits_cuts_round_0(receiver):
     """Switch-over rule "fits" (QEMU's): 136 MiB at 400 MB/s (~0.35 s) fits the 2 s limit, so
     once the bandwidth is measured (50 ms) round 0 is cut short; the pages it did not send (and
@@ -110,6 +130,7 @@ async def test_switchover_fits_cuts_round_0(receiver):
         assert_images_equal_source(g, receiver.out_dir)
 
 
+@pytest.mark.slow
 async def test_converge_cuts_round_0_when_it_is_rewritten_as_it_goes(receiver):
     """Default rule: a guest sweeping all its memory faster than round 0 sends it (as QEMU's
     test guest does): a sample of the pages round 0 sent shows them rewritten already, so round 0
@@ -131,6 +152,7 @@ async def test_switchover_rule_is_checked(receiver):
             await run(g, receiver, switchover="soon")
 
 
+@pytest.mark.slow
 async def test_shmem_swapped_out_between_rounds(receiver):
     """The kernel thread's case: shmem pages pushed out to swap while the guest writes."""
     require(swap_active(), "needs active swap (zram)")
@@ -140,6 +162,7 @@ async def test_shmem_swapped_out_between_rounds(receiver):
         assert_images_equal_source(g, receiver.out_dir)
 
 
+@pytest.mark.slow
 async def test_side_writers_vhost_and_pwrite(receiver):
     """A vhost-user-like process writing the memfd and a pwrite writer: both paused with the
     guest, both write paths caught by the ledger."""
@@ -157,6 +180,7 @@ async def test_side_writers_vhost_and_pwrite(receiver):
         assert all(s["regions"] == ["guest-ram"] and s["bytes"] == 32 * MB for s in rep.sweeps)
 
 
+@pytest.mark.slow
 async def test_vhost_writer_tracked_by_page_tables(receiver):
     """A vhost-user-like process writing the memfd through its own mapping: write-protected like
     the guest, so the ledger never sweeps."""
@@ -169,6 +193,7 @@ async def test_vhost_writer_tracked_by_page_tables(receiver):
         assert g.stats().writers["vhost"].pages > 0
 
 
+@pytest.mark.slow
 async def test_verify_memory_finds_writes_after_the_pause(receiver):
     """A writer left running (not given as a writer) goes on writing the memfd after the pause:
     --verify memory reads the paused source again and finds pages that differ from what was
@@ -182,6 +207,7 @@ async def test_verify_memory_finds_writes_after_the_pause(receiver):
         assert rep.source_state == "running"
 
 
+@pytest.mark.slow
 async def test_direct_io_reads_into_the_memory_during_a_migration(receiver, tmp_path):
     """A process mapping the guest's memfd reads a file with O_DIRECT into it all along: the
     device writes pinned pages without a fault, so the ledger sweeps, and the copy is exact."""
@@ -203,6 +229,7 @@ async def test_direct_io_reads_into_the_memory_during_a_migration(receiver, tmp_
             reader.kill()
 
 
+@pytest.mark.slow
 async def test_dirty_rate_above_the_link_without_auto_converge(receiver):
     with guest("random", 80e6, shared=8 * MB, anon=0) as g:
         rep = await run(g, receiver, max_bandwidth=20e6, nonconvergence_rounds=2, max_rounds=20)
@@ -210,11 +237,12 @@ async def test_dirty_rate_above_the_link_without_auto_converge(receiver):
         assert "auto-converge" in rep.reason
         assert rep.source_state == "running" and process_state(g.pid) != "T"
         before = g.stats().writers["vcpu"].pages
-        await trio.sleep(0.2)
-        assert g.stats().writers["vcpu"].pages > before      # the guest keeps running
+        await await_until(lambda: g.stats().writers["vcpu"].pages > before, 10,
+                          "the guest to write on after the migration gave up")
         assert manifest(receiver.out_dir)["complete"] is False
 
 
+@pytest.mark.slow
 async def test_dirty_rate_above_the_link_with_auto_converge(receiver):
     with guest("random", 80e6, shared=8 * MB, anon=0) as g:
         rep = await run(g, receiver, max_bandwidth=20e6, nonconvergence_rounds=1, max_rounds=30,
@@ -226,12 +254,13 @@ async def test_dirty_rate_above_the_link_with_auto_converge(receiver):
         assert_images_equal_source(g, receiver.out_dir)
 
 
+@pytest.mark.slow
 async def test_receiver_killed_mid_migration(receiver):
     """The source is resumed and nothing is lost: the guest keeps running with its memory."""
     with guest("random", 10e6) as g:
         async with trio.open_nursery() as n:
             async def kill_soon():
-                await trio.sleep(0.3)
+                await session_started(receiver)
                 receiver.kill()
             n.start_soon(kill_soon)
             rep = await run(g, receiver, max_bandwidth=20e6)
@@ -239,15 +268,16 @@ async def test_receiver_killed_mid_migration(receiver):
         assert rep.source_state == "running" and process_state(g.pid) != "T"
         assert "receiver" in rep.reason or "connection" in rep.reason.lower(), rep.reason
         before = g.stats().writers["vcpu"].pages
-        await trio.sleep(0.2)
-        assert g.stats().writers["vcpu"].pages > before
+        await await_until(lambda: g.stats().writers["vcpu"].pages > before, 10,
+                          "the guest to write on after the receiver died")
 
 
+@pytest.mark.slow
 async def test_guest_exits_mid_migration(receiver):
     with guest("random", 10e6) as g:
         async with trio.open_nursery() as n:
             async def kill_soon():
-                await trio.sleep(0.3)
+                await session_started(receiver)
                 os.killpg(g.pgid, signal.SIGKILL)
             n.start_soon(kill_soon)
             rep = await run(g, receiver, max_bandwidth=20e6)
@@ -257,6 +287,7 @@ async def test_guest_exits_mid_migration(receiver):
         assert manifest(receiver.out_dir)["complete"] is False
 
 
+@pytest.mark.slow
 async def test_cgroup_freezer_pauses_guest_and_writers(receiver, tmp_path):
     """--cgroup: the switch-over freezes the whole cgroup (v1 freezer) instead of signalling."""
     base = "/sys/fs/cgroup/freezer"
@@ -287,6 +318,7 @@ async def test_cgroup_freezer_pauses_guest_and_writers(receiver, tmp_path):
         os.rmdir(cg)
 
 
+@pytest.mark.slow
 async def test_non_cooperating_guest_and_its_mapper_tracked_by_injected_write_protect(receiver):
     """A guest that made no userfaultfd, with a vhost-like writer mapping its memfd: migrator
     injects one into each (write-protect for the guest's private RAM, and on every mapper of the
@@ -309,6 +341,7 @@ async def test_non_cooperating_guest_and_its_mapper_tracked_by_injected_write_pr
                         if os.readlink(f"/proc/{pid}/fd/{n}") == "anon_inode:[userfaultfd]"]
 
 
+@pytest.mark.slow
 async def test_a_sweep_every_collect_that_overruns_the_limit_is_not_converging(receiver):
     """A pwrite writer makes every collect sweep the 64 MiB memfd (~5-15 ms); with a 1 ms limit
     the final collect alone overruns it, whatever the rounds: the migration stops, says why, and
@@ -324,6 +357,7 @@ async def test_a_sweep_every_collect_that_overruns_the_limit_is_not_converging(r
         assert rep.source_state == "running" and process_state(g.pid) != "T"
 
 
+@pytest.mark.slow
 async def test_event_loop_never_blocked(receiver):
     """No task step of a whole migration (set-up, rounds with collects beside them, the pause,
     verification, settling) holds the event loop over 50 ms while sleeping in the kernel: every

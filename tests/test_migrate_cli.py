@@ -9,6 +9,7 @@ import pytest
 
 from child import Child
 from migration_helpers import ReceiverProcess, assert_images_equal_source
+from waiting import wait_until
 from migrator.guest.launcher import start_guest
 from migrator.guest.spec import GuestSpec
 from migrator.guest.workloads import WorkloadSpec
@@ -36,6 +37,7 @@ def keyed(tmp_path, root):
     r.stop()
 
 
+@pytest.mark.slow
 def test_cli_migration_with_key_and_json_report(keyed, tmp_path):
     receiver, key = keyed
     spec = GuestSpec(shared_ram=16 << 20, anon_ram=4 << 20, uffd=True,
@@ -55,6 +57,7 @@ def test_cli_migration_with_key_and_json_report(keyed, tmp_path):
         assert_images_equal_source(g, receiver.out_dir)
 
 
+@pytest.mark.slow
 def test_cli_wrong_key_is_refused_and_guest_runs_on(keyed, tmp_path):
     receiver, _ = keyed
     wrong = tmp_path / "wrong"
@@ -68,6 +71,7 @@ def test_cli_wrong_key_is_refused_and_guest_runs_on(keyed, tmp_path):
         assert process_state(g.pid) != "T"
 
 
+@pytest.mark.slow
 def test_cli_user_mistakes_are_one_line(root):
     for args, msg in [
         (["--pid", "999999", "--region", "x", "--to", "127.0.0.1:1"], "process 999999 does not exist"),
@@ -81,7 +85,7 @@ def test_cli_user_mistakes_are_one_line(root):
         assert "Traceback" not in p.stderr
 
 
-@pytest.mark.parametrize("inject", [True, False])
+@pytest.mark.parametrize("inject", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_cli_any_process(keyed, tmp_path, inject):
     """A process that does not cooperate (no userfaultfd of its own): write-protect through a
     userfaultfd injected by ptrace, or with --no-inject hash-based tracking; the report says which
@@ -113,12 +117,12 @@ def test_cli_any_process(keyed, tmp_path, inject):
         c.kill()
 
 
+@pytest.mark.slow
 def test_cli_killed_mid_migration_leaves_no_write_protection(keyed, tmp_path):
     """`migrator migrate` SIGKILLed while it tracks a non-cooperating guest by an injected
     userfaultfd: only migrator held that uffd, so the kernel releases it with migrator, and the
     guest's mappings are no longer registered (smaps VmFlags lose "uw"); the guest runs on."""
     import signal
-    import time
     receiver, key = keyed
     spec = GuestSpec(shared_ram=64 << 20, anon_ram=16 << 20, uffd=False,
                      workload=WorkloadSpec(kind="random", rate=20e6))
@@ -129,21 +133,17 @@ def test_cli_killed_mid_migration_leaves_no_write_protection(keyed, tmp_path):
                               "--to", f"127.0.0.1:{receiver.port}", "--key-file", str(key),
                               "--max-bandwidth", "20MB/s"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        while "uw" not in _vmflags(g.pid, a.start):
+        def armed() -> bool:
             assert p.poll() is None, p.stderr.read()
-            assert time.monotonic() < deadline, "write-protect never armed"
-            time.sleep(0.01)
+            return "uw" in _vmflags(g.pid, a.start)
+        wait_until(armed, 30, "migrate to write-protect the guest's anonymous region")
         p.send_signal(signal.SIGKILL)
         p.wait()
-        deadline = time.monotonic() + 5
-        while "uw" in _vmflags(g.pid, a.start) or "uw" in _vmflags(g.pid, g.regions["guest-ram"].start):
-            assert time.monotonic() < deadline, "the guest's mappings stayed registered"
-            time.sleep(0.01)
+        wait_until(lambda: "uw" not in _vmflags(g.pid, a.start) + _vmflags(g.pid, g.regions["guest-ram"].start),
+                   5, "the guest's mappings to lose their write-protect registration")
         assert process_state(g.pid) != "T"
         before = g.stats().writers["vcpu"].pages
-        time.sleep(0.2)
-        assert g.stats().writers["vcpu"].pages > before
+        wait_until(lambda: g.stats().writers["vcpu"].pages > before, 10, "the guest to write on")
 
 
 def _vmflags(pid: int, addr: int) -> list[str]:

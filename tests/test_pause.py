@@ -2,12 +2,12 @@
 
 import subprocess
 import sys
-import time
 
 import pytest
 
 from migrator.errors import TargetGoneError
 from migrator.precopy.pause import Pauser, _tasks_stopped
+from waiting import wait_until
 
 
 def _state(pid: int) -> str:
@@ -17,9 +17,10 @@ def _state(pid: int) -> str:
 
 def test_pause_and_resume_stop_every_thread():
     p = subprocess.Popen([sys.executable, "-c", "import threading, time\n"
-                          "threading.Thread(target=time.sleep, args=(60,)).start(); time.sleep(60)"])
+                          "threading.Thread(target=time.sleep, args=(60,)).start(); print('ready', flush=True); "
+                          "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.2)
+        assert p.stdout.readline() == "ready\n"            # its second thread is running
         pauser = Pauser([p.pid])
         pauser.pause()
         assert pauser.paused and _tasks_stopped(p.pid)
@@ -41,10 +42,7 @@ def test_a_gone_process_leaves_none_stopped():
         with pytest.raises(TargetGoneError, match=f"process {writer.pid} exited"):
             pauser.pause()
         assert not pauser.paused
-        deadline = time.monotonic() + 5
-        while _state(guest.pid) not in ("S", "R") and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert _state(guest.pid) in ("S", "R")
+        wait_until(lambda: _state(guest.pid) in ("S", "R"), 5, f"the guest {guest.pid} to run again")
     finally:
         guest.kill()
         guest.wait()

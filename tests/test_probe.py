@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import swap_active
 
 KEYS = ["soft_dirty", "pagemap_scan", "uffd_wp_async_anon", "uffd_wp_async_shmem", "pidfd_getfd",
@@ -46,6 +48,7 @@ def test_unknown_command_is_a_usage_error():
     assert p.returncode == 2 and "invalid choice" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_track_and_regions_commands_on_a_real_process():
     """`migrator regions` lists the memfd by name; `migrator track` reports exactly the pages the
     child wrote between collects (the ledger counts content changes), and says when and why the

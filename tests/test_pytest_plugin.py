@@ -33,6 +33,7 @@ def test_the_plugin_is_registered_through_its_entry_point():
     assert [e.value for e in eps] == ["migrator.pytest_plugin"]
 
 
+@pytest.mark.slow
 def test_a_sample_project_checks_its_server_migrates(tmp_path):
     p, suite = _pytest(SAMPLE, tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
@@ -60,6 +61,7 @@ def test_it(migration):
 '''
 
 
+@pytest.mark.slow
 def test_it_skips_where_nothing_can_track_and_fails_under_ci(tmp_path):
     proj = tmp_path / "proj"
     (proj / "tests").mkdir(parents=True)

@@ -21,6 +21,7 @@ import pytest
 
 from conftest import require
 from migration_helpers import ReceiverProcess
+from waiting import wait_until
 from migrator.qemu import QMP, GuestLayout, SourceVM, boot_sector, check_pattern, qemu_available
 from migrator.qemu.testguest import write_boot_image
 from migrator.qemu.vm import vm_args
@@ -91,6 +92,15 @@ def vm(tmp_path, root):
     v.kill()
 
 
+def _gone(pid: int) -> bool:
+    """pid has ended (exited, or a zombie not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def _grows(path: str, by: int = 20, wait_s: float = 10.0) -> bool:
     first = os.path.getsize(path)
     deadline = time.monotonic() + wait_s
@@ -132,6 +142,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_qemu_vm_migrates_and_runs_on(vm, tmp_path):
     out = str(tmp_path / "out")
     dest_serial = str(tmp_path / "dest.serial")
@@ -179,13 +190,14 @@ def test_qemu_vm_migrates_and_runs_on(vm, tmp_path):
         assert (advanced - passes) % 256 in (255, 0, 1), (advanced, passes)
         # the source stays stopped (postmigrate): no marker after the migration
         size = os.path.getsize(vm.serial_path)
-        time.sleep(0.2)
+        time.sleep(0.2)               # (deliberate: "no marker within 0.2 s" is the check itself)
         assert os.path.getsize(vm.serial_path) == size
     finally:
         receiver.stop()
         _kill_dest_vm(receiver.text())
 
 
+@pytest.mark.slow
 def test_prestarted_destination_of_other_ram_size_is_refused(vm, tmp_path):
     """A destination started for 64 MiB (--qemu-ram-size) refuses the 128 MiB source's session
     at its set-up: the migration fails saying why, nothing was switched over, the source VM runs
@@ -206,15 +218,13 @@ def test_prestarted_destination_of_other_ram_size_is_refused(vm, tmp_path):
         assert _grows(vm.serial_path), "the source guest did not run on"
         assert receiver.proc.wait(30) == 1, receiver.text()
         assert msg in receiver.text()
-        deadline = time.monotonic() + 5
-        while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
-            assert time.monotonic() < deadline, "destination QEMU still running after the refusal"
-            time.sleep(0.02)
+        wait_until(lambda: _gone(pid), 5, "the destination QEMU to end after the refusal")
     finally:
         receiver.stop()
         _kill_dest_vm(receiver.text())
 
 
+@pytest.mark.slow
 def test_device_state_failure_resumes_the_source(vm, tmp_path):
     """The destination QEMU's address accepts and hangs up: QEMU's migrate fails after the RAM
     went through; the source VM must run on (`cont`)."""
@@ -241,6 +251,7 @@ def test_device_state_failure_resumes_the_source(vm, tmp_path):
         receiver.stop()
 
 
+@pytest.mark.slow
 def test_qmp_user_errors(vm, tmp_path):
     p = _migrate_cli("--qmp", str(tmp_path / "nope.qmp"), "--to", "127.0.0.1:1", "--qemu-incoming", "127.0.0.1:2")
     assert p.returncode == 2 and "cannot connect to QMP socket" in p.stderr
@@ -256,6 +267,7 @@ def test_qmp_user_errors(vm, tmp_path):
         assert q.execute("query-status")["status"] == "running"
 
 
+@pytest.mark.slow
 def test_receiver_stopped_kills_its_destination_vm(vm, tmp_path):
     """SIGTERM before the hand-over: the destination QEMU the receiver started must not linger."""
     out = str(tmp_path / "out")
@@ -266,17 +278,13 @@ def test_receiver_stopped_kills_its_destination_vm(vm, tmp_path):
                             f"127.0.0.1:{receiver.port}", "--qemu-incoming", incoming,
                             "--max-bandwidth", "20MB/s"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 20
-        while "destination VM pid" not in receiver.text():
-            assert time.monotonic() < deadline and receiver.proc.poll() is None, receiver.text()
-            time.sleep(0.02)
-        pid = int(re.search(r"destination VM pid (\d+)", receiver.text()).group(1))
+        def started() -> re.Match | None:
+            assert receiver.proc.poll() is None, receiver.text()
+            return re.search(r"destination VM pid (\d+)", receiver.text())
+        pid = int(wait_until(started, 20, "the receiver's 'destination VM pid' line").group(1))
         receiver.proc.terminate()
         receiver.proc.wait(20)
-        deadline = time.monotonic() + 5
-        while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
-            assert time.monotonic() < deadline, "destination QEMU still running after the receiver stopped"
-            time.sleep(0.02)
+        wait_until(lambda: _gone(pid), 5, "the destination QEMU to end after the receiver stopped")
         assert mig.wait(60) == 1
         with QMP(vm.qmp_path) as q:
             assert q.execute("query-status")["status"] == "running"
@@ -287,6 +295,7 @@ def test_receiver_stopped_kills_its_destination_vm(vm, tmp_path):
         _kill_dest_vm(receiver.text())
 
 
+@pytest.mark.slow
 def test_destination_refusing_the_device_state_resumes_the_source(vm, tmp_path):
     """A destination started with other VM options (q35 instead of pc) fails to load the device
     state; with QEMU's return path the source learns it, and migrator resumes the source."""
@@ -305,6 +314,7 @@ def test_destination_refusing_the_device_state_resumes_the_source(vm, tmp_path):
         _kill_dest_vm(receiver.text())
 
 
+@pytest.mark.slow
 def test_private_guest_ram_is_refused(tmp_path, root):
     """A VM with plain `-m` (private RAM) cannot be handed over: migrator says why and the VM
     runs on untouched."""
@@ -315,10 +325,10 @@ def test_private_guest_ram_is_refused(tmp_path, root):
                              "-qmp", f"unix:{qmp_path},server=on,wait=off"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 20
-        while not os.path.exists(qmp_path):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.01)
+        def listening() -> bool:
+            assert proc.poll() is None, "QEMU exited"
+            return os.path.exists(qmp_path)
+        wait_until(listening, 20, "QEMU's QMP socket")
         p = _migrate_cli("--qmp", qmp_path, "--to", "127.0.0.1:1", "--qemu-incoming", "127.0.0.1:2")
         assert p.returncode == 2 and "is not share=on" in p.stderr, p.stderr
         with QMP(qmp_path) as q:
@@ -340,7 +350,7 @@ def test_device_state_connection_waits_for_the_destination():
     lsock = socket.socket()
 
     def listen_later():
-        time.sleep(0.2)
+        time.sleep(0.2)               # (deliberate: the connection is refused until then, the test's point)
         lsock.bind(("127.0.0.1", port))
         lsock.listen(1)
     threading.Thread(target=listen_later, daemon=True).start()
@@ -356,6 +366,7 @@ def test_device_state_connection_waits_for_the_destination():
         _connect(f"tcp:127.0.0.1:{_free_port()}", time.monotonic() + 0.1)
 
 
+@pytest.mark.slow
 def test_resume_cancels_a_migration_waiting_before_its_device_state(vm):
     """The switch-over failed after QEMU's own migration started (it waits in pre-switchover,
     before its device state): resuming the source cancels that migration, then `cont` runs the
@@ -383,10 +394,8 @@ def test_resume_cancels_a_migration_waiting_before_its_device_state(vm):
         pauser.pause()
         assert q.execute("query-status")["status"] == "paused"
         ds.start()
-        deadline = time.monotonic() + 10
-        while q.execute("query-migrate")["status"] != "pre-switchover":
-            assert time.monotonic() < deadline, q.execute("query-migrate")
-            time.sleep(0.01)
+        wait_until(lambda: q.execute("query-migrate")["status"] == "pre-switchover", 10,
+                   "QEMU's device-state migration to reach pre-switchover")
         pauser.resume()
         assert q.execute("query-migrate")["status"] == "cancelled"
         assert q.execute("query-status")["status"] == "running"
@@ -397,6 +406,7 @@ def test_resume_cancels_a_migration_waiting_before_its_device_state(vm):
     assert _grows(vm.serial_path), "the source guest did not run on"
 
 
+@pytest.mark.slow
 def test_guardian_resumes_a_qemu_source_when_migrate_dies(vm):
     """migrate died (its QMP connection and its end of the guardian's pipe closed by the kernel)
     with the VM stopped and QEMU's own migration waiting before its device state: the guardian
@@ -424,10 +434,8 @@ def test_guardian_resumes_a_qemu_source_when_migrate_dies(vm):
     ds = pauser.devstate = DeviceStateMigration(q, f"tcp:127.0.0.1:{lsock.getsockname()[1]}")
     pauser.pause()
     ds.start()
-    deadline = time.monotonic() + 10
-    while q.execute("query-migrate")["status"] != "pre-switchover":
-        assert time.monotonic() < deadline, q.execute("query-migrate")
-        time.sleep(0.01)
+    wait_until(lambda: q.execute("query-migrate")["status"] == "pre-switchover", 10,
+               "QEMU's device-state migration to reach pre-switchover")
     q.close()                          # migrate dies: its QMP connection goes ...
     proc = g._proc
     proc.stdin.close()                 # ... and so does its end of the guardian's pipe

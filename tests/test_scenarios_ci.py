@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from junitparser import Error, Failure, Skipped
 from junitparser.xunit2 import JUnitXml      # (the Jenkins xunit schema: properties in test cases)
 
@@ -26,6 +27,7 @@ def _props(case):
     return {p.name: p.value for p in case.properties()}
 
 
+@pytest.mark.slow
 def test_junit_and_summary_from_a_real_run_with_a_regression(tmp_path):
     base = tmp_path / "baseline.json"
     base.write_text(json.dumps({"format": "migrator-scenario-baseline/1", "scenarios": {

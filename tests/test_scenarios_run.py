@@ -59,6 +59,7 @@ def run(capsys, *args):
     return rc, out.out, out.err
 
 
+@pytest.mark.slow
 def test_real_run_writes_report_markdown_and_charts(tmp_path, root, capsys):
     rdir = tmp_path / "report"
     rc, out, err = run(capsys, scenario(tmp_path, SMALL), "--report", str(rdir), "--repeat", "2")
@@ -117,6 +118,7 @@ def test_real_run_writes_report_markdown_and_charts(tmp_path, root, capsys):
     assert not (rdir / "runs" / "small-r1" / "dest").exists()        # images removed
 
 
+@pytest.mark.slow
 def test_baseline_passes_then_fails_against_a_better_baseline(tmp_path, root, capsys):
     f = scenario(tmp_path, IDLE, "idle-small")
     base = tmp_path / "baseline.json"
@@ -152,6 +154,7 @@ def test_baseline_passes_then_fails_against_a_better_baseline(tmp_path, root, ca
     assert rc == 0, out
 
 
+@pytest.mark.slow
 def test_failed_expectation_exits_nonzero_naming_it(tmp_path, root, capsys):
     f = scenario(tmp_path, IDLE + "[expect]\nmax_bytes_ratio = 0.5\nmax_rounds = 1\n", "strict")
     rc, out, err = run(capsys, f, "--report", str(tmp_path / "r"))
@@ -168,6 +171,7 @@ def test_failed_expectation_exits_nonzero_naming_it(tmp_path, root, capsys):
     assert "**FAILED** max_rounds" in (tmp_path / "r" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_not_converging_as_expected_leaves_the_guest_running(tmp_path, root, capsys):
     f = scenario(tmp_path, """
 warmup_s = 0.1
@@ -231,6 +235,7 @@ SIDE_BY_SIDE = ("| method | tracker | runs | total ms | downtime ms | reported t
                 "MB in downtime | rounds | guest speed |")
 
 
+@pytest.mark.slow
 def test_qemu_scenario_migrates_the_vm_both_ways(tmp_path, root, capsys):
     require(qemu_available(), "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
     rdir = tmp_path / "report"

@@ -5,13 +5,13 @@ by object page, mappers found late, mappers gone, mappers that cannot be injecte
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from child import Child
 from conftest import require, require_feature, swap_active
 from tracer import Tracer
+from waiting import wait_until
 from migrator.errors import TargetGoneError
 from migrator.kernel.mappers import find_mappers
 from migrator.kernel.maps import vma_smaps
@@ -231,9 +231,9 @@ def test_no_uffd_left_after_end(target, others):
     a = others()
     with Tracked(target):
         assert "uw" in _vmflags(a.pid, a.span("shm")[0])
-    time.sleep(0.05)
     for c in (target, a):
-        assert "uw" not in _vmflags(c.pid, c.span("shm")[0])
+        wait_until(lambda: "uw" not in _vmflags(c.pid, c.span("shm")[0]), 5,
+                   f"process {c.pid}'s mapping to lose its write-protect registration")
         assert not [n for n in os.listdir(f"/proc/{c.pid}/fd")
                     if os.readlink(f"/proc/{c.pid}/fd/{n}") == "anon_inode:[userfaultfd]"]
 

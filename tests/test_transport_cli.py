@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import trio
 
 from migrator.transport import RegionSpec, connect_sender, digest_bytes, generate_key_file, load_key
@@ -16,6 +17,7 @@ def _cmd(*args):
     return [sys.executable, "-m", "migrator", "receive", *args]
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line(tmp_path):
     for args, text in [(["--listen", "0.0.0.0:0", "--out", str(tmp_path)], "without a key"),
                        (["--listen", "127.0.0.1:0", "--out", str(tmp_path), "--key-file", "/nonexistent"], "No such file"),

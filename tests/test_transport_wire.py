@@ -130,6 +130,7 @@ def test_fuzz_mutated_frames(edits, cut):
         assert type(m) in wire._TYPE_OF
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(list(wire.T)),
        st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.binary(max_size=40)
