@@ -59,8 +59,9 @@ from dataclasses import dataclass, field
 from ..errors import MigratorError
 from ..guest.launcher import Guest, _read_line
 from ..receiver_process import ReceiverProcess
-from ..scenarios.processes import compare_with_source
+from ..scenarios.destination import compare_with_source
 from ..units import format_bytes, parse_size
+from ._procs import state_letter, thread_counts
 
 FAULTS = ("none", "receiver-kill", "rst", "stall", "guest-kill", "corrupt", "disk-full", "migrate-kill")
 DEFAULT_WEIGHTS = {"none": 2, "receiver-kill": 2, "rst": 2, "stall": 1, "guest-kill": 2,
@@ -147,15 +148,6 @@ def task_states(pid: int) -> list[str] | None:
     return out or None
 
 
-def main_state(pid: int) -> str:
-    """The state letter of pid's main thread ('' if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
-
-
 def is_stopped(pid: int) -> bool:
     """pid exists and a thread of it is stopped (SIGSTOP 'T', or held by a tracer 't')."""
     states = task_states(pid)
@@ -218,21 +210,14 @@ class Counts:
 def process_counts(pid: int) -> Counts | None:
     try:
         fds = len(os.listdir(f"/proc/{pid}/fd"))
-        tids = os.listdir(f"/proc/{pid}/task")
-        idle = 0
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                    idle += f.read().startswith("Trio thread")
-            except (FileNotFoundError, ProcessLookupError):
-                pass
+        threads, idle = thread_counts(pid)
         mem = {}
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 k, _, v = line.partition(":")
                 if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
                     mem[k] = int(v.split()[0])
-        return Counts(fds, len(tids) - idle, idle, mem.get("VmRSS", 0), mem.get("RssAnon", 0),
+        return Counts(fds, threads - idle, idle, mem.get("VmRSS", 0), mem.get("RssAnon", 0),
                       mem.get("RssFile", 0), mem.get("RssShmem", 0))
     except (FileNotFoundError, ProcessLookupError):
         return None
@@ -853,7 +838,7 @@ def one_run(b: Bench, no: int, fault: str, rng: random.Random) -> dict:
     def watch_pause() -> None:
         trig = plan["trigger"]
         while not stop_watch.is_set():
-            if main_state(g.pid) == "T":        # (not 't': the userfaultfd injection by ptrace)
+            if state_letter(g.pid) == "T":        # (not 't': the userfaultfd injection by ptrace)
                 if trig.delay_s:
                     time.sleep(trig.delay_s)
                 b.proxy.fire_now()
@@ -938,7 +923,7 @@ def one_run(b: Bench, no: int, fault: str, rng: random.Random) -> dict:
     rec["source_resumed_after_completion"] = []
     if (completed or (migrate_killed and dest_complete)) and not hang:
         rec["source_resumed_after_completion"] = [p for p in source_pids
-                                                  if main_state(p) not in ("", "T", "t", "Z", "X")]
+                                                  if state_letter(p) not in ("", "T", "t", "Z", "X")]
     elif not completed and not hang:
         rec["source_left_paused"] = left_stopped(source_pids)
     # the destination of a completed migration, byte for byte against the paused source
