@@ -74,6 +74,85 @@ def _spawn_writer(cfg: dict, fds: tuple[int, ...]) -> subprocess.Popen:
         pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
 
+class _Memory:
+    """The guest's RAM: a sealed memfd mapped shared (as QEMU's memory-backend-memfd), and
+    private anonymous memory, both populated as the layout says."""
+
+    def __init__(self, spec: GuestSpec, lay: Layout, ps: int):
+        try:
+            self.memfd = os.memfd_create(spec.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            os.ftruncate(self.memfd, lay.shared_pages * ps)
+            # fixed size, sealed as QEMU seals its memfd RAM (memory-backend-memfd seal=on): lets
+            # a migration source map it without risking SIGBUS from a shrink
+            fcntl.fcntl(self.memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            self.shared = mmap.mmap(self.memfd, lay.shared_pages * ps, mmap.MAP_SHARED,
+                                    mmap.PROT_READ | mmap.PROT_WRITE)
+            self.shared_at = _address(self.shared)
+            self.anon = self.anon_at = None
+            if lay.anon_pages:
+                self.anon = mmap.mmap(-1, lay.anon_pages * ps, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                      mmap.PROT_READ | mmap.PROT_WRITE)
+                self.anon_at = _address(self.anon)
+        except OSError as e:
+            raise MigratorError(f"cannot create the guest's memory ({lay.shared_pages * ps} bytes "
+                                f"shared, {lay.anon_pages * ps} bytes anon): {e.strerror}") from None
+        populate(Target(npages=lay.shared_tail[0], first_index=0, region=REGION_SHARED,
+                        address=self.shared_at), ps, writer_id(WRITER_POPULATE, spec.content))
+        if self.anon_at is not None and lay.anon_populated[1]:
+            populate(Target(npages=lay.anon_populated[1], first_index=0, region=REGION_ANON,
+                            address=self.anon_at), ps, writer_id(WRITER_POPULATE, spec.content))
+
+    def regions(self, spec: GuestSpec, lay: Layout, ps: int) -> list[dict]:
+        """The regions as the guest's info line describes them (addresses, sizes, writers' areas)."""
+        out = [{"name": spec.name, "kind": "shared", "start": self.shared_at,
+                "end": self.shared_at + lay.shared_pages * ps, "size": lay.shared_pages * ps,
+                "populated": lay.shared_tail[0] * ps, "fd": self.memfd,
+                "areas": {"vcpu": lay.vcpu, "vhost": lay.vhost, "pwrite": lay.pwrite,
+                          "tail": lay.shared_tail}}]
+        if self.anon_at is not None:
+            out.append({"name": "anon", "kind": "anon", "start": self.anon_at,
+                        "end": self.anon_at + lay.anon_pages * ps, "size": lay.anon_pages * ps,
+                        "populated": lay.anon_populated[1] * ps, "fd": None,
+                        "areas": {"vcpu": lay.anon_populated, "tail": lay.anon_tail}})
+        return out
+
+    def vcpu_targets(self, spec: GuestSpec, lay: Layout) -> list[Target]:
+        """What the vCPU loop writes (spec.target: shared, anon or both)."""
+        targets = []
+        if spec.target in ("shared", "both") and lay.vcpu[1] > lay.vcpu[0]:
+            targets.append(Target(npages=lay.vcpu[1], first_index=0, region=REGION_SHARED,
+                                  address=self.shared_at))
+        if spec.target in ("anon", "both") and self.anon_at is not None and lay.anon_populated[1]:
+            targets.append(Target(npages=lay.anon_populated[1], first_index=0, region=REGION_ANON,
+                                  address=self.anon_at))
+        return targets
+
+
+def _create_uffd() -> int:
+    from ..kernel.uffd import create_in_this_process   # the kernel layer owns uffd calls
+
+    try:
+        return create_in_this_process()
+    except OSError as e:
+        raise UnsupportedError(f"userfaultfd: {os.strerror(e.errno)}") from None
+
+
+def _spawn_side_writers(spec: GuestSpec, lay: Layout, mem: _Memory, ctl: ControlBlock,
+                        regions: list[dict]) -> dict[str, subprocess.Popen]:
+    """The vhost-like and pwrite writers and the pager, each a process of its own."""
+    base = {"guest_pid": os.getpid(), "ctl_fd": ctl.fd, "memfd": mem.memfd,
+            "shared_size": lay.shared_pages * PAGE_SIZE, "content": spec.content}
+    children: dict[str, subprocess.Popen] = {}
+    for kind, ws, area in (("vhost", spec.vhost, lay.vhost), ("pwrite", spec.pwrite, lay.pwrite)):
+        if ws is not None:
+            children[kind] = _spawn_writer({**base, "kind": kind, "area": area,
+                                            "workload": ws.__dict__}, (mem.memfd, ctl.fd))
+    if spec.pager_interval is not None:
+        children["pager"] = _spawn_writer({**base, "kind": "pager", "interval": spec.pager_interval,
+                                           "ranges": _pager_ranges(spec, regions)}, (ctl.fd,))
+    return children
+
+
 def run_guest(spec: GuestSpec, out: TextIO = sys.stdout, *, die_with_parent: bool = False) -> int:
     """Be the guest: returns the exit status once stopped (SIGTERM/SIGINT or control block).
 
@@ -86,70 +165,13 @@ def run_guest(spec: GuestSpec, out: TextIO = sys.stdout, *, die_with_parent: boo
     ps = PAGE_SIZE
     lay = Layout.of(spec, ps)
     _check_fits((lay.shared_tail[0] + lay.anon_populated[1]) * ps)
-    uffd = None
-    if spec.uffd:
-        from ..kernel.uffd import create_in_this_process   # the kernel layer owns uffd calls
-
-        try:
-            uffd = create_in_this_process()
-        except OSError as e:
-            raise UnsupportedError(f"userfaultfd: {os.strerror(e.errno)}") from None
-    try:
-        memfd = os.memfd_create(spec.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(memfd, lay.shared_pages * ps)
-        # fixed size, sealed as QEMU seals its memfd RAM (memory-backend-memfd seal=on): lets a
-        # migration source map it without risking SIGBUS from a shrink
-        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-        shared = mmap.mmap(memfd, lay.shared_pages * ps, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        shared_at = _address(shared)
-        anon = anon_at = None
-        if lay.anon_pages:
-            anon = mmap.mmap(-1, lay.anon_pages * ps, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                             mmap.PROT_READ | mmap.PROT_WRITE)
-            anon_at = _address(anon)
-    except OSError as e:
-        raise MigratorError(f"cannot create the guest's memory ({lay.shared_pages * ps} bytes "
-                            f"shared, {lay.anon_pages * ps} bytes anon): {e.strerror}") from None
-    pop_shared = lay.shared_tail[0]
-    populate(Target(npages=pop_shared, first_index=0, region=REGION_SHARED, address=shared_at), ps,
-             writer_id(WRITER_POPULATE, spec.content))
-    if anon_at is not None and lay.anon_populated[1]:
-        populate(Target(npages=lay.anon_populated[1], first_index=0, region=REGION_ANON,
-                        address=anon_at), ps, writer_id(WRITER_POPULATE, spec.content))
-
-    regions = [{"name": spec.name, "kind": "shared", "start": shared_at,
-                "end": shared_at + lay.shared_pages * ps, "size": lay.shared_pages * ps,
-                "populated": pop_shared * ps, "fd": memfd,
-                "areas": {"vcpu": lay.vcpu, "vhost": lay.vhost, "pwrite": lay.pwrite,
-                          "tail": lay.shared_tail}}]
-    if anon_at is not None:
-        regions.append({"name": "anon", "kind": "anon", "start": anon_at,
-                        "end": anon_at + lay.anon_pages * ps, "size": lay.anon_pages * ps,
-                        "populated": lay.anon_populated[1] * ps, "fd": None,
-                        "areas": {"vcpu": lay.anon_populated, "tail": lay.anon_tail}})
-
+    uffd = _create_uffd() if spec.uffd else None
+    mem = _Memory(spec, lay, ps)
+    regions = mem.regions(spec, lay, ps)
     ctl = ControlBlock.create()
     vslot = ctl.slot("vcpu")
-    targets = []
-    if spec.target in ("shared", "both") and lay.vcpu[1] > lay.vcpu[0]:
-        targets.append(Target(npages=lay.vcpu[1], first_index=0, region=REGION_SHARED,
-                              address=shared_at))
-    if spec.target in ("anon", "both") and anon_at is not None and lay.anon_populated[1]:
-        targets.append(Target(npages=lay.anon_populated[1], first_index=0, region=REGION_ANON,
-                              address=anon_at))
-    loop = WriteLoop(spec.workload, targets, vslot, writer_id(WRITER_VCPU, spec.content))
-
-    pageout = _pager_ranges(spec, regions) if spec.pager_interval is not None else []
-    base = {"guest_pid": os.getpid(), "ctl_fd": ctl.fd, "memfd": memfd,
-            "shared_size": lay.shared_pages * ps, "content": spec.content}
-    children: dict[str, subprocess.Popen] = {}
-    for kind, ws, area in (("vhost", spec.vhost, lay.vhost), ("pwrite", spec.pwrite, lay.pwrite)):
-        if ws is not None:
-            children[kind] = _spawn_writer({**base, "kind": kind, "area": area,
-                                            "workload": ws.__dict__}, (memfd, ctl.fd))
-    if spec.pager_interval is not None:
-        children["pager"] = _spawn_writer({**base, "kind": "pager", "interval": spec.pager_interval,
-                                           "ranges": pageout}, (ctl.fd,))
+    loop = WriteLoop(spec.workload, mem.vcpu_targets(spec, lay), vslot, writer_id(WRITER_VCPU, spec.content))
+    children = _spawn_side_writers(spec, lay, mem, ctl, regions)
     try:
         _wait_ready(ctl, children)
         vslot.pid = os.getpid()
