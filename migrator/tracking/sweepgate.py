@@ -215,59 +215,80 @@ class SweepGate:
         # holders gone since the previous collect: their last calls are unknown unless they
         # still live (a process that closed the descriptor: its counters are still readable)
         gone: dict[int, Holder] = {}
-        for pid, old in prev.holders.items():
-            if pid in scan.holders:
-                continue
-            now = Holder(pid)
-            read_counters(now)
-            gone[pid] = now
+        for pid in prev.holders:
+            if pid not in scan.holders:
+                gone[pid] = now = Holder(pid)
+                read_counters(now)
         for k in self.keys:
-            why = reasons[k]
             for pid, h in scan.holders.items():
-                old = prev.holders.get(pid)
-                mapped, writable = k in h.mapped, k in h.writable
-                if not (mapped or writable or (old and (k in old.writable or k in old.mapped))):
-                    continue
-                was_writable = old is not None and k in old.writable
-                if (writable or was_writable) and pid not in self.vouched:
-                    if not was_writable:
-                        why.append(f"process {pid} opened it for writing since the last collect")
-                    elif h.syscw < 0 or old.syscw < 0:
-                        why.append(f"process {pid}'s write calls cannot be counted (/proc/{pid}/io)")
-                    elif h.syscw != old.syscw:
-                        why.append(f"process {pid} made {h.syscw - old.syscw} write calls")
-                if h.async_io:
-                    why.append(f"process {pid} has asynchronous I/O ({h.async_io})")
-                if mapped:
-                    if h.vm_pin_kb:
-                        why.append(f"process {pid} has {h.vm_pin_kb} kB of pinned memory (VmPin)")
-                    if old is not None and h.syscr != old.syscr and (h.direct_fds or old.direct_fds):
-                        why.append(f"process {pid} completed {h.syscr - old.syscr} read calls with "
-                                   "O_DIRECT descriptors open (direct I/O lands in pinned pages "
-                                   "without a fault)")
-                if old is not None and h.cminflt != old.cminflt:
-                    why.append(f"process {pid} reaped a child (children inherit its mappings and descriptors)")
-            for pid, old in prev.holders.items():
-                if pid not in gone or not (k in old.writable or k in old.mapped):
-                    continue
-                now = gone[pid]
-                if now.syscw < 0:
-                    why.append(f"process {pid}, which held it, exited")
-                elif k in old.writable and pid not in self.vouched and now.syscw != old.syscw:
-                    why.append(f"process {pid} made write calls, then let it go")
-                elif now.cminflt != old.cminflt:
-                    why.append(f"process {pid} reaped a child")
-        # children of holders born since the previous collect
-        born = scan.pids - prev.pids
+                reasons[k] += self._holder_reasons(k, pid, h, prev.holders.get(pid))
+            for pid, now in gone.items():
+                reasons[k] += self._gone_reasons(k, pid, prev.holders[pid], now)
+        self._forks(scan, prev, reasons)
+        self._holes_made(reasons)
+        self._prev = scan
+        out = {}
+        for k, why in reasons.items():
+            if why:
+                names = tuple(r.name for r in self.regions if r.object_key == k)
+                lo, hi = self._range(k)
+                out[k] = Sweep(k, names, hi - lo, "; ".join(dict.fromkeys(why)))
+        self.last = out
+        return out
+
+    def _holder_reasons(self, k: ObjectKey, pid: int, h: Holder, old: Holder | None) -> list[str]:
+        """Why holder pid (h now, old at the previous collect, None if new) may have written
+        object k without its page tables showing it (conditions 2-6)."""
+        mapped, writable = k in h.mapped, k in h.writable
+        if not (mapped or writable or (old and (k in old.writable or k in old.mapped))):
+            return []
+        why = []
+        was_writable = old is not None and k in old.writable
+        if (writable or was_writable) and pid not in self.vouched:
+            if not was_writable:
+                why.append(f"process {pid} opened it for writing since the last collect")
+            elif h.syscw < 0 or old.syscw < 0:
+                why.append(f"process {pid}'s write calls cannot be counted (/proc/{pid}/io)")
+            elif h.syscw != old.syscw:
+                why.append(f"process {pid} made {h.syscw - old.syscw} write calls")
+        if h.async_io:
+            why.append(f"process {pid} has asynchronous I/O ({h.async_io})")
+        if mapped:
+            if h.vm_pin_kb:
+                why.append(f"process {pid} has {h.vm_pin_kb} kB of pinned memory (VmPin)")
+            if old is not None and h.syscr != old.syscr and (h.direct_fds or old.direct_fds):
+                why.append(f"process {pid} completed {h.syscr - old.syscr} read calls with "
+                           "O_DIRECT descriptors open (direct I/O lands in pinned pages "
+                           "without a fault)")
+        if old is not None and h.cminflt != old.cminflt:
+            why.append(f"process {pid} reaped a child (children inherit its mappings and descriptors)")
+        return why
+
+    def _gone_reasons(self, k: ObjectKey, pid: int, old: Holder, now: Holder) -> list[str]:
+        """Why a holder of object k at the previous collect, gone now, may have written it."""
+        if not (k in old.writable or k in old.mapped):
+            return []
+        if now.syscw < 0:
+            return [f"process {pid}, which held it, exited"]
+        if k in old.writable and pid not in self.vouched and now.syscw != old.syscw:
+            return [f"process {pid} made write calls, then let it go"]
+        if now.cminflt != old.cminflt:
+            return [f"process {pid} reaped a child"]
+        return []
+
+    def _forks(self, scan: HolderScan, prev: HolderScan, reasons: dict[ObjectKey, list[str]]) -> None:
+        """Children of holders born since the previous collect (condition 6)."""
         holder_pids = set(prev.holders) | set(scan.holders)
-        for child in born:
+        for child in scan.pids - prev.pids:
             parent = parent_of(child)
             if parent in holder_pids:
                 h = prev.holders.get(parent) or scan.holders[parent]
                 for k in self.keys:
                     if k in h.mapped or k in h.writable:
                         reasons[k].append(f"process {parent} forked process {child}")
-        # data pages that became holes
+
+    def _holes_made(self, reasons: dict[ObjectKey, list[str]]) -> None:
+        """Data pages that became holes since the previous collect (condition 7)."""
         if self._holes is not None:
             extents, self._holes = self._holes.result(), None
         else:
@@ -281,16 +302,7 @@ class SweepGate:
                                       "removed, truncated or reclaimed)")
             elif not _covers(now, before or []):
                 reasons[k].append("some of its data pages became holes (punched, removed or truncated)")
-        self._prev = scan
         self._extents = extents
-        out = {}
-        for k, why in reasons.items():
-            if why:
-                names = tuple(r.name for r in self.regions if r.object_key == k)
-                lo, hi = self._range(k)
-                out[k] = Sweep(k, names, hi - lo, "; ".join(dict.fromkeys(why)))
-        self.last = out
-        return out
 
     def expected_sweep_bytes(self) -> int:
         """Bytes the previous decision swept: what the next (final) collect should expect."""
