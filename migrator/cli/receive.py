@@ -74,6 +74,37 @@ def _log(line: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
 
+def _qemu_handoff(args: argparse.Namespace):
+    """--qemu-incoming: the destination VM started on the received RAM (qemu/handoff.py); None
+    without it.  Implies --once: the next session would overwrite the running VM's RAM."""
+    if not args.qemu_incoming:
+        if args.qemu_ram_size:
+            raise UsageError("--qemu-ram-size goes with --qemu-incoming")
+        return None
+    import os
+
+    from ..qemu.destination import DestinationConfig
+    from ..qemu.handoff import DestinationHandoff
+    os.makedirs(args.out, exist_ok=True)
+    args.once = True
+    ram_size = None
+    if args.qemu_ram_size:
+        ram_size = parse_size(args.qemu_ram_size)
+        if ram_size <= 0 or ram_size % (1 << 20):
+            raise UsageError(f"bad --qemu-ram-size {args.qemu_ram_size!r}: a whole number of MiB, e.g. 128M")
+    return DestinationHandoff(DestinationConfig.from_cli(
+        args.qemu_incoming, args.qemu_args, args.qemu_memdev, args.qemu_binary, args.out), _log, ram_size)
+
+
+async def _stop_on_sigterm(cancel_scope: trio.CancelScope) -> None:
+    import signal
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for _ in signals:
+            _log("terminated: stopping (a destination VM not handed over is killed)")
+            cancel_scope.cancel()
+            return
+
+
 def run(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     key = load_key(args.key_file) if args.key_file else None
@@ -87,26 +118,8 @@ def run(args: argparse.Namespace) -> int:
         if not (args.tls_cert and args.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
         ssl_context = server_ssl_context(args.tls_cert, args.tls_key, args.tls_ca)
-
+    handoff = _qemu_handoff(args)
     outcomes: list = []
-    handoff = None
-    if args.qemu_incoming:
-        import os
-
-        from ..qemu.destination import DestinationConfig
-        from ..qemu.handoff import DestinationHandoff
-        os.makedirs(args.out, exist_ok=True)
-        args.once = True     # the next session would overwrite the running VM's RAM
-        ram_size = None
-        if args.qemu_ram_size:
-            ram_size = parse_size(args.qemu_ram_size)
-            if ram_size <= 0 or ram_size % (1 << 20):
-                raise UsageError(f"bad --qemu-ram-size {args.qemu_ram_size!r}: a whole number of MiB, e.g. 128M")
-        handoff = DestinationHandoff(DestinationConfig.from_cli(
-            args.qemu_incoming, args.qemu_args, args.qemu_memdev, args.qemu_binary, args.out), _log,
-            ram_size)
-    elif args.qemu_ram_size:
-        raise UsageError("--qemu-ram-size goes with --qemu-incoming")
 
     async def _serve(task_status=trio.TASK_STATUS_IGNORED):
         try:
@@ -122,21 +135,13 @@ def run(args: argparse.Namespace) -> int:
             if handoff:
                 handoff.close()
 
-    async def stop_on_sigterm(cancel_scope: trio.CancelScope) -> None:
-        import signal
-        with trio.open_signal_receiver(signal.SIGTERM) as signals:
-            async for _ in signals:
-                _log("terminated: stopping (a destination VM not handed over is killed)")
-                cancel_scope.cancel()
-                return
-
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             if handoff:
                 async def hand_over() -> None:
                     await handoff.run()
                     nursery.cancel_scope.cancel()      # done: the VM runs on by itself
-                nursery.start_soon(stop_on_sigterm, nursery.cancel_scope)
+                nursery.start_soon(_stop_on_sigterm, nursery.cancel_scope)
                 nursery.start_soon(hand_over)
                 if handoff.ram_size is not None:
                     await handoff.prestart()   # before listening: ready when a migration comes
@@ -146,6 +151,19 @@ def run(args: argparse.Namespace) -> int:
             _log(f"listening on {host}:{bound}, writing to {args.out}"
                  f"{'' if key else ' (no key: loopback only)'}")
 
+    interrupted = _run_interruptible(main)
+    if interrupted is not None:
+        return interrupted
+    if handoff:
+        return 0 if handoff.ok else 1
+    if args.once:
+        return 0 if outcomes and outcomes[-1].complete else 1
+    return 0
+
+
+def _run_interruptible(main) -> int | None:
+    """trio.run(main): a MigratorError from inside its nursery raised alone (one line for the
+    user); Ctrl-C says so and gives 130; None otherwise."""
     try:
         trio.run(main)
     except BaseExceptionGroup as eg:  # a user-facing error from inside the nursery
@@ -158,8 +176,4 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("migrator receive: interrupted, stopped", file=sys.stderr, flush=True)
         return 130
-    if handoff:
-        return 0 if handoff.ok else 1
-    if args.once:
-        return 0 if outcomes and outcomes[-1].complete else 1
-    return 0
+    return None
