@@ -60,7 +60,12 @@ async def test_once_migration_and_interrupt(tmp_path):
     while not line.endswith(b"\n"):
         line += await proc.stdout.receive_some(1)
     proc.send_signal(signal.SIGINT)
-    assert await proc.wait() == 130
+    try:
+        with trio.fail_after(30):
+            assert await proc.wait() == 130
+    except trio.TooSlowError:
+        proc.kill()
+        raise AssertionError("migrate receive did not stop within 30 s of SIGINT") from None
     err = b""
     while chunk := await proc.stderr.receive_some(4096):
         err += chunk
