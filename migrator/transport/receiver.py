@@ -257,49 +257,12 @@ class Receiver:
                             raise TransportError(f"TLS handshake failed: {e.__cause__ or e}") from None
                     who = await server_handshake(fs, self.key, self.require_encryption)
                     if who.channel == 0:
-                        if self._active is not None and (self._active.verdict_sent or self._active.done):
-                            # the previous session is only flushing or closing its images: wait
-                            with trio.move_on_after(FLUSH_WAIT_S):
-                                while self._active is not None:
-                                    await self.session_ended.wait()
-                        if self._active is not None:
-                            raise TransportError("receiver busy with another migration")
+                        await self._wait_idle()
                         session = self._active = _Session(who.session, peer)
                         await self._welcome(fs, who)
-                        setup = await fs.expect(wire.Setup)
-                        session.channels = setup.channels
-                        session.compress = setup.compress
-                        need = session_memory(setup.regions, setup.page_size, setup.channels)
-                        if need > self.max_memory:
-                            raise ProtocolError(
-                                f"session refused: it would need {need / (1 << 20):.0f} MiB of receiver "
-                                f"memory ({PAGE_BOOKKEEPING} bytes a page for "
-                                f"{sum(r.size // setup.page_size for r in setup.regions)} pages, "
-                                f"{3 * wire.MAX_DATA >> 20} MiB a channel for {setup.channels} "
-                                f"channel(s)), over its limit of {self.max_memory / (1 << 20):.0f} MiB "
-                                f"(receive --max-memory)")
-                        names = self.image_names(list(setup.regions)) if self.image_names else None
-                        # (off the event loop: 8 bytes a page are written here, 64 MiB at 32 GiB)
-                        session.images = await trio.to_thread.run_sync(
-                            ImageSet, self.out_dir, setup.regions, setup.page_size,
-                            session.sid.hex(), self.preallocate, names)
-                        if self.on_setup is not None:
-                            self.on_setup(session.images)
-                        session.joined.add(0)
-                        await fs.send(wire.SetupOk(tuple(session.images.names)))
-                        self.log(f"session {session.name} from {peer}: {len(setup.regions)} region(s), "
-                                 f"{sum(r.size for r in setup.regions) / (1 << 20):.1f} MiB, "
-                                 f"page size {setup.page_size}, {setup.channels} channel(s)"
-                                 f"{', encrypted' if who.mode == 'aead' else ''}"
-                                 f"{f', {compress.CODEC_NAMES[setup.compress]} allowed' if setup.compress else ''}")
+                        await self._set_up(fs, session, who.mode)
                     else:
-                        s = self._active
-                        if s is None or s.sid != who.session or s.images is None:
-                            raise ProtocolError(f"channel {who.channel} names no active session")
-                        if who.channel >= s.channels or who.channel in s.joined:
-                            raise ProtocolError(f"channel {who.channel} is not expected in session {s.name}")
-                        s.joined.add(who.channel)
-                        session = s
+                        session = self._join(who)
                         await self._welcome(fs, who)
             except trio.TooSlowError:
                 raise TransportError("handshake timed out") from None
@@ -337,6 +300,57 @@ class Receiver:
             if session is not None and session.error is not None and not session.verdict_sent:
                 await _refuse(fs, session.error)
             await fs.aclose()
+
+    async def _wait_idle(self) -> None:
+        """Before a new session: wait for one that is only flushing or closing its images;
+        TransportError ("busy") if another is under way."""
+        if self._active is not None and (self._active.verdict_sent or self._active.done):
+            with trio.move_on_after(FLUSH_WAIT_S):
+                while self._active is not None:
+                    await self.session_ended.wait()
+        if self._active is not None:
+            raise TransportError("receiver busy with another migration")
+
+    async def _set_up(self, fs: FrameStream, session: _Session, mode: str | None) -> None:
+        """Channel 0 of a new session: SETUP, checked against max_memory; the images created
+        (in a worker thread); SETUP_OK."""
+        setup = await fs.expect(wire.Setup)
+        session.channels = setup.channels
+        session.compress = setup.compress
+        need = session_memory(setup.regions, setup.page_size, setup.channels)
+        if need > self.max_memory:
+            raise ProtocolError(
+                f"session refused: it would need {need / (1 << 20):.0f} MiB of receiver "
+                f"memory ({PAGE_BOOKKEEPING} bytes a page for "
+                f"{sum(r.size // setup.page_size for r in setup.regions)} pages, "
+                f"{3 * wire.MAX_DATA >> 20} MiB a channel for {setup.channels} "
+                f"channel(s)), over its limit of {self.max_memory / (1 << 20):.0f} MiB "
+                f"(receive --max-memory)")
+        names = self.image_names(list(setup.regions)) if self.image_names else None
+        # (off the event loop: the files are created, truncated, perhaps fallocated, and 8 bytes
+        # a page are written, 64 MiB at 32 GiB)
+        session.images = await trio.to_thread.run_sync(
+            ImageSet, self.out_dir, setup.regions, setup.page_size,
+            session.sid.hex(), self.preallocate, names)
+        if self.on_setup is not None:
+            self.on_setup(session.images)
+        session.joined.add(0)
+        await fs.send(wire.SetupOk(tuple(session.images.names)))
+        self.log(f"session {session.name} from {session.peer}: {len(setup.regions)} region(s), "
+                 f"{sum(r.size for r in setup.regions) / (1 << 20):.1f} MiB, "
+                 f"page size {setup.page_size}, {setup.channels} channel(s)"
+                 f"{', encrypted' if mode == 'aead' else ''}"
+                 f"{f', {compress.CODEC_NAMES[setup.compress]} allowed' if setup.compress else ''}")
+
+    def _join(self, who) -> _Session:
+        """Channel 1.. joins the active session it names (once)."""
+        s = self._active
+        if s is None or s.sid != who.session or s.images is None:
+            raise ProtocolError(f"channel {who.channel} names no active session")
+        if who.channel >= s.channels or who.channel in s.joined:
+            raise ProtocolError(f"channel {who.channel} is not expected in session {s.name}")
+        s.joined.add(who.channel)
+        return s
 
     @staticmethod
     async def _welcome(fs: FrameStream, who) -> None:

@@ -8,6 +8,7 @@ previous ones.  A bandwidth cap, if any, is enforced here, across all channels.
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
 import queue
@@ -16,7 +17,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 
 import trio
 
@@ -615,21 +616,9 @@ class Sender:
                     self._measure_link(self._fs.index(fs), size, time.perf_counter() - t0)
                     tally.sent(built)
 
-        async def run(fn, *args) -> None:
-            try:
-                await fn(*args)
-            except BaseException:
-                stop.set()      # a producer thread waiting for a buffer gives up
-                raise
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run, produce)
-                for fs in self._fs:
-                    nursery.start_soon(run, consume, fs, recv_ch.clone())
-                await recv_ch.aclose()
-        except BaseExceptionGroup as eg:
-            raise first_error(eg) from None
+        consumers = [functools.partial(consume, fs, recv_ch.clone()) for fs in self._fs]
+        await recv_ch.aclose()          # (the clones keep the channel open)
+        await _run_all(stop, [produce, *consumers])
 
     async def _send_threaded(self, plan, reader, round_no, tally: _Tally, packer: _Packer, depth: int,
                              stop: threading.Event, until: threading.Event | None) -> None:
@@ -701,27 +690,15 @@ class Sender:
                 self._measure_link(index[fs], size, time.perf_counter() - t0)
                 tally.sent(built)
 
-        async def run(fn, *args) -> None:
+        async def consumer(fs: FrameStream) -> None:
             try:
-                await trio.to_thread.run_sync(fn, *args)
-            except BaseException:
-                stop.set()
-                raise
-
-        async def run_consumer(fs: FrameStream) -> None:
-            try:
-                await run(consume, fs)
+                await trio.to_thread.run_sync(consume, fs)
             except TransportError as e:
+                stop.set()
                 raise await _reason(fs, e) from None
 
-        try:
-            async with trio.open_nursery() as nursery:
-                for pk in producers:
-                    nursery.start_soon(run, produce, pk)
-                for fs in self._fs:
-                    nursery.start_soon(run_consumer, fs)
-        except BaseExceptionGroup as eg:
-            raise first_error(eg) from None
+        await _run_all(stop, [functools.partial(trio.to_thread.run_sync, produce, pk) for pk in producers]
+                       + [functools.partial(consumer, fs) for fs in self._fs])
 
     async def prepare(self, runs: Mapping[str, Iterable[tuple[int, int]]]) -> None:
         """Tell the receiver which pages are about to be sent with data ({region: [(first,
@@ -882,6 +859,24 @@ class Sender:
             bandwidth=(sent + self._compressed[1] - self._compressed[2]) / busy if busy > 0 else 0.0,
             last_bandwidth=self._last_bw, compressed_batches=self._compressed[0],
             compressed_raw_bytes=self._compressed[1], compressed_wire_bytes=self._compressed[2])
+
+
+async def _run_all(stop: threading.Event, jobs: list[Callable[[], Awaitable[Any]]]) -> None:
+    """Run a send's producers and consumers at once; the first to fail sets stop (a producer
+    thread waiting for a buffer, a sender thread, then give up) and its error is raised."""
+    async def run(job: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            await job()
+        except BaseException:
+            stop.set()
+            raise
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(run, job)
+    except BaseExceptionGroup as eg:
+        raise first_error(eg) from None
 
 
 async def _reason(fs: FrameStream, err: TransportError) -> TransportError:

@@ -477,57 +477,14 @@ def _decode(t: T, meta: bytes, data_len: int, page_size: int | None) -> Message:
         _Fields(t, m, set())
         return {T.WELCOME: Welcome, T.CLOSE: Close, T.CLOSED: Closed}[t]()
     if t is T.SETUP:
-        f = _Fields(t, m, {"page_size", "channels", "regions", "compress"})
-        ps = f.int("page_size", MIN_PAGE_SIZE, MAX_PAGE_SIZE)
-        if ps & (ps - 1):
-            raise f.fail("page_size", f"= {ps} is not a power of two")
-        channels = f.int("channels", 1, MAX_CHANNELS)
-        regions = []
-        names = set()
-        total = 0
-        for entry in f.list("regions", MAX_REGIONS):
-            if type(entry) is not list or len(entry) != 3:
-                raise f.fail("regions", "has an entry that is not [name, start, end]")
-            name, start, end = entry
-            check_region_name(name)
-            if name in names:
-                raise ProtocolError(f"SETUP message: region name {name!r} appears twice")
-            names.add(name)
-            if type(start) is not int or type(end) is not int or not 0 <= start < end < 1 << 64:
-                raise ProtocolError(f"SETUP message: region {name!r} has a bad range {_show(start)}-{_show(end)}")
-            if start % ps or end % ps:
-                raise ProtocolError(f"SETUP message: region {name!r} is not aligned to {ps}-byte pages")
-            if end - start > MAX_REGION_BYTES:
-                raise ProtocolError(f"SETUP message: region {name!r} is larger than {MAX_REGION_BYTES} bytes")
-            total += end - start
-            regions.append(RegionSpec(name, start, end))
-        if not regions:
-            raise f.fail("regions", "is empty")
-        if total > MAX_TOTAL_BYTES:
-            raise ProtocolError(f"SETUP message: regions total {total} bytes (limit {MAX_TOTAL_BYTES})")
-        return Setup(ps, channels, tuple(regions), f.int("compress", 0, MAX_CODEC))
+        return _setup(_Fields(t, m, {"page_size", "channels", "regions", "compress"}))
     if t is T.SETUP_OK:
         f = _Fields(t, m, {"images"})
         return SetupOk(tuple(_img(x) for x in f.list("images", MAX_REGIONS)))
     if t is T.BATCH:
         if page_size is None:
             raise ProtocolError("BATCH before SETUP")
-        f = _Fields(t, m, {"r", "n", "d", "z", "h", "c"})
-        region = f.int("r", 0, MAX_REGIONS - 1)
-        round_no = f.int("n", 0, MAX_ROUND)
-        data_flat, data_pages = _runs(f, "d", MAX_DATA // page_size)
-        zero_flat, _ = _runs(f, "z", MAX_ZERO_PAGES)
-        digest = f.int("h", 0, (1 << 64) - 1)
-        compression = f.int("c", 0, MAX_CODEC)
-        want = data_pages * page_size
-        if not compression and want != data_len:
-            raise ProtocolError(f"BATCH frame: runs announce {want} bytes of data, frame carries {data_len}")
-        if compression and not 0 < data_len < want:
-            raise ProtocolError(f"BATCH frame: {data_len} bytes of compressed data for {want} bytes "
-                                f"of pages (compressed data must be smaller)")
-        if not data_flat and not zero_flat:
-            raise ProtocolError("BATCH frame: no pages")
-        return Batch(region, round_no, data_flat, zero_flat, digest, compression=compression)
+        return _batch(_Fields(t, m, {"r", "n", "d", "z", "h", "c"}), data_len, page_size)
     if t is T.PREPARE:
         f = _Fields(t, m, {"r", "p"})
         region = f.int("r", 0, MAX_REGIONS - 1)
@@ -558,6 +515,57 @@ def _decode(t: T, meta: bytes, data_len: int, page_size: int | None) -> Message:
         _Fields(t, m, set())
         return {T.SYNCED: Synced, T.COMMIT: Commit, T.COMMITTED: Committed}[t]()
     raise ProtocolError(f"unknown message type {int(t)}")  # pragma: no cover (enum is closed)
+
+
+def _setup(f: _Fields) -> Setup:
+    """SETUP's fields: page size, channels, the regions (names unique, ranges page-aligned)."""
+    ps = f.int("page_size", MIN_PAGE_SIZE, MAX_PAGE_SIZE)
+    if ps & (ps - 1):
+        raise f.fail("page_size", f"= {ps} is not a power of two")
+    channels = f.int("channels", 1, MAX_CHANNELS)
+    regions = []
+    names = set()
+    total = 0
+    for entry in f.list("regions", MAX_REGIONS):
+        if type(entry) is not list or len(entry) != 3:
+            raise f.fail("regions", "has an entry that is not [name, start, end]")
+        name, start, end = entry
+        check_region_name(name)
+        if name in names:
+            raise ProtocolError(f"SETUP message: region name {name!r} appears twice")
+        names.add(name)
+        if type(start) is not int or type(end) is not int or not 0 <= start < end < 1 << 64:
+            raise ProtocolError(f"SETUP message: region {name!r} has a bad range {_show(start)}-{_show(end)}")
+        if start % ps or end % ps:
+            raise ProtocolError(f"SETUP message: region {name!r} is not aligned to {ps}-byte pages")
+        if end - start > MAX_REGION_BYTES:
+            raise ProtocolError(f"SETUP message: region {name!r} is larger than {MAX_REGION_BYTES} bytes")
+        total += end - start
+        regions.append(RegionSpec(name, start, end))
+    if not regions:
+        raise f.fail("regions", "is empty")
+    if total > MAX_TOTAL_BYTES:
+        raise ProtocolError(f"SETUP message: regions total {total} bytes (limit {MAX_TOTAL_BYTES})")
+    return Setup(ps, channels, tuple(regions), f.int("compress", 0, MAX_CODEC))
+
+
+def _batch(f: _Fields, data_len: int, page_size: int) -> Batch:
+    """BATCH's fields: runs within the limits, the data length they announce."""
+    region = f.int("r", 0, MAX_REGIONS - 1)
+    round_no = f.int("n", 0, MAX_ROUND)
+    data_flat, data_pages = _runs(f, "d", MAX_DATA // page_size)
+    zero_flat, _ = _runs(f, "z", MAX_ZERO_PAGES)
+    digest = f.int("h", 0, (1 << 64) - 1)
+    compression = f.int("c", 0, MAX_CODEC)
+    want = data_pages * page_size
+    if not compression and want != data_len:
+        raise ProtocolError(f"BATCH frame: runs announce {want} bytes of data, frame carries {data_len}")
+    if compression and not 0 < data_len < want:
+        raise ProtocolError(f"BATCH frame: {data_len} bytes of compressed data for {want} bytes "
+                            f"of pages (compressed data must be smaller)")
+    if not data_flat and not zero_flat:
+        raise ProtocolError("BATCH frame: no pages")
+    return Batch(region, round_no, data_flat, zero_flat, digest, compression=compression)
 
 
 def _img(x: Any) -> str:
