@@ -7,9 +7,8 @@ memory is the trackers' claim; `--verify memory` checks it by reading the paused
 
 from __future__ import annotations
 
-from ..transport._native import PAGE_SIZE, ffi, lib
+from ..tracking.ledger import record_runs, zero_hash_table, zero_page_hash
 from ..transport.digest import TableDigest
-from ..tracking.ledger import record_runs
 
 
 class SentHashes:
@@ -17,15 +16,13 @@ class SentHashes:
     never sent: the destination starts with zeros)."""
 
     def __init__(self, npages: dict[str, int]):
-        self._zero = lib.mg_hash_zero_page(PAGE_SIZE)
+        self._zero = zero_page_hash()
         self._tables: dict[str, object] = {}
+        self._views: dict[str, object] = {}       # each table's 8 * npages bytes
         self._npages = dict(npages)
         for name, n in npages.items():
-            t = ffi.new("uint64_t[]", max(n, 1))
-            lib.mg_sweep_hole(n, self._zero, t, ffi.NULL, 0, ffi.NULL, 0)
-            self._tables[name] = t
-        self._digests = {name: TableDigest(ffi.buffer(self._tables[name], 8 * n), n)
-                         for name, n in npages.items()}
+            self._tables[name], self._views[name] = zero_hash_table(n)
+        self._digests = {name: TableDigest(self._views[name], n) for name, n in npages.items()}
 
     def record(self, name: str, data_flat, zero_flat, hashes: bytes) -> None:
         """A sender's on_packed hook (from producer threads; batches never overlap): the pages
@@ -39,7 +36,7 @@ class SentHashes:
             raise ValueError(f"pages recorded outside region {name}") from None
 
     def hashes(self, name: str) -> bytes:
-        return bytes(ffi.buffer(self._tables[name], 8 * self._npages[name]))
+        return bytes(self._views[name])
 
     def refresh(self) -> None:
         """Bring the digests up to date with what was recorded (blocking: between sends, so
@@ -58,7 +55,7 @@ class SentHashes:
         n = self._npages[name]
         if len(now) != 8 * n:
             raise ValueError(f"{len(now)} bytes of page hashes for {n} pages")
-        sent = ffi.buffer(self._tables[name], 8 * n)
+        sent = self._views[name]
         if now == sent[:]:
             return []
         bad = []

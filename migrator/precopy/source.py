@@ -11,7 +11,9 @@ import threading
 
 from ..errors import MigratorError, TargetGoneError
 from ..kernel.maps import Region, RegionKind
-from ..kernel.native import PAGE_SIZE, check, ffi, lib
+from ..kernel.memio import read_runs
+from ..kernel.native import PAGE_SIZE
+from ..kernel.process import open_proc
 from ..kernel.pagemap import PM_PRESENT, PM_SWAP, Pagemap
 from ..kernel.shmem import data_extents, open_object
 from ..tracking.pageset import PageSet
@@ -27,12 +29,7 @@ class SourceMemory:
         self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap | None] = {}
         self._lock = threading.Lock()
-        try:
-            self._mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise TargetGoneError(f"process {pid} does not exist (or exited)") from None
-        except PermissionError:
-            raise MigratorError(f"cannot open /proc/{pid}/mem: permission denied (run as root)") from None
+        self._mem = open_proc(pid, "mem", MigratorError, " (run as root)")
         for r in regions:
             if r.kind == RegionKind.SHARED:
                 self._fds[r.name] = open_object(pid, r, maps)
@@ -60,10 +57,8 @@ class SourceMemory:
         total = sum(n for _, n in runs)
         if len(buf) < total * PAGE_SIZE:
             raise ValueError(f"buffer of {len(buf)} bytes for {total} pages")
-        flat = ffi.new("uint64_t[]", [x for run in runs for x in run] or [0])
         try:
-            check(lib.mg_read_runs(fd, base, flat, len(runs), PAGE_SIZE, ffi.from_buffer(buf),
-                                   int(is_object)), "pread", pid=self.pid)
+            read_runs(fd, base, runs, buf, zero_eof=is_object, pid=self.pid)
         except OSError as e:
             raise self._failed(region_name, e) from None
 
