@@ -751,241 +751,308 @@ def choose(fault: str, rng: random.Random, b: Bench) -> dict:
     return plan
 
 
-def one_run(b: Bench, no: int, fault: str, rng: random.Random) -> dict:
-    args = b.args
-    t_run = time.monotonic()
-    plan = choose(fault, rng, b)
-    channels = rng.choice(b.args.channel_choices)
-    rec: dict = {"run": no, "fault": fault, "variant": plan["variant"], "channels": channels,
-                 "when": "", "fired": False, "phase": "",
-                 "tree": _tree_state()["diff_sha1"]}     # (others may edit the tree meanwhile)
-    logs = os.path.join(b.base, "logs")
-    # the receiver is idle: its folder emptied (no manifest of an earlier run can be mistaken
-    # for this one's; the space is free again)
-    for name in os.listdir(b.out_dir):
-        os.unlink(os.path.join(b.out_dir, name))
-    if b.receiver is None or b.receiver.proc.poll() is not None:
-        b.start_receiver()
-    r = b.receiver
-    assert r is not None
-    b.log_mark = len(r.text())
-    if plan.get("tmpfs_size"):
-        b.tmpfs.resize(plan["tmpfs_size"])
-        rec["when"] = f"tmpfs {format_bytes(plan['tmpfs_size'])} < guest {format_bytes(b.guest_bytes)}"
-    guest_log = open(os.path.join(logs, f"run-{no:03d}-guest.log"), "wb")
-    guest_seed = rng.randrange(1 << 30)
-    for attempt in range(GUEST_TRIES):
-        try:
-            g, gproc = start_cli_guest(args, seed=guest_seed, pager=b.pager, log=guest_log)
-            break
-        except MigratorError:
-            # (not a migration fault: e.g. the tree being rebuilt under the soak) tried again
-            if attempt == GUEST_TRIES - 1:
-                raise
-            print(f"  run {no}: the guest did not start, trying again in {GUEST_RETRY_S:.0f} s", flush=True)
-            time.sleep(GUEST_RETRY_S)
-    writers = list(g.writer_pids.values())
-    source_pids = [g.pid, *writers]
-    killed_receiver = threading.Event()
+class _Run:
+    """One run of the soak, each step a method: its guest started, its fault armed (the fault
+    actions below), migrate run through the proxy, then what the run left behind checked (the
+    receiver, the source and the destination, leaks).  The record `rec` is filled in that order."""
 
-    def kill_receiver() -> None:
+    def __init__(self, b: Bench, no: int, fault: str, rng: random.Random) -> None:
+        self.b, self.no, self.fault = b, no, fault
+        self.t_run = time.monotonic()
+        self.plan = choose(fault, rng, b)
+        self.channels = rng.choice(b.args.channel_choices)
+        self.rec: dict = {"run": no, "fault": fault, "variant": self.plan["variant"], "channels": self.channels,
+                          "when": "", "fired": False, "phase": "",
+                          "tree": _tree_state()["diff_sha1"]}     # (others may edit the tree meanwhile)
+        self.logs = os.path.join(b.base, "logs")
+        self.killed_receiver = threading.Event()
+        self.stop_watch = threading.Event()
+        self.mproc: subprocess.Popen | None = None
+
+    def _path(self, suffix: str) -> str:
+        return os.path.join(self.logs, f"run-{self.no:03d}-{suffix}")
+
+    # --- set-up
+
+    def start(self, rng: random.Random) -> None:
+        """The receiver idle and alive, the tmpfs shrunk for a disk-full 'small', a fresh guest."""
+        b, plan = self.b, self.plan
+        # the receiver is idle: its folder emptied (no manifest of an earlier run can be mistaken
+        # for this one's; the space is free again)
+        for name in os.listdir(b.out_dir):
+            os.unlink(os.path.join(b.out_dir, name))
+        if b.receiver is None or b.receiver.proc.poll() is not None:
+            b.start_receiver()
+        assert b.receiver is not None
+        self.r = b.receiver
+        b.log_mark = len(self.r.text())
+        if plan.get("tmpfs_size"):
+            b.tmpfs.resize(plan["tmpfs_size"])
+            self.rec["when"] = f"tmpfs {format_bytes(plan['tmpfs_size'])} < guest {format_bytes(b.guest_bytes)}"
+        self.guest_log = open(self._path("guest.log"), "wb")
+        guest_seed = rng.randrange(1 << 30)
+        for attempt in range(GUEST_TRIES):
+            try:
+                self.g, self.gproc = start_cli_guest(b.args, seed=guest_seed, pager=b.pager, log=self.guest_log)
+                break
+            except MigratorError:
+                # (not a migration fault: e.g. the tree being rebuilt under the soak) tried again
+                if attempt == GUEST_TRIES - 1:
+                    raise
+                print(f"  run {self.no}: the guest did not start, trying again in {GUEST_RETRY_S:.0f} s",
+                      flush=True)
+                time.sleep(GUEST_RETRY_S)
+        self.writers = list(self.g.writer_pids.values())
+        self.source_pids = [self.g.pid, *self.writers]
+
+    # --- the fault actions (called by the proxy at the fault's moment)
+
+    def kill_receiver(self) -> None:
         try:
-            os.kill(r.proc.pid, signal.SIGKILL)
-            killed_receiver.set()
+            os.kill(self.r.proc.pid, signal.SIGKILL)
+            self.killed_receiver.set()
         except ProcessLookupError:
             pass
 
-    def kill_guest() -> None:
+    def kill_guest(self) -> None:
+        g = self.g
         try:
-            if plan["variant"] == "group":
+            if self.plan["variant"] == "group":
                 os.killpg(g.pgid, signal.SIGKILL)
-            elif plan["variant"] == "writer":
+            elif self.plan["variant"] == "writer":
                 os.kill(g.writer_pids.get("vhost", g.pid), signal.SIGKILL)
             else:
                 os.kill(g.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        if plan["variant"] != "writer":
-            gproc.wait()                         # reaped at once, as a supervisor would
+        if self.plan["variant"] != "writer":
+            self.gproc.wait()                    # reaped at once, as a supervisor would
 
-    def fill_disk() -> None:
-        rec["ballast"] = b.tmpfs.fill()
+    def fill_disk(self) -> None:
+        self.rec["ballast"] = self.b.tmpfs.fill()
 
-    migrate_proc: list[subprocess.Popen] = []
+    def kill_migrate(self) -> None:
+        sig = {"term": signal.SIGTERM, "hup": signal.SIGHUP, "kill": signal.SIGKILL}[self.plan["variant"]]
+        mproc = self.mproc
+        if mproc is not None and mproc.poll() is None:
+            os.kill(mproc.pid, sig)              # (our child, not reaped yet: its own pid)
 
-    def kill_migrate() -> None:
-        sig = {"term": signal.SIGTERM, "hup": signal.SIGHUP, "kill": signal.SIGKILL}[plan["variant"]]
-        if migrate_proc and migrate_proc[0].poll() is None:
-            os.kill(migrate_proc[0].pid, sig)    # (our child, not reaped yet: its own pid)
+    def arm(self) -> None:
+        """The fault's action and trigger handed to the proxy."""
+        plan = self.plan
+        plan["action"] = {"receiver-kill": self.kill_receiver, "guest-kill": self.kill_guest,
+                          "disk-full": self.fill_disk, "migrate-kill": self.kill_migrate}.get(self.fault)
+        if plan["trigger"] is not None:
+            self.rec["when"] = plan["trigger"].describe(self.b.ref)
+        self.b.proxy.begin(plan)
 
-    plan["action"] = {"receiver-kill": kill_receiver, "guest-kill": kill_guest,
-                      "disk-full": fill_disk, "migrate-kill": kill_migrate}.get(fault)
-    if plan["trigger"] is not None:
-        rec["when"] = plan["trigger"].describe(b.ref)
-    b.proxy.begin(plan)
-    a = g.regions["anon"]
-    report_path = os.path.join(logs, f"run-{no:03d}-report.json")
-    mlog_path = os.path.join(logs, f"run-{no:03d}-migrate.log")
-    cmd = [sys.executable, "-m", "migrator", "migrate", "--pid", str(g.pid),
-           "--region", "guest-ram", "--region", f"{a.start:x}-{a.end:x}",
-           "--to", f"127.0.0.1:{b.proxy.port}", "--key-file", b.key_file,
-           "--downtime-limit", str(args.downtime_limit), "--channels", str(channels),
-           "--json", report_path]
-    if writers:
-        cmd += ["--writers", ",".join(map(str, writers))]
-    stop_watch = threading.Event()
-
-    def watch_pause() -> None:
-        trig = plan["trigger"]
-        while not stop_watch.is_set():
-            if state_letter(g.pid) == "T":        # (not 't': the userfaultfd injection by ptrace)
+    def watch_pause(self) -> None:
+        """Fires the fault once the source is seen paused (a 'pause' trigger), after its delay."""
+        trig = self.plan["trigger"]
+        while not self.stop_watch.is_set():
+            if state_letter(self.g.pid) == "T":   # (not 't': the userfaultfd injection by ptrace)
                 if trig.delay_s:
                     time.sleep(trig.delay_s)
-                b.proxy.fire_now()
+                self.b.proxy.fire_now()
                 return
             time.sleep(PAUSE_POLL_S)
 
-    with open(mlog_path, "wb") as mlog:
-        t0 = time.time()
-        mproc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=mlog, stderr=subprocess.STDOUT)
-        migrate_proc.append(mproc)
-        watcher = None
-        if plan["trigger"] is not None and plan["trigger"].where == "pause":
-            watcher = threading.Thread(target=watch_pause, name="faults-pause-watch", daemon=True)
-            watcher.start()
-        hang = False
+    # --- the measured step: migrate, through the proxy
+
+    def _command(self) -> list[str]:
+        b, a = self.b, self.g.regions["anon"]
+        cmd = [sys.executable, "-m", "migrator", "migrate", "--pid", str(self.g.pid),
+               "--region", "guest-ram", "--region", f"{a.start:x}-{a.end:x}",
+               "--to", f"127.0.0.1:{b.proxy.port}", "--key-file", b.key_file,
+               "--downtime-limit", str(b.args.downtime_limit), "--channels", str(self.channels),
+               "--json", self._path("report.json")]
+        if self.writers:
+            cmd += ["--writers", ",".join(map(str, self.writers))]
+        return cmd
+
+    def migrate(self) -> None:
+        """migrate run to its end (or killed at --cap: a hang), the proxy's counts taken."""
+        b, rec, plan = self.b, self.rec, self.plan
+        cmd = self._command()
+        with open(self._path("migrate.log"), "wb") as mlog:
+            t0 = time.time()
+            self.mproc = mproc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=mlog,
+                                                  stderr=subprocess.STDOUT)
+            watcher = None
+            if plan["trigger"] is not None and plan["trigger"].where == "pause":
+                watcher = threading.Thread(target=self.watch_pause, name="faults-pause-watch", daemon=True)
+                watcher.start()
+            hang = False
+            try:
+                rc = mproc.wait(b.args.cap)
+            except subprocess.TimeoutExpired:
+                hang = True
+                rec["hang_source_stopped"] = [p for p in self.source_pids if is_stopped(p)]
+                mproc.kill()                     # (our child, by its pid)
+                rc = mproc.wait()
+            t_end = time.time()
+            self.stop_watch.set()
+            if watcher is not None:
+                watcher.join(5)
+        self.fired_at = fired_at = b.proxy.fired_at
+        rec["fired"] = b.proxy.fired or bool(plan.get("tmpfs_size"))
+        if b.proxy.fired_detail and b.proxy.fired_detail != "at pause":
+            rec["fired_detail"] = b.proxy.fired_detail
+        rec["fired_ms"] = round((fired_at - t0) * 1000) if fired_at else None
+        self.bytes_moved = dict(b.proxy.count)
+        b.proxy.end()
+        rec.update({"migrate_rc": rc, "migrate_s": round(t_end - t0, 2), "hang": hang,
+                    "bytes": self.bytes_moved})
+        self.rc, self.hang = rc, hang
+
+    # --- the checks
+
+    def read_outcome(self) -> None:
+        """migrate's report and log: its status, reason and the phase the fault hit."""
+        rec = self.rec
+        report = None
         try:
-            rc = mproc.wait(args.cap)
-        except subprocess.TimeoutExpired:
-            hang = True
-            rec["hang_source_stopped"] = [p for p in source_pids if is_stopped(p)]
-            mproc.kill()                         # (our child, by its pid)
-            rc = mproc.wait()
-        t_end = time.time()
-        stop_watch.set()
-        if watcher is not None:
-            watcher.join(5)
-    fired_at = b.proxy.fired_at
-    rec["fired"] = b.proxy.fired or bool(plan.get("tmpfs_size"))
-    if b.proxy.fired_detail and b.proxy.fired_detail != "at pause":
-        rec["fired_detail"] = b.proxy.fired_detail
-    rec["fired_ms"] = round((fired_at - t0) * 1000) if fired_at else None
-    bytes_moved = dict(b.proxy.count)
-    b.proxy.end()
-    rec.update({"migrate_rc": rc, "migrate_s": round(t_end - t0, 2), "hang": hang,
-                "bytes": bytes_moved})
-    report = None
-    try:
-        with open(report_path) as f:
-            report = json.load(f)
-    except (OSError, ValueError):
-        pass
-    with open(mlog_path, errors="replace") as f:
-        mtext = f.read()
-    rec["migrate_traceback"] = "Traceback (most recent call last)" in mtext
-    rec["status"] = report["status"] if report else "no report"
-    rec["reason"] = (report or {}).get("reason") or (mtext.strip().splitlines()[-1][:300] if mtext.strip() else "")
-    rec["source_state"] = (report or {}).get("source_state", "")
-    rec["phase"] = _phase((report or {}).get("timeline", {}), fired_at)
-    if report and report.get("status") == "completed" and no == 1:
-        b.ref = bytes_moved
-    # the receiver: its session over, alive, its manifest
-    state, verdicts = wait_session_end(b, SESSION_END_WAIT)
-    rec["receiver_session"] = state
-    rec["receiver_verdicts"] = verdicts
-    alive = r.proc.poll() is None
-    rec["receiver_alive"] = alive
-    rec["receiver_killed"] = killed_receiver.is_set()
-    rec["receiver_crash"] = not alive and not killed_receiver.is_set()
-    if rec["receiver_crash"]:
-        rec["receiver_exit"] = r.proc.returncode
-        rec["receiver_log_tail"] = r.text()[b.log_mark:][-3000:]
-    rec["receiver_hang"] = state == "stuck"
-    manifest = None
-    try:
-        with open(os.path.join(b.out_dir, "manifest.json")) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        pass
-    rec["manifest"] = None if manifest is None else {
-        "complete": manifest.get("complete"), "error": manifest.get("error"),
-        "status": [x.get("status") for x in manifest.get("regions", [])]}
-    completed = rc == 0 and rec["status"] == "completed"
-    rec["completed"] = completed
-    dest_complete = bool(manifest and manifest.get("complete"))
-    # migrate killed: the destination says whether the migration took place (the commit went
-    # out); a migrate stopped after its commit fails, keeping its source paused, rightly
-    migrate_killed = fault == "migrate-kill" and rec["fired"]
-    rec["manifest_complete_on_failure"] = (not completed) and dest_complete and not migrate_killed
-    rec["completed_manifest_incomplete"] = completed and not dest_complete
-    # the source: a failed migration must resume it (a hang's kill of migrate is not counted here)
-    rec["source_left_paused"] = []
-    rec["source_resumed_after_completion"] = []
-    if (completed or (migrate_killed and dest_complete)) and not hang:
-        rec["source_resumed_after_completion"] = [p for p in source_pids
-                                                  if state_letter(p) not in ("", "T", "t", "Z", "X")]
-    elif not completed and not hang:
-        rec["source_left_paused"] = left_stopped(source_pids)
-    # the destination of a completed migration, byte for byte against the paused source
-    rec["destination"] = "not checked"
-    if completed and not (manifest and manifest.get("complete")):
-        rec["destination"] = "not checked: the manifest is not complete"
-    elif completed and gproc.poll() is None and is_stopped(g.pid):
+            with open(self._path("report.json")) as f:
+                report = json.load(f)
+        except (OSError, ValueError):
+            pass
+        with open(self._path("migrate.log"), errors="replace") as f:
+            mtext = f.read()
+        rec["migrate_traceback"] = "Traceback (most recent call last)" in mtext
+        rec["status"] = report["status"] if report else "no report"
+        rec["reason"] = (report or {}).get("reason") or (mtext.strip().splitlines()[-1][:300] if mtext.strip() else "")
+        rec["source_state"] = (report or {}).get("source_state", "")
+        rec["phase"] = _phase((report or {}).get("timeline", {}), self.fired_at)
+        if report and report.get("status") == "completed" and self.no == 1:
+            self.b.ref = self.bytes_moved
+
+    def check_receiver(self) -> tuple[str, bool, dict | None]:
+        """The receiver: its session over, alive, its manifest.  Returns (session state, alive, manifest)."""
+        b, r, rec = self.b, self.r, self.rec
+        state, verdicts = wait_session_end(b, SESSION_END_WAIT)
+        rec["receiver_session"] = state
+        rec["receiver_verdicts"] = verdicts
+        alive = r.proc.poll() is None
+        rec["receiver_alive"] = alive
+        rec["receiver_killed"] = self.killed_receiver.is_set()
+        rec["receiver_crash"] = not alive and not self.killed_receiver.is_set()
+        if rec["receiver_crash"]:
+            rec["receiver_exit"] = r.proc.returncode
+            rec["receiver_log_tail"] = r.text()[b.log_mark:][-3000:]
+        rec["receiver_hang"] = state == "stuck"
+        manifest = None
         try:
-            chk = compare_with_source(g.pid, b.out_dir)
-            rec["destination"] = "identical" if chk.identical else chk.detail
-        except (MigratorError, OSError) as e:
-            rec["destination"] = f"not checked: {e}"
-    rec["verified"] = completed and bool(manifest and manifest.get("complete")) and \
-        all(s == "verified" for s in rec["manifest"]["status"]) and rec["destination"] in ("identical", "not checked")
-    # the guardian (python .../guardian.py --pid GUEST ...) ends with migrate, or once it has
-    # resumed the source: none may be left
-    rec["guardians_left"] = guardians_of(g.pid)
-    stop_guest(g, gproc)
-    guest_log.close()
-    # leaks in the long-running receiver, against its counts after its first session
-    rec["receiver_counts"] = None
-    rec["fd_leak"] = rec["thread_leak"] = False
-    if alive and state in ("ended", "none"):
-        if b.baseline is None:
-            if state == "ended":
-                b.baseline = process_counts(r.proc.pid)
-                rec["baseline"] = b.baseline.to_json() if b.baseline else None
-        else:
-            c, waited = settle_counts(r.proc.pid, b.baseline, args.settle)
-            if c is not None:
-                rec["receiver_counts"] = c.to_json()
-                rec["settle_s"] = round(waited, 2)
-                rec["fd_leak"] = c.fds > b.baseline.fds
-                rec["thread_leak"] = c.threads > b.baseline.threads
-        if rec["receiver_counts"] is None:
+            with open(os.path.join(b.out_dir, "manifest.json")) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            pass
+        rec["manifest"] = None if manifest is None else {
+            "complete": manifest.get("complete"), "error": manifest.get("error"),
+            "status": [x.get("status") for x in manifest.get("regions", [])]}
+        return state, alive, manifest
+
+    def check_source(self, manifest: dict | None) -> None:
+        """Completed or not against the manifest; the source resumed or left paused as it must be;
+        the destination byte for byte; guardians left; then the guest stopped."""
+        rec, g, hang = self.rec, self.g, self.hang
+        completed = self.rc == 0 and rec["status"] == "completed"
+        rec["completed"] = completed
+        dest_complete = bool(manifest and manifest.get("complete"))
+        # migrate killed: the destination says whether the migration took place (the commit went
+        # out); a migrate stopped after its commit fails, keeping its source paused, rightly
+        migrate_killed = self.fault == "migrate-kill" and rec["fired"]
+        rec["manifest_complete_on_failure"] = (not completed) and dest_complete and not migrate_killed
+        rec["completed_manifest_incomplete"] = completed and not dest_complete
+        # the source: a failed migration must resume it (a hang's kill of migrate is not counted here)
+        rec["source_left_paused"] = []
+        rec["source_resumed_after_completion"] = []
+        if (completed or (migrate_killed and dest_complete)) and not hang:
+            rec["source_resumed_after_completion"] = [p for p in self.source_pids
+                                                      if state_letter(p) not in ("", "T", "t", "Z", "X")]
+        elif not completed and not hang:
+            rec["source_left_paused"] = left_stopped(self.source_pids)
+        # the destination of a completed migration, byte for byte against the paused source
+        rec["destination"] = "not checked"
+        if completed and not (manifest and manifest.get("complete")):
+            rec["destination"] = "not checked: the manifest is not complete"
+        elif completed and self.gproc.poll() is None and is_stopped(g.pid):
+            try:
+                chk = compare_with_source(g.pid, self.b.out_dir)
+                rec["destination"] = "identical" if chk.identical else chk.detail
+            except (MigratorError, OSError) as e:
+                rec["destination"] = f"not checked: {e}"
+        rec["verified"] = completed and bool(manifest and manifest.get("complete")) and \
+            all(s == "verified" for s in rec["manifest"]["status"]) and rec["destination"] in ("identical", "not checked")
+        # the guardian (python .../guardian.py --pid GUEST ...) ends with migrate, or once it has
+        # resumed the source: none may be left
+        rec["guardians_left"] = guardians_of(g.pid)
+        stop_guest(g, self.gproc)
+        self.guest_log.close()
+
+    def check_leaks(self, state: str, alive: bool) -> None:
+        """Leaks in the long-running receiver, against its counts after its first session; a
+        receiver stuck in a session killed (it would refuse the next one)."""
+        b, r, rec = self.b, self.r, self.rec
+        rec["receiver_counts"] = None
+        rec["fd_leak"] = rec["thread_leak"] = False
+        if alive and state in ("ended", "none"):
+            if b.baseline is None:
+                if state == "ended":
+                    b.baseline = process_counts(r.proc.pid)
+                    rec["baseline"] = b.baseline.to_json() if b.baseline else None
+            else:
+                c, waited = settle_counts(r.proc.pid, b.baseline, b.args.settle)
+                if c is not None:
+                    rec["receiver_counts"] = c.to_json()
+                    rec["settle_s"] = round(waited, 2)
+                    rec["fd_leak"] = c.fds > b.baseline.fds
+                    rec["thread_leak"] = c.threads > b.baseline.threads
+            if rec["receiver_counts"] is None:
+                c = process_counts(r.proc.pid)
+                rec["receiver_counts"] = c.to_json() if c else None
+        elif state == "stuck" and alive:
             c = process_counts(r.proc.pid)
             rec["receiver_counts"] = c.to_json() if c else None
-    elif state == "stuck" and alive:
-        c = process_counts(r.proc.pid)
-        rec["receiver_counts"] = c.to_json() if c else None
-        # a receiver stuck in a session would refuse the next one ("busy"): replaced
-        rec["receiver_log_tail"] = r.text()[b.log_mark:][-3000:]
-        os.kill(r.proc.pid, signal.SIGKILL)
-        r.proc.wait()
-    if alive and (rec["receiver_counts"] or rec.get("baseline")):
-        rec["receiver_pid"] = r.proc.pid
-    # disk-full: the tmpfs back to its size, the ballast gone
-    try:
-        os.unlink(os.path.join(b.tmpfs.path, "ballast"))
-    except FileNotFoundError:
-        pass
-    if plan.get("tmpfs_size"):
-        b.tmpfs.resize(b.big)
-    rec["problems"] = problems(rec)
-    rec["run_s"] = round(time.monotonic() - t_run, 2)
-    if not rec["problems"]:                  # only the logs of runs that went wrong are kept
-        for suffix in ("guest.log", "report.json", "migrate.log"):
-            try:
-                os.unlink(os.path.join(logs, f"run-{no:03d}-{suffix}"))
-            except FileNotFoundError:
-                pass
-    return rec
+            # a receiver stuck in a session would refuse the next one ("busy"): replaced
+            rec["receiver_log_tail"] = r.text()[b.log_mark:][-3000:]
+            os.kill(r.proc.pid, signal.SIGKILL)
+            r.proc.wait()
+        if alive and (rec["receiver_counts"] or rec.get("baseline")):
+            rec["receiver_pid"] = r.proc.pid
+
+    def finish(self) -> dict:
+        """The tmpfs back to its size, the run's problems and duration; its logs kept only if it
+        went wrong.  Returns the record."""
+        rec = self.rec
+        # disk-full: the tmpfs back to its size, the ballast gone
+        try:
+            os.unlink(os.path.join(self.b.tmpfs.path, "ballast"))
+        except FileNotFoundError:
+            pass
+        if self.plan.get("tmpfs_size"):
+            self.b.tmpfs.resize(self.b.big)
+        rec["problems"] = problems(rec)
+        rec["run_s"] = round(time.monotonic() - self.t_run, 2)
+        if not rec["problems"]:                  # only the logs of runs that went wrong are kept
+            for suffix in ("guest.log", "report.json", "migrate.log"):
+                try:
+                    os.unlink(self._path(suffix))
+                except FileNotFoundError:
+                    pass
+        return rec
+
+
+def one_run(b: Bench, no: int, fault: str, rng: random.Random) -> dict:
+    """One run with one fault (see _Run); returns its record."""
+    run = _Run(b, no, fault, rng)
+    run.start(rng)
+    run.arm()
+    run.migrate()
+    run.read_outcome()
+    state, alive, manifest = run.check_receiver()
+    run.check_source(manifest)
+    run.check_leaks(state, alive)
+    return run.finish()
 
 
 def problems(rec: dict) -> list[str]:
@@ -1129,7 +1196,20 @@ class _Interrupted(Exception):
     pass
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class _Setup:
+    """The soak's settings, checked: fault weights, sizes, seed, pager, and its work dir with the key."""
+    weights: dict[str, int]
+    seed: int
+    guest_bytes: int
+    big: int
+    pager: bool
+    base: str
+    key_file: str
+
+
+def _setup(args: argparse.Namespace) -> _Setup | int:
+    """The options checked (an exit status 2, printed, if not), the work dir and key made."""
     try:
         weights = _parse_faults(args.faults)
         args.channel_choices = [int(x) for x in args.channels.split(",") if x.strip()]
@@ -1145,7 +1225,6 @@ def run(args: argparse.Namespace) -> int:
               "injects a userfaultfd by ptrace)")
         return 2
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
-    rng = random.Random(seed)
     guest_bytes = shared + anon
     big = 2 * guest_bytes + (32 << 20)
     pager = args.pager == "on" or (args.pager == "auto" and swap_on())
@@ -1155,6 +1234,11 @@ def run(args: argparse.Namespace) -> int:
     with open(key_file, "wb") as f:
         f.write(os.urandom(KEY_BYTES))
     os.chmod(key_file, 0o600)
+    return _Setup(weights, seed, guest_bytes, big, pager, base, key_file)
+
+
+def _fault_bag(weights: dict[str, int], rng: random.Random):
+    """draw(): the next fault from a shuffled bag, each in proportion to its weight."""
     bag: list[str] = []
 
     def draw() -> str:
@@ -1162,29 +1246,36 @@ def run(args: argparse.Namespace) -> int:
             bag.extend(k for k, w in weights.items() for _ in range(w))
             rng.shuffle(bag)
         return bag.pop()
+    return draw
+
+
+def _print_start(args: argparse.Namespace, s: _Setup) -> None:
+    print(f"migrator bench faults: {args.runs} runs, seed {s.seed}; guest {args.shared_ram} shared + "
+          f"{args.anon_ram} anon, random writes at {args.rate}"
+          + (f", vhost and pwrite writers at {args.side_rate}" if args.side_rate not in ("0", "0/s") else "")
+          + (", pager (swap on)" if s.pager else ", no pager") +
+          f"; downtime limit {args.downtime_limit} ms; channels {args.channels}; cap {args.cap:.0f} s; "
+          f"faults {','.join(f'{k}={w}' for k, w in s.weights.items())}; work dir {s.base}", flush=True)
+
+
+def _soak(args: argparse.Namespace, s: _Setup, rng: random.Random, runs: list[dict]) -> tuple[str, Tmpfs | None]:
+    """The runs, appended to `runs` as they end (SIGTERM/SIGHUP stop them); the receiver, proxy
+    and tmpfs closed.  Returns (why it was interrupted or "", the tmpfs)."""
+    draw = _fault_bag(s.weights, rng)
 
     def on_signal(signum, frame):
         raise _Interrupted(f"signal {signum}")
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-    tree = _tree_state()
-    print(f"migrator bench faults: {args.runs} runs, seed {seed}; guest {args.shared_ram} shared + "
-          f"{args.anon_ram} anon, random writes at {args.rate}"
-          + (f", vhost and pwrite writers at {args.side_rate}" if args.side_rate not in ("0", "0/s") else "")
-          + (", pager (swap on)" if pager else ", no pager") +
-          f"; downtime limit {args.downtime_limit} ms; channels {args.channels}; cap {args.cap:.0f} s; "
-          f"faults {','.join(f'{k}={w}' for k, w in weights.items())}; work dir {base}", flush=True)
-    runs: list[dict] = []
-    t_start = time.monotonic()
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     tmpfs = proxy = None
     bench = None
     interrupted = ""
     try:
-        tmpfs = Tmpfs(os.path.join(base, "mnt"), big)
+        tmpfs = Tmpfs(os.path.join(s.base, "mnt"), s.big)
         out_dir = os.path.join(tmpfs.path, "out")
         os.mkdir(out_dir, 0o700)
         proxy = FaultProxy()
-        bench = Bench(args, base, tmpfs, out_dir, key_file, proxy, pager, guest_bytes, big)
+        bench = Bench(args, s.base, tmpfs, out_dir, s.key_file, proxy, s.pager, s.guest_bytes, s.big)
         bench.start_receiver()
         for no in range(1, args.runs + 1):
             fault = "none" if no == 1 else draw()
@@ -1195,19 +1286,19 @@ def run(args: argparse.Namespace) -> int:
         interrupted = str(e) or "interrupted"
         print(f"migrator bench faults: {interrupted}: stopping", flush=True)
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        for sig, h in old.items():
+            signal.signal(sig, h)
         if bench is not None:
             bench.stop_receiver()
         if proxy is not None:
             proxy.close()
         if tmpfs is not None:
             tmpfs.close()
-    duration = time.monotonic() - t_start
-    summary = summarize(runs) if runs else {}
-    verdict = checks(runs)
-    memory = receiver_memory(runs)
-    ok = bool(runs) and not interrupted and not any(verdict.values())
+    return interrupted, tmpfs
+
+
+def _print_report(runs: list[dict], summary: dict, verdict: dict, memory: dict) -> None:
+    """The table, the checks, the notes, the receivers' memory and the runs that went wrong."""
     if runs:
         print()
         print(_table(summary))
@@ -1226,19 +1317,37 @@ def run(args: argparse.Namespace) -> int:
     for r in bad:
         print(f"  run {r['run']} ({r['fault']}{':' + r['variant'] if r['variant'] else ''}, {r['when']}): "
               f"{'; '.join(r['problems'])}")
-    print(f"{len(runs)} runs in {duration / 60:.1f} min, seed {seed}: {'OK' if ok else 'FAILED'}", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    s = _setup(args)
+    if isinstance(s, int):
+        return s
+    rng = random.Random(s.seed)
+    tree = _tree_state()
+    _print_start(args, s)
+    runs: list[dict] = []
+    t_start = time.monotonic()
+    interrupted, tmpfs = _soak(args, s, rng, runs)
+    duration = time.monotonic() - t_start
+    summary = summarize(runs) if runs else {}
+    verdict = checks(runs)
+    memory = receiver_memory(runs)
+    ok = bool(runs) and not interrupted and not any(verdict.values())
+    _print_report(runs, summary, verdict, memory)
+    print(f"{len(runs)} runs in {duration / 60:.1f} min, seed {s.seed}: {'OK' if ok else 'FAILED'}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"seed": seed, "duration_s": round(duration, 1), "ok": ok, "interrupted": interrupted,
+            json.dump({"seed": s.seed, "duration_s": round(duration, 1), "ok": ok, "interrupted": interrupted,
                        "config": {k: v for k, v in vars(args).items() if k != "handler"},
                        "tree": {"start": tree, "end": _tree_state()},
                        "checks": verdict, "summary": summary, "receiver_memory": memory, "runs": runs},
                       f, indent=2, default=str)
-    logs = os.path.join(base, "logs")
+    logs = os.path.join(s.base, "logs")
     if ok:
-        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(s.base, ignore_errors=True)
     else:
-        mnt = os.path.join(base, "mnt")
+        mnt = os.path.join(s.base, "mnt")
         if tmpfs is None or not tmpfs.mounted:
             shutil.rmtree(mnt, ignore_errors=True)
         print(f"logs of the runs that went wrong (and the receivers' logs): {logs}")
