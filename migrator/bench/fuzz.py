@@ -620,48 +620,17 @@ class Mut:
             ("meta", 32), ("deep", 6), ("big", 3), ("noncanon", 6), ("splice", 3), ("garbage", 4))
 
     def _frame(self, t, meta, data, fix, ops):
+        """One mutation of the frame (t, meta, data), its op drawn by weight: (bytes, tag,
+        equivalent), or None if the mutated value cannot be encoded."""
         r = self.rng
         tname = T(t).name if t in T._value2member_map_ else f"type{t}"
         choices = [o for o in self._OPS if ops is None or o[0] in ops]
         op = r.choices([o[0] for o in choices], [o[1] for o in choices])[0]
         base = frame(t, meta, data)
-        if op == "bitflip":
-            b = bytearray(base)
-            zone = r.random()
-            for _ in range(r.choice((1, 1, 2, 3))):
-                if zone < 0.3 or len(b) <= wire.HEADER_SIZE:
-                    i = r.randrange(min(len(b), wire.HEADER_SIZE))
-                elif zone < 0.85 or len(b) == len(base) - len(data):
-                    i = r.randrange(wire.HEADER_SIZE, len(b) - len(data)) if len(b) - len(data) > wire.HEADER_SIZE else r.randrange(len(b))
-                else:
-                    i = r.randrange(len(b))
-                b[i] ^= 1 << r.randrange(8)
-            return bytes(b), f"bitflip@{tname}", False
-        if op == "byte":
-            b = bytearray(base)
-            for _ in range(r.choice((1, 2, 3))):
-                b[r.randrange(len(b))] = r.choice((0, 0xFF, 0x7F, 0x80, 0xC0, 0xC1, 0xD9, 0xDC, 0xDD,
-                                                   0xDE, 0xDF, 0xC6, 0xCF, r.randrange(256)))
-            return bytes(b), f"byte@{tname}", False
+        if op in ("bitflip", "byte"):
+            return self._flip(op, base, data, tname)
         if op == "header":
-            mb = base[wire.HEADER_SIZE:len(base) - len(data)]
-            field = r.choice(("magic", "version", "type", "type", "meta_len", "meta_len", "data_len"))
-            kw: dict = {}
-            tt = t
-            if field == "magic":
-                kw["magic"] = r.choice((b"GM", b"MG"[::-1], b"\x00\x00", b"mg", r.randbytes(2)))
-            elif field == "version":
-                kw["version"] = r.choice((0, 1, 2, wire.VERSION + 1, 255))
-            elif field == "type":
-                tt = r.choice([0, 16, 127, 128, 255] + [int(x) for x in T])
-            elif field == "meta_len":
-                kw["meta_len"] = r.choice((0, 1, len(mb) - 1, len(mb) + 1, 4095, 4096, 4097,
-                                           (256 << 10) + 1, (1 << 20) + 1, (1 << 32) - 1))
-                kw["meta_len"] = max(0, kw["meta_len"])
-            else:
-                kw["data_len"] = r.choice((0, 1, 4096, len(data) + 1, max(0, len(data) - 1),
-                                           16 << 20, (16 << 20) + 1, (1 << 32) - 1))
-            return raw_frame(tt, mb, data, **kw), f"header-{field}@{tname}", False
+            return self._header(t, base, data, tname)
         if op == "truncate":
             return base[:r.randrange(len(base))], f"truncate@{tname}", False
         if op == "extend":
@@ -679,7 +648,55 @@ class Mut:
                 r.shuffle(items)
                 m = dict(items)
             return raw_frame(t, pack_wide(m, r), data), f"noncanon@{tname}", True
-        # value-level: meta, deep, big
+        return self._value_op(op, t, meta, data, fix, tname)
+
+    def _flip(self, op: str, base: bytes, data: bytes, tname: str) -> tuple[bytes, str, bool]:
+        """bitflip: 1-3 bits flipped in one zone (header, meta or anywhere); byte: 1-3 bytes set
+        to values msgpack reads specially."""
+        r = self.rng
+        b = bytearray(base)
+        if op == "bitflip":
+            zone = r.random()
+            for _ in range(r.choice((1, 1, 2, 3))):
+                if zone < 0.3 or len(b) <= wire.HEADER_SIZE:
+                    i = r.randrange(min(len(b), wire.HEADER_SIZE))
+                elif zone < 0.85 or len(b) == len(base) - len(data):
+                    i = r.randrange(wire.HEADER_SIZE, len(b) - len(data)) if len(b) - len(data) > wire.HEADER_SIZE else r.randrange(len(b))
+                else:
+                    i = r.randrange(len(b))
+                b[i] ^= 1 << r.randrange(8)
+            return bytes(b), f"bitflip@{tname}", False
+        for _ in range(r.choice((1, 2, 3))):
+            b[r.randrange(len(b))] = r.choice((0, 0xFF, 0x7F, 0x80, 0xC0, 0xC1, 0xD9, 0xDC, 0xDD,
+                                               0xDE, 0xDF, 0xC6, 0xCF, r.randrange(256)))
+        return bytes(b), f"byte@{tname}", False
+
+    def _header(self, t: int, base: bytes, data: bytes, tname: str) -> tuple[bytes, str, bool]:
+        """One header field of the frame changed: magic, version, type, meta or data length."""
+        r = self.rng
+        mb = base[wire.HEADER_SIZE:len(base) - len(data)]
+        field = r.choice(("magic", "version", "type", "type", "meta_len", "meta_len", "data_len"))
+        kw: dict = {}
+        tt = t
+        if field == "magic":
+            kw["magic"] = r.choice((b"GM", b"MG"[::-1], b"\x00\x00", b"mg", r.randbytes(2)))
+        elif field == "version":
+            kw["version"] = r.choice((0, 1, 2, wire.VERSION + 1, 255))
+        elif field == "type":
+            tt = r.choice([0, 16, 127, 128, 255] + [int(x) for x in T])
+        elif field == "meta_len":
+            kw["meta_len"] = r.choice((0, 1, len(mb) - 1, len(mb) + 1, 4095, 4096, 4097,
+                                       (256 << 10) + 1, (1 << 20) + 1, (1 << 32) - 1))
+            kw["meta_len"] = max(0, kw["meta_len"])
+        else:
+            kw["data_len"] = r.choice((0, 1, 4096, len(data) + 1, max(0, len(data) - 1),
+                                       16 << 20, (16 << 20) + 1, (1 << 32) - 1))
+        return raw_frame(tt, mb, data, **kw), f"header-{field}@{tname}", False
+
+    def _value_op(self, op: str, t: int, meta: Any, data: bytes, fix, tname: str):
+        """The value-level ops: one place of the meta changed (meta), made big (big) or deeply
+        nested (deep); then fixed up by `fix` 70% of the time.  None if it cannot be encoded."""
+        r = self.rng
         if op == "deep":
             new, path = self.walk(meta, lambda: _PLACEHOLDER)
         elif op == "big":
@@ -953,6 +970,24 @@ class Sess:
         of a page's copies is then that of one stream, and the model exact)."""
         n = self.model.npages[region]
         return n * ch // self.channels, n * (ch + 1) // self.channels
+
+
+@dataclasses.dataclass
+class _SemCase:
+    """A semantic BATCH case being built (Gen.semantic): its meta's fields, the data's pages (None:
+    as the runs say), a compressed payload replacing the data, and the verdict expected."""
+    kind: str
+    reg: int
+    dflat: list[Any]
+    zflat: list[Any] = dataclasses.field(default_factory=list)
+    n: int = 0
+    expect: str | None = "reject"
+    data_pages: int | None = None
+    c: int = 0
+    comp: bytes | None = None
+
+
+_SEM_OWN_PAGES = ("last", "runs", "zeros", "data-max")   # (cases that need pages this channel owns)
 
 
 class Gen:
@@ -1315,7 +1350,6 @@ class Gen:
         """A BATCH/PREPARE at or beyond a limit, well-formed (hash and data length right):
         (frame, tag, expect: "accept", "reject" or None)."""
         r = self.rng
-        ps = s.ps
         nreg = len(s.regions)
         reg = r.randrange(nreg)
         npages = s.model.npages[reg]
@@ -1325,118 +1359,129 @@ class Gen:
                          "runs", "zeros", "data-max", "len", "empty", "hash", "odd", "codec",
                          "prepare-beyond", "prepare-over", "prepare-empty", "prepare-huge",
                          "prepare-region", "bomb", "codec-bigger", "deep-run", "prepare-deep"))
-        dflat: list[Any] = [lo, 1] if mine else [0, 1]
-        zflat: list[Any] = []
-        n = 0
-        expect: str | None = "reject"
-        data_pages = None
-        c = 0
-        comp = None
+        if kind in _SEM_OWN_PAGES and not mine:
+            return self.wrong_type(s, ch)[0], "wrong-type@x", None
+        if kind.startswith("prepare"):
+            return self._sem_prepare(kind, reg, npages, nreg)
+        case = _SemCase(kind, reg, [lo, 1] if mine else [0, 1])
+        if kind in ("codec", "bomb", "codec-bigger"):
+            self._sem_codec(case, s, lo, mine)
+        else:
+            self._sem_runs(case, s, lo, hi, npages, nreg)
+        return self._sem_frame(case, s)
+
+    def _sem_runs(self, case: _SemCase, s: Sess, lo: int, hi: int, npages: int, nreg: int) -> None:
+        """The cases on the runs, region, round and data length (pages lo..hi are this channel's)."""
+        r, kind = self.rng, case.kind
         if kind == "beyond":
-            dflat = [max(0, npages - 1), 2] if r.random() < 0.5 else []
-            zflat = [] if dflat else [npages, 1]
+            case.dflat = [max(0, npages - 1), 2] if r.random() < 0.5 else []
+            case.zflat = [] if case.dflat else [npages, 1]
         elif kind == "last":
-            if not mine:
-                return self.wrong_type(s, ch)[0], "wrong-type@x", None
-            dflat, expect = [hi - 1, 1], "accept"
+            case.dflat, case.expect = [hi - 1, 1], "accept"
         elif kind == "huge-first":
-            dflat = [r.choice(((1 << 64) - 1, (1 << 63), (1 << 32), (1 << 64) - 2)), 1]
+            case.dflat = [r.choice(((1 << 64) - 1, (1 << 63), (1 << 32), (1 << 64) - 2)), 1]
         elif kind == "count0":
-            dflat = [lo, 0]
+            case.dflat = [lo, 0]
         elif kind == "neg":
-            dflat = [-1, 1]
+            case.dflat = [-1, 1]
         elif kind == "region":
-            reg = r.choice((nreg, nreg + 1, wire.MAX_REGIONS - 1, wire.MAX_REGIONS, -1))
+            case.reg = r.choice((nreg, nreg + 1, wire.MAX_REGIONS - 1, wire.MAX_REGIONS, -1))
         elif kind == "round":
-            n = r.choice((wire.MAX_ROUND + 1, -1, 1 << 32))
+            case.n = r.choice((wire.MAX_ROUND + 1, -1, 1 << 32))
         elif kind == "runs":
-            if not mine:
-                return self.wrong_type(s, ch)[0], "wrong-type@x", None
             k = r.choice((wire.MAX_RUNS, wire.MAX_RUNS + 1))
-            zflat = [lo, 1] * k
-            dflat = []
-            expect = "accept" if k == wire.MAX_RUNS else "reject"
+            case.zflat = [lo, 1] * k
+            case.dflat = []
+            case.expect = "accept" if k == wire.MAX_RUNS else "reject"
         elif kind == "zeros":
-            if not mine:
-                return self.wrong_type(s, ch)[0], "wrong-type@x", None
             per = hi - lo
             k = -(-wire.MAX_ZERO_PAGES // per)
             if k > wire.MAX_RUNS or per * k != wire.MAX_ZERO_PAGES:
-                zflat = [lo, 1] * wire.MAX_RUNS
-                expect = "accept"
+                case.zflat = [lo, 1] * wire.MAX_RUNS
+                case.expect = "accept"
             else:
-                zflat = [lo, per] * k + ([lo, 1] if r.random() < 0.5 else [])
-                expect = "accept" if len(zflat) == 2 * k else "reject"
-            dflat = []
+                case.zflat = [lo, per] * k + ([lo, 1] if r.random() < 0.5 else [])
+                case.expect = "accept" if len(case.zflat) == 2 * k else "reject"
+            case.dflat = []
         elif kind == "data-max":
-            if not mine:
-                return self.wrong_type(s, ch)[0], "wrong-type@x", None
-            mx = wire.MAX_DATA // ps
+            mx = wire.MAX_DATA // s.ps
             k = mx if r.random() < 0.5 else mx + 1
             if k > wire.MAX_RUNS:
                 k = wire.MAX_RUNS + 1
-            dflat = [lo, 1] * k
-            expect = "accept" if k <= mx and k <= wire.MAX_RUNS else "reject"
+            case.dflat = [lo, 1] * k
+            case.expect = "accept" if k <= mx and k <= wire.MAX_RUNS else "reject"
         elif kind == "len":
-            data_pages = r.choice((0, 2))
+            case.data_pages = r.choice((0, 2))
         elif kind == "empty":
-            dflat = []
+            case.dflat = []
         elif kind == "deep-run":
-            dflat = [deep(r.choice((500, 990, 1000, 1020))), 1]
+            case.dflat = [deep(r.choice((500, 990, 1000, 1020))), 1]
         elif kind == "odd":
-            dflat = [lo, 1, lo]
-        elif kind == "codec":
-            c = r.choice((1, 2, 3, 255, -1))
-            if HAS_CODECS and c == s.codec:
-                c = 3
-        elif kind == "bomb":
+            case.dflat = [lo, 1, lo]
+
+    def _sem_codec(self, case: _SemCase, s: Sess, lo: int, mine: bool) -> None:
+        """The cases on compression: an unknown codec, a bomb, compressed data bigger than raw."""
+        r, ps = self.rng, s.ps
+        if case.kind == "codec":
+            case.c = r.choice((1, 2, 3, 255, -1))
+            if HAS_CODECS and case.c == s.codec:
+                case.c = 3
+        elif case.kind == "bomb":
             # zeros that decompress far beyond what the runs announce (at most 1 GiB: this
             # machine is shared); announced pages just above the compressed size, so that the
             # frame passes "compressed data must be smaller"
-            c = s.codec or 1
+            case.c = s.codec or 1
             nbytes = r.choice((8 << 10, 256 << 10, 16 << 20, 16 << 20, 64 << 20, 256 << 20, 1 << 30))
-            comp = bomb(c, nbytes)
+            comp = bomb(case.c, nbytes)
             if r.random() < 0.2:
                 comp = bytearray(comp)
                 comp[r.randrange(len(comp))] ^= 1 << r.randrange(8)
                 comp = bytes(comp)
             k = min(len(comp) // ps + 1, wire.MAX_DATA // ps, wire.MAX_RUNS)
-            dflat = [lo if mine else 0, 1] * k
-            data_pages = k
-        elif kind == "codec-bigger":
-            c = s.codec or 1
-            comp = self.rng.randbytes(ps + r.choice((0, 1, 100)))
-        if kind.startswith("prepare"):
-            runs: list[Any] = [0, 1]
-            if kind == "prepare-beyond":
-                runs = [max(0, npages - 1), 2]
-            elif kind == "prepare-over":
-                runs = [0, npages] * 2
-            elif kind == "prepare-empty":
-                runs = []
-            elif kind == "prepare-huge":
-                runs = [(1 << 63), 1]
-            elif kind == "prepare-deep":
-                runs = [0, deep(r.choice((500, 990, 1000, 1020)))]
-            else:
-                reg = r.choice((nreg, wire.MAX_REGIONS))
-            return frame(T.PREPARE, {"r": reg, "p": runs}), f"sem-{kind}", "reject"
+            case.dflat = [lo if mine else 0, 1] * k
+            case.data_pages = k
+            case.comp = comp
+        elif case.kind == "codec-bigger":
+            case.c = s.codec or 1
+            case.comp = self.rng.randbytes(ps + r.choice((0, 1, 100)))
+
+    def _sem_prepare(self, kind: str, reg: int, npages: int, nreg: int) -> tuple[bytes, str, str | None]:
+        """A PREPARE beyond its region, over it twice, empty, huge, deep or of a region not set up."""
+        r = self.rng
+        runs: list[Any] = [0, 1]
+        if kind == "prepare-beyond":
+            runs = [max(0, npages - 1), 2]
+        elif kind == "prepare-over":
+            runs = [0, npages] * 2
+        elif kind == "prepare-empty":
+            runs = []
+        elif kind == "prepare-huge":
+            runs = [(1 << 63), 1]
+        elif kind == "prepare-deep":
+            runs = [0, deep(r.choice((500, 990, 1000, 1020)))]
+        else:
+            reg = r.choice((nreg, wire.MAX_REGIONS))
+        return frame(T.PREPARE, {"r": reg, "p": runs}), f"sem-{kind}", "reject"
+
+    def _sem_frame(self, case: _SemCase, s: Sess) -> tuple[bytes, str, str | None]:
+        """The case's BATCH: its data, its hash right (wrong for "hash"), its codec field."""
+        ps, kind, dflat = s.ps, case.kind, case.dflat
         dp = sum(x for x in dflat[1::2] if type(x) is int and x > 0) if len(dflat) % 2 == 0 else 1
-        data = self.pages(ps, dp if data_pages is None else data_pages)
+        data = self.pages(ps, dp if case.data_pages is None else case.data_pages)
         try:
-            h = wire.batch_digest(reg, n, dflat, zflat, [data], ps)
+            h = wire.batch_digest(case.reg, case.n, dflat, case.zflat, [data], ps)
         except Exception:
             h = 0
         if kind == "hash":
             h = (h + 1) % (1 << 64)
-        meta = {"r": reg, "n": n, "d": dflat, "z": zflat, "h": h}
+        meta = {"r": case.reg, "n": case.n, "d": dflat, "z": case.zflat, "h": h}
         if HAS_CODECS:
-            meta["c"] = c
-        if comp is not None:
-            data = comp
+            meta["c"] = case.c
+        if case.comp is not None:
+            data = case.comp
         if not HAS_CODECS and kind in ("codec", "bomb", "codec-bigger"):
-            meta["c"] = c    # (an unknown field before compression existed)
-        return frame(T.BATCH, meta, data), f"sem-{kind}", expect
+            meta["c"] = case.c    # (an unknown field before compression existed)
+        return frame(T.BATCH, meta, data), f"sem-{kind}", case.expect
 
     def session_mutation(self, s: Sess, ch: int) -> tuple[bytes, str, str | None, bool]:
         """(frame, tag, expect, equivalent), never of a quarantined kind."""
@@ -1489,6 +1534,214 @@ class Gen:
 
 
 # --- the fuzzer -------------------------------------------------------------------------------
+
+
+def auth_mac(r: random.Random, sub: str, key: bytes | None, right: bytes | None, ch: Any, nonce_c: bytes,
+             session: bytes, channel: int, mode: str | None) -> Any:
+    """The AUTH's proof for the case `sub`, given the right one and the CHALLENGE `ch`: with a key,
+    one bit flipped, the receiver's own, zeros, none, cut short, one byte long, or made for the
+    other mode, channel or session; without one, a random one ("frame" and "right": as is)."""
+    mac: Any = right
+    if key is not None:
+        if sub == "flip":
+            b = bytearray(right)
+            b[r.randrange(32)] ^= 1 << r.randrange(8)
+            mac = bytes(b)
+        elif sub == "reflect":
+            mac = ch.mac
+        elif sub == "zero":
+            mac = bytes(32)
+        elif sub == "none":
+            mac = None
+        elif sub == "short":
+            mac = right[:r.choice((0, 16, 31))]
+        elif sub == "long":
+            mac = right + b"\x00"
+        elif sub == "mode":
+            mac = proof(key, "client", nonce_c, ch.nonce, session, channel,
+                        "mac" if mode == "aead" else "aead")
+        elif sub == "channel":
+            mac = proof(key, "client", nonce_c, ch.nonce, session, channel + 1, mode)
+        elif sub == "session":
+            mac = proof(key, "client", nonce_c, ch.nonce, bytes(16), channel, mode)
+    elif sub not in ("frame", "right"):
+        mac = r.choice((bytes(32), b"", None))
+    return mac
+
+
+class _Drive:
+    """One channel of a fuzzed session (Fuzzer.drive): its valid frames pipelined, each mutated
+    frame followed by a marker, and the channel's end (CLOSE, or on channel 0 END and RESULT)."""
+
+    def __init__(self, fz: "Fuzzer", t: Target, g: Gen, s: Sess, ch: int, chan: Chan, rec: dict):
+        self.fz, self.t, self.g, self.s, self.ch, self.chan, self.rec = fz, t, g, s, ch, chan, rec
+        self.r = g.rng
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.marker = MARK_BASE + self.r.randrange(1 << 24) * 16
+
+    def log(self, kind: str, f: bytes, tag: str = "") -> None:
+        # (a session keeps its frames for the findings file, valid ones up to 1 MiB: past
+        # that, their length only; mutated ones always)
+        rec = self.rec
+        if len(rec["frames"]) >= 2000:
+            return
+        if kind == "v" and rec.get("kept", 0) + len(f) > (1 << 20):
+            rec["frames"].append([self.ch, "omitted", len(f), tag])
+            return
+        rec["kept"] = rec.get("kept", 0) + len(f)
+        rec["frames"].append([self.ch, kind, f, tag])
+
+    async def sync(self, extra: list[bytes]) -> tuple:
+        """Send pending + extra + a marker; wait for the marker's verdict."""
+        self.marker += 1
+        mk = wire.encode(wire.RoundEnd(self.marker))
+        await self.chan.send(self.pending + extra + [mk])
+        n = len(self.pending)
+        self.pending, self.pending_bytes = [], 0
+        # (read even if the send failed: the receiver's ERROR may be waiting there)
+        out = await self.chan.wait(self.marker, self.fz.timeout)
+        if out[0] == "ack":
+            self.fz.counted(self.t, "frames_valid", n)
+        return out
+
+    async def _send_mutated(self, f: bytes, tag: str, cons: bool) -> tuple:
+        """A mutated frame sent after the pending ones: a consistent one followed by a marker, a
+        truncating one by the end of the stream.  Returns the verdict."""
+        fz, t, chan = self.fz, self.t, self.chan
+        if cons:
+            self.log("m", f, tag)
+            n = len(self.pending)
+            out = await self.sync([f])
+            if out[0] == "ack":
+                fz.counted(t, "frames_mutated")
+            elif out[0] in ("error", "eof", "lost", "result", "closed"):
+                fz.counted(t, "frames_valid", n)
+                fz.counted(t, "frames_mutated")
+        else:
+            self.log("t", f, tag)
+            n = len(self.pending)
+            await chan.send(self.pending + [f])
+            self.pending, self.pending_bytes = [], 0
+            await chan.send_eof()
+            out = await chan.wait(None, fz.timeout)
+            fz.counted(t, "frames_valid", n)
+            fz.counted(t, "frames_terminal")
+        return out
+
+    async def mutated(self) -> bool:
+        """One mutated frame and its verdict checked against what the protocol expects.
+        Returns True to go on with the channel."""
+        fz, t, s, ch, rec = self.fz, self.t, self.s, self.ch, self.rec
+        f, tag, expect, equivalent = self.g.session_mutation(s, ch)
+        cons = consistent(f)
+        s.inflight += 1
+        try:
+            out = await self._send_mutated(f, tag, cons)
+        finally:
+            s.inflight -= 1
+        op = tag.split("@")[0]
+        verdict = {"ack": "acc", "result": "acc", "closed": "acc"}.get(out[0], "rej")
+        t.outcomes[f"{op}:{verdict}"] += 1
+        if out[0] == "error":
+            fz.note_error(t, out[1])
+        if out[0] == "timeout":
+            s.dead = True
+            fz.stuck_(t, rec, f"no verdict on a mutated frame ({tag}) within "
+                              f"{fz.timeout:.0f} s")
+            return False
+        if out[0] == "bad-answer":
+            fz.unexpected_(t, f"malformed answer after {tag}: {out[1]}", rec)
+        if verdict == "acc":
+            if expect == "reject":
+                fz.unexpected_(t, f"a frame the protocol forbids was accepted ({tag})", rec)
+            fz.accepted(t, s, ch, f, tag, rec)
+            if out[0] == "result":
+                s.dead = True
+                return False
+            if out[0] == "closed":
+                s.closed.add(ch)
+                return False
+            return True
+        if out[0] in ("eof", "lost", "error") and not cons:
+            s.dead = True
+            return False
+        # (in a multi-channel session, another channel's mutated frame may have failed
+        # it meanwhile: then this refusal is not this frame's)
+        if (expect == "accept" or equivalent) and not s.dead and not s.inflight:
+            fz.unexpected_(t, f"a valid frame was refused ({tag}): {out[1:]}", rec)
+        s.dead = True
+        return False
+
+    async def valid(self) -> bool:
+        """One valid frame, pending; synced once 96 frames or 1 MiB are.  Returns True to go on."""
+        s, ch = self.s, self.ch
+        f, apply = self.g.valid_frame(s, ch)
+        apply()
+        s.last[ch] = f
+        self.log("v", f)
+        self.pending.append(f)
+        self.pending_bytes += len(f)
+        if len(self.pending) >= 96 or self.pending_bytes > (1 << 20):
+            out = await self.sync([])
+            if not self.fz.valid_verdict(self.t, s, out, self.rec):
+                return False
+        return True
+
+    async def close_channel(self) -> None:
+        """The end of a channel other than 0: CLOSE, answered by CLOSED."""
+        close = wire.encode(wire.Close())
+        self.log("v", close)
+        out = await self.sync([close])
+        if out[0] == "closed":
+            self.fz.counted(self.t, "frames_valid", 1)
+            self.s.closed.add(self.ch)
+        else:
+            self.fz.valid_verdict(self.t, self.s, out, self.rec)
+
+    async def end_session(self, done: list[trio.Event]) -> None:
+        """Channel 0's end, once the others have closed: END (its digests right or wrong, with
+        a commit or not) or the sender gone; the RESULT checked; then the commit step."""
+        fz, t, s, r, rec = self.fz, self.t, self.s, self.r, self.rec
+        for e in done[1:]:
+            await e.wait()
+        if s.dead:
+            return
+        if self.pending:
+            out = await self.sync([])
+            if not fz.valid_verdict(t, s, out, rec):
+                return
+        if s.closed != set(range(1, s.channels)):
+            return
+        ending = r.random()
+        if ending < 0.2:
+            return                    # the sender goes away: the session fails
+        digests = s.model.digests()
+        wrong = ending < 0.3
+        if wrong:
+            i = r.randrange(len(digests))
+            digests[i] = ("0" if digests[i][0] != "0" else "1") + digests[i][1:]
+        commit = HAS_COMMIT and r.random() < 0.5
+        end = wire.encode(wire.End(tuple(digests), commit) if commit else wire.End(tuple(digests)))
+        self.log("v", end)
+        await self.chan.send([end])
+        out = await self.chan.wait(None, fz.timeout)
+        if out[0] != "result":
+            if not s.dead:
+                fz.unexpected_(t, f"no RESULT after END: {out}", rec)
+            return
+        fz.counted(t, "frames_valid", 1)
+        res = out[1]
+        t.count["sessions_ended"] += 1
+        if res.complete:
+            t.count["sessions_complete"] += 1
+        if wrong and res.complete:
+            fz.unexpected_(t, "a wrong digest verified", rec)
+        elif not wrong and s.model.valid and not res.complete:
+            fz.unexpected_(t, f"a session did not verify: {res.message}", rec,
+                           ours=digests, theirs=list(res.digests))
+        if commit and res.complete:
+            await fz.commit_step(t, self.g, self.chan, rec, self.log)
 
 
 class Fuzzer:
@@ -1658,31 +1911,7 @@ class Fuzzer:
                     if ch.mac != proof(key, "server", nonce_c, ch.nonce, session, channel, mode):
                         self.unexpected_(t, "the receiver's proof is wrong", rec)
                 sub = rec["sub"]
-                mac: Any = right
-                if key is not None:
-                    if sub == "flip":
-                        b = bytearray(right)
-                        b[r.randrange(32)] ^= 1 << r.randrange(8)
-                        mac = bytes(b)
-                    elif sub == "reflect":
-                        mac = ch.mac
-                    elif sub == "zero":
-                        mac = bytes(32)
-                    elif sub == "none":
-                        mac = None
-                    elif sub == "short":
-                        mac = right[:r.choice((0, 16, 31))]
-                    elif sub == "long":
-                        mac = right + b"\x00"
-                    elif sub == "mode":
-                        mac = proof(key, "client", nonce_c, ch.nonce, session, channel,
-                                    "mac" if mode == "aead" else "aead")
-                    elif sub == "channel":
-                        mac = proof(key, "client", nonce_c, ch.nonce, session, channel + 1, mode)
-                    elif sub == "session":
-                        mac = proof(key, "client", nonce_c, ch.nonce, bytes(16), channel, mode)
-                elif sub not in ("frame", "right"):
-                    mac = r.choice((bytes(32), b"", None))
+                mac = auth_mac(r, sub, key, right, ch, nonce_c, session, channel, mode)
                 if sub == "frame":
                     auth, tag, _ = g.mut.frame(T.AUTH, {"mac": mac})
                 else:
@@ -1690,29 +1919,7 @@ class Fuzzer:
                 rec["auth"], rec["tag"] = auth, tag
                 await stream.send_all(auth)
                 await stream.send_eof()
-                refusal = ""
-                try:
-                    await fs.expect(wire.Welcome)
-                    welcomed = True
-                except PeerClosed:
-                    welcomed = False
-                except TransportError as e:
-                    welcomed = False
-                    refusal = str(e).split(" reported: ", 1)[-1]
-                    self.note_error(t, refusal)
-                t.answers["auth:" + ("WELCOME" if welcomed else "refused")] += 1
-                if welcomed and key is not None:
-                    sent = None
-                    try:      # (the receiver judges the first frame; bytes after it come later)
-                        _, _, _, ml, dl = HEADER.unpack_from(auth)
-                        sent = wire.decode_frames(auth[:wire.HEADER_SIZE + ml + dl])[0]
-                    except Exception:
-                        pass
-                    if not isinstance(sent, wire.Auth) or sent.mac != right:
-                        self.unexpected_(t, "AUTHENTICATION BYPASS: WELCOME for a wrong proof", rec)
-                if (key is not None and sub == "right" and not welcomed and channel == 0
-                        and "busy" not in refusal):
-                    self.unexpected_(t, f"the right proof was refused: {refusal}", rec)
+                await self._auth_verdict(t, rec, fs, auth, right, channel)
                 # drain until the receiver closes (its session, if any, fails: no SETUP)
                 await drain(stream.receive_some)
             if cs.cancelled_caught:
@@ -1722,6 +1929,35 @@ class Fuzzer:
         finally:
             with trio.CancelScope(shield=True):
                 await fs.aclose()
+
+    async def _auth_verdict(self, t: Target, rec: dict, fs: FrameStream, auth: bytes, right: bytes | None,
+                            channel: int) -> None:
+        """WELCOME or a refusal for the AUTH sent: a WELCOME only for the right proof, the right
+        proof never refused (but for a busy receiver)."""
+        key, sub = t.key, rec["sub"]
+        refusal = ""
+        try:
+            await fs.expect(wire.Welcome)
+            welcomed = True
+        except PeerClosed:
+            welcomed = False
+        except TransportError as e:
+            welcomed = False
+            refusal = str(e).split(" reported: ", 1)[-1]
+            self.note_error(t, refusal)
+        t.answers["auth:" + ("WELCOME" if welcomed else "refused")] += 1
+        if welcomed and key is not None:
+            sent = None
+            try:      # (the receiver judges the first frame; bytes after it come later)
+                _, _, _, ml, dl = HEADER.unpack_from(auth)
+                sent = wire.decode_frames(auth[:wire.HEADER_SIZE + ml + dl])[0]
+            except Exception:
+                pass
+            if not isinstance(sent, wire.Auth) or sent.mac != right:
+                self.unexpected_(t, "AUTHENTICATION BYPASS: WELCOME for a wrong proof", rec)
+        if (key is not None and sub == "right" and not welcomed and channel == 0
+                and "busy" not in refusal):
+            self.unexpected_(t, f"the right proof was refused: {refusal}", rec)
 
     async def slow_input(self, t: Target, src: str, g: Gen) -> None:
         """A prefix, then silence: the receiver must close within its handshake timeout."""
@@ -1895,165 +2131,30 @@ class Fuzzer:
 
     async def drive(self, t: Target, g: Gen, s: Sess, ch: int, chan: Chan, steps: int,
                     budget: Budget, rec: dict, done: list[trio.Event]) -> None:
-        """Frames on one channel: valid ones pipelined, each mutated one followed by a marker."""
-        r = g.rng
-        pending: list[bytes] = []
-        pending_bytes = 0
-        marker = MARK_BASE + r.randrange(1 << 24) * 16
-
-        def log(kind: str, f: bytes, tag: str = "") -> None:
-            # (a session keeps its frames for the findings file, valid ones up to 1 MiB: past
-            # that, their length only; mutated ones always)
-            if len(rec["frames"]) >= 2000:
-                return
-            if kind == "v" and rec.get("kept", 0) + len(f) > (1 << 20):
-                rec["frames"].append([ch, "omitted", len(f), tag])
-                return
-            rec["kept"] = rec.get("kept", 0) + len(f)
-            rec["frames"].append([ch, kind, f, tag])
-
-        async def sync(extra: list[bytes]) -> tuple:
-            """Send pending + extra + a marker; wait for the marker's verdict."""
-            nonlocal pending, pending_bytes, marker
-            marker += 1
-            mk = wire.encode(wire.RoundEnd(marker))
-            await chan.send(pending + extra + [mk])
-            n = len(pending)
-            pending, pending_bytes = [], 0
-            # (read even if the send failed: the receiver's ERROR may be waiting there)
-            out = await chan.wait(marker, self.timeout)
-            if out[0] == "ack":
-                self.counted(t, "frames_valid", n)
-            return out
-
+        """Frames on one channel (see _Drive): valid ones pipelined, each mutated one followed by a marker."""
+        d = _Drive(self, t, g, s, ch, chan, rec)
         try:
             for step in range(steps):
                 if s.dead:
                     return
                 if not budget.take():
                     break
-                if step >= s.prefix and r.random() < s.mut_p:
-                    f, tag, expect, equivalent = g.session_mutation(s, ch)
-                    cons = consistent(f)
-                    s.inflight += 1
-                    try:
-                        if cons:
-                            log("m", f, tag)
-                            n = len(pending)
-                            out = await sync([f])
-                            if out[0] == "ack":
-                                self.counted(t, "frames_mutated")
-                            elif out[0] in ("error", "eof", "lost", "result", "closed"):
-                                self.counted(t, "frames_valid", n)
-                                self.counted(t, "frames_mutated")
-                        else:
-                            log("t", f, tag)
-                            n = len(pending)
-                            await chan.send(pending + [f])
-                            pending, pending_bytes = [], 0
-                            await chan.send_eof()
-                            out = await chan.wait(None, self.timeout)
-                            self.counted(t, "frames_valid", n)
-                            self.counted(t, "frames_terminal")
-                    finally:
-                        s.inflight -= 1
-                    op = tag.split("@")[0]
-                    verdict = {"ack": "acc", "result": "acc", "closed": "acc"}.get(out[0], "rej")
-                    t.outcomes[f"{op}:{verdict}"] += 1
-                    if out[0] == "error":
-                        self.note_error(t, out[1])
-                    if out[0] == "timeout":
-                        s.dead = True
-                        self.stuck_(t, rec, f"no verdict on a mutated frame ({tag}) within "
-                                            f"{self.timeout:.0f} s")
+                if step >= s.prefix and d.r.random() < s.mut_p:
+                    if not await d.mutated():
                         return
-                    if out[0] == "bad-answer":
-                        self.unexpected_(t, f"malformed answer after {tag}: {out[1]}", rec)
-                    if verdict == "acc":
-                        if expect == "reject":
-                            self.unexpected_(t, f"a frame the protocol forbids was accepted ({tag})", rec)
-                        self.accepted(t, s, ch, f, tag, rec)
-                        if out[0] == "result":
-                            s.dead = True
-                            return
-                        if out[0] == "closed":
-                            s.closed.add(ch)
-                            return
-                        continue
-                    if out[0] in ("eof", "lost", "error") and not cons:
-                        s.dead = True
-                        return
-                    # (in a multi-channel session, another channel's mutated frame may have failed
-                    # it meanwhile: then this refusal is not this frame's)
-                    if (expect == "accept" or equivalent) and not s.dead and not s.inflight:
-                        self.unexpected_(t, f"a valid frame was refused ({tag}): {out[1:]}", rec)
-                    s.dead = True
+                    continue
+                if not await d.valid():
                     return
-                f, apply = g.valid_frame(s, ch)
-                apply()
-                s.last[ch] = f
-                log("v", f)
-                pending.append(f)
-                pending_bytes += len(f)
-                if len(pending) >= 96 or pending_bytes > (1 << 20):
-                    out = await sync([])
-                    if not self.valid_verdict(t, s, out, rec):
-                        return
             # the channel's end
             if s.dead:
                 return
             if ch != 0:
-                close = wire.encode(wire.Close())
-                log("v", close)
-                out = await sync([close])
-                if out[0] == "closed":
-                    self.counted(t, "frames_valid", 1)
-                    s.closed.add(ch)
-                elif not self.valid_verdict(t, s, out, rec):
-                    return
+                await d.close_channel()
                 return
-            for e in done[1:]:
-                await e.wait()
-            if s.dead:
-                return
-            if pending:
-                out = await sync([])
-                if not self.valid_verdict(t, s, out, rec):
-                    return
-            if s.closed != set(range(1, s.channels)):
-                return
-            ending = r.random()
-            if ending < 0.2:
-                return                    # the sender goes away: the session fails
-            digests = s.model.digests()
-            wrong = ending < 0.3
-            if wrong:
-                i = r.randrange(len(digests))
-                digests[i] = ("0" if digests[i][0] != "0" else "1") + digests[i][1:]
-            commit = HAS_COMMIT and r.random() < 0.5
-            end = wire.encode(wire.End(tuple(digests), commit) if commit else wire.End(tuple(digests)))
-            log("v", end)
-            await chan.send([end])
-            out = await chan.wait(None, self.timeout)
-            if out[0] != "result":
-                if not s.dead:
-                    self.unexpected_(t, f"no RESULT after END: {out}", rec)
-                return
-            self.counted(t, "frames_valid", 1)
-            res = out[1]
-            t.count["sessions_ended"] += 1
-            if res.complete:
-                t.count["sessions_complete"] += 1
-            if wrong and res.complete:
-                self.unexpected_(t, "a wrong digest verified", rec)
-            elif not wrong and s.model.valid and not res.complete:
-                self.unexpected_(t, f"a session did not verify: {res.message}", rec,
-                                 ours=digests, theirs=list(res.digests))
-            if commit and res.complete:
-                await self.commit_step(t, g, chan, rec, log)
-
+            await d.end_session(done)
         finally:
             done[ch].set()
+
 
     async def commit_step(self, t: Target, g: Gen, chan: Chan, rec: dict, log) -> None:
         """After a complete RESULT for END(commit): SYNCED must come; then a COMMIT (valid,
@@ -2500,43 +2601,9 @@ async def replay_record(t: Target, rec: dict, timeout: float) -> str:
     """Send one recorded input to t as it was sent; returns what the receiver answered."""
     kind = rec["kind"]
     if kind in ("conn", "slow"):
-        sock = trio.socket.socket()
-        try:
-            await sock.connect(("127.0.0.1", t.port))
-            try:
-                await sock.send(rec["payload"])
-            except OSError:
-                pass
-            if rec.get("style") == "rst":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                return "reset"
-            if kind == "conn":
-                sock.shutdown(socket.SHUT_WR)
-            resp = bytearray()
-            with trio.move_on_after(timeout if kind == "conn" else HANDSHAKE_TIMEOUT + 4):
-                await drain(sock.recv, resp)
-            return ">".join(n for n, _ in parse_plain(bytes(resp))) or "closed"
-        finally:
-            sock.close()
+        return await _replay_conn(t, rec, timeout)
     if kind == "auth":
-        if "hello" not in rec:
-            return "(never sent)"
-        stream = await trio.open_tcp_stream("127.0.0.1", t.port)
-        try:
-            await stream.send_all(rec["hello"])
-            await trio.sleep(0.05)
-            if rec.get("auth"):
-                try:
-                    await stream.send_all(rec["auth"])
-                except (trio.BrokenResourceError, OSError):
-                    pass
-            await stream.send_eof()
-            resp = bytearray()
-            with trio.move_on_after(timeout):
-                await drain(stream.receive_some, resp)
-            return ">".join(n for n, _ in parse_plain(bytes(resp))) or "closed"
-        finally:
-            await stream.aclose()
+        return await _replay_auth(t, rec, timeout)
     if kind == "setup":
         try:
             chan = await open_chan(t.port, t.key, os.urandom(16), 0, rec["setup"], rec.get("encrypt", False), timeout)
@@ -2547,7 +2614,56 @@ async def replay_record(t: Target, rec: dict, timeout: float) -> str:
             return str(await chan.wait(None, timeout))[:200]
         finally:
             await chan.aclose()
-    # a session: its channels, then its frames in the order they were sent
+    return await _replay_session(t, rec, timeout)
+
+
+async def _replay_conn(t: Target, rec: dict, timeout: float) -> str:
+    """A pre-auth connection's payload, then EOF (conn), a reset (style rst) or silence (slow)."""
+    kind = rec["kind"]
+    sock = trio.socket.socket()
+    try:
+        await sock.connect(("127.0.0.1", t.port))
+        try:
+            await sock.send(rec["payload"])
+        except OSError:
+            pass
+        if rec.get("style") == "rst":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            return "reset"
+        if kind == "conn":
+            sock.shutdown(socket.SHUT_WR)
+        resp = bytearray()
+        with trio.move_on_after(timeout if kind == "conn" else HANDSHAKE_TIMEOUT + 4):
+            await drain(sock.recv, resp)
+        return ">".join(n for n, _ in parse_plain(bytes(resp))) or "closed"
+    finally:
+        sock.close()
+
+
+async def _replay_auth(t: Target, rec: dict, timeout: float) -> str:
+    """The recorded HELLO, then the recorded AUTH (its proof was for another CHALLENGE)."""
+    if "hello" not in rec:
+        return "(never sent)"
+    stream = await trio.open_tcp_stream("127.0.0.1", t.port)
+    try:
+        await stream.send_all(rec["hello"])
+        await trio.sleep(0.05)
+        if rec.get("auth"):
+            try:
+                await stream.send_all(rec["auth"])
+            except (trio.BrokenResourceError, OSError):
+                pass
+        await stream.send_eof()
+        resp = bytearray()
+        with trio.move_on_after(timeout):
+            await drain(stream.receive_some, resp)
+        return ">".join(n for n, _ in parse_plain(bytes(resp))) or "closed"
+    finally:
+        await stream.aclose()
+
+
+async def _replay_session(t: Target, rec: dict, timeout: float) -> str:
+    """A session: its channels, then its frames in the order they were sent."""
     sid = os.urandom(16)
     chans: list[Chan] = []
     try:
