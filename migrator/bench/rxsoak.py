@@ -61,102 +61,125 @@ def _session_ends(text: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in END_RE.finditer(text)}
 
 
-def run(args: argparse.Namespace) -> int:
-    seed = args.seed if args.seed is not None else random.randrange(1 << 31)
-    rng = random.Random(seed)
-    size = _size(args.size)
-    base = tempfile.mkdtemp(prefix="migrator-rxsoak-", dir=args.out)
-    os.chmod(base, 0o700)
-    out_dir = os.path.join(base, "out")
-    key_file = os.path.join(base, "key")
-    # (64 hex digits: raw random bytes could start or end with white space, which a key file
-    # loses; the sender then held another key than the receiver, once in ~20 runs)
-    generate_key_file(key_file)
-    print(f"receiver soak: {args.sessions} sessions of {args.size} on {args.channels} channel(s), "
-          f"{args.abort:.0%} senders SIGKILLed, seed {seed}", flush=True)
-    rx = ReceiverProcess(out_dir, os.path.join(base, "receiver.log"), key_file)
-    sessions: list[dict] = []
-    baseline: Counts | None = None
-    durations: list[float] = []
-    crash = None
-    t_start = time.monotonic()
-    try:
-        for i in range(1, args.sessions + 1):
-            abort = i > 3 and rng.random() < args.abort     # (the first ones measure a session)
-            kill_after = rng.uniform(0, statistics.median(durations)) if abort else None
-            mark = len(rx.text())
-            t0 = time.monotonic()
-            p = subprocess.Popen([sys.executable, "-m", "migrator.bench.rxsoak", "sender", str(rx.port),
-                                  key_file, str(size), str(rng.randrange(1 << 30)), str(args.channels)],
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True)
-            # (the clock starts once the sender has imported everything: the kill falls in its session)
-            assert p.stdout is not None
-            ready, _, _ = select.select([p.stdout], [], [], SESSION_CAP_S)
-            first = p.stdout.readline() if ready else ""
-            t0 = time.monotonic()
-            if kill_after is not None and first == "started\n":
-                try:
-                    p.wait(kill_after)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+class _Soak:
+    """The soak's state (the receiver, the sessions so far, the counts after the first one) and
+    its steps: one sender run (killed or not), the receiver's session awaited, its counts."""
+
+    def __init__(self, args: argparse.Namespace, rng: random.Random, size: int, base: str) -> None:
+        self.args, self.rng, self.size = args, rng, size
+        self.out_dir = os.path.join(base, "out")
+        self.key_file = os.path.join(base, "key")
+        # (64 hex digits: raw random bytes could start or end with white space, which a key file
+        # loses; the sender then held another key than the receiver, once in ~20 runs)
+        generate_key_file(self.key_file)
+        self.base = base
+        self.sessions: list[dict] = []
+        self.baseline: Counts | None = None
+        self.durations: list[float] = []
+        self.crash: str | None = None
+
+    def start(self) -> None:
+        self.rx = ReceiverProcess(self.out_dir, os.path.join(self.base, "receiver.log"), self.key_file)
+        self.t_start = time.monotonic()
+
+    def sender(self, i: int) -> dict:
+        """Session i's sender, SIGKILLed after a random share of a session's median duration if
+        drawn to abort.  Returns the session's record."""
+        args, rng, rx = self.args, self.rng, self.rx
+        abort = i > 3 and rng.random() < args.abort     # (the first ones measure a session)
+        kill_after = rng.uniform(0, statistics.median(self.durations)) if abort else None
+        t0 = time.monotonic()
+        p = subprocess.Popen([sys.executable, "-m", "migrator.bench.rxsoak", "sender", str(rx.port),
+                              self.key_file, str(self.size), str(rng.randrange(1 << 30)), str(args.channels)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+        # (the clock starts once the sender has imported everything: the kill falls in its session)
+        assert p.stdout is not None
+        ready, _, _ = select.select([p.stdout], [], [], SESSION_CAP_S)
+        first = p.stdout.readline() if ready else ""
+        t0 = time.monotonic()
+        if kill_after is not None and first == "started\n":
             try:
-                output, _ = p.communicate(timeout=SESSION_CAP_S)
+                p.wait(kill_after)
             except subprocess.TimeoutExpired:
                 p.kill()
-                output, _ = p.communicate()
-            output = first + output
-            took = time.monotonic() - t0
-            rec = {"session": i, "aborted": abort, "kill_after_s": kill_after,
-                   "sender_rc": p.returncode, "sender_s": round(took, 3)}
-            if not abort:
-                if p.returncode != 0:
-                    rec["problem"] = f"a sender that was not killed failed: {output.strip()[-300:]}"
-                durations.append(took)
-            # the receiver: its session (if one was set up) ended, it lives, its counts
-            deadline = time.monotonic() + SESSION_CAP_S
-            while True:
-                text = rx.text()[mark:]
-                started = SETUP_RE.findall(text)
-                ends = _session_ends(text)
-                if rx.proc.poll() is not None or all(s in ends for s in started):
-                    break
-                if time.monotonic() > deadline:
-                    rec["problem"] = "the receiver's session never ended"
-                    break
-                time.sleep(0.01)
-            rec["verdict"] = ",".join(ends.get(s, "?") for s in started) or "no session"
-            for name in os.listdir(out_dir):          # (the images: 16 MiB a session on tmpfs)
-                if name.endswith(".img"):
-                    os.unlink(os.path.join(out_dir, name))
+        try:
+            output, _ = p.communicate(timeout=SESSION_CAP_S)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            output, _ = p.communicate()
+        output = first + output
+        took = time.monotonic() - t0
+        rec = {"session": i, "aborted": abort, "kill_after_s": kill_after,
+               "sender_rc": p.returncode, "sender_s": round(took, 3)}
+        if not abort:
+            if p.returncode != 0:
+                rec["problem"] = f"a sender that was not killed failed: {output.strip()[-300:]}"
+            self.durations.append(took)
+        return rec
+
+    def session_end(self, rec: dict, mark: int) -> None:
+        """The receiver's session (if one was set up) ended, its verdict recorded; the images removed."""
+        rx = self.rx
+        deadline = time.monotonic() + SESSION_CAP_S
+        while True:
+            text = rx.text()[mark:]
+            started = SETUP_RE.findall(text)
+            ends = _session_ends(text)
+            if rx.proc.poll() is not None or all(s in ends for s in started):
+                break
+            if time.monotonic() > deadline:
+                rec["problem"] = "the receiver's session never ended"
+                break
+            time.sleep(0.01)
+        rec["verdict"] = ",".join(ends.get(s, "?") for s in started) or "no session"
+        for name in os.listdir(self.out_dir):          # (the images: 16 MiB a session on tmpfs)
+            if name.endswith(".img"):
+                os.unlink(os.path.join(self.out_dir, name))
+
+    def counts(self, rec: dict) -> None:
+        """The receiver's fds, threads and VmRSS: the first session's are the baseline, later
+        ones must settle back to it (else a leak)."""
+        rx, baseline = self.rx, self.baseline
+        if baseline is None:
+            baseline = self.baseline = process_counts(rx.proc.pid)
+            c = baseline
+        else:
+            c, _ = settle_counts(rx.proc.pid, baseline, self.args.settle)
+        if c is not None:
+            rec.update(fds=c.fds, threads=c.threads, rss_mib=round(c.rss_kib / 1024, 1),
+                       rss_anon_mib=round(c.rss_anon_kib / 1024, 1))
+            if baseline is not None and c.fds > baseline.fds:
+                rec["problem"] = f"fd leak: {c.fds} > {baseline.fds}"
+            if baseline is not None and c.threads > baseline.threads:
+                rec["problem"] = f"thread leak: {c.threads} > {baseline.threads}"
+
+    def run_sessions(self) -> None:
+        """The sessions, one after the other, until --sessions or the receiver's death."""
+        args, rx, sessions = self.args, self.rx, self.sessions
+        for i in range(1, args.sessions + 1):
+            mark = len(rx.text())
+            rec = self.sender(i)
+            self.session_end(rec, mark)
             if rx.proc.poll() is not None:
-                crash = rec["crash"] = f"the receiver exited with status {rx.proc.returncode}: " \
-                                       f"{rx.text()[mark:].strip()[-500:]}"
+                self.crash = rec["crash"] = f"the receiver exited with status {rx.proc.returncode}: " \
+                                            f"{rx.text()[mark:].strip()[-500:]}"
                 sessions.append(rec)
                 break
-            if baseline is None:
-                baseline = process_counts(rx.proc.pid)
-                c = baseline
-            else:
-                c, _ = settle_counts(rx.proc.pid, baseline, args.settle)
-            if c is not None:
-                rec.update(fds=c.fds, threads=c.threads, rss_mib=round(c.rss_kib / 1024, 1),
-                           rss_anon_mib=round(c.rss_anon_kib / 1024, 1))
-                if baseline is not None and c.fds > baseline.fds:
-                    rec["problem"] = f"fd leak: {c.fds} > {baseline.fds}"
-                if baseline is not None and c.threads > baseline.threads:
-                    rec["problem"] = f"thread leak: {c.threads} > {baseline.threads}"
+            self.counts(rec)
             sessions.append(rec)
             if rec.get("problem"):
                 print(f"  session {i}: PROBLEM: {rec['problem']}", flush=True)
             if i % args.progress == 0 or i == args.sessions:
                 done = [s for s in sessions if "rss_mib" in s]
-                print(f"[{time.monotonic() - t_start:5.0f} s] {i} sessions ({sum(s['aborted'] for s in sessions)} "
+                print(f"[{time.monotonic() - self.t_start:5.0f} s] {i} sessions ({sum(s['aborted'] for s in sessions)} "
                       f"aborted): receiver fds {rec.get('fds')} threads {rec.get('threads')} "
                       f"rss {rec.get('rss_mib')} MiB (max {max(s['rss_mib'] for s in done):.1f})", flush=True)
-    finally:
-        rx.stop()
-        shutil.rmtree(base, ignore_errors=True)
+
+
+def _verdict(sessions: list[dict], baseline: Counts | None, crash: str | None, limit_mib: float) -> dict:
+    """The soak's verdict: counts of sessions, crashes and leaks, fds, threads and VmRSS growth
+    after the first 10 sessions against limit_mib; "ok" if none."""
     rss = [s["rss_mib"] for s in sessions if "rss_mib" in s]
     after10 = rss[9] if len(rss) >= 10 else (rss[-1] if rss else 0.0)
     growth = (max(rss[9:]) - after10) if len(rss) > 10 else 0.0
@@ -173,13 +196,17 @@ def run(args: argparse.Namespace) -> int:
                     "last": sessions[-1].get("threads") if sessions else None},
         "rss_mib": {"first": rss[0] if rss else None, "after_10": after10, "max_after_10": max(rss[9:]) if len(rss) > 10 else None,
                     "last": rss[-1] if rss else None, "growth_after_10": round(growth, 1),
-                    "limit": args.rss_growth_mib},
+                    "limit": limit_mib},
     }
     ok = (not crash and not verdict["fd_leaks"] and not verdict["thread_leaks"]
-          and not verdict["other_problems"] and growth <= args.rss_growth_mib)
+          and not verdict["other_problems"] and growth <= limit_mib)
     verdict["ok"] = ok
+    return verdict
+
+
+def _print_verdict(verdict: dict, crash: str | None, seconds: float, seed: int) -> None:
     print(f"\n{verdict['sessions']} sessions, {verdict['aborted']} senders SIGKILLed, "
-          f"{verdict['completed']} complete, in {time.monotonic() - t_start:.0f} s, seed {seed}")
+          f"{verdict['completed']} complete, in {seconds:.0f} s, seed {seed}")
     print(f"receiver crashes {verdict['receiver_crashes']}, fd leaks {verdict['fd_leaks']}, thread leaks "
           f"{verdict['thread_leaks']}, other problems {verdict['other_problems']}; fds {verdict['fds']['baseline']} -> "
           f"{verdict['fds']['last']}, threads {verdict['threads']['baseline']} -> {verdict['threads']['last']}")
@@ -188,11 +215,31 @@ def run(args: argparse.Namespace) -> int:
           f"last {r['last']}: growth {r['growth_after_10']} MiB (limit {r['limit']:.0f})")
     if crash:
         print(f"CRASH: {crash}")
-    print("verdict: " + ("OK" if ok else "FINDINGS (exit status 1)"), flush=True)
+    print("verdict: " + ("OK" if verdict["ok"] else "FINDINGS (exit status 1)"), flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    seed = args.seed if args.seed is not None else random.randrange(1 << 31)
+    rng = random.Random(seed)
+    size = _size(args.size)
+    base = tempfile.mkdtemp(prefix="migrator-rxsoak-", dir=args.out)
+    os.chmod(base, 0o700)
+    soak = _Soak(args, rng, size, base)
+    print(f"receiver soak: {args.sessions} sessions of {args.size} on {args.channels} channel(s), "
+          f"{args.abort:.0%} senders SIGKILLed, seed {seed}", flush=True)
+    soak.start()
+    try:
+        soak.run_sessions()
+    finally:
+        soak.rx.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    verdict = _verdict(soak.sessions, soak.baseline, soak.crash, args.rss_growth_mib)
+    ok = verdict["ok"]
+    _print_verdict(verdict, soak.crash, time.monotonic() - soak.t_start, seed)
     if args.json:
         with open(args.json, "w") as f:
             config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
-            json.dump({"seed": seed, "config": config, "verdict": verdict, "sessions": sessions}, f, indent=1)
+            json.dump({"seed": seed, "config": config, "verdict": verdict, "sessions": soak.sessions}, f, indent=1)
             f.write("\n")
     return 0 if ok else 1
 
