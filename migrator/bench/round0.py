@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..guest.launcher import start_guest
@@ -106,75 +107,79 @@ def _cpu_during(pid: int, fn: Callable[[], object]) -> tuple[object, float]:
     return out, _cpu_s(pid) - c0
 
 
-def run(args: argparse.Namespace) -> int:
-    size = parse_size(args.size)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    bad = [t for t in targets if t not in ("guest", "memfd")]
-    if bad:
-        raise SystemExit(f"unknown target(s) {bad}: guest, memfd")
-    work = tempfile.mkdtemp(prefix="migrator-bench-round0-", dir=args.out_dir)
-    os.chmod(work, 0o700)
-    key_file = os.path.join(work, "key")
-    with open(key_file, "wb") as f:
-        f.write(KEY)
-    print(f"round 0 benchmark: {size >> 20} MiB targets {', '.join(targets)}, {args.runs} runs, "
-          f"{args.channels} channel(s), --compress {args.compress}, receiver writing to {work}",
-          flush=True)
-    raw = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER], stdout=subprocess.PIPE, text=True)
-    rx = subprocess.Popen(_cli("receive", "--listen", "127.0.0.1:0", "--out", os.path.join(work, "images"),
-                               "--key-file", key_file, "--port-file", os.path.join(work, "port")),
-                          stdout=subprocess.DEVNULL)
-    procs: dict[str, object] = {}
-    results: dict[str, list[float]] = {"raw_tcp": [], **{t: [] for t in targets}}
+def _start_targets(targets: list[str], size: int, procs: dict[str, object]) -> None:
+    """The targets started into procs: the guest (random writes at 1 MB/s) and the memfd process."""
+    if "guest" in targets:
+        g = start_guest(GuestSpec(shared_ram=size, anon_ram=64 << 20,
+                                  workload=WorkloadSpec(kind="random", rate=1e6, seed=1)))
+        procs["guest"] = g
+    if "memfd" in targets:
+        m = subprocess.Popen([sys.executable, "-c", _MEMFD_PROCESS, str(size)],
+                             stdout=subprocess.PIPE, text=True)
+        if m.stdout.readline().strip() != "ready":
+            raise SystemExit("the memfd process did not start")
+        procs["memfd"] = m
+
+
+def _stop_all(rig: "_Rig") -> None:
+    """The targets, then both receivers stopped; the work dir removed."""
+    raw, rx = rig.raw, rig.rx
+    for name, p in rig.procs.items():
+        if name == "guest":
+            p.stop()
+        else:
+            p.kill()
+            p.wait()
+    for p in (raw, rx):
+        stop_process(p, signal.SIGINT if p is rx else signal.SIGTERM, 10)
+    shutil.rmtree(rig.work, ignore_errors=True)
+
+
+@dataclass
+class _Rig:
+    """What every run uses: the work dir and key, the raw TCP receiver and migrator's receiver
+    (processes and ports), and the targets' processes."""
+    work: str
+    key_file: str
+    raw: subprocess.Popen
+    rx: subprocess.Popen
+    procs: dict[str, object] = field(default_factory=dict)
+    raw_port: int = 0
+    port: int = 0
+
+
+def _one_run(i: int, args: argparse.Namespace, targets: list[str], size: int, rig: _Rig,
+             results: dict[str, list[float]], cpu: dict[str, dict[str, list[float]]]) -> None:
+    """One measured run: raw TCP, then each target's migration (its round 0); appended to
+    results (B/s) and cpu (CPU s per GiB, each side); its line printed."""
+    procs, port, key_file = rig.procs, rig.port, rig.key_file
     gib = size / (1 << 30)
-    # CPU seconds per GiB: raw TCP's two sides, and each target's sender (round 0) and receiver
-    cpu: dict[str, dict[str, list[float]]] = {k: {"sender": [], "receiver": []} for k in results}
-    try:
-        raw_port = int(raw.stdout.readline())
-        port = wait_port_file(os.path.join(work, "port"), rx)
-        if "guest" in targets:
-            g = start_guest(GuestSpec(shared_ram=size, anon_ram=64 << 20,
-                                      workload=WorkloadSpec(kind="random", rate=1e6, seed=1)))
-            procs["guest"] = g
-        if "memfd" in targets:
-            m = subprocess.Popen([sys.executable, "-c", _MEMFD_PROCESS, str(size)],
-                                 stdout=subprocess.PIPE, text=True)
-            if m.stdout.readline().strip() != "ready":
-                raise SystemExit("the memfd process did not start")
-            procs["memfd"] = m
-        for i in range(args.runs):
-            t0 = time.thread_time()
-            bps, raw_rx_cpu = _cpu_during(raw.pid, lambda: _raw_tcp(raw_port, size))
-            cpu["raw_tcp"]["sender"].append((time.thread_time() - t0) / gib)
-            cpu["raw_tcp"]["receiver"].append(raw_rx_cpu / gib)
-            results["raw_tcp"].append(bps)
-            line = f"  run {i + 1}: raw TCP {results['raw_tcp'][-1] / 1e6:6.0f} MB/s"
-            for t in targets:
-                report = os.path.join(work, f"{t}.json")
-                if t == "guest":
-                    g = procs["guest"]
-                    a = g.regions["anon"]
-                    pid, regions = g.pid, [g.region("shared").name, f"{a.start:x}-{a.end:x}"]
-                else:
-                    pid, regions = procs["memfd"].pid, ["bench-memfd"]
-                rep, rx_cpu = _cpu_during(rx.pid, lambda: _migrate(
-                    pid, regions, port, key_file, args.channels, args.compress, report))
-                bps, nbytes = _round0(rep)
-                results[t].append(bps)
-                cpu[t]["sender"].append(rep["per_round"][0]["cpu_ms"] / 1000 / (nbytes / (1 << 30)))
-                cpu[t]["receiver"].append(rx_cpu / (rep["transferred_bytes"] / (1 << 30)))
-                line += f"   {t} round 0 {bps / 1e6:6.0f} MB/s ({bps / results['raw_tcp'][-1]:.2f}x)"
-            print(line, flush=True)
-    finally:
-        for name, p in procs.items():
-            if name == "guest":
-                p.stop()
-            else:
-                p.kill()
-                p.wait()
-        for p in (raw, rx):
-            stop_process(p, signal.SIGINT if p is rx else signal.SIGTERM, 10)
-        shutil.rmtree(work, ignore_errors=True)
+    t0 = time.thread_time()
+    bps, raw_rx_cpu = _cpu_during(rig.raw.pid, lambda: _raw_tcp(rig.raw_port, size))
+    cpu["raw_tcp"]["sender"].append((time.thread_time() - t0) / gib)
+    cpu["raw_tcp"]["receiver"].append(raw_rx_cpu / gib)
+    results["raw_tcp"].append(bps)
+    line = f"  run {i + 1}: raw TCP {results['raw_tcp'][-1] / 1e6:6.0f} MB/s"
+    for t in targets:
+        report = os.path.join(rig.work, f"{t}.json")
+        if t == "guest":
+            g = procs["guest"]
+            a = g.regions["anon"]
+            pid, regions = g.pid, [g.region("shared").name, f"{a.start:x}-{a.end:x}"]
+        else:
+            pid, regions = procs["memfd"].pid, ["bench-memfd"]
+        rep, rx_cpu = _cpu_during(rig.rx.pid, lambda: _migrate(
+            pid, regions, port, key_file, args.channels, args.compress, report))
+        bps, nbytes = _round0(rep)
+        results[t].append(bps)
+        cpu[t]["sender"].append(rep["per_round"][0]["cpu_ms"] / 1000 / (nbytes / (1 << 30)))
+        cpu[t]["receiver"].append(rx_cpu / (rep["transferred_bytes"] / (1 << 30)))
+        line += f"   {t} round 0 {bps / 1e6:6.0f} MB/s ({bps / results['raw_tcp'][-1]:.2f}x)"
+    print(line, flush=True)
+
+
+def _summary(results: dict[str, list[float]], cpu: dict[str, dict[str, list[float]]]) -> dict:
+    """The summary printed (min / median MB/s against raw TCP, CPU seconds per GiB) and returned."""
     summary: dict = {k: {"min_Bps": min(v), "median_Bps": statistics.median(v), "runs": v}
                      for k, v in results.items()}
     print("summary (min / median MB/s, and median / raw TCP median):")
@@ -197,6 +202,40 @@ def run(args: argparse.Namespace) -> int:
             summary[k]["cpu_ratio"] = bound
             print(f"  {k:8s} sender {med['sender']:.2f}  receiver {med['receiver']:.2f}  total {total:.2f}"
                   f"   CPU ratio raw / this = {bound:.2f}")
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    size = parse_size(args.size)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    bad = [t for t in targets if t not in ("guest", "memfd")]
+    if bad:
+        raise SystemExit(f"unknown target(s) {bad}: guest, memfd")
+    work = tempfile.mkdtemp(prefix="migrator-bench-round0-", dir=args.out_dir)
+    os.chmod(work, 0o700)
+    key_file = os.path.join(work, "key")
+    with open(key_file, "wb") as f:
+        f.write(KEY)
+    print(f"round 0 benchmark: {size >> 20} MiB targets {', '.join(targets)}, {args.runs} runs, "
+          f"{args.channels} channel(s), --compress {args.compress}, receiver writing to {work}",
+          flush=True)
+    raw = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER], stdout=subprocess.PIPE, text=True)
+    rx = subprocess.Popen(_cli("receive", "--listen", "127.0.0.1:0", "--out", os.path.join(work, "images"),
+                               "--key-file", key_file, "--port-file", os.path.join(work, "port")),
+                          stdout=subprocess.DEVNULL)
+    rig = _Rig(work, key_file, raw, rx)
+    results: dict[str, list[float]] = {"raw_tcp": [], **{t: [] for t in targets}}
+    # CPU seconds per GiB: raw TCP's two sides, and each target's sender (round 0) and receiver
+    cpu: dict[str, dict[str, list[float]]] = {k: {"sender": [], "receiver": []} for k in results}
+    try:
+        rig.raw_port = int(raw.stdout.readline())
+        rig.port = wait_port_file(os.path.join(work, "port"), rx)
+        _start_targets(targets, size, rig.procs)
+        for i in range(args.runs):
+            _one_run(i, args, targets, size, rig, results, cpu)
+    finally:
+        _stop_all(rig)
+    summary = _summary(results, cpu)
     summary.update(size=size, channels=args.channels, out_dir=args.out_dir, compress=args.compress,
                    cpus=os.cpu_count())
     if args.json:
