@@ -157,17 +157,13 @@ async def _pages(port: int, mem: _Memory, channels: int, rx_pid: int, key: bytes
     return mem.size / dt, rss, wire_bytes
 
 
-def run(args: argparse.Namespace) -> int:
-    size = parse_size(args.size) // PS * PS
-    print(f"wire benchmark: {size >> 20} MiB per run, {args.runs} runs, {args.channels} channel(s), "
-          f"random pages sealed (key: the default), unsealed (no key) and encrypted, "
-          f"source memfd read {'from a mapping' if args.reader == 'mapped' else 'with pread'}, "
-          f"receiver in its own process, loopback", flush=True)
+def _sources(size: int, sealed: bool) -> tuple[dict[str, _Memory], _Memory]:
+    """The memfds migrated: random pages, zero-heavy (1 page in 64 holds data), the same with
+    the zero pages never written (holes), and text pages (stamped, compressible)."""
     random_mem = os.urandom(size)
     zero_mem = bytearray(size)
     for p in range(0, size // PS, 64):          # 1 page in 64 holds data
         zero_mem[p * PS:(p + 1) * PS] = random_mem[p * PS:(p + 1) * PS]
-    sealed = args.reader == "mapped"
     from ..guest.stamp import WRITER_VCPU, stamp_page, writer_id
     text_writer = writer_id(WRITER_VCPU, "text")
     text_mem = b"".join(stamp_page(1, text_writer, i, 1) for i in range(size // PS))
@@ -177,65 +173,54 @@ def run(args: argparse.Namespace) -> int:
                "zero_heavy": _Memory("bench-zero-heavy", bytes(zero_mem), sealed),
                "untouched": _Memory("bench-untouched", bytes(zero_mem), sealed, holes=True)}
     del random_mem, zero_mem
-    out = tempfile.mkdtemp(prefix="migrator-bench-", dir=args.out_dir)
-    key_file = os.path.join(out, "key")
-    with open(key_file, "wb") as f:
-        f.write(KEY)
-    raw = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER], stdout=subprocess.PIPE, text=True)
-    def receiver(sub: str, keyed: bool) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", _RECEIVER, "receive", "--listen", "127.0.0.1:0",
-                                 "--out", os.path.join(out, sub), "--port-file", os.path.join(out, sub + ".port")]
-                                + (["--key-file", key_file] if keyed else [])
-                                + (["--preallocate"] if args.preallocate else []),
-                                stdout=subprocess.DEVNULL)
-    # a receiver with the key (frames sealed: the default "mac", and --encrypt), and one
-    # without a key (loopback only: nothing sealed), for the price of sealing in the same run
-    rx = receiver("images", True)
-    rx_plain = receiver("images-plain", False)
-    results: dict[str, list[float]] = {"raw_tcp": [], "random": [], "random_unsealed": [],
-                                       "random_encrypted": [], "random_auto": [], "text": [],
-                                       "text_auto": [], "zero_heavy": [], "untouched": [],
-                                       "bare_zero_scan": []}
-    rss_kib = []
+    return sources, text
 
-    try:
-        raw_port = int(raw.stdout.readline())
-        rx_port = wait_port_file(os.path.join(out, "images.port"), rx)
-        plain_port = wait_port_file(os.path.join(out, "images-plain.port"), rx_plain)
-        for i in range(args.runs):
-            results["raw_tcp"].append(_raw_tcp(raw_port, size))
-            results["bare_zero_scan"].append(_bare_zero_scan(sources["zero_heavy"]))
-            for kind, mem in sources.items():
-                bw, rss, _ = trio.run(_pages, rx_port, mem, args.channels, rx.pid)
-                results[kind].append(bw)
-                rss_kib.append(rss)
-            bw, _, _ = trio.run(_pages, plain_port, sources["random"], args.channels, rx_plain.pid, None)
-            results["random_unsealed"].append(bw)
-            bw, _, _ = trio.run(_pages, rx_port, sources["random"], args.channels, rx.pid, KEY, True)
-            results["random_encrypted"].append(bw)
-            # --compress auto on this fast link: it must find compressing not worth it
-            bw, _, _ = trio.run(_pages, rx_port, sources["random"], args.channels, rx.pid, KEY, False, "auto")
-            results["random_auto"].append(bw)
-            for kind, comp in (("text", "none"), ("text_auto", "auto")):
-                bw, _, _ = trio.run(_pages, rx_port, text, args.channels, rx.pid, KEY, False, comp)
-                results[kind].append(bw)
-            print(f"  run {i + 1}: raw TCP {results['raw_tcp'][-1] / 1e6:6.0f} MB/s   "
-                  f"random pages {results['random'][-1] / 1e6:6.0f} MB/s "
-                  f"(unsealed {results['random_unsealed'][-1] / 1e6:.0f}, "
-                  f"encrypted {results['random_encrypted'][-1] / 1e6:.0f}, "
-                  f"compress auto {results['random_auto'][-1] / 1e6:.0f})   "
-                  f"text {results['text'][-1] / 1e6:6.0f} MB/s (compress auto "
-                  f"{results['text_auto'][-1] / 1e6:.0f})   "
-                  f"zero-heavy {results['zero_heavy'][-1] / 1e6:6.0f} MB/s   "
-                  f"untouched {results['untouched'][-1] / 1e6:6.0f} MB/s", flush=True)
-    finally:
-        for p in (raw, rx, rx_plain):
-            stop_process(p, signal.SIGINT if p is rx else signal.SIGTERM, 5)
-        shutil.rmtree(out, ignore_errors=True)
-        for m in sources.values():
-            m.close()
-        text.close()
 
+def _receiver(out: str, sub: str, key_file: str | None, preallocate: bool) -> subprocess.Popen:
+    """`migrator receive` writing to out/sub, its port in out/sub.port; keyed if key_file."""
+    return subprocess.Popen([sys.executable, "-c", _RECEIVER, "receive", "--listen", "127.0.0.1:0",
+                             "--out", os.path.join(out, sub), "--port-file", os.path.join(out, sub + ".port")]
+                            + (["--key-file", key_file] if key_file else [])
+                            + (["--preallocate"] if preallocate else []),
+                            stdout=subprocess.DEVNULL)
+
+
+def _one_run(i: int, args: argparse.Namespace, size: int, sources: dict[str, _Memory], text: _Memory,
+             ports: dict[str, int], rx: subprocess.Popen, rx_plain: subprocess.Popen,
+             results: dict[str, list[float]], rss_kib: list[int]) -> None:
+    """One measured run, in this order: raw TCP, the bare zero scan, each source sealed, random
+    pages unsealed, encrypted and with --compress auto, text pages without and with it; its line printed."""
+    rx_port = ports["rx"]
+    results["raw_tcp"].append(_raw_tcp(ports["raw"], size))
+    results["bare_zero_scan"].append(_bare_zero_scan(sources["zero_heavy"]))
+    for kind, mem in sources.items():
+        bw, rss, _ = trio.run(_pages, rx_port, mem, args.channels, rx.pid)
+        results[kind].append(bw)
+        rss_kib.append(rss)
+    bw, _, _ = trio.run(_pages, ports["plain"], sources["random"], args.channels, rx_plain.pid, None)
+    results["random_unsealed"].append(bw)
+    bw, _, _ = trio.run(_pages, rx_port, sources["random"], args.channels, rx.pid, KEY, True)
+    results["random_encrypted"].append(bw)
+    # --compress auto on this fast link: it must find compressing not worth it
+    bw, _, _ = trio.run(_pages, rx_port, sources["random"], args.channels, rx.pid, KEY, False, "auto")
+    results["random_auto"].append(bw)
+    for kind, comp in (("text", "none"), ("text_auto", "auto")):
+        bw, _, _ = trio.run(_pages, rx_port, text, args.channels, rx.pid, KEY, False, comp)
+        results[kind].append(bw)
+    print(f"  run {i + 1}: raw TCP {results['raw_tcp'][-1] / 1e6:6.0f} MB/s   "
+          f"random pages {results['random'][-1] / 1e6:6.0f} MB/s "
+          f"(unsealed {results['random_unsealed'][-1] / 1e6:.0f}, "
+          f"encrypted {results['random_encrypted'][-1] / 1e6:.0f}, "
+          f"compress auto {results['random_auto'][-1] / 1e6:.0f})   "
+          f"text {results['text'][-1] / 1e6:6.0f} MB/s (compress auto "
+          f"{results['text_auto'][-1] / 1e6:.0f})   "
+          f"zero-heavy {results['zero_heavy'][-1] / 1e6:6.0f} MB/s   "
+          f"untouched {results['untouched'][-1] / 1e6:6.0f} MB/s", flush=True)
+
+
+def _summary(args: argparse.Namespace, size: int, results: dict[str, list[float]], rss_kib: list[int]) -> dict:
+    """The summary printed (min / median MB/s, the ratios against their targets, the receiver's
+    peak RSS) and returned."""
     def mm(xs):
         return min(xs), statistics.median(xs)
     summary = {k: {"min_Bps": mm(v)[0], "median_Bps": mm(v)[1], "runs": v} for k, v in results.items()}
@@ -268,6 +253,44 @@ def run(args: argparse.Namespace) -> int:
         summary["ratio_zero_to_bare_scan"] = scan
         print(f"  zero-heavy / bare zero scan = {scan:.2f} (the scan reads every byte: memory bandwidth)")
     print(f"  receiver peak RSS  = {max(rss_kib) / 1024:.1f} MiB for {size >> 20} MiB regions")
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    size = parse_size(args.size) // PS * PS
+    print(f"wire benchmark: {size >> 20} MiB per run, {args.runs} runs, {args.channels} channel(s), "
+          f"random pages sealed (key: the default), unsealed (no key) and encrypted, "
+          f"source memfd read {'from a mapping' if args.reader == 'mapped' else 'with pread'}, "
+          f"receiver in its own process, loopback", flush=True)
+    sources, text = _sources(size, args.reader == "mapped")
+    out = tempfile.mkdtemp(prefix="migrator-bench-", dir=args.out_dir)
+    key_file = os.path.join(out, "key")
+    with open(key_file, "wb") as f:
+        f.write(KEY)
+    raw = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER], stdout=subprocess.PIPE, text=True)
+    # a receiver with the key (frames sealed: the default "mac", and --encrypt), and one
+    # without a key (loopback only: nothing sealed), for the price of sealing in the same run
+    rx = _receiver(out, "images", key_file, args.preallocate)
+    rx_plain = _receiver(out, "images-plain", None, args.preallocate)
+    results: dict[str, list[float]] = {"raw_tcp": [], "random": [], "random_unsealed": [],
+                                       "random_encrypted": [], "random_auto": [], "text": [],
+                                       "text_auto": [], "zero_heavy": [], "untouched": [],
+                                       "bare_zero_scan": []}
+    rss_kib: list[int] = []
+    try:
+        ports = {"raw": int(raw.stdout.readline()),
+                 "rx": wait_port_file(os.path.join(out, "images.port"), rx),
+                 "plain": wait_port_file(os.path.join(out, "images-plain.port"), rx_plain)}
+        for i in range(args.runs):
+            _one_run(i, args, size, sources, text, ports, rx, rx_plain, results, rss_kib)
+    finally:
+        for p in (raw, rx, rx_plain):
+            stop_process(p, signal.SIGINT if p is rx else signal.SIGTERM, 5)
+        shutil.rmtree(out, ignore_errors=True)
+        for m in sources.values():
+            m.close()
+        text.close()
+    summary = _summary(args, size, results, rss_kib)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
