@@ -82,3 +82,47 @@ async def test_send_ended_early_drops_what_was_not_sent(nursery, tmp_path, tls):
         assert st.batches * 16 == st.pages_normal
         await s.send_pages({"ram": [(0, n)]}, MemReader(mem), 1)     # (everything, to finish)
         assert (await s.finish({"ram": digest_bytes(mem["ram"])})).complete
+
+
+async def test_receiver_stopping_ends_tls_channels_mid_session(tmp_path):
+    """TLS channels run the same batch pipeline as plain TCP ones, in a worker thread reading
+    through the event loop (trio.from_thread): a receiver stopped mid-session (both channels
+    waiting for the next frame there) ends them at once; the session fails saying so, the
+    manifest too, and the pages received before were written."""
+    import time
+
+    import trio
+
+    from migration_helpers import manifest
+    from migrator.transport import Receiver
+    from transport_helpers import Logs, read_image
+    require(shutil.which("openssl") is not None, "needs the openssl command to make certificates")
+    cert, key = _cert(tmp_path, "rx")
+    out = tmp_path / "out"
+    logs = Logs()
+    rx = Receiver(str(out), key=KEY, ssl_context=server_ssl_context(cert, key), log=logs)
+    n = 64
+    mem = {"ram": random_memory(n, 13, zero_fraction=0.0)}
+    async with trio.open_nursery() as outer:
+        rx_scope = trio.CancelScope()
+
+        async def serve(task_status=trio.TASK_STATUS_IGNORED):
+            with rx_scope:
+                await rx.serve("127.0.0.1", 0, task_status=task_status)
+        port = await outer.start(serve)
+        async with connect_sender("127.0.0.1", port, key=KEY, regions=[RegionSpec("ram", 0, n * 4096)],
+                                  channels=2, ssl_context=client_ssl_context(cert)) as s:
+            await s.send_pages({"ram": [(0, n)]}, MemReader(mem), 0)
+            await s.end_round(0)             # (acknowledged: every page written)
+            t0 = time.monotonic()
+            rx_scope.cancel()
+            (o,) = await rx.wait_sessions(1)
+            stopped_in = time.monotonic() - t0
+            with pytest.raises(TransportError):     # (the sender learns it at its next step)
+                await s.finish({"ram": digest_bytes(mem["ram"])})
+    assert stopped_in < 1.0, stopped_in
+    assert not o.complete and o.error == "receiver shutting down" and o.channels == 2
+    assert o.bytes_received == n * 4096
+    m = manifest(str(out))
+    assert m["complete"] is False and m["error"] == "receiver shutting down"
+    assert read_image(str(out), m, "ram") == bytes(mem["ram"])
