@@ -472,41 +472,31 @@ def _verdict(value: float, limit: float) -> str:
     return "ok" if value <= limit else "MISSED"
 
 
-def run(args: argparse.Namespace) -> int:
-    size = parse_size(args.size)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown or not parts:
-        raise UsageError(f"unknown part(s) {', '.join(unknown) or '(none)'}: expected some of {', '.join(PARTS)}")
-    if args.runs < 1 or args.loop_s <= 0 or args.interval <= 0 or args.injections < 1:
-        raise UsageError("--runs and --injections must be >= 1, --loop-s and --interval > 0")
-    gib = size / (1 << 30)
-    print(f"migrator bench track: {size >> 20} MiB per tracker, {args.runs} runs, page {PAGE_SIZE} B, "
-          f"parts {','.join(parts)}")
-    t_start = time.perf_counter()
-    results: Rows = {}
-    other: dict[str, dict] = {}
-    info: dict = {}
-    summary: dict = {}
+class _Figures:
+    """What the bench measured: rows of ms by share of pages written (`results`), other figures
+    with their unit, set-up information, and the summary of ratios against their targets."""
 
-    def rec(name: str, frac: float, ms: float) -> None:
-        results.setdefault(name, {}).setdefault(f"{frac:g}", []).append(ms)
+    def __init__(self, gib: float) -> None:
+        self.gib = gib
+        self.results: Rows = {}
+        self.other: dict[str, dict] = {}
+        self.info: dict = {}
+        self.summary: dict = {}
 
-    def rec_other(name: str, unit: str, v: float) -> None:
-        other.setdefault(name, {"unit": unit, "values": []})["values"].append(v)
+    def rec(self, name: str, frac: float, ms: float) -> None:
+        self.results.setdefault(name, {}).setdefault(f"{frac:g}", []).append(ms)
 
-    if "self" in parts:
-        summary.update(_in_process(args, size, rec))
-        info["self_wp_layout_checks"] = summary.pop("self_wp_layout_checks")
-    if {"injected", "mappers", "inject"} & set(parts):
-        _children(args, size, parts, rec, rec_other, info)
-    loop = {}
-    if "loop" in parts:
-        loop = _target_loop(args, size, parts, rec_other, info)
+    def rec_other(self, name: str, unit: str, v: float) -> None:
+        self.other.setdefault(name, {"unit": unit, "values": []})["values"].append(v)
 
-    def med(name: str, frac: float = 0) -> float:
-        return statistics.median(results[name][f"{frac:g}"]) / gib
+    def med(self, name: str, frac: float = 0) -> float:
+        """A row's median, ms per GiB."""
+        return statistics.median(self.results[name][f"{frac:g}"]) / self.gib
 
+
+def _print_rows(args: argparse.Namespace, fig: _Figures) -> None:
+    """The rows by share of pages written, the fraction-independent ones, the other figures."""
+    gib, results, other = fig.gib, fig.results, fig.other
     frac_rows = {k: v for k, v in results.items() if len(v) > 1}
     flat_rows = {k: v for k, v in results.items() if len(v) == 1}
     if frac_rows:
@@ -525,63 +515,77 @@ def run(args: argparse.Namespace) -> int:
             v = o["values"]
             extra = ""
             if name.startswith("mapper discovery"):
-                extra = f"   ({info.get('proc_processes', '?')} processes in /proc)"
+                extra = f"   ({fig.info.get('proc_processes', '?')} processes in /proc)"
             print(f"{name:44}{min(v):>10.1f} /{statistics.median(v):>9.1f} {o['unit']}  (n={len(v)}){extra}")
-    if loop:
-        print(f"\ntarget loop: guest C write loop (--rate max, {size >> 20} MiB private), pages/s, "
-              f"{args.runs} x {args.loop_s / args.runs:g} s per condition, alternating; tracked = "
-              f"injected uffd + WriteProtectTracker.collect every {args.interval * 1000:g} ms")
-        print(f"{'workload':10}{'untracked min/med':>22}{'tracked min/med':>22}{'slowdown':>10}"
-              f"{'pages/round med (min-max)':>28}{'collect ms med':>16}{'µs/fault':>10}")
-        for kind, L in loop.items():
-            u, t = L["pages_per_s"]["untracked"], L["pages_per_s"]["tracked"]
-            rd = L["distinct_pages_per_round"]
-            per_fault = L["implied_us_per_wp_fault"]
-            rounds = f"{statistics.median(rd):.0f} ({min(rd)}-{max(rd)})"
-            print(f"{kind:10}{min(u):>12.0f} /{statistics.median(u):>8.0f}{min(t):>12.0f} /"
-                  f"{statistics.median(t):>8.0f}{L['slowdown'] * 100:>9.1f}%{rounds:>28}"
-                  f"{statistics.median(L['collect_ms']):>16.2f}"
-                  + (f"{per_fault:>10.2f}" if per_fault is not None else f"{'-':>10}"))
-        print("  (µs/fault: slowdown x interval / distinct pages a round dirtied: the time the loop "
-              "lost per write-protect fault it took)")
-        for kind, L in loop.items():
-            writes = L["tracked_median"] * args.interval
-            print(f"  {kind}: {writes:.0f} page writes a round while tracked, {L['distinct_median'] / writes * 100:.0f} % "
-                  f"of them to a page not yet written that round (a fault each); {L['origin']}; "
-                  f"layout checks in tracked collects: {L['layout_checks']}")
-    if info:
-        print("\nset-up: " + "; ".join(
-            f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
-            if not isinstance(v, dict)))
-        for k, v in info.items():
-            if isinstance(v, dict):
-                print(f"  {k}: {v}")
 
-    print("\ntargets:")
-    if "self" in parts:
-        led_gbs = 1 / (med("ledger collect", 0.0) / 1000)
-        bare_gbs = 1 / (med("bare xxh3 (C, per page)") / 1000)
-        one_gbs = 1 / (med("bare xxh3 (1 call)") / 1000)
-        summary.update({
-            "wp_clean_vs_bare_ioctl": med("wp collect", 0.0) / med("bare ioctl", 0.0),
-            "ledger_GiBps": led_gbs,
-            "bare_xxh3_per_page_GiBps": bare_gbs,
-            "bare_xxh3_one_call_GiBps": one_gbs,
-            "ledger_vs_bare_per_page": led_gbs / bare_gbs,
-            "ledger_vs_bare_one_call": led_gbs / one_gbs,
-            "decode_c_speedup": med("decode py") / med("decode C"),
-        })
-        mem = summary["tracker_bytes_per_page"]
-        print(f"  wp clean collect / bare ioctl      {summary['wp_clean_vs_bare_ioctl']:.2f}x   (target <= 1.5x)")
-        print(f"  ledger sweep throughput            {led_gbs:.1f} GiB/s = {summary['ledger_vs_bare_per_page'] * 100:.0f} % of "
-              f"bare per-page xxh3 ({bare_gbs:.1f} GiB/s), {summary['ledger_vs_bare_one_call'] * 100:.0f} % of one-call xxh3 "
-              f"({one_gbs:.1f} GiB/s)   (target >= 50 %)")
-        print(f"  C pagemap decode vs Python         {summary['decode_c_speedup']:.0f}x   (target >= 5x)")
-        print("  tracker memory per tracked page    " + ", ".join(f"{k} {v:.2f} B" for k, v in mem.items())
-              + "   (target <= 16 B)")
+
+def _print_loop(args: argparse.Namespace, size: int, loop: dict) -> None:
+    """The target loop's table: pages/s untracked and tracked, slowdown, pages a round, collect ms."""
+    print(f"\ntarget loop: guest C write loop (--rate max, {size >> 20} MiB private), pages/s, "
+          f"{args.runs} x {args.loop_s / args.runs:g} s per condition, alternating; tracked = "
+          f"injected uffd + WriteProtectTracker.collect every {args.interval * 1000:g} ms")
+    print(f"{'workload':10}{'untracked min/med':>22}{'tracked min/med':>22}{'slowdown':>10}"
+          f"{'pages/round med (min-max)':>28}{'collect ms med':>16}{'µs/fault':>10}")
+    for kind, L in loop.items():
+        u, t = L["pages_per_s"]["untracked"], L["pages_per_s"]["tracked"]
+        rd = L["distinct_pages_per_round"]
+        per_fault = L["implied_us_per_wp_fault"]
+        rounds = f"{statistics.median(rd):.0f} ({min(rd)}-{max(rd)})"
+        print(f"{kind:10}{min(u):>12.0f} /{statistics.median(u):>8.0f}{min(t):>12.0f} /"
+              f"{statistics.median(t):>8.0f}{L['slowdown'] * 100:>9.1f}%{rounds:>28}"
+              f"{statistics.median(L['collect_ms']):>16.2f}"
+              + (f"{per_fault:>10.2f}" if per_fault is not None else f"{'-':>10}"))
+    print("  (µs/fault: slowdown x interval / distinct pages a round dirtied: the time the loop "
+          "lost per write-protect fault it took)")
+    for kind, L in loop.items():
+        writes = L["tracked_median"] * args.interval
+        print(f"  {kind}: {writes:.0f} page writes a round while tracked, {L['distinct_median'] / writes * 100:.0f} % "
+              f"of them to a page not yet written that round (a fault each); {L['origin']}; "
+              f"layout checks in tracked collects: {L['layout_checks']}")
+
+
+def _print_info(info: dict) -> None:
+    print("\nset-up: " + "; ".join(
+        f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
+        if not isinstance(v, dict)))
+    for k, v in info.items():
+        if isinstance(v, dict):
+            print(f"  {k}: {v}")
+
+
+def _targets_self(fig: _Figures) -> None:
+    """The in-process targets: wp collect vs the bare ioctl, ledger sweep vs bare xxh3, C decode
+    vs Python, tracker memory per page."""
+    med, summary = fig.med, fig.summary
+    led_gbs = 1 / (med("ledger collect", 0.0) / 1000)
+    bare_gbs = 1 / (med("bare xxh3 (C, per page)") / 1000)
+    one_gbs = 1 / (med("bare xxh3 (1 call)") / 1000)
+    summary.update({
+        "wp_clean_vs_bare_ioctl": med("wp collect", 0.0) / med("bare ioctl", 0.0),
+        "ledger_GiBps": led_gbs,
+        "bare_xxh3_per_page_GiBps": bare_gbs,
+        "bare_xxh3_one_call_GiBps": one_gbs,
+        "ledger_vs_bare_per_page": led_gbs / bare_gbs,
+        "ledger_vs_bare_one_call": led_gbs / one_gbs,
+        "decode_c_speedup": med("decode py") / med("decode C"),
+    })
+    mem = summary["tracker_bytes_per_page"]
+    print(f"  wp clean collect / bare ioctl      {summary['wp_clean_vs_bare_ioctl']:.2f}x   (target <= 1.5x)")
+    print(f"  ledger sweep throughput            {led_gbs:.1f} GiB/s = {summary['ledger_vs_bare_per_page'] * 100:.0f} % of "
+          f"bare per-page xxh3 ({bare_gbs:.1f} GiB/s), {summary['ledger_vs_bare_one_call'] * 100:.0f} % of one-call xxh3 "
+          f"({one_gbs:.1f} GiB/s)   (target >= 50 %)")
+    print(f"  C pagemap decode vs Python         {summary['decode_c_speedup']:.0f}x   (target >= 5x)")
+    print("  tracker memory per tracked page    " + ", ".join(f"{k} {v:.2f} B" for k, v in mem.items())
+          + "   (target <= 16 B)")
+
+
+def _targets_children(args: argparse.Namespace, fig: _Figures, loop: dict) -> None:
+    """The targets of the child processes: injected and 3-mapper collects vs the bare walks,
+    the injection's time, the target loop's slowdown."""
+    med, summary, gib, other = fig.med, fig.summary, fig.gib, fig.other
     for label, coll, bare in (("injected wp", "wp collect (injected)", "bare ioctl (target)"),
                               ("3 mappers", "mappers collect (3 mappers)", "bare ioctls (3 mappers)")):
-        if coll not in results:
+        if coll not in fig.results:
             continue
         for frac, limit in ((0.0, 1.2), (0.01, 1.5), (0.10, None), (1.0, None)):
             ratio = med(coll, frac) / med(bare, frac)
@@ -606,11 +610,43 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {'target loop slowdown (' + kind + ')':34} {L['slowdown'] * 100:5.1f} %   "
               f"(target < 1 %: {_verdict(L['slowdown'], 0.01)}); {L['distinct_median']:.0f} distinct "
               f"pages a {args.interval * 1000:g} ms round")
+
+
+def run(args: argparse.Namespace) -> int:
+    size = parse_size(args.size)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise UsageError(f"unknown part(s) {', '.join(unknown) or '(none)'}: expected some of {', '.join(PARTS)}")
+    if args.runs < 1 or args.loop_s <= 0 or args.interval <= 0 or args.injections < 1:
+        raise UsageError("--runs and --injections must be >= 1, --loop-s and --interval > 0")
+    gib = size / (1 << 30)
+    print(f"migrator bench track: {size >> 20} MiB per tracker, {args.runs} runs, page {PAGE_SIZE} B, "
+          f"parts {','.join(parts)}")
+    t_start = time.perf_counter()
+    fig = _Figures(gib)
+    if "self" in parts:
+        fig.summary.update(_in_process(args, size, fig.rec))
+        fig.info["self_wp_layout_checks"] = fig.summary.pop("self_wp_layout_checks")
+    if {"injected", "mappers", "inject"} & set(parts):
+        _children(args, size, parts, fig.rec, fig.rec_other, fig.info)
+    loop = {}
+    if "loop" in parts:
+        loop = _target_loop(args, size, parts, fig.rec_other, fig.info)
+    _print_rows(args, fig)
+    if loop:
+        _print_loop(args, size, loop)
+    if fig.info:
+        _print_info(fig.info)
+    print("\ntargets:")
+    if "self" in parts:
+        _targets_self(fig)
+    _targets_children(args, fig, loop)
     elapsed = time.perf_counter() - t_start
     print(f"\nbench took {elapsed:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": size, "runs": args.runs, "parts": parts, "ms": results,
-                       "other": other, "loop": loop, "info": info, "summary": summary,
+            json.dump({"size": size, "runs": args.runs, "parts": parts, "ms": fig.results,
+                       "other": fig.other, "loop": loop, "info": fig.info, "summary": fig.summary,
                        "elapsed_s": elapsed}, f, indent=2)
     return 0
