@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import resource
 import time
-import traceback
 from dataclasses import dataclass
 
 import trio

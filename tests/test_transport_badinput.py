@@ -1,7 +1,6 @@
 """Bad input at the receiver: each case ends with a clear error, no crash, no image marked
 complete, and the same (non --once) receiver then completes a good migration."""
 
-import json
 import os
 import struct
 

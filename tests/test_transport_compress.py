@@ -10,7 +10,7 @@ import lz4.block
 import pytest
 import zstandard
 
-from migrator.transport import RegionSpec, connect_sender, digest_bytes, wire
+from migrator.transport import RegionSpec, connect_sender, digest_bytes
 from migrator.transport.compress import LZ4, ZSTD
 
 from migration_helpers import manifest

@@ -10,7 +10,7 @@ import msgpack
 import pytest
 import trio
 
-from migrator.errors import AuthError, MigratorError, ProtocolError, TransportError, UsageError
+from migrator.errors import MigratorError, ProtocolError, TransportError, UsageError
 from migrator.transport import RegionSpec, connect_sender, digest_bytes, wire
 from migrator.transport import receiver as receiver_mod
 from migrator.transport.auth import client_handshake

@@ -1,6 +1,5 @@
 """Sender → receiver in process: exact images, rounds, channels, ordering, verification."""
 
-import json
 import os
 import threading
 

@@ -1302,7 +1302,7 @@ def _print_report(runs: list[dict], summary: dict, verdict: dict, memory: dict) 
     if runs:
         print()
         print(_table(summary))
-    print(f"\nchecks (all must be 0): " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in verdict.items()))
+    print("\nchecks (all must be 0): " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in verdict.items()))
     split = [r["run"] for r in runs if r["completed_manifest_incomplete"]]
     if split:
         print(f"note: migrate completed (the source stays paused) but the manifest is not complete in "

@@ -75,7 +75,7 @@ import msgpack
 import trio
 import xxhash
 
-from ..errors import MigratorError, ProtocolError, TransportError
+from ..errors import MigratorError, PeerReportedError, ProtocolError, TransportError, TruncatedFrameError
 from ..receiver_process import START_WAIT, wait_port_file
 from ..transport import RegionSpec, connect_sender, wire
 from ..transport.auth import proof
@@ -866,15 +866,14 @@ class Chan:
                     msg = await self.fs.receive()
                 except PeerClosed:
                     return ("eof",)
+                except TruncatedFrameError as e:
+                    return ("lost", str(e))
                 except ProtocolError as e:
-                    if "went away" in str(e):
-                        return ("lost", str(e))
                     return ("bad-answer", str(e))
+                except PeerReportedError as e:
+                    return ("error", e.reason)
                 except TransportError as e:
-                    s = str(e)
-                    if " reported: " in s:
-                        return ("error", s.split(" reported: ", 1)[1])
-                    return ("lost", s)
+                    return ("lost", str(e))
                 if isinstance(msg, wire.RoundAck):
                     if marker is not None and msg.round_no == marker:
                         return ("ack",)
@@ -898,7 +897,12 @@ class Chan:
 
 
 class Refused(Exception):
-    """The receiver answered the handshake with ERROR (or closed)."""
+    """The receiver answered the handshake with ERROR (or closed): str() is its reason."""
+
+
+def reason_of(e: TransportError) -> str:
+    """What the receiver said (ERROR's reason), or our own error's message."""
+    return e.reason if isinstance(e, PeerReportedError) else str(e)
 
 
 async def open_chan(port: int, key: bytes | None, session: bytes, channel: int,
@@ -918,7 +922,7 @@ async def open_chan(port: int, key: bytes | None, session: bytes, channel: int,
             try:
                 ch = await fs.expect(wire.Challenge)
             except TransportError as e:
-                raise Refused(str(e)) from None
+                raise Refused(reason_of(e)) from None
             seal = recv_seal = None
             if key is None:
                 await fs.send(wire.Auth(None))
@@ -935,7 +939,7 @@ async def open_chan(port: int, key: bytes | None, session: bytes, channel: int,
             try:
                 await fs.expect(wire.Welcome)
             except TransportError as e:
-                raise Refused(str(e)) from None
+                raise Refused(reason_of(e)) from None
             if recv_seal is not None:
                 fs.arm(recv=recv_seal)
             ok = True
@@ -1903,7 +1907,7 @@ class Fuzzer:
                 except PeerClosed:
                     return
                 except TransportError as e:
-                    self.note_error(t, str(e).split(" reported: ", 1)[-1])
+                    self.note_error(t, reason_of(e))
                     return
                 right = None
                 if key is not None:
@@ -1943,7 +1947,7 @@ class Fuzzer:
             welcomed = False
         except TransportError as e:
             welcomed = False
-            refusal = str(e).split(" reported: ", 1)[-1]
+            refusal = reason_of(e)
             self.note_error(t, refusal)
         t.answers["auth:" + ("WELCOME" if welcomed else "refused")] += 1
         if welcomed and key is not None:
@@ -2051,8 +2055,8 @@ class Fuzzer:
                 chan = await open_chan(t.port, t.key, r.randbytes(16), 0, f, enc, self.timeout)
             except Refused as e:
                 self.counted(t, "setup_inputs")
-                self.note_error(t, str(e).split(" reported: ", 1)[-1])
-                if "busy" in str(e):
+                self.note_error(t, str(e))
+                if "busy" in str(e):      # (the receiver's reason: "receiver busy with ...")
                     t.count["busy"] += 1
                 t.outcomes[f"{tag.split('@')[0]}@SETUP:rej"] += 1
                 return

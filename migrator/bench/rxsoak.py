@@ -22,7 +22,6 @@ import os
 import random
 import select
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
