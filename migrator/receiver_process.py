@@ -3,6 +3,7 @@ port 0, its port read from its --port-file (never scraped from its log)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -40,6 +41,10 @@ class ReceiverProcess:
         self._log = open(log_path, "w")
         extra = (["--key-file", key_file] if key_file else []) + list(extra)
         port_file = log_path + ".port"
+        try:
+            os.unlink(port_file)        # a previous run's (same log path): its port is stale
+        except FileNotFoundError:
+            pass
         self.proc = subprocess.Popen([sys.executable, "-m", "migrator", "receive", "--listen", "127.0.0.1:0",
                                       "--out", out_dir, "--port-file", port_file, *extra],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)

@@ -73,6 +73,28 @@ async def test_once_migration_and_interrupt(tmp_path):
     assert os.path.exists(out / "manifest.json")
 
 
+def test_receiver_process_ignores_a_stale_port_file(tmp_path):
+    """A rerun with the same log path (a scenario's --report folder, reused) must not read the
+    previous run's port: ReceiverProcess removes the file before its receiver starts."""
+    import socket
+
+    from migrator.receiver_process import ReceiverProcess
+
+    log = tmp_path / "receiver.log"
+    listener = socket.socket()                  # a port nothing will accept on once closed
+    listener.bind(("127.0.0.1", 0))
+    stale = listener.getsockname()[1]
+    listener.close()
+    (tmp_path / "receiver.log.port").write_text(f"{stale}\n")
+    r = ReceiverProcess(str(tmp_path / "out"), str(log))
+    try:
+        assert r.port != stale
+        assert f"listening on 127.0.0.1:{r.port}," in r.text()
+        socket.create_connection(("127.0.0.1", r.port), timeout=10).close()
+    finally:
+        r.stop()
+
+
 def test_port_file_names_the_port_it_listens_on(tmp_path):
     """--port-file: the port, whole, written before the "listening on" line: the port that line
     gives, and one that accepts connections."""
