@@ -77,7 +77,6 @@ class SweepGate:
         self._prev: HolderScan | None = None
         self._extents: dict[ObjectKey, list[tuple[int, int]]] = {}
         self._views: dict[ObjectKey, tuple[int, int]] = {}     # key -> (address, pages)
-        self._present: dict[ObjectKey, PageSet] = {}
         self._pagemap: Pagemap | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._holes: Future | None = None
@@ -303,10 +302,6 @@ class SweepGate:
             elif not _covers(now, before or []):
                 reasons[k].append("some of its data pages became holes (punched, removed or truncated)")
         self._extents = extents
-
-    def expected_sweep_bytes(self) -> int:
-        """Bytes the previous decision swept: what the next (final) collect should expect."""
-        return sum(s.nbytes for s in self.last.values())
 
 
 def _covers(now: list[tuple[int, int]], before: list[tuple[int, int]]) -> bool:
