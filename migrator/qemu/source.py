@@ -144,6 +144,12 @@ def set_device_migration_capabilities(qmp: QMP, max_bandwidth: float | None) -> 
         ("migrate-set-parameters", {"max-bandwidth": int(max_bandwidth or UNCAPPED)}))
 
 
+def prepare_device_migration(qmp: QMP, max_bandwidth: float | None) -> None:
+    """Capabilities for a device-state-only migration (set before anything moves)."""
+    check_not_migrating(qmp.execute("query-migrate"))
+    set_device_migration_capabilities(qmp, max_bandwidth)
+
+
 def wait_migration(qmp: QMP, since: int, wait_s: float, statuses: tuple[str, ...] = TERMINAL) -> str:
     """Wait for a MIGRATION event with one of `statuses` (default: a terminal one) among the
     events after index `since`; a terminal status ends the wait too."""
