@@ -30,6 +30,9 @@ def obs(n: int, prev: int = 10_000, **kw) -> Observation:
     (obs(20, prev=1000), Streaks(), RULES, Action.SWITCH_OVER, Streaks()),
     # ... the final collect counts toward the pause: 2000 pages (82 ms) + 30 ms does not fit
     (obs(2000, prev=2100, final_collect_s=0.03), Streaks(), RULES, Action.SEND_ROUND, Streaks(1, 0)),
+    # ... and so does the round's end: 2000 pages + 10 ms fits, + 20 ms does not
+    (obs(2000, prev=2100, round_end_s=0.01), Streaks(), RULES, Action.SWITCH_OVER, Streaks()),
+    (obs(2000, prev=2100, round_end_s=0.02), Streaks(), RULES, Action.SEND_ROUND, Streaks(1, 0)),
     # 3. the final collect alone over the limit with a sweep, 3 times in a row: give up
     (obs(100, prev=1000, final_collect_s=0.2, swept=True), Streaks(0, 2), RULES,
      Action.GIVE_UP_SWEEPS, Streaks(0, 3)),
@@ -53,10 +56,10 @@ def test_decide(o, streaks, rules, action, after):
     assert decide(o, streaks, rules) == (action, after)
 
 
-def test_expected_pause_is_collect_plus_transfer():
-    o = obs(2441, final_collect_s=0.02)
+def test_expected_pause_is_collect_plus_transfer_plus_round_end():
+    o = obs(2441, final_collect_s=0.02, round_end_s=0.005)
     assert o.transfer_s == pytest.approx(2441 * 4096 / BW)
-    assert o.expected_s == pytest.approx(0.02 + 2441 * 4096 / BW)
+    assert o.expected_s == pytest.approx(0.02 + 2441 * 4096 / BW + 0.005)
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -9,7 +9,7 @@ import trio.testing
 
 from migrator.errors import MigratorError, RegionError, TransportError
 from migrator.transport import RegionSpec, connect_sender, digest_bytes, region_digest, wire
-from migrator.transport.images import ImageSet
+from migrator.transport.images import WRITEBACK_EVERY, ImageSet
 from migrator.transport.sender import RateLimiter
 
 from transport_helpers import KEY, PS, MemReader, batch_frame, random_memory, raw_session, read_image, start_receiver
@@ -216,3 +216,30 @@ async def test_connect_errors(nursery, tmp_path):
     with pytest.raises(RegionError, match="page-aligned"):
         async with connect_sender("127.0.0.1", 1, key=KEY, regions=[RegionSpec("a", 0, 100)]):
             pass
+
+
+async def test_stop_and_copy_round_end_waits_for_no_write_back(nursery, tmp_path):
+    """A live round's end after 64 MiB or more of an image waits for its write-back (the pause
+    then inherits no backlog); the stop-and-copy's (RoundEnd.final) never waits, however much
+    the rounds left unsettled: that wait would be downtime."""
+    out = tmp_path / "out"
+    rx, port, _ = await start_receiver(nursery, out)
+    n = WRITEBACK_EVERY // PS + 256            # pages a round: just over the threshold
+    fs = await raw_session(port, [RegionSpec("ram", 0, 2 * n * PS)])
+    chunk = wire.MAX_DATA // PS
+
+    async def send_round(rnd: int, first: int, final: bool) -> None:
+        for a in range(first, first + n, chunk):
+            k = min(chunk, first + n - a)
+            await fs.send_raw(batch_frame(0, rnd, [(a, k)], [], bytes([rnd]) * (k * PS)))
+        await fs.send(wire.RoundEnd(rnd, final))
+        assert (await fs.expect(wire.RoundAck)).round_no == rnd
+
+    await send_round(1, 0, final=False)
+    await send_round(2, n, final=True)
+    want = b"\x01" * (n * PS) + b"\x02" * (n * PS)
+    await fs.send(wire.End((digest_bytes(want),)))
+    assert (await fs.expect(wire.Result)).complete
+    (o,) = await rx.wait_sessions(1)
+    assert o.complete and o.writeback_waits == 1
+    assert read_image(out, manifest(out), "ram") == want

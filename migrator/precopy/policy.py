@@ -45,6 +45,7 @@ class Observation:
     prev_sent: int            # pages the previous round sent (>= 1)
     bandwidth: float          # bytes/s, measured so far (> 0)
     final_collect_s: float    # what the final collect would cost (s): the tracker's estimate
+    round_end_s: float = 0.0  # a round's end, measured: its last page sent -> acknowledged (s)
     swept: bool = False       # the last collect had to sweep an object (tracking/sweepgate.py)
     forced: bool = False      # a switch-over was requested (MigrationPolicy.force_switchover)
     throttle_at_max: bool = False
@@ -57,8 +58,9 @@ class Observation:
 
     @property
     def expected_s(self) -> float:
-        """The pause a switch-over now would cost (s): the final collect, then the transfer."""
-        return self.final_collect_s + self.transfer_s
+        """The pause a switch-over now would cost (s): the final collect, the transfer, then
+        the stop-and-copy round's end (the receiver's acknowledgement)."""
+        return self.final_collect_s + self.transfer_s + self.round_end_s
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 SAMPLE_STRIDE = 16       # a round's sample of sent data pages: every 16th ...
 SAMPLE_PAGES = 4096      # ... up to this many (16 MiB hashed at most per check)
+PAUSE_RATE_MIN_BYTES = 1 << 20   # a round this large measures the rate the pause's send gets
 
 
 def page_runs(dirty: dict[str, PageSet]) -> dict[str, list[tuple[int, int]]]:
@@ -177,6 +178,8 @@ class RoundResult:
                                     # was skipped, switch over now
     collected_at: float             # time.monotonic() of that collect (or of the skip)
     unsent: dict[str, PageSet]      # the round was cut short: its pages not sent
+    end_s: float | None = None      # its last page sent -> its end acknowledged (s); None: no
+                                    # end marker (switching over now)
 
 
 class LiveRound:
@@ -210,6 +213,7 @@ class LiveRound:
             hook = self._sent.packed if self._cut is not None else m.on_packed
             st = await m.sender.send_pages(page_runs(self.runs), m.source, round_no, hook, until=self._cut)
             m.mark(f"round{round_no}-sent")
+            sent_at, end_s = time.monotonic(), None
             self._send_done.set()
             # the digests brought up to date with this round (the switch-over's then hash only
             # the pages of its last rounds)
@@ -217,10 +221,11 @@ class LiveRound:
             # switching over now: the final round's end marker covers these pages too
             if not self._skip_collect():
                 await m.sender.end_round(round_no)
+                end_s = time.monotonic() - sent_at
                 m.mark(f"round{round_no}-acked")
         cut = self._cut is not None and self._cut.is_set()
         unsent = self._sent.left(self.runs, st.dropped) if cut else {}
-        return RoundResult(st, self._dirty, self._at, unsent)
+        return RoundResult(st, self._dirty, self._at, unsent, end_s)
 
     def _skip_collect(self) -> bool:
         """Decided once, when the collect would start or the send ended, if sooner: even if
@@ -311,6 +316,10 @@ async def run_rounds(m: Migration, first: dict[str, PageSet], guard: Guard) -> S
     streaks = Streaks()
     prev_sent = count_pages(first)
     round_no = 0
+    # the stop-and-copy's end, as the live rounds' ends measured it (the least: a live round's
+    # end may also wait for the receiver's disk, which the stop-and-copy's never does; round
+    # 0's always does, so it is left out)
+    round_end_s = math.inf
     while True:
         round_no += 1
         dirty = res.dirty
@@ -319,11 +328,17 @@ async def run_rounds(m: Migration, first: dict[str, PageSet], guard: Guard) -> S
         m.note(dirty, round_no)
         n = count_pages(dirty.pages)
         rep.dirty_pages_rate = n / max(elapsed, 1e-6)                # pages/s
-        rep.bandwidth_bytes_per_s = bandwidth = max(m.sender.statistics().bandwidth, 1.0)
+        stats = m.sender.statistics()
+        rep.bandwidth_bytes_per_s = bandwidth = max(stats.bandwidth, 1.0)
         # the pause will cost the final collect (its page-table scans, and a sweep of each
-        # object this collect had to sweep) and the transfer
+        # object this collect had to sweep), the transfer, at the slower of the whole
+        # migration's rate and the last round's (a small round's is nearer the pause's), and
+        # the round's end
+        if res.stats.bytes >= PAUSE_RATE_MIN_BYTES and stats.last_bandwidth > 0:
+            bandwidth = min(bandwidth, stats.last_bandwidth)
         obs = Observation(round_no=round_no, dirty_pages=n, prev_sent=prev_sent, bandwidth=bandwidth,
                           final_collect_s=m.tracker.final_collect_estimate_s(), swept=bool(dirty.sweeps),
+                          round_end_s=0.0 if math.isinf(round_end_s) else round_end_s,
                           forced=policy.force_switchover is not None and policy.force_switchover.is_set(),
                           throttle_at_max=m.throttle.percent >= Throttle.MAX,
                           page_size=PAGE_SIZE)
@@ -341,6 +356,8 @@ async def run_rounds(m: Migration, first: dict[str, PageSet], guard: Guard) -> S
             m.throttle.step_up()
         lead = max(0.0, n * PAGE_SIZE / bandwidth - dirty.cost_s)
         res = await LiveRound(m, dirty.pages, round_no, lead, last_collect).run()
+        if res.end_s is not None:
+            round_end_s = min(round_end_s, res.end_s)
         m.account(round_no, n, res.stats, dirty.cost_s, rep.dirty_pages_rate, obs.expected_s * 1000)
         prev_sent = max(n, 1)
         elapsed, last_collect = res.collected_at - last_collect, res.collected_at

@@ -170,7 +170,7 @@ class StopAndCopy:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(digest_all)
-            await m.sender.end_round(self.round_no)
+            await m.sender.end_round(self.round_no, final=True)
             m.mark("final-acked")
         return digests
 

@@ -285,6 +285,7 @@ class ImageSet:
         self.pages_written = 0
         self.pages_zeroed = 0
         self.pages_stale = 0
+        self.writeback_waits = 0     # round ends that waited for an image's write-back (settle)
         self._zeros = ffi.new("uint8_t[]", max(_ZERO_WRITE, page_size))
 
     @property
@@ -351,13 +352,16 @@ class ImageSet:
         """At a round's end, before its acknowledgement: wait until the pages of an image that
         took at least WRITEBACK_EVERY bytes since the last settle are written back (blocking).
         A large round (round 0) is then acknowledged once the disk has it, and the pause does
-        not inherit its backlog (the kernel would throttle the pause's writes); a small round,
-        such as the stop-and-copy's, does not wait.  Nothing to do on tmpfs."""
+        not inherit its backlog (the kernel would throttle the pause's writes); a small round
+        does not wait.  The stop-and-copy's round end (RoundEnd.final) never calls it: what the
+        rounds left unsettled, the pause's pages included, is made durable after the verdict,
+        outside the pause.  Nothing to do on tmpfs."""
         with self._lock:
             self._check_open()
             for img in self._images:
                 if img.unsettled >= WRITEBACK_EVERY:
                     img.unsettled = img.unflushed = 0
+                    self.writeback_waits += 1
                     lib.mg_writeback(img.fd, 1)     # (best effort, as in _apply)
 
     def refresh_digests(self) -> None:

@@ -53,6 +53,7 @@ class SessionOutcome:
     pages_stale: int
     channels: int
     duration: float
+    writeback_waits: int = 0     # round ends acknowledged only once an image was written back
 
 
 @dataclass
@@ -170,7 +171,7 @@ class Receiver:
             regions=len(im.regions) if im else 0, bytes_received=s.bytes_received,
             pages_written=im.pages_written if im else 0, pages_zeroed=im.pages_zeroed if im else 0,
             pages_stale=im.pages_stale if im else 0, channels=s.channels,
-            duration=time.monotonic() - s.started)
+            duration=time.monotonic() - s.started, writeback_waits=im.writeback_waits if im else 0)
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_close_images, im, s.error if failed else None, not complete)
         if self._active is s:       # (only now may the next session use the folder)
@@ -417,7 +418,8 @@ class Receiver:
                     q.join()          # everything before the round end is written
                     if failed:
                         break
-                    images.settle()
+                    if not msg.final:     # (the pause waits for no disk: see ImageSet.settle)
+                        images.settle()
                     io.send(wire.RoundAck(msg.round_no))
                     images.refresh_digests()     # (off the pause: the round is acknowledged)
                 else:

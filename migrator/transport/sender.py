@@ -715,23 +715,23 @@ class Sender:
                     except TransportError as e:
                         raise await _reason(fs, e) from None
 
-    async def end_round(self, round_no: int) -> None:
+    async def end_round(self, round_no: int, final: bool = False) -> None:
         """Mark the end of round_no on every channel and wait until the receiver has written
-        everything sent before it."""
+        everything sent before it.  final: the stop-and-copy's round (see wire.RoundEnd)."""
         async with self._lock:
             t0 = time.monotonic()
             try:
                 async with trio.open_nursery() as nursery:
                     for fs in self._fs:
-                        nursery.start_soon(self._ack_round, fs, round_no)
+                        nursery.start_soon(self._ack_round, fs, round_no, final)
             except BaseExceptionGroup as eg:
                 raise first_error(eg) from None
             self._busy += time.monotonic() - t0
             self._rounds += 1
 
-    async def _ack_round(self, fs: FrameStream, round_no: int) -> None:
+    async def _ack_round(self, fs: FrameStream, round_no: int, final: bool) -> None:
         try:
-            await fs.send(wire.RoundEnd(round_no))
+            await fs.send(wire.RoundEnd(round_no, final))
         except TransportError as e:
             raise await _reason(fs, e) from None
         ack = await fs.expect(wire.RoundAck)

@@ -27,7 +27,8 @@ from ..errors import ProtocolError
 from .pagehash import page_hashes
 
 MAGIC = b"MG"
-VERSION = 4                   # 2: PREPARE; 3: every frame after the handshake sealed (seal.py); 4: digests over leaves (digest.py)
+VERSION = 5                   # 2: PREPARE; 3: every frame after the handshake sealed (seal.py);
+                              # 4: digests over leaves (digest.py); 5: ROUND_END's final flag
 HEADER = struct.Struct("!2sBBII")
 HEADER_SIZE = HEADER.size
 
@@ -192,8 +193,12 @@ class _RoundMark:
     round_no: int
 
 
+@dataclass(frozen=True)
 class RoundEnd(_RoundMark):
-    """Every batch of round_no on this channel was sent."""
+    """Every batch of round_no on this channel was sent.  final: the stop-and-copy's round
+    (the source is paused: the receiver acknowledges it without waiting for its disk)."""
+
+    final: bool = False
 
 
 class RoundAck(_RoundMark):
@@ -281,6 +286,8 @@ def _meta(msg: Message) -> dict:
     if isinstance(msg, Batch):
         return {"r": msg.region, "n": msg.round_no, "d": list(msg.data_flat),
                 "z": list(msg.zero_flat), "h": msg.digest, "c": msg.compression}
+    if isinstance(msg, RoundEnd):
+        return {"n": msg.round_no, "f": msg.final}
     if isinstance(msg, _RoundMark):
         return {"n": msg.round_no}
     if isinstance(msg, Prepare):
@@ -492,10 +499,11 @@ def _decode(t: T, meta: bytes, data_len: int, page_size: int | None) -> Message:
         if not flat:
             raise ProtocolError("PREPARE frame: no pages")
         return Prepare(region, flat)
-    if t in (T.ROUND_END, T.ROUND_ACK):
-        f = _Fields(t, m, {"n"})
-        n = f.int("n", 0, MAX_ROUND)
-        return RoundEnd(n) if t is T.ROUND_END else RoundAck(n)
+    if t is T.ROUND_END:
+        f = _Fields(t, m, {"n", "f"})
+        return RoundEnd(f.int("n", 0, MAX_ROUND), f.bool("f"))
+    if t is T.ROUND_ACK:
+        return RoundAck(_Fields(t, m, {"n"}).int("n", 0, MAX_ROUND))
     if t is T.END:
         f = _Fields(t, m, {"digests", "commit"})
         return End(tuple(_digest_hex(d, "END digest") for d in f.list("digests", MAX_REGIONS)),
