@@ -256,7 +256,15 @@ int64_t mg_bitmap_runs(const uint8_t *bitmap, uint64_t nbits, uint64_t *pos, uin
     uint64_t i = *pos;
     int64_t out = 0;
     while (i < nbits && (uint64_t)out < max_runs) {
-        /* skip clear bytes quickly */
+        /* skip clear words, then clear bytes, quickly (a sparse set of a large region) */
+        if ((i & 63) == 0 && i + 64 <= nbits) {
+            uint64_t w;
+            memcpy(&w, bitmap + (i >> 3), 8);
+            if (w == 0) {
+                i += 64;
+                continue;
+            }
+        }
         if ((i & 7) == 0 && bitmap[i >> 3] == 0) {
             i += 8;
             continue;
@@ -290,9 +298,22 @@ int64_t mg_bitmap_count(const uint8_t *bitmap, uint64_t nbytes)
     for (; i + 8 <= nbytes; i += 8) {     /* a word at a time (unaligned-safe through memcpy) */
         uint64_t w;
         memcpy(&w, bitmap + i, 8);
-        c += __builtin_popcountll(w);
+        if (w)                            /* (sparse sets: most words are clear) */
+            c += __builtin_popcountll(w);
     }
     for (; i < nbytes; i++)
         c += __builtin_popcount(bitmap[i]);
     return c;
+}
+
+void mg_bitmap_or(uint8_t *dst, const uint8_t *src, uint64_t nbytes)
+{
+    for (uint64_t i = 0; i < nbytes; i++)
+        dst[i] |= src[i];
+}
+
+void mg_bitmap_andnot(uint8_t *dst, const uint8_t *a, const uint8_t *b, uint64_t nbytes)
+{
+    for (uint64_t i = 0; i < nbytes; i++)
+        dst[i] = a[i] & (uint8_t)~b[i];
 }

@@ -74,5 +74,9 @@ int64_t mg_gens_since(const uint32_t *gens, uint64_t n, uint32_t since, uint8_t 
 int64_t mg_bitmap_runs(const uint8_t *bitmap, uint64_t nbits, uint64_t *pos, uint64_t *runs,
                        uint64_t max_runs);
 int64_t mg_bitmap_count(const uint8_t *bitmap, uint64_t nbytes);
+/* dst |= src, nbytes bytes. */
+void mg_bitmap_or(uint8_t *dst, const uint8_t *src, uint64_t nbytes);
+/* dst = a & ~b, nbytes bytes (dst may be a). */
+void mg_bitmap_andnot(uint8_t *dst, const uint8_t *a, const uint8_t *b, uint64_t nbytes);
 
 #endif

@@ -32,6 +32,29 @@ def test_runs_match_members(case):
         assert a < b and a in s and (b == n or b not in s)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5000).flatmap(lambda n: st.tuples(
+    st.just(n), st.sets(st.integers(0, n - 1)), st.sets(st.integers(0, n - 1)))))
+def test_union_and_difference_match_python_sets(case):
+    """The C loops (mg_bitmap_or / mg_bitmap_andnot, and the runs' skip of clear 64-bit words)
+    against Python's sets, on sizes that end mid-byte and mid-word."""
+    n, a, b = case
+    x, y = PageSet.of(n, a), PageSet.of(n, b)
+    assert (x - y).pages() == sorted(a - b)
+    assert (x | y).pages() == sorted(a | b)
+    x.update(y)
+    assert x.pages() == sorted(a | b) and len(x) == len(a | b)
+    assert y.pages() == sorted(b)          # (the other operand untouched)
+
+
+def test_sparse_runs_of_a_large_region():
+    n = (8 << 30) // 4096 + 13                 # an 8 GiB region and a bit, ending mid-byte
+    members = [0, 63, 64, 65, 4095, 1 << 20, n - 1]
+    s = PageSet.of(n, members)
+    assert s.pages() == members and len(s) == len(members)
+    assert list(s.runs()) == [(0, 1), (63, 66), (4095, 4096), (1 << 20, (1 << 20) + 1), (n - 1, n)]
+
+
 def test_c_page_hashes_equal_xxh3_64_of_each_page():
     """The C per-page hash (AVX2 build where the CPU has it) is exactly XXH3-64 of each page."""
     import os

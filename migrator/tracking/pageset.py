@@ -57,7 +57,8 @@ class PageSet:
     def update(self, other: "PageSet") -> None:
         """In-place union."""
         self._same_shape(other)
-        self.bits[:] = (int.from_bytes(self.bits, "little") | int.from_bytes(other.bits, "little")).to_bytes(len(self.bits), "little")
+        with ffi.from_buffer(self.bits) as d, ffi.from_buffer(other.bits) as s:
+            lib.mg_bitmap_or(d, s, len(self.bits))     # (in C, without the GIL)
 
     def __or__(self, other: "PageSet") -> "PageSet":
         out = self.copy()
@@ -66,8 +67,11 @@ class PageSet:
 
     def __sub__(self, other: "PageSet") -> "PageSet":
         self._same_shape(other)
-        v = int.from_bytes(self.bits, "little") & ~int.from_bytes(other.bits, "little")
-        return PageSet(self.npages, bytearray(v.to_bytes(len(self.bits), "little")))
+        out = PageSet(self.npages)
+        with ffi.from_buffer(out.bits) as d, ffi.from_buffer(self.bits) as a, \
+                ffi.from_buffer(other.bits) as b:
+            lib.mg_bitmap_andnot(d, a, b, len(self.bits))
+        return out
 
     def copy(self) -> "PageSet":
         return PageSet(self.npages, bytearray(self.bits))
