@@ -25,6 +25,7 @@ class Scratch(Closing):
         self.npages = npages
         self.size = npages * PAGE_SIZE
         self.fd = -1
+        self._skip = 0            # bytes before the exposed window (an aligned one, for THP)
         if memfd_name is not None:
             self.fd = os.memfd_create(memfd_name, os.MFD_CLOEXEC)
             os.ftruncate(self.fd, self.size)
@@ -37,7 +38,6 @@ class Scratch(Closing):
             self.map = self._big
         else:
             self.map = mmap.mmap(-1, self.size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self._skip = getattr(self, "_skip", 0)
         self.addr = address_of(self.map) + self._skip
 
     def write(self, page: int, data: bytes = b"\x01", at: int = 0) -> None:

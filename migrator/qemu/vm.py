@@ -40,6 +40,7 @@ class SourceVM:
         self.qmp_path = os.path.join(self.workdir, f"{name}.qmp")
         self.log_path = os.path.join(self.workdir, f"{name}.log")
         self.boot_image = boot_image
+        self.qmp: QMP | None = None           # (connected once QEMU listens)
         self.args = vm_args(boot_image, self.serial_path)
         cmd = [binary, *self.args, *source_ram_args(ram_size),
                "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
@@ -73,7 +74,7 @@ class SourceVM:
             time.sleep(0.01)
 
     def kill(self) -> None:
-        if getattr(self, "qmp", None) is not None:
+        if self.qmp is not None:
             self.qmp.close()
             self.qmp = None
         if self.proc.poll() is None:
