@@ -256,3 +256,60 @@ def test_long_failures_are_cut_in_the_table():
     line = report.render_table([r]).splitlines()[2]
     assert line.endswith("FAIL: fetch failed: E: Unable to locate package E: Couldn't fin...")
     assert len(line.split("FAIL: ", 1)[1]) == 60
+
+
+# --- a guest kernel that dies in its own boot is booted once more ------------------------------
+# A real panic cannot be had on demand, so run_command is replaced by one returning the RunResults
+# a panicking and a good boot give (the console lines are the ones CI printed on 2026-12-03).
+
+PANIC_CONSOLE = """[    2.419747] PKRU: 55555554
+[    2.419929] Kernel panic - not syncing: Fatal exception in interrupt
+[    4.718148] Shutting down cpus with NMI"""
+
+
+def _result(kernel, tmp_path, *, booted: bool, n: int):
+    out = tmp_path / f"out{n}"
+    out.mkdir()
+    if not booted:
+        return vmrun.RunResult(kernel, None, None, "", PANIC_CONSOLE, None, 8.0,
+                               "boot failed (qemu exit status 0)", out)
+    (out / "probe.json").write_text(json.dumps({
+        "release": "6.12.0-test", "auto": "wp",
+        "features": {"soft_dirty": False, "uffd_wp_async": True, "pagemap_scan": True}}))
+    return vmrun.RunResult(kernel, 0, "6.12.0-test", "== 3 passed in 1.00s ==\n", "booted", 9.5,
+                           40.0, None, out)
+
+
+def test_boot_crash_names_the_panic():
+    assert vmrun.boot_crash(PANIC_CONSOLE) == "Kernel panic - not syncing: Fatal exception in interrupt"
+    assert vmrun.boot_crash("[ 1.0] all fine\nmigrator-vm booted") is None
+
+
+@pytest.mark.parametrize("boots, rows_ok, runs", [
+    ([False, True], True, 2),      # panicked once, then booted: the row passes, with a note
+    ([False, False], False, 2),    # panicked twice: the row fails, booted only twice
+    ([True], True, 1),             # booted at once: one run
+])
+def test_matrix_boots_again_after_a_boot_crash(monkeypatch, tmp_path, boots, rows_ok, runs):
+    calls = []
+
+    def fake_run_command(name, cmd, **kw):
+        calls.append(name)
+        return _result(name, tmp_path, booted=boots[len(calls) - 1], n=len(calls))
+
+    monkeypatch.setattr(vmrun, "run_command", fake_run_command)
+    monkeypatch.setattr(vmrun, "judge", lambda kr, res, k, standin=False: (
+        setattr(kr, "status", "ok" if res.rc == 0 else (res.failure or "no result")),
+        setattr(kr, "tests", report.parse_pytest_summary(res.output))))
+    log_dir = tmp_path / "logs"
+    [row] = vmrun.run_matrix(["debian-6.12"], python="py", probe="migrator", tests=["t.py"],
+                             pytest_args=[], timeout=60, log_dir=log_dir)
+    assert len(calls) == runs
+    assert row.ok is rows_ok
+    crashed = [n for n in row.notes if n.startswith("boot 1 failed")]
+    if boots[0]:
+        assert crashed == [] and not (log_dir / "debian-6.12.boot1.log").exists()
+    else:
+        assert crashed == ["boot 1 failed (Kernel panic - not syncing: Fatal exception in "
+                           "interrupt); booted again"]
+        assert (log_dir / "debian-6.12.boot1.log").read_text() == PANIC_CONSOLE

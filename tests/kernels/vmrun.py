@@ -669,6 +669,23 @@ exit $trc
     return ["sh", "-c", script]
 
 
+BOOT_ATTEMPTS = 2      # a guest kernel that dies in its own boot (seen once: a 6.12 panic
+                       # "Fatal exception in interrupt" under TCG, 2.4 s in) is booted once more
+
+
+def never_booted(res: RunResult) -> bool:
+    """True when the guest stopped before its init printed "booted" (so no test ran)."""
+    return res.rc is None and res.boot_seconds is None and res.release is None
+
+
+def boot_crash(console: str) -> str | None:
+    """The guest kernel's own last word, when it panicked or oopsed: its "Kernel panic" line."""
+    for line in reversed(console.splitlines()):
+        if "Kernel panic" in line:
+            return line.split("]", 1)[-1].strip() if line.lstrip().startswith("[") else line.strip()
+    return None
+
+
 def run_matrix(kernels: list[str], *, python: str, probe: str, tests: list[str],
                pytest_args: list[str], timeout: float, log_dir: Path | None = None,
                packages: dict[str, str] | None = None, jobs: int = 1,
@@ -681,8 +698,21 @@ def run_matrix(kernels: list[str], *, python: str, probe: str, tests: list[str],
         kr = report.KernelResult(name)
         t0 = time.monotonic()
         try:
-            res = run_command(name, cmd, timeout=timeout, keep_out=True,
-                              package=(packages or {}).get(name), **kw)
+            for attempt in range(1, BOOT_ATTEMPTS + 1):
+                res = run_command(name, cmd, timeout=timeout, keep_out=True,
+                                  package=(packages or {}).get(name), **kw)
+                if not never_booted(res) or attempt == BOOT_ATTEMPTS:
+                    break
+                # the guest kernel died before our init said "booted": nothing of the project
+                # ran yet, so boot again, and say so in the row's notes and the log
+                why = boot_crash(res.console) or res.failure or "no result"
+                kr.notes.append(f"boot {attempt} failed ({why}); booted again")
+                log(f"{name}: boot {attempt} failed ({why}); booting again")
+                if log_dir is not None:
+                    log_dir.mkdir(parents=True, exist_ok=True)
+                    (log_dir / f"{name}.boot{attempt}.log").write_text(res.console)
+                if res.out_dir and res.out_dir.exists():
+                    shutil.rmtree(res.out_dir, ignore_errors=True)
         except VMError as e:
             kr.status = f"{e.stage} failed"
             kr.notes.append(" ".join(str(e).split()))
