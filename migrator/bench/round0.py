@@ -9,6 +9,11 @@ and reads round 0's bytes and duration from the migration's JSON report.  Raw TC
 `sendall` loop into one `recv_into` loop, both in their own processes.  The receiver writes to
 /dev/shm (tmpfs: the stream, not the disk) or to a folder on disk (--out-dir).
 
+Before each migration the benchmark writes and releases as much fresh memory as the receiver is
+about to allocate (bench/_frames.py): on this VM a physical frame the guest never used costs the
+host ~3 s/GiB at its first touch, which a run would otherwise pay or not by chance.  Each run
+prints what the warm-up cost; --cold-frames skips it.
+
 It also counts CPU seconds per GiB moved: raw TCP's sender and receiver; migrator's sending
 process during round 0 (`cpu_ms` of the round, every thread) and its receiver over the whole
 session (from /proc/PID/stat).  Where the sender and the receiver share the machine's cores, as
@@ -37,6 +42,7 @@ from ..guest.spec import GuestSpec
 from ..guest.workloads import WorkloadSpec
 from ..receiver_process import wait_port_file
 from ..units import parse_size
+from ._frames import warm_frames
 from ._procs import stop_process
 from .wire import _RAW_RECEIVER, _raw_tcp
 
@@ -68,6 +74,10 @@ def register(sub) -> None:
                    help="where the receiver writes (default /dev/shm; a disk folder such as "
                         "/var/tmp measures the disk-backed receiver)")
     p.add_argument("--compress", default="auto", choices=["auto", "zstd", "lz4", "none"])
+    p.add_argument("--cold-frames", action="store_true",
+                   help="do not warm the frames the receiver allocates before each migration "
+                        "(see bench/_frames.py: on a lazily backed VM a run then pays the host's "
+                        "first touch of fresh memory, or not, by chance)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.set_defaults(handler=run)
 
@@ -146,6 +156,7 @@ class _Rig:
     procs: dict[str, object] = field(default_factory=dict)
     raw_port: int = 0
     port: int = 0
+    warm_s_per_gib: list[float] = field(default_factory=list)   # each warm-up's cost
 
 
 def _one_run(i: int, args: argparse.Namespace, targets: list[str], size: int, rig: _Rig,
@@ -168,6 +179,8 @@ def _one_run(i: int, args: argparse.Namespace, targets: list[str], size: int, ri
             pid, regions = g.pid, [g.region("shared").name, f"{a.start:x}-{a.end:x}"]
         else:
             pid, regions = procs["memfd"].pid, ["bench-memfd"]
+        if not args.cold_frames:        # the receiver's images and tables, and some slack
+            rig.warm_s_per_gib.append(warm_frames(size + (256 << 20)))
         rep, rx_cpu = _cpu_during(rig.rx.pid, lambda: _migrate(
             pid, regions, port, key_file, args.channels, args.compress, report))
         bps, nbytes = _round0(rep)
@@ -175,6 +188,8 @@ def _one_run(i: int, args: argparse.Namespace, targets: list[str], size: int, ri
         cpu[t]["sender"].append(rep["per_round"][0]["cpu_ms"] / 1000 / (nbytes / (1 << 30)))
         cpu[t]["receiver"].append(rx_cpu / (rep["transferred_bytes"] / (1 << 30)))
         line += f"   {t} round 0 {bps / 1e6:6.0f} MB/s ({bps / results['raw_tcp'][-1]:.2f}x)"
+        if not args.cold_frames:
+            line += f" [warm-up {rig.warm_s_per_gib[-1]:.2f} s/GiB]"
     print(line, flush=True)
 
 
@@ -236,8 +251,14 @@ def run(args: argparse.Namespace) -> int:
     finally:
         _stop_all(rig)
     summary = _summary(results, cpu)
+    if rig.warm_s_per_gib:
+        w = rig.warm_s_per_gib
+        print(f"frames warmed before each migration: {min(w):.2f} / {statistics.median(w):.2f} / "
+              f"{max(w):.2f} s/GiB (min / median / max; ~0.7 when the host backs them already, "
+              f"~3 on its first touch: see bench/_frames.py)")
     summary.update(size=size, channels=args.channels, out_dir=args.out_dir, compress=args.compress,
-                   cpus=os.cpu_count())
+                   cpus=os.cpu_count(), cold_frames=args.cold_frames,
+                   warm_s_per_gib=rig.warm_s_per_gib)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

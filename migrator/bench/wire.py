@@ -1,7 +1,12 @@
 """Wire benchmark: raw TCP loopback throughput beside sender → receiver page throughput,
 measured in the same run, receiver in its own process.  Source memories (memfds): random pages;
 zero-heavy (1 page in 64 holds data, the others were written with zeros); untouched (the same,
-but the zero pages were never written: holes, as in a guest's untouched RAM)."""
+but the zero pages were never written: holes, as in a guest's untouched RAM).
+
+Before each session the benchmark writes and releases as much fresh memory as the receiver is
+about to allocate (bench/_frames.py): on this VM the host backs guest memory on its first touch
+(~3 s/GiB), and a session whose receiver got never-used frames ran 3x slower than the next one.
+--cold-frames skips it."""
 
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from ..precopy.source import SourceMemory
 from ..receiver_process import wait_port_file
 from ..transport import RegionSpec, connect_sender
 from ..units import parse_size
+from ._frames import warm_frames
 from ._procs import stop_process
 
 PS = 4096
@@ -67,6 +73,9 @@ def register(sub) -> None:
                         "stream, not the disk)")
     p.add_argument("--no-preallocate", dest="preallocate", action="store_false",
                    help="do not have the receiver preallocate its images")
+    p.add_argument("--cold-frames", action="store_true",
+                   help="do not warm the frames each session's receiver allocates (see "
+                        "bench/_frames.py)")
     p.set_defaults(handler=run)
 
 
@@ -135,6 +144,14 @@ def _rss_peak_kib(pid: int) -> int:
     return 0
 
 
+def _session(args: argparse.Namespace, port: int, mem: _Memory, rx_pid: int, key: bytes | None = KEY,
+             encrypt: bool = False, compress: str = "none") -> tuple[float, int, int]:
+    """One timed session (see _pages), after warming the frames its receiver will allocate."""
+    if not args.cold_frames:
+        warm_frames(mem.size + (256 << 20))
+    return trio.run(_pages, port, mem, args.channels, rx_pid, key, encrypt, compress)
+
+
 async def _pages(port: int, mem: _Memory, channels: int, rx_pid: int, key: bytes | None = KEY,
                  encrypt: bool = False, compress: str = "none") -> tuple[float, int, int]:
     npages = mem.size // PS
@@ -194,18 +211,18 @@ def _one_run(i: int, args: argparse.Namespace, size: int, sources: dict[str, _Me
     results["raw_tcp"].append(_raw_tcp(ports["raw"], size))
     results["bare_zero_scan"].append(_bare_zero_scan(sources["zero_heavy"]))
     for kind, mem in sources.items():
-        bw, rss, _ = trio.run(_pages, rx_port, mem, args.channels, rx.pid)
+        bw, rss, _ = _session(args, rx_port, mem, rx.pid)
         results[kind].append(bw)
         rss_kib.append(rss)
-    bw, _, _ = trio.run(_pages, ports["plain"], sources["random"], args.channels, rx_plain.pid, None)
+    bw, _, _ = _session(args, ports["plain"], sources["random"], rx_plain.pid, None)
     results["random_unsealed"].append(bw)
-    bw, _, _ = trio.run(_pages, rx_port, sources["random"], args.channels, rx.pid, KEY, True)
+    bw, _, _ = _session(args, rx_port, sources["random"], rx.pid, KEY, True)
     results["random_encrypted"].append(bw)
     # --compress auto on this fast link: it must find compressing not worth it
-    bw, _, _ = trio.run(_pages, rx_port, sources["random"], args.channels, rx.pid, KEY, False, "auto")
+    bw, _, _ = _session(args, rx_port, sources["random"], rx.pid, KEY, False, "auto")
     results["random_auto"].append(bw)
     for kind, comp in (("text", "none"), ("text_auto", "auto")):
-        bw, _, _ = trio.run(_pages, rx_port, text, args.channels, rx.pid, KEY, False, comp)
+        bw, _, _ = _session(args, rx_port, text, rx.pid, KEY, False, comp)
         results[kind].append(bw)
     print(f"  run {i + 1}: raw TCP {results['raw_tcp'][-1] / 1e6:6.0f} MB/s   "
           f"random pages {results['random'][-1] / 1e6:6.0f} MB/s "
@@ -236,7 +253,7 @@ def _summary(args: argparse.Namespace, size: int, results: dict[str, list[float]
     summary.update(ratio_random_to_raw=ratio, ratio_zero_to_random=zratio,
                    ratio_untouched_to_random=uratio,
                    receiver_peak_rss_kib=max(rss_kib), size=size, channels=args.channels,
-                   reader=args.reader)
+                   reader=args.reader, cold_frames=args.cold_frames)
     print("summary (min / median MB/s):")
     for k in results:
         print(f"  {k:14s} {summary[k]['min_Bps'] / 1e6:8.0f} / {summary[k]['median_Bps'] / 1e6:8.0f}")
