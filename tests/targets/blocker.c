@@ -188,6 +188,11 @@ int main(int argc, char **argv)
     if (strcmp(mode, "leader_exit") == 0)
         pthread_exit(NULL);
 
+    /* the kernel fills only its 8 bytes of glibc's 128-byte sigset_t, and glibc 2.36's
+     * sigemptyset clears only those too: the rest is stack garbage unless zeroed here, and the
+     * memcmp below compares all of it (it failed every run on a machine whose stack differed) */
+    memset(&before, 0, sizeof before);
+    memset(&after, 0, sizeof after);
     pthread_sigmask(SIG_SETMASK, NULL, &before);
     t0 = now_ns();
     if (strcmp(mode, "read") == 0) {
