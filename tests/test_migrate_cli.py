@@ -149,3 +149,31 @@ def test_cli_killed_mid_migration_leaves_no_write_protection(keyed, tmp_path):
 def _vmflags(pid: int, addr: int) -> list[str]:
     """VmFlags of the VMA at addr: "uw" marks a userfaultfd write-protect registration."""
     return vma_smaps(pid, addr).get("VmFlags", "").split()
+
+
+@pytest.mark.slow
+def test_receiver_stopped_by_sigterm_fails_the_session_and_says_why(keyed, tmp_path):
+    """SIGTERM (a service manager stopping the receiver) mid-migration: the receiver stops
+    within seconds with status 143, the session's manifest says "receiver shutting down" (before,
+    the process just died and the manifest named no reason), the sender is told that reason,
+    and the guest runs on."""
+    import signal
+    receiver, key = keyed
+    spec = GuestSpec(shared_ram=64 << 20, anon_ram=0, uffd=True,
+                     workload=WorkloadSpec(kind="random", rate=10e6))
+    with start_guest(spec) as g:
+        p = subprocess.Popen([sys.executable, "-m", "migrator", "migrate", "--pid", str(g.pid),
+                              "--region", "guest-ram", "--to", f"127.0.0.1:{receiver.port}",
+                              "--key-file", str(key), "--max-bandwidth", "10MB/s"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: "session" in receiver.text(), 30, "the migration's session to start")
+        receiver.proc.send_signal(signal.SIGTERM)
+        assert receiver.proc.wait(15) == 128 + signal.SIGTERM
+        assert p.wait(60) == 1
+        err = p.stderr.read()
+        assert "receiver shutting down" in err and "Traceback" not in err, err
+        m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+        assert m["complete"] is False and m["error"] == "receiver shutting down"
+        assert "terminated: stopping" in receiver.text()
+        assert "FAILED: receiver shutting down" in receiver.text()
+        assert process_state(g.pid) != "T"

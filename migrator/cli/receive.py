@@ -96,11 +96,15 @@ def _qemu_handoff(args: argparse.Namespace):
         args.qemu_incoming, args.qemu_args, args.qemu_memdev, args.qemu_binary, args.out), _log, ram_size)
 
 
-async def _stop_on_sigterm(cancel_scope: trio.CancelScope) -> None:
+async def _stop_on_sigterm(cancel_scope: trio.CancelScope, stopped: list[bool], vm: bool) -> None:
+    """On SIGTERM (a service manager stopping us): cancel everything, so a session under way
+    fails with "receiver shutting down" in its manifest and its sender is told, instead of the
+    process dying with the manifest saying nothing."""
     import signal
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async for _ in signals:
-            _log("terminated: stopping (a destination VM not handed over is killed)")
+            _log("terminated: stopping" + (" (a destination VM not handed over is killed)" if vm else ""))
+            stopped.append(True)
             cancel_scope.cancel()
             return
 
@@ -135,17 +139,24 @@ def run(args: argparse.Namespace) -> int:
             if handoff:
                 handoff.close()
 
+    terminated: list[bool] = []
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_sigterm, nursery.cancel_scope, terminated, bool(handoff))
             if handoff:
                 async def hand_over() -> None:
                     await handoff.run()
                     nursery.cancel_scope.cancel()      # done: the VM runs on by itself
-                nursery.start_soon(_stop_on_sigterm, nursery.cancel_scope)
                 nursery.start_soon(hand_over)
                 if handoff.ram_size is not None:
                     await handoff.prestart()   # before listening: ready when a migration comes
-            bound = await nursery.start(_serve)
+                serving = _serve
+            else:
+                async def serving(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                    await _serve(task_status=task_status)
+                    nursery.cancel_scope.cancel()      # (--once: done; the SIGTERM watch ends)
+            bound = await nursery.start(serving)
             if args.port_file:
                 write_port_file(args.port_file, bound)
             _log(f"listening on {host}:{bound}, writing to {args.out}"
@@ -154,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
     interrupted = _run_interruptible(main)
     if interrupted is not None:
         return interrupted
+    if terminated:
+        print("migrator receive: terminated, stopped", file=sys.stderr, flush=True)
+        return 128 + 15
     if handoff:
         return 0 if handoff.ok else 1
     if args.once:

@@ -366,14 +366,27 @@ class Receiver:
             if s.done:
                 return
             stopping = threading.Event()     # the channel was cancelled (receiver stopping)
-            io = _ChannelIO.of(fs, s.images.page_size, lambda: s.done or stopping.is_set())
+            gave_up: list[bool] = []         # its blocking I/O stopped for that, mid-stream
+
+            def stop() -> bool:
+                if s.done:
+                    return True
+                if stopping.is_set():        # (set while the pump still runs: from outside)
+                    gave_up.append(True)
+                    return True
+                return False
+            io = _ChannelIO.of(fs, s.images.page_size, stop)
             try:
                 async with trio.open_nursery() as nursery:
                     flagger = await nursery.start(_flag_when_cancelled, stopping)
                     await self._read_channel(fs, io, s, channel)
                     flagger.cancel()
             except BaseExceptionGroup as eg:
-                raise first_error(eg) from None
+                err = first_error(eg)
+                if gave_up and isinstance(err, TransportError):
+                    # (the blocking I/O gave up because we stop, not because the sender left)
+                    raise TransportError("receiver shutting down") from None
+                raise err from None
 
     def _pump(self, io: _ChannelIO, s: _Session, expect: tuple[type, ...]) -> wire.Message:
         """In a worker thread: receive and check page batches (and PREPAREs), and acknowledge
