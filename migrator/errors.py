@@ -41,6 +41,11 @@ class PeerClosed(TransportError):
     """The peer closed the connection at a frame boundary."""
 
 
+class StoppedError(TransportError):
+    """Blocking stream I/O gave up because its caller's stop fired (we stop), not because of
+    the peer."""
+
+
 class CommitRefusedError(MigratorError):
     """The receiver answered the COMMIT with an error: its manifest does not say complete."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -100,7 +101,6 @@ async def _stop_on_sigterm(cancel_scope: trio.CancelScope, stopped: list[bool], 
     """On SIGTERM (a service manager stopping us): cancel everything, so a session under way
     fails with "receiver shutting down" in its manifest and its sender is told, instead of the
     process dying with the manifest saying nothing."""
-    import signal
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async for _ in signals:
             _log("terminated: stopping" + (" (a destination VM not handed over is killed)" if vm else ""))
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         return interrupted
     if terminated:
         print("migrator receive: terminated, stopped", file=sys.stderr, flush=True)
-        return 128 + 15
+        return 128 + signal.SIGTERM
     if handoff:
         return 0 if handoff.ok else 1
     if args.once:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import trio
 
 from ._native import ffi, lib
-from ..errors import PeerClosed, TransportError
+from ..errors import PeerClosed, StoppedError, TransportError
 from . import wire
 from .decoder import FrameDecoder, RawFrame, page_buffer
 from .seal import FrameSeal
@@ -128,8 +128,10 @@ class FrameStream:
             if r == lib.MG_IO_DONE or r == lib.MG_IO_EOF:
                 return done[0]
             if r == lib.MG_IO_AGAIN:
-                if self._closing or stop():
+                if self._closing:
                     raise TransportError(f"connection to {self.peer} closed")
+                if stop():
+                    raise StoppedError(f"connection to {self.peer} closed")
                 idle = idle + 0.2 if done[0] == before else 0.0
                 if idle >= STALL_S:
                     raise TransportError(f"connection to {self.peer} stalled for {STALL_S:.0f} s")
@@ -151,8 +153,10 @@ class FrameStream:
         poller.register(self._raw.fileno(), select.POLLIN)
         idle = 0.0
         while True:
-            if self._closing or stop():
+            if self._closing:
                 raise TransportError(f"connection to {self.peer} closed")
+            if stop():
+                raise StoppedError(f"connection to {self.peer} closed")
             try:
                 return self._raw.recv(n)
             except BlockingIOError:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import trio
 
-from ..errors import MigratorError, ProtocolError, TransportError, UsageError, first_error
+from ..errors import MigratorError, ProtocolError, StoppedError, TransportError, UsageError, first_error
 from . import wire
 from .auth import check_listen_policy, server_handshake
 from . import compress
@@ -366,16 +366,7 @@ class Receiver:
             if s.done:
                 return
             stopping = threading.Event()     # the channel was cancelled (receiver stopping)
-            gave_up: list[bool] = []         # its blocking I/O stopped for that, mid-stream
-
-            def stop() -> bool:
-                if s.done:
-                    return True
-                if stopping.is_set():        # (set while the pump still runs: from outside)
-                    gave_up.append(True)
-                    return True
-                return False
-            io = _ChannelIO.of(fs, s.images.page_size, stop)
+            io = _ChannelIO.of(fs, s.images.page_size, lambda: s.done or stopping.is_set())
             try:
                 async with trio.open_nursery() as nursery:
                     flagger = await nursery.start(_flag_when_cancelled, stopping)
@@ -383,8 +374,8 @@ class Receiver:
                     flagger.cancel()
             except BaseExceptionGroup as eg:
                 err = first_error(eg)
-                if gave_up and isinstance(err, TransportError):
-                    # (the blocking I/O gave up because we stop, not because the sender left)
+                if isinstance(err, StoppedError):   # (we stop: the sender did not leave; when
+                    # another channel ended the session, its reason stands: _fail is a no-op)
                     raise TransportError("receiver shutting down") from None
                 raise err from None
 
