@@ -87,3 +87,21 @@ def test_migration_policy_checks_itself(field, value, message):
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.max_rounds = 3
     assert dataclasses.replace(p, max_rounds=3).max_rounds == 3
+
+
+def test_channel_default_is_one_value_everywhere():
+    """Two channels unless told otherwise (transport.DEFAULT_CHANNELS): the policy, a scenario's
+    [policy] and what `migrate --help` says (its parser does not import the transport)."""
+    import argparse
+
+    from migrator.cli import migrate as migrate_cli
+    from migrator.precopy.controller import MigrationPolicy
+    from migrator.scenarios.spec import PolicySpec
+    from migrator.transport import DEFAULT_CHANNELS
+
+    assert DEFAULT_CHANNELS == 2
+    assert MigrationPolicy().channels == PolicySpec().channels == DEFAULT_CHANNELS
+    sub = argparse.ArgumentParser().add_subparsers()
+    migrate_cli.register(sub)
+    text = sub.choices["migrate"].format_help()
+    assert f"(default {DEFAULT_CHANNELS}:" in " ".join(text.split())

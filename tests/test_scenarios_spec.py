@@ -164,7 +164,7 @@ def test_qemu_kind():
     assert s.kind == "qemu" and s.guest is None and s.events == ()
     assert s.qemu.ram == 256 << 20 and s.qemu.program == "testguest" and s.qemu.methods == ("migrator", "qemu")
     assert s.memory_bytes == 256 << 20 and not s.needs_swap
-    assert s.link.bandwidth == 1e9 and s.policy.downtime_limit_ms == 100 and s.policy.channels == 1
+    assert s.link.bandwidth == 1e9 and s.policy.downtime_limit_ms == 100 and s.policy.channels == 2
     assert s.expect.converges and not s.expect.dest_runs_on and s.expect.ram_pattern
     assert s.expect.max_downtime_ms == 500 and s.expect.max_total_s == 9
     assert "qemu testguest" in s.line() and "compare migrator+qemu" in s.line() and "1000MB/s" in s.line()

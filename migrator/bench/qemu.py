@@ -16,6 +16,7 @@ from dataclasses import asdict
 
 from .qemu_compare import DEFAULT_OUT_DIR, EXTRA_METHODS, METHODS, TABLE_NOTE, CompareSettings, Run, prepare, run_method, table
 from ..qemu.vm import BINARY, qemu_available
+from ..transport import DEFAULT_CHANNELS
 from ..units import parse_rate, parse_size
 
 
@@ -26,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="link cap for both (default 10GB/s: loopback; QEMU's default 32 MiB/s never "
                         "converges with this guest)")
     p.add_argument("--runs", type=int, default=1, help="runs of each method (medians are shown)")
-    p.add_argument("--channels", type=int, default=1, help="migrator TCP connections")
+    p.add_argument("--channels", type=int, default=DEFAULT_CHANNELS,
+                   help=f"migrator TCP connections (default {DEFAULT_CHANNELS}, as migrate's)")
     p.add_argument("--compress", default="none", choices=["auto", "zstd", "lz4", "none"],
                    help="migrator's --compress (default none: QEMU compresses nothing either)")
     p.add_argument("--methods", default=",".join(METHODS),

@@ -41,6 +41,7 @@ from ..guest.launcher import start_guest
 from ..guest.spec import GuestSpec
 from ..guest.workloads import WorkloadSpec
 from ..receiver_process import wait_port_file
+from ..transport import DEFAULT_CHANNELS
 from ..units import parse_size
 from ._frames import warm_frames
 from ._procs import stop_process
@@ -68,7 +69,8 @@ def register(sub) -> None:
     p = sub.add_parser("round0", help="round 0 of real CLI migrations vs raw TCP (guest and plain memfd)")
     p.add_argument("--size", default="1G", help="shared memory of each target (default 1G)")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--channels", type=int, default=DEFAULT_CHANNELS,
+                   help=f"default {DEFAULT_CHANNELS}, as migrate's")
     p.add_argument("--targets", default="guest,memfd", help="which of guest,memfd (default both)")
     p.add_argument("--out-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                    help="where the receiver writes (default /dev/shm; a disk folder such as "

@@ -30,7 +30,7 @@ from ..transport._native import ffi, lib
 from ..kernel.maps import read_maps, select_regions
 from ..precopy.source import SourceMemory
 from ..receiver_process import wait_port_file
-from ..transport import RegionSpec, connect_sender
+from ..transport import DEFAULT_CHANNELS, RegionSpec, connect_sender
 from ..units import parse_size
 from ._frames import warm_frames
 from ._procs import stop_process
@@ -63,7 +63,8 @@ def register(sub) -> None:
     p = sub.add_parser("wire", help="page streaming throughput vs raw TCP on loopback")
     p.add_argument("--size", default="1G", help="bytes of memory per run (default 1G: a small guest)")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--channels", type=int, default=DEFAULT_CHANNELS,
+                   help=f"default {DEFAULT_CHANNELS}, as migrate's")
     p.add_argument("--reader", choices=("mapped", "pread"), default="mapped",
                    help="how the source reads its memfd: from a mapping (sealed memfd, as QEMU's "
                         "RAM; the default) or with pread (unsealed)")

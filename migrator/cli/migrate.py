@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-inject", action="store_true",
                    help="never inject a userfaultfd into a process: write-protect only for a target "
                         "that made its own (e.g. migrator guest --uffd)")
-    p.add_argument("--channels", type=int, default=1, metavar="N", help="parallel TCP connections")
+    p.add_argument("--channels", type=int, metavar="N",
+                   help="parallel TCP connections (default 2: MigrationPolicy.channels)")
     p.add_argument("--verify", choices=["hashes", "memory"], default="hashes",
                    help="hashes (default): the receiver proves it holds every page as sent, from the "
                         "per-page hashes both sides keep (no memory read in the pause); memory: "
@@ -98,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
         downtime_limit_ms=args.downtime_limit,
         max_bandwidth=parse_rate(args.max_bandwidth) if args.max_bandwidth else None,
         max_rounds=args.max_rounds, auto_converge=args.auto_converge, tracker=args.tracker,
-        inject=not args.no_inject, channels=args.channels, switchover=args.switchover,
-        verify=args.verify, encrypt=args.encrypt, compress=args.compress)
+        inject=not args.no_inject, switchover=args.switchover, verify=args.verify,
+        encrypt=args.encrypt, compress=args.compress,
+        **({} if args.channels is None else {"channels": args.channels}))
     ssl_ctx = client_ssl_context(args.tls_ca) if args.tls_ca else None
     progress = _progress_printer() if sys.stderr.isatty() else None
     if args.qmp:

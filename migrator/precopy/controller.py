@@ -21,7 +21,7 @@ from ..kernel.process import process_exists
 from ..tracking.choose import CHOICES as TRACKER_CHOICES
 from ..tracking.choose import make_tracker
 from ..tracking.pageset import PageSet
-from ..transport import RegionSpec, connect_sender
+from ..transport import DEFAULT_CHANNELS, RegionSpec, connect_sender
 from ..transport.compress import CHOICES as COMPRESS_CHOICES
 from .background import Background, Guard
 from .pause import Pauser, Throttle
@@ -45,7 +45,7 @@ class MigrationPolicy:
     auto_converge: bool = False
     tracker: str = "auto"
     inject: bool = True                   # may inject a userfaultfd into a target without one
-    channels: int = 1
+    channels: int = DEFAULT_CHANNELS
     nonconvergence_rounds: int = 3        # rounds of dirty rate >= bandwidth before acting
     min_round_s: float = 0.0              # wait at least this long between collects
     # "converge": switch over at a round's end, once the pages written since fit the limit

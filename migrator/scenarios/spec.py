@@ -22,6 +22,7 @@ from ..bench.qemu_compare import METHODS as QEMU_METHODS
 DEFAULT_QEMU_METHODS = ("qemu", "migrator")     # (migrator-fits: QEMU's switch-over rule, on request)
 from ..qemu.testguest import GuestLayout
 from ..tracking.choose import CHOICES as TRACKERS
+from ..transport import DEFAULT_CHANNELS
 from ..units import parse_rate, parse_size
 
 KINDS = ("process", "qemu")
@@ -45,7 +46,7 @@ class PolicySpec:
     max_rounds: int = 30
     auto_converge: bool = False
     tracker: str = "auto"
-    channels: int = 1
+    channels: int = DEFAULT_CHANNELS
     nonconvergence_rounds: int = 3
     min_round_s: float = 0.0
     compress: str = "auto"        # migrate --compress
@@ -409,7 +410,7 @@ def _policy(file: str, top: _Table) -> PolicySpec:
         max_rounds=pt.get("max_rounds", _int(1), 30),
         auto_converge=pt.get("auto_converge", _bool, False),
         tracker=pt.get("tracker", _choice(TRACKERS), "auto"),
-        channels=pt.get("channels", _int(1), 1),
+        channels=pt.get("channels", _int(1), DEFAULT_CHANNELS),
         nonconvergence_rounds=pt.get("nonconvergence_rounds", _int(1), 3),
         min_round_s=pt.get("min_round_s", _num(0), 0.0),
         compress=pt.get("compress", _choice(("auto", "zstd", "lz4", "none")), "auto"))
@@ -471,7 +472,7 @@ def _qemu_scenario(file: str, top: _Table, common: dict[str, Any]) -> Scenario:
     lt.done()
     pt = top.sub("policy") or _Table(file, "[policy]", {})
     policy = PolicySpec(downtime_limit_ms=pt.get("downtime_limit_ms", _num(0, lo_open=True), 300.0),
-                        channels=pt.get("channels", _int(1), 1),
+                        channels=pt.get("channels", _int(1), DEFAULT_CHANNELS),
                         compress=pt.get("compress", _choice(("auto", "zstd", "lz4", "none")), "none"))
     methods = pt.get("compare", _methods, DEFAULT_QEMU_METHODS)
     pt.done()

@@ -19,6 +19,7 @@ from .digest import digest_bytes as digest_bytes
 from .digest import file_digest as file_digest
 from .digest import region_digest as region_digest
 from .receiver import Receiver as Receiver
+from .sender import DEFAULT_CHANNELS as DEFAULT_CHANNELS
 from .receiver import SessionOutcome as SessionOutcome
 from .receiver import parse_listen as parse_listen
 from .receiver import serve as serve

@@ -9,9 +9,9 @@ another channel or session without the next tag check failing.
 
 Two modes, chosen by the sender and bound into the handshake proofs (no downgrade):
 - "mac" (default): the header, meta and page data are authenticated, sent in the clear
-  (GMAC: AES-GCM with everything as associated data; ~18 GB/s here with AES-NI/VAES);
+  (GMAC: AES-GCM with everything as associated data; ~7.5 GB/s here, docs/protocol.md);
 - "aead" (--encrypt): the header is authenticated, meta and page data are encrypted in place
-  (AES-GCM, ~9 GB/s here), for links that need confidentiality without TLS.
+  (AES-GCM, ~3.6 GB/s here), for links that need confidentiality without TLS.
 
 AES-GCM comes from the `cryptography` package (OpenSSL), which releases the GIL on large
 buffers: the sender seals a batch in its channel thread, the receiver opens it in its pump

@@ -31,6 +31,9 @@ from .framing import FrameStream, page_buffer, populate_in_background
 from .wire import RegionSpec
 
 DEFAULT_BATCH_PAGES = wire.DEFAULT_BATCH_PAGES
+DEFAULT_CHANNELS = 2    # a migration's TCP connections unless told otherwise: each has its own
+                        # sending thread (seal, send) and receiving pump (recv, tag check), so
+                        # two use two cores on each side; one leaves a core idle (docs/protocol.md)
 MAX_PIECES = 512   # reader calls per batch
 PRODUCERS = min(2, os.cpu_count() or 1)   # threads building batches (plain TCP): zero-page
                                           # scanning is bound by memory bandwidth, not one core
