@@ -243,3 +243,31 @@ async def test_stop_and_copy_round_end_waits_for_no_write_back(nursery, tmp_path
     (o,) = await rx.wait_sessions(1)
     assert o.complete and o.writeback_waits == 1
     assert read_image(out, manifest(out), "ram") == want
+
+
+async def test_final_round_end_closes_the_secondary_channels(nursery, tmp_path):
+    """The stop-and-copy's round end (final) closes channels 1.. as soon as each acknowledges
+    it, beside channel 0's acknowledgement, rather than in finish(), a round trip later in the
+    pause.  Pages sent after it still arrive (on channel 0), and the images are exact."""
+    out = tmp_path / "out"
+    rx, port, _ = await start_receiver(nursery, out)
+    mem = {"ram": random_memory(300, 5), "[heap]": random_memory(40, 6)}
+    reader = MemReader(mem)
+    async with connect_sender("127.0.0.1", port, key=KEY, regions=_regions(), channels=3,
+                              batch_pages=16) as s:
+        await s.send_pages({"ram": [(0, 300)], "[heap]": [(0, 40)]}, reader, 0)
+        await s.end_round(0)
+        assert s.open_channels == 3
+        mem["ram"][3 * PS:70 * PS] = os.urandom(67 * PS)
+        await s.send_pages({"ram": [(3, 70)]}, reader, 1)
+        await s.end_round(1, final=True)
+        assert s.open_channels == 1 and s.statistics().channels == 3
+        mem["[heap]"][5 * PS:6 * PS] = b"\x5a" * PS        # (an API user sending after it)
+        await s.send_pages({"[heap]": [(5, 6)]}, reader, 1)
+        res = await s.finish(_digests(mem))
+    assert res.complete
+    (o,) = await rx.wait_sessions(1)
+    assert o.complete
+    m = _manifest(out)
+    for name in mem:
+        assert read_image(out, m, name) == bytes(mem[name])

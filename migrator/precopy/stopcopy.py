@@ -125,6 +125,11 @@ class StopAndCopy:
             # so what is read now is final)
             st1 = await m.sender.send_pages(page_runs(self.pending), m.source, round_no, m.on_packed)
             m.mark("final-pending-sent")
+            if sum(len(s) for s in self.pending.values()) <= m.sender.batch_pages:
+                # a pause this small is over before a second channel would help: closed now,
+                # beside the collect, they cost the pause no round trip later
+                await m.sender.close_secondaries()
+                m.mark("secondaries-closed")
         final = self._final = got[0]
         m.rep.final_collect_ms = {"total": round(final.cost_s * 1000, 2), **final.parts_ms}
         m.note(final, "final")

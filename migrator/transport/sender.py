@@ -22,7 +22,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, 
 import trio
 
 from ._native import ffi, lib
-from ..errors import CommitRefusedError, MigratorError, PeerReportedError, RegionError, TransportError, first_error
+from ..errors import (AuthError, CommitRefusedError, MigratorError, PeerReportedError, RegionError,
+                      TransportError, first_error)
 from . import wire
 from .auth import client_handshake
 from .compress import BatchCompressor, codec_for
@@ -438,7 +439,8 @@ class Sender:
 
     def __init__(self, channels: list[FrameStream], regions: list[RegionSpec], page_size: int,
                  max_bandwidth: float | None, batch_pages: int, compress: str = "none"):
-        self._fs = channels
+        self._channels = list(channels)   # every channel of the session
+        self._fs = channels               # those pages may still go on (see end_round)
         self._codec = codec_for(compress)
         self._auto = compress == "auto"
         self._compressed = [0, 0, 0]     # batches sent compressed, their raw and wire bytes
@@ -545,6 +547,10 @@ class Sender:
             t0 = time.monotonic()
             cpu0 = time.process_time()
             sent0 = self._sent()
+            # a send of a batch or two goes on as many channels: a channel more costs a thread
+            # hand-off and a round end, which a small send (the pause's) would wait for
+            npages = sum(end - first for _, _, runs in plan for first, end in runs)
+            fss = self._fs[:max(1, min(len(self._fs), -(-npages // self._batch_pages)))]
             depth = _queue_depth(len(self._fs))
             pool = self._pool(_pool_size(len(self._fs)))
             tally = _Tally(pool)
@@ -555,7 +561,7 @@ class Sender:
                              compression=(self._codec, self._auto, compressors, self._compress_speed))
             self._sending_since = t0
             try:
-                args = (plan, reader, round_no, tally, packer, depth, stop, until)
+                args = (plan, reader, round_no, tally, packer, depth, stop, until, fss)
                 if all(fs.can_block for fs in self._fs):
                     await self._send_threaded(*args)
                 else:
@@ -581,7 +587,8 @@ class Sender:
                              tally.dropped, cpu=time.process_time() - cpu0)
 
     async def _send_async(self, plan, reader, round_no, tally: _Tally, packer: _Packer, depth: int,
-                          stop: threading.Event, until: threading.Event | None) -> None:
+                          stop: threading.Event, until: threading.Event | None,
+                          fss: list[FrameStream]) -> None:
         """Batches built in a worker thread, sent by trio tasks (TLS channels)."""
         send_ch, recv_ch = trio.open_memory_channel[_Built](depth)
 
@@ -616,15 +623,16 @@ class Sender:
                         await fs.send_raw(built.head, built.data)
                     except TransportError as e:
                         raise await _reason(fs, e) from None
-                    self._measure_link(self._fs.index(fs), size, time.perf_counter() - t0)
+                    self._measure_link(self._channels.index(fs), size, time.perf_counter() - t0)
                     tally.sent(built)
 
-        consumers = [functools.partial(consume, fs, recv_ch.clone()) for fs in self._fs]
+        consumers = [functools.partial(consume, fs, recv_ch.clone()) for fs in fss]
         await recv_ch.aclose()          # (the clones keep the channel open)
         await _run_all(stop, [produce, *consumers])
 
     async def _send_threaded(self, plan, reader, round_no, tally: _Tally, packer: _Packer, depth: int,
-                             stop: threading.Event, until: threading.Event | None) -> None:
+                             stop: threading.Event, until: threading.Event | None,
+                             fss: list[FrameStream]) -> None:
         """Plain TCP: producer threads build batches from chunks of the plan taken in turn, one
         thread per channel sends them with blocking calls (no event-loop round trip per batch).
         Batches of one round may go out in any order: the receiver orders copies by round."""
@@ -669,10 +677,10 @@ class Sender:
                     active -= 1
                     last = active == 0
                 if last:                     # the last producer out tells the senders
-                    for _ in self._fs:
+                    for _ in fss:
                         put(None)
 
-        index = {fs: i for i, fs in enumerate(self._fs)}
+        index = {fs: i for i, fs in enumerate(self._channels)}
 
         def consume(fs: FrameStream) -> None:
             while not stop.is_set():
@@ -701,7 +709,7 @@ class Sender:
                 raise await _reason(fs, e) from None
 
         await _run_all(stop, [functools.partial(trio.to_thread.run_sync, produce, pk) for pk in producers]
-                       + [functools.partial(consumer, fs) for fs in self._fs])
+                       + [functools.partial(consumer, fs) for fs in fss])
 
     async def prepare(self, runs: Mapping[str, Iterable[tuple[int, int]]]) -> None:
         """Tell the receiver which pages are about to be sent with data ({region: [(first,
@@ -720,17 +728,43 @@ class Sender:
 
     async def end_round(self, round_no: int, final: bool = False) -> None:
         """Mark the end of round_no on every channel and wait until the receiver has written
-        everything sent before it.  final: the stop-and-copy's round (see wire.RoundEnd)."""
+        everything sent before it.  final: the stop-and-copy's round (see wire.RoundEnd): no
+        pages follow it, so the secondary channels are closed instead (CLOSED, too, says that
+        everything before it is written), beside channel 0's ROUND_END: finish() would close
+        them one round trip later, in the pause."""
         async with self._lock:
             t0 = time.monotonic()
             try:
                 async with trio.open_nursery() as nursery:
-                    for fs in self._fs:
-                        nursery.start_soon(self._ack_round, fs, round_no, final)
+                    for i, fs in enumerate(self._fs):
+                        if final and i:
+                            nursery.start_soon(self._close_channel, fs)
+                        else:
+                            nursery.start_soon(self._ack_round, fs, round_no, final)
             except BaseExceptionGroup as eg:
                 raise first_error(eg) from None
+            if final:
+                self._fs = self._fs[:1]
             self._busy += time.monotonic() - t0
             self._rounds += 1
+
+    async def close_secondaries(self) -> None:
+        """No send to come needs more than one channel (the pause's last pages, once they are
+        few): close channels 1.. now (CLOSE; CLOSED says everything before it is written), so
+        that neither the final round's end nor finish() waits for them."""
+        async with self._lock:
+            try:
+                async with trio.open_nursery() as nursery:
+                    for fs in self._fs[1:]:
+                        nursery.start_soon(self._close_channel, fs)
+            except BaseExceptionGroup as eg:
+                raise first_error(eg) from None
+            self._fs = self._fs[:1]
+
+    @property
+    def batch_pages(self) -> int:
+        """Data pages per BATCH: a send of at most this many goes on one channel."""
+        return self._batch_pages
 
     async def _ack_round(self, fs: FrameStream, round_no: int, final: bool) -> None:
         try:
@@ -829,8 +863,14 @@ class Sender:
                 pass
         self._buffers = []
 
+    @property
+    def open_channels(self) -> int:
+        """Channels pages may still go on: all of them, until the final round's end closed
+        the secondary ones (end_round)."""
+        return len(self._fs)
+
     def _sent(self) -> int:
-        return sum(fs.bytes_sent for fs in self._fs)
+        return sum(fs.bytes_sent for fs in self._channels)
 
     def _link_estimate(self) -> float:
         """The link's rate, bytes/s: what the channels measured, at most --max-bandwidth
@@ -857,7 +897,7 @@ class Sender:
             busy += time.monotonic() - since
         return SenderStatistics(
             transferred_bytes=sent, pages_normal=self._pages_normal, pages_zero=self._pages_zero,
-            batches=self._batches, rounds=self._rounds, channels=len(self._fs),
+            batches=self._batches, rounds=self._rounds, channels=len(self._channels),
             busy_time=busy,
             bandwidth=(sent + self._compressed[1] - self._compressed[2]) / busy if busy > 0 else 0.0,
             last_bandwidth=self._last_bw, compressed_batches=self._compressed[0],
@@ -967,7 +1007,14 @@ async def connect_sender(host: str, port: int, *, key: bytes | None, regions: li
         opened.append(fs0)
         await fs0.expect(wire.SetupOk)
         for i in range(1, channels):
-            opened.append(await _open_channel(host, port, key, session, i, ssl_context, encrypt=encrypt))
+            try:
+                opened.append(await _open_channel(host, port, key, session, i, ssl_context, encrypt=encrypt))
+            except (PeerReportedError, AuthError):
+                raise
+            except TransportError as e:
+                # the receiver may have said why on channel 0 (it stops, the session failed)
+                # before dropping this one mid-handshake
+                raise await _reason(fs0, e) from None
         sender = Sender(opened, list(regions), page_size, max_bandwidth, batch_pages, compress)
         yield sender
         if not sender._finished:
