@@ -245,10 +245,10 @@ async def test_stop_and_copy_round_end_waits_for_no_write_back(nursery, tmp_path
     assert read_image(out, manifest(out), "ram") == want
 
 
-async def test_final_round_end_closes_the_secondary_channels(nursery, tmp_path):
-    """The stop-and-copy's round end (final) closes channels 1.. as soon as each acknowledges
-    it, beside channel 0's acknowledgement, rather than in finish(), a round trip later in the
-    pause.  Pages sent after it still arrive (on channel 0), and the images are exact."""
+async def test_secondary_channels_closed_early_then_channel_0_alone(nursery, tmp_path):
+    """close_secondaries() (the pause, once its bulk is out) sends CLOSE on channels 1.. and
+    returns; finish() takes their CLOSED.  Pages sent after it, and the final round's end, go on
+    channel 0 alone, and the images are exact."""
     out = tmp_path / "out"
     rx, port, _ = await start_receiver(nursery, out)
     mem = {"ram": random_memory(300, 5), "[heap]": random_memory(40, 6)}
@@ -260,10 +260,12 @@ async def test_final_round_end_closes_the_secondary_channels(nursery, tmp_path):
         assert s.open_channels == 3
         mem["ram"][3 * PS:70 * PS] = os.urandom(67 * PS)
         await s.send_pages({"ram": [(3, 70)]}, reader, 1)
-        await s.end_round(1, final=True)
+        await s.close_secondaries()
         assert s.open_channels == 1 and s.statistics().channels == 3
-        mem["[heap]"][5 * PS:6 * PS] = b"\x5a" * PS        # (an API user sending after it)
-        await s.send_pages({"[heap]": [(5, 6)]}, reader, 1)
+        mem["[heap]"][5 * PS:6 * PS] = b"\x5a" * PS
+        mem["ram"][100 * PS:164 * PS] = os.urandom(64 * PS)       # (4 batches: one channel)
+        await s.send_pages({"[heap]": [(5, 6)], "ram": [(100, 164)]}, reader, 1)
+        await s.end_round(1, final=True)
         res = await s.finish(_digests(mem))
     assert res.complete
     (o,) = await rx.wait_sessions(1)

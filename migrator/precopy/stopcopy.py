@@ -125,11 +125,9 @@ class StopAndCopy:
             # so what is read now is final)
             st1 = await m.sender.send_pages(page_runs(self.pending), m.source, round_no, m.on_packed)
             m.mark("final-pending-sent")
-            if sum(len(s) for s in self.pending.values()) <= m.sender.batch_pages:
-                # a pause this small is over before a second channel would help: closed now,
-                # beside the collect, they cost the pause no round trip later
-                await m.sender.close_secondaries()
-                m.mark("secondaries-closed")
+            # the bulk is out: the few pages the collect finds beyond it go on channel 0, and
+            # the other channels close now, beside the collect, not a round trip later
+            await m.sender.close_secondaries()
         final = self._final = got[0]
         m.rep.final_collect_ms = {"total": round(final.cost_s * 1000, 2), **final.parts_ms}
         m.note(final, "final")

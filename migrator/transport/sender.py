@@ -440,7 +440,8 @@ class Sender:
     def __init__(self, channels: list[FrameStream], regions: list[RegionSpec], page_size: int,
                  max_bandwidth: float | None, batch_pages: int, compress: str = "none"):
         self._channels = list(channels)   # every channel of the session
-        self._fs = channels               # those pages may still go on (see end_round)
+        self._fs = channels               # those pages may still go on
+        self._closing: list[FrameStream] = []   # sent CLOSE, CLOSED not read yet (close_secondaries)
         self._codec = codec_for(compress)
         self._auto = compress == "auto"
         self._compressed = [0, 0, 0]     # batches sent compressed, their raw and wire bytes
@@ -728,43 +729,32 @@ class Sender:
 
     async def end_round(self, round_no: int, final: bool = False) -> None:
         """Mark the end of round_no on every channel and wait until the receiver has written
-        everything sent before it.  final: the stop-and-copy's round (see wire.RoundEnd): no
-        pages follow it, so the secondary channels are closed instead (CLOSED, too, says that
-        everything before it is written), beside channel 0's ROUND_END: finish() would close
-        them one round trip later, in the pause."""
+        everything sent before it (on the channels still open: see close_secondaries).  final:
+        the stop-and-copy's round (see wire.RoundEnd)."""
         async with self._lock:
             t0 = time.monotonic()
             try:
                 async with trio.open_nursery() as nursery:
-                    for i, fs in enumerate(self._fs):
-                        if final and i:
-                            nursery.start_soon(self._close_channel, fs)
-                        else:
-                            nursery.start_soon(self._ack_round, fs, round_no, final)
+                    for fs in self._fs:
+                        nursery.start_soon(self._ack_round, fs, round_no, final)
             except BaseExceptionGroup as eg:
                 raise first_error(eg) from None
-            if final:
-                self._fs = self._fs[:1]
             self._busy += time.monotonic() - t0
             self._rounds += 1
 
     async def close_secondaries(self) -> None:
-        """No send to come needs more than one channel (the pause's last pages, once they are
-        few): close channels 1.. now (CLOSE; CLOSED says everything before it is written), so
-        that neither the final round's end nor finish() waits for them."""
+        """Every send to come goes on channel 0 (the pause's, once its bulk is out): send CLOSE
+        on channels 1.. now, and have finish() take their CLOSED (everything sent on them is
+        written), by then long on its way: neither the final round's end nor finish() waits a
+        round trip for them in the pause."""
         async with self._lock:
-            try:
-                async with trio.open_nursery() as nursery:
-                    for fs in self._fs[1:]:
-                        nursery.start_soon(self._close_channel, fs)
-            except BaseExceptionGroup as eg:
-                raise first_error(eg) from None
+            for fs in self._fs[1:]:
+                try:
+                    await fs.send(wire.Close())
+                except TransportError as e:
+                    raise await _reason(fs, e) from None
+                self._closing.append(fs)
             self._fs = self._fs[:1]
-
-    @property
-    def batch_pages(self) -> int:
-        """Data pages per BATCH: a send of at most this many goes on one channel."""
-        return self._batch_pages
 
     async def _ack_round(self, fs: FrameStream, round_no: int, final: bool) -> None:
         try:
@@ -789,6 +779,8 @@ class Sender:
                 async with trio.open_nursery() as nursery:
                     for fs in self._fs[1:]:
                         nursery.start_soon(self._close_channel, fs)
+                    for fs in self._closing:
+                        nursery.start_soon(fs.expect, wire.Closed)
             except BaseExceptionGroup as eg:
                 raise first_error(eg) from None
             fs0 = self._fs[0]
@@ -865,8 +857,7 @@ class Sender:
 
     @property
     def open_channels(self) -> int:
-        """Channels pages may still go on: all of them, until the final round's end closed
-        the secondary ones (end_round)."""
+        """Channels pages may still go on: all of them, until close_secondaries()."""
         return len(self._fs)
 
     def _sent(self) -> int:
