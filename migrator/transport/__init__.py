@@ -19,10 +19,10 @@ from .digest import digest_bytes as digest_bytes
 from .digest import file_digest as file_digest
 from .digest import region_digest as region_digest
 from .receiver import Receiver as Receiver
-from .sender import DEFAULT_CHANNELS as DEFAULT_CHANNELS
 from .receiver import SessionOutcome as SessionOutcome
 from .receiver import parse_listen as parse_listen
 from .receiver import serve as serve
+from .sender import DEFAULT_CHANNELS as DEFAULT_CHANNELS
 from .sender import FinishResult as FinishResult
 from .sender import KnownPages as KnownPages
 from .sender import RegionVerdict as RegionVerdict
@@ -32,7 +32,7 @@ from .sender import SendStats as SendStats
 from .sender import connect_sender as connect_sender
 from .wire import RegionSpec as RegionSpec
 
-__all__ = ["RegionSpec", "PageReader", "KnownPages", "connect_sender", "Sender", "SendStats", "SenderStatistics",
+__all__ = ["DEFAULT_CHANNELS", "RegionSpec", "PageReader", "KnownPages", "connect_sender", "Sender", "SendStats", "SenderStatistics",
            "FinishResult", "RegionVerdict", "serve", "Receiver", "SessionOutcome", "parse_listen",
            "load_key", "generate_key_file", "server_ssl_context", "client_ssl_context",
            "region_digest", "digest_bytes", "file_digest"]

@@ -548,8 +548,8 @@ class Sender:
             t0 = time.monotonic()
             cpu0 = time.process_time()
             sent0 = self._sent()
-            # a send of a batch or two goes on as many channels: a channel more costs a thread
-            # hand-off and a round end, which a small send (the pause's) would wait for
+            # at most one channel a batch: a channel with nothing to send would only cost a
+            # thread hand-off that a small send (the pause's) waits for
             npages = sum(end - first for _, _, runs in plan for first, end in runs)
             fss = self._fs[:max(1, min(len(self._fs), -(-npages // self._batch_pages)))]
             depth = _queue_depth(len(self._fs))
