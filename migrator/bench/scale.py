@@ -26,6 +26,8 @@ from ..guest.workloads import WorkloadSpec
 from ..precopy.controller import MigrationPolicy, MigrationTarget, migrate
 from ..receiver_process import ReceiverProcess
 from ..scenarios.destination import compare_with_source
+from ..transport import DEFAULT_CHANNELS
+from ..transport.wire import MAX_CHANNELS
 from ..units import format_bytes, parse_rate, parse_size
 
 VARIANTS = ("plain", "vhost", "pwrite")
@@ -40,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", default="1MB/s", help="the guest's random writes (default 1MB/s)")
     p.add_argument("--side-rate", default="10MB/s", help="the vhost or pwrite writer's rate (default 10MB/s)")
     p.add_argument("--runs", type=int, default=1, help="runs per size and variant (medians shown)")
+    p.add_argument("--channels", type=int, default=DEFAULT_CHANNELS,
+                   help=f"migrator TCP connections (default {DEFAULT_CHANNELS}, as migrate's)")
     p.add_argument("--out-dir", default="/var/tmp",
                    help="where the receiver's folder goes (default /var/tmp: a disk, not tmpfs)")
     p.add_argument("--no-check", action="store_true", help="skip the byte-for-byte check of the destination")
@@ -60,7 +64,7 @@ def _one(size: int, variant: str, args: argparse.Namespace) -> dict:
             target = MigrationTarget(pid=g.pid, regions=["guest-ram", f"{a.start:x}-{a.end:x}"],
                                      writers=list(g.writer_pids.values()))
             rep = trio.run(lambda: migrate(target, "127.0.0.1", receiver.port, key=None,
-                                           policy=MigrationPolicy()))
+                                           policy=MigrationPolicy(channels=args.channels)))
             check = None if args.no_check or rep.status != "completed" else \
                 compare_with_source(g.pid, os.path.join(work, "out"))
     finally:
@@ -69,7 +73,7 @@ def _one(size: int, variant: str, args: argparse.Namespace) -> dict:
     live = [r for r in rep.per_round if r.round > 0 and not r.stop_and_copy and r.tracker_ms > 0]
     gib = (size + ANON) / (1 << 30)
     return {
-        "size": size, "variant": variant, "status": rep.status, "reason": rep.reason,
+        "size": size, "variant": variant, "channels": args.channels, "status": rep.status, "reason": rep.reason,
         "tracker": rep.tracker, "rounds": rep.rounds,
         "collect_ms_per_gib": statistics.median(r.tracker_ms for r in live) / gib if live else None,
         "downtime_ms": rep.downtime_ms, "expected_downtime_ms": rep.expected_downtime_ms,
@@ -105,12 +109,16 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         print(f"unknown variant(s) {', '.join(bad)}: choose from {', '.join(VARIANTS)}")
         return 2
+    if not 1 <= args.channels <= MAX_CHANNELS:
+        print(f"--channels {args.channels}: must be 1..{MAX_CHANNELS}")
+        return 2
     free = shutil.disk_usage(args.out_dir).free
     if max(sizes) + ANON > free:
         print(f"{args.out_dir} has {format_bytes(free)} free: too little for {format_bytes(max(sizes))}")
         return 2
     print(f"migrator bench scale: guest without a userfaultfd, random writes at {args.rate}, "
-          f"+{ANON >> 20} MiB private RAM; receiver writing to {args.out_dir}; default policy; "
+          f"+{ANON >> 20} MiB private RAM; receiver writing to {args.out_dir}; default policy, "
+          f"{args.channels} channel(s); "
           f"{args.runs} run(s) each")
     results: list[dict] = []
     for variant in variants:
