@@ -245,10 +245,12 @@ async def test_stop_and_copy_round_end_waits_for_no_write_back(nursery, tmp_path
     assert read_image(out, manifest(out), "ram") == want
 
 
-async def test_secondary_channels_closed_early_then_channel_0_alone(nursery, tmp_path):
-    """close_secondaries() (the pause, once its bulk is out) sends CLOSE on channels 1.. and
-    returns; finish() takes their CLOSED.  Pages sent after it, and the final round's end, go on
-    channel 0 alone, and the images are exact."""
+@pytest.mark.parametrize("wait", [False, True])
+async def test_secondary_channels_closed_early_then_channel_0_alone(nursery, tmp_path, wait):
+    """close_secondaries() sends CLOSE on channels 1.. and returns (in the pause, once its bulk
+    is out: finish() takes their CLOSED), or waits for their CLOSED (before a small pause).
+    Pages sent after it, and the final round's end, go on channel 0 alone; the images are
+    exact."""
     out = tmp_path / "out"
     rx, port, _ = await start_receiver(nursery, out)
     mem = {"ram": random_memory(300, 5), "[heap]": random_memory(40, 6)}
@@ -260,7 +262,7 @@ async def test_secondary_channels_closed_early_then_channel_0_alone(nursery, tmp
         assert s.open_channels == 3
         mem["ram"][3 * PS:70 * PS] = os.urandom(67 * PS)
         await s.send_pages({"ram": [(3, 70)]}, reader, 1)
-        await s.close_secondaries()
+        await s.close_secondaries(wait=wait)
         assert s.open_channels == 1 and s.statistics().channels == 3
         mem["[heap]"][5 * PS:6 * PS] = b"\x5a" * PS
         mem["ram"][100 * PS:164 * PS] = os.urandom(64 * PS)       # (4 batches: one channel)

@@ -45,6 +45,10 @@ class StopAndCopy:
         MigratorError (the caller resumes the source unless rep.committing)."""
         m, policy = self.m, self.m.policy
         await self.guard.armed()
+        if sum(len(s) for s in self.pending.values()) <= m.sender.batch_pages:
+            # a small pause is one batch on one channel: the others close before it, while
+            # the source runs, and the receiver's work on them stays out of the downtime
+            await m.sender.close_secondaries(wait=True)
         with trio.CancelScope(shield=True):
             await m.throttle.stop()        # its last SIGCONT must come before our SIGSTOP
         t_pause = time.monotonic()
@@ -126,7 +130,8 @@ class StopAndCopy:
             st1 = await m.sender.send_pages(page_runs(self.pending), m.source, round_no, m.on_packed)
             m.mark("final-pending-sent")
             # the bulk is out: the few pages the collect finds beyond it go on channel 0, and
-            # the other channels close now, beside the collect, not a round trip later
+            # the other channels close now, beside the collect, not a round trip later (no-op
+            # if they closed before the pause)
             await m.sender.close_secondaries()
         final = self._final = got[0]
         m.rep.final_collect_ms = {"total": round(final.cost_s * 1000, 2), **final.parts_ms}

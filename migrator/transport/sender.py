@@ -742,11 +742,12 @@ class Sender:
             self._busy += time.monotonic() - t0
             self._rounds += 1
 
-    async def close_secondaries(self) -> None:
+    async def close_secondaries(self, wait: bool = False) -> None:
         """Every send to come goes on channel 0 (the pause's, once its bulk is out): send CLOSE
-        on channels 1.. now, and have finish() take their CLOSED (everything sent on them is
-        written), by then long on its way: neither the final round's end nor finish() waits a
-        round trip for them in the pause."""
+        on channels 1.. now.  Their CLOSED (everything sent on them is written) is read here
+        with wait (before a pause: the receiver's work on them then happens before it), else
+        by finish(), by then long on its way: neither the final round's end nor finish() waits
+        a round trip for them in the pause."""
         async with self._lock:
             for fs in self._fs[1:]:
                 try:
@@ -755,6 +756,18 @@ class Sender:
                     raise await _reason(fs, e) from None
                 self._closing.append(fs)
             self._fs = self._fs[:1]
+            if wait:
+                await self._closed()
+
+    async def _closed(self) -> None:
+        """The CLOSED of every channel close_secondaries() closed."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for fs in self._closing:
+                    nursery.start_soon(fs.expect, wire.Closed)
+        except BaseExceptionGroup as eg:
+            raise first_error(eg) from None
+        self._closing = []
 
     async def _ack_round(self, fs: FrameStream, round_no: int, final: bool) -> None:
         try:
@@ -779,8 +792,7 @@ class Sender:
                 async with trio.open_nursery() as nursery:
                     for fs in self._fs[1:]:
                         nursery.start_soon(self._close_channel, fs)
-                    for fs in self._closing:
-                        nursery.start_soon(fs.expect, wire.Closed)
+                    nursery.start_soon(self._closed)
             except BaseExceptionGroup as eg:
                 raise first_error(eg) from None
             fs0 = self._fs[0]
@@ -854,6 +866,11 @@ class Sender:
             except BufferError:     # still exported by a batch in a traceback: left to the GC
                 pass
         self._buffers = []
+
+    @property
+    def batch_pages(self) -> int:
+        """Data pages per BATCH (a send of at most this many goes on one channel)."""
+        return self._batch_pages
 
     @property
     def open_channels(self) -> int:
