@@ -749,18 +749,22 @@ class Sender:
         by finish(), by then long on its way: neither the final round's end nor finish() waits
         a round trip for them in the pause."""
         async with self._lock:
-            for fs in self._fs[1:]:
-                try:
-                    await fs.send(wire.Close())
-                except TransportError as e:
-                    raise await _reason(fs, e) from None
-                self._closing.append(fs)
-            self._fs = self._fs[:1]
-            if wait:
-                await self._closed()
+            await self._close_secondaries(wait)
+
+    async def _close_secondaries(self, wait: bool) -> None:
+        """close_secondaries() with the lock held (finish() closes the rest with wait)."""
+        for fs in self._fs[1:]:
+            try:
+                await fs.send(wire.Close())
+            except TransportError as e:
+                raise await _reason(fs, e) from None
+            self._closing.append(fs)
+        self._fs = self._fs[:1]
+        if wait:
+            await self._closed()
 
     async def _closed(self) -> None:
-        """The CLOSED of every channel close_secondaries() closed."""
+        """The CLOSED of every channel sent CLOSE (everything sent on it is written)."""
         try:
             async with trio.open_nursery() as nursery:
                 for fs in self._closing:
@@ -788,13 +792,7 @@ class Sender:
             raise RegionError(f"no digest for region(s) {missing}")
         async with self._lock:
             self._finished = True
-            try:
-                async with trio.open_nursery() as nursery:
-                    for fs in self._fs[1:]:
-                        nursery.start_soon(self._close_channel, fs)
-                    nursery.start_soon(self._closed)
-            except BaseExceptionGroup as eg:
-                raise first_error(eg) from None
+            await self._close_secondaries(wait=True)
             fs0 = self._fs[0]
             try:
                 await fs0.send(wire.End(tuple(digests[r.name] for r in self.regions), commit))
@@ -851,13 +849,6 @@ class Sender:
             raise MigratorError(f"no word within {timeout_s:.0f} s") from None
         except PeerReportedError as e:
             raise CommitRefusedError(str(e)) from None
-
-    async def _close_channel(self, fs: FrameStream) -> None:
-        try:
-            await fs.send(wire.Close())
-        except TransportError as e:
-            raise await _reason(fs, e) from None
-        await fs.expect(wire.Closed)
 
     def _free_buffers(self) -> None:
         for b in self._buffers:
