@@ -9,7 +9,8 @@ only its owner's package imports:
                                        (track.c, memio.c, inject.c, procscan.c, pages.c)
                   owner: migrator/kernel/native.py, for kernel/ and tracking/
     stream_ffi -> migrator._stream_c   the page stream: socket I/O, packing and applying batches,
-                                       page hashes, digest leaves (stream.c, pages.c)
+                                       page hashes, digest leaves, delta
+                                       batches (stream.c, pages.c, delta.c)
                   owner: migrator/transport/_native.py, for transport/
     guest_ffi  -> migrator._guest_c    the guest's write loops and page stamps (guest.c)
                   owner: migrator/guest/_native.py, for guest/
@@ -87,8 +88,8 @@ _exported: dict[str, set[str]] = {}
 kernel_ffi = _ffi("migrator._kernel_c", ["track.h", "memio.h", "inject.h", "procscan.h"],
                   ["track.c", "memio.c", "inject.c", "procscan.c", "pages.c", "hash_avx2.c"],
                   renamed={"pages.h": "mgk_"})
-stream_ffi = _ffi("migrator._stream_c", ["stream.h", "pages.h"],
-                  ["stream.c", "pages.c", "hash_avx2.c"])
+stream_ffi = _ffi("migrator._stream_c", ["delta.h", "stream.h", "pages.h"],
+                  ["stream.c", "pages.c", "hash_avx2.c", "delta.c"])
 guest_ffi = _ffi("migrator._guest_c", ["guest.h"], ["guest.c"])
 
 _mods = sorted(_exported)

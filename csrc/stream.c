@@ -108,6 +108,8 @@ int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint6
                     || !add_to_runs(st->zero_runs, &st->n_zero_runs, st->run_cap, page))
                 break;
             st->zero_pages++;
+            if (st->delta)
+                mg_delta_drop(st->delta->cache, st->delta->key_base + page);
             if (st->known)
                 st->known[page] = st->zero_hash;
         } else {
@@ -121,11 +123,15 @@ int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint6
                 st->hashes[st->out_pages] = h;
                 if (!st->nocopy && st->out + st->out_pages * page_size != p)
                     memmove(st->out + st->out_pages * page_size, p, page_size);
+                if (st->delta)
+                    mg_delta_take(st->delta, p, page);
             } else {
                 uint8_t *dst = st->out + st->out_pages * page_size;
                 if (dst != p)
                     memmove(dst, p, page_size);
                 mg_hash_mem_pages(dst, 1, page_size, st->hashes + st->out_pages);
+                if (st->delta)          /* (the copy: what is hashed and sent) */
+                    mg_delta_take(st->delta, dst, page);
             }
             if (st->known)
                 st->known[page] = st->hashes[st->out_pages];
@@ -245,6 +251,8 @@ int64_t mg_pack_zeros(uint64_t first, uint64_t npages, struct mg_pack *st)
                 break;
             st->zero_pages++;
             st->known[page] = st->zero_hash;
+            if (st->delta)
+                mg_delta_drop(st->delta->cache, st->delta->key_base + page);
         }
         return (int64_t)i;
     }
@@ -263,6 +271,9 @@ int64_t mg_pack_zeros(uint64_t first, uint64_t npages, struct mg_pack *st)
         st->n_zero_runs++;
     }
     st->zero_pages += n;
+    if (st->delta)
+        for (uint64_t i = 0; i < n; i++)
+            mg_delta_drop(st->delta->cache, st->delta->key_base + first + i);
     return (int64_t)n;
 }
 

@@ -15,6 +15,8 @@
 #define MIGRATOR_STREAM_H
 #include <stdint.h>
 
+#include "delta.h"
+
 #define MG_IO_DONE 0       /* all bytes moved */
 #define MG_IO_AGAIN 1      /* timeout_ms passed: the caller checks whether to go on, and calls again */
 #define MG_IO_EOF 2        /* receiving: the peer closed the connection */
@@ -51,6 +53,8 @@ struct mg_pack {
                                 a page's hash where it lies is its copy's: not hashed twice */
     int nocopy;              /* with known and stable: data pages are not copied to out (the
                                 caller sends them from where they lie, by data_runs) */
+    struct mg_delta_job *delta;  /* NULL, or every data page is also encoded as a delta while
+                                    in cache, and every zero page's copy dropped (delta.h) */
 };
 
 /* Add pages first .. first + npages - 1 of a region, whose contents are at src, to the batch:

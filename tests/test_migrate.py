@@ -90,9 +90,11 @@ async def test_workloads_migrate_exactly(receiver, workload, rate):
 async def test_collect_skipped_when_everything_would_fit(receiver):
     """After round 0, resending every page (40 MiB at 400 MB/s, ~105 ms) fits the 2 s limit: no
     collect can change the decision, so none runs while the guest runs and the final collect
-    finds every page written since round 0 (the images prove none was missed)."""
+    finds every page written since round 0 (the images prove none was missed).  Without
+    deltas: with them, round 0's collect decides whether a round caches the rewritten pages
+    (tests/test_migrate_delta.py)."""
     with guest("random", 20e6) as g:
-        rep = await run(g, receiver, max_bandwidth=400e6, downtime_limit_ms=2000)
+        rep = await run(g, receiver, max_bandwidth=400e6, downtime_limit_ms=2000, delta_cache=0)
         assert rep.status == "completed", rep.reason
         assert "collect1-skipped" in rep.timeline and "collect1-start" not in rep.timeline
         # (20 MB/s rewrites a few % of what round 0 sent: not cut, see the test below)
@@ -134,9 +136,10 @@ async def test_switchover_fits_cuts_round_0(receiver):
 async def test_converge_cuts_round_0_when_it_is_rewritten_as_it_goes(receiver):
     """Default rule: a guest sweeping all its memory faster than round 0 sends it (as QEMU's
     test guest does): a sample of the pages round 0 sent shows them rewritten already, so round 0
-    is cut once the whole memory would fit the limit: going on could not shorten the pause."""
+    is cut once the whole memory would fit the limit: going on could not shorten the pause.
+    (Without deltas: with them, round 1 would make the pause send deltas: not cut.)"""
     with guest("sweep", -1, shared=128 * MB, anon=0) as g:     # as fast as it can
-        rep = await run(g, receiver, max_bandwidth=400e6, downtime_limit_ms=2000)
+        rep = await run(g, receiver, max_bandwidth=400e6, downtime_limit_ms=2000, delta_cache=0)
         assert rep.status == "completed", rep.reason
         assert "round0-cut" in rep.timeline, rep.timeline
         [why] = rep.events

@@ -26,6 +26,11 @@ def obs(n: int, prev: int = 10_000, **kw) -> Observation:
     # ... "converge" sends one more round while the guest wrote at most half of what was sent
     (obs(2000, prev=4000), Streaks(), RULES, Action.SEND_ROUND, Streaks(0, 0)),
     (obs(2001, prev=4000), Streaks(), RULES, Action.SWITCH_OVER, Streaks()),
+    # ... or, with deltas, while the pages were last sent in round 0 (a round caches them):
+    # the guest rewrote all it sent, and one more round still pays off; not with "fits"
+    (obs(2000, prev=2000, uncached=True), Streaks(), RULES, Action.SEND_ROUND, Streaks(1, 0)),
+    (obs(2000, prev=2000, uncached=True), Streaks(), RoundRules(0.1, "fits"), Action.SWITCH_OVER, Streaks()),
+    (obs(20, prev=20, uncached=True), Streaks(), RULES, Action.SWITCH_OVER, Streaks()),
     # ... unless the transfer is trivial (<= 1 ms: 24 pages here)
     (obs(20, prev=1000), Streaks(), RULES, Action.SWITCH_OVER, Streaks()),
     # ... the final collect counts toward the pause: 2000 pages (82 ms) + 30 ms does not fit

@@ -181,7 +181,7 @@ async def _bad_setup(port):
     fs = FrameStream(await trio.open_tcp_stream("127.0.0.1", port), "receiver")
     await client_handshake(fs, KEY, b"b" * 16, 0)
     meta = msgpack.packb({"page_size": 4096, "channels": 1, "regions": [["../../etc/x", 0, 1 << 60]],
-                          "compress": 0})
+                          "compress": 0, "delta": False})
     await fs.send_raw(_hdr(wire.T.SETUP, len(meta)) + meta)
     with pytest.raises(Exception, match="bad range|larger"):
         await fs.receive()
@@ -191,7 +191,7 @@ async def _bad_setup(port):
 async def _deep_setup(port):
     fs = FrameStream(await trio.open_tcp_stream("127.0.0.1", port), "receiver")
     await client_handshake(fs, KEY, b"d" * 16, 0)
-    meta = _with_deep({"page_size": 4096, "channels": 1, "regions": [[_MARK, 0, 4096]], "compress": 0})
+    meta = _with_deep({"page_size": 4096, "channels": 1, "regions": [[_MARK, 0, 4096]], "compress": 0, "delta": False})
     await fs.send_raw(_hdr(wire.T.SETUP, len(meta)) + meta)
     with pytest.raises(Exception, match="bad region name a list"):
         await fs.receive()

@@ -72,12 +72,13 @@ async def start_receiver(nursery, out_dir, key=KEY, ssl_context=None):
 
 
 async def raw_session(port: int, regions: list[RegionSpec], key=KEY, page_size=PS,
-                      channels: int = 1, session: bytes = b"s" * 16, compress: int = 0) -> FrameStream:
+                      channels: int = 1, session: bytes = b"s" * 16, compress: int = 0,
+                      delta: bool = False) -> FrameStream:
     """An authenticated channel 0 with SETUP done: the caller then sends what it likes."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     fs = FrameStream(stream, "receiver")
     await client_handshake(fs, key, session, 0)
-    await fs.send(wire.Setup(page_size, channels, tuple(regions), compress))
+    await fs.send(wire.Setup(page_size, channels, tuple(regions), compress, delta))
     await fs.expect(wire.SetupOk)
     return fs
 

@@ -23,6 +23,7 @@ from ..tracking.choose import make_tracker
 from ..tracking.pageset import PageSet
 from ..transport import DEFAULT_CHANNELS, RegionSpec, connect_sender
 from ..transport.compress import CHOICES as COMPRESS_CHOICES
+from ..transport.delta import auto_cache_bytes
 from .background import Background, Guard
 from .pause import Pauser, Throttle
 from .report import MigrationReport, RoundStats
@@ -67,6 +68,9 @@ class MigrationPolicy:
     encrypt: bool = False
     # batch compression: "auto" (zstd while the link is the bottleneck), "zstd", "lz4", "none"
     compress: str = "auto"
+    # bytes of copies of the pages later rounds send, against which pages sent again go as
+    # deltas (transport/delta.py); None: 1/8 of the regions, within 16..512 MiB; 0: no deltas
+    delta_cache: int | None = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -90,6 +94,8 @@ class MigrationPolicy:
         one_of("switchover", self.switchover, SWITCHOVER_RULES, "switch-over rule")
         one_of("verify", self.verify, VERIFY_MODES, "verify")
         one_of("compress", self.compress, COMPRESS_CHOICES, "compress")
+        need(self.delta_cache is None or self.delta_cache == 0 or self.delta_cache >= 1 << 20,
+             f"delta_cache must be 0 (no deltas) or at least 1 MiB, not {self.delta_cache} bytes")
 
 
 def check_key(policy: MigrationPolicy, key: bytes | None) -> None:
@@ -276,7 +282,9 @@ async def _connected(setup: _SetUp, arming: Background, host: str, port: int, ke
     async with connect_sender(host, port, key=key, regions=specs, channels=policy.channels,
                               page_size=PAGE_SIZE, max_bandwidth=policy.max_bandwidth,
                               ssl_context=ssl_context, encrypt=policy.encrypt,
-                              compress=policy.compress) as sender:
+                              compress=policy.compress,
+                              delta_cache=(auto_cache_bytes(sum(r.size for r in specs), PAGE_SIZE)
+                                           if policy.delta_cache is None else policy.delta_cache)) as sender:
         rep.timeline.mark("connected")
         first = await arming.result()
         rep.setup_time_ms = (time.monotonic() - t_start) * 1000

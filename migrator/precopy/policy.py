@@ -50,6 +50,9 @@ class Observation:
     forced: bool = False      # a switch-over was requested (MigrationPolicy.force_switchover)
     throttle_at_max: bool = False
     page_size: int = 4096
+    # the pages found were last sent in round 0, which caches nothing for deltas: one more
+    # round caches them, and the pause then sends what changed in them since (delta.py)
+    uncached: bool = False
 
     @property
     def transfer_s(self) -> float:
@@ -75,8 +78,8 @@ def decide(obs: Observation, streaks: Streaks, rules: RoundRules) -> tuple[Actio
     """The decision after a collect, and the streaks to pass to the next one.  In order:
     1. a forced switch-over, or max_rounds live rounds: switch over;
     2. the pause fits the limit: switch over, unless "converge" and one more round pays off
-       (the transfer is not trivial and the guest wrote at most SHRINKING_RATIO of what the
-       last round sent);
+       (the transfer is not trivial, and the guest wrote at most SHRINKING_RATIO of what the
+       last round sent, or the pages are uncached: a round caches them for deltas);
     3. the final collect alone overran the limit, with a sweep, nonconvergence_rounds times in
        a row: give up (no number of rounds or throttling can help);
     4. the dirty set did not shrink (>= NONCONVERGENCE_RATIO of what the last round sent)
@@ -88,7 +91,7 @@ def decide(obs: Observation, streaks: Streaks, rules: RoundRules) -> tuple[Actio
         return Action.SWITCH_OVER, streaks
     if obs.expected_s <= rules.limit_s:
         pays_off = (rules.switchover == "converge" and obs.transfer_s > SHORT_TRANSFER_S
-                    and obs.dirty_pages <= SHRINKING_RATIO * obs.prev_sent)
+                    and (obs.dirty_pages <= SHRINKING_RATIO * obs.prev_sent or obs.uncached))
         if not pays_off:
             return Action.SWITCH_OVER, streaks
     n = rules.nonconvergence_rounds

@@ -50,6 +50,9 @@ class MigrationReport:
     compressed_batches: int = 0         # batches sent compressed ...
     compressed_raw_bytes: int = 0       # ... their pages' bytes ...
     compressed_wire_bytes: int = 0      # ... and what they took on the wire
+    delta_batches: int = 0              # batches sent as deltas (transport/delta.py) ...
+    delta_raw_bytes: int = 0            # ... their pages' bytes ...
+    delta_wire_bytes: int = 0           # ... and their deltas' bytes
     pages_normal: int = 0
     pages_zero: int = 0
     dirty_pages_rate: float = 0.0       # pages/s, last measured
@@ -100,6 +103,9 @@ class MigrationReport:
             lines.append(f"  compressed ({self.compress}): {self.compressed_batches} batches, "
                          f"{self.compressed_raw_bytes / 1e6:.1f} MB of pages in "
                          f"{self.compressed_wire_bytes / 1e6:.1f} MB")
+        if self.delta_batches:
+            lines.append(f"  deltas: {self.delta_batches} batches, {self.delta_raw_bytes / 1e6:.1f} MB of pages "
+                         f"sent again in {self.delta_wire_bytes / 1e6:.2f} MB")
         if self.verify_memory_ms:
             lines.append(f"  source memory verified against what was sent in {self.verify_memory_ms:.0f} ms")
         return "\n".join(lines)

@@ -103,6 +103,9 @@ class Migration:
         rep.compressed_batches = ss.compressed_batches
         rep.compressed_raw_bytes = ss.compressed_raw_bytes
         rep.compressed_wire_bytes = ss.compressed_wire_bytes
+        rep.delta_batches = ss.delta_batches
+        rep.delta_raw_bytes = ss.delta_raw_bytes
+        rep.delta_wire_bytes = ss.delta_wire_bytes
         if self.progress:
             self.progress(rs)
         return rs
@@ -195,7 +198,10 @@ class LiveRound:
         # "converge" cuts only round 0, where the tracker can tell how much of what the round
         # sent is rewritten already (no collect has measured the dirty rate yet)
         self._rewritten = m.baseline.rewritten_fraction if m.baseline is not None else None
-        can_cut = policy.switchover == "fits" or (round_no == 0 and self._rewritten is not None)
+        # (not with deltas: the pages round 0 would leave to the pause, the next round caches,
+        # and the pause then sends as deltas)
+        can_cut = policy.switchover == "fits" or (round_no == 0 and self._rewritten is not None
+                                                  and not m.sender.deltas)
         self._cut = threading.Event() if can_cut else None
         self._sent = SentPages({r.name: r.npages for r in m.regions}, m.on_packed)
         self._send_done = trio.Event()
@@ -218,8 +224,10 @@ class LiveRound:
             # the digests brought up to date with this round (the switch-over's then hash only
             # the pages of its last rounds)
             nursery.start_soon(trio.to_thread.run_sync, m.sent_tables.refresh)
-            # switching over now: the final round's end marker covers these pages too
-            if not self._skip_collect():
+            # switching over now: the final round's end marker covers these pages too (but
+            # deltas in the pause need the copies a round after round 0 cached acknowledged: a
+            # round trip before it)
+            if not self._skip_collect() or (m.sender.deltas and round_no > 0):
                 await m.sender.end_round(round_no)
                 end_s = time.monotonic() - sent_at
                 m.mark(f"round{round_no}-acked")
@@ -235,6 +243,10 @@ class LiveRound:
             m = self.m
             bound = m.switchover_bound_s()
             self._skip = bound <= m.limit_s or (self._cut is not None and self._cut.is_set())
+            if self.round_no == 0 and m.sender.deltas and m.policy.switchover == "converge":
+                # with deltas, round 0's collect decides whether a round caches the pages the
+                # guest rewrites (the pause then sends them as deltas)
+                self._skip = self._cut is not None and self._cut.is_set()
             if self._skip:
                 self._dirty, self._at = None, time.monotonic()
                 m.rep.expected_downtime_ms = bound * 1000
@@ -341,7 +353,7 @@ async def run_rounds(m: Migration, first: dict[str, PageSet], guard: Guard) -> S
                           round_end_s=0.0 if math.isinf(round_end_s) else round_end_s,
                           forced=policy.force_switchover is not None and policy.force_switchover.is_set(),
                           throttle_at_max=m.throttle.percent >= Throttle.MAX,
-                          page_size=PAGE_SIZE)
+                          page_size=PAGE_SIZE, uncached=round_no == 1 and m.sender.deltas)
         rep.expected_downtime_ms = obs.expected_s * 1000
         rep.remaining_bytes = n * PAGE_SIZE
         action, streaks = decide(obs, streaks, rules)

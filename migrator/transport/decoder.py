@@ -80,6 +80,7 @@ class FrameDecoder:
     def __init__(self, peer: str = "peer"):
         self.peer = peer
         self.codec = compress.NONE      # the codec BATCH data may use (receiver: SETUP's)
+        self.delta = False              # BATCH data may be deltas (receiver: SETUP's)
         self._seal: FrameSeal | None = None
         self._buf = bytearray()         # bytes fed but not consumed yet, from _pos on
         self._pos = 0
@@ -249,6 +250,12 @@ class FrameDecoder:
     def _batch(self, msg: wire.Batch, view: memoryview | None, page_size: int) -> wire.Batch:
         if view is None:        # (zero runs only)
             view = memoryview(b"")
+        if msg.compression == wire.DELTA:
+            # checked where it is applied: the hash of a page is known once it is patched
+            if not self.delta:
+                raise ProtocolError(f"BATCH of region #{msg.region}, round {msg.round_no}: deltas, "
+                                    f"which the session did not announce")
+            return dataclasses.replace(msg, data=view)
         if msg.compression:
             what = (f"BATCH of region #{msg.region}, round {msg.round_no}, from page "
                     f"{msg.data_flat[0] if msg.data_flat else 0}")

@@ -98,6 +98,15 @@ class FrameStream:
         self._decoder.codec = codec
 
     @property
+    def delta(self) -> bool:
+        """BATCH data may be deltas (receiver: SETUP allowed them)."""
+        return self._decoder.delta
+
+    @delta.setter
+    def delta(self, on: bool) -> None:
+        self._decoder.delta = on
+
+    @property
     def encrypts(self) -> bool:
         """Frames sent are encrypted (in place: their data must be in writable buffers)."""
         return self._send_seal is not None and self._send_seal.mode == "aead"

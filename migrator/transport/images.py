@@ -10,6 +10,7 @@ later round is never overwritten by an older copy that arrives late on another c
 from __future__ import annotations
 
 import array
+import dataclasses
 import queue
 import errno
 import json
@@ -22,6 +23,8 @@ from typing import Any, Sequence
 
 from ._native import ffi, lib
 from ..errors import MigratorError, ProtocolError
+from . import wire
+from .delta import ImagePatcher
 from .digest import TableDigest, page_hashes, zero_page_hash
 from .wire import Batch, RegionSpec
 
@@ -224,8 +227,12 @@ class _Image:
         if self.npages:
             self.hashes[:self.npages] = array.array("Q", [self.zero_hash]) * self.npages
         self.digest = TableDigest(self.hash_map, self.npages)
+        self.patcher: ImagePatcher | None = None    # delta batches' mapping (the first one makes it)
 
     def close(self) -> None:
+        if self.patcher is not None:
+            self.patcher.close()
+            self.patcher = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -286,6 +293,10 @@ class ImageSet:
         self.pages_zeroed = 0
         self.pages_stale = 0
         self.writeback_waits = 0     # round ends that waited for an image's write-back (settle)
+        # the session may send deltas: pages written whole after round 0 (the ones a guest
+        # rewrites) are faulted into the images' mappings at their round's end (warm())
+        self.deltas = False
+        self._to_warm: list[tuple[int, tuple[int, ...]]] = []     # (region, data runs)
         self._zeros = ffi.new("uint8_t[]", max(_ZERO_WRITE, page_size))
 
     @property
@@ -319,7 +330,14 @@ class ImageSet:
 
     def _apply(self, batch: Batch) -> None:
         img = self._images[batch.region]
+        if batch.compression == wire.DELTA:
+            self._apply_delta(img, batch)
+            if not batch.zero_flat:
+                return
+            batch = dataclasses.replace(batch, data_flat=(), data=b"", page_hashes=b"", compression=0)
         hashes = batch.page_hashes if batch.page_hashes else page_hashes(batch.data, self.page_size)
+        if self.deltas and batch.round_no and batch.data_flat:
+            self._to_warm.append((batch.region, batch.data_flat))
         n_data, n_zero = len(batch.data_flat) // 2, len(batch.zero_flat) // 2
         data_runs = ffi.new("uint64_t[]", batch.data_flat)
         zero_runs = ffi.new("uint64_t[]", batch.zero_flat)
@@ -347,6 +365,42 @@ class ImageSet:
         if r < 0:
             what = "a page run outside the region" if r == -errno.EINVAL else os.strerror(-r)
             raise MigratorError(f"writing image {self.names[batch.region]!r}: {what}")
+
+    def _apply_delta(self, img: _Image, batch: Batch) -> None:
+        """Patch the image with a delta batch's data pages, then prove them with the batch hash."""
+        what = f"BATCH of region #{batch.region}, round {batch.round_no}"
+        if img.patcher is None:
+            img.patcher = ImagePatcher(img.fd, img.region.size)
+        hashes = img.patcher.apply(what, img.npages, img.stamps_c, img.hashes_c, batch.data,
+                                   batch.data_flat, batch.round_no, self.page_size)
+        data_runs = ffi.new("uint64_t[]", batch.data_flat)
+        img.digest.touch_c(data_runs, len(batch.data_flat) // 2)
+        n = len(hashes) // 8
+        self.pages_written += n
+        img.unflushed += n * self.page_size
+        img.unsettled += n * self.page_size
+        got = wire.batch_digest(batch.region, batch.round_no, batch.data_flat, batch.zero_flat, (),
+                                self.page_size, hashes)
+        if got != batch.digest:
+            raise ProtocolError(f"{what}: its deltas, applied to the image, give other pages than "
+                                f"the sender's (batch hash mismatch): the image is not a copy")
+
+    def warm(self, final: bool) -> None:
+        """At a round's end (before its acknowledgement): map the pages the round wrote whole
+        after round 0 into the images' mappings for delta batches, so a later round's deltas,
+        the pause's, do not fault them in one by one (1.5-2 us a page here against 0.25).
+        Nothing after the final round.  The pages are written already (a fault cannot need
+        new space: no SIGBUS on a full file system)."""
+        with self._lock:
+            self._check_open()
+            todo, self._to_warm = self._to_warm, []
+            if final:
+                return
+            for region, flat in todo:
+                img = self._images[region]
+                if img.patcher is None:
+                    img.patcher = ImagePatcher(img.fd, img.region.size)
+                img.patcher.populate(flat, self.page_size)
 
     def settle(self) -> None:
         """At a round's end, before its acknowledgement: wait until the pages of an image that

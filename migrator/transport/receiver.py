@@ -71,6 +71,7 @@ class _Session:
     bytes_received: int = 0
     verdict_sent: bool = False
     compress: int = 0           # codec the sender may compress batches with
+    delta: bool = False         # the sender may send delta batches
     _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -274,6 +275,7 @@ class Receiver:
                     del self._pending_from[host]
             assert session.images is not None
             fs.codec = session.compress
+            fs.delta = session.delta
             # page buffers for the usual batch, before the first one (they grow if needed)
             fs.reserve(min(wire.DEFAULT_BATCH_PAGES * session.images.page_size, RESERVE_BYTES))
             await self._serve_channel(fs, session, who.channel)
@@ -318,6 +320,7 @@ class Receiver:
         setup = await fs.expect(wire.Setup)
         session.channels = setup.channels
         session.compress = setup.compress
+        session.delta = setup.delta
         need = session_memory(setup.regions, setup.page_size, setup.channels)
         if need > self.max_memory:
             raise ProtocolError(
@@ -333,6 +336,7 @@ class Receiver:
         session.images = await trio.to_thread.run_sync(
             ImageSet, self.out_dir, setup.regions, setup.page_size,
             session.sid.hex(), self.preallocate, names)
+        session.images.deltas = setup.delta
         if self.on_setup is not None:
             self.on_setup(session.images)
         session.joined.add(0)
@@ -341,7 +345,8 @@ class Receiver:
                  f"{sum(r.size for r in setup.regions) / (1 << 20):.1f} MiB, "
                  f"page size {setup.page_size}, {setup.channels} channel(s)"
                  f"{', encrypted' if mode == 'aead' else ''}"
-                 f"{f', {compress.CODEC_NAMES[setup.compress]} allowed' if setup.compress else ''}")
+                 f"{f', {compress.CODEC_NAMES[setup.compress]} allowed' if setup.compress else ''}"
+                 f"{', deltas allowed' if setup.delta else ''}")
 
     def _join(self, who) -> _Session:
         """Channel 1.. joins the active session it names (once)."""
@@ -422,6 +427,7 @@ class Receiver:
                     q.join()          # everything before the round end is written
                     if failed:
                         break
+                    images.warm(msg.final)
                     if not msg.final:     # (the pause waits for no disk: see ImageSet.settle)
                         images.settle()
                     io.send(wire.RoundAck(msg.round_no))

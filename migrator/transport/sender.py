@@ -27,6 +27,7 @@ from ..errors import (AuthError, CommitRefusedError, MigratorError, PeerReported
 from . import wire
 from .auth import client_handshake
 from .compress import BatchCompressor, codec_for
+from .delta import DeltaCache, DeltaTotals
 from .digest import PageReader
 from .framing import FrameStream, page_buffer, populate_in_background
 from .wire import RegionSpec
@@ -83,6 +84,9 @@ class SenderStatistics:
     compressed_batches: int = 0     # batches sent compressed ...
     compressed_raw_bytes: int = 0   # ... their pages' bytes ...
     compressed_wire_bytes: int = 0  # ... and what they took on the wire
+    delta_batches: int = 0          # batches sent as deltas (transport/delta.py) ...
+    delta_raw_bytes: int = 0        # ... their pages' bytes ...
+    delta_wire_bytes: int = 0       # ... and their deltas' bytes
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,7 @@ class _Built:
     region: int = 0
     round_no: int = 0
     digest: int = 0         # the batch hash (of the raw pages)
+    compression: int = 0    # wire.DELTA: data is deltas (not compressed further)
 
     @property
     def size(self) -> int:
@@ -198,8 +203,13 @@ class _Packer:
     def __init__(self, page_size: int, batch_pages: int, pool: "queue.Queue[mmap.mmap]",
                  stop: Callable[[], bool], on_packed: OnPacked | None = None,
                  known: Mapping[str, Any] | None = None, nocopy: bool = True,
-                 compression: tuple[int, bool, list, float] | None = None):
+                 compression: tuple[int, bool, list, float] | None = None,
+                 delta: tuple[DeltaCache, int, bool] | None = None):
         self.ps = page_size
+        # (the session's cache, the last round the receiver acknowledged, whether to cache the
+        # pages) or None: batches of pages it has copies of go as deltas (see delta.py)
+        self.delta = delta
+        self._delta_out = None        # this packer's output buffer for deltas (made when needed)
         # (codec, auto, list every packer's compressor is added to for the totals, the last
         # measured compression speed) or None
         self.compression = compression
@@ -222,11 +232,12 @@ class _Packer:
     def twin(self) -> "_Packer":
         """Another packer on the same buffers, for another producer thread."""
         return _Packer(self.ps, self.batch_pages, self.pool, self.stop, self.on_packed, self.known,
-                       self.nocopy, self.compression)
+                       self.nocopy, self.compression, self.delta)
 
     def maybe_compress(self, built: _Built, link_bps: float) -> _Built:
         """Compress the batch if the session's policy wants it now (see compress.py)."""
-        if self.compressor is not None and built.pages_normal and self.compressor.wanted(link_bps):
+        if (self.compressor is not None and built.pages_normal and not built.compression
+                and self.compressor.wanted(link_bps)):
             built.compress_with(self.compressor)
         return built
 
@@ -238,10 +249,12 @@ class _Packer:
                 if self.stop():
                     raise _Stopped() from None
 
-    def _state(self, buf: mmap.mmap, name: str, mapped: bool = False):
-        """A fresh batch of region `name` packing into buf (the run and hash arrays are reused:
-        _built copies them out before the next batch starts).  mapped: packing from a mapping
-        of the region, whose stable pages are then sent from where they lie (nocopy)."""
+    def _state(self, buf: mmap.mmap, name: str, region: int, round_no: int, mapped: bool = False):
+        """A fresh batch of region `name` (#region) of round_no packing into buf (the run and
+        hash arrays are reused: _built copies them out before the next batch starts).  mapped:
+        packing from a mapping of the region, whose stable pages are then sent from where they
+        lie (nocopy).  With deltas (after round 0), each data page is encoded as a delta as it
+        is packed, into buf when the pages are not copied there, else into another buffer."""
         st = ffi.new("struct mg_pack *")
         known = self.known.get(name)
         if known is not None:
@@ -257,6 +270,23 @@ class _Packer:
         st.out_cap = self.batch_pages
         st.run_cap = wire.MAX_RUNS
         st.zero_cap = ZERO_PAGES_PER_BATCH
+        if self.delta is not None and round_no:
+            cache, acked, cache_pages = self.delta
+            job = ffi.new("struct mg_delta_job *")
+            job.cache = cache.c
+            job.key_base = cache.key_base[region]
+            job.round_no = round_no
+            job.base_round = max(acked, 0)
+            job.keep = int(cache_pages)
+            if st.nocopy:
+                job.out = st.out
+            else:
+                if self._delta_out is None:
+                    self._delta_out = ffi.new("uint8_t[]", self.batch_pages * self.ps)
+                job.out = self._delta_out
+            job.cap = self.batch_pages * self.ps
+            st.delta = job
+            keep += (job,)
         return st, keep
 
     def _built(self, region: int, name: str, round_no: int, st, buf: mmap.mmap, view=None) -> _Built:
@@ -266,6 +296,12 @@ class _Packer:
         hashes = bytes(ffi.buffer(st.hashes, 8 * st.out_pages))
         if self.on_packed is not None:
             self.on_packed(name, data_flat, zero_flat, hashes)
+        delta_len = self._delta(st) if st.delta else None
+        if delta_len is not None:
+            digest = wire.batch_digest(region, round_no, data_flat, zero_flat, (), ps, hashes)
+            head = wire.encode_batch(region, round_no, data_flat, zero_flat, delta_len, digest, wire.DELTA)
+            return _Built(head, memoryview(buf)[:delta_len], buf, st.out_pages, st.zero_pages, name,
+                          data_flat, zero_flat, region, round_no, digest, wire.DELTA)
         if st.nocopy:      # the data runs, where they lie in the mapping (the source is paused)
             mv = memoryview(view)
             data = tuple(mv[first * ps:(first + n) * ps] for first, n in zip(data_flat[::2], data_flat[1::2]))
@@ -278,6 +314,15 @@ class _Packer:
         head = wire.encode_batch(region, round_no, data_flat, zero_flat, nbytes, digest)
         return _Built(head, data, buf, st.out_pages, st.zero_pages, name, data_flat, zero_flat,
                       region, round_no, digest)
+
+    def _delta(self, st) -> int | None:
+        """The length of the batch's deltas, moved to its buffer (st.out) if they were encoded
+        elsewhere; None if the batch does not go as deltas (see delta.py)."""
+        job = st.delta
+        n = self.delta[0].count(job.st.hits, job.st.misses, job.len, st.out_pages, self.delta[1])
+        if n is not None and job.out != st.out:
+            ffi.memmove(st.out, job.out, n)
+        return n
 
     def batches(self, plan: list[tuple[int, str, list[tuple[int, int]]]], reader: PageReader,
                 round_no: int) -> Iterator[_Built]:
@@ -302,7 +347,7 @@ class _Packer:
             hint = self._extents[name] = ffi.new("struct mg_extent *")
         with ffi.from_buffer(view) as base:
             buf = self._buffer()
-            st, keep = self._state(buf, name, mapped=True)
+            st, keep = self._state(buf, name, idx, round_no, mapped=True)
             for first, end in runs:
                 while first < end:
                     src = base + first * ps
@@ -318,7 +363,7 @@ class _Packer:
                     if took < n:           # batch full
                         yield self._built(idx, name, round_no, st, buf, view)
                         buf = self._buffer()
-                        st, keep = self._state(buf, name, mapped=True)
+                        st, keep = self._state(buf, name, idx, round_no, mapped=True)
             if st.out_pages or st.zero_pages:
                 yield self._built(idx, name, round_no, st, buf, view)
             else:
@@ -334,7 +379,7 @@ class _Packer:
                 reader.read_into(name, pieces, buf, ps)
             except ValueError as e:      # (a reader that gave the wrong number of bytes)
                 raise MigratorError(str(e)) from None
-            st, keep = self._state(buf, name)
+            st, keep = self._state(buf, name, idx, round_no)
             src = st.out
             pos = 0
             for first, n in pieces:     # in place: pages only move down in buf
@@ -354,8 +399,9 @@ class _Tally:
     buffer pool once sent, or dropped (packed but not sent: the send ended early).  Producer
     and channel threads report at once: the counts are under a lock."""
 
-    def __init__(self, pool: "queue.Queue[mmap.mmap]"):
+    def __init__(self, pool: "queue.Queue[mmap.mmap]", delta: DeltaCache | None = None):
         self.pool = pool
+        self.delta = delta
         self._lock = threading.Lock()
         self.pages_normal = 0
         self.pages_zero = 0
@@ -380,6 +426,8 @@ class _Tally:
             self.pages_zero -= built.pages_zero
             self.batches -= 1
             self.dropped.append((built.name, built.data_flat, built.zero_flat))
+        if self.delta is not None:      # (its pages were cached as the receiver never got them)
+            self.delta.forget_flat(built.region, built.data_flat)
         self.sent(built)
 
 
@@ -438,8 +486,13 @@ class Sender:
     """An open migration session.  Use connect_sender() to get one."""
 
     def __init__(self, channels: list[FrameStream], regions: list[RegionSpec], page_size: int,
-                 max_bandwidth: float | None, batch_pages: int, compress: str = "none"):
+                 max_bandwidth: float | None, batch_pages: int, compress: str = "none",
+                 delta_cache: int = 0):
         self._channels = list(channels)   # every channel of the session
+        # pages sent again go as deltas against copies of them (delta_cache bytes; 0: never)
+        self._delta = DeltaCache(regions, page_size, delta_cache) if delta_cache else None
+        self._delta_totals = self._delta.totals if self._delta is not None else DeltaTotals()
+        self._acked = -1                  # the last round the receiver acknowledged
         self._fs = channels               # those pages may still go on
         self._closing: list[FrameStream] = []   # sent CLOSE, CLOSED not read yet (close_secondaries)
         self._codec = codec_for(compress)
@@ -497,7 +550,7 @@ class Sender:
     async def send_pages(self, runs: Mapping[str, Iterable[tuple[int, int]]], reader: PageReader,
                          round_no: int, on_packed: OnPacked | None = None,
                          known: Mapping[str, KnownPages] | None = None,
-                         until: threading.Event | None = None) -> SendStats:
+                         until: threading.Event | None = None, final: bool = False) -> SendStats:
         """Send the pages of `runs` ({region: [(first_page, end_page_exclusive), ...]}) as
         read now through `reader`, tagged with round_no (never lower than an earlier round).
 
@@ -515,6 +568,9 @@ class Sender:
         until, if given and set during the send, ends it early: no batch is packed or sent after
         that (but those on the wire); SendStats.dropped lists the batches packed (on_packed saw
         them) but not sent.
+
+        final: none of these pages will be sent again (the stop-and-copy): with deltas, pages
+        sent again go as deltas, but none is cached.
 
         Raises:
             RegionError: a run outside its region, or an undeclared region.
@@ -539,10 +595,11 @@ class Sender:
                     exports.enter_context(ffi.from_buffer("uint64_t[]", k.hashes, require_writable=True)),
                     exports.enter_context(ffi.from_buffer("uint8_t[]", k.force)) if k.force is not None else ffi.NULL,
                     int(k.stable))
-            return await self._send_pages(plan, reader, round_no, on_packed, known_c, until)
+            return await self._send_pages(plan, reader, round_no, on_packed, known_c, until, final)
 
     async def _send_pages(self, plan, reader: PageReader, round_no: int, on_packed: OnPacked | None,
-                          known: dict[str, Any], until: threading.Event | None) -> SendStats:
+                          known: dict[str, Any], until: threading.Event | None,
+                          final: bool = False) -> SendStats:
         async with self._lock:
             self._round = round_no
             t0 = time.monotonic()
@@ -554,12 +611,14 @@ class Sender:
             fss = self._fs[:max(1, min(len(self._fs), -(-npages // self._batch_pages)))]
             depth = _queue_depth(len(self._fs))
             pool = self._pool(_pool_size(len(self._fs)))
-            tally = _Tally(pool)
+            tally = _Tally(pool, self._delta)
+            delta0 = self._delta.totals.raw_bytes - self._delta.totals.wire_bytes if self._delta else 0
             stop = threading.Event()
             compressors: list[BatchCompressor] = []
             packer = _Packer(self.page_size, self._batch_pages, pool, stop.is_set, on_packed, known,
                              nocopy=not any(fs.encrypts for fs in self._fs),
-                             compression=(self._codec, self._auto, compressors, self._compress_speed))
+                             compression=(self._codec, self._auto, compressors, self._compress_speed),
+                             delta=(self._delta, self._acked, not final) if self._delta is not None else None)
             self._sending_since = t0
             try:
                 args = (plan, reader, round_no, tally, packer, depth, stop, until, fss)
@@ -575,7 +634,8 @@ class Sender:
             self._pages_normal += tally.pages_normal
             self._pages_zero += tally.pages_zero
             self._batches += tally.batches
-            saved = 0          # bytes compression kept off the wire in this send
+            # bytes compression and deltas kept off the wire in this send
+            saved = self._delta.totals.raw_bytes - self._delta.totals.wire_bytes - delta0 if self._delta else 0
             for c in compressors:
                 if c.speed:
                     self._compress_speed = c.speed
@@ -741,6 +801,7 @@ class Sender:
                 raise first_error(eg) from None
             self._busy += time.monotonic() - t0
             self._rounds += 1
+            self._acked = round_no        # (everything sent before is in the images: deltas may use it)
 
     async def close_secondaries(self, wait: bool = False) -> None:
         """Every send to come goes on channel 0 (the pause's, once its bulk is out): send CLOSE
@@ -851,6 +912,9 @@ class Sender:
             raise CommitRefusedError(str(e)) from None
 
     def _free_buffers(self) -> None:
+        if self._delta is not None:
+            self._delta.close()
+            self._delta = None
         for b in self._buffers:
             try:
                 b.close()
@@ -862,6 +926,11 @@ class Sender:
     def batch_pages(self) -> int:
         """Data pages per BATCH (a send of at most this many goes on one channel)."""
         return self._batch_pages
+
+    @property
+    def deltas(self) -> bool:
+        """Pages sent again may go as deltas (the session has a delta cache)."""
+        return self._delta is not None
 
     @property
     def open_channels(self) -> int:
@@ -892,15 +961,18 @@ class Sender:
         sent = self._sent()
         busy = self._busy
         since = self._sending_since
+        d = self._delta_totals
         if since is not None:
             busy += time.monotonic() - since
         return SenderStatistics(
             transferred_bytes=sent, pages_normal=self._pages_normal, pages_zero=self._pages_zero,
             batches=self._batches, rounds=self._rounds, channels=len(self._channels),
             busy_time=busy,
-            bandwidth=(sent + self._compressed[1] - self._compressed[2]) / busy if busy > 0 else 0.0,
+            bandwidth=(sent + self._compressed[1] - self._compressed[2] + d.raw_bytes - d.wire_bytes) / busy
+            if busy > 0 else 0.0,
             last_bandwidth=self._last_bw, compressed_batches=self._compressed[0],
-            compressed_raw_bytes=self._compressed[1], compressed_wire_bytes=self._compressed[2])
+            compressed_raw_bytes=self._compressed[1], compressed_wire_bytes=self._compressed[2],
+            delta_batches=d.batches, delta_raw_bytes=d.raw_bytes, delta_wire_bytes=d.wire_bytes)
 
 
 async def _run_all(stop: threading.Event, jobs: list[Callable[[], Awaitable[Any]]]) -> None:
@@ -964,7 +1036,8 @@ async def connect_sender(host: str, port: int, *, key: bytes | None, regions: li
                          channels: int = 1, page_size: int = 4096,
                          max_bandwidth: float | None = None, ssl_context=None,
                          batch_pages: int = DEFAULT_BATCH_PAGES,
-                         encrypt: bool = False, compress: str = "none") -> AsyncIterator[Sender]:
+                         encrypt: bool = False, compress: str = "none",
+                         delta_cache: int = 0) -> AsyncIterator[Sender]:
     """Open a migration session to a receiver and yield its Sender.
 
     Args:
@@ -980,6 +1053,8 @@ async def connect_sender(host: str, port: int, *, key: bytes | None, regions: li
             frames are always authenticated (docs/protocol.md).
         compress: "none", "zstd", "lz4" (every batch that shrinks), or "auto" (zstd, only
             while the link is the bottleneck): see transport/compress.py.
+        delta_cache: bytes of copies of pages sent, against which pages sent again go as
+            deltas (transport/delta.py; delta.auto_cache_bytes() for a default); 0: never.
 
     Raises:
         TransportError / AuthError / ProtocolError: connecting, authenticating or set-up failed.
@@ -995,13 +1070,16 @@ async def connect_sender(host: str, port: int, *, key: bytes | None, regions: li
     for r in regions:
         if r.start % page_size or r.end % page_size or r.end <= r.start:
             raise RegionError(f"region {r.name!r} {r.start:#x}-{r.end:#x} is not page-aligned or empty")
+    if delta_cache and delta_cache < page_size:
+        raise MigratorError(f"delta cache of {delta_cache} bytes: less than a page ({page_size})")
     session = secrets.token_bytes(wire.SESSION_ID_SIZE)
     opened: list[FrameStream] = []
     sender: Sender | None = None
     try:
         # (SETUP goes right after our proof, not after the receiver's WELCOME)
         fs0 = await _open_channel(host, port, key, session, 0, ssl_context,
-                                  then=wire.Setup(page_size, channels, tuple(regions), codec_for(compress)),
+                                  then=wire.Setup(page_size, channels, tuple(regions), codec_for(compress),
+                                                  bool(delta_cache)),
                                   encrypt=encrypt)
         opened.append(fs0)
         await fs0.expect(wire.SetupOk)
@@ -1014,7 +1092,7 @@ async def connect_sender(host: str, port: int, *, key: bytes | None, regions: li
                 # the receiver may have said why on channel 0 (it stops, the session failed)
                 # before dropping this one mid-handshake
                 raise await _reason(fs0, e) from None
-        sender = Sender(opened, list(regions), page_size, max_bandwidth, batch_pages, compress)
+        sender = Sender(opened, list(regions), page_size, max_bandwidth, batch_pages, compress, delta_cache)
         yield sender
         if not sender._finished:
             raise MigratorError("session left without finish()")

@@ -27,8 +27,9 @@ from ..errors import ProtocolError
 from .pagehash import page_hashes
 
 MAGIC = b"MG"
-VERSION = 5                   # 2: PREPARE; 3: every frame after the handshake sealed (seal.py);
-                              # 4: digests over leaves (digest.py); 5: ROUND_END's final flag
+VERSION = 6                   # 2: PREPARE; 3: every frame after the handshake sealed (seal.py);
+                              # 4: digests over leaves (digest.py); 5: ROUND_END's final flag;
+                              # 6: delta batches (SETUP's delta, BATCH codec DELTA)
 HEADER = struct.Struct("!2sBBII")
 HEADER_SIZE = HEADER.size
 
@@ -53,6 +54,8 @@ NONCE_SIZE = 32
 SESSION_ID_SIZE = 16
 MAC_SIZE = 32
 MAX_CODEC = 2                 # BATCH compression codecs: 0 none, 1 zstd, 2 lz4 (compress.py)
+DELTA = 3                     # BATCH codec: the pages as deltas against the receiver's copies
+                              # (delta.py; only if SETUP allowed it)
 DIGEST_HEX = 32               # xxh3_128 hex digest length
 
 
@@ -140,6 +143,7 @@ class Setup:
     channels: int
     regions: tuple[RegionSpec, ...]
     compress: int = 0       # codec BATCH data may be compressed with (compress.py; 0: none)
+    delta: bool = False     # BATCH data may be deltas (DELTA: see delta.py)
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,8 @@ class Batch:
     zero_flat: tuple[int, ...]
     digest: int
     data: Any = b""   # bytes-like, len == sum(data counts) * page_size (once decompressed)
-    compression: int = 0       # codec of the data on the wire (0: raw)
+    compression: int = 0       # codec of the data on the wire (0: raw; DELTA: deltas, which only
+                               # the image they apply to can check)
     page_hashes: bytes = b""   # receiver side: XXH3-64 of each data page (from the hash check)
 
     @property
@@ -280,7 +285,8 @@ def _meta(msg: Message) -> dict:
         return {"mac": msg.mac}
     if isinstance(msg, Setup):
         return {"page_size": msg.page_size, "channels": msg.channels,
-                "regions": [[r.name, r.start, r.end] for r in msg.regions], "compress": msg.compress}
+                "regions": [[r.name, r.start, r.end] for r in msg.regions], "compress": msg.compress,
+                "delta": msg.delta}
     if isinstance(msg, SetupOk):
         return {"images": list(msg.images)}
     if isinstance(msg, Batch):
@@ -484,7 +490,7 @@ def _decode(t: T, meta: bytes, data_len: int, page_size: int | None) -> Message:
         _Fields(t, m, set())
         return {T.WELCOME: Welcome, T.CLOSE: Close, T.CLOSED: Closed}[t]()
     if t is T.SETUP:
-        return _setup(_Fields(t, m, {"page_size", "channels", "regions", "compress"}))
+        return _setup(_Fields(t, m, {"page_size", "channels", "regions", "compress", "delta"}))
     if t is T.SETUP_OK:
         f = _Fields(t, m, {"images"})
         return SetupOk(tuple(_img(x) for x in f.list("images", MAX_REGIONS)))
@@ -554,7 +560,7 @@ def _setup(f: _Fields) -> Setup:
         raise f.fail("regions", "is empty")
     if total > MAX_TOTAL_BYTES:
         raise ProtocolError(f"SETUP message: regions total {total} bytes (limit {MAX_TOTAL_BYTES})")
-    return Setup(ps, channels, tuple(regions), f.int("compress", 0, MAX_CODEC))
+    return Setup(ps, channels, tuple(regions), f.int("compress", 0, MAX_CODEC), f.bool("delta"))
 
 
 def _batch(f: _Fields, data_len: int, page_size: int) -> Batch:
@@ -564,13 +570,13 @@ def _batch(f: _Fields, data_len: int, page_size: int) -> Batch:
     data_flat, data_pages = _runs(f, "d", MAX_DATA // page_size)
     zero_flat, _ = _runs(f, "z", MAX_ZERO_PAGES)
     digest = f.int("h", 0, (1 << 64) - 1)
-    compression = f.int("c", 0, MAX_CODEC)
+    compression = f.int("c", 0, DELTA)
     want = data_pages * page_size
     if not compression and want != data_len:
         raise ProtocolError(f"BATCH frame: runs announce {want} bytes of data, frame carries {data_len}")
     if compression and not 0 < data_len < want:
-        raise ProtocolError(f"BATCH frame: {data_len} bytes of compressed data for {want} bytes "
-                            f"of pages (compressed data must be smaller)")
+        raise ProtocolError(f"BATCH frame: {data_len} bytes of {'delta' if compression == DELTA else 'compressed'} "
+                            f"data for {want} bytes of pages (it must be smaller)")
     if not data_flat and not zero_flat:
         raise ProtocolError("BATCH frame: no pages")
     return Batch(region, round_no, data_flat, zero_flat, digest, compression=compression)
@@ -612,7 +618,8 @@ def decode_frames(buf: bytes, page_size: int | None = MIN_PAGE_SIZE) -> list[Mes
         msg = decode(t, bytes(mv[pos:pos + meta_len]), data_len, page_size)
         if isinstance(msg, Batch):
             data = bytes(mv[pos + meta_len:end])
-            check_digest(msg, data)
+            if msg.compression != DELTA:        # (deltas: checked by the image they apply to)
+                check_digest(msg, data)
             msg = dataclasses.replace(msg, data=data)
         out.append(msg)
         pos = end
