@@ -114,6 +114,7 @@ _SETUP_FIELDS = {f.name for f in dataclasses.fields(wire.Setup)}
 HAS_CODECS = (_compress is not None and "compress" in _SETUP_FIELDS and hasattr(wire, "MAX_CODEC")
               and "compression" in inspect.signature(wire.encode_batch).parameters)
 CODECS = (1, 2) if HAS_CODECS else ()
+HAS_DELTA = "delta" in _SETUP_FIELDS      # (delta batches: protocol version 6)
 HAS_COMMIT = ("commit" in {f.name for f in dataclasses.fields(wire.End)} and hasattr(wire, "Commit")
               and hasattr(wire, "Synced"))       # (END -> RESULT -> SYNCED -> COMMIT)
 
@@ -124,7 +125,7 @@ INTERESTING_INTS = [0, 1, -1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 127, 1
                     1 << 40, (1 << 40) + 4096, (1 << 53) + 1, (1 << 62), (1 << 63) - 1, 1 << 63,
                     (1 << 64) - 1, -128, -129, -(1 << 31), -(1 << 63)]
 PROTO_KEYS = ["v", "nonce", "session", "channel", "auth", "enc", "mac", "page_size", "channels",
-              "regions", "compress", "images", "r", "n", "d", "z", "h", "c", "p", "digests",
+              "regions", "compress", "delta", "images", "r", "n", "d", "z", "h", "c", "p", "digests",
               "complete", "verified", "message"]
 REGION_NAMES = ["ram", "ram-hi", "vga.vram", "pc.rom", "[heap]", "guest ram", "rég-ü", "a"]
 
@@ -1039,6 +1040,8 @@ class Gen:
         return ps, regions, channels, codec
 
     def setup_frame(self, ps, regions, channels, codec) -> bytes:
+        if HAS_DELTA:       # (a delta batch is then checked against the image: sem-codec's 3)
+            return wire.encode(wire.Setup(ps, channels, tuple(regions), codec, self.rng.random() < 0.5))
         if HAS_CODECS:
             return wire.encode(wire.Setup(ps, channels, tuple(regions), codec))
         return wire.encode(wire.Setup(ps, channels, tuple(regions)))

@@ -20,6 +20,7 @@ import tempfile
 
 import trio
 
+from ..errors import MigratorError
 from ..guest.launcher import start_guest
 from ..guest.spec import GuestSpec
 from ..guest.workloads import WorkloadSpec
@@ -44,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=1, help="runs per size and variant (medians shown)")
     p.add_argument("--channels", type=int, default=DEFAULT_CHANNELS,
                    help=f"migrator TCP connections (default {DEFAULT_CHANNELS}, as migrate's)")
+    p.add_argument("--delta-cache", metavar="SIZE",
+                   help="as migrate's (default: automatic; 0: no deltas, for a comparison)")
     p.add_argument("--out-dir", default="/var/tmp",
                    help="where the receiver's folder goes (default /var/tmp: a disk, not tmpfs)")
     p.add_argument("--no-check", action="store_true", help="skip the byte-for-byte check of the destination")
@@ -64,7 +67,8 @@ def _one(size: int, variant: str, args: argparse.Namespace) -> dict:
             target = MigrationTarget(pid=g.pid, regions=["guest-ram", f"{a.start:x}-{a.end:x}"],
                                      writers=list(g.writer_pids.values()))
             rep = trio.run(lambda: migrate(target, "127.0.0.1", receiver.port, key=None,
-                                           policy=MigrationPolicy(channels=args.channels)))
+                                           policy=MigrationPolicy(channels=args.channels,
+                                                                  delta_cache=_delta_cache(args))))
             check = None if args.no_check or rep.status != "completed" else \
                 compare_with_source(g.pid, os.path.join(work, "out"))
     finally:
@@ -73,7 +77,8 @@ def _one(size: int, variant: str, args: argparse.Namespace) -> dict:
     live = [r for r in rep.per_round if r.round > 0 and not r.stop_and_copy and r.tracker_ms > 0]
     gib = (size + ANON) / (1 << 30)
     return {
-        "size": size, "variant": variant, "channels": args.channels, "status": rep.status, "reason": rep.reason,
+        "size": size, "variant": variant, "channels": args.channels, "delta_cache": args.delta_cache,
+        "status": rep.status, "reason": rep.reason, "delta_batches": rep.delta_batches,
         "tracker": rep.tracker, "rounds": rep.rounds,
         "collect_ms_per_gib": statistics.median(r.tracker_ms for r in live) / gib if live else None,
         "downtime_ms": rep.downtime_ms, "expected_downtime_ms": rep.expected_downtime_ms,
@@ -91,6 +96,10 @@ def _one(size: int, variant: str, args: argparse.Namespace) -> dict:
                      and v >= rep.timeline["pause"]},
         "destination": "not checked" if check is None else ("identical" if check.identical else check.detail),
     }
+
+
+def _delta_cache(args: argparse.Namespace) -> int | None:
+    return None if args.delta_cache is None else parse_size(args.delta_cache)
 
 
 def _med(runs: list[dict], key: str) -> str:
@@ -112,13 +121,18 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.channels <= MAX_CHANNELS:
         print(f"--channels {args.channels}: must be 1..{MAX_CHANNELS}")
         return 2
+    try:
+        MigrationPolicy(channels=args.channels, delta_cache=_delta_cache(args))
+    except MigratorError as e:
+        print(e)
+        return 2
     free = shutil.disk_usage(args.out_dir).free
     if max(sizes) + ANON > free:
         print(f"{args.out_dir} has {format_bytes(free)} free: too little for {format_bytes(max(sizes))}")
         return 2
     print(f"migrator bench scale: guest without a userfaultfd, random writes at {args.rate}, "
           f"+{ANON >> 20} MiB private RAM; receiver writing to {args.out_dir}; default policy, "
-          f"{args.channels} channel(s); "
+          f"{args.channels} channel(s), delta cache {args.delta_cache or 'automatic'}; "
           f"{args.runs} run(s) each")
     results: list[dict] = []
     for variant in variants:

@@ -50,7 +50,8 @@ class Observation:
     forced: bool = False      # a switch-over was requested (MigrationPolicy.force_switchover)
     throttle_at_max: bool = False
     page_size: int = 4096
-    # the pages found were last sent in round 0, which caches nothing for deltas: one more
+    # with deltas: the last round kept no copies of its pages (round 0 never does; a later
+    # round only when the guest rewrote as much as half of what was sent before): one more
     # round caches them, and the pause then sends what changed in them since (delta.py)
     uncached: bool = False
 

@@ -23,7 +23,7 @@ from ..transport import SendStats
 from ..transport.sender import Sender
 from .background import Guard
 from .pause import Throttle
-from .policy import NONCONVERGENCE_RATIO, Action, Observation, RoundRules, Streaks, decide
+from .policy import NONCONVERGENCE_RATIO, SHRINKING_RATIO, Action, Observation, RoundRules, Streaks, decide
 from .report import MigrationReport, RoundStats
 from .sent import SentHashes
 from .source import SourceMemory
@@ -192,8 +192,10 @@ class LiveRound:
     the previous collect (`since`).  A round may be cut short (see _cutter), and its collect
     skipped where it could not change the decision (see _skip_collect)."""
 
-    def __init__(self, m: Migration, runs: dict[str, PageSet], round_no: int, lead_s: float, since: float):
+    def __init__(self, m: Migration, runs: dict[str, PageSet], round_no: int, lead_s: float, since: float,
+                 cache: bool = False):
         self.m, self.runs, self.round_no, self.lead_s, self.since = m, runs, round_no, lead_s, since
+        self.cache = cache      # keep copies of the pages sent for deltas (Sender.send_pages)
         policy = m.policy
         # "converge" cuts only round 0, where the tracker can tell how much of what the round
         # sent is rewritten already (no collect has measured the dirty rate yet)
@@ -217,7 +219,8 @@ class LiveRound:
                 nursery.start_soon(self._cutter)
             # what is sent is what the tracker compares with next (ContentBaseline.record_sent)
             hook = self._sent.packed if self._cut is not None else m.on_packed
-            st = await m.sender.send_pages(page_runs(self.runs), m.source, round_no, hook, until=self._cut)
+            st = await m.sender.send_pages(page_runs(self.runs), m.source, round_no, hook, until=self._cut,
+                                           cache=self.cache)
             m.mark(f"round{round_no}-sent")
             sent_at, end_s = time.monotonic(), None
             self._send_done.set()
@@ -225,9 +228,9 @@ class LiveRound:
             # the pages of its last rounds)
             nursery.start_soon(trio.to_thread.run_sync, m.sent_tables.refresh)
             # switching over now: the final round's end marker covers these pages too (but
-            # deltas in the pause need the copies a round after round 0 cached acknowledged: a
-            # round trip before it)
-            if not self._skip_collect() or (m.sender.deltas and round_no > 0):
+            # deltas in the pause need the copies this round cached acknowledged: a round trip
+            # before it)
+            if not self._skip_collect() or self.cache:
                 await m.sender.end_round(round_no)
                 end_s = time.monotonic() - sent_at
                 m.mark(f"round{round_no}-acked")
@@ -327,6 +330,8 @@ async def run_rounds(m: Migration, first: dict[str, PageSet], guard: Guard) -> S
                        auto_converge=policy.auto_converge)
     streaks = Streaks()
     prev_sent = count_pages(first)
+    last_sent = first       # the pages the last round sent
+    cached = False          # the last round kept copies of its pages for deltas
     round_no = 0
     # the stop-and-copy's end, as the live rounds' ends measured it (the least: a live round's
     # end may also wait for the receiver's disk, which the stop-and-copy's never does; round
@@ -339,6 +344,11 @@ async def run_rounds(m: Migration, first: dict[str, PageSet], guard: Guard) -> S
             return SwitchOver(round_no, res.unsent)     # (a round cut short: its pages not sent)
         m.note(dirty, round_no)
         n = count_pages(dirty.pages)
+        # with deltas, copies are kept of the pages of a round only if the guest rewrites what
+        # it was sent: at least SHRINKING_RATIO of the last round's pages were written again
+        # (a guest writing all over a large memory rarely writes a page twice: caching would
+        # cost a copy, and a page fault, on each side for every page sent, for nothing)
+        cache_next = m.sender.deltas and rewritten(dirty.pages, last_sent) >= SHRINKING_RATIO * prev_sent
         rep.dirty_pages_rate = n / max(elapsed, 1e-6)                # pages/s
         stats = m.sender.statistics()
         rep.bandwidth_bytes_per_s = bandwidth = max(stats.bandwidth, 1.0)
@@ -353,7 +363,7 @@ async def run_rounds(m: Migration, first: dict[str, PageSet], guard: Guard) -> S
                           round_end_s=0.0 if math.isinf(round_end_s) else round_end_s,
                           forced=policy.force_switchover is not None and policy.force_switchover.is_set(),
                           throttle_at_max=m.throttle.percent >= Throttle.MAX,
-                          page_size=PAGE_SIZE, uncached=round_no == 1 and m.sender.deltas)
+                          page_size=PAGE_SIZE, uncached=cache_next and not cached)
         rep.expected_downtime_ms = obs.expected_s * 1000
         rep.remaining_bytes = n * PAGE_SIZE
         action, streaks = decide(obs, streaks, rules)
@@ -367,12 +377,19 @@ async def run_rounds(m: Migration, first: dict[str, PageSet], guard: Guard) -> S
             await guard.armed()
             m.throttle.step_up()
         lead = max(0.0, n * PAGE_SIZE / bandwidth - dirty.cost_s)
-        res = await LiveRound(m, dirty.pages, round_no, lead, last_collect).run()
+        cached = cache_next
+        res = await LiveRound(m, dirty.pages, round_no, lead, last_collect, cache=cached).run()
+        last_sent = dirty.pages
         if res.end_s is not None:
             round_end_s = min(round_end_s, res.end_s)
         m.account(round_no, n, res.stats, dirty.cost_s, rep.dirty_pages_rate, obs.expected_s * 1000)
         prev_sent = max(n, 1)
         elapsed, last_collect = res.collected_at - last_collect, res.collected_at
+
+
+def rewritten(dirty: dict[str, PageSet], sent: dict[str, PageSet]) -> int:
+    """Pages of dirty that are also in sent."""
+    return sum(len(d) - len(d - sent[name]) for name, d in dirty.items() if name in sent)
 
 
 def _not_converging(action: Action, obs: Observation, dirty: DirtyPages, streaks: Streaks,

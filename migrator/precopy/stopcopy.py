@@ -127,8 +127,7 @@ class StopAndCopy:
             nursery.start_soon(collect_final)
             # the pages still pending from the last round go out at once (the source is paused,
             # so what is read now is final)
-            st1 = await m.sender.send_pages(page_runs(self.pending), m.source, round_no, m.on_packed,
-                                            final=True)
+            st1 = await m.sender.send_pages(page_runs(self.pending), m.source, round_no, m.on_packed)
             m.mark("final-pending-sent")
             # the bulk is out: the few pages the collect finds beyond it go on channel 0, and
             # the other channels close now, beside the collect, not a round trip later (no-op
@@ -142,7 +141,7 @@ class StopAndCopy:
                            for name, s in final.pages.items()})
         # (nothing beyond the pending pages, as when the guest rewrites them all: no send to set
         # up and drain)
-        st2 = await m.sender.send_pages(extra, m.source, round_no, m.on_packed, final=True) if extra \
+        st2 = await m.sender.send_pages(extra, m.source, round_no, m.on_packed) if extra \
             else _no_send(round_no)
         scanned = sorted(final.unswept)
         m.rep.final_scanned = scanned
@@ -150,7 +149,7 @@ class StopAndCopy:
         if scanned:
             by_name = {r.name: r for r in m.regions}
             st3 = await m.sender.send_pages({n: [(0, by_name[n].npages)] for n in scanned}, m.source,
-                                            round_no, m.on_packed, final=True,
+                                            round_no, m.on_packed,
                                             known={n: KnownPages(hashes[n], None, stable=True) for n in scanned})
             m.mark("final-scanned")
         m.mark("final-sent")

@@ -385,16 +385,17 @@ class ImageSet:
             raise ProtocolError(f"{what}: its deltas, applied to the image, give other pages than "
                                 f"the sender's (batch hash mismatch): the image is not a copy")
 
-    def warm(self, final: bool) -> None:
-        """At a round's end (before its acknowledgement): map the pages the round wrote whole
-        after round 0 into the images' mappings for delta batches, so a later round's deltas,
-        the pause's, do not fault them in one by one (1.5-2 us a page here against 0.25).
-        Nothing after the final round.  The pages are written already (a fault cannot need
-        new space: no SIGBUS on a full file system)."""
+    def warm(self, now: bool) -> None:
+        """At a round's end (before its acknowledgement): with now (the sender cached the
+        round's pages: RoundEnd.warm), map the pages the round wrote whole after round 0 into
+        the images' mappings for delta batches, so a later round's deltas, the pause's, do not
+        fault them in one by one (1.5-2 us a page here against 0.25 in runs); else forget them.
+        The pages are written already (a fault cannot need new space: no SIGBUS on a full file
+        system)."""
         with self._lock:
             self._check_open()
             todo, self._to_warm = self._to_warm, []
-            if final:
+            if not now:
                 return
             for region, flat in todo:
                 img = self._images[region]

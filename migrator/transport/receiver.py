@@ -371,11 +371,15 @@ class Receiver:
             if s.done:
                 return
             stopping = threading.Event()     # the channel was cancelled (receiver stopping)
-            io = _ChannelIO.of(fs, s.images.page_size, lambda: s.done or stopping.is_set())
+            # its writer failed: the pump stops waiting for the next frame (the sender may be
+            # waiting for a ROUND_ACK that will not come) and reports why
+            write_failed = threading.Event()
+            io = _ChannelIO.of(fs, s.images.page_size,
+                               lambda: s.done or stopping.is_set() or write_failed.is_set())
             try:
                 async with trio.open_nursery() as nursery:
                     flagger = await nursery.start(_flag_when_cancelled, stopping)
-                    await self._read_channel(fs, io, s, channel)
+                    await self._read_channel(fs, io, s, channel, write_failed)
                     flagger.cancel()
             except BaseExceptionGroup as eg:
                 err = first_error(eg)
@@ -384,7 +388,8 @@ class Receiver:
                     raise TransportError("receiver shutting down") from None
                 raise err from None
 
-    def _pump(self, io: _ChannelIO, s: _Session, expect: tuple[type, ...]) -> wire.Message:
+    def _pump(self, io: _ChannelIO, s: _Session, expect: tuple[type, ...],
+              write_failed: threading.Event) -> wire.Message:
         """In a worker thread: receive and check page batches (and PREPAREs), and acknowledge
         round ends, until another frame comes; return that one once every batch before it is
         written.  A second thread writes, so writing one batch overlaps receiving the next (a
@@ -409,6 +414,7 @@ class Receiver:
                     s.count_received(batch.pages_data * ps)
                 except BaseException as e:   # reported by the pump
                     failed.append(e)
+                    write_failed.set()
                 finally:
                     q.task_done()
 
@@ -427,7 +433,7 @@ class Receiver:
                     q.join()          # everything before the round end is written
                     if failed:
                         break
-                    images.warm(msg.final)
+                    images.warm(msg.warm and not msg.final)
                     if not msg.final:     # (the pause waits for no disk: see ImageSet.settle)
                         images.settle()
                     io.send(wire.RoundAck(msg.round_no))
@@ -441,12 +447,13 @@ class Receiver:
             if failed:
                 raise failed[0]
 
-    async def _read_channel(self, fs: FrameStream, io: _ChannelIO, s: _Session, channel: int) -> None:
+    async def _read_channel(self, fs: FrameStream, io: _ChannelIO, s: _Session, channel: int,
+                            write_failed: threading.Event) -> None:
         """Batches until the channel's last frame (CLOSE, or END on channel 0), then its answer."""
         # what a channel may send now (anything else is refused before its meta is read)
         expect = (wire.Batch, wire.Prepare, wire.RoundEnd) + ((wire.End,) if channel == 0 else (wire.Close,))
         try:
-            msg = await trio.to_thread.run_sync(self._pump, io, s, expect)
+            msg = await trio.to_thread.run_sync(self._pump, io, s, expect, write_failed)
         except PeerClosed:
             raise TransportError(f"sender disconnected on channel {channel} "
                                  f"before the end of the migration") from None

@@ -493,6 +493,7 @@ class Sender:
         self._delta = DeltaCache(regions, page_size, delta_cache) if delta_cache else None
         self._delta_totals = self._delta.totals if self._delta is not None else DeltaTotals()
         self._acked = -1                  # the last round the receiver acknowledged
+        self._cached_rounds: set[int] = set()   # rounds whose pages were cached (RoundEnd.warm)
         self._fs = channels               # those pages may still go on
         self._closing: list[FrameStream] = []   # sent CLOSE, CLOSED not read yet (close_secondaries)
         self._codec = codec_for(compress)
@@ -550,7 +551,7 @@ class Sender:
     async def send_pages(self, runs: Mapping[str, Iterable[tuple[int, int]]], reader: PageReader,
                          round_no: int, on_packed: OnPacked | None = None,
                          known: Mapping[str, KnownPages] | None = None,
-                         until: threading.Event | None = None, final: bool = False) -> SendStats:
+                         until: threading.Event | None = None, cache: bool = False) -> SendStats:
         """Send the pages of `runs` ({region: [(first_page, end_page_exclusive), ...]}) as
         read now through `reader`, tagged with round_no (never lower than an earlier round).
 
@@ -569,8 +570,9 @@ class Sender:
         that (but those on the wire); SendStats.dropped lists the batches packed (on_packed saw
         them) but not sent.
 
-        final: none of these pages will be sent again (the stop-and-copy): with deltas, pages
-        sent again go as deltas, but none is cached.
+        cache: with deltas (the session has a delta cache), keep copies of the pages sent, so
+        that if sent again in a later round they go as deltas (the caller's policy: pages the
+        guest keeps rewriting).  Pages with copies go as deltas either way.
 
         Raises:
             RegionError: a run outside its region, or an undeclared region.
@@ -595,13 +597,15 @@ class Sender:
                     exports.enter_context(ffi.from_buffer("uint64_t[]", k.hashes, require_writable=True)),
                     exports.enter_context(ffi.from_buffer("uint8_t[]", k.force)) if k.force is not None else ffi.NULL,
                     int(k.stable))
-            return await self._send_pages(plan, reader, round_no, on_packed, known_c, until, final)
+            return await self._send_pages(plan, reader, round_no, on_packed, known_c, until, cache)
 
     async def _send_pages(self, plan, reader: PageReader, round_no: int, on_packed: OnPacked | None,
                           known: dict[str, Any], until: threading.Event | None,
-                          final: bool = False) -> SendStats:
+                          cache: bool = False) -> SendStats:
         async with self._lock:
             self._round = round_no
+            if cache and self._delta is not None:
+                self._cached_rounds.add(round_no)
             t0 = time.monotonic()
             cpu0 = time.process_time()
             sent0 = self._sent()
@@ -618,7 +622,7 @@ class Sender:
             packer = _Packer(self.page_size, self._batch_pages, pool, stop.is_set, on_packed, known,
                              nocopy=not any(fs.encrypts for fs in self._fs),
                              compression=(self._codec, self._auto, compressors, self._compress_speed),
-                             delta=(self._delta, self._acked, not final) if self._delta is not None else None)
+                             delta=(self._delta, self._acked, cache) if self._delta is not None else None)
             self._sending_since = t0
             try:
                 args = (plan, reader, round_no, tally, packer, depth, stop, until, fss)
@@ -796,7 +800,8 @@ class Sender:
             try:
                 async with trio.open_nursery() as nursery:
                     for fs in self._fs:
-                        nursery.start_soon(self._ack_round, fs, round_no, final)
+                        nursery.start_soon(self._ack_round, fs, round_no, final,
+                                           round_no in self._cached_rounds)
             except BaseExceptionGroup as eg:
                 raise first_error(eg) from None
             self._busy += time.monotonic() - t0
@@ -834,9 +839,9 @@ class Sender:
             raise first_error(eg) from None
         self._closing = []
 
-    async def _ack_round(self, fs: FrameStream, round_no: int, final: bool) -> None:
+    async def _ack_round(self, fs: FrameStream, round_no: int, final: bool, warm: bool) -> None:
         try:
-            await fs.send(wire.RoundEnd(round_no, final))
+            await fs.send(wire.RoundEnd(round_no, final, warm))
         except TransportError as e:
             raise await _reason(fs, e) from None
         ack = await fs.expect(wire.RoundAck)

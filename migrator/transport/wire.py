@@ -204,6 +204,8 @@ class RoundEnd(_RoundMark):
     (the source is paused: the receiver acknowledges it without waiting for its disk)."""
 
     final: bool = False
+    warm: bool = False        # the sender cached this round's pages: deltas against them may
+                              # follow (the receiver maps them in now: delta.py)
 
 
 class RoundAck(_RoundMark):
@@ -293,7 +295,7 @@ def _meta(msg: Message) -> dict:
         return {"r": msg.region, "n": msg.round_no, "d": list(msg.data_flat),
                 "z": list(msg.zero_flat), "h": msg.digest, "c": msg.compression}
     if isinstance(msg, RoundEnd):
-        return {"n": msg.round_no, "f": msg.final}
+        return {"n": msg.round_no, "f": msg.final, "w": msg.warm}
     if isinstance(msg, _RoundMark):
         return {"n": msg.round_no}
     if isinstance(msg, Prepare):
@@ -506,8 +508,8 @@ def _decode(t: T, meta: bytes, data_len: int, page_size: int | None) -> Message:
             raise ProtocolError("PREPARE frame: no pages")
         return Prepare(region, flat)
     if t is T.ROUND_END:
-        f = _Fields(t, m, {"n", "f"})
-        return RoundEnd(f.int("n", 0, MAX_ROUND), f.bool("f"))
+        f = _Fields(t, m, {"n", "f", "w"})
+        return RoundEnd(f.int("n", 0, MAX_ROUND), f.bool("f"), f.bool("w"))
     if t is T.ROUND_ACK:
         return RoundAck(_Fields(t, m, {"n"}).int("n", 0, MAX_ROUND))
     if t is T.END:
