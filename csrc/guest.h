@@ -74,7 +74,8 @@ struct mg_target {               /* one contiguous run of writable pages */
 
 struct mg_workload {
     /* settings */
-    uint32_t kind;               /* 0 idle, 1 random, 2 hotcold, 3 sweep */
+    uint32_t kind;               /* 0 idle, 1 random, 2 hotcold, 3 sweep, 4 counter (in order,
+                                    a stamped page's header only) */
     uint16_t writer;
     uint64_t page_size;
     uint64_t hot_start, hot_pages;   /* hotcold: hot set [hot_start, hot_start + hot_pages) */

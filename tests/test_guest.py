@@ -16,7 +16,7 @@ from conftest import require, swap_active
 from guest_model import Model, stamps
 from waiting import wait_until
 from migrator.guest import GuestSpec, PageoutRange, WorkloadSpec, changed_pages, start_guest, verify_image
-from migrator.guest.stamp import REGION_ANON, REGION_SHARED, WRITER_PWRITE, WRITER_VCPU, WRITER_VHOST
+from migrator.guest.stamp import stamp_page, WRITER_POPULATE, REGION_ANON, REGION_SHARED, WRITER_PWRITE, WRITER_VCPU, WRITER_VHOST
 
 PS = 4096
 M = 1 << 20
@@ -184,6 +184,25 @@ def test_sweep_writes_every_page_in_order():
         assert (magic, reg, writer, index) == (MAGIC, region, WRITER_VCPU, i)
         assert seq == last - ((last - 1 - p) % total)
     assert n_sh == len(st_sh)
+
+
+def test_counter_rewrites_only_the_header():
+    """counter: the pages in order as sweep, but only a page's 32-byte header changes: its body
+    stays the one the guest's populate stamped (writer populate, seq 0)."""
+    spec = GuestSpec(shared_ram=8 * M, anon_ram=0, target="shared",
+                     workload=WorkloadSpec("counter", 20e6, seed=1))
+    with start_guest(spec) as g:
+        wait_for(lambda: g.stats().writers["vcpu"].pages > 2 * 2048 + 100, "more than two passes")
+        g.pause()
+        mem, stats = g.read_region("guest-ram"), g.stats()
+    st = stamps(mem)
+    last = stats.writers["vcpu"].last_seq
+    for p, (magic, reg, writer, index, seq) in enumerate(st):
+        assert (magic, reg, writer, index) == (MAGIC, REGION_SHARED, WRITER_VCPU, p)
+        assert seq == last - ((last - 1 - p) % 2048) and seq > 2048
+        first = stamp_page(REGION_SHARED, WRITER_POPULATE, p, 0)
+        assert mem[p * 4096 + 32:(p + 1) * 4096] == first[32:]
+    assert verify_image(mem, "guest-ram").ok
 
 
 @pytest.mark.parametrize("kind", ["random", "hotcold"])

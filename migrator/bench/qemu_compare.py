@@ -40,6 +40,7 @@ from ..errors import MigratorError
 from ..precopy.controller import MigrationPolicy
 from ..qemu.qmp import QMP
 from ..receiver_process import wait_port_file
+from ..transport.delta import auto_cache_bytes
 from ..qemu.source import migrate_vm, wait_migration
 from ..qemu.testguest import GuestLayout, check_pattern, write_boot_image
 from ..qemu.vm import BINARY, SourceVM, source_ram_args, vm_args
@@ -49,7 +50,7 @@ from ..qemu.vm import BINARY, SourceVM, source_ram_args, vm_args
 # migrator-noinject (on request only): the default, with no userfaultfd injected into QEMU (the
 # ledger alone tracks its RAM), for A/B runs of the injected write-protect's cost
 METHODS = ("qemu", "migrator", "migrator-fits")
-EXTRA_METHODS = ("migrator-noinject",)
+EXTRA_METHODS = ("migrator-noinject", "qemu-xbzrle")
 DEFAULT_OUT_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
@@ -116,8 +117,8 @@ def run_method(method: str, work: str, boot: str, size: int, settings: CompareSe
     """One migration of a fresh VM (size bytes of RAM) by `method` (one of METHODS).  Never
     raises MigratorError: a problem is a Run with status "failed" and its reason."""
     try:
-        if method == "qemu":
-            return run_qemu(work, boot, size, settings, layout)
+        if method in ("qemu", "qemu-xbzrle"):
+            return run_qemu(work, boot, size, settings, layout, xbzrle=method == "qemu-xbzrle")
         return run_migrator(work, boot, size, settings, layout,
                             switchover="fits" if method == "migrator-fits" else "converge",
                             inject=method != "migrator-noinject")
@@ -176,7 +177,11 @@ def _check_destination(r: Run, serial: str, qmp: QMP, image: str | None, pid: in
         r.pattern += f"; the destination guest wrote no marker to {serial}"
 
 
-def run_qemu(work: str, boot: str, size: int, settings: CompareSettings, layout: GuestLayout) -> Run:
+def run_qemu(work: str, boot: str, size: int, settings: CompareSettings, layout: GuestLayout,
+             xbzrle: bool = False) -> Run:
+    """QEMU's own migration; xbzrle: with its XBZRLE (pages sent again as deltas against a
+    cache of them; the cache sized as migrator's default delta cache, transport/delta.py)."""
+    name = "qemu-xbzrle" if xbzrle else "qemu"
     src = SourceVM(work, boot, size, name="q-source")
     dest_serial = os.path.join(work, "q-dest.serial")
     dest_qmp_path = os.path.join(work, "q-dest.qmp")
@@ -192,7 +197,12 @@ def run_qemu(work: str, boot: str, size: int, settings: CompareSettings, layout:
         dq.execute("migrate-set-capabilities", capabilities=caps)
         dq.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
         q = src.qmp
-        q.execute("migrate-set-capabilities", capabilities=caps)
+        if xbzrle:
+            dq.execute("migrate-set-capabilities", capabilities=[{"capability": "xbzrle", "state": True}])
+            q.execute("migrate-set-capabilities", capabilities=caps + [{"capability": "xbzrle", "state": True}])
+            q.execute("migrate-set-parameters", **{"xbzrle-cache-size": auto_cache_bytes(size)})
+        else:
+            q.execute("migrate-set-capabilities", capabilities=caps)
         q.execute("migrate-set-parameters", **{"downtime-limit": int(settings.downtime_limit_ms),
                                                "max-bandwidth": int(settings.max_bandwidth)})
         base = _baseline_rate(src)
@@ -207,7 +217,7 @@ def run_qemu(work: str, boot: str, size: int, settings: CompareSettings, layout:
             time.sleep(0.005)      # QEMU fills the figures in just after the event
             info = q.execute("query-migrate")
         if status != "completed":
-            return Run("qemu", status, reason=info.get("error-desc", ""))
+            return Run(name, status, reason=info.get("error-desc", ""))
         stop = q.wait_event("STOP", 5, since=since).timestamp
         resume = dq.wait_event("RESUME", 10).timestamp
         ram = info.get("ram", {})
@@ -216,7 +226,7 @@ def run_qemu(work: str, boot: str, size: int, settings: CompareSettings, layout:
                        if e.name == "MIGRATION"})
         stamps.update({f"dest-qemu-{e.data.get('status')}": e.timestamp for e in dq.events
                        if e.name == "MIGRATION"})
-        r = Run("qemu", "completed", total_ms=(resume - t0) * 1000, downtime_ms=(resume - stop) * 1000,
+        r = Run(name, "completed", total_ms=(resume - t0) * 1000, downtime_ms=(resume - stop) * 1000,
                 reported_total_ms=info.get("total-time", 0), reported_downtime_ms=info.get("downtime", 0),
                 bytes_sent=int(ram.get("transferred", 0)), rounds=int(ram.get("dirty-sync-count", 0)))
         r.guest_rate = (src.serial_size() - serial0) / max(stop - t0, 1e-6) / max(base, 1e-6)

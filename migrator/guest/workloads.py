@@ -10,7 +10,7 @@ from ..errors import UsageError
 from ._native import PAGE_SIZE, check, ffi, lib
 
 # workload kind -> the C loop's kind number
-WORKLOADS = {"idle": 0, "random": 1, "hotcold": 2, "sweep": 3}
+WORKLOADS = {"idle": 0, "random": 1, "hotcold": 2, "sweep": 3, "counter": 4}
 SLICE = 0.01            # seconds per rate-control slice
 
 
@@ -25,8 +25,12 @@ def check_kind(kind: str) -> str:
 class WorkloadSpec:
     """A seeded, repeatable write pattern.
 
-    kind: idle | random (uniform) | hotcold | sweep (every page in order, wrapping).
-    rate: bytes/s of page writes (4 KiB stamped a write); < 0 = as fast as possible.
+    kind: idle | random (uniform) | hotcold | sweep (every page in order, wrapping) | counter
+        (every page in order, wrapping, as sweep; a page that holds its stamp already keeps its
+        body, and only its 32-byte header changes: a counter or a record header updated in
+        place, what delta batches send in a few bytes; pages written by pwrite are stamped whole).
+    rate: bytes/s of page writes (4 KiB stamped a write, or a header rewritten); < 0 = as fast
+        as possible.
     hot_fraction: hotcold: share of the pages in the hot set (a contiguous run at a seeded place).
     hot_share: hotcold: share of the writes that go to the hot set.
     """

@@ -356,7 +356,11 @@ async def run_rounds(m: Migration, first: dict[str, PageSet], guard: Guard) -> S
         # object this collect had to sweep), the transfer, at the slower of the whole
         # migration's rate and the last round's (a small round's is nearer the pause's), and
         # the round's end
-        if res.stats.bytes >= PAUSE_RATE_MIN_BYTES and stats.last_bandwidth > 0:
+        if cached and cache_next and stats.last_bandwidth > 0:
+            # the last round sent the pages the guest rewrites as deltas against copies it
+            # keeps (or cached them): the pause sends them as that round did
+            bandwidth = stats.last_bandwidth
+        elif res.stats.bytes >= PAUSE_RATE_MIN_BYTES and stats.last_bandwidth > 0:
             bandwidth = min(bandwidth, stats.last_bandwidth)
         obs = Observation(round_no=round_no, dirty_pages=n, prev_sent=prev_sent, bandwidth=bandwidth,
                           final_collect_s=m.tracker.final_collect_estimate_s(), swept=bool(dirty.sweeps),
