@@ -87,9 +87,10 @@ def test_encoding_rules_rounds_and_size():
 
 
 def test_auto_cache_size():
-    assert auto_cache_bytes(1 << 30) == 128 << 20
-    assert auto_cache_bytes(64 << 20) == 16 << 20
-    assert auto_cache_bytes(64 << 30) == 512 << 20
+    assert auto_cache_bytes(1 << 30) == 256 << 20
+    assert auto_cache_bytes(128 << 20) == 64 << 20
+    assert auto_cache_bytes(40 << 20) == 40 << 20       # (never more than the regions)
+    assert auto_cache_bytes(64 << 30) == 1 << 30
 
 
 # -- applying, in C, to a real image file --------------------------------------------------

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "that shrinks by 1/8), none")
     p.add_argument("--delta-cache", metavar="SIZE",
                    help="memory for copies of pages sent, so that a page sent again goes as the "
-                        "bytes that changed (default: 1/8 of the regions, 16M..512M, RSS only for "
+                        "bytes that changed (default: 1/4 of the regions, 64M..1G, RSS only for "
                         "pages sent after round 0; 0: off)")
     p.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS",
                    help="allowed pause, ms (default 300)")

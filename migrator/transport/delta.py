@@ -3,8 +3,9 @@ holds (XBZRLE's idea in QEMU; the C loops and the format are in csrc/delta.h).
 
 The sender keeps a cache of pages as sent (DeltaCache): direct-mapped, `delta_cache` bytes of
 virtual memory that costs RSS only for the pages cached.  Round 0 (the bulk copy) caches nothing;
-every page a later round sends is cached as sent, so a page the guest keeps rewriting is in it
-from its second send on.  A batch goes as deltas (BATCH codec wire.DELTA) when every data page
+a later round caches the pages it sends when the controller asks (the guest rewrites what it was
+sent: docs/architecture.md), so a page the guest keeps rewriting is in it from its second send
+on.  A batch goes as deltas (BATCH codec wire.DELTA) when every data page
 has a copy from a round the receiver acknowledged (written there) and the deltas are at least
 1/8 smaller than the pages; otherwise it goes as it would have.
 
@@ -29,15 +30,16 @@ from ..errors import ProtocolError
 from ._native import ffi, lib
 from .wire import RegionSpec
 
-MIN_CACHE = 16 << 20          # bytes: the smallest automatic cache
-MAX_CACHE = 512 << 20         # bytes: the largest automatic cache
+MIN_CACHE = 64 << 20          # bytes: the smallest automatic cache (or the regions, if smaller)
+MAX_CACHE = 1 << 30           # bytes: the largest automatic cache
 MIN_SAVING = 1 / 8            # deltas must be this much smaller than the pages they replace
 
 
 def auto_cache_bytes(total_bytes: int, page_size: int = 4096) -> int:
-    """The default cache size for regions of total_bytes: 1/8 of them, within [16, 512] MiB
-    (virtual memory: RSS grows only with the pages later rounds send)."""
-    n = min(max(total_bytes // 8, MIN_CACHE), MAX_CACHE)
+    """The default cache size for regions of total_bytes: 1/4 of them, within [64 MiB, 1 GiB],
+    at most the regions (virtual memory: RSS grows only with the pages cached, those of the
+    rounds the guest rewrote)."""
+    n = min(max(total_bytes // 4, MIN_CACHE), MAX_CACHE, max(total_bytes, page_size))
     return max(page_size, n - n % page_size)
 
 
