@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <string.h>
 
+#include "common.h"
 #include "pages.h"
 #include "delta.h"
 
@@ -93,21 +94,30 @@ void mg_delta_take(struct mg_delta_job *j, const uint8_t *cur, uint64_t page)
     uint64_t key = j->key_base + page, s = key % c->nslots;
     uint8_t *copy = c->pages + s * ps;
     lock_slot(&c->busy[s]);
-    if (c->keys[s] == key + 1 && c->rounds[s] <= j->base_round && c->rounds[s] < j->round_no) {
+    int mine = c->keys[s] == key + 1;
+    if (mine && c->rounds[s] <= j->base_round && c->rounds[s] < j->round_no) {
         uint64_t before = j->len;
         encode_page(cur, copy, ps, j->out, j->cap, &j->len);     /* (the copy becomes cur) */
+        c->rounds[s] = j->round_no;
         j->st.hits++;
         j->st.bytes += j->len - before;
     } else {
         j->st.misses++;
-        if (j->keep)
+        /* whole: one literal record */
+        put_varint(j->out, j->cap, &j->len, 0);
+        put_varint(j->out, j->cap, &j->len, ps);
+        if (j->len + ps <= j->cap)
+            memcpy(j->out + j->len, cur, ps);
+        j->len += ps;
+        /* cached, unless the slot holds another page sent in this round or the last one: two
+         * pages the guest keeps rewriting would otherwise evict each other every round */
+        if (j->keep && (mine || c->keys[s] == 0 || c->rounds[s] + 1 < j->round_no)) {
             memcpy(copy, cur, ps);
-    }
-    if (j->keep) {
-        c->keys[s] = key + 1;
-        c->rounds[s] = j->round_no;
-    } else if (c->keys[s] == key + 1) {
-        c->keys[s] = 0;
+            c->keys[s] = key + 1;
+            c->rounds[s] = j->round_no;
+        } else if (mine) {
+            c->keys[s] = 0;               /* (a copy older than what is sent now) */
+        }
     }
     unlock_slot(&c->busy[s]);
 }
@@ -199,7 +209,15 @@ static int walk_page(const uint8_t *delta, uint64_t len, uint64_t *pos, uint64_t
     return 0;
 }
 
-int mg_apply_delta(uint8_t *map, uint64_t npages, uint32_t *stamps, uint64_t *img_hashes,
+/* 1 if the page's records at delta[pos] are one literal of the whole page. */
+static int whole_literal(const uint8_t *delta, uint64_t len, uint64_t pos, uint64_t ps)
+{
+    uint64_t skip, n;
+    return get_varint(delta, len, &pos, &skip) == 0 && get_varint(delta, len, &pos, &n) == 0
+        && skip == 0 && n == ps;
+}
+
+int mg_apply_delta(int fd, uint8_t *map, uint64_t npages, uint32_t *stamps, uint64_t *img_hashes,
                    const uint8_t *delta, uint64_t len, const uint64_t *runs, uint64_t nruns,
                    uint32_t round_no, uint64_t page_size, uint64_t *hashes, uint64_t *bad)
 {
@@ -215,7 +233,10 @@ int mg_apply_delta(uint8_t *map, uint64_t npages, uint32_t *stamps, uint64_t *im
             return -EINVAL;
         }
         for (uint64_t p = first; p < first + count; p++, i++) {
-            if (!(stamps[p] & 1) || stamps[p] >= new_data - 1) {
+            /* a page that holds data from an earlier round is patched; one that holds none
+             * (never written, or zeros) can only come whole; none from this round or later */
+            int older_data = (stamps[p] & 1) && stamps[p] < new_data - 1;
+            if (stamps[p] >= new_data - 1 || (!older_data && !whole_literal(delta, len, pos, page_size))) {
                 *bad = p;
                 return -ESTALE;
             }
@@ -234,9 +255,20 @@ int mg_apply_delta(uint8_t *map, uint64_t npages, uint32_t *stamps, uint64_t *im
     for (uint64_t r = 0; r < nruns; r++) {
         uint64_t first = runs[2 * r], count = runs[2 * r + 1];
         for (uint64_t p = first; p < first + count; p++, i++) {
-            uint8_t *page = map + p * page_size;
-            walk_page(delta, len, &pos, page_size, page);
-            mg_hash_mem_pages(page, 1, page_size, &hashes[i]);
+            if (stamps[p] & 1) {        /* patched where it lies (allocated: no SIGBUS) */
+                uint8_t *page = map + p * page_size;
+                walk_page(delta, len, &pos, page_size, page);
+                mg_hash_mem_pages(page, 1, page_size, &hashes[i]);
+            } else {                    /* written, as a file system may need space for it */
+                uint64_t at = pos, skip, n;
+                get_varint(delta, len, &at, &skip);
+                get_varint(delta, len, &at, &n);
+                int e = mg_pwrite_full(fd, delta + at, page_size, p * page_size);
+                if (e < 0)
+                    return e;
+                mg_hash_mem_pages(delta + at, 1, page_size, &hashes[i]);
+                pos = at + page_size;
+            }
             img_hashes[p] = hashes[i];
             stamps[p] = new_data;
         }

@@ -60,11 +60,11 @@ int mg_delta_drop(struct mg_delta_cache *c, uint64_t key);
  * their keys): their contents at src + i * page_size for the i-th data page (contiguous != 0: a
  * batch buffer), else at src + page * page_size (the region's mapping).  For each page:
  *   - a hit (its slot holds its copy, from a round <= base_round and < round_no): its delta is
- *     written to out, as long as the encoding fits out_cap bytes;
- *   - then, with cache set (round_no's pages are cached): the slot takes the page as it is now,
- *     from round_no; without it: the page's copy, if any, is dropped.
- * Returns the encoded size (bytes; the hits' deltas in order, as if the misses were not there:
- * use it only when st->misses is 0 and it is <= out_cap), or -EINVAL. */
+ *     written to out (while the encoding fits out_cap bytes), and the copy becomes the page;
+ *   - a miss: the page whole (one literal record); with cache set, the slot takes it, unless
+ *     the slot holds another page sent in round_no or the round before (which keeps it); without
+ *     it, an older copy of the page is dropped.
+ * Returns the encoded size (bytes; out holds the encoding when it is <= out_cap), or -EINVAL. */
 int64_t mg_delta_encode(const uint8_t *src, int contiguous, const uint64_t *runs, uint64_t nruns,
                         uint64_t key_base, uint32_t round_no, uint32_t base_round, int cache,
                         struct mg_delta_cache *c, uint8_t *out, uint64_t out_cap,
@@ -75,14 +75,17 @@ int64_t mg_delta_encode(const uint8_t *src, int contiguous, const uint64_t *runs
 int64_t mg_delta_forget(const uint64_t *runs, uint64_t nruns, uint64_t key_base,
                         struct mg_delta_cache *c);
 
-/* Apply a delta batch of round_no to an image of npages pages mapped at map (shared, writable):
- * the deltas of the pages of runs, in order, are the len bytes at delta.  Every page must hold
- * data from an earlier round (stamps[p] odd and below round_no's: see mg_apply_batch).  The whole
- * batch is checked before any page changes; then each page is patched in place, hashed into
- * hashes[i] (XXH3-64, the i-th page) and img_hashes[p], and stamped.  Returns 0, -EINVAL for
- * malformed deltas or a run outside the image (*bad: the data page index), -ESTALE for a page the
- * image holds no earlier data of (*bad: the page number). */
-int mg_apply_delta(uint8_t *map, uint64_t npages, uint32_t *stamps, uint64_t *img_hashes,
+/* Apply a delta batch of round_no to an image of npages pages, open as fd and mapped at map
+ * (shared, writable): the deltas of the pages of runs, in order, are the len bytes at delta.  A
+ * page holding data from an earlier round (stamps[p] odd and below round_no's: see
+ * mg_apply_batch) is patched in place; one holding none (never written, or zeros) may only come
+ * whole (one literal record) and is written with pwrite (a file system may need space for it).
+ * The whole batch is checked before any page changes; then each page is patched or written,
+ * hashed into hashes[i] (XXH3-64, the i-th page) and img_hashes[p], and stamped.  Returns 0,
+ * -EINVAL for malformed deltas or a run outside the image (*bad: the data page index), -ESTALE
+ * for a page from this round or a later one, or a patch of a page without data (*bad: the page
+ * number), or -errno of a failed write. */
+int mg_apply_delta(int fd, uint8_t *map, uint64_t npages, uint32_t *stamps, uint64_t *img_hashes,
                    const uint8_t *delta, uint64_t len, const uint64_t *runs, uint64_t nruns,
                    uint32_t round_no, uint64_t page_size, uint64_t *hashes, uint64_t *bad);
 

@@ -63,6 +63,19 @@ def test_encoding_exact_bytes():
     assert _encode(cache, bytes(new2), [3, 2], 3, 2) == record(PS) + record(160, bytes(new2[PS + 160:PS + 184])) + record(PS - 184)
 
 
+def test_mixed_batch_sends_misses_whole():
+    """Pages without a copy go whole inside a delta batch (one literal record each), as long as
+    the batch is 1/8 smaller than its pages."""
+    cache = DeltaCache(REGIONS, PS, 16 * PS)
+    pages = bytearray(os.urandom(8 * PS))
+    _encode(cache, bytes(pages[:7 * PS]), [0, 7], 1, 0)            # pages 0..6 cached
+    fresh = os.urandom(PS)
+    pages[7 * PS:] = fresh
+    enc = _encode(cache, bytes(pages), [0, 8], 2, 1)
+    assert enc == record(PS) * 7 + record(0, fresh)
+    assert (cache.totals.hits, cache.totals.batches) == (7, 1)
+
+
 def test_encoding_rules_rounds_and_size():
     cache = DeltaCache(REGIONS, PS, 16 * PS)
     page = os.urandom(PS)
@@ -76,9 +89,15 @@ def test_encoding_rules_rounds_and_size():
     other = os.urandom(PS)
     assert _encode(cache, other, [5, 1], 4, 3) is None
     assert _encode(cache, other, [5, 1], 5, 4) == record(PS)
-    # page 21 shares page 5's slot (16 slots): it replaces it
-    _encode(cache, page, [21, 1], 6, 5)
-    assert _encode(cache, other, [5, 1], 7, 6) is None
+    # page 21 shares page 5's slot (16 slots): page 5 was sent in the last round, so it keeps
+    # the slot (page 21 goes whole, uncached) ...
+    assert _encode(cache, page, [21, 1], 6, 5) is None
+    assert _encode(cache, other, [5, 1], 7, 6) == record(PS)
+    assert _encode(cache, page, [21, 1], 8, 7) is None
+    # ... until page 5 was not sent for a round: then page 21 takes it
+    assert _encode(cache, page, [21, 1], 10, 9) is None
+    assert _encode(cache, other, [5, 1], 11, 10) is None
+    assert _encode(cache, page, [21, 1], 12, 11) == record(PS)
     # forgotten pages (sent as zeros) have no copy
     _encode(cache, page, [9, 1], 8, 7)
     cache.forget_flat(0, [9, 1])
@@ -114,7 +133,7 @@ def _apply(image, delta: bytes, runs: list[int], round_no: int = 1):
     hashes = ffi.new("uint64_t[]", 4)
     bad = ffi.new("uint64_t *")
     with ffi.from_buffer(m) as p:
-        r = lib.mg_apply_delta(p, 4, stamps, img_hashes, delta, len(delta), ffi.new("uint64_t[]", runs),
+        r = lib.mg_apply_delta(fd, p, 4, stamps, img_hashes, delta, len(delta), ffi.new("uint64_t[]", runs),
                                len(runs) // 2, round_no, PS, hashes, bad)
     return r, bad[0], [hashes[i] for i in range(4)]
 
@@ -157,6 +176,11 @@ def test_apply_refuses_a_page_without_data(image):
     stamps[2] = 2 * 1      # held as zeros
     r, b, _ = _apply(image, record(PS) + record(PS), [1, 2])
     assert (r, b) == (-__import__("errno").ESTALE, 2)
+    # ... unless it comes whole: then it is written (pwrite), the others patched
+    r, b, hashes = _apply(image, record(PS) + record(0, b"w" * PS), [1, 2])
+    assert r == 0
+    assert os.pread(fd, 4 * PS, 0) == old[:2 * PS] + b"w" * PS + old[3 * PS:]
+    assert [stamps[i] for i in range(4)] == [3, 5, 5, 3]
 
 
 # -- sessions --------------------------------------------------------------------------------
@@ -207,9 +231,10 @@ async def test_session_rounds_go_as_deltas(nursery, tmp_path, channels):
     m = manifest(str(out))
     assert m["complete"] is True
     assert read_image(out, m, "ram") == bytes(mem["ram"])
-    # round 3: the batch of page 3 (a zero run) and the others as deltas; round 4: page 3's
-    # batch raw (no copy), the other 4 as deltas
-    assert st.delta_batches == 5 + 5 + 4
+    # round 3: the batch of page 3 (a zero run) and the others as deltas; round 4 too: page 3
+    # has no copy (it went as zeros), so it goes whole inside its batch's deltas (the receiver,
+    # which holds it as zeros, writes it)
+    assert st.delta_batches == 5 + 5 + 5
     assert any("deltas allowed" in line for line in logs)
 
 

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 
 from ..errors import MigratorError
 from ..guest.launcher import Guest, _read_line
+from ..guest.workloads import WORKLOADS
 from ..receiver_process import ReceiverProcess
 from ..scenarios.destination import compare_with_source
 from ..units import format_bytes, parse_size
@@ -99,7 +100,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "threads are not counted)")
     p.add_argument("--shared-ram", default="64M", help="the guest's memfd RAM (default 64M)")
     p.add_argument("--anon-ram", default="16M", help="the guest's private RAM (default 16M)")
-    p.add_argument("--rate", default="5MB/s", help="the guest's random writes (default 5MB/s)")
+    p.add_argument("--rate", default="5MB/s", help="the guest's writes (default 5MB/s)")
+    p.add_argument("--workload", default="random", choices=sorted(WORKLOADS),
+                   help="the guest's workload (default random; counter: rounds and the pause send "
+                        "deltas, with --rate max)")
     p.add_argument("--side-rate", default="1MB/s",
                    help="the vhost-like and pwrite side writers' rate (default 1MB/s; 0: none)")
     p.add_argument("--pager", choices=("auto", "on", "off"), default="auto",
@@ -585,7 +589,7 @@ def _die_with_parent() -> None:
 def start_cli_guest(args: argparse.Namespace, seed: int, pager: bool, log) -> tuple[Guest, subprocess.Popen]:
     """`migrator guest ...` as a user starts it; returns once its JSON line came."""
     cmd = [sys.executable, "-m", "migrator", "guest", "--shared-ram", args.shared_ram,
-           "--anon-ram", args.anon_ram, "--workload", "random", "--rate", args.rate, "--seed", str(seed)]
+           "--anon-ram", args.anon_ram, "--workload", args.workload, "--rate", args.rate, "--seed", str(seed)]
     if args.side_rate not in ("0", "0/s"):
         cmd += ["--vhost-rate", args.side_rate, "--pwrite-rate", args.side_rate]
     if pager:

@@ -5,28 +5,33 @@ The sender keeps a cache of pages as sent (DeltaCache): direct-mapped, `delta_ca
 virtual memory that costs RSS only for the pages cached.  Round 0 (the bulk copy) caches nothing;
 a later round caches the pages it sends when the controller asks (the guest rewrites what it was
 sent: docs/architecture.md), so a page the guest keeps rewriting is in it from its second send
-on.  A batch goes as deltas (BATCH codec wire.DELTA) when every data page
-has a copy from a round the receiver acknowledged (written there) and the deltas are at least
-1/8 smaller than the pages; otherwise it goes as it would have.
+on.  Each data page of a later round is encoded as it is packed: against its copy when it has
+one from a round the receiver acknowledged (written there), else whole (one literal record); the
+batch goes as deltas (BATCH codec wire.DELTA) when that is at least 1/8 smaller than the pages,
+otherwise as it would have.  A copy is replaced by another page's only if it was not sent in
+this round or the last one (two pages the guest both rewrites would evict each other).
 
 The receiver patches its image in place through a shared mapping of the image file (so a pause
 of small changes costs a hash of each page, not two copies), after checking the whole batch's
-format and that each page holds data from an earlier round, then proves the result: the batch
-hash covers the XXH3-64 of every new page, which the receiver computes from the patched pages.
-A mismatch (a delta against another copy than the sender's) fails the session: its images are
-then not complete.  Pages patched this way stay mapped by the receiver until the session ends
-(page cache, shared with the image file: they count in its RSS as file or shmem pages).
+format and that each page holds data from an earlier round (a page holding none may only come
+whole, and is written with pwrite: a file system may need space for it), then proves the
+result: the batch hash covers the XXH3-64 of every new page, which the receiver computes from
+the patched pages.  A mismatch (a delta against another copy than the sender's) fails the
+session: its images are then not complete.  Pages patched this way stay mapped by the receiver
+until the session ends (page cache, shared with the image file: they count in its RSS as file
+or shmem pages).
 """
 
 from __future__ import annotations
 
 import errno
 import mmap
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..errors import ProtocolError
+from ..errors import MigratorError, ProtocolError
 from ._native import ffi, lib
 from .wire import RegionSpec
 
@@ -77,7 +82,8 @@ class DeltaCache:
         c.page_size = page_size
         self.totals = DeltaTotals()
         self._lock = threading.Lock()
-        self.used = False             # anything cached yet
+        self.used = False             # anything cached yet (else a send that caches nothing
+                                      # encodes nothing)
 
     @property
     def nbytes(self) -> int:
@@ -93,6 +99,7 @@ class DeltaCache:
         st = ffi.new("struct mg_delta_stats *")
         n = lib.mg_delta_encode(src, int(contiguous), runs, nruns, self.key_base[region], round_no,
                                 max(base_round, 0), int(keep), self.c, out, out_cap, st)
+        self.used = self.used or keep
         if n < 0:
             raise ValueError(f"delta encoding failed: {n}")
         return self.count(st.hits, st.misses, n, npages, base_round)
@@ -101,9 +108,8 @@ class DeltaCache:
         """A batch of npages data pages was encoded (mg_pack_pages with a delta job): hits and
         misses among them, nbytes of deltas.  Returns nbytes if the batch goes as deltas, else
         None (see encode)."""
-        self.used = True
         raw = npages * self.page_size
-        ok = base_round >= 0 and npages > 0 and misses == 0 and nbytes <= raw * (1 - MIN_SAVING)
+        ok = base_round >= 0 and npages > 0 and nbytes <= raw * (1 - MIN_SAVING)
         with self._lock:
             t = self.totals
             t.hits += hits
@@ -135,6 +141,7 @@ class ImagePatcher:
     image file (made at the first one)."""
 
     def __init__(self, fd: int, size: int):
+        self._fd = fd
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._ptr = ffi.from_buffer(self._map)
 
@@ -142,19 +149,22 @@ class ImagePatcher:
               data_flat: Sequence[int], round_no: int, page_size: int) -> bytes:
         """Patch the pages of data_flat with the deltas in data; returns the new pages' XXH3-64
         (8 bytes each, in order).  ProtocolError (nothing changed) for malformed deltas, or a
-        page the image holds no earlier copy of."""
+        page the image holds no earlier copy of that is not sent whole; MigratorError if a page
+        sent whole could not be written."""
         n = sum(data_flat[1::2])
         hashes = ffi.new("uint64_t[]", max(n, 1))
         runs = ffi.new("uint64_t[]", list(data_flat))
         bad = ffi.new("uint64_t *")
         with ffi.from_buffer(data) as d:
-            r = lib.mg_apply_delta(self._ptr, npages, stamps, img_hashes, d, len(data), runs,
+            r = lib.mg_apply_delta(self._fd, self._ptr, npages, stamps, img_hashes, d, len(data), runs,
                                    len(data_flat) // 2, round_no, page_size, hashes, bad)
         if r == -errno.ESTALE:
             raise ProtocolError(f"{what}: a delta for page {bad[0]}, of which the image holds no copy "
-                                f"from an earlier round")
-        if r < 0:
+                                f"from an earlier round to patch")
+        if r == -errno.EINVAL:
             raise ProtocolError(f"{what}: malformed deltas (at data page {bad[0]} of the batch)")
+        if r < 0:
+            raise MigratorError(f"{what}: writing the image: {os.strerror(-r)}")
         return bytes(ffi.buffer(hashes, 8 * n))
 
     def populate(self, flat: Sequence[int], page_size: int) -> None:

@@ -270,8 +270,9 @@ class _Packer:
         st.out_cap = self.batch_pages
         st.run_cap = wire.MAX_RUNS
         st.zero_cap = ZERO_PAGES_PER_BATCH
-        if self.delta is not None and round_no:
+        if self.delta is not None and round_no and (self.delta[2] or self.delta[0].used):
             cache, acked, cache_pages = self.delta
+            cache.used = cache.used or cache_pages
             job = ffi.new("struct mg_delta_job *")
             job.cache = cache.c
             job.key_base = cache.key_base[region]
