@@ -264,10 +264,16 @@ def test_qemu_scenario_migrates_the_vm_both_ways(tmp_path, root, capsys):
         assert 0 < m["downtime_ms"] < m["total_ms"] and m["bytes_sent"] > 100e6 and m["rounds"] >= 2, m
         # most of 1..100 MiB is dirty at the switch-over (QEMU's own run: all of it; under
         # migrator's write-protect each first write of a page after a collect faults, which
-        # slows the guest's passes, and it may not have rewritten every page since)
-        assert m["downtime_bytes"] > (100e6 if m["method"] == "qemu" else 50e6), m
+        # slows the guest's passes, and it may not have rewritten every page since); migrator's
+        # default rule caches the pages a round before the pause and sends deltas in it (the
+        # guest adds 1 to one byte of each page): most pages, few bytes (below)
+        if m["method"] != "migrator":
+            assert m["downtime_bytes"] > (100e6 if m["method"] == "qemu" else 50e6), m
     mig = r["methods"][1]
     rep = r["report"]          # the migrator-driven run's: RAM per round, VM-level figures on top
+    final = rep["per_round"][-1]
+    assert final["pages_sent"] > 50e6 / 4096 and final["bytes"] < final["pages_sent"] * 4096 / 2, final
+    assert rep["delta_batches"] > 0 and mig["downtime_bytes"] < 50e6, mig
     assert rep["status"] == "completed" and rep["source_state"] == "postmigrate"
     assert rep["rounds"] == mig["rounds"] == len(rep["per_round"]) and rep["per_round"][-1]["stop_and_copy"]
     assert rep["transferred_bytes"] == mig["bytes_sent"]

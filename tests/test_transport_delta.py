@@ -107,7 +107,8 @@ def test_encoding_rules_rounds_and_size():
 
 def test_auto_cache_size():
     assert auto_cache_bytes(1 << 30) == 256 << 20
-    assert auto_cache_bytes(128 << 20) == 64 << 20
+    assert auto_cache_bytes(128 << 20) == 128 << 20
+    assert auto_cache_bytes(512 << 20) == 256 << 20
     assert auto_cache_bytes(40 << 20) == 40 << 20       # (never more than the regions)
     assert auto_cache_bytes(64 << 30) == 1 << 30
 

@@ -31,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "than the sender, so a fast link is never slowed), zstd or lz4 (every batch "
                         "that shrinks by 1/8), none")
     p.add_argument("--delta-cache", metavar="SIZE",
-                   help="memory for copies of pages sent, so that a page sent again goes as the "
-                        "bytes that changed (default: 1/4 of the regions, 64M..1G, RSS only for "
-                        "pages sent after round 0; 0: off)")
+                   help="memory for copies of pages sent, so that a page the guest keeps rewriting "
+                        "goes as the bytes that changed (default: 1/4 of the regions, 256M..1G; RSS "
+                        "only for the pages cached; 0: off)")
     p.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS",
                    help="allowed pause, ms (default 300)")
     p.add_argument("--max-bandwidth", metavar="RATE", help="cap, e.g. 100MB/s (default: none)")

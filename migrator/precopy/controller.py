@@ -69,7 +69,7 @@ class MigrationPolicy:
     # batch compression: "auto" (zstd while the link is the bottleneck), "zstd", "lz4", "none"
     compress: str = "auto"
     # bytes of copies of the pages later rounds send, against which pages sent again go as
-    # deltas (transport/delta.py); None: 1/4 of the regions, within 64 MiB..1 GiB; 0: no deltas
+    # deltas (transport/delta.py); None: 1/4 of the regions, within 256 MiB..1 GiB; 0: no deltas
     delta_cache: int | None = None
 
     def __post_init__(self) -> None:

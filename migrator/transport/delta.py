@@ -35,13 +35,13 @@ from ..errors import MigratorError, ProtocolError
 from ._native import ffi, lib
 from .wire import RegionSpec
 
-MIN_CACHE = 64 << 20          # bytes: the smallest automatic cache (or the regions, if smaller)
+MIN_CACHE = 256 << 20         # bytes: the smallest automatic cache (or the regions, if smaller)
 MAX_CACHE = 1 << 30           # bytes: the largest automatic cache
 MIN_SAVING = 1 / 8            # deltas must be this much smaller than the pages they replace
 
 
 def auto_cache_bytes(total_bytes: int, page_size: int = 4096) -> int:
-    """The default cache size for regions of total_bytes: 1/4 of them, within [64 MiB, 1 GiB],
+    """The default cache size for regions of total_bytes: 1/4 of them, within [256 MiB, 1 GiB],
     at most the regions (virtual memory: RSS grows only with the pages cached, those of the
     rounds the guest rewrote)."""
     n = min(max(total_bytes // 4, MIN_CACHE), MAX_CACHE, max(total_bytes, page_size))
