@@ -96,14 +96,14 @@ int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint6
     for (i = 0; i < npages; i++) {
         const uint8_t *p = src + i * page_size;
         uint64_t page = first + i, h = 0;
-        if (st->known) {
+        if (st->known || st->stable) {
             mg_hash_mem_pages(p, 1, page_size, &h);
-            if (h == st->known[page] && !forced(st, page)) {
+            if (st->known && h == st->known[page] && !forced(st, page)) {
                 st->skipped++;
                 continue;
             }
         }
-        if ((!st->known || h == st->zero_hash) && page_is_zero(p, page_size, avx2)) {
+        if (((!st->known && !st->stable) || h == st->zero_hash) && page_is_zero(p, page_size, avx2)) {
             if (st->zero_pages == st->zero_cap
                     || !add_to_runs(st->zero_runs, &st->n_zero_runs, st->run_cap, page))
                 break;
@@ -119,7 +119,7 @@ int64_t mg_pack_pages(const uint8_t *src, uint64_t first, uint64_t npages, uint6
             /* hash the copy, not the source: the hash is of exactly what will be sent (the
              * copy is in cache: the second hash of a changed page costs little); a stable
              * source's hash is the copy's, and it may be sent from where it lies */
-            if (st->known && st->stable) {
+            if (st->stable) {
                 st->hashes[st->out_pages] = h;
                 if (!st->nocopy && st->out + st->out_pages * page_size != p)
                     memmove(st->out + st->out_pages * page_size, p, page_size);

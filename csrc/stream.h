@@ -45,14 +45,14 @@ struct mg_pack {
     uint64_t zero_pages;
     uint64_t zero_cap;       /* zero pages a batch may mark */
     uint64_t *known;         /* NULL, or the hash of every page of the region as the destination has it */
-    uint64_t zero_hash;      /* with known: the XXH3-64 of a zero page */
+    uint64_t zero_hash;      /* with known or stable: the XXH3-64 of a zero page */
     const uint8_t *force;    /* with known: NULL, or a bitmap of region pages (bit page % 8 of
                                 byte page / 8) to take even if unchanged */
     uint64_t skipped;        /* with known: pages skipped, the same as known */
-    int stable;              /* with known: the source does not change while packed (paused), so
-                                a page's hash where it lies is its copy's: not hashed twice */
-    int nocopy;              /* with known and stable: data pages are not copied to out (the
-                                caller sends them from where they lie, by data_runs) */
+    int stable;              /* the source does not change while packed (paused), so a page is
+                                hashed where it lies, and its hash is its copy's: not hashed twice */
+    int nocopy;              /* with stable: data pages are not copied to out (the caller sends
+                                them from where they lie, by data_runs) */
     struct mg_delta_job *delta;  /* NULL, or every data page is also encoded as a delta while
                                     in cache, and every zero page's copy dropped (delta.h) */
 };

@@ -379,6 +379,39 @@ def test_packer_with_known_hashes_of_a_memfd_with_holes(sealed):
         m.close()
 
 
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "pread"])
+def test_stable_send_hashes_in_place_and_sends_from_the_mapping(mapped):
+    """A send with the source paused (stable, no known hashes): every page hashed where it lies,
+    zero pages told by that hash, and, mapped, the data pages sent from the mapping (no copy);
+    the frames are exactly those of a plain send."""
+    content = bytearray(_content(32))
+    content[5 * PS:6 * PS] = bytes(PS)
+    m = _Memfd(f"pack-stable-{mapped}", bytes(content), mapped)
+    try:
+        frames = {}
+        for stable in (True, False):
+            pool: queue.Queue = queue.Queue()
+            for _ in range(3):
+                pool.put(mmap.mmap(-1, 16 * PS))
+            got = []
+            packer = _Packer(PS, 16, pool, lambda: False, stable=stable)
+            for b in packer.batches([(0, m.region.name, [(0, 32)])], m.source, 1):
+                assert isinstance(b.data, tuple) == (stable and mapped)
+                data = b"".join(bytes(d) for d in b.data) if isinstance(b.data, tuple) else bytes(b.data)
+                b.release()
+                f = wire.decode_frames(b.head + data, PS)[0]      # (its batch hash checked)
+                got.append((f.data_runs, f.zero_runs, bytes(f.data)))
+            frames[stable] = got
+        assert frames[True] == frames[False]
+        zeros = [p for p in range(32) if not any(content[p * PS:(p + 1) * PS])]
+        assert 5 in zeros and len(zeros) < 32
+        assert [p for _, zr, _ in frames[True] for first, n in zr for p in range(first, first + n)] == zeros
+        assert b"".join(d for _, _, d in frames[True]) == b"".join(
+            bytes(content[p * PS:(p + 1) * PS]) for p in range(32) if p not in zeros)
+    finally:
+        m.close()
+
+
 def _largest_folio(path: str, npages: int, first: int = 0) -> int:
     """The largest folio (pages) among npages pages of the file from page `first` on, from the
     PFNs of a read-only mapping (/proc/self/pagemap) and /proc/kpageflags (root)."""

@@ -113,6 +113,11 @@ class StopAndCopy:
         # sends, one pass over the memory, not a sweep and then a send.
         hashes = m.baseline.known_hashes() if m.baseline is not None else {}
         got: list[DirtyPages] = []
+        # a target's own pauser (QEMU's stop) guarantees nothing writes its memory now: pages are
+        # hashed where they lie and sent from there (no copy).  The default pauser stops the
+        # processes it was given, and another holder may still write (the final collect finds
+        # it, --verify memory shows what it wrote): pages are copied, and their copies hashed
+        stable = self.target.pauser is not None
 
         async def collect_final() -> None:
             if m.baseline is not None and hashes:
@@ -127,7 +132,8 @@ class StopAndCopy:
             nursery.start_soon(collect_final)
             # the pages still pending from the last round go out at once (the source is paused,
             # so what is read now is final)
-            st1 = await m.sender.send_pages(page_runs(self.pending), m.source, round_no, m.on_packed)
+            st1 = await m.sender.send_pages(page_runs(self.pending), m.source, round_no, m.on_packed,
+                                            stable=stable)
             m.mark("final-pending-sent")
             # the bulk is out: the few pages the collect finds beyond it go on channel 0, and
             # the other channels close now, beside the collect, not a round trip later (no-op
@@ -141,7 +147,7 @@ class StopAndCopy:
                            for name, s in final.pages.items()})
         # (nothing beyond the pending pages, as when the guest rewrites them all: no send to set
         # up and drain)
-        st2 = await m.sender.send_pages(extra, m.source, round_no, m.on_packed) if extra \
+        st2 = await m.sender.send_pages(extra, m.source, round_no, m.on_packed, stable=stable) if extra \
             else _no_send(round_no)
         scanned = sorted(final.unswept)
         m.rep.final_scanned = scanned

@@ -204,8 +204,9 @@ class _Packer:
                  stop: Callable[[], bool], on_packed: OnPacked | None = None,
                  known: Mapping[str, Any] | None = None, nocopy: bool = True,
                  compression: tuple[int, bool, list, float] | None = None,
-                 delta: tuple[DeltaCache, int, bool] | None = None):
+                 delta: tuple[DeltaCache, int, bool] | None = None, stable: bool = False):
         self.ps = page_size
+        self.stable = stable         # the source is paused: pages are hashed where they lie
         # (the session's cache, the last round the receiver acknowledged, whether to cache the
         # pages) or None: batches of pages it has copies of go as deltas (see delta.py)
         self.delta = delta
@@ -225,14 +226,14 @@ class _Packer:
         self.pool = pool
         self.stop = stop
         self.known = known or {}     # region name -> (uint64_t[], uint8_t[] or NULL, stable)
-        self._zero_hash = lib.mg_hash_zero_page(page_size) if known else 0
+        self._zero_hash = lib.mg_hash_zero_page(page_size) if known or stable else 0
         self._arrays = None
         self._extents: dict = {}     # region name -> struct mg_extent (see mg_pack_object)
 
     def twin(self) -> "_Packer":
         """Another packer on the same buffers, for another producer thread."""
         return _Packer(self.ps, self.batch_pages, self.pool, self.stop, self.on_packed, self.known,
-                       self.nocopy, self.compression, self.delta)
+                       self.nocopy, self.compression, self.delta, self.stable)
 
     def maybe_compress(self, built: _Built, link_bps: float) -> _Built:
         """Compress the batch if the session's policy wants it now (see compress.py)."""
@@ -259,6 +260,9 @@ class _Packer:
         known = self.known.get(name)
         if known is not None:
             st.known, st.force, st.stable = known
+        elif self.stable:
+            st.stable = 1
+        if st.stable or known is not None:
             st.zero_hash = self._zero_hash
             st.nocopy = int(mapped and st.stable and self.nocopy)
         if self._arrays is None:
@@ -552,7 +556,8 @@ class Sender:
     async def send_pages(self, runs: Mapping[str, Iterable[tuple[int, int]]], reader: PageReader,
                          round_no: int, on_packed: OnPacked | None = None,
                          known: Mapping[str, KnownPages] | None = None,
-                         until: threading.Event | None = None, cache: bool = False) -> SendStats:
+                         until: threading.Event | None = None, cache: bool = False,
+                         stable: bool = False) -> SendStats:
         """Send the pages of `runs` ({region: [(first_page, end_page_exclusive), ...]}) as
         read now through `reader`, tagged with round_no (never lower than an earlier round).
 
@@ -570,6 +575,10 @@ class Sender:
         until, if given and set during the send, ends it early: no batch is packed or sent after
         that (but those on the wire); SendStats.dropped lists the batches packed (on_packed saw
         them) but not sent.
+
+        stable: the source is paused (nothing writes the pages while they are sent): each page is
+        hashed where it lies, and sent from there when frames are not encrypted (no copy).  A
+        page that changes anyway fails the batch's hash check at the receiver.
 
         cache: with deltas (the session has a delta cache), keep copies of the pages sent, so
         that if sent again in a later round they go as deltas (the caller's policy: pages the
@@ -598,11 +607,11 @@ class Sender:
                     exports.enter_context(ffi.from_buffer("uint64_t[]", k.hashes, require_writable=True)),
                     exports.enter_context(ffi.from_buffer("uint8_t[]", k.force)) if k.force is not None else ffi.NULL,
                     int(k.stable))
-            return await self._send_pages(plan, reader, round_no, on_packed, known_c, until, cache)
+            return await self._send_pages(plan, reader, round_no, on_packed, known_c, until, cache, stable)
 
     async def _send_pages(self, plan, reader: PageReader, round_no: int, on_packed: OnPacked | None,
                           known: dict[str, Any], until: threading.Event | None,
-                          cache: bool = False) -> SendStats:
+                          cache: bool = False, stable: bool = False) -> SendStats:
         async with self._lock:
             self._round = round_no
             if cache and self._delta is not None:
@@ -623,7 +632,8 @@ class Sender:
             packer = _Packer(self.page_size, self._batch_pages, pool, stop.is_set, on_packed, known,
                              nocopy=not any(fs.encrypts for fs in self._fs),
                              compression=(self._codec, self._auto, compressors, self._compress_speed),
-                             delta=(self._delta, self._acked, cache) if self._delta is not None else None)
+                             delta=(self._delta, self._acked, cache) if self._delta is not None else None,
+                             stable=stable)
             self._sending_since = t0
             try:
                 args = (plan, reader, round_no, tally, packer, depth, stop, until, fss)
