@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from migrator.transport import RegionSpec, connect_sender, digest_bytes, wire
+from migrator.transport import RegionSpec, connect_sender, wire
 from migrator.transport._native import ffi, lib
 from migrator.transport.delta import DeltaCache, auto_cache_bytes
 
-from transport_helpers import KEY, PS, MemReader, batch_frame, random_memory, raw_session, read_image, start_receiver
+from transport_helpers import digests, KEY, PS, MemReader, batch_frame, random_memory, raw_session, read_image, start_receiver
 from migration_helpers import manifest
 
 NPAGES = 64
@@ -186,10 +186,6 @@ def test_apply_refuses_a_page_without_data(image):
 
 # -- sessions --------------------------------------------------------------------------------
 
-def _digests(mem):
-    return {k: digest_bytes(v) for k, v in mem.items()}
-
-
 @pytest.mark.parametrize("channels", [1, 2])
 async def test_session_rounds_go_as_deltas(nursery, tmp_path, channels):
     out = tmp_path / "out"
@@ -226,7 +222,7 @@ async def test_session_rounds_go_as_deltas(nursery, tmp_path, channels):
         mem["ram"][3 * PS:4 * PS] = os.urandom(PS)
         touch(4)
         await s.send_pages({"ram": hot}, reader, 4)     # (the last: nothing cached)
-        res = await s.finish(_digests(mem))
+        res = await s.finish(digests(mem))
         st = s.statistics()
     assert res.complete and all(v.verified for v in res.regions.values())
     m = manifest(str(out))
@@ -290,4 +286,4 @@ async def test_bad_delta_batch_fails_the_session(nursery, tmp_path, case):
     mem = {"ram": random_memory(NPAGES, 12)}                  # and the receiver serves on
     async with connect_sender("127.0.0.1", port, key=KEY, regions=REGIONS, delta_cache=1 << 20) as s:
         await s.send_pages({"ram": [(0, NPAGES)]}, MemReader(mem), 0)
-        assert (await s.finish(_digests(mem))).complete
+        assert (await s.finish(digests(mem))).complete

@@ -12,7 +12,7 @@ from migrator.transport import RegionSpec, connect_sender, digest_bytes, region_
 from migrator.transport.images import WRITEBACK_EVERY, ImageSet
 from migrator.transport.sender import RateLimiter
 
-from transport_helpers import KEY, PS, MemReader, batch_frame, random_memory, raw_session, read_image, start_receiver
+from transport_helpers import digests, KEY, PS, MemReader, batch_frame, random_memory, raw_session, read_image, start_receiver
 from migration_helpers import manifest
 
 
@@ -23,10 +23,6 @@ def _manifest(out):
 
 def _regions():
     return [RegionSpec("ram", 0x7f0000000000, 0x7f0000000000 + 300 * PS), RegionSpec("[heap]", 0x1000, 0x1000 + 40 * PS)]
-
-
-def _digests(mem):
-    return {k: digest_bytes(v) for k, v in mem.items()}
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -52,7 +48,7 @@ async def test_rounds_exact_images(nursery, tmp_path, channels):
         await s.send_pages({"ram": [(7, 9), (data_page, data_page + 1)],
                             "[heap]": [(zero_page, zero_page + 1)]}, reader, 1)
         await s.end_round(1)
-        res = await s.finish(_digests(mem))
+        res = await s.finish(digests(mem))
         stats = s.statistics()
     assert res.complete and all(v.verified for v in res.regions.values())
     assert stats.rounds == 2 and stats.channels == channels
@@ -77,7 +73,7 @@ async def test_digest_mismatch_is_not_complete(nursery, tmp_path):
     async with connect_sender("127.0.0.1", port, key=KEY, regions=_regions()) as s:
         await s.send_pages({"ram": [(0, 300)], "[heap]": [(0, 40)]}, MemReader(mem), 0)
         mem["ram"][0] ^= 1  # the source changed after its page was sent: digests differ
-        res = await s.finish(_digests(mem))
+        res = await s.finish(digests(mem))
     assert not res.complete and not res.regions["ram"].verified and res.regions["[heap]"].verified
     assert "ram" in res.message
     (o,) = await rx.wait_sessions(1)
@@ -101,7 +97,7 @@ async def test_abort_without_finish_then_next_session(nursery, tmp_path):
     # the receiver serves the next migration
     async with connect_sender("127.0.0.1", port, key=KEY, regions=_regions()) as s:
         await s.send_pages({"ram": [(0, 300)], "[heap]": [(0, 40)]}, MemReader(mem), 0)
-        assert (await s.finish(_digests(mem))).complete
+        assert (await s.finish(digests(mem))).complete
     assert _manifest(out)["complete"] is True
 
 
@@ -188,9 +184,9 @@ async def test_reader_runs_in_thread_and_bad_runs_rejected(nursery, tmp_path):
         with pytest.raises(RegionError, match="not declared"):
             await s.send_pages({"rom": [(0, 1)]}, R(mem), 0)
         await s.send_pages({"ram": [(0, 300)], "[heap]": [(0, 40)]}, R(mem), 0)
-        digests = {r.name: region_digest(MemReader(mem), r, PS) for r in _regions()}
-        assert digests == _digests(mem)
-        assert (await s.finish(digests)).complete
+        from_reader = {r.name: region_digest(MemReader(mem), r, PS) for r in _regions()}
+        assert from_reader == digests(mem)
+        assert (await s.finish(from_reader)).complete
     assert seen and not any(seen)
 
 
@@ -268,7 +264,7 @@ async def test_secondary_channels_closed_early_then_channel_0_alone(nursery, tmp
         mem["ram"][100 * PS:164 * PS] = os.urandom(64 * PS)       # (4 batches: one channel)
         await s.send_pages({"[heap]": [(5, 6)], "ram": [(100, 164)]}, reader, 1)
         await s.end_round(1, final=True)
-        res = await s.finish(_digests(mem))
+        res = await s.finish(digests(mem))
     assert res.complete
     (o,) = await rx.wait_sessions(1)
     assert o.complete

@@ -8,7 +8,7 @@ import random
 
 import trio
 
-from migrator.transport import RegionSpec, Receiver, wire
+from migrator.transport import RegionSpec, Receiver, digest_bytes, wire
 from migrator.transport.auth import client_handshake
 from migrator.transport.digest import BufferReader
 from migrator.transport.framing import FrameStream
@@ -27,6 +27,11 @@ class MemReader(BufferReader):
     def read(self, name: str, first: int, n: int):
         self.calls += 1
         return memoryview(self.mem[name])[first * PS:(first + n) * PS]
+
+
+def digests(mem: dict[str, bytearray]) -> dict[str, str]:
+    """Each region's digest, as finish() takes them."""
+    return {k: digest_bytes(v) for k, v in mem.items()}
 
 
 def random_memory(npages: int, seed: int, zero_fraction: float = 0.3) -> bytearray:
