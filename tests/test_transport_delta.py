@@ -100,7 +100,7 @@ def test_encoding_rules_rounds_and_size():
     assert _encode(cache, page, [21, 1], 12, 11) == record(PS)
     # forgotten pages (sent as zeros) have no copy
     _encode(cache, page, [9, 1], 8, 7)
-    cache.forget_flat(0, [9, 1])
+    cache.forget(0, [9, 1])
     assert _encode(cache, page, [9, 1], 9, 8) is None
     cache.close()
 

@@ -120,14 +120,10 @@ class DeltaCache:
                 t.wire_bytes += nbytes
         return nbytes if ok else None
 
-    def forget(self, region: int, runs: Any, nruns: int) -> None:
-        """Drop the copies of the pages of runs (uint64_t[] of (first, count) pairs)."""
-        if self.used and nruns:
-            lib.mg_delta_forget(runs, nruns, self.key_base[region], self.c)
-
-    def forget_flat(self, region: int, flat: Sequence[int] | None) -> None:
+    def forget(self, region: int, flat: Sequence[int] | None) -> None:
+        """Drop the copies of the pages of flat (first, count) runs (a batch never sent)."""
         if flat and self.used:
-            self.forget(region, ffi.new("uint64_t[]", list(flat)), len(flat) // 2)
+            lib.mg_delta_forget(ffi.new("uint64_t[]", list(flat)), len(flat) // 2, self.key_base[region], self.c)
 
     def close(self) -> None:
         for k in self._keep:

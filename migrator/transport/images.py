@@ -389,7 +389,7 @@ class ImageSet:
         """At a round's end (before its acknowledgement): with now (the sender cached the
         round's pages: RoundEnd.warm), map the pages the round wrote whole after round 0 into
         the images' mappings for delta batches, so a later round's deltas, the pause's, do not
-        fault them in one by one (1.5-2 us a page here against 0.25 in runs); else forget them.
+        fault them in one by one (1.5-2 us a page here); else forget them.
         The pages are written already (a fault cannot need new space: no SIGBUS on a full file
         system)."""
         with self._lock:

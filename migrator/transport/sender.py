@@ -148,6 +148,15 @@ class KnownPages:
                                       # each page is hashed once, where it lies
 
 
+@dataclass(frozen=True)
+class _DeltaSend:
+    """One send's use of the session's delta cache (see delta.py)."""
+
+    cache: DeltaCache
+    acked: int              # the last round the receiver acknowledged (copies up to it usable)
+    keep: bool              # cache the pages sent (Sender.send_pages cache=)
+
+
 @dataclass
 class _Built:
     head: bytes
@@ -204,12 +213,10 @@ class _Packer:
                  stop: Callable[[], bool], on_packed: OnPacked | None = None,
                  known: Mapping[str, Any] | None = None, nocopy: bool = True,
                  compression: tuple[int, bool, list, float] | None = None,
-                 delta: tuple[DeltaCache, int, bool] | None = None, stable: bool = False):
+                 delta: _DeltaSend | None = None, stable: bool = False):
         self.ps = page_size
         self.stable = stable         # the source is paused: pages are hashed where they lie
-        # (the session's cache, the last round the receiver acknowledged, whether to cache the
-        # pages) or None: batches of pages it has copies of go as deltas (see delta.py)
-        self.delta = delta
+        self.delta = delta           # None: no deltas
         self._delta_out = None        # this packer's output buffer for deltas (made when needed)
         # (codec, auto, list every packer's compressor is added to for the totals, the last
         # measured compression speed) or None
@@ -274,15 +281,15 @@ class _Packer:
         st.out_cap = self.batch_pages
         st.run_cap = wire.MAX_RUNS
         st.zero_cap = ZERO_PAGES_PER_BATCH
-        if self.delta is not None and round_no and (self.delta[2] or self.delta[0].used):
-            cache, acked, cache_pages = self.delta
-            cache.used = cache.used or cache_pages
+        d = self.delta
+        if d is not None and round_no and (d.keep or d.cache.used):
+            d.cache.used = d.cache.used or d.keep
             job = ffi.new("struct mg_delta_job *")
-            job.cache = cache.c
-            job.key_base = cache.key_base[region]
+            job.cache = d.cache.c
+            job.key_base = d.cache.key_base[region]
             job.round_no = round_no
-            job.base_round = max(acked, 0)
-            job.keep = int(cache_pages)
+            job.base_round = max(d.acked, 0)
+            job.keep = int(d.keep)
             if st.nocopy:
                 job.out = st.out
             else:
@@ -324,7 +331,7 @@ class _Packer:
         """The length of the batch's deltas, moved to its buffer (st.out) if they were encoded
         elsewhere; None if the batch does not go as deltas (see delta.py)."""
         job = st.delta
-        n = self.delta[0].count(job.st.hits, job.st.misses, job.len, st.out_pages, self.delta[1])
+        n = self.delta.cache.count(job.st.hits, job.st.misses, job.len, st.out_pages, self.delta.acked)
         if n is not None and job.out != st.out:
             ffi.memmove(st.out, job.out, n)
         return n
@@ -432,7 +439,7 @@ class _Tally:
             self.batches -= 1
             self.dropped.append((built.name, built.data_flat, built.zero_flat))
         if self.delta is not None:      # (its pages were cached as the receiver never got them)
-            self.delta.forget_flat(built.region, built.data_flat)
+            self.delta.forget(built.region, built.data_flat)
         self.sent(built)
 
 
@@ -632,7 +639,7 @@ class Sender:
             packer = _Packer(self.page_size, self._batch_pages, pool, stop.is_set, on_packed, known,
                              nocopy=not any(fs.encrypts for fs in self._fs),
                              compression=(self._codec, self._auto, compressors, self._compress_speed),
-                             delta=(self._delta, self._acked, cache) if self._delta is not None else None,
+                             delta=_DeltaSend(self._delta, self._acked, cache) if self._delta is not None else None,
                              stable=stable)
             self._sending_since = t0
             try:
