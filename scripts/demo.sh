@@ -10,6 +10,6 @@ echo "== what this kernel supports"
 .venv/bin/migrator probe
 echo
 echo "== scenario: default"
-.venv/bin/migrator scenario run default --report demo-report "$@"
+.venv/bin/migrator scenario run default --repeat 1 --report demo-report "$@"
 echo
 echo "report: demo-report/report.md (chart: demo-report/charts/)"

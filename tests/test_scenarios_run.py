@@ -143,6 +143,12 @@ def test_baseline_passes_then_fails_against_a_better_baseline(tmp_path, root, ca
     assert rc == 1
     assert "baseline: idle-small: transferred_bytes" in out and "+ 25 %" in out
     assert "baseline: idle-small: pages 3072 > baseline 1536 + 25 % (allowed 1920)" in out
+    # the failure shows what the run's rounds did: the CI log is often all there is to go on
+    rep = json.loads((tmp_path / "r3" / "report.json").read_text())["scenarios"][0]["runs"][0]["report"]
+    seen = " ".join(f"{p['pages_sent']}/{p['duration_ms']:.0f}" for p in rep["per_round"])
+    assert seen.startswith(f"{PAGES}/")
+    assert (f"(allowed 1920); rounds (pages/ms): {seen} | pause {rep['final_dirty_pages']} pages, "
+            f"expected {rep['expected_downtime_ms']:.0f} ms") in out
     doc = json.loads((tmp_path / "r3" / "report.json").read_text())
     assert doc["passed"] is False and not doc["baseline"]["passed"]
     worse = {r["metric"] for r in doc["baseline"]["rows"] if r["verdict"] == "WORSE"}

@@ -28,6 +28,9 @@ def test_minimal_file_gets_defaults():
     assert s.guest.workload.kind == "idle"
     assert s.link.bandwidth is None and s.link.latency_ms == 0
     assert s.policy.downtime_limit_ms == 300 and s.policy.max_rounds == 30 and s.policy.tracker == "auto"
+    assert s.policy.delta_cache is None         # auto
+    assert parse_scenario(MINIMAL + '[policy]\ndelta_cache = 0\n', "/x/a.toml").policy.delta_cache == 0
+    assert parse_scenario(MINIMAL + '[policy]\ndelta_cache = "auto"\n', "/x/a.toml").policy.delta_cache is None
     assert s.expect.converges and s.expect.max_downtime_ms is None
     assert s.memory_bytes == 12 << 20 and not s.needs_swap
 
@@ -80,6 +83,7 @@ tracker = "hash"
 channels = 2
 nonconvergence_rounds = 2
 min_round_s = 0.05
+delta_cache = "64M"
 [expect]
 converges = false
 max_downtime_ms = 500
@@ -96,6 +100,7 @@ min_throttle_percent = 20
     assert s.events[0].every_s == 0.25 and s.events[1].after_rounds and s.events[1].rate == 5e6
     assert s.link.bandwidth == 50e6 and s.link.latency_ms == 20
     assert s.policy.channels == 2 and s.policy.tracker == "hash" and s.policy.auto_converge
+    assert s.policy.delta_cache == 64 << 20
     assert not s.expect.converges and s.expect.min_throttle_percent == 20
     assert s.needs_swap
     assert "[not in CI]" in s.line() and "50MB/s +20ms" in s.line()
@@ -111,6 +116,8 @@ min_throttle_percent = 20
     ('[workload]\nhot_fraction = 0\n', "bad.toml: [workload] hot_fraction: 0 must be > 0"),
     ('[policy]\ntracker = "magic"\n', "bad.toml: [policy] tracker: 'magic' is not one of auto, wp, soft-dirty, hash"),
     ('[policy]\nmax_rounds = 0\n', "bad.toml: [policy] max_rounds: 0 must be >= 1"),
+    ('[policy]\ndelta_cache = "512K"\n', "bad.toml: [policy] delta_cache: '512K' must be 0 (no deltas), \"auto\" or at least 1 MiB"),
+    ('[policy]\ndelta_cache = true\n', "bad.toml: [policy] delta_cache: expected a size like \"64M\", got True"),
     ('[policy]\nauto_converge = "yes"\n', "bad.toml: [policy] auto_converge: expected true or false"),
     ('[link]\nbandwidth = "0MB/s"\n', "bad.toml: [link] bandwidth: must be a positive rate"),
     ('[link]\nlatency_ms = -1\n', "bad.toml: [link] latency_ms: -1 must be >= 0"),

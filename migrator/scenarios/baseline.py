@@ -100,6 +100,20 @@ def save_baseline(path: str, outcomes: list["ScenarioOutcome"]) -> None:
         f.write("\n")
 
 
+def _rounds_seen(o: "ScenarioOutcome") -> str:
+    """What each run's rounds did (pages sent / ms, then the pause's pages and expected ms): a
+    count that grew is a matter of timing or of tracking, and the CI log is often all there is."""
+    seen = []
+    for r in o.runs:
+        rep = r.report
+        rounds = rep.get("per_round") or []
+        if rounds:
+            seen.append(" ".join(f"{p['pages_sent']}/{p['duration_ms']:.0f}" for p in rounds)
+                        + f" | pause {rep.get('final_dirty_pages', '?')} pages, expected "
+                          f"{rep.get('expected_downtime_ms', 0):.0f} ms")
+    return "; rounds (pages/ms): " + "; ".join(seen) if seen else ""
+
+
 def compare(path: str, outcomes: list["ScenarioOutcome"], tolerance: float = DEFAULT_TOLERANCE) -> Comparison:
     """Each outcome against the baseline entry of the same name."""
     base = load_baseline(path)
@@ -126,7 +140,7 @@ def compare(path: str, outcomes: list["ScenarioOutcome"], tolerance: float = DEF
             if now[m] > allowed:
                 verdict = "WORSE"
                 cmp.failures.append(f"{name}: {m} {now[m]:g} > baseline {b[m]:g} + {tol * 100:g} % "
-                                    f"(allowed {allowed:g})")
+                                    f"(allowed {allowed:g}){_rounds_seen(o)}")
             else:
                 verdict = "better" if now[m] < b[m] else "ok"
             cmp.rows.append(Row(name, m, b[m], now[m], verdict))

@@ -91,7 +91,8 @@ def policy_of(scn: Scenario) -> MigrationPolicy:
     return MigrationPolicy(downtime_limit_ms=p.downtime_limit_ms, max_bandwidth=scn.link.bandwidth,
                            max_rounds=p.max_rounds, auto_converge=p.auto_converge, tracker=p.tracker,
                            channels=p.channels, nonconvergence_rounds=p.nonconvergence_rounds,
-                           min_round_s=p.min_round_s, verify="memory", compress=p.compress)
+                           min_round_s=p.min_round_s, verify="memory", compress=p.compress,
+                           delta_cache=p.delta_cache)
 
 
 def target_of(g: Guest) -> MigrationTarget:

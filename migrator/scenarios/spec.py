@@ -50,6 +50,7 @@ class PolicySpec:
     nonconvergence_rounds: int = 3
     min_round_s: float = 0.0
     compress: str = "auto"        # migrate --compress
+    delta_cache: int | None = None   # migrate --delta-cache (bytes); None: auto, 0: no deltas
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,16 @@ def _size(v: Any) -> int:
     if not isinstance(v, str):
         raise UsageError(f"expected a size like \"64M\", got {v!r}")
     return parse_size(v)
+
+
+def _delta_cache(v: Any) -> int | None:
+    """[policy] delta_cache: "auto", 0 (no deltas) or a size of at least 1 MiB."""
+    if v == "auto":
+        return None
+    n = _size(v)
+    if 0 < n < 1 << 20:
+        raise UsageError(f"{v!r} must be 0 (no deltas), \"auto\" or at least 1 MiB")
+    return n
 
 
 def _rate(v: Any) -> float:
@@ -413,7 +424,8 @@ def _policy(file: str, top: _Table) -> PolicySpec:
         channels=pt.get("channels", _int(1), DEFAULT_CHANNELS),
         nonconvergence_rounds=pt.get("nonconvergence_rounds", _int(1), 3),
         min_round_s=pt.get("min_round_s", _num(0), 0.0),
-        compress=pt.get("compress", _choice(("auto", "zstd", "lz4", "none")), "auto"))
+        compress=pt.get("compress", _choice(("auto", "zstd", "lz4", "none")), "auto"),
+        delta_cache=pt.get("delta_cache", _delta_cache, None))
     pt.done()
     return policy
 
