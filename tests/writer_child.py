@@ -28,7 +28,7 @@ libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctype
 MAP_FIXED = 0x10
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 ADVICE = {"pageout": getattr(mmap, "MADV_PAGEOUT", 21), "dontneed": mmap.MADV_DONTNEED,
-          "hugepage": getattr(mmap, "MADV_HUGEPAGE", 14)}
+          "hugepage": getattr(mmap, "MADV_HUGEPAGE", 14), "remove": getattr(mmap, "MADV_REMOVE", 9)}
 
 
 libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -70,6 +70,19 @@ def _direct_loop(fd: int, s, file_pages: int, interval: float) -> None:
     while True:
         p = rnd.randrange(s.npages)
         os.preadv(fd, [view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]], rnd.randrange(file_pages) * PAGE_SIZE)
+        time.sleep(interval)
+
+
+def _balloon_loop(s, interval: float) -> None:
+    """As a balloon driver frees guest pages and the guest reuses them: a random page of s is
+    punched through the mapping (MADV_REMOVE: no write call, no fault) and read back at once
+    (a read fault: a zero page where data was), every interval."""
+    import random
+    rnd = random.Random(11)
+    while True:
+        p = rnd.randrange(s.npages)
+        s.madvise(ADVICE["remove"], p, 1)
+        ctypes.string_at(s.addr + p * PAGE_SIZE, 8)
         time.sleep(interval)
 
 
@@ -197,6 +210,9 @@ def main() -> None:
                 fd = os.open(cmd["path"], os.O_RDONLY | os.O_DIRECT)   # into random pages,
                 threading.Thread(target=_direct_loop, daemon=True,     # every interval, until exit
                                  args=(fd, s, cmd["file_pages"], cmd["interval"])).start()
+            elif op == "balloon_loop":         # a thread punching pages and reading them
+                threading.Thread(target=_balloon_loop, daemon=True,    # back, until exit
+                                 args=(s, cmd["interval"])).start()
             elif op == "io_uring":             # an io_uring instance (io_uring_setup), kept
                 params = ctypes.create_string_buffer(120)
                 fd = libc.syscall(425, 4, params)

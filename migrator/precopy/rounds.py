@@ -114,7 +114,7 @@ class Migration:
         """Fail on a tracked region that changed shape; record what else the tracker saw
         (mappers of shared memory found or gone) and each object the ledger swept, and why."""
         for e in d.events:
-            if e.what.startswith("mapper-"):
+            if e.what.startswith("mapper-") or e.what == "pages-left-view":
                 self.rep.events.append(f"round {round_no}: {e.region}: {e.what}: {e.detail}")
             if e.what == "unmapped":
                 raise MigratorError(f"region {e.region} changed under the migration: {e.detail}")

@@ -14,8 +14,7 @@ import time
 from typing import Mapping
 
 from ..kernel.maps import Region, RegionKind
-from ..kernel.native import ffi
-from .base import DirtyPages, Tracker, TrackerStatistics
+from .base import DirtyPages, RegionEvent, Tracker, TrackerStatistics
 from .ledger import LedgerRegistry, LedgerTracker
 from .mappers import MapperTracker
 from .sweepgate import Sweep, SweepGate
@@ -130,17 +129,10 @@ class CompositeTracker(PartsTracker):
         return self if self.ledger is not None else None
 
     def use_views(self, views: Mapping[str, object]) -> None:
-        """Mappings of shared regions for the ledger to sweep from (LedgerTracker.use_views),
-        and for the sweep gate to find holes in (SweepGate.use_view)."""
+        """Mappings of shared regions for the ledger to sweep from (LedgerTracker.use_views).
+        (The sweep gate keeps views of its own: see SweepGate._own_view.)"""
         if self.ledger is not None:
             self.ledger.use_views(views)
-        if self.gate is not None:
-            for r in self.shared:
-                v = views.get(r.name)
-                if v is not None:
-                    with ffi.from_buffer(v) as c:
-                        addr = int(ffi.cast("uintptr_t", c))
-                    self.gate.use_view(r.object_key, addr, r.npages)
 
     def begin(self) -> None:
         self._begin(from_sends=False)
@@ -193,7 +185,7 @@ class CompositeTracker(PartsTracker):
             parts[name] = round((time.perf_counter() - t0) * 1000 - sum(parts.values()), 2)
 
         if self.gate is not None:
-            self.gate.begin_holes_check()
+            self.gate.begin_holes_check(final)
         scan = self.gate.observe() if self.gate is not None else None
         lap("holders")
         if self.private is not None:
@@ -213,11 +205,24 @@ class CompositeTracker(PartsTracker):
         sweeps = self._sweeps(scan, out)
         lap("gate")
         swept = {name for s in sweeps for name in s.regions}
-        skip = {r.name for r in self.shared if r.name not in swept}
+        # an object not swept whole still has its pages out of sight of page tables hashed:
+        # those absent from migrator's view of it (SweepGate.unseen)
+        unseen = self.gate.unseen if self.gate is not None else {}
+        swept_keys = {r.object_key for r in self.shared if r.name in swept}
+        only = {r.object_key: unseen[r.object_key] for r in self.shared
+                if r.object_key not in swept_keys and unseen.get(r.object_key)}
+        skip = {r.name for r in self.shared if r.name not in swept and r.object_key not in only}
         deferred = (swept & defer) - exclude
         mine = scan.holders.get(self.pid) if scan is not None else None
         out.merge(self.ledger.collect(final, exclude | skip | deferred,
-                                      maps=mine.maps if mine is not None else None))
+                                      maps=mine.maps if mine is not None else None, only=only))
+        if self.gate is not None:
+            for r in self.shared:
+                n = self.gate.left_view.get(r.object_key, 0)
+                if n and r.name not in swept and r.name not in exclude:
+                    out.events.append(RegionEvent(r.name, "pages-left-view", (
+                        f"{n} of its pages left migrator's view of it (punched, removed, "
+                        "truncated or reclaimed): hashed alone")))
         lap(self.ledger.name)
         out.sweeps.extend(sweeps)
         out.unswept |= deferred

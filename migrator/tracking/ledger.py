@@ -75,6 +75,12 @@ def _populate(addr: int, nbytes: int) -> None:
     lib.mgk_populate(ffi.cast("uint8_t *", addr), nbytes, 0)
 
 
+def _within(runs: list[tuple[int, int]], led: "ShmemLedger") -> list[tuple[int, int]]:
+    """The parts of byte ranges runs that lie in the ledger's object range."""
+    lo, hi = led.first_page * PAGE_SIZE, led.end_page * PAGE_SIZE
+    return [(max(a, lo), min(b, hi)) for a, b in runs if min(b, hi) > max(a, lo)]
+
+
 class ShmemLedger:
     """Hashes and change generations of object pages [first_page, end_page) of one shmem object."""
 
@@ -110,34 +116,40 @@ class ShmemLedger:
     def memory_bytes(self) -> int:
         return self.npages * 12 + SWEEP_BUFFER * SWEEP_THREADS
 
-    def sweep(self) -> int:
-        """Hash every page of the object range; returns how many changed since the last sweep.
-        Data extents are cut into chunks hashed by SWEEP_THREADS threads (the C loop runs
-        without the GIL), so a sweep can use every core, e.g. while the guest is paused."""
+    def sweep(self, runs: list[tuple[int, int]] | None = None) -> int:
+        """Hash every page of the object range, or only those of runs (object byte ranges
+        [a, b) within it, ascending: pages out of sight of page tables, see sweepgate.py);
+        returns how many changed since the last sweep.  Data extents are cut into chunks
+        hashed by SWEEP_THREADS threads (the C loop runs without the GIL), so a sweep can use
+        every core, e.g. while the guest is paused."""
         t0 = time.perf_counter()
         self.generation += 1
         g = self.generation
         lo, hi = self.first_page * PAGE_SIZE, self.end_page * PAGE_SIZE
         changed = 0
         chunks: list[tuple[int, int]] = []        # (byte offset, pages) of data to read
-        pos = lo
-        for a, b in data_extents(self.fd, lo, hi) + [(hi, hi)]:
-            if a > pos:    # hole [pos, a): reads as zeros
-                i = (pos - lo) // PAGE_SIZE
-                changed += lib.mgk_sweep_hole((a - pos) // PAGE_SIZE, self._zero, self.hashes + i,
-                                             ffi.NULL, 0, self.gens + i, g)
-            for c in range(a, b, SWEEP_CHUNK):
-                chunks.append((c, (min(b, c + SWEEP_CHUNK) - c) // PAGE_SIZE))
-                self.bytes_read += min(b, c + SWEEP_CHUNK) - c
-            pos = max(pos, b)
+        for rlo, rhi in [(lo, hi)] if runs is None else runs:
+            if not lo <= rlo <= rhi <= hi:
+                raise ValueError("pages swept outside the ledger")
+            pos = rlo
+            for a, b in data_extents(self.fd, rlo, rhi) + [(rhi, rhi)]:
+                if a > pos:    # hole [pos, a): reads as zeros
+                    i = (pos - lo) // PAGE_SIZE
+                    changed += lib.mgk_sweep_hole((a - pos) // PAGE_SIZE, self._zero, self.hashes + i,
+                                                 ffi.NULL, 0, self.gens + i, g)
+                for c in range(a, b, SWEEP_CHUNK):
+                    chunks.append((c, (min(b, c + SWEEP_CHUNK) - c) // PAGE_SIZE))
+                    self.bytes_read += min(b, c + SWEEP_CHUNK) - c
+                pos = max(pos, b)
         if len(chunks) > 1 and SWEEP_THREADS > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(SWEEP_THREADS, thread_name_prefix="ledger-sweep")
             changed += sum(self._pool.map(lambda ch: self._sweep_chunk(ch, g), chunks))
         else:
             changed += sum(self._sweep_chunk(ch, g) for ch in chunks)
-        self.sweeps += 1
-        self.last_sweep_s = time.perf_counter() - t0
+        if runs is None:        # (a whole sweep: what the next one should cost)
+            self.sweeps += 1
+            self.last_sweep_s = time.perf_counter() - t0
         return changed
 
     def record(self, first_page: int, data_flat, zero_flat, hashes: bytes) -> None:
@@ -154,7 +166,7 @@ class ShmemLedger:
         offset, n = chunk
         if self._view is not None:
             i = offset // PAGE_SIZE - self.first_page
-            if self.sweeps == 0:     # (data extents only: a hole would be allocated)
+            if self.sweeps == 0 and n > 1:   # (data extents only: a hole would be allocated)
                 _populate(int(ffi.cast("uintptr_t", self._view + i * PAGE_SIZE)), n * PAGE_SIZE)
             return lib.mgk_sweep_mem(self._view + i * PAGE_SIZE, n, PAGE_SIZE, self.hashes + i,
                                     ffi.NULL, 0, self.gens + i, g)
@@ -357,9 +369,11 @@ class LedgerTracker(Tracker):
         return changed / total if total else None
 
     def collect(self, final: bool = False, exclude: frozenset[str] = frozenset(),
-                maps: list | None = None) -> DirtyPages:
+                maps: list | None = None, only: dict | None = None) -> DirtyPages:
         """exclude: regions not swept (see known_hashes); their layout is still checked, in
-        maps if given (the target's mappings of the objects, from a /proc scan just made)."""
+        maps if given (the target's mappings of the objects, from a /proc scan just made).
+        only: object key -> byte ranges of the object: where given, only those pages are
+        hashed (SweepGate.unseen), not the whole object."""
         t0 = time.perf_counter()
         out = DirtyPages(pages={})
         if maps is None:
@@ -372,7 +386,8 @@ class LedgerTracker(Tracker):
             led = self.registry.ledger_for(self.pid, r)
             if id(led) not in swept:
                 try:
-                    led.sweep()
+                    led.sweep(None if only is None or r.object_key not in only
+                              else _within(only[r.object_key], led))
                 except OSError as e:
                     raise TargetGoneError(f"shared object of region {r.name} unreadable: {e}") from None
                 swept.add(id(led))

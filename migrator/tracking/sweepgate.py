@@ -18,13 +18,17 @@ ledger skip the object only when all of these held since the previous collect:
    re-protected them, without a fault;
 6. no holder forked (a child inherits mappings without write-protection, and descriptors): no
    new process whose parent is a holder, and no child of a holder reaped (cminflt moved);
-7. no data page of the object became a hole (a hole punch, MADV_REMOVE, truncation: the kernel
-   drops the page without a fault, and a write-protect marker survives it).  Where migrator maps
-   the object itself (the sender's read-only view of a sealed memfd), the kernel unmaps a
-   punched page from that view too: a page present in the view at the previous collect and
-   gone now is seen by one PAGEMAP_SCAN of the view (page tables: ~1.6 ms a GiB); reclaim does
-   the same (a false alarm: a sweep).  Without a view, the data extents are compared
-   (SEEK_DATA/SEEK_HOLE walks the page cache: ~8 ms a GiB).
+7. no data page of the object became a hole, or a zero page, out of sight (a hole punch,
+   MADV_REMOVE or truncation drops the page without a fault, and a read fault then maps a new
+   zero page; reclaim drops it too).  The kernel unmaps such a page from every mapping of the
+   object, so migrator keeps a read-only view of it (the sender's, of a sealed memfd, or one of
+   its own), whose page tables hold every data page of the object: one PAGEMAP_SCAN of the view
+   (page tables: ~1.6 ms a GiB) finds the pages absent from it.  Those are not swept with the
+   whole object: the ledger hashes them alone (ShmemLedger.sweep(runs)), the data among them
+   faulted back into the view first, so that the next check sees them go too.  A page that was a
+   hole at the previous check and is one still is passed over (a hole reads as zeros until
+   something writes it, and every writer is covered above).  Without a view (the object could
+   not be mapped), the object is swept.
 
 Otherwise the object is swept, and the decision says which condition failed (Sweep).  What stays
 out of reach is written in docs/tracking.md ("When the ledger sweeps").
@@ -32,6 +36,7 @@ out of reach is written in docs/tracking.md ("When the ledger sweeps").
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,13 +44,14 @@ from dataclasses import dataclass
 
 from ..kernel.holders import Holder, HolderScan, parent_of, read_counters, scan_holders
 from ..kernel.maps import Region
-from ..kernel.native import PAGE_SIZE, lib
+from ..kernel.native import PAGE_SIZE, ffi, lib
 from ..kernel.pagemap import PAGE_IS_PRESENT, Pagemap
 from ..kernel.resources import close_fd, closed
 from ..kernel.shmem import data_extents
 from .pageset import PageSet
 
 ObjectKey = tuple[int, int, int]
+PMD_BYTES = 2 << 20      # what one page table maps: the kernel's fault-around stays within it
 
 
 @dataclass(frozen=True)
@@ -75,8 +81,16 @@ class SweepGate:
         self.vouched = set(no_syscall_writes or ())
         self.skip = set(skip or ())
         self._prev: HolderScan | None = None
-        self._extents: dict[ObjectKey, list[tuple[int, int]]] = {}
+        # the pages absent from migrator's view of each object after the last check: holes
+        # (the data pages absent were faulted back in)
+        self._known_holes: dict[ObjectKey, PageSet] = {}
         self._views: dict[ObjectKey, tuple[int, int]] = {}     # key -> (address, pages)
+        self._own_views: dict[ObjectKey, mmap.mmap] = {}        # views made by the gate itself
+        # what this collect's ledger must hash of each object not swept whole: the pages
+        # absent from its view (object byte ranges), and how many of them left it since the
+        # previous check
+        self.unseen: dict[ObjectKey, list[tuple[int, int]]] = {}
+        self.left_view: dict[ObjectKey, int] = {}
         self._pagemap: Pagemap | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._holes: Future | None = None
@@ -85,19 +99,39 @@ class SweepGate:
         self._inotify = -1
         self._watches: dict[int, ObjectKey] = {}     # inotify watch -> object
 
-    def use_view(self, key: ObjectKey, address: int, npages: int) -> None:
-        """Migrator maps the object's pages [range start, + npages) read-only at address (kept
-        until close()): holes are then found in its page tables (see 7. above)."""
+    def _own_view(self, key: ObjectKey) -> None:
+        """Map the object's tracked range read-only, its data pages faulted in (MADV_POPULATE_READ:
+        holes stay holes).  Only the gate faults pages into it (the sender's view of a sealed
+        memfd will not do: a read there maps its neighbours too, see _holes_check), and nothing
+        reads through it: a truncation under it cannot fault migrator."""
+        fd = self.fds.get(key)
+        if fd is None or key in self._views:
+            return
         lo, hi = self._range(key)
-        if hi - lo == npages * PAGE_SIZE:
-            self._views[key] = (address, npages)
+        try:
+            view = mmap.mmap(fd, hi - lo, mmap.MAP_SHARED, mmap.PROT_READ, offset=lo)
+        except (OSError, ValueError):
+            return              # (swept at every collect: see _holes_made)
+        self._own_views[key] = view
+        with ffi.from_buffer(view) as c:
+            addr = int(ffi.cast("uintptr_t", c))
+        self._views[key] = (addr, (hi - lo) // PAGE_SIZE)
+        for a, b in data_extents(fd, lo, hi):
+            lib.mgk_populate(ffi.cast("uint8_t *", addr + a - lo), b - a, 0)
 
-    def _holes_check(self, key: ObjectKey):
-        """What the hole check of an object compares: the pages absent from migrator's view
-        (a PageSet), else its data extents."""
+    def _holes_check(self, key: ObjectKey, refill: bool) -> tuple[PageSet, PageSet] | None:
+        """The pages absent from migrator's view of the object now, and the pages among them
+        the ledger must hash besides the holes (the data pages); None without a view.
+        refill: fault those data pages into the view (after finding them absent, before the
+        ledger hashes them: a punch in between then leaves the view again, or is hashed as the
+        zeros it left).  A read fault maps the page's neighbours in the page cache too (the
+        kernel's fault-around, within the same page table: fault_around_bytes, 64 KiB by
+        default, settable up to 2 MiB), and a neighbour punched and read back since the scan
+        would come back into the view unseen: every page of the 2 MiB blocks of the view that
+        a refill touched is hashed as well."""
         view = self._views.get(key)
         if view is None:
-            return self._object_extents(key)
+            return None
         if self._pagemap is None:
             self._pagemap = Pagemap(os.getpid())
         addr, n = view
@@ -113,15 +147,30 @@ class SweepGate:
             if walk_end >= end or walk_end <= pos:
                 break
             pos = walk_end
-        return absent
+        data = PageSet(n)
+        fd = self.fds.get(key)
+        if absent and fd is not None:
+            lo = self._range(key)[0]
+            for first, last in absent.runs():
+                for a, b in data_extents(fd, lo + first * PAGE_SIZE, lo + last * PAGE_SIZE):
+                    data.add_range((a - lo) // PAGE_SIZE, (b - lo) // PAGE_SIZE)
+                    if refill:      # (EFAULT past a truncation: it stays absent, hashed again)
+                        lib.mgk_populate(ffi.cast("uint8_t *", addr + a - lo), b - a, 0)
+                        va, vb = addr + a - lo, addr + b - lo
+                        wa = max(addr, va & ~(PMD_BYTES - 1))
+                        wb = min(end, (vb + PMD_BYTES - 1) & ~(PMD_BYTES - 1))
+                        data.add_range((wa - addr) // PAGE_SIZE, (wb - addr) // PAGE_SIZE)
+        elif absent:            # (no descriptor: every absent page is hashed)
+            data = absent.copy()
+        return absent, data
 
-    def begin_holes_check(self) -> None:
+    def begin_holes_check(self, final: bool = False) -> None:
         """Start this collect's hole check in a thread of its own (its page-table walk runs in
         C without the GIL, beside the holder scan and the write-protect scans); decide()
-        takes its result."""
+        takes its result.  final: the last check (nothing is faulted back into the views)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="sweep-gate")
-        self._holes = self._pool.submit(lambda: {k: self._holes_check(k) for k in self.keys})
+        self._holes = self._pool.submit(lambda: {k: self._holes_check(k, not final) for k in self.keys})
 
     def close(self) -> None:
         self._inotify = close_fd(self._inotify)
@@ -133,17 +182,13 @@ class SweepGate:
             self._pool.shutdown()
             self._pool = None
         self._pagemap = closed(self._pagemap)
+        for v in self._own_views.values():
+            v.close()
+        self._own_views.clear()
 
     def _range(self, key: ObjectKey) -> tuple[int, int]:
         rs = [r for r in self.regions if r.object_key == key]
         return min(r.offset for r in rs), max(r.offset + r.size for r in rs)
-
-    def _object_extents(self, key: ObjectKey) -> list[tuple[int, int]]:
-        fd = self.fds.get(key)
-        if fd is None:
-            return []
-        lo, hi = self._range(key)
-        return data_extents(fd, lo, hi)
 
     def observe(self) -> HolderScan:
         """Scan the holders now (the caller passes the result to decide())."""
@@ -162,7 +207,11 @@ class SweepGate:
         """The baseline: what holds the objects when tracking begins."""
         self._watch()
         self._prev = scan or self.observe()
-        self._extents = {k: self._holes_check(k) for k in self.keys}
+        for k in self.keys:
+            self._own_view(k)
+            checked = self._holes_check(k, refill=False)
+            if checked is not None:
+                self._known_holes[k] = checked[0] - checked[1]
 
     def _watch(self) -> None:
         """An inotify watch (IN_MODIFY) on each object: writes through a file opened by path (a
@@ -287,33 +336,26 @@ class SweepGate:
                         reasons[k].append(f"process {parent} forked process {child}")
 
     def _holes_made(self, reasons: dict[ObjectKey, list[str]]) -> None:
-        """Data pages that became holes since the previous collect (condition 7)."""
+        """Condition 7: the pages of each object absent from migrator's view, for the ledger to
+        hash (unseen); an object without a view is swept."""
         if self._holes is not None:
-            extents, self._holes = self._holes.result(), None
+            checked, self._holes = self._holes.result(), None
         else:
-            extents = {k: self._holes_check(k) for k in self.keys}
+            checked = {k: self._holes_check(k, True) for k in self.keys}
+        self.unseen, self.left_view = {}, {}
         for k in self.keys:
-            now, before = extents[k], self._extents.get(k)
-            if isinstance(now, PageSet):     # absent pages: those absent now, present before
-                lost = len(now - before) if isinstance(before, PageSet) else 0
-                if lost:
-                    reasons[k].append(f"{lost} of its pages left migrator's view of it (punched, "
-                                      "removed, truncated or reclaimed)")
-            elif not _covers(now, before or []):
-                reasons[k].append("some of its data pages became holes (punched, removed or truncated)")
-        self._extents = extents
-
-
-def _covers(now: list[tuple[int, int]], before: list[tuple[int, int]]) -> bool:
-    """Whether every byte range of `before` lies within the union of `now` (both sorted,
-    disjoint: data extents)."""
-    i = 0
-    for a, b in before:
-        while a < b:
-            while i < len(now) and now[i][1] <= a:
-                i += 1
-            if i == len(now) or now[i][0] > a:
-                return False
-            a = now[i][1]
-    return True
-
+            now = checked[k]
+            if now is None:
+                reasons[k].append("migrator could not map it to find pages punched or reclaimed")
+                continue
+            absent, data = now
+            holes = absent - data
+            known = self._known_holes.get(k)
+            if known is None:
+                known = PageSet(absent.npages)
+            self.left_view[k] = len(absent - known)
+            # a hole then and now reads as zeros still: not hashed again
+            todo = data | (holes - known)
+            lo = self._range(k)[0]
+            self.unseen[k] = [(lo + a * PAGE_SIZE, lo + b * PAGE_SIZE) for a, b in todo.runs()]
+            self._known_holes[k] = holes
