@@ -155,6 +155,8 @@ class CompositeTracker(PartsTracker):
             if self.gate is not None and self.ledger is not None:
                 self.gate.fds = self.ledger.object_fds()
                 self.gate.start()
+                if isinstance(self.mappers, MapperTracker):
+                    self.mappers.ignore(self.gate.helper_pids)
         except BaseException:
             self._abort(started)
             raise

@@ -97,6 +97,13 @@ class MapperTracker(Tracker):
         self._skip = {os.getpid()}            # migrator's own read-only views of the objects
         self._stats: dict[int, list] = {}     # pid -> [StatReader, address-space size last seen]
 
+    def ignore(self, pids: set[int]) -> None:
+        """Processes of migrator's own that map the objects read-only (the sweep gate's view
+        holder): never mappers."""
+        self._skip |= pids
+        for pid in pids & set(self._mappers):
+            self._close(self._mappers.pop(pid))
+
     # --- mappers ----------------------------------------------------------------------------
     def _discover(self) -> dict[int, list[Mapping]]:
         t0 = time.perf_counter()

@@ -21,14 +21,15 @@ ledger skip the object only when all of these held since the previous collect:
 7. no data page of the object became a hole, or a zero page, out of sight (a hole punch,
    MADV_REMOVE or truncation drops the page without a fault, and a read fault then maps a new
    zero page; reclaim drops it too).  The kernel unmaps such a page from every mapping of the
-   object, so migrator keeps a read-only view of it (the sender's, of a sealed memfd, or one of
-   its own), whose page tables hold every data page of the object: one PAGEMAP_SCAN of the view
-   (page tables: ~1.6 ms a GiB) finds the pages absent from it.  Those are not swept with the
-   whole object: the ledger hashes them alone (ShmemLedger.sweep(runs)), the data among them
-   faulted back into the view first, so that the next check sees them go too.  A page that was a
-   hole at the previous check and is one still is passed over (a hole reads as zeros until
-   something writes it, and every writer is covered above).  Without a view (the object could
-   not be mapped), the object is swept.
+   object, so a process of migrator's own (kernel/viewholder.py) keeps a read-only view of it
+   whose page tables hold every data page: one PAGEMAP_SCAN of the view (page tables: ~1-1.6 ms
+   a GiB) finds the pages absent from it, and where the holder's RssShmem shows that no page
+   left any view since the previous check, that scan stands (no walk).  Those pages are not
+   swept with the whole object: the ledger hashes them alone (ShmemLedger.sweep(runs)), and the
+   data among them is faulted back into the view at the next live check, its 2 MiB blocks hashed
+   then (see _check).  A page that was a hole at the previous check and is one still is passed
+   over (a hole reads as zeros until something writes it, and every writer is covered above).
+   Without a view (no holder), the object is swept.
 
 Otherwise the object is swept, and the decision says which condition failed (Sweep).  What stays
 out of reach is written in docs/tracking.md ("When the ledger sweeps").
@@ -36,7 +37,6 @@ out of reach is written in docs/tracking.md ("When the ledger sweeps").
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,7 +44,9 @@ from dataclasses import dataclass
 
 from ..kernel.holders import Holder, HolderScan, parent_of, read_counters, scan_holders
 from ..kernel.maps import Region
-from ..kernel.native import PAGE_SIZE, ffi, lib
+from ..errors import MigratorError
+from ..kernel.native import PAGE_SIZE, lib
+from ..kernel.viewholder import ViewHolder
 from ..kernel.pagemap import PAGE_IS_PRESENT, Pagemap
 from ..kernel.resources import close_fd, closed
 from ..kernel.shmem import data_extents
@@ -84,8 +86,13 @@ class SweepGate:
         # the pages absent from migrator's view of each object after the last check: holes
         # (the data pages absent were faulted back in)
         self._known_holes: dict[ObjectKey, PageSet] = {}
-        self._views: dict[ObjectKey, tuple[int, int]] = {}     # key -> (address, pages)
-        self._own_views: dict[ObjectKey, mmap.mmap] = {}        # views made by the gate itself
+        self._views: dict[ObjectKey, tuple[int, int]] = {}     # key -> (holder address, pages)
+        self._holder: ViewHolder | None = None
+        self.view_error = ""                  # why there are no views (the holder failed)
+        self._absent: dict[ObjectKey, PageSet] = {}     # the last check's absent pages
+        self._to_refill: dict[ObjectKey, PageSet] = {}  # ... the data among them
+        self._rss: int | None = None          # the holder's RssShmem at the last check
+        self.scans_skipped = 0                # checks whose RssShmem showed no page gone
         # what this collect's ledger must hash of each object not swept whole: the pages
         # absent from its view (object byte ranges), and how many of them left it since the
         # previous check
@@ -99,41 +106,92 @@ class SweepGate:
         self._inotify = -1
         self._watches: dict[int, ObjectKey] = {}     # inotify watch -> object
 
-    def _own_view(self, key: ObjectKey) -> None:
-        """Map the object's tracked range read-only, its data pages faulted in (MADV_POPULATE_READ:
-        holes stay holes).  Only the gate faults pages into it (the sender's view of a sealed
-        memfd will not do: a read there maps its neighbours too, see _holes_check), and nothing
-        reads through it: a truncation under it cannot fault migrator."""
-        fd = self.fds.get(key)
-        if fd is None or key in self._views:
+    def _open_views(self) -> None:
+        """Map each object's tracked range read-only in a view holder process (kernel/
+        viewholder.py), its data pages faulted in (holes stay holes).  Nothing else faults pages
+        into those views (the sender's view of a sealed memfd would not do: a read there maps
+        its neighbours too, see _check), and nothing reads through them.  Where the holder
+        cannot be started, the objects are swept at every collect (see _holes_made)."""
+        keys = [k for k in self.keys if k in self.fds]
+        if not keys or self._holder is not None:
             return
-        lo, hi = self._range(key)
         try:
-            view = mmap.mmap(fd, hi - lo, mmap.MAP_SHARED, mmap.PROT_READ, offset=lo)
-        except (OSError, ValueError):
-            return              # (swept at every collect: see _holes_made)
-        self._own_views[key] = view
-        with ffi.from_buffer(view) as c:
-            addr = int(ffi.cast("uintptr_t", c))
-        self._views[key] = (addr, (hi - lo) // PAGE_SIZE)
-        for a, b in data_extents(fd, lo, hi):
-            lib.mgk_populate(ffi.cast("uint8_t *", addr + a - lo), b - a, 0)
+            self._holder = ViewHolder([self.fds[k] for k in keys])
+            for k in keys:
+                lo, hi = self._range(k)
+                addr = self._holder.map(self.fds[k], lo, hi - lo)
+                self._views[k] = (addr, (hi - lo) // PAGE_SIZE)
+                self._holder.populate([(addr + a - lo, b - a) for a, b in data_extents(self.fds[k], lo, hi)])
+            self._pagemap = Pagemap(self._holder.pid)
+        except (OSError, MigratorError) as e:
+            self.view_error = str(e)
+            self._views.clear()
+            self._holder = closed(self._holder)
 
-    def _holes_check(self, key: ObjectKey, refill: bool) -> tuple[PageSet, PageSet] | None:
-        """The pages absent from migrator's view of the object now, and the pages among them
-        the ledger must hash besides the holes (the data pages); None without a view.
-        refill: fault those data pages into the view (after finding them absent, before the
-        ledger hashes them: a punch in between then leaves the view again, or is hashed as the
-        zeros it left).  A read fault maps the page's neighbours in the page cache too (the
-        kernel's fault-around, within the same page table: fault_around_bytes, 64 KiB by
-        default, settable up to 2 MiB), and a neighbour punched and read back since the scan
-        would come back into the view unseen: every page of the 2 MiB blocks of the view that
-        a refill touched is hashed as well."""
-        view = self._views.get(key)
-        if view is None:
-            return None
-        if self._pagemap is None:
-            self._pagemap = Pagemap(os.getpid())
+    @property
+    def helper_pids(self) -> set[int]:
+        """Migrator's own processes that map the objects read-only (the view holder)."""
+        return {self._holder.pid} if self._holder is not None else set()
+
+    def _check(self, refill: bool) -> dict[ObjectKey, tuple[PageSet, PageSet] | None]:
+        """For each object: the pages absent from its view now, and the pages the ledger must
+        hash besides the holes among them (the data pages, and those a refill touched); None
+        without a view.  In order:
+        1. refill (live collects): the data pages the previous check found absent are faulted
+           back into the views.  A read fault maps the page's neighbours in the page cache too
+           (the kernel's fault-around, within one page table: fault_around_bytes, 64 KiB by
+           default, settable up to 2 MiB), and a neighbour punched and read back since would
+           come back unseen: every page of the 2 MiB blocks a refill touched is hashed.
+        2. the holder's RssShmem is read.  Where it counts exactly (ViewHolder.rss_exact), no
+           refill just happened, and it equals the count read at the previous check, no page
+           left any view since that check, whose scan then stands;
+        3. else one PAGEMAP_SCAN of each view for the pages absent from it."""
+        holder = self._holder
+        touched: dict[ObjectKey, PageSet] = {}
+        if refill and holder is not None:
+            for k, pages in self._to_refill.items():
+                addr, n = self._views[k]
+                end = addr + n * PAGE_SIZE
+                ranges = [(addr + a * PAGE_SIZE, (b - a) * PAGE_SIZE) for a, b in pages.runs()]
+                if not ranges:
+                    continue
+                holder.populate(ranges)      # (EFAULT past a truncation: absent, hashed again)
+                t = touched[k] = PageSet(n)
+                for va, length in ranges:
+                    wa = max(addr, va & ~(PMD_BYTES - 1))
+                    wb = min(end, (va + length + PMD_BYTES - 1) & ~(PMD_BYTES - 1))
+                    t.add_range((wa - addr) // PAGE_SIZE, (wb - addr) // PAGE_SIZE)
+        rss = holder.rss_shmem_pages() if holder is not None else None
+        still = (holder is not None and holder.rss_exact and not touched and rss == self._rss
+                 and all(k in self._absent for k in self._views))
+        self._rss = rss
+        if still:
+            self.scans_skipped += 1
+        out: dict[ObjectKey, tuple[PageSet, PageSet] | None] = {}
+        self._to_refill = {}
+        for k in self.keys:
+            view = self._views.get(k)
+            if view is None:
+                out[k] = None
+                continue
+            absent = self._absent[k] if still else self._absent_pages(view)
+            self._absent[k] = absent
+            data = PageSet(absent.npages)
+            if absent:
+                lo = self._range(k)[0]
+                for first, end in absent.runs():
+                    for a, b in data_extents(self.fds[k], lo + first * PAGE_SIZE, lo + end * PAGE_SIZE):
+                        data.add_range((a - lo) // PAGE_SIZE, (b - lo) // PAGE_SIZE)
+                if data:
+                    self._to_refill[k] = data.copy()
+            if k in touched:
+                data.update(touched[k])
+            out[k] = (absent, data)
+        return out
+
+    def _absent_pages(self, view: tuple[int, int]) -> PageSet:
+        """The pages absent from a view of the holder (PAGEMAP_SCAN of its page tables)."""
+        assert self._pagemap is not None
         addr, n = view
         end = addr + n * PAGE_SIZE
         absent = PageSet(n)
@@ -147,22 +205,7 @@ class SweepGate:
             if walk_end >= end or walk_end <= pos:
                 break
             pos = walk_end
-        data = PageSet(n)
-        fd = self.fds.get(key)
-        if absent and fd is not None:
-            lo = self._range(key)[0]
-            for first, last in absent.runs():
-                for a, b in data_extents(fd, lo + first * PAGE_SIZE, lo + last * PAGE_SIZE):
-                    data.add_range((a - lo) // PAGE_SIZE, (b - lo) // PAGE_SIZE)
-                    if refill:      # (EFAULT past a truncation: it stays absent, hashed again)
-                        lib.mgk_populate(ffi.cast("uint8_t *", addr + a - lo), b - a, 0)
-                        va, vb = addr + a - lo, addr + b - lo
-                        wa = max(addr, va & ~(PMD_BYTES - 1))
-                        wb = min(end, (vb + PMD_BYTES - 1) & ~(PMD_BYTES - 1))
-                        data.add_range((wa - addr) // PAGE_SIZE, (wb - addr) // PAGE_SIZE)
-        elif absent:            # (no descriptor: every absent page is hashed)
-            data = absent.copy()
-        return absent, data
+        return absent
 
     def begin_holes_check(self, final: bool = False) -> None:
         """Start this collect's hole check in a thread of its own (its page-table walk runs in
@@ -170,7 +213,7 @@ class SweepGate:
         takes its result.  final: the last check (nothing is faulted back into the views)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="sweep-gate")
-        self._holes = self._pool.submit(lambda: {k: self._holes_check(k, not final) for k in self.keys})
+        self._holes = self._pool.submit(self._check, not final)
 
     def close(self) -> None:
         self._inotify = close_fd(self._inotify)
@@ -182,9 +225,8 @@ class SweepGate:
             self._pool.shutdown()
             self._pool = None
         self._pagemap = closed(self._pagemap)
-        for v in self._own_views.values():
-            v.close()
-        self._own_views.clear()
+        self._holder = closed(self._holder)
+        self._views.clear()
 
     def _range(self, key: ObjectKey) -> tuple[int, int]:
         rs = [r for r in self.regions if r.object_key == key]
@@ -192,7 +234,7 @@ class SweepGate:
 
     def observe(self) -> HolderScan:
         """Scan the holders now (the caller passes the result to decide())."""
-        scan = scan_holders(self.keys, skip=self.skip)
+        scan = scan_holders(self.keys, skip=self.skip | self.helper_pids)
         # migrator's own read-only mappings and descriptors (the sender's views, the ledger's
         # descriptors) write nothing; the process counts as a holder only for writable ones
         me = scan.holders.get(os.getpid())
@@ -207,9 +249,8 @@ class SweepGate:
         """The baseline: what holds the objects when tracking begins."""
         self._watch()
         self._prev = scan or self.observe()
-        for k in self.keys:
-            self._own_view(k)
-            checked = self._holes_check(k, refill=False)
+        self._open_views()
+        for k, checked in self._check(refill=False).items():
             if checked is not None:
                 self._known_holes[k] = checked[0] - checked[1]
 
@@ -341,12 +382,13 @@ class SweepGate:
         if self._holes is not None:
             checked, self._holes = self._holes.result(), None
         else:
-            checked = {k: self._holes_check(k, True) for k in self.keys}
+            checked = self._check(refill=True)
         self.unseen, self.left_view = {}, {}
         for k in self.keys:
             now = checked[k]
             if now is None:
-                reasons[k].append("migrator could not map it to find pages punched or reclaimed")
+                reasons[k].append("migrator could not map it to find pages punched or reclaimed"
+                                  + (f" ({self.view_error})" if self.view_error else ""))
                 continue
             absent, data = now
             holes = absent - data
