@@ -296,3 +296,19 @@ def test_a_punched_page_faulted_back_by_a_read_without_a_view(target):
         target.cmd("punch", first=30, n=1)
         target.cmd("read", region="shm", page=30)
         assert t.collect() == ([30], [])
+
+
+def test_a_mapper_new_at_the_final_collect_makes_it_sweep(target, others):
+    """A process that maps the memfd after the last live collect and writes through it: the
+    final collect's /proc scan finds it, registers nothing (the source is paused), and the
+    ledger sweeps, with the reason; its write is reported."""
+    with Tracked(target, no_syscall_writes={target.pid}) as t:
+        assert t.collect() == ([], [])
+        late = others()
+        late.write("shm", [7])
+        target.write("shm", [3])
+        pages, why = t.collect(final=True)
+        assert pages == [3, 7]
+        assert why == [f"process {late.pid} maps it and is not write-protect tracked (found at the final "
+                       f"collect (source paused): not injected); process {late.pid} opened it for "
+                       "writing since the last collect"]
