@@ -51,7 +51,7 @@ def test_bench_faults_short(root, tmp_path):
     assert set(res["checks"]) >= {"receiver_crashes", "complete_manifests_for_failed_sessions",
                                   "no_fault_runs_not_verified", "sources_left_paused", "fd_leaks",
                                   "thread_leaks", "hangs", "sources_resumed_after_completion",
-                                  "guardians_left"}
+                                  "guardians_left", "view_holders_left"}
     assert res["ok"] and p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     # the receiver's tmpfs is unmounted and the bench's folder removed
     assert list(tmp_path.iterdir()) == [out]

@@ -160,8 +160,19 @@ def is_stopped(pid: int) -> bool:
 
 def guardians_of(pid: int, wait_s: float = 5.0) -> list[int]:
     """migrate's guardian processes watching pid still alive wait_s after migrate ended."""
+    return _helpers(lambda cmd: "migrator/guardian.py" in cmd and f" --pid {pid} " in cmd, wait_s)
+
+
+def view_holders_of(pid: int, wait_s: float = 5.0) -> list[int]:
+    """The sweep gate's view holders (kernel/viewholder.py) of migrate process pid still alive
+    wait_s after it ended (one ends when its input does: with migrate, however it ended)."""
+    return _helpers(lambda cmd: "migrator.kernel.viewholder" in cmd and cmd.rstrip().endswith(f" {pid}"), wait_s)
+
+
+def _helpers(match, wait_s: float) -> list[int]:
+    """The processes whose command line (spaces for NULs, a space before) matches, once none
+    is left or wait_s passed."""
     deadline = time.monotonic() + wait_s
-    needle = f" --pid {pid} "
     while True:
         found = []
         for name in os.listdir("/proc"):
@@ -172,7 +183,7 @@ def guardians_of(pid: int, wait_s: float = 5.0) -> list[int]:
                     cmd = " " + f.read().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if "migrator/guardian.py" in cmd and needle in cmd:
+            if match(cmd):
                 found.append(int(name))
         if not found or time.monotonic() > deadline:
             return found
@@ -990,6 +1001,7 @@ class _Run:
         # the guardian (python .../guardian.py --pid GUEST ...) ends with migrate, or once it has
         # resumed the source: none may be left
         rec["guardians_left"] = guardians_of(g.pid)
+        rec["view_holders_left"] = view_holders_of(self.mproc.pid) if self.mproc is not None else []
         stop_guest(g, self.gproc)
         self.guest_log.close()
 
@@ -1074,6 +1086,8 @@ def problems(rec: dict) -> list[str]:
         out.append(f"source left paused: pids {rec['source_left_paused']}")
     if rec.get("guardians_left"):
         out.append(f"guardian process(es) left behind: {rec['guardians_left']}")
+    if rec.get("view_holders_left"):
+        out.append(f"view holder process(es) left behind: {rec['view_holders_left']}")
     if rec.get("source_resumed_after_completion"):
         out.append(f"source resumed after the destination took over: pids {rec['source_resumed_after_completion']}")
     if rec["fd_leak"]:
@@ -1146,6 +1160,7 @@ def checks(runs: list[dict]) -> dict:
         "sources_left_paused": sum(bool(r["source_left_paused"]) for r in runs),
         "sources_resumed_after_completion": sum(bool(r.get("source_resumed_after_completion")) for r in runs),
         "guardians_left": sum(bool(r.get("guardians_left")) for r in runs),
+        "view_holders_left": sum(bool(r.get("view_holders_left")) for r in runs),
         "fd_leaks": sum(r["fd_leak"] for r in runs),
         "thread_leaks": sum(r["thread_leak"] for r in runs),
         "hangs": sum(r["hang"] + r["receiver_hang"] for r in runs),
