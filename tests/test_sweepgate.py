@@ -3,6 +3,7 @@ cannot prove it unchanged.  Real processes share a real memfd, each write-protec
 injected userfaultfd; every test asserts the exact pages a collect reports and, where the ledger
 must sweep, the reason it gives."""
 
+import contextlib
 import os
 
 import pytest
@@ -204,11 +205,11 @@ def test_without_write_protect_every_collect_sweeps(target, others):
         assert s.reason.startswith("no page-table tracking of its mappers")
 
 
-def test_holes_found_in_migrators_own_view(target):
-    """With migrator's read-only view of the memfd (as a migration has), a punched page leaves
-    the view's page tables: found without the page-cache walk, even when the punch is made
-    through the memfd's own descriptor (no inotify event) by a process vouched for (no write
-    call to give it away), and even when the page is faulted back in at once."""
+@contextlib.contextmanager
+def tracked_with_a_faulted_view(target):
+    """Tracked(target), the target vouched for, with a read-only view of its memfd given to the
+    ledger (as a migration of a sealed memfd gives it the sender's) and faulted in whole: the
+    ledger and the sender read through that view, the sweep gate keeps views of its own."""
     import mmap
 
     from migrator.precopy.source import SourceMemory
@@ -220,15 +221,23 @@ def test_holes_found_in_migrators_own_view(target):
         with Tracked(target, no_syscall_writes={target.pid}) as t:
             t.t.use_views({"shm": view})
             assert sum(view[i * 4096] for i in range(64)) >= 0      # fault the view in
-            assert t.collect() == ([], [])
-            target.cmd("punch", first=20, n=2)
-            target.cmd("read", region="shm", page=20)           # faulted back in by the guest
-            assert t.collect() == ([20, 21], [])
-            assert t.left_view() == ["2 of its pages left migrator's view of it (punched, removed, "
-                                     "truncated or reclaimed): hashed alone"]
+            yield t
     finally:
         view.close()
         src.close()
+
+
+def test_holes_found_whatever_faults_the_senders_view(target):
+    """A punched page leaves the gate's view: found even when the punch is made through the
+    memfd's own descriptor (no inotify event) by a process vouched for (no write call to give
+    it away), and even when the page is faulted back in at once."""
+    with tracked_with_a_faulted_view(target) as t:
+        assert t.collect() == ([], [])
+        target.cmd("punch", first=20, n=2)
+        target.cmd("read", region="shm", page=20)           # faulted back in by the guest
+        assert t.collect() == ([20, 21], [])
+        assert t.left_view() == ["2 of its pages left migrator's view of it (punched, removed, "
+                                 "truncated or reclaimed): hashed alone"]
 
 
 def test_a_writer_through_a_proc_path_gone_before_the_collect(target, others):
@@ -260,32 +269,20 @@ def _is_memfd_of(fd: int, target) -> bool:
 
 
 def test_a_page_punched_again_after_it_left_migrators_view(target):
-    """A page that left migrator's view (punched once, as a balloon frees guest RAM) and was
+    """A page that left the gate's view (punched once, as a balloon frees guest RAM) and was
     written again through a tracked mapping is back in the view by the next collect: a second
     punch of it, faulted back in by a read (no write for any page table to see), is found too."""
-    import mmap
-
-    from migrator.precopy.source import SourceMemory
-    region = target.region("shm")
-    src = SourceMemory(target.pid, [region])
-    view = mmap.mmap(src.memory_object("shm")[0], region.size, mmap.MAP_SHARED, mmap.PROT_READ)
-    try:
-        with Tracked(target, no_syscall_writes={target.pid}) as t:
-            t.t.use_views({"shm": view})
-            assert sum(view[i * 4096] for i in range(64)) >= 0      # fault the view in
-            assert t.collect() == ([], [])
-            target.cmd("punch", first=20, n=1)
-            assert t.collect() == ([20], [])
-            target.write("shm", [20])                   # the guest uses the page again
-            assert t.collect() == ([20], [])
-            target.cmd("punch", first=20, n=1)
-            target.cmd("read", region="shm", page=20)   # faulted back in, as zeros
-            # (the check faults page 20 back into the view before its scan, and hashes its
-            # 2 MiB block: the zeros are found there)
-            assert t.collect() == ([20], [])
-    finally:
-        view.close()
-        src.close()
+    with tracked_with_a_faulted_view(target) as t:
+        assert t.collect() == ([], [])
+        target.cmd("punch", first=20, n=1)
+        assert t.collect() == ([20], [])
+        target.write("shm", [20])                   # the guest uses the page again
+        assert t.collect() == ([20], [])
+        target.cmd("punch", first=20, n=1)
+        target.cmd("read", region="shm", page=20)   # faulted back in, as zeros
+        # (the check faults page 20 back into the view before its scan, and hashes its 2 MiB
+        # block: the zeros are found there)
+        assert t.collect() == ([20], [])
 
 
 def test_a_punched_page_faulted_back_by_a_read_without_a_view(target):
