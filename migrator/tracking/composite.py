@@ -130,7 +130,7 @@ class CompositeTracker(PartsTracker):
 
     def use_views(self, views: Mapping[str, object]) -> None:
         """Mappings of shared regions for the ledger to sweep from (LedgerTracker.use_views).
-        (The sweep gate keeps views of its own: see SweepGate._own_view.)"""
+        (The sweep gate keeps views of its own, in a holder process: see SweepGate._open_views.)"""
         if self.ledger is not None:
             self.ledger.use_views(views)
 

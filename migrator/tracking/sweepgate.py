@@ -42,14 +42,14 @@ import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from ..errors import MigratorError
 from ..kernel.holders import Holder, HolderScan, parent_of, read_counters, scan_holders
 from ..kernel.maps import Region
-from ..errors import MigratorError
 from ..kernel.native import PAGE_SIZE, lib
-from ..kernel.viewholder import ViewHolder
 from ..kernel.pagemap import PAGE_IS_PRESENT, Pagemap
 from ..kernel.resources import close_fd, closed
 from ..kernel.shmem import data_extents
+from ..kernel.viewholder import ViewHolder
 from .pageset import PageSet
 
 ObjectKey = tuple[int, int, int]
