@@ -266,3 +266,30 @@ def test_ledger_compares_with_what_was_sent(child):
             assert pages(t) == {"shm": []}
     finally:
         os.close(fd)
+
+
+def test_a_page_in_flight_is_never_compared_with_a_hash_from_before_its_read(child):
+    """The race mark_reading closes, played in order: a sender reads page 30 (data), the target
+    punches it (a hole: no write for page tables), a collect sweeps, and only then does the
+    sender report the page sent with its data.  Without the mark, the sweep would compare the
+    hole with the lazy baseline's zero page hash and find no change; the sweep gate passes over
+    a hole it saw at a check while it stays one, so nothing would hash the page again, and the
+    destination would keep the data while the source holds zeros."""
+    from migrator.transport.pagehash import page_hashes
+    fd = os.open(f"/proc/{child.pid}/fd/{child.info['memfd']}", os.O_RDONLY)
+    try:
+        t = LedgerTracker(child.pid, [child.region("shm")])
+        assert t.begin_from_sends() == {"shm"}
+        mem = os.pread(fd, 64 * PS, 0)
+        t.record_sent("shm", [0, 30], [], page_hashes(mem[:30 * PS]))     # "round 0", part 1
+        t.mark_reading("shm", [30, 2])                                    # the next batch: 30-31
+        read = os.pread(fd, 2 * PS, 30 * PS)                              # ... read
+        assert any(read[:PS])
+        child.cmd("punch", first=30, n=1)
+        unsent = list(range(32, 64))                     # (never sent: data, against zeros)
+        assert pages(t) == {"shm": [30, 31] + unsent}    # 31: in flight, unchanged, reported too
+        t.record_sent("shm", [30, 2], [], page_hashes(read))              # ... then reported sent
+        assert pages(t) == {"shm": [30]}                 # the zeros differ from what was sent
+        t.end()
+    finally:
+        os.close(fd)

@@ -75,6 +75,12 @@ class Migration:
         if self.baseline is not None:
             self.baseline.record_sent(name, data_flat, zero_flat, hashes)
 
+    def on_reading(self, name: str, flat) -> None:
+        """Pages the sender is about to read in a live round (from its producer threads): in
+        flight for the ledger until on_packed reports them (ContentBaseline.mark_reading)."""
+        if self.baseline is not None:
+            self.baseline.mark_reading(name, flat)
+
     def switchover_bound_s(self) -> float:
         """The longest a switch-over now could take (s): the final collect, then every page of
         the regions sent at the bandwidth measured so far."""
@@ -220,7 +226,8 @@ class LiveRound:
             # what is sent is what the tracker compares with next (ContentBaseline.record_sent)
             hook = self._sent.packed if self._cut is not None else m.on_packed
             st = await m.sender.send_pages(page_runs(self.runs), m.source, round_no, hook, until=self._cut,
-                                           cache=self.cache)
+                                           cache=self.cache,
+                                           on_reading=m.on_reading if m.baseline is not None else None)
             m.mark(f"round{round_no}-sent")
             sent_at, end_s = time.monotonic(), None
             self._send_done.set()

@@ -77,6 +77,10 @@ class ContentBaseline(Protocol):
     def record_sent(self, region_name: str, data_flat, zero_flat, hashes: bytes) -> None:
         """The sender's on_packed hook: these pages went out with these hashes (or as zeros)."""
 
+    def mark_reading(self, region_name: str, flat) -> None:
+        """The sender's on_reading hook (live rounds): these pages are being read; until
+        record_sent() reports them, they count as changed."""
+
     def rewritten_fraction(self, samples: dict[str, list[int]]) -> float | None:
         """Of sampled pages sent (region name -> page numbers), the fraction rewritten already;
         None if it cannot tell."""

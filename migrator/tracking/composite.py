@@ -166,6 +166,10 @@ class CompositeTracker(PartsTracker):
         if self.ledger is not None:
             self.ledger.record_sent(region_name, data_flat, zero_flat, hashes)
 
+    def mark_reading(self, region_name: str, flat) -> None:
+        if self.ledger is not None:
+            self.ledger.mark_reading(region_name, flat)
+
     def rewritten_fraction(self, samples: dict[str, list[int]]) -> float | None:
         """The ledger's (LedgerTracker.rewritten_fraction)."""
         return self.ledger.rewritten_fraction(samples) if self.ledger is not None else None

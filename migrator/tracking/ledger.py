@@ -75,6 +75,11 @@ def _populate(addr: int, nbytes: int) -> None:
     lib.mgk_populate(ffi.cast("uint8_t *", addr), nbytes, 0)
 
 
+# the hash a page in flight has in a ledger: being read by a sender, not reported sent yet (see
+# LedgerTracker.mark_reading); a sweep finds any page's contents differ from it
+IN_FLIGHT = 0x9E3779B97F4A7C15
+
+
 def _within(runs: list[tuple[int, int]], led: "ShmemLedger") -> list[tuple[int, int]]:
     """The parts of byte ranges runs that lie in the ledger's object range."""
     lo, hi = led.first_page * PAGE_SIZE, led.end_page * PAGE_SIZE
@@ -161,6 +166,15 @@ class ShmemLedger:
                         data_flat, zero_flat, hashes, self._zero)
         except ValueError:
             raise ValueError("pages recorded outside the ledger") from None
+
+    def mark(self, first_page: int, flat) -> None:
+        """Object pages of (first, count) runs from first_page on are being read by a sender:
+        their hashes become IN_FLIGHT until record() gives the ones sent."""
+        try:
+            record_runs(self.hashes + (first_page - self.first_page), self.end_page - first_page,
+                        (), flat, b"", IN_FLIGHT)
+        except ValueError:
+            raise ValueError("pages marked outside the ledger") from None
 
     def _sweep_chunk(self, chunk: tuple[int, int], g: int) -> int:
         offset, n = chunk
@@ -335,6 +349,16 @@ class LedgerTracker(Tracker):
         if r is not None:
             led = self.registry.ledger_for(self.pid, r)
             led.record(r.offset // PAGE_SIZE, data_flat, zero_flat, hashes)
+
+    def mark_reading(self, region_name: str, flat) -> None:
+        """Sender hook (on_reading, live rounds, from producer threads): pages of a region are
+        about to be read.  Until record_sent() gives what was sent, a sweep compares them with
+        IN_FLIGHT, so finds them changed: a page read, then punched and read back (a zero page,
+        no write) before the send is recorded, is not compared with a hash from before its read
+        that the zeros may match (the lazy baseline's zero page, or zeros sent before)."""
+        r = self._recorded.get(region_name)
+        if r is not None:
+            self.registry.ledger_for(self.pid, r).mark(r.offset // PAGE_SIZE, flat)
 
     def known_hashes(self) -> dict[str, object]:
         """Region name -> the ledger's page hashes of the region (a writable buffer, 8 bytes a

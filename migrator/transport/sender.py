@@ -135,6 +135,8 @@ class RateLimiter:
 
 
 # on_packed(region name, data runs, zero runs, data page hashes): see Sender.send_pages
+# on_reading(region name, flat (first, count) runs): about to be read: see Sender.send_pages
+OnReading = Callable[[str, list], None]
 OnPacked = Callable[[str, list, list, bytes], None]
 
 
@@ -213,8 +215,10 @@ class _Packer:
                  stop: Callable[[], bool], on_packed: OnPacked | None = None,
                  known: Mapping[str, Any] | None = None, nocopy: bool = True,
                  compression: tuple[int, bool, list, float] | None = None,
-                 delta: _DeltaSend | None = None, stable: bool = False):
+                 delta: _DeltaSend | None = None, stable: bool = False,
+                 on_reading: OnReading | None = None):
         self.ps = page_size
+        self.on_reading = on_reading
         self.stable = stable         # the source is paused: pages are hashed where they lie
         self.delta = delta           # None: no deltas
         self._delta_out = None        # this packer's output buffer for deltas (made when needed)
@@ -240,7 +244,7 @@ class _Packer:
     def twin(self) -> "_Packer":
         """Another packer on the same buffers, for another producer thread."""
         return _Packer(self.ps, self.batch_pages, self.pool, self.stop, self.on_packed, self.known,
-                       self.nocopy, self.compression, self.delta, self.stable)
+                       self.nocopy, self.compression, self.delta, self.stable, self.on_reading)
 
     def maybe_compress(self, built: _Built, link_bps: float) -> _Built:
         """Compress the batch if the session's policy wants it now (see compress.py)."""
@@ -364,6 +368,9 @@ class _Packer:
                 while first < end:
                     src = base + first * ps
                     n = min(end - first, CHUNK_PAGES)
+                    if self.on_reading is not None:     # (a batch's worth at a time)
+                        n = min(n, self.batch_pages)
+                        self.on_reading(name, [first, n])
                     if obj is not None:
                         took = lib.mg_pack_object(src, obj[0], obj[1], first, n, ps, st, hint)
                     else:
@@ -387,6 +394,8 @@ class _Packer:
         for pieces in _windows(runs, self.batch_pages):
             total = sum(n for _, n in pieces)
             buf = self._buffer()
+            if self.on_reading is not None:
+                self.on_reading(name, [x for piece in pieces for x in piece])
             try:
                 reader.read_into(name, pieces, buf, ps)
             except ValueError as e:      # (a reader that gave the wrong number of bytes)
@@ -564,7 +573,7 @@ class Sender:
                          round_no: int, on_packed: OnPacked | None = None,
                          known: Mapping[str, KnownPages] | None = None,
                          until: threading.Event | None = None, cache: bool = False,
-                         stable: bool = False) -> SendStats:
+                         stable: bool = False, on_reading: OnReading | None = None) -> SendStats:
         """Send the pages of `runs` ({region: [(first_page, end_page_exclusive), ...]}) as
         read now through `reader`, tagged with round_no (never lower than an earlier round).
 
@@ -591,6 +600,11 @@ class Sender:
         that if sent again in a later round they go as deltas (the caller's policy: pages the
         guest keeps rewriting).  Pages with copies go as deltas either way.
 
+        on_reading(region, flat runs), if given, is called (from worker threads) before pages
+        are read, with (first, count) runs covering them (a batch's worth or so): a caller that
+        compares contents with what on_packed reports can tell pages in flight (read, not yet
+        reported) from pages sent.
+
         Raises:
             RegionError: a run outside its region, or an undeclared region.
             TransportError: the receiver failed or went away (its reason included).
@@ -614,11 +628,13 @@ class Sender:
                     exports.enter_context(ffi.from_buffer("uint64_t[]", k.hashes, require_writable=True)),
                     exports.enter_context(ffi.from_buffer("uint8_t[]", k.force)) if k.force is not None else ffi.NULL,
                     int(k.stable))
-            return await self._send_pages(plan, reader, round_no, on_packed, known_c, until, cache, stable)
+            return await self._send_pages(plan, reader, round_no, on_packed, known_c, until, cache, stable,
+                                          on_reading)
 
     async def _send_pages(self, plan, reader: PageReader, round_no: int, on_packed: OnPacked | None,
                           known: dict[str, Any], until: threading.Event | None,
-                          cache: bool = False, stable: bool = False) -> SendStats:
+                          cache: bool = False, stable: bool = False,
+                          on_reading: OnReading | None = None) -> SendStats:
         async with self._lock:
             self._round = round_no
             if cache and self._delta is not None:
@@ -640,7 +656,7 @@ class Sender:
                              nocopy=not any(fs.encrypts for fs in self._fs),
                              compression=(self._codec, self._auto, compressors, self._compress_speed),
                              delta=_DeltaSend(self._delta, self._acked, cache) if self._delta is not None else None,
-                             stable=stable)
+                             stable=stable, on_reading=on_reading)
             self._sending_since = t0
             try:
                 args = (plan, reader, round_no, tally, packer, depth, stop, until, fss)
