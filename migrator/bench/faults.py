@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from ..errors import MigratorError
 from ..guest.launcher import Guest, _read_line
 from ..guest.workloads import WORKLOADS
+from ..kernel.viewholder import HOLDER_TAG
 from ..receiver_process import ReceiverProcess
 from ..scenarios.destination import compare_with_source
 from ..units import format_bytes, parse_size
@@ -164,9 +165,10 @@ def guardians_of(pid: int, wait_s: float = 5.0) -> list[int]:
 
 
 def view_holders_of(pid: int, wait_s: float = 5.0) -> list[int]:
-    """The sweep gate's view holders (kernel/viewholder.py) of migrate process pid still alive
+    """The sweep gate's view holders (kernel/viewholder.py: HOLDER_TAG, then the parent's pid,
+    end their command line) of migrate process pid still alive
     wait_s after it ended (one ends when its input does: with migrate, however it ended)."""
-    return _helpers(lambda cmd: "migrator.kernel.viewholder" in cmd and cmd.rstrip().endswith(f" {pid}"), wait_s)
+    return _helpers(lambda cmd: f" {HOLDER_TAG} {pid} " in cmd + " ", wait_s)
 
 
 def _helpers(match, wait_s: float) -> list[int]:
