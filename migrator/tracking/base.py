@@ -68,7 +68,7 @@ class ContentBaseline(Protocol):
 
     def use_views(self, views: Mapping[str, object]) -> None:
         """Region name -> a read-only mapping of its object (or None), before begin: what the
-        ledger sweeps from and the sweep gate finds holes in."""
+        ledger sweeps from (the sweep gate keeps views of its own)."""
 
     def begin_from_sends(self) -> set[str]:
         """Arm, taking what record_sent() is given as the ledger's baseline instead of sweeping

@@ -180,7 +180,7 @@ class ShmemLedger:
         offset, n = chunk
         if self._view is not None:
             i = offset // PAGE_SIZE - self.first_page
-            if self.sweeps == 0 and n > 1:   # (data extents only: a hole would be allocated)
+            if self.sweeps == 0:     # (data extents only: a hole would be allocated)
                 _populate(int(ffi.cast("uintptr_t", self._view + i * PAGE_SIZE)), n * PAGE_SIZE)
             return lib.mgk_sweep_mem(self._view + i * PAGE_SIZE, n, PAGE_SIZE, self.hashes + i,
                                     ffi.NULL, 0, self.gens + i, g)

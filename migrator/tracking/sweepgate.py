@@ -83,8 +83,8 @@ class SweepGate:
         self.vouched = set(no_syscall_writes or ())
         self.skip = set(skip or ())
         self._prev: HolderScan | None = None
-        # the pages absent from migrator's view of each object after the last check: holes
-        # (the data pages absent were faulted back in)
+        # the holes among the pages absent from each view at the last check (the data pages
+        # absent then are faulted back in at the next live check: _check)
         self._known_holes: dict[ObjectKey, PageSet] = {}
         self._views: dict[ObjectKey, tuple[int, int]] = {}     # key -> (holder address, pages)
         self._holder: ViewHolder | None = None
