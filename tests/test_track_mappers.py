@@ -50,7 +50,7 @@ class Tracked:
 
     def __init__(self, target: Child, pool: UffdPool | None = None, **kw):
         self.pool = pool or UffdPool()
-        self.t = MapperTracker(target.pid, [target.region("shm")], self.pool, discover_every_s=0, **kw)
+        self.t = MapperTracker(target.pid, [target.region("shm")], self.pool, **{"discover_every_s": 0, **kw})
 
     def __enter__(self) -> MapperTracker:
         self.t.begin()
@@ -256,3 +256,86 @@ def test_mapper_mapping_replaced_found_by_the_proc_scan(target, others):
         a.write("shm", [30, 2])
         target.write("shm", [21])
         assert pages(t) == [2, 21, 30]
+
+
+# --- walks in parallel (MapperTracker._scan_parallel) ---------------------------------------------
+# Real collects of 8 GiB walk in parallel (over 256 MiB in all); here the threshold is lowered so
+# that an 8 MiB memfd takes the same path, cut at the same 2 MiB boundaries.
+
+@pytest.fixture
+def big_target(root):
+    require_feature("uffd_wp_async_shmem", probe_uffd_wp_async_shmem().supported)
+    c = Child("--shm-pages", "2048", "--anon-pages", "4")
+    yield c
+    c.exit()
+
+
+def _parallel(t: MapperTracker, monkeypatch, workers: int = 3) -> None:
+    import migrator.tracking.mappers as mappers_mod
+    monkeypatch.setattr(mappers_mod, "PARALLEL_MIN_PAGES", 0)
+    t.workers = workers
+
+
+def _other(target: Child, offset: int, pages: int) -> Child:
+    return Child("--shm-from", f"/proc/{target.pid}/fd/{target.info['memfd']}",
+                 "--shm-offset", str(offset), "--shm-pages", str(pages), "--anon-pages", "1",
+                 "--no-populate")
+
+
+def test_parallel_walks_report_the_exact_union_across_their_cuts(big_target, monkeypatch):
+    """Three mappers (5120 pages of walks: three parts of ~1707 pages, cut at multiples of 512
+    inside the first and second mappers' spans); pages on both sides of every cut, the same page
+    from two mappers, a mapper at an offset.  Each collect reports exactly what was written."""
+    a, b = _other(big_target, 0, 2048), _other(big_target, 1024, 1024)
+    try:
+        with Tracked(big_target) as t:
+            _parallel(t, monkeypatch)
+            assert pages(t) == []
+            big_target.write("shm", [0, 511, 512, 1535, 1536, 1537, 2047])
+            a.write("shm", [0, 1, 1023, 1024, 1025, 2047])
+            b.write("shm", [0, 511, 512, 1023])        # object pages 1024, 1535, 1536, 2047
+            assert pages(t) == [0, 1, 511, 512, 1023, 1024, 1025, 1535, 1536, 1537, 2047]
+            assert pages(t) == []
+            b.write("shm", [100])
+            a.write("shm", [1800])
+            assert pages(t) == [1124, 1800]
+            assert t._pool is not None                 # (the walks did run in parallel)
+    finally:
+        a.exit()
+        b.exit()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_walk_of_a_remapped_span_reports_it_whole(big_target, monkeypatch, workers):
+    """A mapper replaces part of its mapping with anonymous memory of the same size (its
+    address-space size unchanged, so no new look at its maps): the walk fails on it (in parallel
+    or not), and the span is walked again the usual way, reported whole, its new mappings
+    registered and their writes reported next time (with one worker they were lost until
+    2026-12-05: the tracker kept the old mapping as last seen, and dropped the new ones)."""
+    a = _other(big_target, 0, 2048)
+    try:
+        with Tracked(big_target, discover_every_s=3600) as t:
+            _parallel(t, monkeypatch, workers=workers)
+            assert pages(t) == []                      # (its size is known from now on)
+            a.cmd("remap", region="shm", first=700, n=4)
+            big_target.write("shm", [5])
+            res = t.collect()
+            assert "mapper-remapped" in [e.what for e in res.events]
+            assert res.pages["shm"].pages() == list(range(2048))
+            a.write("shm", [30, 1900])
+            big_target.write("shm", [702])
+            assert pages(t) == [30, 702, 1900]
+    finally:
+        a.exit()
+
+
+def test_parallel_walk_of_a_mapper_gone_reports_it_gone(big_target, monkeypatch):
+    a = _other(big_target, 0, 2048)
+    with Tracked(big_target, discover_every_s=3600) as t:
+        _parallel(t, monkeypatch, workers=2)
+        big_target.write("shm", [3, 2000])
+        a.kill()
+        res = t.collect()
+        assert ("mapper-gone", a.pid) in [(e.what, int(e.detail.split()[1])) for e in res.events]
+        assert res.pages["shm"].pages() == [3, 2000]
+        assert a.pid not in t.mappers()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 from ..errors import TargetGoneError
 from .native import PAGE_SIZE, check, ffi, lib
@@ -48,6 +49,7 @@ class Pagemap(Closing):
         self._vec = ffi.new("struct mg_page_region[]", vec_len)
         self._buf = ffi.new("uint64_t[]", _READ_WINDOW)
         self.ioctl_calls = 0
+        self._count_lock = threading.Lock()     # (scan() may run in several threads at once)
 
     def close(self) -> None:
         self.fd = close_fd(self.fd)
@@ -77,20 +79,28 @@ class Pagemap(Closing):
             raise
 
     def scan(self, start: int, end: int, bitmap: bytearray, *, flags: int,
-             category_mask: int, return_mask: int) -> int:
+             category_mask: int, return_mask: int, vec=None) -> int:
         """PAGEMAP_SCAN over [start, end) to the end (continuing at walk_end when the vec fills);
-        sets bitmap bit (addr - start) / PAGE_SIZE of each reported page.  Returns pages reported."""
+        sets bitmap bit (addr - start) / PAGE_SIZE of each reported page.  Returns pages reported.
+        vec: a buffer of its own (new_vec()) for a scan running beside another on this pagemap
+        (the walks of one process's page tables run in parallel: mmap_lock is taken shared)."""
         calls = ffi.new("uint64_t *")
         try:
             n = check(lib.mg_pagemap_scan_bitmap(
                 self.fd, start, end, flags, category_mask, return_mask, PAGE_SIZE,
-                self._vec, self.vec_len, ffi.from_buffer(bitmap), calls),
+                self._vec if vec is None else vec, self.vec_len, ffi.from_buffer(bitmap), calls),
                 "ioctl(PAGEMAP_SCAN)", pid=self.pid)
         except OSError as e:
             self._gone_check(e)
             raise
-        self.ioctl_calls += calls[0]
+        finally:
+            with self._count_lock:
+                self.ioctl_calls += calls[0]
         return n
+
+    def new_vec(self):
+        """A vec buffer for scan(vec=...) (vec_len page_region entries)."""
+        return ffi.new("struct mg_page_region[]", self.vec_len)
 
     def scan_regions(self, start: int, end: int, *, flags: int = 0, category_mask: int = 0,
                      category_anyof_mask: int = 0, category_inverted: int = 0,

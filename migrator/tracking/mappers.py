@@ -23,12 +23,13 @@ from __future__ import annotations
 import errno
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import TargetGoneError, UnsupportedError
 from ..kernel.mappers import ObjectKey, find_mappers, mappings_of
 from ..kernel.maps import Mapping, Region
-from ..kernel.native import PAGE_SIZE
+from ..kernel.native import PAGE_SIZE, ffi, lib
 from ..kernel.pagemap import (PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
                               Pagemap)
 from ..kernel.process import StatReader, process_exists
@@ -38,6 +39,8 @@ from .pageset import PageSet
 from .uffds import UffdPool
 
 DISCOVER_EVERY_S = 0.1
+PMD_PAGES = 512                # pages one page table maps (2 MiB): where parallel walks are cut
+PARALLEL_MIN_PAGES = 1 << 16   # walks of fewer pages in all (256 MiB) run in one thread
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,17 @@ def _or_at(dst: PageSet, src: PageSet, at: int) -> None:
         dst.add(at + p)
 
 
+def _or_into(dst: PageSet, src: PageSet, at: int) -> None:
+    """As _or_at; in C when at is a multiple of 8 (the bits of src's last byte past its pages
+    are zero)."""
+    if at % 8 or at // 8 + len(src.bits) > len(dst.bits):
+        _or_at(dst, src, at)
+        return
+    with ffi.from_buffer(memoryview(dst.bits)[at // 8:at // 8 + len(src.bits)]) as d, \
+            ffi.from_buffer(src.bits) as sb:
+        lib.mg_bitmap_or(d, sb, len(src.bits))
+
+
 class MapperTracker(Tracker):
     """Shared regions of pid, tracked by write-protect in every process that maps their objects.
 
@@ -96,6 +110,10 @@ class MapperTracker(Tracker):
         self.discovers = 0
         self._skip = {os.getpid()}            # migrator's own read-only views of the objects
         self._stats: dict[int, list] = {}     # pid -> [StatReader, address-space size last seen]
+        # page-table walks at once (_scan_parallel): one per CPU this process may run on, up to 4
+        self.workers = max(1, min(4, len(os.sched_getaffinity(0))))
+        self._pool: ThreadPoolExecutor | None = None
+        self._vecs: dict[tuple[int, int], object] = {}   # (pid, worker) -> its PAGEMAP_SCAN vec
 
     def ignore(self, pids: set[int]) -> None:
         """Processes of migrator's own that map the objects read-only (the sweep gate's view
@@ -283,19 +301,92 @@ class MapperTracker(Tracker):
         # would lengthen the pause, and what a mapper found now wrote is unknown to page
         # tables anyway (the ledger's); the periodic scans ran until the last live collect
         self._refresh(out.events, force=False, arm=not final, found=found)
+        failed = self._scan_parallel(wanted, out)
         for pid in list(self._mappers):
             m = self._mappers[pid]
-            if m.uffd is None or m.pagemap is None:
+            if m.uffd is None or m.pagemap is None or (failed is not None and pid not in failed):
                 continue
             try:
                 for s in m.spans:
-                    self._scan_span(m, s, wanted, out)
+                    if failed is None or s in failed[pid]:
+                        self._scan_span(m, s, wanted, out)
             except TargetGoneError:
                 if pid == self.pid:
                     raise
                 self._gone(pid, out.events, "exited")
         out.cost_s = time.perf_counter() - t0
         return self._account(out)
+
+    def _scan_parallel(self, wanted: list[Region], out: DirtyPages) -> dict[int, set[_Span]] | None:
+        """The walks of every mapper's spans, cut in `workers` parts of equal size (at 2 MiB
+        boundaries) and run at once, each into bitmaps of its own (two mappers of one object
+        report the same pages: bits set from two threads into one byte would race); the
+        page-table walk is the collect's cost that grows with memory, and the kernel takes a
+        process's mmap_lock shared for it.  None when the walks are too small to be worth a
+        thread (they are then made by the caller, one after the other); else the spans whose
+        walk failed, for the caller to walk again the usual way (_scan_span: a remapped span
+        is reported whole, a mapper gone is reported gone).  What a failed walk reported
+        before it failed is kept."""
+        jobs: list[list] = []        # [mapper, span, region, start address, pages, region page]
+        for m in self._mappers.values():
+            if m.uffd is None or m.pagemap is None:
+                continue
+            for s in m.spans:
+                for r in wanted:
+                    if r.object_key != s.key:
+                        continue
+                    rfirst = r.offset // PAGE_SIZE
+                    lo = max(rfirst, s.first_page)
+                    hi = min(rfirst + r.npages, s.first_page + s.npages)
+                    if lo < hi:
+                        jobs.append([m, s, r, s.start + (lo - s.first_page) * PAGE_SIZE, hi - lo, lo - rfirst])
+        total = sum(j[4] for j in jobs)
+        if self.workers < 2 or total < PARALLEL_MIN_PAGES:
+            return None
+        # cut the list of jobs into `workers` parts of about total / workers pages each
+        share = -(-total // self.workers)
+        parts: list[list[list]] = [[]]
+        room = share
+        for j in jobs:
+            while j[4] > room and len(parts) < self.workers:
+                cut = room // PMD_PAGES * PMD_PAGES
+                if cut:
+                    parts[-1].append([j[0], j[1], j[2], j[3], cut, j[5]])
+                    j = [j[0], j[1], j[2], j[3] + cut * PAGE_SIZE, j[4] - cut, j[5] + cut]
+                parts.append([])
+                room = share
+            parts[-1].append(j)
+            room -= j[4]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="wp-walk")
+            self._vecs = {}
+
+        def walk(index: int, part: list[list]) -> list[tuple[list, PageSet, BaseException | None]]:
+            done = []
+            for m, s, r, a, n, at in part:
+                vec = self._vecs.get((m.pid, index))
+                if vec is None:
+                    vec = self._vecs[(m.pid, index)] = m.pagemap.new_vec()
+                tmp = PageSet(n)
+                try:
+                    m.pagemap.scan(a, a + n * PAGE_SIZE, tmp.bits, vec=vec,
+                                   flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                                   category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN)
+                    done.append(([m, s, r, a, n, at], tmp, None))
+                except (OSError, TargetGoneError) as e:
+                    done.append(([m, s, r, a, n, at], tmp, e))
+            return done
+
+        futures = [self._pool.submit(walk, i, part) for i, part in enumerate(parts[1:], 1)]
+        results = walk(0, parts[0])
+        for f in futures:
+            results += f.result()
+        failed: dict[int, set[_Span]] = {m.pid: set() for m in self._mappers.values()}
+        for (m, s, r, _a, n, at), tmp, err in results:
+            _or_into(out.pages[r.name], tmp, at)
+            if err is not None:
+                failed[m.pid].add(s)
+        return failed
 
     def _scan_span(self, m: _Mapper, s: _Span, wanted: list[Region], out: DirtyPages) -> None:
         assert m.pagemap is not None
@@ -326,7 +417,7 @@ class MapperTracker(Tracker):
                 out.events.append(RegionEvent(r.name, "mapper-remapped",
                                               f"process {m.pid}: a mapping changed; its pages reported"))
                 m.spans = [x for x in m.spans if x != s]
-                maps = mappings_of(m.pid, self._keys)
+                maps = m.seen = mappings_of(m.pid, self._keys)   # (_look's copy is stale)
                 if maps:
                     self._arm_more(m, [_Span.of(x) for x in maps], out.events,
                                    f"process {m.pid}: its new mapping registered")
@@ -347,6 +438,10 @@ class MapperTracker(Tracker):
         for st in self._stats.values():
             st[0].close()
         self._stats.clear()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        self._vecs.clear()
 
     # --- reports ----------------------------------------------------------------------------
     def mappers(self) -> dict[int, str]:
