@@ -16,8 +16,11 @@ the counters that say whether it can have written the object without its page ta
 - descriptors opened with O_DIRECT.
 
 Reading another process's /proc/PID/io needs ptrace rights (root here).  The pass over every
-process (its maps, its fd table and a stat of each descriptor) runs in C, about 15 us a
-process, whatever the memory size; only the holders are read in detail.
+process (its maps, its fd table and a stat of each descriptor) runs in C, whatever the memory
+size, and hands back the holders' maps lines naming an object; only the holders' descriptors
+and counters are read here.  A process whose maps file is empty or unreadable (a kernel thread;
+one exited; one out of migrator's rights, as a container's supervisor) has its fd table passed
+over: nothing readable there could be a holder.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .native import check, ffi, lib
 
 O_ACCMODE = 0o3
 O_DIRECT = 0o40000
+TEXT_ROOM = 256 * 1024          # bytes for the holders' maps lines naming an object, per scan
 
 
 @dataclass
@@ -159,11 +163,15 @@ def scan_holders(keys: Iterable[ObjectKey], *, skip: Iterable[int] = ()) -> Hold
     skipped = set(skip)
     flat = ffi.new("uint64_t[]", [x for k in sorted(keyset) for x in k] or [0])
     room = 1024
+    text = ffi.new("char[]", TEXT_ROOM)
     while True:
         pids = ffi.new("int32_t[]", room)
         flags = ffi.new("uint8_t[]", room)
+        offs = ffi.new("uint32_t[]", room)
+        lens = ffi.new("uint32_t[]", room)
         seen = ffi.new("uint64_t *")
-        check(lib.mg_proc_holders(flat, len(keyset), pids, flags, room, seen), "scan /proc")
+        check(lib.mg_proc_holders(flat, len(keyset), pids, flags, room, seen, text, TEXT_ROOM,
+                                  offs, lens), "scan /proc")
         if seen[0] <= room:
             break
         room = seen[0] + 256          # (processes started meanwhile: room to spare)
@@ -173,14 +181,18 @@ def scan_holders(keys: Iterable[ObjectKey], *, skip: Iterable[int] = ()) -> Hold
     for i in range(seen[0]):
         pid = pids[i]
         all_pids.add(pid)
-        if not flags[i] or pid in skipped:
+        f = flags[i]
+        if not f & 3 or pid in skipped:
             continue
-        text = _read(pid)
-        maps = _matching(text, needles, keyset) if text else []
+        if f & 16:                    # (its lines did not fit: read them here)
+            lines = _read(pid)
+        else:
+            lines = ffi.unpack(text + offs[i], lens[i])
+        maps = _matching(lines, needles, keyset) if lines else []
         writable, async_io, direct = _fd_details(str(pid), keyset)
-        if not maps and not (flags[i] & 2):
+        if not maps and not (f & 2):
             continue                  # (unmapped it since)
-        if text and b"/[aio]" in text:
+        if f & 4 or (f & 16 and lines and b"/[aio]" in lines):
             async_io = async_io or "aio"
         h = Holder(pid, maps=maps, writable=writable, async_io=async_io, direct_fds=direct)
         read_counters(h)
