@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from conftest import require
 import migrator.kernel.holders as holders_mod
 from migrator.kernel.holders import scan_holders
 
@@ -129,3 +130,25 @@ def test_which_write_calls_move_syscw(memfd):
         assert _syscw() - before == 0
     finally:
         os.close(sfd)
+
+
+def test_this_process_is_read_as_any_other(memfd, holder):
+    """migrator's own process (a holder: the ledger's descriptors, the sender's views) is read
+    directly (fstat, F_GETFL), with the same result as through /proc for another process."""
+    import ctypes
+    fd, key = memfd
+    ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    h = holder("hold")
+    ring = -1
+    try:
+        mine = scan_holders({key}).holders[os.getpid()]
+        assert mine.writable == {key} and mine.async_io == ""
+        assert holders_mod._fd_details(str(h.pid), {key}) == ({key}, "", 0)
+        libc = ctypes.CDLL(None, use_errno=True)
+        ring = libc.syscall(425, 4, ctypes.create_string_buffer(120))       # io_uring_setup
+        require(ring >= 0, f"io_uring_setup: {os.strerror(ctypes.get_errno())}")
+        assert scan_holders({key}).holders[os.getpid()].async_io == "io_uring"
+    finally:
+        os.close(ro)
+        if ring >= 0:
+            os.close(ring)
