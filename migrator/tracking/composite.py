@@ -192,13 +192,21 @@ class CompositeTracker(PartsTracker):
 
         if self.gate is not None:
             self.gate.begin_holes_check(final)
-        scan = self.gate.observe() if self.gate is not None else None
+        # the final collect scans /proc for holders beside the page-table walks (the source is
+        # paused: MapperTracker.collect); a live one first, as new mappers found are armed
+        beside = final and self.gate is not None and isinstance(self.mappers, MapperTracker)
+        pending = self.gate.observe_beside() if beside else None
+        scan = self.gate.observe() if self.gate is not None and not beside else None
         lap("holders")
         if self.private is not None:
             out.merge(self.private.collect(final))
             lap(self.private.name)
         if isinstance(self.mappers, MapperTracker):
-            found = {pid: h.maps for pid, h in scan.holders.items() if h.maps} if scan else None
+            def found() -> dict | None:
+                nonlocal scan
+                if pending is not None:
+                    scan = pending.result()
+                return {pid: h.maps for pid, h in scan.holders.items() if h.maps} if scan else None
             out.merge(self.mappers.collect(final, exclude, found=found))
         elif self.mappers is not None:
             out.merge(self.mappers.collect(final))
@@ -208,6 +216,8 @@ class CompositeTracker(PartsTracker):
             out.cost_s = time.perf_counter() - t0
             out.parts_ms = parts
             return self._account(out)
+        if pending is not None and scan is not None:
+            beside_ms = round(scan.scan_s * 1000, 2)   # (within the walks' time, not added)
         sweeps = self._sweeps(scan, out)
         lap("gate")
         swept = {name for s in sweeps for name in s.regions}
@@ -230,6 +240,8 @@ class CompositeTracker(PartsTracker):
                         f"{n} of its pages left migrator's view of it (punched, removed, "
                         "truncated or reclaimed): hashed alone")))
         lap(self.ledger.name)
+        if pending is not None and scan is not None:
+            parts["holders, beside the walks"] = beside_ms
         out.sweeps.extend(sweeps)
         out.unswept |= deferred
         out.cost_s = time.perf_counter() - t0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -288,10 +289,15 @@ class MapperTracker(Tracker):
         self.begin_events = events
 
     def collect(self, final: bool = False, exclude: frozenset[str] = frozenset(),
-                found: dict[int, list[Mapping]] | None = None) -> DirtyPages:
+                found: dict[int, list[Mapping]] | Callable[[], dict[int, list[Mapping]]] | None = None
+                ) -> DirtyPages:
         """Pages written through any mapper since the previous collect.  exclude: regions not
         reported (a sender compares them as it sends: see LedgerTracker.known_hashes); found:
-        a fresh /proc scan's mappers (see _refresh), e.g. the sweep gate's."""
+        a fresh /proc scan's mappers (see _refresh), e.g. the sweep gate's; or, at the final
+        collect, a function giving them once that scan (running beside) is done: the known
+        mappers' walks are made first.  That order is sound there, the source being paused:
+        the final collect arms nothing, a mapper or mapping gone since is reported gone either
+        way (its walk's pages are extra), and a walk that fails is made again after."""
         t0 = time.perf_counter()
         wanted = [r for r in self.regions if r.name not in exclude]
         out = DirtyPages(pages={r.name: PageSet(r.npages) for r in wanted})
@@ -300,8 +306,13 @@ class MapperTracker(Tracker):
         # the final collect (source paused) looks for no new mapper with a /proc scan: that
         # would lengthen the pause, and what a mapper found now wrote is unknown to page
         # tables anyway (the ledger's); the periodic scans ran until the last live collect
-        self._refresh(out.events, force=False, arm=not final, found=found)
-        failed = self._scan_parallel(wanted, out)
+        if final and callable(found):
+            failed = self._scan_parallel(wanted, out)
+            self._refresh(out.events, force=False, arm=False, found=found())
+        else:
+            self._refresh(out.events, force=False, arm=not final,
+                          found=found() if callable(found) else found)
+            failed = self._scan_parallel(wanted, out)
         for pid in list(self._mappers):
             m = self._mappers[pid]
             if m.uffd is None or m.pagemap is None or (failed is not None and pid not in failed):

@@ -211,9 +211,17 @@ class SweepGate:
         """Start this collect's hole check in a thread of its own (its page-table walk runs in
         C without the GIL, beside the holder scan and the write-protect scans); decide()
         takes its result.  final: the last check (nothing is faulted back into the views)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sweep-gate")
-        self._holes = self._pool.submit(self._check, not final)
+        self._holes = self._workers().submit(self._check, not final)
+
+    def _workers(self) -> ThreadPoolExecutor:
+        if self._pool is None:       # (the hole check, and the holder scan of observe_beside)
+            self._pool = ThreadPoolExecutor(2, thread_name_prefix="sweep-gate")
+        return self._pool
+
+    def observe_beside(self) -> Future:
+        """observe() in a thread of its own, beside the caller's page-table walks (the final
+        collect: its /proc pass runs in C without the GIL)."""
+        return self._workers().submit(self.observe)
 
     def close(self) -> None:
         self._inotify = close_fd(self._inotify)
