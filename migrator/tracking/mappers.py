@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..errors import TargetGoneError, UnsupportedError
 from ..kernel.mappers import ObjectKey, find_mappers, mappings_of
@@ -71,6 +72,18 @@ class _Mapper:
     spans: list[_Span] = field(default_factory=list)   # registered with its uffd
     seen: list[Mapping] = field(default_factory=list)  # its mappings of the objects, last looked at
     why_not: str = ""                     # why its writes are not tracked (uffd is None)
+
+
+class _Walk(NamedTuple):
+    """One page-table walk of a collect: a mapper's span over one region, from address start
+    (pages pages), reported at region page `at`."""
+
+    mapper: _Mapper
+    span: _Span
+    region: Region
+    start: int
+    pages: int
+    at: int
 
 
 def _or_at(dst: PageSet, src: PageSet, at: int) -> None:
@@ -329,16 +342,16 @@ class MapperTracker(Tracker):
         return self._account(out)
 
     def _scan_parallel(self, wanted: list[Region], out: DirtyPages) -> dict[int, set[_Span]] | None:
-        """The walks of every mapper's spans, cut in `workers` parts of equal size (at 2 MiB
-        boundaries) and run at once, each into bitmaps of its own (two mappers of one object
-        report the same pages: bits set from two threads into one byte would race); the
-        page-table walk is the collect's cost that grows with memory, and the kernel takes a
-        process's mmap_lock shared for it.  None when the walks are too small to be worth a
-        thread (they are then made by the caller, one after the other); else the spans whose
-        walk failed, for the caller to walk again the usual way (_scan_span: a remapped span
-        is reported whole, a mapper gone is reported gone).  What a failed walk reported
-        before it failed is kept."""
-        jobs: list[list] = []        # [mapper, span, region, start address, pages, region page]
+        """The walks of every mapper's spans, cut in `workers` parts of about equal size (in
+        multiples of 2 MiB from a walk's start) and run at once, each into bitmaps of its own
+        (two mappers of one object report the same pages: bits set from two threads into one
+        byte would race); the page-table walk is the collect's cost that grows with memory, and
+        the kernel takes a process's mmap_lock shared for it.  None when the walks are too
+        small to be worth a thread (they are then made by the caller, one after the other);
+        else the spans whose walk failed, for the caller to walk again the usual way
+        (_scan_span: a remapped span is reported whole, a mapper gone is reported gone).  What
+        a failed walk reported before it failed is kept."""
+        walks: list[_Walk] = []
         for m in self._mappers.values():
             if m.uffd is None or m.pagemap is None:
                 continue
@@ -350,42 +363,45 @@ class MapperTracker(Tracker):
                     lo = max(rfirst, s.first_page)
                     hi = min(rfirst + r.npages, s.first_page + s.npages)
                     if lo < hi:
-                        jobs.append([m, s, r, s.start + (lo - s.first_page) * PAGE_SIZE, hi - lo, lo - rfirst])
-        total = sum(j[4] for j in jobs)
+                        walks.append(_Walk(m, s, r, s.start + (lo - s.first_page) * PAGE_SIZE,
+                                           hi - lo, lo - rfirst))
+        total = sum(w.pages for w in walks)
         if self.workers < 2 or total < PARALLEL_MIN_PAGES:
             return None
-        # cut the list of jobs into `workers` parts of about total / workers pages each
+        # the walks in `workers` parts of about total / workers pages each, a walk cut in two
+        # where a part ends within it
         share = -(-total // self.workers)
-        parts: list[list[list]] = [[]]
+        parts: list[list[_Walk]] = [[]]
         room = share
-        for j in jobs:
-            while j[4] > room and len(parts) < self.workers:
+        for w in walks:
+            while w.pages > room and len(parts) < self.workers:
                 cut = room // PMD_PAGES * PMD_PAGES
                 if cut:
-                    parts[-1].append([j[0], j[1], j[2], j[3], cut, j[5]])
-                    j = [j[0], j[1], j[2], j[3] + cut * PAGE_SIZE, j[4] - cut, j[5] + cut]
+                    parts[-1].append(w._replace(pages=cut))
+                    w = w._replace(start=w.start + cut * PAGE_SIZE, pages=w.pages - cut, at=w.at + cut)
                 parts.append([])
                 room = share
-            parts[-1].append(j)
-            room -= j[4]
+            parts[-1].append(w)
+            room -= w.pages
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="wp-walk")
             self._vecs = {}
 
-        def walk(index: int, part: list[list]) -> list[tuple[list, PageSet, BaseException | None]]:
+        def walk(index: int, part: list[_Walk]) -> list[tuple[_Walk, PageSet, BaseException | None]]:
             done = []
-            for m, s, r, a, n, at in part:
-                vec = self._vecs.get((m.pid, index))
+            for w in part:
+                pagemap = w.mapper.pagemap
+                vec = self._vecs.get((w.mapper.pid, index))
                 if vec is None:
-                    vec = self._vecs[(m.pid, index)] = m.pagemap.new_vec()
-                tmp = PageSet(n)
+                    vec = self._vecs[(w.mapper.pid, index)] = pagemap.new_vec()
+                bits = PageSet(w.pages)
                 try:
-                    m.pagemap.scan(a, a + n * PAGE_SIZE, tmp.bits, vec=vec,
-                                   flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-                                   category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN)
-                    done.append(([m, s, r, a, n, at], tmp, None))
+                    pagemap.scan(w.start, w.start + w.pages * PAGE_SIZE, bits.bits, vec=vec,
+                                 flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                                 category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN)
+                    done.append((w, bits, None))
                 except (OSError, TargetGoneError) as e:
-                    done.append(([m, s, r, a, n, at], tmp, e))
+                    done.append((w, bits, e))
             return done
 
         futures = [self._pool.submit(walk, i, part) for i, part in enumerate(parts[1:], 1)]
@@ -393,10 +409,10 @@ class MapperTracker(Tracker):
         for f in futures:
             results += f.result()
         failed: dict[int, set[_Span]] = {m.pid: set() for m in self._mappers.values()}
-        for (m, s, r, _a, n, at), tmp, err in results:
-            _or_into(out.pages[r.name], tmp, at)
+        for w, bits, err in results:
+            _or_into(out.pages[w.region.name], bits, w.at)
             if err is not None:
-                failed[m.pid].add(s)
+                failed[w.mapper.pid].add(w.span)
         return failed
 
     def _scan_span(self, m: _Mapper, s: _Span, wanted: list[Region], out: DirtyPages) -> None:
