@@ -6,6 +6,7 @@ source stays paused (QEMU's postmigrate)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,8 @@ from ..tracking.base import DirtyPages
 from ..transport import FinishResult, KnownPages, SendStats
 from .background import Guard
 from .rounds import Migration, SwitchOver, page_runs
+
+PAUSE_SWITCH_S = 0.0002      # the GIL switch interval during the pause (Python's default: 5 ms)
 
 if TYPE_CHECKING:
     from .controller import MigrationTarget, SourcePauser
@@ -53,10 +56,16 @@ class StopAndCopy:
             await m.throttle.stop()        # its last SIGCONT must come before our SIGSTOP
         t_pause = time.monotonic()
         m.mark("pause")
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self.pauser.pause)
-        m.mark("paused")
+        # in the pause, threads hand the GIL on after PAUSE_SWITCH_S instead of Python's 5 ms:
+        # the final collect's threads (walks, /proc scan, hole check) and the send's each hold
+        # it for short stretches between C calls, and one waiting a whole interval for another
+        # is downtime
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, PAUSE_SWITCH_S))
         try:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.pauser.pause)
+            m.mark("paused")
             with trio.fail_after(policy.verify_timeout_s):
                 # beside the final round: what the target does once paused (a QEMU source
                 # starts its own migration, up to its device state)
@@ -66,6 +75,8 @@ class StopAndCopy:
                     result = await self._final_round()
         except trio.TooSlowError:
             raise MigratorError(f"stop-and-copy did not finish within {policy.verify_timeout_s} s") from None
+        finally:
+            sys.setswitchinterval(switch)
         m.rep.downtime_ms = (time.monotonic() - t_pause) * 1000
         m.rep.remaining_bytes = 0
         if not result.complete:
