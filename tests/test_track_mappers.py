@@ -21,12 +21,24 @@ from migrator.tracking.mappers import MapperTracker
 from migrator.tracking.uffds import UffdPool
 
 
-@pytest.fixture
-def target(root):
+def _target(shm_pages: int):
+    """A child with a memfd of shm_pages pages (populated) and 4 private pages."""
     require_feature("uffd_wp_async_shmem", probe_uffd_wp_async_shmem().supported)
-    c = Child("--shm-pages", "64", "--anon-pages", "4")
+    c = Child("--shm-pages", str(shm_pages), "--anon-pages", "4")
     yield c
     c.exit()
+
+
+def _other(target: Child, offset: int, pages: int) -> Child:
+    """Another mapper of target's memfd: object pages offset.. (pages), not populated."""
+    return Child("--shm-from", f"/proc/{target.pid}/fd/{target.info['memfd']}",
+                 "--shm-offset", str(offset), "--shm-pages", str(pages), "--anon-pages", "1",
+                 "--no-populate")
+
+
+@pytest.fixture
+def target(root):
+    yield from _target(64)
 
 
 @pytest.fixture
@@ -35,9 +47,7 @@ def others(target):
     started = []
 
     def start(offset: int = 0, pages: int = 64) -> Child:
-        c = Child("--shm-from", f"/proc/{target.pid}/fd/{target.info['memfd']}",
-                  "--shm-offset", str(offset), "--shm-pages", str(pages), "--anon-pages", "1",
-                  "--no-populate")
+        c = _other(target, offset, pages)
         started.append(c)
         return c
     yield start
@@ -264,22 +274,13 @@ def test_mapper_mapping_replaced_found_by_the_proc_scan(target, others):
 
 @pytest.fixture
 def big_target(root):
-    require_feature("uffd_wp_async_shmem", probe_uffd_wp_async_shmem().supported)
-    c = Child("--shm-pages", "2048", "--anon-pages", "4")
-    yield c
-    c.exit()
+    yield from _target(2048)
 
 
 def _parallel(t: MapperTracker, monkeypatch, workers: int = 3) -> None:
     import migrator.tracking.mappers as mappers_mod
     monkeypatch.setattr(mappers_mod, "PARALLEL_MIN_PAGES", 0)
     t.workers = workers
-
-
-def _other(target: Child, offset: int, pages: int) -> Child:
-    return Child("--shm-from", f"/proc/{target.pid}/fd/{target.info['memfd']}",
-                 "--shm-offset", str(offset), "--shm-pages", str(pages), "--anon-pages", "1",
-                 "--no-populate")
 
 
 def test_parallel_walks_report_the_exact_union_across_their_cuts(big_target, monkeypatch):

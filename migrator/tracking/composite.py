@@ -216,8 +216,6 @@ class CompositeTracker(PartsTracker):
             out.cost_s = time.perf_counter() - t0
             out.parts_ms = parts
             return self._account(out)
-        if pending is not None and scan is not None:
-            beside_ms = round(scan.scan_s * 1000, 2)   # (within the walks' time, not added)
         sweeps = self._sweeps(scan, out)
         lap("gate")
         swept = {name for s in sweeps for name in s.regions}
@@ -240,8 +238,8 @@ class CompositeTracker(PartsTracker):
                         f"{n} of its pages left migrator's view of it (punched, removed, "
                         "truncated or reclaimed): hashed alone")))
         lap(self.ledger.name)
-        if pending is not None and scan is not None:
-            parts["holders, beside the walks"] = beside_ms
+        if pending is not None and scan is not None:     # (within the walks' time: not added)
+            parts["holders, beside the walks"] = round(scan.scan_s * 1000, 2)
         out.sweeps.extend(sweeps)
         out.unswept |= deferred
         out.cost_s = time.perf_counter() - t0

@@ -223,7 +223,10 @@ class SweepGate:
             self._pool = ThreadPoolExecutor(2, thread_name_prefix="sweep-gate")
             both = threading.Barrier(2)
             for f in [self._pool.submit(both.wait, 5) for _ in range(2)]:
-                f.result()
+                try:
+                    f.result()
+                except threading.BrokenBarrierError:
+                    pass              # (not started within 5 s: it will be when needed)
         return self._pool
 
     def observe_beside(self) -> Future:
