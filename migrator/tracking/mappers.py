@@ -86,6 +86,26 @@ class _Walk(NamedTuple):
     at: int
 
 
+def _walks_of(m: "_Mapper", s: _Span, wanted: list[Region]) -> list[_Walk]:
+    """The walks of span s of mapper m: one per wanted region of its object that it maps."""
+    out = []
+    for r in wanted:
+        if r.object_key != s.key:
+            continue
+        rfirst = r.offset // PAGE_SIZE
+        lo, hi = max(rfirst, s.first_page), min(rfirst + r.npages, s.first_page + s.npages)
+        if lo < hi:
+            out.append(_Walk(m, s, r, s.start + (lo - s.first_page) * PAGE_SIZE, hi - lo, lo - rfirst))
+    return out
+
+
+def _scan_written(pagemap: Pagemap, w: _Walk, bits, vec=None) -> int:
+    """The pages of walk w written since its last scan, into bits; write-protects them again."""
+    return pagemap.scan(w.start, w.start + w.pages * PAGE_SIZE, bits, vec=vec,
+                        flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                        category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN)
+
+
 def _or_at(dst: PageSet, src: PageSet, at: int) -> None:
     """dst pages at + i |= src pages i (src fits in dst from at)."""
     for p in src:
@@ -351,20 +371,8 @@ class MapperTracker(Tracker):
         else the spans whose walk failed, for the caller to walk again the usual way
         (_scan_span: a remapped span is reported whole, a mapper gone is reported gone).  What
         a failed walk reported before it failed is kept."""
-        walks: list[_Walk] = []
-        for m in self._mappers.values():
-            if m.uffd is None or m.pagemap is None:
-                continue
-            for s in m.spans:
-                for r in wanted:
-                    if r.object_key != s.key:
-                        continue
-                    rfirst = r.offset // PAGE_SIZE
-                    lo = max(rfirst, s.first_page)
-                    hi = min(rfirst + r.npages, s.first_page + s.npages)
-                    if lo < hi:
-                        walks.append(_Walk(m, s, r, s.start + (lo - s.first_page) * PAGE_SIZE,
-                                           hi - lo, lo - rfirst))
+        walks = [w for m in self._mappers.values() if m.uffd is not None and m.pagemap is not None
+                 for s in m.spans for w in _walks_of(m, s, wanted)]
         total = sum(w.pages for w in walks)
         if self.workers < 2 or total < PARALLEL_MIN_PAGES:
             return None
@@ -396,9 +404,7 @@ class MapperTracker(Tracker):
                     vec = self._vecs[(w.mapper.pid, index)] = pagemap.new_vec()
                 bits = PageSet(w.pages)
                 try:
-                    pagemap.scan(w.start, w.start + w.pages * PAGE_SIZE, bits.bits, vec=vec,
-                                 flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-                                 category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN)
+                    _scan_written(pagemap, w, bits.bits, vec)
                     done.append((w, bits, None))
                 except (OSError, TargetGoneError) as e:
                     done.append((w, bits, e))
@@ -417,31 +423,21 @@ class MapperTracker(Tracker):
 
     def _scan_span(self, m: _Mapper, s: _Span, wanted: list[Region], out: DirtyPages) -> None:
         assert m.pagemap is not None
-        for r in wanted:
-            if r.object_key != s.key:
-                continue
-            rfirst = r.offset // PAGE_SIZE
-            lo, hi = max(rfirst, s.first_page), min(rfirst + r.npages, s.first_page + s.npages)
-            if lo >= hi:
-                continue
-            a = s.start + (lo - s.first_page) * PAGE_SIZE
-            b = a + (hi - lo) * PAGE_SIZE
-            dst, at = out.pages[r.name], lo - rfirst
+        for w in _walks_of(m, s, wanted):
+            dst = out.pages[w.region.name]
             # the scan sets bits from a byte boundary: straight into the region's set when the
             # span starts at a multiple of 8 of its pages (the usual case), else through a copy
-            tmp = None if at % 8 == 0 else PageSet(hi - lo)
+            tmp = None if w.at % 8 == 0 else PageSet(w.pages)
             try:
-                n = m.pagemap.scan(a, b, memoryview(dst.bits)[at // 8:] if tmp is None else tmp.bits,
-                                   flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-                                   category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN)
+                n = _scan_written(m.pagemap, w, memoryview(dst.bits)[w.at // 8:] if tmp is None else tmp.bits)
             except OSError as e:
                 if e.errno != errno.EPERM:
                     raise
                 # the span is no longer the registered VMA: what it reported before failing is
                 # lost, so report it whole and look at the mapper's mappings again
                 n = 0
-                dst.add_range(at, hi - rfirst)
-                out.events.append(RegionEvent(r.name, "mapper-remapped",
+                dst.add_range(w.at, w.at + w.pages)
+                out.events.append(RegionEvent(w.region.name, "mapper-remapped",
                                               f"process {m.pid}: a mapping changed; its pages reported"))
                 m.spans = [x for x in m.spans if x != s]
                 maps = m.seen = mappings_of(m.pid, self._keys)   # (_look's copy is stale)
@@ -449,7 +445,7 @@ class MapperTracker(Tracker):
                     self._arm_more(m, [_Span.of(x) for x in maps], out.events,
                                    f"process {m.pid}: its new mapping registered")
             if n and tmp is not None:
-                _or_at(dst, tmp, at)
+                _or_into(dst, tmp, w.at)
 
     def end(self) -> None:
         for m in list(self._mappers.values()):
