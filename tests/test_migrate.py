@@ -22,6 +22,22 @@ MB = 1 << 20
 
 
 @pytest.fixture
+def prepares(monkeypatch):
+    """The PREPAREs a migration sends (Sender.prepare's calls, passed through): the regions'
+    page counts announced, one dict a call."""
+    from migrator.transport.sender import Sender
+    calls = []
+    real = Sender.prepare
+
+    async def spy(self, runs):
+        runs = {name: list(rl) for name, rl in runs.items()}
+        calls.append({name: sum(end - first for first, end in rl) for name, rl in runs.items()})
+        await real(self, runs)
+    monkeypatch.setattr(Sender, "prepare", spy)
+    return calls
+
+
+@pytest.fixture
 def receiver(tmp_path, root):
     r = ReceiverProcess(str(tmp_path / "out"))
     yield r
@@ -68,7 +84,7 @@ def guest(workload="idle", rate=0.0, shared=32 * MB, anon=8 * MB, **kw):
 
 @pytest.mark.parametrize("workload,rate", [("idle", 0)] + [pytest.param(*p, marks=pytest.mark.slow) for p in
                                              [("random", 20e6), ("hotcold", 40e6), ("sweep", 30e6)]])
-async def test_workloads_migrate_exactly(receiver, workload, rate):
+async def test_workloads_migrate_exactly(receiver, prepares, workload, rate):
     with guest(workload, rate) as g:
         # 50 ms: resending all 40 MiB at 400 MB/s (~105 ms) would not fit, so each round's
         # collect runs and decides
@@ -84,6 +100,9 @@ async def test_workloads_migrate_exactly(receiver, workload, rate):
         assert rep.final_scanned == [] and rep.sweeps == []
         if workload == "idle":
             assert rep.final_dirty_pages == 0
+        # round 0 cannot be cut (deltas are on): every page of its plan is written in a live
+        # round, so the receiver is not asked to allocate them beside the stream
+        assert prepares == []
 
 
 @pytest.mark.slow
@@ -115,7 +134,7 @@ async def test_collect_skipped_when_everything_would_fit(receiver):
 
 
 @pytest.mark.slow
-async def test_switchover_fits_cuts_round_0(receiver):
+async def test_switchover_fits_cuts_round_0(receiver, prepares):
     """Switch-over rule "fits" (QEMU's): 136 MiB at 400 MB/s (~0.35 s) fits the 2 s limit, so
     once the bandwidth is measured (50 ms) round 0 is cut short; the pages it did not send (and
     the batches it had packed but not sent) go out in the stop-and-copy, and the images prove
@@ -128,6 +147,10 @@ async def test_switchover_fits_cuts_round_0(receiver):
         r0, final = rep.per_round
         assert 0 < r0.pages_sent < r0.pages_dirtied          # (round 0's plan: every populated page)
         assert final.pages_sent >= r0.pages_dirtied - r0.pages_sent
+        # the receiver was told round 0's whole plan first, so the pages the cut left were
+        # allocated beside the stream, not in the pause
+        [announced] = prepares
+        assert sum(announced.values()) == r0.pages_dirtied and "guest-ram" in announced
         assert rep.final_scanned == [] and rep.sweeps == []
         assert_images_equal_source(g, receiver.out_dir)
 
