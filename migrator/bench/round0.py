@@ -5,9 +5,16 @@ Each run migrates, with `migrator migrate` in its own process (the code path use
 - a `migrator guest` (memfd RAM + 64 MiB private, random writes at 1 MB/s);
 - a plain process holding a memfd of the same size, filled with random bytes (no userfaultfd,
   no stamps: the floor of what any target costs);
-and reads round 0's bytes and duration from the migration's JSON report.  Raw TCP is one
-`sendall` loop into one `recv_into` loop, both in their own processes.  The receiver writes to
-/dev/shm (tmpfs: the stream, not the disk) or to a folder on disk (--out-dir).
+and reads round 0's bytes and duration from the migration's JSON report.  Two baselines are
+measured in the same run:
+- raw TCP: one `sendall` loop from a 1 MiB buffer into one `recv_into` loop, both in their own
+  processes: two copies, both in cache (the issue's yardstick);
+- raw memory->file: the same loops, but the sender sends a GiB of populated memory and the
+  receiver writes each 4 MiB it gets at its place in a file of the output folder (pwrite, as the
+  images are written): moving memory with no check at all, the floor of any migration over TCP.
+Each run's ratios are to the baselines measured just before it.  The receiver writes to
+/dev/shm (tmpfs: the stream, not the disk) or to a folder on disk (--out-dir); a session's
+images are deleted after its run.
 
 Before each migration the benchmark writes and releases as much fresh memory as the receiver is
 about to allocate (bench/_frames.py): on this VM a physical frame the guest never used costs the
@@ -26,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +57,55 @@ from ._procs import stop_process
 from .wire import _RAW_RECEIVER, _raw_tcp
 
 KEY = b"bench-key-bench-key-bench-key-00"
+
+# raw TCP of memory into a file: what moving a guest's memory costs with no check at all. The
+# receiver takes 4 MiB at a time (recv_into) and writes each piece at its place in a file of
+# the output folder (pwrite: the page cache is allocated as the image's is), one thread; the
+# file goes once the sender has it acknowledged.
+_RAW_FILE_RECEIVER = r"""
+import os, socket, sys
+out = sys.argv[1]
+srv = socket.create_server(("127.0.0.1", 0)); print(srv.getsockname()[1], flush=True)
+buf = bytearray(4 << 20); v = memoryview(buf)
+while True:
+    c, _ = srv.accept()
+    total = int.from_bytes(c.recv(8, socket.MSG_WAITALL), "big")
+    path = os.path.join(out, "raw-image")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    got = 0
+    while got < total:
+        n = c.recv_into(v, min(len(buf), total - got), socket.MSG_WAITALL)
+        if not n: break
+        os.pwrite(fd, v[:n], got)
+        got += n
+    c.sendall(b"k"); c.close()
+    os.close(fd); os.unlink(path)
+"""
+
+
+def _raw_memory_tcp(port: int, mem: mmap.mmap) -> float:
+    """B/s of sending all of mem (memory the sender reads page by page, not a buffer hot in
+    cache) to the raw file receiver, which lands it in a file."""
+    view = memoryview(mem)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            t0 = time.perf_counter()
+            s.sendall(len(mem).to_bytes(8, "big"))
+            for off in range(0, len(mem), 4 << 20):
+                s.sendall(view[off:off + (4 << 20)])
+            s.recv(1)
+            return len(mem) / (time.perf_counter() - t0)
+    finally:
+        view.release()
+
+
+def _source_memory(size: int) -> mmap.mmap:
+    """size bytes of private memory filled with random data (16 MiB repeated)."""
+    mem = mmap.mmap(-1, size)
+    chunk = os.urandom(1 << 24)
+    for off in range(0, size, len(chunk)):
+        mem[off:off + min(len(chunk), size - off)] = chunk[:min(len(chunk), size - off)]
+    return mem
 
 # a process with a memfd of N bytes of random data, mapped shared (named bench-memfd), idle
 _MEMFD_PROCESS = r"""
@@ -119,6 +177,15 @@ def _cpu_during(pid: int, fn: Callable[[], object]) -> tuple[object, float]:
     return out, _cpu_s(pid) - c0
 
 
+def _drop_images(folder: str) -> None:
+    """Delete a finished session's image files: a GiB of tmpfs each, which this machine's
+    proactive reclaim (DAMON, paging out unmapped page cache) would otherwise push to swap
+    during later runs, compressing incompressible pages on the cores being measured."""
+    for name in os.listdir(folder):
+        if not name.startswith("manifest"):
+            os.unlink(os.path.join(folder, name))
+
+
 def _start_targets(targets: list[str], size: int, procs: dict[str, object]) -> None:
     """The targets started into procs: the guest (random writes at 1 MB/s) and the memfd process."""
     if "guest" in targets:
@@ -134,7 +201,7 @@ def _start_targets(targets: list[str], size: int, procs: dict[str, object]) -> N
 
 
 def _stop_all(rig: "_Rig") -> None:
-    """The targets, then both receivers stopped; the work dir removed."""
+    """The targets, then the receivers stopped; the work dir removed."""
     raw, rx = rig.raw, rig.rx
     for name, p in rig.procs.items():
         if name == "guest":
@@ -142,21 +209,28 @@ def _stop_all(rig: "_Rig") -> None:
         else:
             p.kill()
             p.wait()
-    for p in (raw, rx):
-        stop_process(p, signal.SIGINT if p is rx else signal.SIGTERM, 10)
+    for p in (raw, rig.raw_file, rx):
+        if p is not None:
+            stop_process(p, signal.SIGINT if p is rx else signal.SIGTERM, 10)
+    if rig.memory is not None:
+        rig.memory.close()
     shutil.rmtree(rig.work, ignore_errors=True)
 
 
 @dataclass
 class _Rig:
-    """What every run uses: the work dir and key, the raw TCP receiver and migrator's receiver
-    (processes and ports), and the targets' processes."""
+    """What every run uses: the work dir and key, the raw TCP receivers (cache to cache, and
+    memory into a file, with the memory it sends) and migrator's receiver (processes and
+    ports), and the targets' processes."""
     work: str
     key_file: str
     raw: subprocess.Popen
     rx: subprocess.Popen
+    raw_file: subprocess.Popen | None = None
+    memory: mmap.mmap | None = None
     procs: dict[str, object] = field(default_factory=dict)
     raw_port: int = 0
+    raw_file_port: int = 0
     port: int = 0
     warm_s_per_gib: list[float] = field(default_factory=list)   # each warm-up's cost
 
@@ -173,6 +247,14 @@ def _one_run(i: int, args: argparse.Namespace, targets: list[str], size: int, ri
     cpu["raw_tcp"]["receiver"].append(raw_rx_cpu / gib)
     results["raw_tcp"].append(bps)
     line = f"  run {i + 1}: raw TCP {results['raw_tcp'][-1] / 1e6:6.0f} MB/s"
+    if not args.cold_frames:
+        warm_frames(size + (256 << 20))
+    t0 = time.thread_time()
+    bps, raw_rx_cpu = _cpu_during(rig.raw_file.pid, lambda: _raw_memory_tcp(rig.raw_file_port, rig.memory))
+    cpu["raw_memory"]["sender"].append((time.thread_time() - t0) / gib)
+    cpu["raw_memory"]["receiver"].append(raw_rx_cpu / gib)
+    results["raw_memory"].append(bps)
+    line += f"   raw memory->file {bps / 1e6:6.0f} MB/s"
     for t in targets:
         report = os.path.join(rig.work, f"{t}.json")
         if t == "guest":
@@ -185,6 +267,7 @@ def _one_run(i: int, args: argparse.Namespace, targets: list[str], size: int, ri
             rig.warm_s_per_gib.append(warm_frames(size + (256 << 20)))
         rep, rx_cpu = _cpu_during(rig.rx.pid, lambda: _migrate(
             pid, regions, port, key_file, args.channels, args.compress, report))
+        _drop_images(os.path.join(rig.work, "images"))
         bps, nbytes = _round0(rep)
         results[t].append(bps)
         cpu[t]["sender"].append(rep["per_round"][0]["cpu_ms"] / 1000 / (nbytes / (1 << 30)))
@@ -201,18 +284,22 @@ def _summary(results: dict[str, list[float]], cpu: dict[str, dict[str, list[floa
                      for k, v in results.items()}
     print("summary (min / median MB/s; median / raw TCP median; each run / its own raw TCP, "
           "min / median):")
-    raw_runs = results["raw_tcp"]
+    raw_runs, floor_runs = results["raw_tcp"], results["raw_memory"]
     for k, v in summary.items():
         ratio = v["median_Bps"] / summary["raw_tcp"]["median_Bps"]
         v["ratio_to_raw"] = ratio
-        line = f"  {k:8s} {v['min_Bps'] / 1e6:7.0f} / {v['median_Bps'] / 1e6:7.0f}   {ratio:.2f}x"
+        line = f"  {k:10s} {v['min_Bps'] / 1e6:7.0f} / {v['median_Bps'] / 1e6:7.0f}   {ratio:.2f}x"
         if k != "raw_tcp":
             # raw TCP itself moves by 2x from minute to minute on a shared host: each run's
             # ratio to the raw TCP measured just before it shares that run's conditions
             paired = [x / r for x, r in zip(v["runs"], raw_runs)]
             v["paired_ratios"] = paired
-            line += (f"   per run {min(paired):.2f} / {statistics.median(paired):.2f}"
-                     f"   (target >= 0.60, issue 16)")
+            line += f"   per run {min(paired):.2f} / {statistics.median(paired):.2f}"
+        if k not in ("raw_tcp", "raw_memory"):
+            to_floor = [x / r for x, r in zip(v["runs"], floor_runs)]
+            v["paired_ratios_to_raw_memory"] = to_floor
+            line += (f"   (target >= 0.60, issue 16); / raw memory->file per run "
+                     f"{min(to_floor):.2f} / {statistics.median(to_floor):.2f}")
         print(line)
     print("CPU seconds per GiB moved (median; sender: round 0, receiver: the whole session):")
     raw_cpu = None
@@ -222,11 +309,11 @@ def _summary(results: dict[str, list[float]], cpu: dict[str, dict[str, list[floa
         total = med["sender"] + med["receiver"]
         if k == "raw_tcp":
             raw_cpu = total
-            print(f"  {k:8s} sender {med['sender']:.2f}  receiver {med['receiver']:.2f}  total {total:.2f}")
+            print(f"  {k:10s} sender {med['sender']:.2f}  receiver {med['receiver']:.2f}  total {total:.2f}")
         else:
             bound = raw_cpu / total if raw_cpu and total else 0.0
             summary[k]["cpu_ratio"] = bound
-            print(f"  {k:8s} sender {med['sender']:.2f}  receiver {med['receiver']:.2f}  total {total:.2f}"
+            print(f"  {k:10s} sender {med['sender']:.2f}  receiver {med['receiver']:.2f}  total {total:.2f}"
                   f"   CPU ratio raw / this = {bound:.2f}")
     return summary
 
@@ -246,15 +333,21 @@ def run(args: argparse.Namespace) -> int:
           f"{args.channels} channel(s), --compress {args.compress}, receiver writing to {work}",
           flush=True)
     raw = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER], stdout=subprocess.PIPE, text=True)
+    raw_out = os.path.join(work, "raw")
+    os.mkdir(raw_out, 0o700)
+    raw_file = subprocess.Popen([sys.executable, "-c", _RAW_FILE_RECEIVER, raw_out],
+                                stdout=subprocess.PIPE, text=True)
     rx = subprocess.Popen(_cli("receive", "--listen", "127.0.0.1:0", "--out", os.path.join(work, "images"),
                                "--key-file", key_file, "--port-file", os.path.join(work, "port")),
                           stdout=subprocess.DEVNULL)
-    rig = _Rig(work, key_file, raw, rx)
-    results: dict[str, list[float]] = {"raw_tcp": [], **{t: [] for t in targets}}
+    rig = _Rig(work, key_file, raw, rx, raw_file)
+    results: dict[str, list[float]] = {"raw_tcp": [], "raw_memory": [], **{t: [] for t in targets}}
     # CPU seconds per GiB: raw TCP's two sides, and each target's sender (round 0) and receiver
     cpu: dict[str, dict[str, list[float]]] = {k: {"sender": [], "receiver": []} for k in results}
     try:
         rig.raw_port = int(raw.stdout.readline())
+        rig.raw_file_port = int(raw_file.stdout.readline())
+        rig.memory = _source_memory(size)
         rig.port = wait_port_file(os.path.join(work, "port"), rx)
         _start_targets(targets, size, rig.procs)
         for i in range(args.runs):
