@@ -69,7 +69,10 @@ async def test_pause_sends_deltas(counter, receiver, delta_cache):
     if delta_cache is None:
         # round 1 (live) cached the pages round 0 left rewritten; the pause sent them as deltas
         assert rep.rounds >= 3, [(r.round, r.pages_sent, r.bytes) for r in rep.per_round]
-        assert rep.delta_batches > 0 and rep.delta_wire_bytes < rep.delta_raw_bytes / 50
+        # each pass the child makes between round 1's copy and the pause changes one more byte
+        # of every page: here 26-37 bytes a page (4096 / 157-109), 88 in a loaded CI run; 1/20
+        # (205 bytes a page) still fails a pause that sent pages whole or deltas gone wrong
+        assert rep.delta_batches > 0 and rep.delta_wire_bytes < rep.delta_raw_bytes / 20
         assert final.bytes < final.pages_sent * PS / 20
         assert "deltas:" in rep.summary()
     else:
