@@ -73,7 +73,7 @@ async def test_pause_sends_deltas(counter, receiver, delta_cache):
         # of every page: here 26-37 bytes a page (4096 / 157-109), 88 in a loaded CI run; 1/20
         # (205 bytes a page) still fails a pause that sent pages whole or deltas gone wrong
         assert rep.delta_batches > 0 and rep.delta_wire_bytes < rep.delta_raw_bytes / 20
-        assert final.bytes < final.pages_sent * PS / 20
+        assert final.bytes < final.pages_sent * PS / 10        # (the deltas, and their frames)
         assert "deltas:" in rep.summary()
     else:
         assert rep.delta_batches == 0 and "deltas allowed" not in receiver.text()
