@@ -237,23 +237,24 @@ class _Rig:
 
 def _one_run(i: int, args: argparse.Namespace, targets: list[str], size: int, rig: _Rig,
              results: dict[str, list[float]], cpu: dict[str, dict[str, list[float]]]) -> None:
-    """One measured run: raw TCP, then each target's migration (its round 0); appended to
+    """One measured run: the two baselines, then each target's migration (its round 0); appended to
     results (B/s) and cpu (CPU s per GiB, each side); its line printed."""
     procs, port, key_file = rig.procs, rig.port, rig.key_file
     gib = size / (1 << 30)
-    t0 = time.thread_time()
-    bps, raw_rx_cpu = _cpu_during(rig.raw.pid, lambda: _raw_tcp(rig.raw_port, size))
-    cpu["raw_tcp"]["sender"].append((time.thread_time() - t0) / gib)
-    cpu["raw_tcp"]["receiver"].append(raw_rx_cpu / gib)
-    results["raw_tcp"].append(bps)
-    line = f"  run {i + 1}: raw TCP {results['raw_tcp'][-1] / 1e6:6.0f} MB/s"
+
+    def baseline(key: str, receiver: subprocess.Popen, send: Callable[[], float]) -> float:
+        t0 = time.thread_time()
+        bps, rx_cpu = _cpu_during(receiver.pid, send)
+        cpu[key]["sender"].append((time.thread_time() - t0) / gib)
+        cpu[key]["receiver"].append(rx_cpu / gib)
+        results[key].append(bps)
+        return bps
+
+    bps = baseline("raw_tcp", rig.raw, lambda: _raw_tcp(rig.raw_port, size))
+    line = f"  run {i + 1}: raw TCP {bps / 1e6:6.0f} MB/s"
     if not args.cold_frames:
         warm_frames(size + (256 << 20))
-    t0 = time.thread_time()
-    bps, raw_rx_cpu = _cpu_during(rig.raw_file.pid, lambda: _raw_memory_tcp(rig.raw_file_port, rig.memory))
-    cpu["raw_memory"]["sender"].append((time.thread_time() - t0) / gib)
-    cpu["raw_memory"]["receiver"].append(raw_rx_cpu / gib)
-    results["raw_memory"].append(bps)
+    bps = baseline("raw_memory", rig.raw_file, lambda: _raw_memory_tcp(rig.raw_file_port, rig.memory))
     line += f"   raw memory->file {bps / 1e6:6.0f} MB/s"
     for t in targets:
         report = os.path.join(rig.work, f"{t}.json")
